@@ -1,0 +1,15 @@
+//! hearth: the worker daemon of a microVM platform.
+//!
+//! `hearthd` turns machine requests from a control plane into running, reachable microVMs
+//! and keeps each machine's lifecycle as a durable state machine. See `actors.md` for the
+//! architecture: the actor tree, who owns what, and the invariants.
+
+pub mod actors;
+pub mod api;
+pub mod config;
+pub mod guest;
+pub mod image;
+pub mod machine;
+pub mod net;
+pub mod store;
+pub mod vmm;

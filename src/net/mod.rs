@@ -1,0 +1,1 @@
+//! Host networking for machines: network namespace, veth pair, tap device, addresses, routes.

@@ -1,0 +1,1 @@
+//! The VMM driver contract and its implementations.
