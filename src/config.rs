@@ -1,1 +1,438 @@
-//! Daemon configuration (being written).
+//! Daemon configuration: one TOML file, every key optional, defaults that work on a fresh
+//! Debian machine. A bad file fails the start with the key and the reason, never later.
+//!
+//! `deploy/hearthd.toml` is the documented example; keep it in step with this file.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used. Each message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown key or a value of the wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key path.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Durable state: the redb file, machine directories, image bases.
+    pub data_dir: PathBuf,
+    /// Rebuildable caches shared by daemons on this host: the guest kit and the KVM probe.
+    pub cache_dir: PathBuf,
+    /// Where the API listens.
+    pub api: ApiConfig,
+    /// The machines' network.
+    pub network: NetworkConfig,
+    /// The VMM.
+    pub vmm: VmmConfig,
+    /// The guest kit and the guest's lifecycle deadlines.
+    pub guest: GuestConfig,
+    /// What this host admits.
+    pub capacity: CapacityConfig,
+    /// Root filesystem images.
+    pub images: ImagesConfig,
+}
+
+/// API listener settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Unix socket path; created with mode 0600.
+    pub socket: PathBuf,
+}
+
+/// Network settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// IPv4 CIDR the machines' addresses come from; each machine takes a /29 block.
+    pub pool: String,
+    /// Prefix of every host resource hearth names (network namespaces, links): 1 to 5
+    /// characters of `[a-z0-9]`, starting with a letter. Two daemons on one host need
+    /// different prefixes and pools.
+    pub prefix: String,
+}
+
+/// Which VMM runs the machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// QEMU `microvm` today; Firecracker when configured and KVM can boot the kernel.
+    Auto,
+    /// QEMU `microvm`.
+    Qemu,
+}
+
+/// VMM settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmConfig {
+    /// `auto` or `qemu`.
+    pub kind: VmmKind,
+    /// The QEMU binary.
+    pub qemu_binary: PathBuf,
+}
+
+/// Guest kit and deadlines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// The extracted `linux-image-*-cloud-amd64` package (holds `boot/` and `lib/modules/`).
+    pub kernel_dir: PathBuf,
+    /// The static `hearth-init`; empty means `hearth-init-static` beside the hearthd binary.
+    pub init_binary: PathBuf,
+    /// How long one boot may take to signal readiness, in seconds.
+    pub ready_timeout_secs: u64,
+    /// Boots tried before the machine fails.
+    pub boot_attempts: u32,
+    /// How long a graceful stop may take before the VMM is killed, in seconds.
+    pub stop_grace_secs: u64,
+}
+
+/// Admission limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// vCPUs all machines together may have; 0 means 8 per host core.
+    pub vcpus: u32,
+    /// MiB all machines together may have; 0 means the host's memory less 1 GiB.
+    pub memory_mib: u64,
+    /// Largest vCPU count one machine may ask for.
+    pub max_vcpus_per_machine: u32,
+    /// Largest memory one machine may ask for, in MiB.
+    pub max_memory_mib_per_machine: u64,
+    /// Smallest memory one machine may ask for, in MiB (the guest kernel panics below ~96).
+    pub min_memory_mib_per_machine: u64,
+}
+
+/// Image settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Free space added to a base image beyond its content, in MiB.
+    pub headroom_mib: u64,
+    /// The static busybox the built-in `demo` image is made from (package busybox-static).
+    pub busybox: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/hearth"),
+            cache_dir: PathBuf::from("/var/cache/hearth"),
+            api: ApiConfig::default(),
+            network: NetworkConfig::default(),
+            vmm: VmmConfig::default(),
+            guest: GuestConfig::default(),
+            capacity: CapacityConfig::default(),
+            images: ImagesConfig::default(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: PathBuf::from("/run/hearth/hearthd.sock"),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            pool: "10.213.0.0/16".to_string(),
+            prefix: "hth".to_string(),
+        }
+    }
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            kind: VmmKind::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            kernel_dir: PathBuf::from("/usr/local/lib/hearth/kernel"),
+            init_binary: PathBuf::new(),
+            ready_timeout_secs: 60,
+            boot_attempts: 3,
+            stop_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            vcpus: 0,
+            memory_mib: 0,
+            max_vcpus_per_machine: 8,
+            max_memory_mib_per_machine: 16 * 1024,
+            min_memory_mib_per_machine: 96,
+        }
+    }
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            headroom_mib: 64,
+            busybox: PathBuf::from("/bin/busybox"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: value ranges and shapes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, dir) in [("data_dir", &self.data_dir), ("cache_dir", &self.cache_dir)] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        if !self.api.socket.is_absolute() {
+            return Err(invalid(
+                "api.socket",
+                "must be an absolute path".to_string(),
+            ));
+        }
+        parse_pool(&self.network.pool).map_err(|reason| invalid("network.pool", reason))?;
+        let prefix = &self.network.prefix;
+        let shape_ok = (1..=5).contains(&prefix.len())
+            && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !shape_ok {
+            return Err(invalid(
+                "network.prefix",
+                format!("{prefix:?} must be 1-5 characters of [a-z0-9] starting with a letter"),
+            ));
+        }
+        if self.guest.ready_timeout_secs == 0 {
+            return Err(invalid(
+                "guest.ready_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.guest.boot_attempts == 0 {
+            return Err(invalid("guest.boot_attempts", "must be at least 1".into()));
+        }
+        let cap = &self.capacity;
+        if cap.max_vcpus_per_machine == 0 {
+            return Err(invalid(
+                "capacity.max_vcpus_per_machine",
+                "must be at least 1".into(),
+            ));
+        }
+        if cap.min_memory_mib_per_machine > cap.max_memory_mib_per_machine {
+            return Err(invalid(
+                "capacity.min_memory_mib_per_machine",
+                "is larger than capacity.max_memory_mib_per_machine".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The static guest init: the configured path, else `hearth-init-static` beside the
+    /// running executable.
+    pub fn init_binary(&self) -> PathBuf {
+        if !self.guest.init_binary.as_os_str().is_empty() {
+            return self.guest.init_binary.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("hearth-init-static")))
+            .unwrap_or_else(|| PathBuf::from("hearth-init-static"))
+    }
+
+    /// The readiness deadline of one boot.
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.guest.ready_timeout_secs)
+    }
+
+    /// The graceful part of a stop.
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_secs(self.guest.stop_grace_secs)
+    }
+
+    /// The redb file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("hearth.redb")
+    }
+
+    /// Where machine `id` keeps its disk, config, sockets and logs.
+    pub fn machine_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("machines").join(id)
+    }
+
+    /// Total vCPUs and MiB this host admits.
+    pub fn capacity_totals(&self) -> (u32, u64) {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let vcpus = if self.capacity.vcpus == 0 {
+            cores * 8
+        } else {
+            self.capacity.vcpus
+        };
+        let memory = if self.capacity.memory_mib == 0 {
+            host_memory_mib().saturating_sub(1024).max(256)
+        } else {
+            self.capacity.memory_mib
+        };
+        (vcpus, memory)
+    }
+}
+
+fn invalid(key: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { key, reason }
+}
+
+/// Parses `a.b.c.d/len` into the network address and prefix length. The address must be
+/// the network itself, and the pool must hold at least one /29 block.
+pub fn parse_pool(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR like 10.213.0.0/16"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{len:?} is not a prefix length"))?;
+    if !(8..=29).contains(&len) {
+        return Err(format!("prefix length /{len} must be between /8 and /29"));
+    }
+    let mask = u32::MAX << (32 - u32::from(len));
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!("{addr} has host bits set for /{len}"));
+    }
+    Ok((addr, len))
+}
+
+fn host_memory_mib() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = parse("").expect("defaults are valid");
+        assert_eq!(config.network.pool, "10.213.0.0/16");
+        assert_eq!(config.vmm.kind, VmmKind::Auto);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[network]\npoool = \"10.0.0.0/8\"\n").unwrap_err();
+        assert!(err.to_string().contains("poool"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[network]\npool = \"10.0.0.1/16\"", "network.pool"),
+            ("[network]\npool = \"nonsense\"", "network.pool"),
+            ("[network]\nprefix = \"toolong\"", "network.prefix"),
+            ("[network]\nprefix = \"1ab\"", "network.prefix"),
+            ("data_dir = \"relative\"", "data_dir"),
+            ("[guest]\nboot_attempts = 0", "guest.boot_attempts"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let err = parse("[vmm]\nkind = \"vmware\"").unwrap_err();
+        assert!(err.to_string().contains("vmware") || err.to_string().contains("kind"));
+    }
+
+    #[test]
+    fn pool_parsing() {
+        assert_eq!(
+            parse_pool("10.213.0.0/16"),
+            Ok((Ipv4Addr::new(10, 213, 0, 0), 16))
+        );
+        assert!(parse_pool("10.213.0.0/30").is_err());
+    }
+}

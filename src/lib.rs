@@ -11,5 +11,6 @@ pub mod guest;
 pub mod image;
 pub mod machine;
 pub mod net;
+pub mod route;
 pub mod store;
 pub mod vmm;

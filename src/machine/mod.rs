@@ -1,1 +1,28 @@
-//! (being written)
+//! One machine's lifecycle: the durable record, the pure decision, the steps, and the
+//! actor that runs them.
+//!
+//! ```text
+//!                 CreateMachine                       DestroyMachine (from any state)
+//!                      |                                       |
+//!                      v                                       v
+//!   created --> starting --acquire steps--> started --> stopping --> stopped
+//!                  |  ^                        |   (release publish,   |
+//!                  |  +---- StartMachine ------+----  ready, vmm) <----+
+//!                  |
+//!                  +-- boot attempts exhausted / step keeps failing --> failed
+//!                                                  (every acquired step released)
+//!   any --DestroyMachine--> destroying (release every touched step, in reverse) --> destroyed
+//! ```
+//!
+//! The create order is declared once in [`step::CREATE_ORDER`]; teardown is its reverse.
+//! Each step is marked `Begun` durably before its effect runs and `Done` after, so a crash
+//! at any point leaves a record from which [`decide::decide`] picks the next safe step:
+//! a `Begun` step is run again (every effect is idempotent) or released (every undo works
+//! on a half-done effect).
+
+pub mod actor;
+pub mod decide;
+pub mod record;
+pub mod spec;
+pub mod step;
+pub mod steps;

@@ -1,1 +1,476 @@
-//! (being written)
+//! The only module that touches redb. Every durable fact of the daemon lives here, and
+//! every change that must be atomic is one method, hence one commit.
+//!
+//! ```text
+//! hearth.redb
+//! ├── meta      &str -> u64            "schema" = SCHEMA_VERSION, "event_seq", "outbox_seq"
+//! ├── machines  &str id -> bytes       Stored::<MachineRecord>   (owner: that MachineActor)
+//! ├── requests  &str request_id -> id  idempotency of CreateMachine (kept after destroy)
+//! ├── names     &str name -> id        machines not destroyed (unique names)
+//! ├── events    (&str id, u64 seq) -> bytes  Stored::<MachineEvent>, append-only
+//! ├── leases    u32 slot -> &str id    the IP pool's /29 blocks     (owner: IpPool)
+//! ├── routes    &str id -> bytes       Stored::<Route>, the embedded registry (owner: RegistryPublisher)
+//! └── outbox    u64 seq -> bytes       Stored::<RouteChange> not yet delivered to every sink
+//! ```
+//!
+//! Values are postcard inside a versioned enum ([`Stored`]): postcard is not
+//! self-describing, so a changed type gets a new variant and old records keep decoding.
+
+mod codec;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+pub use codec::CodecError;
+use codec::{decode, encode};
+
+use crate::machine::record::{MachineEvent, MachineRecord, MachineState};
+use crate::route::{Route, RouteChange};
+
+/// Bumped when the layout above changes incompatibly.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
+const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("requests");
+const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const LEASES: TableDefinition<u32, &str> = TableDefinition::new("leases");
+const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, or the file is open in another process).
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored value could not be decoded or encoded.
+    #[error("store: {0}")]
+    Codec(#[from] CodecError),
+    /// The file was written by an incompatible version.
+    #[error("store: schema version {found} is not supported (this build reads {SCHEMA_VERSION})")]
+    Schema {
+        /// The version in the file.
+        found: u64,
+    },
+    /// No machine has this id.
+    #[error("machine {0} not found")]
+    NotFound(String),
+    /// Another machine has the name.
+    #[error("name: {name:?} is already used by machine {id}")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The machine that has it.
+        id: String,
+    },
+    /// The host has no room for the machine.
+    #[error("no room on this host: {0}")]
+    NoRoom(String),
+    /// The change is not allowed in the machine's current state.
+    #[error("{0}")]
+    Refused(String),
+}
+
+macro_rules! db_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+db_error_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The result of a create.
+#[derive(Debug)]
+pub enum Created {
+    /// A new machine was recorded.
+    New(MachineRecord, MachineEvent),
+    /// The request id was seen before: the machine it created.
+    Existing(MachineRecord),
+}
+
+/// Node-wide room, for admission.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// vCPUs the host admits in total.
+    pub vcpus: u32,
+    /// MiB the host admits in total.
+    pub memory_mib: u64,
+}
+
+/// What machines not destroyed hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sum of vCPUs.
+    pub vcpus: u32,
+    /// Sum of MiB.
+    pub memory_mib: u64,
+    /// Count of machines.
+    pub machines: u32,
+}
+
+/// The daemon's database.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the file, creates missing tables and checks the schema version.
+    /// A second open of the same file fails: that is the daemon's single-instance lock.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema")?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => return Err(StoreError::Schema { found }),
+            }
+            txn.open_table(MACHINES)?;
+            txn.open_table(REQUESTS)?;
+            txn.open_table(NAMES)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(LEASES)?;
+            txn.open_table(ROUTES)?;
+            txn.open_table(OUTBOX)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Records a new machine with its first event, in one commit: the request id, the
+    /// name and the admission check are decided atomically with the insert.
+    pub fn create_machine(&self, rec: MachineRecord, room: Room) -> Result<Created, StoreError> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut requests = txn.open_table(REQUESTS)?;
+            let mut names = txn.open_table(NAMES)?;
+            let mut machines = txn.open_table(MACHINES)?;
+            let existing = requests
+                .get(rec.request_id.as_str())?
+                .map(|v| v.value().to_string());
+            if let Some(id) = existing {
+                let found = machines
+                    .get(id.as_str())?
+                    .map(|v| decode::<MachineRecord>(v.value()))
+                    .transpose()?
+                    .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+                return Ok(Created::Existing(found));
+            }
+            if let Some(id) = names.get(rec.name.as_str())? {
+                return Err(StoreError::NameTaken {
+                    name: rec.name.clone(),
+                    id: id.value().to_string(),
+                });
+            }
+            let usage = usage_of(&machines)?;
+            if usage.vcpus + rec.spec.vcpus > room.vcpus {
+                return Err(StoreError::NoRoom(format!(
+                    "{} vCPUs asked, {} of {} in use",
+                    rec.spec.vcpus, usage.vcpus, room.vcpus
+                )));
+            }
+            if usage.memory_mib + u64::from(rec.spec.memory_mib) > room.memory_mib {
+                return Err(StoreError::NoRoom(format!(
+                    "{} MiB asked, {} of {} MiB in use",
+                    rec.spec.memory_mib, usage.memory_mib, room.memory_mib
+                )));
+            }
+            requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
+            names.insert(rec.name.as_str(), rec.id.as_str())?;
+            machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            let event = append_event(&txn, &rec, "created".to_string())?;
+            Created::New(rec, event)
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// One machine.
+    pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MACHINES)?;
+        let found = table.get(id)?.map(|v| decode(v.value())).transpose()?;
+        Ok(found)
+    }
+
+    /// Every machine, by id.
+    pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MACHINES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            out.push(decode(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Read-modify-write of one machine in one commit. `change` returns the message of the
+    /// event to append (or `None` for none) or refuses the change. When the machine
+    /// becomes `destroyed` its name is freed in the same commit.
+    pub fn update_machine<F>(
+        &self,
+        id: &str,
+        change: F,
+    ) -> Result<(MachineRecord, Option<MachineEvent>), StoreError>
+    where
+        F: FnOnce(&mut MachineRecord) -> Result<Option<String>, StoreError>,
+    {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut machines = txn.open_table(MACHINES)?;
+            let mut rec: MachineRecord = machines
+                .get(id)?
+                .map(|v| decode(v.value()))
+                .transpose()?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            let message = change(&mut rec)?;
+            machines.insert(id, encode(&rec)?.as_slice())?;
+            if rec.state == MachineState::Destroyed {
+                let mut names = txn.open_table(NAMES)?;
+                let owned_by_us = names
+                    .get(rec.name.as_str())?
+                    .is_some_and(|v| v.value() == id);
+                if owned_by_us {
+                    names.remove(rec.name.as_str())?;
+                }
+            }
+            let event = message.map(|m| append_event(&txn, &rec, m)).transpose()?;
+            (rec, event)
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Events with `seq > after`, of one machine or of all, in sequence order.
+    pub fn events(
+        &self,
+        machine: Option<&str>,
+        after: u64,
+    ) -> Result<Vec<MachineEvent>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        let range = match machine {
+            Some(id) => table.range((id, after.saturating_add(1))..=(id, u64::MAX))?,
+            None => table.iter()?,
+        };
+        for entry in range {
+            let (key, value) = entry?;
+            if key.value().1 > after {
+                out.push(decode::<MachineEvent>(value.value())?);
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+
+    /// Usage by machines not destroyed.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MACHINES)?;
+        usage_of(&table)
+    }
+
+    /// The lease of `machine`, allocating the lowest free slot below `slots` when it has
+    /// none. Idempotent: a machine always gets back the slot it holds.
+    pub fn lease(&self, machine: &str, slots: u32) -> Result<u32, StoreError> {
+        let txn = self.db.begin_write()?;
+        let slot = {
+            let mut leases = txn.open_table(LEASES)?;
+            let mut held = None;
+            let mut next_free = 0u32;
+            for entry in leases.iter()? {
+                let (slot, owner) = entry?;
+                let slot = slot.value();
+                if owner.value() == machine {
+                    held = Some(slot);
+                    break;
+                }
+                if slot == next_free {
+                    next_free += 1;
+                }
+            }
+            match held {
+                Some(slot) => return Ok(slot),
+                None if next_free >= slots => {
+                    return Err(StoreError::NoRoom(format!(
+                        "all {slots} address blocks are leased"
+                    )));
+                }
+                None => {
+                    leases.insert(next_free, machine)?;
+                    next_free
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(slot)
+    }
+
+    /// Releases every lease `machine` holds. Idempotent.
+    pub fn release_lease(&self, machine: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut leases = txn.open_table(LEASES)?;
+            leases.retain(|_, owner| owner != machine)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every lease: slot -> machine.
+    pub fn leases(&self) -> Result<BTreeMap<u32, String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LEASES)?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter()? {
+            let (slot, owner) = entry?;
+            out.insert(slot.value(), owner.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Puts the route in the embedded registry and queues the change for the sinks, in one
+    /// commit. Idempotent: an identical route already published changes nothing.
+    pub fn publish_route(&self, route: &Route) -> Result<Option<(u64, RouteChange)>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let queued = {
+            let mut routes = txn.open_table(ROUTES)?;
+            let current: Option<Route> = routes
+                .get(route.machine_id.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if current.as_ref() == Some(route) {
+                None
+            } else {
+                routes.insert(route.machine_id.as_str(), encode(route)?.as_slice())?;
+                Some(enqueue(&txn, RouteChange::Published(route.clone()))?)
+            }
+        };
+        txn.commit()?;
+        Ok(queued)
+    }
+
+    /// Removes the machine's route and queues the change, in one commit. Idempotent.
+    pub fn unpublish_route(&self, machine: &str) -> Result<Option<(u64, RouteChange)>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let queued = {
+            let mut routes = txn.open_table(ROUTES)?;
+            let removed: Option<Route> = routes
+                .remove(machine)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            match removed {
+                Some(route) => Some(enqueue(&txn, RouteChange::Unpublished(route))?),
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(queued)
+    }
+
+    /// The embedded registry's routes.
+    pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ROUTES)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            out.push(decode(value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Changes not yet delivered to every sink, oldest first.
+    pub fn outbox(&self) -> Result<Vec<(u64, RouteChange)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (seq, value) = entry?;
+            out.push((seq.value(), decode(value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Drops delivered changes up to and including `seq`. Idempotent.
+    pub fn ack_outbox(&self, seq: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(OUTBOX)?;
+            table.retain(|key, _| key > seq)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn usage_of<T: ReadableTable<&'static str, &'static [u8]>>(table: &T) -> Result<Usage, StoreError> {
+    let mut usage = Usage::default();
+    for entry in table.iter()? {
+        let (_, value) = entry?;
+        let rec: MachineRecord = decode(value.value())?;
+        if rec.state != MachineState::Destroyed {
+            usage.vcpus += rec.spec.vcpus;
+            usage.memory_mib += u64::from(rec.spec.memory_mib);
+            usage.machines += 1;
+        }
+    }
+    Ok(usage)
+}
+
+fn next_seq(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let seq = meta.get(key)?.map_or(0, |v| v.value()) + 1;
+    meta.insert(key, seq)?;
+    Ok(seq)
+}
+
+fn append_event(
+    txn: &redb::WriteTransaction,
+    rec: &MachineRecord,
+    message: String,
+) -> Result<MachineEvent, StoreError> {
+    let seq = next_seq(txn, "event_seq")?;
+    let event = MachineEvent {
+        seq,
+        machine_id: rec.id.clone(),
+        at_ms: rec.updated_at_ms,
+        state: rec.state,
+        message,
+    };
+    let mut events = txn.open_table(EVENTS)?;
+    events.insert((rec.id.as_str(), seq), encode(&event)?.as_slice())?;
+    Ok(event)
+}
+
+fn enqueue(
+    txn: &redb::WriteTransaction,
+    change: RouteChange,
+) -> Result<(u64, RouteChange), StoreError> {
+    let seq = next_seq(txn, "outbox_seq")?;
+    let mut outbox = txn.open_table(OUTBOX)?;
+    outbox.insert(seq, encode(&change)?.as_slice())?;
+    Ok((seq, change))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,613 @@
+//! The lifecycle decision: given the durable record and what was observed on the host,
+//! the one next safe step. Pure: no I/O, no clock, no randomness; everything it needs is
+//! passed in, so every case is a table row in the tests below.
+//!
+//! The record's outcome bookkeeping ([`apply_outcome`], [`apply_vmm_lost`]) is pure too, so
+//! the actor is left with only I/O: persist, run the effect, persist.
+
+use super::record::{Desired, MachineRecord, MachineState};
+use super::step::{CREATE_ORDER, Direction, Mark, STOP_RELEASES, Step};
+
+/// What the run saw of the VMM before deciding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmSeen {
+    /// The record holds no VMM process.
+    NotRecorded,
+    /// The recorded process is alive (same pid, start time and boot).
+    Running,
+    /// The recorded process is gone (exited, killed, or the host rebooted).
+    Gone,
+}
+
+/// What the run observed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The VMM.
+    pub vmm: VmmSeen,
+}
+
+/// Bounds on retries, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Boots tried before the machine fails.
+    pub max_boot_attempts: u32,
+    /// Consecutive failures of one acquire before the machine fails.
+    pub max_step_failures: u32,
+}
+
+/// The next thing the run does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Run a step's idempotent effect.
+    Acquire(Step),
+    /// Run a step's idempotent undo.
+    Release(Step),
+    /// The VMM the record holds is gone: drop the marks that died with it.
+    VmmLost,
+    /// Stop trying: record the reason; the run then releases everything.
+    GiveUp(String),
+    /// Nothing to do until the desired state changes.
+    Settle,
+}
+
+/// The decision and the state the control plane sees while it is carried out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What to do.
+    pub next: Next,
+    /// The visible state.
+    pub state: MachineState,
+}
+
+/// Where the run is heading, once failure is taken into account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Started,
+    Stopped,
+    Destroyed,
+    Failed,
+}
+
+fn target(rec: &MachineRecord) -> Target {
+    match (rec.desired, rec.failure.is_some()) {
+        (Desired::Destroyed, _) => Target::Destroyed,
+        (_, true) => Target::Failed,
+        (Desired::Started, false) => Target::Started,
+        (Desired::Stopped, false) => Target::Stopped,
+    }
+}
+
+/// The next safe step for a machine.
+pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision {
+    let target = target(rec);
+    let decision = |next, state| Decision { next, state };
+
+    if target == Target::Started {
+        // The host lost the VMM: unpublish the dead guest first, then forget it.
+        if rec.touched(Step::Vmm) && seen.vmm == VmmSeen::Gone {
+            if rec.touched(Step::Publish) {
+                return decision(Next::Release(Step::Publish), MachineState::Starting);
+            }
+            return decision(Next::VmmLost, MachineState::Starting);
+        }
+        if rec.boot_attempts >= policy.max_boot_attempts {
+            return decision(
+                Next::GiveUp(format!(
+                    "the guest did not become ready in {} boot attempts",
+                    rec.boot_attempts
+                )),
+                MachineState::Failed,
+            );
+        }
+        if rec.step_failures >= policy.max_step_failures {
+            let step = rec.current.map(|(s, _)| s.name()).unwrap_or("a step");
+            let why = rec
+                .timings
+                .last()
+                .and_then(|t| t.error.clone())
+                .unwrap_or_default();
+            return decision(
+                Next::GiveUp(format!(
+                    "{step} failed {} times in a row: {why}",
+                    rec.step_failures
+                )),
+                MachineState::Failed,
+            );
+        }
+        // A VMM from an earlier boot whose guest never became ready is replaced.
+        let stale_vmm = rec
+            .resources
+            .vmm
+            .as_ref()
+            .is_some_and(|vmm| vmm.attempt < rec.boot_attempts);
+        if rec.touched(Step::Vmm) && rec.mark(Step::Ready) != Mark::Done && stale_vmm {
+            return decision(Next::Release(Step::Vmm), MachineState::Starting);
+        }
+        return match CREATE_ORDER.iter().find(|s| rec.mark(**s) != Mark::Done) {
+            Some(step) => decision(Next::Acquire(*step), MachineState::Starting),
+            None => decision(Next::Settle, MachineState::Started),
+        };
+    }
+
+    let (releases, busy, settled): (&[Step], _, _) = match target {
+        Target::Stopped => (
+            &STOP_RELEASES,
+            MachineState::Stopping,
+            MachineState::Stopped,
+        ),
+        Target::Destroyed => (
+            &REVERSE_ORDER,
+            MachineState::Destroying,
+            MachineState::Destroyed,
+        ),
+        Target::Failed => (&REVERSE_ORDER, MachineState::Failed, MachineState::Failed),
+        Target::Started => unreachable_target(),
+    };
+    match releases.iter().find(|s| rec.touched(**s)) {
+        Some(step) => decision(Next::Release(*step), busy),
+        None => decision(Next::Settle, settled),
+    }
+}
+
+/// Teardown order: the create order reversed.
+const REVERSE_ORDER: [Step; 8] = {
+    let mut out = CREATE_ORDER;
+    let mut i = 0;
+    while i < out.len() / 2 {
+        let j = out.len() - 1 - i;
+        let tmp = out[i];
+        out[i] = out[j];
+        out[j] = tmp;
+        i += 1;
+    }
+    out
+};
+
+// `Target::Started` returns early above; this keeps the match exhaustive without a
+// wildcard arm, so a new target cannot be forgotten.
+fn unreachable_target() -> (&'static [Step], MachineState, MachineState) {
+    (&[], MachineState::Starting, MachineState::Starting)
+}
+
+/// Records that a step's effect is about to run. Persisted before the effect, so that a
+/// crash during the effect leaves a `Begun` mark and the undo runs even for a half-done
+/// effect.
+pub fn apply_begin(rec: &mut MachineRecord, step: Step, direction: Direction, state: MachineState) {
+    if direction == Direction::Acquire && rec.mark(step) == Mark::Untouched {
+        rec.set_mark(step, Mark::Begun);
+    }
+    rec.current = Some((step, direction));
+    rec.state = state;
+}
+
+/// Applies a step's outcome to the record.
+pub fn apply_outcome(rec: &mut MachineRecord, step: Step, direction: Direction, ok: bool) {
+    rec.current = None;
+    match (direction, ok) {
+        (Direction::Acquire, true) => {
+            rec.set_mark(step, Mark::Done);
+            rec.step_failures = 0;
+            if step == Step::Ready {
+                rec.boot_attempts = 0;
+                if let Some(vmm) = rec.resources.vmm.as_mut() {
+                    vmm.attempt = 0;
+                }
+            }
+        }
+        (Direction::Acquire, false) if step == Step::Ready => {
+            // A guest that did not become ready costs a boot attempt; its VMM is now stale
+            // and gets replaced (see `decide`).
+            rec.boot_attempts += 1;
+        }
+        (Direction::Acquire, false) | (Direction::Release, false) => {
+            rec.step_failures += 1;
+        }
+        (Direction::Release, true) => {
+            rec.set_mark(step, Mark::Untouched);
+            rec.step_failures = 0;
+            match step {
+                Step::Image => {
+                    rec.resources.base_digest = None;
+                    rec.resources.base_path = None;
+                }
+                Step::Lease => {
+                    rec.resources.lease_slot = None;
+                    rec.resources.guest_ip = None;
+                }
+                Step::Vmm => rec.resources.vmm = None,
+                Step::Disk | Step::Network | Step::VmConfig | Step::Ready | Step::Publish => {}
+            }
+        }
+    }
+}
+
+/// The VMM died under a machine that should run: forget the VMM and the readiness that
+/// died with it. A guest that died before it was ready costs a boot attempt.
+pub fn apply_vmm_lost(rec: &mut MachineRecord) {
+    if rec.mark(Step::Ready) != Mark::Done {
+        rec.boot_attempts += 1;
+    }
+    rec.set_mark(Step::Vmm, Mark::Untouched);
+    rec.set_mark(Step::Ready, Mark::Untouched);
+    rec.resources.vmm = None;
+}
+
+/// Gives up on the machine: the run releases everything and settles `failed`.
+pub fn apply_give_up(rec: &mut MachineRecord, reason: String) {
+    rec.failure = Some(reason);
+    rec.state = MachineState::Failed;
+}
+
+/// A new desired state from the API. Starting a failed machine clears the failure and
+/// the counters, so it gets a fresh set of attempts.
+pub fn apply_desired(rec: &mut MachineRecord, desired: Desired) {
+    if desired == Desired::Started && rec.desired != Desired::Destroyed {
+        rec.failure = None;
+        rec.boot_attempts = 0;
+        rec.step_failures = 0;
+    }
+    rec.desired = desired;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::record::VmmRecord;
+    use crate::machine::spec::MachineSpec;
+    use std::path::PathBuf;
+
+    const POLICY: Policy = Policy {
+        max_boot_attempts: 3,
+        max_step_failures: 5,
+    };
+    const RUNNING: Observed = Observed {
+        vmm: VmmSeen::Running,
+    };
+    const GONE: Observed = Observed { vmm: VmmSeen::Gone };
+    const NONE: Observed = Observed {
+        vmm: VmmSeen::NotRecorded,
+    };
+
+    fn record(desired: Desired, marks: &[(Step, Mark)]) -> MachineRecord {
+        let spec = MachineSpec {
+            image: "demo".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            command: vec![],
+            env: vec![],
+            ports: vec![],
+        };
+        let mut rec = MachineRecord::new("0123456789".into(), "m".into(), "r".into(), spec, 0);
+        rec.desired = desired;
+        for (step, mark) in marks {
+            rec.set_mark(*step, *mark);
+        }
+        if rec.touched(Step::Vmm) {
+            rec.resources.vmm = Some(VmmRecord {
+                driver: "qemu".into(),
+                pid: 1,
+                start_time: 1,
+                boot_id: "b".into(),
+                control_socket: PathBuf::new(),
+                agent_socket: PathBuf::new(),
+                attempt: 0,
+            });
+        }
+        rec
+    }
+
+    fn done_through(last: Step) -> Vec<(Step, Mark)> {
+        let end = CREATE_ORDER
+            .iter()
+            .position(|s| *s == last)
+            .map_or(0, |i| i + 1);
+        CREATE_ORDER[..end]
+            .iter()
+            .map(|s| (*s, Mark::Done))
+            .collect()
+    }
+
+    fn all_done() -> Vec<(Step, Mark)> {
+        done_through(Step::Publish)
+    }
+
+    fn with(mut marks: Vec<(Step, Mark)>, step: Step, mark: Mark) -> Vec<(Step, Mark)> {
+        marks.push((step, mark));
+        marks
+    }
+
+    /// One row: a record, what was seen, and the expected decision.
+    fn check(rec: &MachineRecord, seen: Observed, next: Next, state: MachineState) {
+        let got = decide(rec, &seen, &POLICY);
+        assert_eq!(
+            got,
+            Decision { next, state },
+            "desired {:?}, marks {:?}, seen {:?}",
+            rec.desired,
+            rec.marks,
+            seen
+        );
+    }
+
+    #[test]
+    fn towards_started() {
+        use Desired::Started;
+        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next)> = vec![
+            (vec![], NONE, Next::Acquire(Step::Image)),
+            (
+                vec![(Step::Image, Mark::Begun)],
+                NONE,
+                Next::Acquire(Step::Image),
+            ),
+            (done_through(Step::Image), NONE, Next::Acquire(Step::Disk)),
+            (
+                done_through(Step::Lease),
+                NONE,
+                Next::Acquire(Step::Network),
+            ),
+            (
+                with(done_through(Step::Network), Step::VmConfig, Mark::Begun),
+                NONE,
+                Next::Acquire(Step::VmConfig),
+            ),
+            (done_through(Step::VmConfig), NONE, Next::Acquire(Step::Vmm)),
+            (done_through(Step::Vmm), RUNNING, Next::Acquire(Step::Ready)),
+            (
+                done_through(Step::Ready),
+                RUNNING,
+                Next::Acquire(Step::Publish),
+            ),
+            (all_done(), RUNNING, Next::Settle),
+            // The VMM died under a running machine: unpublish, then forget it.
+            (all_done(), GONE, Next::Release(Step::Publish)),
+            (done_through(Step::Ready), GONE, Next::VmmLost),
+            (done_through(Step::Vmm), GONE, Next::VmmLost),
+            (
+                with(done_through(Step::VmConfig), Step::Vmm, Mark::Begun),
+                GONE,
+                Next::VmmLost,
+            ),
+        ];
+        for (marks, seen, next) in rows {
+            let state = if next == Next::Settle {
+                MachineState::Started
+            } else {
+                MachineState::Starting
+            };
+            check(&record(Started, &marks), seen, next, state);
+        }
+    }
+
+    #[test]
+    fn towards_stopped_releases_only_the_running_part() {
+        use Desired::Stopped;
+        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next, MachineState)> = vec![
+            (
+                all_done(),
+                RUNNING,
+                Next::Release(Step::Publish),
+                MachineState::Stopping,
+            ),
+            (
+                done_through(Step::Ready),
+                RUNNING,
+                Next::Release(Step::Ready),
+                MachineState::Stopping,
+            ),
+            (
+                done_through(Step::Vmm),
+                RUNNING,
+                Next::Release(Step::Vmm),
+                MachineState::Stopping,
+            ),
+            (
+                done_through(Step::Vmm),
+                GONE,
+                Next::Release(Step::Vmm),
+                MachineState::Stopping,
+            ),
+            (
+                done_through(Step::VmConfig),
+                NONE,
+                Next::Settle,
+                MachineState::Stopped,
+            ),
+            (vec![], NONE, Next::Settle, MachineState::Stopped),
+        ];
+        for (marks, seen, next, state) in rows {
+            check(&record(Stopped, &marks), seen, next, state);
+        }
+    }
+
+    #[test]
+    fn towards_destroyed_releases_everything_touched_in_reverse() {
+        use Desired::Destroyed;
+        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next, MachineState)> = vec![
+            (
+                all_done(),
+                RUNNING,
+                Next::Release(Step::Publish),
+                MachineState::Destroying,
+            ),
+            (
+                done_through(Step::Vmm),
+                GONE,
+                Next::Release(Step::Vmm),
+                MachineState::Destroying,
+            ),
+            (
+                done_through(Step::Network),
+                NONE,
+                Next::Release(Step::Network),
+                MachineState::Destroying,
+            ),
+            // A half-done step is released even though it never finished.
+            (
+                with(done_through(Step::Lease), Step::Network, Mark::Begun),
+                NONE,
+                Next::Release(Step::Network),
+                MachineState::Destroying,
+            ),
+            (
+                vec![(Step::Image, Mark::Begun)],
+                NONE,
+                Next::Release(Step::Image),
+                MachineState::Destroying,
+            ),
+            (vec![], NONE, Next::Settle, MachineState::Destroyed),
+        ];
+        for (marks, seen, next, state) in rows {
+            check(&record(Destroyed, &marks), seen, next, state);
+        }
+    }
+
+    #[test]
+    fn failed_machines_release_everything_and_settle_failed() {
+        for desired in [Desired::Started, Desired::Stopped] {
+            let mut rec = record(desired, &done_through(Step::Vmm));
+            rec.failure = Some("boom".into());
+            check(
+                &rec,
+                RUNNING,
+                Next::Release(Step::Vmm),
+                MachineState::Failed,
+            );
+            let mut rec = record(desired, &[]);
+            rec.failure = Some("boom".into());
+            check(&rec, NONE, Next::Settle, MachineState::Failed);
+        }
+        // Destroy wins over failure.
+        let mut rec = record(Desired::Destroyed, &[]);
+        rec.failure = Some("boom".into());
+        check(&rec, NONE, Next::Settle, MachineState::Destroyed);
+    }
+
+    #[test]
+    fn boot_attempts_are_bounded() {
+        let mut rec = record(Desired::Started, &done_through(Step::Vmm));
+        // The guest did not become ready: the failed Ready costs an attempt...
+        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, false);
+        assert_eq!(rec.boot_attempts, 1);
+        // ...and the stale VMM is replaced before trying again.
+        check(
+            &rec,
+            RUNNING,
+            Next::Release(Step::Vmm),
+            MachineState::Starting,
+        );
+        apply_outcome(&mut rec, Step::Vmm, Direction::Release, true);
+        check(&rec, NONE, Next::Acquire(Step::Vmm), MachineState::Starting);
+
+        rec.boot_attempts = POLICY.max_boot_attempts;
+        let got = decide(&rec, &NONE, &POLICY);
+        assert!(matches!(got.next, Next::GiveUp(_)), "{got:?}");
+        apply_give_up(&mut rec, "x".into());
+        check(
+            &rec,
+            NONE,
+            Next::Release(Step::VmConfig),
+            MachineState::Failed,
+        );
+    }
+
+    #[test]
+    fn repeated_step_failures_give_up() {
+        let mut rec = record(Desired::Started, &[(Step::Image, Mark::Begun)]);
+        for _ in 0..POLICY.max_step_failures {
+            apply_outcome(&mut rec, Step::Image, Direction::Acquire, false);
+        }
+        assert!(matches!(decide(&rec, &NONE, &POLICY).next, Next::GiveUp(_)));
+    }
+
+    #[test]
+    fn vmm_lost_before_ready_costs_an_attempt_after_ready_does_not() {
+        let mut rec = record(Desired::Started, &done_through(Step::Vmm));
+        apply_vmm_lost(&mut rec);
+        assert_eq!(rec.boot_attempts, 1);
+        assert!(!rec.touched(Step::Vmm));
+        let mut rec = record(Desired::Started, &done_through(Step::Ready));
+        apply_vmm_lost(&mut rec);
+        assert_eq!(rec.boot_attempts, 0);
+        assert!(!rec.touched(Step::Ready));
+        assert!(rec.resources.vmm.is_none());
+    }
+
+    #[test]
+    fn begin_marks_acquires_only() {
+        let mut rec = record(Desired::Started, &[]);
+        apply_begin(
+            &mut rec,
+            Step::Image,
+            Direction::Acquire,
+            MachineState::Starting,
+        );
+        assert_eq!(rec.mark(Step::Image), Mark::Begun);
+        let mut rec = record(Desired::Destroyed, &done_through(Step::Image));
+        apply_begin(
+            &mut rec,
+            Step::Image,
+            Direction::Release,
+            MachineState::Destroying,
+        );
+        assert_eq!(rec.mark(Step::Image), Mark::Done);
+        apply_outcome(&mut rec, Step::Image, Direction::Release, true);
+        assert!(rec.nothing_touched());
+    }
+
+    #[test]
+    fn start_clears_failure_but_destroy_is_final() {
+        let mut rec = record(Desired::Started, &[]);
+        rec.failure = Some("x".into());
+        rec.boot_attempts = 3;
+        apply_desired(&mut rec, Desired::Started);
+        assert!(rec.failure.is_none());
+        assert_eq!(rec.boot_attempts, 0);
+        apply_desired(&mut rec, Desired::Destroyed);
+        rec.failure = Some("y".into());
+        apply_desired(&mut rec, Desired::Started);
+        assert_eq!(rec.failure.as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn every_state_and_desired_state_has_a_decision() {
+        // Exhaustive sweep: every mark pattern along the create order (prefix of Done,
+        // then the next Begun), every desired state, every observation. The decision must
+        // never acquire while the target is not `started`, never release while it is
+        // (except the dead-VMM and stale-VMM cases), and always name a step that makes
+        // progress.
+        for desired in [Desired::Started, Desired::Stopped, Desired::Destroyed] {
+            for done in 0..=CREATE_ORDER.len() {
+                for begun in [false, true] {
+                    let mut marks: Vec<(Step, Mark)> = CREATE_ORDER[..done]
+                        .iter()
+                        .map(|s| (*s, Mark::Done))
+                        .collect();
+                    if begun && done < CREATE_ORDER.len() {
+                        marks.push((CREATE_ORDER[done], Mark::Begun));
+                    }
+                    for seen in [NONE, RUNNING, GONE] {
+                        let rec = record(desired, &marks);
+                        let got = decide(&rec, &seen, &POLICY);
+                        match (&got.next, desired) {
+                            (Next::Acquire(step), Desired::Started) => {
+                                assert_ne!(rec.mark(*step), Mark::Done)
+                            }
+                            (Next::Acquire(_), _) => panic!("acquire towards {desired:?}"),
+                            (Next::Release(step), _) => assert!(rec.touched(*step)),
+                            (Next::VmmLost, Desired::Started) => assert!(rec.touched(Step::Vmm)),
+                            (Next::VmmLost, _) => panic!("VmmLost towards {desired:?}"),
+                            (Next::GiveUp(_), _) => panic!("no failures were recorded"),
+                            (Next::Settle, Desired::Started) => {
+                                assert_eq!(got.state, MachineState::Started)
+                            }
+                            (Next::Settle, Desired::Stopped) => {
+                                assert!(STOP_RELEASES.iter().all(|s| !rec.touched(*s)))
+                            }
+                            (Next::Settle, Desired::Destroyed) => assert!(rec.nothing_touched()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

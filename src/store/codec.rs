@@ -1,0 +1,79 @@
+//! Stored values: postcard inside a versioned enum per type.
+//!
+//! postcard writes no field names, so a record type that changes would misread old bytes.
+//! Each stored type therefore has an envelope enum whose variants are only ever appended:
+//! `V1(MachineRecord)` today; a changed record becomes `V2(..)` and `V1` is converted on
+//! read.
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::record::{MachineEvent, MachineRecord};
+use crate::route::{Route, RouteChange};
+
+/// A value could not be turned into bytes or back.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct CodecError {
+    what: &'static str,
+    source: postcard::Error,
+}
+
+/// A type the store persists.
+pub trait Persisted: Sized {
+    /// The bytes of the newest envelope version.
+    fn encode(&self) -> Result<Vec<u8>, CodecError>;
+    /// Reads any envelope version.
+    fn decode(bytes: &[u8]) -> Result<Self, CodecError>;
+}
+
+macro_rules! versioned {
+    ($ty:ty, $owned:ident, $borrowed:ident, $what:literal) => {
+        #[derive(Deserialize)]
+        enum $owned {
+            V1($ty),
+        }
+        #[derive(Serialize)]
+        enum $borrowed<'a> {
+            V1(&'a $ty),
+        }
+        impl Persisted for $ty {
+            fn encode(&self) -> Result<Vec<u8>, CodecError> {
+                postcard::to_stdvec(&$borrowed::V1(self)).map_err(|source| CodecError {
+                    what: $what,
+                    source,
+                })
+            }
+            fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+                match postcard::from_bytes::<$owned>(bytes).map_err(|source| CodecError {
+                    what: $what,
+                    source,
+                })? {
+                    $owned::V1(value) => Ok(value),
+                }
+            }
+        }
+    };
+}
+
+versioned!(
+    MachineRecord,
+    StoredMachine,
+    StoredMachineRef,
+    "machine record"
+);
+versioned!(MachineEvent, StoredEvent, StoredEventRef, "machine event");
+versioned!(Route, StoredRoute, StoredRouteRef, "route");
+versioned!(
+    RouteChange,
+    StoredRouteChange,
+    StoredRouteChangeRef,
+    "route change"
+);
+
+pub(super) fn encode<T: Persisted>(value: &T) -> Result<Vec<u8>, CodecError> {
+    value.encode()
+}
+
+pub(super) fn decode<T: Persisted>(bytes: &[u8]) -> Result<T, CodecError> {
+    T::decode(bytes)
+}

@@ -1,0 +1,178 @@
+//! Store tests on real redb files.
+
+use super::*;
+use crate::machine::record::Desired;
+use crate::machine::spec::MachineSpec;
+use std::net::Ipv4Addr;
+
+const ROOM: Room = Room {
+    vcpus: 8,
+    memory_mib: 1024,
+};
+
+fn spec(vcpus: u32, memory_mib: u32) -> MachineSpec {
+    MachineSpec {
+        image: "demo".into(),
+        vcpus,
+        memory_mib,
+        command: vec![],
+        env: vec![],
+        ports: vec![80],
+    }
+}
+
+fn rec(id: &str, name: &str, request: &str) -> MachineRecord {
+    MachineRecord::new(id.into(), name.into(), request.into(), spec(1, 128), 1)
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("hearth.redb")).expect("open");
+    (dir, store)
+}
+
+#[test]
+fn create_is_idempotent_by_request_id_and_names_are_unique() {
+    let (_dir, store) = open();
+    let first = store
+        .create_machine(rec("aaaaaaaaaa", "web", "r1"), ROOM)
+        .expect("create");
+    assert!(matches!(first, Created::New(..)));
+    match store
+        .create_machine(rec("bbbbbbbbbb", "other", "r1"), ROOM)
+        .expect("retry")
+    {
+        Created::Existing(found) => assert_eq!(found.id, "aaaaaaaaaa"),
+        other => panic!("expected the first machine, got {other:?}"),
+    }
+    let err = store
+        .create_machine(rec("cccccccccc", "web", "r2"), ROOM)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NameTaken { .. }), "{err}");
+    assert!(store.machine("cccccccccc").expect("read").is_none());
+}
+
+#[test]
+fn admission_counts_machines_not_destroyed() {
+    let (_dir, store) = open();
+    let mut big = rec("aaaaaaaaaa", "a", "r1");
+    big.spec = spec(6, 512);
+    store.create_machine(big, ROOM).expect("fits");
+    let mut second = rec("bbbbbbbbbb", "b", "r2");
+    second.spec = spec(4, 128);
+    let err = store.create_machine(second.clone(), ROOM).unwrap_err();
+    assert!(matches!(err, StoreError::NoRoom(_)), "{err}");
+    store
+        .update_machine("aaaaaaaaaa", |r| {
+            r.desired = Desired::Destroyed;
+            r.state = MachineState::Destroyed;
+            Ok(Some("destroyed".into()))
+        })
+        .expect("update");
+    store
+        .create_machine(second, ROOM)
+        .expect("room after destroy");
+    // The destroyed machine's name is free again.
+    store
+        .create_machine(rec("cccccccccc", "a", "r3"), ROOM)
+        .expect("name reused");
+}
+
+#[test]
+fn events_are_appended_in_order_per_machine() {
+    let (_dir, store) = open();
+    store
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+        .expect("a");
+    store
+        .create_machine(rec("bbbbbbbbbb", "b", "r2"), ROOM)
+        .expect("b");
+    for i in 0..3 {
+        store
+            .update_machine("aaaaaaaaaa", |_| Ok(Some(format!("step {i}"))))
+            .expect("update");
+    }
+    let a = store.events(Some("aaaaaaaaaa"), 0).expect("events");
+    assert_eq!(a.len(), 4);
+    assert!(a.windows(2).all(|w| w[0].seq < w[1].seq));
+    let after = store.events(Some("aaaaaaaaaa"), a[1].seq).expect("events");
+    assert_eq!(after.len(), 2);
+    assert_eq!(store.events(None, 0).expect("all").len(), 5);
+}
+
+#[test]
+fn refused_update_changes_nothing() {
+    let (_dir, store) = open();
+    store
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+        .expect("a");
+    let err = store
+        .update_machine("aaaaaaaaaa", |r| {
+            r.desired = Desired::Stopped;
+            Err(StoreError::Refused("no".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Refused(_)));
+    let found = store.machine("aaaaaaaaaa").expect("read").expect("exists");
+    assert_eq!(found.desired, Desired::Started);
+    assert!(matches!(
+        store.update_machine("zzzzzzzzzz", |_| Ok(None)),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn leases_are_idempotent_and_bounded() {
+    let (_dir, store) = open();
+    assert_eq!(store.lease("a", 2).expect("a"), 0);
+    assert_eq!(store.lease("a", 2).expect("again"), 0);
+    assert_eq!(store.lease("b", 2).expect("b"), 1);
+    assert!(matches!(store.lease("c", 2), Err(StoreError::NoRoom(_))));
+    store.release_lease("a").expect("release");
+    store.release_lease("a").expect("release twice");
+    assert_eq!(store.lease("c", 2).expect("reuse"), 0);
+    assert_eq!(store.leases().expect("list").len(), 2);
+}
+
+#[test]
+fn routes_and_outbox() {
+    let (_dir, store) = open();
+    let route = Route {
+        machine_id: "aaaaaaaaaa".into(),
+        name: "a".into(),
+        ip: Ipv4Addr::new(10, 0, 0, 6),
+        ports: vec![80],
+    };
+    assert!(store.publish_route(&route).expect("publish").is_some());
+    assert!(store.publish_route(&route).expect("again").is_none());
+    assert_eq!(store.routes().expect("routes"), vec![route.clone()]);
+    let (seq, _) = store
+        .unpublish_route("aaaaaaaaaa")
+        .expect("unpublish")
+        .expect("queued");
+    assert!(
+        store
+            .unpublish_route("aaaaaaaaaa")
+            .expect("again")
+            .is_none()
+    );
+    assert_eq!(store.outbox().expect("outbox").len(), 2);
+    store.ack_outbox(seq).expect("ack");
+    assert!(store.outbox().expect("outbox").is_empty());
+    assert!(store.routes().expect("routes").is_empty());
+}
+
+#[test]
+fn survives_reopen_and_refuses_a_second_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hearth.redb");
+    {
+        let store = Store::open(&path).expect("open");
+        store
+            .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+            .expect("a");
+        assert!(Store::open(&path).is_err(), "a second open must fail");
+    }
+    let store = Store::open(&path).expect("reopen");
+    assert_eq!(store.machines().expect("list").len(), 1);
+}
