@@ -4,7 +4,7 @@
 //! and keeps each machine's lifecycle as a durable state machine. See `actors.md` for the
 //! architecture: the actor tree, who owns what, and the invariants.
 
-pub mod actors;
+// pub mod actors;
 pub mod api;
 pub mod config;
 pub mod guest;

@@ -1,0 +1,130 @@
+//! What every actor and API handler shares: the configuration, the store, the drivers,
+//! and the broadcast channels that carry events to watchers. Built once at start.
+
+use std::sync::Arc;
+
+use tokio::sync::{OnceCell, broadcast};
+
+use crate::config::Config;
+use crate::guest::kit::{GuestKit, KitError, KitSource};
+use crate::machine::decide::Policy;
+use crate::machine::record::MachineEvent;
+use crate::net::{NetFabric, PoolCidr};
+use crate::route::RouteChange;
+use crate::store::Store;
+use crate::vmm::VmmDriver;
+
+/// Shared services. Cheap to clone (everything inside is shared).
+#[derive(Clone)]
+pub struct Services {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    store: Store,
+    pool: PoolCidr,
+    net: NetFabric,
+    vmm: VmmDriver,
+    kit: OnceCell<GuestKit>,
+    events: broadcast::Sender<MachineEvent>,
+    routes: broadcast::Sender<RouteChange>,
+}
+
+/// Capacity of the broadcast channels: a watcher that falls this far behind is told it
+/// lagged and re-reads from the store.
+const BROADCAST_CAPACITY: usize = 1024;
+
+impl Services {
+    /// Assembles the services.
+    pub fn new(config: Config, store: Store, pool: PoolCidr, net: NetFabric, vmm: VmmDriver) -> Self {
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (routes, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Services {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                pool,
+                net,
+                vmm,
+                kit: OnceCell::new(),
+                events,
+                routes,
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The machines' address pool.
+    pub fn pool(&self) -> &PoolCidr {
+        &self.inner.pool
+    }
+
+    /// The host network fabric (used by the tap allocator).
+    pub fn net(&self) -> &NetFabric {
+        &self.inner.net
+    }
+
+    /// The VMM driver.
+    pub fn vmm(&self) -> &VmmDriver {
+        &self.inner.vmm
+    }
+
+    /// The retry bounds of every run.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_boot_attempts: self.inner.config.guest.boot_attempts,
+            max_step_failures: 5,
+        }
+    }
+
+    /// The guest kit, assembled on first use (cached on disk across restarts).
+    pub async fn kit(&self) -> Result<&GuestKit, KitError> {
+        self.inner
+            .kit
+            .get_or_try_init(|| async {
+                let source = KitSource {
+                    kernel_dir: self.inner.config.guest.kernel_dir.clone(),
+                    init_binary: self.inner.config.init_binary(),
+                };
+                let cache = self.inner.config.cache_dir.join("kit");
+                tokio::task::spawn_blocking(move || GuestKit::ensure(&source, &cache))
+                    .await
+                    .map_err(|e| KitError::Io {
+                        path: std::path::PathBuf::from("<kit builder>"),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
+            })
+            .await
+    }
+
+    /// Publishes machine events to watchers (after they were committed).
+    pub fn emit(&self, event: MachineEvent) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Subscribes to machine events.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<MachineEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Delivers a route change to the embedded registry's watchers.
+    pub fn emit_route(&self, change: RouteChange) {
+        let _ = self.inner.routes.send(change);
+    }
+
+    /// Subscribes to route changes.
+    pub fn subscribe_routes(&self) -> broadcast::Receiver<RouteChange> {
+        self.inner.routes.subscribe()
+    }
+}

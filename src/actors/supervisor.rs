@@ -1,0 +1,267 @@
+//! The Supervisor: spawns the singletons and one MachineActor per machine, restarts any
+//! child that fails, and hands every (re)started MachineActor the same `Reconcile`
+//! message a process restart gives it. There is no second recovery path.
+//!
+//! Restart intensity: a child that fails more than [`MAX_RESTARTS`] times within
+//! [`RESTART_WINDOW`] is not restarted at once. For a machine, the failure is recorded
+//! on the machine (it goes `failed` and its run releases what it holds); a singleton is
+//! restarted after a pause, since the daemon cannot work without it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use super::ip_pool::IpPool;
+use super::names;
+use super::registry::RegistryPublisher;
+use super::rootfs_cache::RootfsCache;
+use super::services::Services;
+use super::tap_allocator::TapAllocator;
+use crate::image::BaseStore;
+use crate::machine::actor::{MachineActor, MachineMsg};
+use crate::machine::record::MachineState;
+
+/// Restarts allowed per child within [`RESTART_WINDOW`].
+pub const MAX_RESTARTS: usize = 5;
+/// The window of the restart intensity limit.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
+/// Pause before a singleton over its limit is restarted again.
+const SINGLETON_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Messages to the Supervisor.
+pub enum SupervisorMsg {
+    /// Make sure machine `id` has a running actor and tell it to reconcile. Sent by the
+    /// API after every committed change, and at start for every machine.
+    Wake(String),
+    /// Load every machine from the store and wake it (once, at start).
+    WakeAll,
+    /// Restart a singleton (after a backoff).
+    RestartSingleton(Singleton),
+}
+
+/// The singletons the Supervisor owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Singleton {
+    /// IP lease pool.
+    IpPool,
+    /// Host network.
+    TapAllocator,
+    /// Image bases.
+    RootfsCache,
+    /// Routes and outbox.
+    Registry,
+}
+
+impl Singleton {
+    const ALL: [Singleton; 4] = [
+        Singleton::IpPool,
+        Singleton::TapAllocator,
+        Singleton::RootfsCache,
+        Singleton::Registry,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Singleton::IpPool => names::IP_POOL,
+            Singleton::TapAllocator => names::TAP_ALLOCATOR,
+            Singleton::RootfsCache => names::ROOTFS_CACHE,
+            Singleton::Registry => names::REGISTRY,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Singleton> {
+        Singleton::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// Arguments of the Supervisor.
+pub struct SupervisorArgs {
+    /// Shared services.
+    pub services: Services,
+    /// The image bases (owned by the RootfsCache).
+    pub bases: Arc<BaseStore>,
+}
+
+/// The Supervisor's state.
+pub struct SupervisorState {
+    services: Services,
+    bases: Arc<BaseStore>,
+    machines: HashMap<String, ActorRef<MachineMsg>>,
+    restarts: HashMap<String, VecDeque<Instant>>,
+}
+
+/// The Supervisor actor.
+pub struct Supervisor;
+
+impl Supervisor {
+    async fn spawn_singleton(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &SupervisorState,
+        which: Singleton,
+    ) -> Result<(), ActorProcessingErr> {
+        let name = Some(which.name().to_string());
+        let cell = myself.get_cell();
+        let services = state.services.clone();
+        match which {
+            Singleton::IpPool => {
+                IpPool::spawn_linked(name, IpPool, services, cell).await?;
+            }
+            Singleton::TapAllocator => {
+                TapAllocator::spawn_linked(name, TapAllocator, services, cell).await?;
+            }
+            Singleton::RootfsCache => {
+                RootfsCache::spawn_linked(name, RootfsCache, state.bases.clone(), cell).await?;
+            }
+            Singleton::Registry => {
+                RegistryPublisher::spawn_linked(name, RegistryPublisher, services, cell).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wake(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        id: String,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(actor) = state.machines.get(&id) {
+            if actor.cast(MachineMsg::Reconcile).is_ok() {
+                return Ok(());
+            }
+            state.machines.remove(&id);
+        }
+        let name = format!("{}{id}", names::MACHINE_PREFIX);
+        let (actor, _) = MachineActor::spawn_linked(
+            Some(name),
+            MachineActor,
+            (id.clone(), state.services.clone()),
+            myself.get_cell(),
+        )
+        .await?;
+        actor.cast(MachineMsg::Reconcile)?;
+        state.machines.insert(id, actor);
+        Ok(())
+    }
+
+    /// Counts a restart of `key`; false when it is over the intensity limit.
+    fn within_intensity(state: &mut SupervisorState, key: &str) -> bool {
+        let now = Instant::now();
+        let history = state.restarts.entry(key.to_string()).or_default();
+        while history.front().is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW) {
+            history.pop_front();
+        }
+        history.push_back(now);
+        history.len() <= MAX_RESTARTS
+    }
+
+    async fn child_exited(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        cell: ActorCell,
+        failure: Option<String>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(name) = cell.get_name() else {
+            return Ok(());
+        };
+        if let Some(id) = name.strip_prefix(names::MACHINE_PREFIX) {
+            let id = id.to_string();
+            state.machines.remove(&id);
+            let Some(reason) = failure else {
+                // A MachineActor stops by itself once its machine is destroyed.
+                return Ok(());
+            };
+            tracing::warn!(machine = %id, %reason, "machine actor failed; restarting");
+            if !Self::within_intensity(state, &name) {
+                let why = format!("machine actor crashed {MAX_RESTARTS} times within {RESTART_WINDOW:?}: {reason}");
+                let now = crate::machine::actor::now_ms();
+                let outcome = state.services.store().update_machine(&id, |rec| {
+                    if rec.state == MachineState::Destroyed {
+                        return Ok(None);
+                    }
+                    rec.failure = Some(why.clone());
+                    rec.updated_at_ms = now;
+                    Ok(Some(format!("failed: {why}")))
+                });
+                if let Ok((_, Some(event))) = outcome {
+                    state.services.emit(event);
+                }
+                state.restarts.remove(&name);
+            }
+            return Self::wake(myself, state, id).await;
+        }
+        if let Some(which) = Singleton::from_name(&name) {
+            tracing::warn!(actor = %name, reason = ?failure, "singleton exited; restarting");
+            if Self::within_intensity(state, &name) {
+                Self::spawn_singleton(myself, state, which).await?;
+            } else {
+                myself.send_after(SINGLETON_BACKOFF, move || SupervisorMsg::RestartSingleton(which));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+        let state = SupervisorState {
+            services: args.services,
+            bases: args.bases,
+            machines: HashMap::new(),
+            restarts: HashMap::new(),
+        };
+        for which in Singleton::ALL {
+            Self::spawn_singleton(&myself, &state, which).await?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Wake(id) => Self::wake(&myself, state, id).await?,
+            SupervisorMsg::WakeAll => {
+                for rec in state.services.store().machines()? {
+                    let settled = rec.state == MachineState::Destroyed && rec.nothing_touched();
+                    if !settled {
+                        Self::wake(&myself, state, rec.id).await?;
+                    }
+                }
+            }
+            SupervisorMsg::RestartSingleton(which) => {
+                if ActorRef::<()>::where_is(which.name().to_string()).is_none() {
+                    Self::spawn_singleton(&myself, state, which).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                Self::child_exited(&myself, state, cell, Some(err.to_string())).await?;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let failure = reason.filter(|r| r.starts_with("failed"));
+                Self::child_exited(&myself, state, cell, failure).await?;
+            }
+            SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
+        }
+        Ok(())
+    }
+}
