@@ -4,13 +4,12 @@
 //! and keeps each machine's lifecycle as a durable state machine. See `actors.md` for the
 //! architecture: the actor tree, who owns what, and the invariants.
 
-// pub mod actors;
+pub mod actors;
 pub mod api;
+pub mod client;
 pub mod config;
-pub mod guest;
 pub mod image;
 pub mod machine;
 pub mod net;
 pub mod route;
 pub mod store;
-pub mod vmm;

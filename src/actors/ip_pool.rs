@@ -32,7 +32,11 @@ impl Actor for IpPool {
     type State = Services;
     type Arguments = Services;
 
-    async fn pre_start(&self, _: ActorRef<Self::Msg>, services: Services) -> Result<Services, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        services: Services,
+    ) -> Result<Services, ActorProcessingErr> {
         Ok(services)
     }
 
@@ -45,11 +49,17 @@ impl Actor for IpPool {
         match message {
             IpPoolMsg::Lease { machine, reply } => {
                 let slots = services.pool().slot_count();
-                let result = services.store().lease(&machine, slots).map_err(|e| e.to_string());
+                let result = services
+                    .store()
+                    .lease(&machine, slots)
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
             IpPoolMsg::Release { machine, reply } => {
-                let result = services.store().release_lease(&machine).map_err(|e| e.to_string());
+                let result = services
+                    .store()
+                    .release_lease(&machine)
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
         }

@@ -55,7 +55,11 @@ impl Actor for RegistryPublisher {
     type State = Services;
     type Arguments = Services;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, services: Services) -> Result<Services, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        services: Services,
+    ) -> Result<Services, ActorProcessingErr> {
         // Whatever a previous run queued but did not deliver goes out first.
         let _ = myself.cast(RegistryMsg::Drain);
         Ok(services)

@@ -60,7 +60,11 @@ impl Actor for RootfsCache {
     type State = RootfsState;
     type Arguments = Arc<BaseStore>;
 
-    async fn pre_start(&self, _: ActorRef<Self::Msg>, bases: Arc<BaseStore>) -> Result<RootfsState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        bases: Arc<BaseStore>,
+    ) -> Result<RootfsState, ActorProcessingErr> {
         Ok(RootfsState {
             bases,
             in_flight: HashMap::new(),

@@ -3,16 +3,14 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{OnceCell, broadcast};
+use tokio::sync::broadcast;
 
 use crate::config::Config;
-use crate::guest::kit::{GuestKit, KitError, KitSource};
 use crate::machine::decide::Policy;
 use crate::machine::record::MachineEvent;
 use crate::net::{NetFabric, PoolCidr};
 use crate::route::RouteChange;
 use crate::store::Store;
-use crate::vmm::VmmDriver;
 
 /// Shared services. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
@@ -25,8 +23,6 @@ struct Inner {
     store: Store,
     pool: PoolCidr,
     net: NetFabric,
-    vmm: VmmDriver,
-    kit: OnceCell<GuestKit>,
     events: broadcast::Sender<MachineEvent>,
     routes: broadcast::Sender<RouteChange>,
 }
@@ -37,7 +33,7 @@ const BROADCAST_CAPACITY: usize = 1024;
 
 impl Services {
     /// Assembles the services.
-    pub fn new(config: Config, store: Store, pool: PoolCidr, net: NetFabric, vmm: VmmDriver) -> Self {
+    pub fn new(config: Config, store: Store, pool: PoolCidr, net: NetFabric) -> Self {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (routes, _) = broadcast::channel(BROADCAST_CAPACITY);
         Services {
@@ -46,8 +42,6 @@ impl Services {
                 store,
                 pool,
                 net,
-                vmm,
-                kit: OnceCell::new(),
                 events,
                 routes,
             }),
@@ -74,37 +68,12 @@ impl Services {
         &self.inner.net
     }
 
-    /// The VMM driver.
-    pub fn vmm(&self) -> &VmmDriver {
-        &self.inner.vmm
-    }
-
     /// The retry bounds of every run.
     pub fn policy(&self) -> Policy {
         Policy {
             max_boot_attempts: self.inner.config.guest.boot_attempts,
             max_step_failures: 5,
         }
-    }
-
-    /// The guest kit, assembled on first use (cached on disk across restarts).
-    pub async fn kit(&self) -> Result<&GuestKit, KitError> {
-        self.inner
-            .kit
-            .get_or_try_init(|| async {
-                let source = KitSource {
-                    kernel_dir: self.inner.config.guest.kernel_dir.clone(),
-                    init_binary: self.inner.config.init_binary(),
-                };
-                let cache = self.inner.config.cache_dir.join("kit");
-                tokio::task::spawn_blocking(move || GuestKit::ensure(&source, &cache))
-                    .await
-                    .map_err(|e| KitError::Io {
-                        path: std::path::PathBuf::from("<kit builder>"),
-                        source: std::io::Error::other(e.to_string()),
-                    })?
-            })
-            .await
     }
 
     /// Publishes machine events to watchers (after they were committed).

@@ -149,7 +149,10 @@ impl Supervisor {
     fn within_intensity(state: &mut SupervisorState, key: &str) -> bool {
         let now = Instant::now();
         let history = state.restarts.entry(key.to_string()).or_default();
-        while history.front().is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW) {
+        while history
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
             history.pop_front();
         }
         history.push_back(now);
@@ -174,7 +177,9 @@ impl Supervisor {
             };
             tracing::warn!(machine = %id, %reason, "machine actor failed; restarting");
             if !Self::within_intensity(state, &name) {
-                let why = format!("machine actor crashed {MAX_RESTARTS} times within {RESTART_WINDOW:?}: {reason}");
+                let why = format!(
+                    "machine actor crashed {MAX_RESTARTS} times within {RESTART_WINDOW:?}: {reason}"
+                );
                 let now = crate::machine::actor::now_ms();
                 let outcome = state.services.store().update_machine(&id, |rec| {
                     if rec.state == MachineState::Destroyed {
@@ -196,7 +201,9 @@ impl Supervisor {
             if Self::within_intensity(state, &name) {
                 Self::spawn_singleton(myself, state, which).await?;
             } else {
-                myself.send_after(SINGLETON_BACKOFF, move || SupervisorMsg::RestartSingleton(which));
+                myself.send_after(SINGLETON_BACKOFF, move || {
+                    SupervisorMsg::RestartSingleton(which)
+                });
             }
         }
         Ok(())
@@ -208,7 +215,11 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let state = SupervisorState {
             services: args.services,
             bases: args.bases,

@@ -34,7 +34,11 @@ impl Actor for TapAllocator {
     type State = Services;
     type Arguments = Services;
 
-    async fn pre_start(&self, _: ActorRef<Self::Msg>, services: Services) -> Result<Services, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        services: Services,
+    ) -> Result<Services, ActorProcessingErr> {
         Ok(services)
     }
 
@@ -46,11 +50,19 @@ impl Actor for TapAllocator {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             TapMsg::Ensure { plan, reply } => {
-                let result = services.net().ensure(&plan).await.map_err(|e| e.to_string());
+                let result = services
+                    .net()
+                    .ensure(&plan)
+                    .await
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
             TapMsg::Remove { plan, reply } => {
-                let result = services.net().remove(&plan).await.map_err(|e| e.to_string());
+                let result = services
+                    .net()
+                    .remove(&plan)
+                    .await
+                    .map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
         }

@@ -1,1 +1,16 @@
-//! (being written)
+//! The gRPC API (`proto/hearth/v1`): the only module that knows protobuf types. Handlers
+//! validate, record the desired change in one commit, wake the machine's run and return;
+//! they never do host work.
+
+pub mod convert;
+pub mod machines;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod status;
+
+/// Generated protobuf and gRPC code.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("hearth.v1");
+}

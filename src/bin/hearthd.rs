@@ -1,1 +1,113 @@
-fn main() {}
+//! hearthd: the worker daemon. Opens the store, starts the actor tree, serves the API,
+//! and only then wakes every recorded machine: the API answers before recovery runs.
+//!
+//! Stopping the daemon (SIGTERM, SIGINT) leaves the machines running; the next start
+//! re-adopts them. Destroying a machine is an API call, never a side effect of shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use hearth::actors::names;
+use hearth::actors::services::Services;
+use hearth::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use hearth::api::server;
+use hearth::config::Config;
+use hearth::image::{BaseSettings, BaseStore};
+use hearth::net::{NetFabric, PoolCidr};
+use hearth::store::Store;
+use ractor::Actor;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The hearth worker daemon.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML); without it the embedded defaults apply.
+    #[arg(long, env = "HEARTH_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hearthd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearthd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    for dir in [&config.data_dir, &config.cache_dir] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let store = Store::open(&config.store_path())
+        .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
+    let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
+    let net = NetFabric::start().map_err(|e| e.to_string())?;
+    let bases = BaseStore::open(
+        &config.data_dir.join("images"),
+        BaseSettings {
+            headroom_mib: config.images.headroom_mib,
+            busybox: config.images.busybox.clone(),
+            ..BaseSettings::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let services = Services::new(config.clone(), store, pool, net);
+
+    let (supervisor, supervisor_done) = Supervisor::spawn(
+        Some(names::SUPERVISOR.to_string()),
+        Supervisor,
+        SupervisorArgs {
+            services: services.clone(),
+            bases: Arc::new(bases),
+        },
+    )
+    .await
+    .map_err(|e| format!("start the supervisor: {e}"))?;
+
+    let listener = server::bind(&config.api.socket)
+        .map_err(|e| format!("api.socket {}: {e}", config.api.socket.display()))?;
+    tracing::info!(socket = %config.api.socket.display(), "serving");
+    // Recovery runs after the API serves: every recorded machine gets `Reconcile`.
+    supervisor
+        .cast(SupervisorMsg::WakeAll)
+        .map_err(|e| format!("wake machines: {e}"))?;
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down; machines keep running");
+    };
+    server::serve(listener, services, supervisor.clone(), shutdown)
+        .await
+        .map_err(|e| format!("api: {e}"))?;
+    supervisor.stop(None);
+    let _ = supervisor_done.await;
+    let _ = std::fs::remove_file(&config.api.socket);
+    Ok(())
+}

@@ -23,7 +23,6 @@ use super::record::{Desired, MachineRecord, MachineState, StepTiming};
 use super::step::{Direction, Step};
 use super::steps::{self, StepOutput};
 use crate::actors::services::Services;
-use crate::vmm::Liveness;
 
 /// Messages to a MachineActor.
 pub enum MachineMsg {
@@ -74,13 +73,12 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl MachineActor {
-    fn observe(services: &Services, rec: &MachineRecord) -> Observed {
+    fn observe(_: &Services, rec: &MachineRecord) -> Observed {
+        // Without a VMM driver in this build no process is ever recorded; a recorded one
+        // (from another build) cannot be checked and is treated as gone.
         let vmm = match &rec.resources.vmm {
             None => VmmSeen::NotRecorded,
-            Some(record) => match services.vmm().liveness(&steps::vmm::process_of(record)) {
-                Liveness::Running => VmmSeen::Running,
-                Liveness::Gone => VmmSeen::Gone,
-            },
+            Some(_) => VmmSeen::Gone,
         };
         Observed { vmm }
     }
@@ -101,7 +99,10 @@ impl MachineActor {
         Ok(rec)
     }
 
-    async fn reconcile(myself: &ActorRef<MachineMsg>, state: &mut RunState) -> Result<(), ActorProcessingErr> {
+    async fn reconcile(
+        myself: &ActorRef<MachineMsg>,
+        state: &mut RunState,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(rec) = state.services.store().machine(&state.id)? else {
             myself.stop(None);
             return Ok(());
@@ -116,7 +117,9 @@ impl MachineActor {
                 state.running = None;
                 Self::commit(state, |rec| {
                     rec.current = None;
-                    Some(format!("{step} cancelled: the machine is no longer wanted started"))
+                    Some(format!(
+                        "{step} cancelled: the machine is no longer wanted started"
+                    ))
                 })?;
             } else {
                 return Ok(());
@@ -153,8 +156,12 @@ impl MachineActor {
                 })?;
                 myself.cast(MachineMsg::Reconcile)?;
             }
-            Next::Acquire(step) => Self::begin(myself, state, step, Direction::Acquire, decision.state)?,
-            Next::Release(step) => Self::begin(myself, state, step, Direction::Release, decision.state)?,
+            Next::Acquire(step) => {
+                Self::begin(myself, state, step, Direction::Acquire, decision.state)?
+            }
+            Next::Release(step) => {
+                Self::begin(myself, state, step, Direction::Release, decision.state)?
+            }
         }
         Ok(())
     }
@@ -186,11 +193,19 @@ impl MachineActor {
             };
             let _ = me.cast(MachineMsg::StepDone(report));
         });
-        state.running = Some(Running { step, direction, task });
+        state.running = Some(Running {
+            step,
+            direction,
+            task,
+        });
         Ok(())
     }
 
-    fn finish(myself: &ActorRef<MachineMsg>, state: &mut RunState, report: StepReport) -> Result<(), ActorProcessingErr> {
+    fn finish(
+        myself: &ActorRef<MachineMsg>,
+        state: &mut RunState,
+        report: StepReport,
+    ) -> Result<(), ActorProcessingErr> {
         let matches_running = state
             .running
             .as_ref()
@@ -253,7 +268,11 @@ impl Actor for MachineActor {
         })
     }
 
-    async fn post_stop(&self, _: ActorRef<Self::Msg>, state: &mut RunState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut RunState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(running) = state.running.take() {
             running.task.abort();
         }

@@ -20,9 +20,9 @@
 //! a `Begun` step is run again (every effect is idempotent) or released (every undo works
 //! on a half-done effect).
 
-// pub mod actor;
+pub mod actor;
 pub mod decide;
 pub mod record;
 pub mod spec;
 pub mod step;
-// pub mod steps;
+pub mod steps;

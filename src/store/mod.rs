@@ -210,6 +210,24 @@ impl Store {
         Ok(found)
     }
 
+    /// The machine a create with this request id made, if any.
+    pub fn machine_by_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<MachineRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let requests = txn.open_table(REQUESTS)?;
+        let Some(id) = requests.get(request_id)?.map(|v| v.value().to_string()) else {
+            return Ok(None);
+        };
+        let machines = txn.open_table(MACHINES)?;
+        let found = machines
+            .get(id.as_str())?
+            .map(|v| decode(v.value()))
+            .transpose()?;
+        Ok(found)
+    }
+
     /// Every machine, by id.
     pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         let txn = self.db.begin_read()?;

@@ -1,0 +1,137 @@
+//! Conversions between the domain types and the protobuf messages.
+
+use super::pb;
+use crate::machine::record::{Desired, MachineEvent, MachineRecord, MachineState};
+use crate::machine::spec::{MachineSpec, RawSpec};
+use crate::route::{Route, RouteChange};
+
+/// The protobuf state of a domain state.
+pub fn state(state: MachineState) -> pb::MachineState {
+    match state {
+        MachineState::Created => pb::MachineState::Created,
+        MachineState::Starting => pb::MachineState::Starting,
+        MachineState::Started => pb::MachineState::Started,
+        MachineState::Stopping => pb::MachineState::Stopping,
+        MachineState::Stopped => pb::MachineState::Stopped,
+        MachineState::Destroying => pb::MachineState::Destroying,
+        MachineState::Destroyed => pb::MachineState::Destroyed,
+        MachineState::Failed => pb::MachineState::Failed,
+    }
+}
+
+/// The domain state of a protobuf state (`None` for unspecified).
+pub fn state_from(value: i32) -> Option<MachineState> {
+    Some(match pb::MachineState::try_from(value).ok()? {
+        pb::MachineState::Unspecified => return None,
+        pb::MachineState::Created => MachineState::Created,
+        pb::MachineState::Starting => MachineState::Starting,
+        pb::MachineState::Started => MachineState::Started,
+        pb::MachineState::Stopping => MachineState::Stopping,
+        pb::MachineState::Stopped => MachineState::Stopped,
+        pb::MachineState::Destroying => MachineState::Destroying,
+        pb::MachineState::Destroyed => MachineState::Destroyed,
+        pb::MachineState::Failed => MachineState::Failed,
+    })
+}
+
+fn desired(desired: Desired) -> pb::DesiredState {
+    match desired {
+        Desired::Started => pb::DesiredState::Started,
+        Desired::Stopped => pb::DesiredState::Stopped,
+        Desired::Destroyed => pb::DesiredState::Destroyed,
+    }
+}
+
+/// The raw fields of a request's spec.
+pub fn raw_spec(spec: Option<pb::MachineSpec>) -> RawSpec {
+    let spec = spec.unwrap_or_default();
+    RawSpec {
+        image: spec.image,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        command: spec.command,
+        env: spec.env.into_iter().collect(),
+        ports: spec.ports,
+    }
+}
+
+fn spec(spec: &MachineSpec) -> pb::MachineSpec {
+    pb::MachineSpec {
+        image: spec.image.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        command: spec.command.clone(),
+        env: spec.env.iter().cloned().collect(),
+        ports: spec.ports.iter().map(|p| u32::from(*p)).collect(),
+    }
+}
+
+/// A machine as the API shows it.
+pub fn machine(rec: &MachineRecord) -> pb::Machine {
+    pb::Machine {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        request_id: rec.request_id.clone(),
+        spec: Some(spec(&rec.spec)),
+        state: state(rec.state) as i32,
+        desired: desired(rec.desired) as i32,
+        current_step: rec
+            .current
+            .map(|(step, dir)| format!("{}:{}", dir.name(), step.name()))
+            .unwrap_or_default(),
+        guest_ip: rec
+            .resources
+            .guest_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        vmm_pid: rec.resources.vmm.as_ref().map_or(0, |v| v.pid as u32),
+        failure: rec.failure.clone().unwrap_or_default(),
+        timings: rec
+            .timings
+            .iter()
+            .map(|t| pb::StepTiming {
+                step: t.step.name().to_string(),
+                direction: t.direction.name().to_string(),
+                started_at_ms: t.started_at_ms,
+                duration_us: t.duration_us,
+                outcome: t.error.clone().unwrap_or_else(|| "ok".to_string()),
+            })
+            .collect(),
+        created_at_ms: rec.created_at_ms,
+        updated_at_ms: rec.updated_at_ms,
+        boot_attempts: rec.boot_attempts,
+    }
+}
+
+/// An event as the API shows it.
+pub fn event(event: &MachineEvent) -> pb::MachineEvent {
+    pb::MachineEvent {
+        seq: event.seq,
+        machine_id: event.machine_id.clone(),
+        at_ms: event.at_ms,
+        state: state(event.state) as i32,
+        message: event.message.clone(),
+    }
+}
+
+/// A route as the API shows it.
+pub fn route(route: &Route) -> pb::Route {
+    pb::Route {
+        machine_id: route.machine_id.clone(),
+        name: route.name.clone(),
+        ip: route.ip.to_string(),
+        ports: route.ports.iter().map(|p| u32::from(*p)).collect(),
+    }
+}
+
+/// A route change as the API shows it.
+pub fn route_change(change: &RouteChange) -> pb::RouteChange {
+    let (kind, r) = match change {
+        RouteChange::Published(r) => (pb::route_change::Kind::Published, r),
+        RouteChange::Unpublished(r) => (pb::route_change::Kind::Unpublished, r),
+    };
+    pb::RouteChange {
+        kind: kind as i32,
+        route: Some(route(r)),
+    }
+}

@@ -1,0 +1,297 @@
+//! MachineService: create, read, change the desired state, wait, watch.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use ractor::ActorRef;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::pb::{self, machine_service_server::MachineService};
+use super::status::ApiError;
+use crate::actors::services::Services;
+use crate::actors::supervisor::SupervisorMsg;
+use crate::image::ImageRef;
+use crate::machine::actor::now_ms;
+use crate::machine::decide::apply_desired;
+use crate::machine::record::{Desired, MachineRecord, MachineState};
+use crate::machine::spec::{self, Limits};
+use crate::store::{Created, Room, StoreError};
+
+/// Longest wait a WaitMachine call may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// The machine API.
+pub struct Machines {
+    services: Services,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Machines {
+    /// A handler set over the services, waking runs through `supervisor`.
+    pub fn new(services: Services, supervisor: ActorRef<SupervisorMsg>) -> Self {
+        Machines {
+            services,
+            supervisor,
+        }
+    }
+
+    fn wake(&self, id: &str) -> Result<(), ApiError> {
+        self.supervisor
+            .cast(SupervisorMsg::Wake(id.to_string()))
+            .map_err(|e| ApiError::Wake(e.to_string()))
+    }
+
+    fn limits(&self) -> Limits {
+        let cap = &self.services.config().capacity;
+        Limits {
+            max_vcpus: cap.max_vcpus_per_machine,
+            min_memory_mib: cap.min_memory_mib_per_machine,
+            max_memory_mib: cap.max_memory_mib_per_machine,
+        }
+    }
+
+    fn create(&self, req: pb::CreateMachineRequest) -> Result<MachineRecord, ApiError> {
+        spec::check_request_id(&req.request_id)?;
+        // A retry returns the first call's machine, whatever else it says.
+        if let Some(existing) = self.services.store().machine_by_request(&req.request_id)? {
+            return Ok(existing);
+        }
+        spec::check_name(&req.name)?;
+        let spec = spec::check_spec(convert::raw_spec(req.spec), &self.limits())?;
+        let image = ImageRef::parse(&spec.image).map_err(ApiError::Image)?;
+        image.check_available().map_err(ApiError::Image)?;
+        if spec.command.is_empty() && image.defaults().command.is_empty() {
+            return Err(ApiError::Spec(spec::SpecError::Missing {
+                field: "spec.command",
+            }));
+        }
+        let id =
+            spec::new_machine_id().map_err(|e| ApiError::Wake(format!("no randomness: {e}")))?;
+        let (vcpus, memory_mib) = self.services.config().capacity_totals();
+        let rec = MachineRecord::new(id, req.name, req.request_id, spec, now_ms());
+        match self
+            .services
+            .store()
+            .create_machine(rec, Room { vcpus, memory_mib })?
+        {
+            Created::New(rec, event) => {
+                self.services.emit(event);
+                self.wake(&rec.id)?;
+                Ok(rec)
+            }
+            Created::Existing(rec) => Ok(rec),
+        }
+    }
+
+    fn set_desired(&self, id: &str, desired: Desired) -> Result<MachineRecord, ApiError> {
+        spec::check_machine_id(id)?;
+        let now = now_ms();
+        let (rec, event) = self.services.store().update_machine(id, |rec| {
+            if rec.desired == Desired::Destroyed && desired != Desired::Destroyed {
+                return Err(StoreError::Refused(format!(
+                    "machine {} is destroyed; it cannot be {}",
+                    rec.id,
+                    match desired {
+                        Desired::Started => "started",
+                        Desired::Stopped => "stopped",
+                        Desired::Destroyed => "destroyed",
+                    }
+                )));
+            }
+            if rec.desired == desired && (desired != Desired::Started || rec.failure.is_none()) {
+                return Ok(None);
+            }
+            apply_desired(rec, desired);
+            rec.updated_at_ms = now;
+            Ok(Some(format!("desired state: {desired:?}").to_lowercase()))
+        })?;
+        if let Some(event) = event {
+            self.services.emit(event);
+        }
+        self.wake(id)?;
+        Ok(rec)
+    }
+
+    fn get(&self, id: &str) -> Result<MachineRecord, ApiError> {
+        spec::check_machine_id(id)?;
+        self.services
+            .store()
+            .machine(id)?
+            .ok_or_else(|| ApiError::Store(StoreError::NotFound(id.to_string())))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::MachineEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MachineService for Machines {
+    async fn create_machine(
+        &self,
+        req: Request<pb::CreateMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let rec = self.create(req.into_inner())?;
+        Ok(Response::new(convert::machine(&rec)))
+    }
+
+    async fn get_machine(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        Ok(Response::new(convert::machine(
+            &self.get(&req.into_inner().id)?,
+        )))
+    }
+
+    async fn list_machines(
+        &self,
+        req: Request<pb::ListMachinesRequest>,
+    ) -> Result<Response<pb::ListMachinesResponse>, Status> {
+        let all = req.into_inner().include_destroyed;
+        let machines = self
+            .services
+            .store()
+            .machines()
+            .map_err(ApiError::from)?
+            .iter()
+            .filter(|m| all || m.state != MachineState::Destroyed)
+            .map(convert::machine)
+            .collect();
+        Ok(Response::new(pb::ListMachinesResponse { machines }))
+    }
+
+    async fn start_machine(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let rec = self.set_desired(&req.into_inner().id, Desired::Started)?;
+        Ok(Response::new(convert::machine(&rec)))
+    }
+
+    async fn stop_machine(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let rec = self.set_desired(&req.into_inner().id, Desired::Stopped)?;
+        Ok(Response::new(convert::machine(&rec)))
+    }
+
+    async fn destroy_machine(
+        &self,
+        req: Request<pb::MachineRef>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let rec = self.set_desired(&req.into_inner().id, Desired::Destroyed)?;
+        Ok(Response::new(convert::machine(&rec)))
+    }
+
+    async fn wait_machine(
+        &self,
+        req: Request<pb::WaitMachineRequest>,
+    ) -> Result<Response<pb::WaitMachineResponse>, Status> {
+        let req = req.into_inner();
+        let target = convert::state_from(req.state)
+            .ok_or_else(|| Status::invalid_argument("state: a machine state is required"))?;
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms)).min(MAX_WAIT);
+        // Subscribe before reading, so no change between the read and the wait is missed.
+        let mut events = self.services.subscribe_events();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rec = self.get(&req.id)?;
+            // A machine in a state it cannot leave by itself will not reach the target.
+            let stuck = matches!(rec.state, MachineState::Destroyed | MachineState::Failed)
+                || (rec.state == MachineState::Stopped && rec.desired == Desired::Stopped);
+            if rec.state == target || stuck {
+                return Ok(Response::new(pb::WaitMachineResponse {
+                    reached: rec.state == target,
+                    machine: Some(convert::machine(&rec)),
+                }));
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => {
+                        let rec = self.get(&req.id)?;
+                        return Ok(Response::new(pb::WaitMachineResponse {
+                            reached: rec.state == target,
+                            machine: Some(convert::machine(&rec)),
+                        }));
+                    }
+                    Ok(Ok(event)) if event.machine_id != req.id => continue,
+                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => break,
+                    Ok(Err(RecvError::Closed)) => {
+                        return Err(Status::unavailable("the daemon is shutting down"));
+                    }
+                }
+            }
+        }
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = req.into_inner();
+        let filter = (!req.machine_id.is_empty()).then_some(req.machine_id);
+        if let Some(id) = &filter {
+            spec::check_machine_id(id).map_err(ApiError::from)?;
+        }
+        let mut live = self.services.subscribe_events();
+        let recorded = self
+            .services
+            .store()
+            .events(filter.as_deref(), req.after_seq)
+            .map_err(ApiError::from)?;
+        let services = self.services.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = req.after_seq;
+            for event in recorded {
+                last = event.seq;
+                if tx.send(Ok(convert::event(&event))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let event = match live.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(_)) => {
+                        // Fell behind: catch up from the log, then go on live.
+                        let Ok(missed) = services.store().events(filter.as_deref(), last) else {
+                            return;
+                        };
+                        for event in missed {
+                            last = event.seq;
+                            if tx.send(Ok(convert::event(&event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if event.seq <= last || filter.as_ref().is_some_and(|id| *id != event.machine_id) {
+                    continue;
+                }
+                last = event.seq;
+                if tx.send(Ok(convert::event(&event))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a bounded channel; the task ends when the client goes.
+pub fn async_stream<T, F, Fut>(producer: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(producer(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,40 @@
+//! NodeService: the host's capacity and usage.
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, node_service_server::NodeService};
+use super::status::ApiError;
+use crate::actors::services::Services;
+
+/// The node API.
+pub struct Node {
+    services: Services,
+}
+
+impl Node {
+    /// Over the services.
+    pub fn new(services: Services) -> Self {
+        Node { services }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for Node {
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let store = self.services.store();
+        let usage = store.usage().map_err(ApiError::from)?;
+        let leases = store.leases().map_err(ApiError::from)?;
+        let (vcpus, memory) = self.services.config().capacity_totals();
+        Ok(Response::new(pb::Node {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            vcpus_total: vcpus,
+            vcpus_used: usage.vcpus,
+            memory_mib_total: memory,
+            memory_mib_used: usage.memory_mib,
+            machines: usage.machines,
+            ip_slots_total: self.services.pool().slot_count(),
+            ip_slots_used: leases.len() as u32,
+            vmm: "none (not in this build)".to_string(),
+        }))
+    }
+}

@@ -1,0 +1,49 @@
+//! Serving the API on a Unix socket (mode 0600: only the daemon's user may call it).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use ractor::ActorRef;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::machines::Machines;
+use super::node::Node;
+use super::pb::machine_service_server::MachineServiceServer;
+use super::pb::node_service_server::NodeServiceServer;
+use super::pb::registry_service_server::RegistryServiceServer;
+use super::registry::Registry;
+use crate::actors::services::Services;
+use crate::actors::supervisor::SupervisorMsg;
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    services: Services,
+    supervisor: ActorRef<SupervisorMsg>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(MachineServiceServer::new(Machines::new(
+            services.clone(),
+            supervisor,
+        )))
+        .add_service(NodeServiceServer::new(Node::new(services.clone())))
+        .add_service(RegistryServiceServer::new(Registry::new(services)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

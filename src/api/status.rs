@@ -1,0 +1,44 @@
+//! Every error an API call can meet, and the one function that turns it into a
+//! `tonic::Status`. Messages name the field or the object.
+
+use tonic::{Code, Status};
+
+use crate::image::ImageRefError;
+use crate::machine::spec::SpecError;
+use crate::store::StoreError;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A field is missing or malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The image reference is malformed or names nothing.
+    #[error("spec.image: {0}")]
+    Image(ImageRefError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The machine's run could not be woken (the daemon is shutting down).
+    #[error("the machine run could not be woken: {0}")]
+    Wake(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let code = match &error {
+            ApiError::Spec(_) => Code::InvalidArgument,
+            ApiError::Image(e) if e.is_not_found() => Code::NotFound,
+            ApiError::Image(_) => Code::InvalidArgument,
+            ApiError::Store(StoreError::NotFound(_)) => Code::NotFound,
+            ApiError::Store(StoreError::NameTaken { .. }) => Code::AlreadyExists,
+            ApiError::Store(StoreError::NoRoom(_)) => Code::ResourceExhausted,
+            ApiError::Store(StoreError::Refused(_)) => Code::FailedPrecondition,
+            ApiError::Store(
+                StoreError::Db(_) | StoreError::Codec(_) | StoreError::Schema { .. },
+            ) => Code::Internal,
+            ApiError::Wake(_) => Code::Unavailable,
+        };
+        Status::new(code, error.to_string())
+    }
+}

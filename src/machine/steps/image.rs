@@ -1,0 +1,37 @@
+//! Step `image`: the machine's image has an ext4 base in the rootfs cache.
+//!
+//! Acquire is idempotent: the cache answers with the existing base when it is built, and
+//! concurrent machines share one build. Release is a no-op on the host: bases are shared
+//! between machines and collected by the cache, not by a machine.
+
+use std::time::Duration;
+
+use super::{StepError, StepOutput};
+use crate::actors::rootfs_cache::RootfsMsg;
+use crate::actors::services::Services;
+use crate::actors::{ask, names};
+use crate::image::ImageRef;
+use crate::machine::record::MachineRecord;
+
+/// Building a base can take a while (unpacking, mkfs).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Ensures the base exists; records its digest and path.
+pub async fn acquire(_: &Services, rec: &MachineRecord) -> Result<StepOutput, StepError> {
+    let image = ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
+    let base = ask(
+        names::ROOTFS_CACHE,
+        |reply| RootfsMsg::EnsureBase { image, reply },
+        BUILD_TIMEOUT,
+    )
+    .await??;
+    Ok(StepOutput::Base {
+        digest: base.digest.clone(),
+        path: base.path.clone(),
+    })
+}
+
+/// Nothing to undo per machine (see the module doc).
+pub async fn release(_: &Services, _: &MachineRecord) -> Result<(), StepError> {
+    Ok(())
+}

@@ -1,1 +1,0 @@
-//! The VMM driver contract and its implementations.
