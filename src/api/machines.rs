@@ -199,10 +199,14 @@ impl MachineService for Machines {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let rec = self.get(&req.id)?;
+            // A failed machine is settled only once its run released everything.
+            let settled = rec.state != MachineState::Failed || rec.nothing_touched();
             // A machine in a state it cannot leave by itself will not reach the target.
-            let stuck = matches!(rec.state, MachineState::Destroyed | MachineState::Failed)
-                || (rec.state == MachineState::Stopped && rec.desired == Desired::Stopped);
-            if rec.state == target || stuck {
+            let stuck = settled
+                && (rec.state == MachineState::Destroyed
+                    || (rec.state == MachineState::Failed && rec.desired != Desired::Destroyed)
+                    || (rec.state == MachineState::Stopped && rec.desired == Desired::Stopped));
+            if (rec.state == target && settled) || stuck {
                 return Ok(Response::new(pb::WaitMachineResponse {
                     reached: rec.state == target,
                     machine: Some(convert::machine(&rec)),
