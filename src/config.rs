@@ -428,6 +428,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid_and_matches_the_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/hearthd.toml"));
+        let example = Config::load(path).expect("deploy/hearthd.toml parses");
+        let defaults = Config::default();
+        assert_eq!(example.network.pool, defaults.network.pool);
+        assert_eq!(example.api.socket, defaults.api.socket);
+        assert_eq!(example.guest.boot_attempts, defaults.guest.boot_attempts);
+    }
+
+    #[test]
     fn pool_parsing() {
         assert_eq!(
             parse_pool("10.213.0.0/16"),

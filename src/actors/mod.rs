@@ -36,8 +36,7 @@ where
     R: Send + 'static,
     F: FnOnce(RpcReplyPort<R>) -> M,
 {
-    let actor: ActorRef<M> =
-        ActorRef::where_is(name.to_string()).ok_or(AskError::NotRunning(name))?;
+    let actor: ActorRef<M> = ActorRef::where_is(name).ok_or(AskError::NotRunning(name))?;
     match actor.call(build, Some(timeout)).await {
         Ok(CallResult::Success(reply)) => Ok(reply),
         Ok(CallResult::Timeout) => Err(AskError::Timeout(name, timeout)),

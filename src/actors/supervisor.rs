@@ -249,7 +249,7 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::RestartSingleton(which) => {
-                if ActorRef::<()>::where_is(which.name().to_string()).is_none() {
+                if ractor::registry::where_is(which.name()).is_none() {
                     Self::spawn_singleton(&myself, state, which).await?;
                 }
             }

@@ -1,1 +1,364 @@
-fn main() {}
+//! hearth: the operator's CLI. Talks to hearthd over its Unix socket; prints tables for
+//! people and `--json` for scripts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use comfy_table::Table;
+use hearth::api::pb;
+use hearth::client::{Client, connect};
+use serde_json::json;
+
+/// Operate a hearthd.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// hearthd's API socket.
+    #[arg(
+        long,
+        env = "HEARTH_SOCKET",
+        default_value = "/run/hearth/hearthd.sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Machines on this host.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// The host's capacity and usage.
+    Node,
+}
+
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// Create and start a machine.
+    Create {
+        /// Unique name (a DNS label).
+        #[arg(long)]
+        name: String,
+        /// "demo", or an absolute path to a root filesystem directory or .tar file.
+        #[arg(long, default_value = "demo")]
+        image: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        /// Idempotency key; a retry with the same key returns the same machine.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// TCP ports the workload serves.
+        #[arg(long = "port")]
+        ports: Vec<u32>,
+        /// Environment, KEY=VALUE.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// The workload (after `--`); empty means the image's default.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List machines.
+    List {
+        /// Include destroyed machines.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one machine with its step timings.
+    Get {
+        /// Machine id.
+        id: String,
+    },
+    /// Start a machine.
+    Start {
+        /// Machine id.
+        id: String,
+    },
+    /// Stop a machine.
+    Stop {
+        /// Machine id.
+        id: String,
+    },
+    /// Destroy a machine.
+    Destroy {
+        /// Machine id.
+        id: String,
+    },
+    /// Wait until a machine reaches a state.
+    Wait {
+        /// Machine id.
+        id: String,
+        /// created, starting, started, stopping, stopped, destroying, destroyed, failed.
+        state: String,
+        /// Seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u32,
+    },
+    /// Follow lifecycle events (of one machine, or all).
+    Events {
+        /// Machine id.
+        id: Option<String>,
+    },
+}
+
+fn state_name(value: i32) -> String {
+    pb::MachineState::try_from(value)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("MACHINE_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn machine_json(m: &pb::Machine) -> serde_json::Value {
+    json!({
+        "id": m.id, "name": m.name, "request_id": m.request_id, "state": state_name(m.state),
+        "current_step": m.current_step, "guest_ip": m.guest_ip, "vmm_pid": m.vmm_pid,
+        "failure": m.failure, "boot_attempts": m.boot_attempts,
+        "timings": m.timings.iter().map(|t| json!({
+            "step": t.step, "direction": t.direction, "duration_us": t.duration_us, "outcome": t.outcome,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_machines(json_out: bool, machines: &[pb::Machine]) {
+    if json_out {
+        let all: Vec<_> = machines.iter().map(machine_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+        return;
+    }
+    let mut table = Table::new();
+    table.set_header(["ID", "NAME", "STATE", "STEP", "IP", "PID"]);
+    for m in machines {
+        table.add_row([
+            m.id.clone(),
+            m.name.clone(),
+            state_name(m.state),
+            m.current_step.clone(),
+            m.guest_ip.clone(),
+            if m.vmm_pid == 0 {
+                String::new()
+            } else {
+                m.vmm_pid.to_string()
+            },
+        ]);
+    }
+    println!("{table}");
+}
+
+fn print_machine(json_out: bool, m: &pb::Machine) {
+    if json_out {
+        println!("{}", machine_json(m));
+        return;
+    }
+    print_machines(false, std::slice::from_ref(m));
+    if !m.failure.is_empty() {
+        println!("failure: {}", m.failure);
+    }
+    let mut table = Table::new();
+    table.set_header(["STEP", "DIRECTION", "MS", "OUTCOME"]);
+    for t in &m.timings {
+        table.add_row([
+            t.step.clone(),
+            t.direction.clone(),
+            format!("{:.2}", t.duration_us as f64 / 1000.0),
+            t.outcome.clone(),
+        ]);
+    }
+    println!("{table}");
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let mut client: Client = connect(&cli.socket)
+        .await
+        .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?;
+    let status = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
+    match cli.command {
+        Command::Node => {
+            let n = client
+                .node
+                .get_node(pb::GetNodeRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{}",
+                json!({"version": n.version, "vcpus_total": n.vcpus_total, "vcpus_used": n.vcpus_used,
+                    "memory_mib_total": n.memory_mib_total, "memory_mib_used": n.memory_mib_used,
+                    "machines": n.machines, "ip_slots_total": n.ip_slots_total,
+                    "ip_slots_used": n.ip_slots_used, "vmm": n.vmm})
+            );
+        }
+        Command::Machine(command) => match command {
+            MachineCommand::Create {
+                name,
+                image,
+                vcpus,
+                memory_mib,
+                request_id,
+                ports,
+                env,
+                command,
+            } => {
+                let env = env
+                    .into_iter()
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                        None => Err(format!("--env {kv:?}: expected KEY=VALUE")),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let request_id = match request_id {
+                    Some(id) => id,
+                    None => format!(
+                        "cli-{}",
+                        hearth::machine::spec::new_machine_id().map_err(|e| e.to_string())?
+                    ),
+                };
+                let spec = pb::MachineSpec {
+                    image,
+                    vcpus,
+                    memory_mib,
+                    command,
+                    env,
+                    ports,
+                };
+                let m = client
+                    .machines
+                    .create_machine(pb::CreateMachineRequest {
+                        request_id,
+                        name,
+                        spec: Some(spec),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                print_machine(cli.json, &m);
+            }
+            MachineCommand::List { all } => {
+                let list = client
+                    .machines
+                    .list_machines(pb::ListMachinesRequest {
+                        include_destroyed: all,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                print_machines(cli.json, &list.machines);
+            }
+            MachineCommand::Get { id } => {
+                let m = client
+                    .machines
+                    .get_machine(pb::MachineRef { id })
+                    .await
+                    .map_err(status)?;
+                print_machine(cli.json, &m.into_inner());
+            }
+            MachineCommand::Start { id } => {
+                let m = client
+                    .machines
+                    .start_machine(pb::MachineRef { id })
+                    .await
+                    .map_err(status)?;
+                print_machine(cli.json, &m.into_inner());
+            }
+            MachineCommand::Stop { id } => {
+                let m = client
+                    .machines
+                    .stop_machine(pb::MachineRef { id })
+                    .await
+                    .map_err(status)?;
+                print_machine(cli.json, &m.into_inner());
+            }
+            MachineCommand::Destroy { id } => {
+                let m = client
+                    .machines
+                    .destroy_machine(pb::MachineRef { id })
+                    .await
+                    .map_err(status)?;
+                print_machine(cli.json, &m.into_inner());
+            }
+            MachineCommand::Wait { id, state, timeout } => {
+                let wanted = pb::MachineState::from_str_name(&format!(
+                    "MACHINE_STATE_{}",
+                    state.to_uppercase()
+                ))
+                .ok_or_else(|| format!("{state:?} is not a machine state"))?;
+                let reply = client
+                    .machines
+                    .wait_machine(pb::WaitMachineRequest {
+                        id,
+                        state: wanted as i32,
+                        timeout_ms: timeout.saturating_mul(1000),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if let Some(m) = &reply.machine {
+                    print_machine(cli.json, m);
+                }
+                if !reply.reached {
+                    return Err(format!("the machine did not reach {state}"));
+                }
+            }
+            MachineCommand::Events { id } => {
+                let mut stream = client
+                    .machines
+                    .watch_events(pb::WatchEventsRequest {
+                        machine_id: id.unwrap_or_default(),
+                        after_seq: 0,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                while let Some(event) = stream.message().await.map_err(status)? {
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"seq": event.seq, "machine_id": event.machine_id, "at_ms": event.at_ms,
+                                "state": state_name(event.state), "message": event.message})
+                        );
+                    } else {
+                        println!(
+                            "{:>6} {} {:<10} {}",
+                            event.seq,
+                            event.machine_id,
+                            state_name(event.state),
+                            event.message
+                        );
+                    }
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -316,6 +316,9 @@ mod tests {
         marks
     }
 
+    type Marks = Vec<(Step, Mark)>;
+    type Row = (Marks, Observed, Next, MachineState);
+
     /// One row: a record, what was seen, and the expected decision.
     fn check(rec: &MachineRecord, seen: Observed, next: Next, state: MachineState) {
         let got = decide(rec, &seen, &POLICY);
@@ -332,7 +335,7 @@ mod tests {
     #[test]
     fn towards_started() {
         use Desired::Started;
-        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next)> = vec![
+        let rows: Vec<(Marks, Observed, Next)> = vec![
             (vec![], NONE, Next::Acquire(Step::Image)),
             (
                 vec![(Step::Image, Mark::Begun)],
@@ -381,7 +384,7 @@ mod tests {
     #[test]
     fn towards_stopped_releases_only_the_running_part() {
         use Desired::Stopped;
-        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next, MachineState)> = vec![
+        let rows: Vec<Row> = vec![
             (
                 all_done(),
                 RUNNING,
@@ -422,7 +425,7 @@ mod tests {
     #[test]
     fn towards_destroyed_releases_everything_touched_in_reverse() {
         use Desired::Destroyed;
-        let rows: Vec<(Vec<(Step, Mark)>, Observed, Next, MachineState)> = vec![
+        let rows: Vec<Row> = vec![
             (
                 all_done(),
                 RUNNING,

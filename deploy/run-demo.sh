@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job: install what is missing, build, start hearthd on the embedded defaults
+# (plus a scratch data dir), create the demo machine and print its run with per-step
+# timings. Stops the daemon and destroys the machine at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/install-deps.sh
+cargo build --release --bins
+work=$(mktemp -d /tmp/hearth-demo.XXXXXX)
+sock="$work/hearthd.sock"
+cat > "$work/hearthd.toml" <<TOML
+data_dir = "$work/data"
+cache_dir = "/var/cache/hearth"
+[api]
+socket = "$sock"
+TOML
+./target/release/hearthd --config "$work/hearthd.toml" &
+daemon=$!
+trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+cli() { ./target/release/hearth --socket "$sock" "$@"; }
+id=$(cli --json machine create --name demo --image demo --port 80 | sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p')
+echo "created machine $id"
+cli machine wait "$id" started --timeout 120 || true
+cli machine get "$id"
+cli machine destroy "$id" >/dev/null
+cli machine wait "$id" destroyed --timeout 60 >/dev/null
+echo "destroyed machine $id"
