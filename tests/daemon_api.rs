@@ -3,123 +3,14 @@
 //! lease and network for real, fails at the VMM steps this build does not have yet, and
 //! releases everything it acquired.
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+mod support;
 
 use hearth::api::pb;
-use hearth::client::{Client, connect};
+use hearth::client::Client;
+use support::Daemon;
 use tonic::Code;
 
-/// A daemon on a temporary data dir, with a test-unique resource prefix and pool.
-struct Daemon {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    prefix: String,
-    config: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut raw = [0u8; 2];
-        getrandom::fill(&mut raw).expect("random");
-        let prefix = format!("td{:02x}", raw[0]);
-        let config = dir.path().join("hearthd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n[guest]\nboot_attempts = 1\n",
-                d = dir.path().display(),
-                net = raw[1],
-            ),
-        )
-        .expect("config");
-        let mut daemon = Daemon {
-            child: None,
-            dir,
-            prefix,
-            config,
-        };
-        daemon.spawn();
-        daemon
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
-            .arg("--config")
-            .arg(&self.config)
-            .env("HEARTH_LOG", "warn")
-            .spawn()
-            .expect("spawn hearthd");
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    async fn client(&self) -> Client {
-        let socket = self.dir.path().join("api.sock");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut client) = connect(&socket).await
-                && client.node.get_node(pb::GetNodeRequest {}).await.is_ok()
-            {
-                return client;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "hearthd did not answer on {}",
-                socket.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Namespaces and links on the host that carry this daemon's prefix.
-    fn host_leftovers(&self) -> Vec<String> {
-        let mut found = Vec::new();
-        if let Ok(entries) = std::fs::read_dir("/run/netns") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("{}-", self.prefix)) {
-                    found.push(format!("netns {name}"));
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&self.prefix) {
-                    found.push(format!("link {name}"));
-                }
-            }
-        }
-        found
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        for leftover in self.host_leftovers() {
-            let mut parts = leftover.split(' ');
-            match (parts.next(), parts.next()) {
-                (Some("netns"), Some(name)) => {
-                    let _ = Command::new("ip").args(["netns", "del", name]).status();
-                }
-                (Some("link"), Some(name)) => {
-                    let _ = Command::new("ip").args(["link", "del", name]).status();
-                }
-                _ => {}
-            }
-        }
-    }
-}
+const CONFIG: &str = "[guest]\nboot_attempts = 1";
 
 fn create(
     request_id: &str,
@@ -143,7 +34,7 @@ fn create(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_name_the_field_and_leave_nothing() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_with(CONFIG);
     let mut client = daemon.client().await;
     let cases: Vec<(pb::CreateMachineRequest, Code, &str)> = vec![
         (
@@ -288,7 +179,7 @@ async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_acquires_for_real_fails_at_the_missing_vmm_and_releases_everything() {
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start_with(CONFIG);
     let mut client = daemon.client().await;
     let first = client
         .machines

@@ -1,0 +1,129 @@
+//! Test support: a real hearthd process on a temporary data dir, with a test-unique
+//! resource prefix and address pool, removed (with anything it left on the host) on drop.
+//! Shared by the integration tests and the benchmarks.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use hearth::api::pb;
+use hearth::client::{Client, connect};
+
+/// A daemon on a temporary data dir, with a test-unique resource prefix and pool.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The scratch directory (data dir, socket, config).
+    pub dir: tempfile::TempDir,
+    /// Prefix of every host resource it names.
+    pub prefix: String,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with `extra` TOML appended to its config.
+    pub fn start_with(extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut raw = [0u8; 2];
+        getrandom::fill(&mut raw).expect("random");
+        let prefix = format!("td{:02x}", raw[0]);
+        let config = dir.path().join("hearthd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{extra}\n",
+                d = dir.path().display(),
+                net = raw[1],
+                extra = extra,
+            ),
+        )
+        .expect("config");
+        let mut daemon = Daemon {
+            child: None,
+            dir,
+            prefix,
+            config,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the process (again).
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("HEARTH_LOG", "warn")
+            .spawn()
+            .expect("spawn hearthd");
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A client, once the API answers.
+    pub async fn client(&self) -> Client {
+        let socket = self.dir.path().join("api.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut client) = connect(&socket).await
+                && client.node.get_node(pb::GetNodeRequest {}).await.is_ok()
+            {
+                return client;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hearthd did not answer on {}",
+                socket.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Namespaces and links on the host that carry this daemon's prefix.
+    pub fn host_leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{}-", self.prefix)) {
+                    found.push(format!("netns {name}"));
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&self.prefix) {
+                    found.push(format!("link {name}"));
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        for leftover in self.host_leftovers() {
+            let mut parts = leftover.split(' ');
+            match (parts.next(), parts.next()) {
+                (Some("netns"), Some(name)) => {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+                (Some("link"), Some(name)) => {
+                    let _ = Command::new("ip").args(["link", "del", name]).status();
+                }
+                _ => {}
+            }
+        }
+    }
+}
