@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets -- --test-threads=2
+cargo test --lib --bins --tests -- --test-threads=2

@@ -110,9 +110,35 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Processes (VMMs) whose command line mentions this daemon's scratch directory.
+    pub fn processes(&self) -> Vec<i32> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if Some(pid) == self.child.as_ref().map(|c| c.id() as i32) {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        for pid in self.processes() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
         for leftover in self.host_leftovers() {
             let mut parts = leftover.split(' ');
             match (parts.next(), parts.next()) {

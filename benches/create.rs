@@ -1,0 +1,104 @@
+//! Cold create with a cached image, measured end to end through the API on a real
+//! hearthd and real QEMU guests: each step's time, and hearth's own overhead (everything
+//! from CreateMachine to `started` except the VMM's start-up and the guest's boot).
+//!
+//! Run as root: `cargo bench --bench create` (HEARTH_BENCH_RUNS sets the sample count,
+//! default 7). Reports p50 and p90 per step.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use hearth::api::pb;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank]
+}
+
+fn main() {
+    let runs: usize = std::env::var("HEARTH_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async move {
+        let daemon = support::Daemon::start_with("");
+        let mut client = daemon.client().await;
+        let mut per_step: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut overhead = Vec::new();
+        let mut total = Vec::new();
+        // One warm-up run builds the image base and the guest kit: the figures are for a
+        // cached image.
+        for run in 0..=runs {
+            let clock = Instant::now();
+            let machine = client
+                .machines
+                .create_machine(pb::CreateMachineRequest {
+                    request_id: format!("bench-{run}"),
+                    name: format!("bench-{run}"),
+                    spec: Some(pb::MachineSpec {
+                        image: "demo".into(),
+                        vcpus: 1,
+                        memory_mib: 128,
+                        ports: vec![80],
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("create")
+                .into_inner();
+            let reply = client
+                .machines
+                .wait_machine(pb::WaitMachineRequest {
+                    id: machine.id.clone(),
+                    state: pb::MachineState::Started as i32,
+                    timeout_ms: 240_000,
+                })
+                .await
+                .expect("wait")
+                .into_inner();
+            let elapsed_ms = clock.elapsed().as_secs_f64() * 1000.0;
+            let started = reply.machine.expect("machine");
+            assert!(reply.reached, "run {run} did not start: {}", started.failure);
+            if run > 0 {
+                let mut guest_ms = 0.0;
+                for t in started.timings.iter().filter(|t| t.direction == "acquire") {
+                    let ms = t.duration_us as f64 / 1000.0;
+                    per_step.entry(t.step.clone()).or_default().push(ms);
+                    if t.step == "vmm" || t.step == "ready" {
+                        guest_ms += ms;
+                    }
+                }
+                total.push(elapsed_ms);
+                overhead.push(elapsed_ms - guest_ms);
+            }
+            client
+                .machines
+                .destroy_machine(pb::MachineRef { id: machine.id.clone() })
+                .await
+                .expect("destroy");
+            client
+                .machines
+                .wait_machine(pb::WaitMachineRequest {
+                    id: machine.id,
+                    state: pb::MachineState::Destroyed as i32,
+                    timeout_ms: 60_000,
+                })
+                .await
+                .expect("wait destroyed");
+        }
+        println!("cold create, cached image, {runs} runs (ms)");
+        println!("{:<28} {:>9} {:>9}", "step", "p50", "p90");
+        for (step, mut samples) in per_step {
+            samples.sort_by(f64::total_cmp);
+            println!("{:<28} {:>9.2} {:>9.2}", step, percentile(&samples, 0.5), percentile(&samples, 0.9));
+        }
+        for (name, mut samples) in [("hearth overhead (no vmm/ready)", overhead), ("create -> started", total)] {
+            samples.sort_by(f64::total_cmp);
+            println!("{:<28} {:>9.2} {:>9.2}", name, percentile(&samples, 0.5), percentile(&samples, 0.9));
+        }
+    });
+}
