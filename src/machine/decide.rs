@@ -100,12 +100,9 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             );
         }
         if rec.step_failures >= policy.max_step_failures {
-            let step = rec.current.map(|(s, _)| s.name()).unwrap_or("a step");
-            let why = rec
-                .timings
-                .last()
-                .and_then(|t| t.error.clone())
-                .unwrap_or_default();
+            let last = rec.timings.last();
+            let step = last.map_or("a step", |t| t.step.name());
+            let why = last.and_then(|t| t.error.clone()).unwrap_or_default();
             return decision(
                 Next::GiveUp(format!(
                     "{step} failed {} times in a row: {why}",
