@@ -22,7 +22,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::var("HEARTH_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(7);
+    let runs: usize = std::env::var("HEARTH_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
         let daemon = support::Daemon::start_with("");
@@ -62,7 +65,11 @@ fn main() {
                 .into_inner();
             let elapsed_ms = clock.elapsed().as_secs_f64() * 1000.0;
             let started = reply.machine.expect("machine");
-            assert!(reply.reached, "run {run} did not start: {}", started.failure);
+            assert!(
+                reply.reached,
+                "run {run} did not start: {}",
+                started.failure
+            );
             if run > 0 {
                 let mut guest_ms = 0.0;
                 for t in started.timings.iter().filter(|t| t.direction == "acquire") {
@@ -77,7 +84,9 @@ fn main() {
             }
             client
                 .machines
-                .destroy_machine(pb::MachineRef { id: machine.id.clone() })
+                .destroy_machine(pb::MachineRef {
+                    id: machine.id.clone(),
+                })
                 .await
                 .expect("destroy");
             client
@@ -94,11 +103,24 @@ fn main() {
         println!("{:<28} {:>9} {:>9}", "step", "p50", "p90");
         for (step, mut samples) in per_step {
             samples.sort_by(f64::total_cmp);
-            println!("{:<28} {:>9.2} {:>9.2}", step, percentile(&samples, 0.5), percentile(&samples, 0.9));
+            println!(
+                "{:<28} {:>9.2} {:>9.2}",
+                step,
+                percentile(&samples, 0.5),
+                percentile(&samples, 0.9)
+            );
         }
-        for (name, mut samples) in [("hearth overhead (no vmm/ready)", overhead), ("create -> started", total)] {
+        for (name, mut samples) in [
+            ("hearth overhead (no vmm/ready)", overhead),
+            ("create -> started", total),
+        ] {
             samples.sort_by(f64::total_cmp);
-            println!("{:<28} {:>9.2} {:>9.2}", name, percentile(&samples, 0.5), percentile(&samples, 0.9));
+            println!(
+                "{:<28} {:>9.2} {:>9.2}",
+                name,
+                percentile(&samples, 0.5),
+                percentile(&samples, 0.9)
+            );
         }
     });
 }

@@ -67,11 +67,7 @@ async fn run(args: Args) -> Result<(), String> {
     let net = NetFabric::start().map_err(|e| e.to_string())?;
     let bases = BaseStore::open(
         &config.data_dir.join("images"),
-        BaseSettings {
-            headroom_mib: config.images.headroom_mib,
-            busybox: config.images.busybox.clone(),
-            ..BaseSettings::default()
-        },
+        BaseSettings::from(&config.images),
     )
     .map_err(|e| e.to_string())?;
     let services = Services::new(config.clone(), store, pool, net);

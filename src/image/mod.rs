@@ -1,11 +1,36 @@
-//! Root filesystem images: where an image comes from ([`ImageRef`]), its ext4 base cached
-//! by content hash ([`BaseStore`]), and each machine's own copy ([`clone_disk`]).
+//! Root filesystem images: sources, ext4 bases cached by content hash, per-machine disks.
+//!
+//! ```text
+//! ImageRef (demo | directory | tar[.gz])          parse + check_available: API admission
+//!    |  BaseStore::ensure_base (blocking)
+//!    v
+//! digest (content + settings) --hit--> <root>/bases/<digest>.ext4  (read-only, shared)
+//!    | miss: unpack / lay out demo -> mkfs.ext4 -d -> rename into place
+//!    v
+//! clone_disk(base, <machine>/rootfs.ext4)         FICLONE reflink, else sparse copy
+//! remove_disk(...)                                idempotent undo
+//! ```
+//!
+//! Architecture invariant: nothing here mounts a file system or needs a loop device;
+//! images are made by e2fsprogs from plain directories, so building bases works in any
+//! container that can run mkfs. Everything is blocking: callers use `spawn_blocking`.
 
-mod base;
+#![deny(missing_docs)]
+
 mod clone;
 mod demo;
+mod digest;
+mod elf;
+mod mkfs;
 mod reference;
+mod store;
+mod tarball;
 
-pub use base::{Base, BaseError, BaseSettings, BaseStore};
-pub use clone::{CloneError, CloneMethod, clone_disk, remove_disk};
-pub use reference::{ImageDefaults, ImageRef, ImageRefError};
+pub use clone::{CloneError, CloneMethod, clone_disk, partial_path, remove_disk, same_content};
+pub use demo::{APPLETS, DemoError, INDEX_HTML, LAYOUT_VERSION};
+pub use digest::{TreeStats, WalkError, is_valid_digest};
+pub use elf::{ElfError, check_static};
+pub use mkfs::{LABEL, MkfsError};
+pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
+pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore};
+pub use tarball::TarballError;

@@ -1,102 +1,204 @@
-//! Image references as a caller writes them, and the checks the API runs before anything
-//! is recorded: the shape of the reference, and whether it names something that exists.
+//! What a machine spec's `image` string may name, checked before anything is recorded.
+//!
+//! Parsing is pure (no file system access) so the API can reject a malformed reference
+//! with the reason; whether the named directory or archive exists is a separate question
+//! (`check_available`) because the answer changes over time and maps to NOT_FOUND.
 
+use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-/// Where a machine's root filesystem comes from.
+/// The name of the built-in image.
+pub const DEMO: &str = "demo";
+
+/// Archive suffixes hearth unpacks, longest first so `.tar.gz` wins over `.gz`.
+const TAR_SUFFIXES: &[&str] = &[".tar.gz", ".tgz", ".tar"];
+
+/// Suffixes that look like an archive or a disk image hearth cannot read. Anything else is
+/// taken as a directory, because directory names may contain dots (`/srv/app-1.2`).
+const UNSUPPORTED_SUFFIXES: &[&str] = &[
+    ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst", ".tar.lz4", ".gz", ".xz", ".bz2",
+    ".zst", ".zip", ".7z", ".rar", ".img", ".ext4", ".qcow2", ".iso",
+];
+
+/// A root filesystem source a machine can be created from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ImageRef {
-    /// The built-in demo image (busybox and a web page).
+    /// The built-in image: busybox and a web page, built by hearth itself.
     Demo,
-    /// A root filesystem directory on the host.
+    /// A directory on this host holding the root filesystem tree.
     Directory(PathBuf),
-    /// A tar archive of a root filesystem on the host.
+    /// A tar archive on this host, `.tar` or gzip-compressed `.tar.gz` / `.tgz`.
     Tarball(PathBuf),
 }
 
-/// An image reference that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an image reference was refused.
+#[derive(Debug, thiserror::Error)]
 pub enum ImageRefError {
-    /// The reference is not of a supported shape.
+    /// The reference is the empty string.
+    #[error("image reference is empty (expected \"demo\" or an absolute path)")]
+    Empty,
+    /// A path that does not start at `/`: it would depend on the daemon's working directory.
+    #[error("image reference `{0}` is a relative path (expected \"demo\" or an absolute path)")]
+    Relative(String),
+    /// A path with a `..` component, which hides where it really points.
+    #[error("image reference `{0}` has a `..` component")]
+    ParentComponent(String),
+    /// The host's own root directory, which is never an image.
+    #[error("image reference `/` names the host's root directory")]
+    HostRoot,
+    /// A path containing a NUL byte, which no system call accepts.
+    #[error("image reference `{0}` contains a NUL byte")]
+    Nul(String),
+    /// An archive or disk format hearth does not read.
     #[error(
-        "{0:?} is not an image reference (\"demo\", or an absolute path to a directory or a .tar file)"
+        "image reference `{input}` has the unsupported suffix `{suffix}` (supported: a directory, .tar, .tar.gz, .tgz)"
     )]
-    Malformed(String),
-    /// The path has `..` components.
-    #[error("{0:?} must not contain `..`")]
-    Traversal(String),
-    /// Nothing is at the path.
-    #[error("image {0} not found")]
-    NotFound(String),
+    UnsupportedSuffix {
+        /// The reference as given.
+        input: String,
+        /// The suffix that was recognised.
+        suffix: &'static str,
+    },
+    /// The named directory or archive does not exist.
+    #[error("image {0} does not exist")]
+    NotFound(PathBuf),
+    /// A directory reference names something that is not a directory.
+    #[error("image {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// An archive reference names something that is not a regular file.
+    #[error("image {0} is not a regular file")]
+    NotAFile(PathBuf),
+    /// The path exists but cannot be read.
+    #[error("image {path}: {source}")]
+    Inaccessible {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 impl ImageRefError {
-    /// True when the reference is well formed but names nothing.
+    /// Whether the image is simply absent (the API answers NOT_FOUND), as opposed to a
+    /// malformed reference (INVALID_ARGUMENT) or a host problem.
     pub fn is_not_found(&self) -> bool {
         matches!(self, ImageRefError::NotFound(_))
     }
 }
 
-/// What a machine runs when its spec gives no command.
+/// What a machine runs when its spec names no command.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageDefaults {
-    /// The command.
+    /// The workload's argv; empty means the image has no default and the spec must give one.
     pub command: Vec<String>,
-    /// The environment.
+    /// Environment for the workload, sorted by name; the spec's entries override these.
     pub env: Vec<(String, String)>,
 }
 
 impl ImageRef {
-    /// Parses `demo`, `/abs/dir` or `/abs/file.tar`.
-    pub fn parse(text: &str) -> Result<ImageRef, ImageRefError> {
-        if text == "demo" {
+    /// Parses a spec's `image` string: `demo`; an absolute path to a directory; an
+    /// absolute path to a `.tar`, `.tar.gz` or `.tgz` file. Pure: existence is checked by
+    /// [`ImageRef::check_available`]. `.` components and repeated slashes are normalised away.
+    pub fn parse(s: &str) -> Result<ImageRef, ImageRefError> {
+        if s.is_empty() {
+            return Err(ImageRefError::Empty);
+        }
+        if s == DEMO {
             return Ok(ImageRef::Demo);
         }
-        let path = Path::new(text);
-        if !path.is_absolute() {
-            return Err(ImageRefError::Malformed(text.to_string()));
+        if s.contains('\0') {
+            return Err(ImageRefError::Nul(s.to_string()));
         }
-        if path.components().any(|c| c == Component::ParentDir) {
-            return Err(ImageRefError::Traversal(text.to_string()));
+        let raw = Path::new(s);
+        if !raw.is_absolute() {
+            return Err(ImageRefError::Relative(s.to_string()));
         }
-        if text.ends_with(".tar") {
-            Ok(ImageRef::Tarball(path.to_path_buf()))
-        } else {
-            Ok(ImageRef::Directory(path.to_path_buf()))
+        if raw.components().any(|c| c == Component::ParentDir) {
+            return Err(ImageRefError::ParentComponent(s.to_string()));
         }
+        let path: PathBuf = raw.components().collect();
+        let lower = path.to_string_lossy().to_ascii_lowercase();
+        if TAR_SUFFIXES.iter().any(|suffix| lower.ends_with(suffix)) {
+            return Ok(ImageRef::Tarball(path));
+        }
+        if let Some(suffix) = UNSUPPORTED_SUFFIXES
+            .iter()
+            .find(|suffix| lower.ends_with(*suffix))
+        {
+            return Err(ImageRefError::UnsupportedSuffix {
+                input: s.to_string(),
+                suffix,
+            });
+        }
+        if path.file_name().is_none() {
+            // Only `/` itself has no file name.
+            return Err(ImageRefError::HostRoot);
+        }
+        Ok(ImageRef::Directory(path))
     }
 
-    /// Checks that the reference names something on this host.
+    /// Checks that the named directory or archive exists and has the right kind. The demo
+    /// image is always available here; its busybox is checked by
+    /// `BaseStore::check_available`, which knows the configured path.
     pub fn check_available(&self) -> Result<(), ImageRefError> {
-        let ok = match self {
-            ImageRef::Demo => true,
-            ImageRef::Directory(path) => path.is_dir(),
-            ImageRef::Tarball(path) => path.is_file(),
+        let (path, want_dir) = match self {
+            ImageRef::Demo => return Ok(()),
+            ImageRef::Directory(path) => (path, true),
+            ImageRef::Tarball(path) => (path, false),
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(ImageRefError::NotFound(self.to_string()))
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImageRefError::NotFound(path.clone()));
+            }
+            Err(source) => {
+                return Err(ImageRefError::Inaccessible {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        match (want_dir, meta.is_dir(), meta.is_file()) {
+            (true, true, _) => std::fs::read_dir(path).map(|_| ()),
+            (true, false, _) => return Err(ImageRefError::NotADirectory(path.clone())),
+            (false, _, true) => std::fs::File::open(path).map(|_| ()),
+            (false, _, false) => return Err(ImageRefError::NotAFile(path.clone())),
         }
+        .map_err(|source| ImageRefError::Inaccessible {
+            path: path.clone(),
+            source,
+        })
     }
 
-    /// The command and environment used when the spec gives none.
+    /// The command and environment a machine gets when its spec gives none. The demo image
+    /// serves `/srv/www` with busybox httpd on port 80, in the foreground so the workload's
+    /// life is the server's; directories and archives carry no metadata, so they have none.
     pub fn defaults(&self) -> ImageDefaults {
         match self {
             ImageRef::Demo => ImageDefaults {
-                command: super::demo::COMMAND.iter().map(|s| s.to_string()).collect(),
-                env: vec![("PATH".into(), "/bin".into())],
+                command: ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/srv/www"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                env: vec![("PATH".to_string(), "/bin".to_string())],
             },
             ImageRef::Directory(_) | ImageRef::Tarball(_) => ImageDefaults::default(),
         }
     }
+
+    /// Whether a tarball is gzip-compressed (by its suffix, as parsed).
+    pub(crate) fn is_gzip(path: &Path) -> bool {
+        let lower = path.to_string_lossy().to_ascii_lowercase();
+        lower.ends_with(".gz") || lower.ends_with(".tgz")
+    }
 }
 
-impl std::fmt::Display for ImageRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for ImageRef {
+    /// The canonical reference string: `parse(x.to_string()) == x`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ImageRef::Demo => f.write_str("demo"),
-            ImageRef::Directory(p) | ImageRef::Tarball(p) => write!(f, "{}", p.display()),
+            ImageRef::Demo => f.write_str(DEMO),
+            ImageRef::Directory(path) | ImageRef::Tarball(path) => write!(f, "{}", path.display()),
         }
     }
 }
@@ -106,32 +208,131 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parsing() {
-        assert_eq!(ImageRef::parse("demo"), Ok(ImageRef::Demo));
+    fn parses_each_kind() {
+        assert_eq!(ImageRef::parse("demo").unwrap(), ImageRef::Demo);
         assert_eq!(
-            ImageRef::parse("/srv/root"),
-            Ok(ImageRef::Directory("/srv/root".into()))
+            ImageRef::parse("/srv/rootfs").unwrap(),
+            ImageRef::Directory(PathBuf::from("/srv/rootfs"))
         );
         assert_eq!(
-            ImageRef::parse("/srv/root.tar"),
-            Ok(ImageRef::Tarball("/srv/root.tar".into()))
+            ImageRef::parse("/srv/app-1.2/").unwrap(),
+            ImageRef::Directory(PathBuf::from("/srv/app-1.2"))
         );
+        assert_eq!(
+            ImageRef::parse("/srv/./img.tar").unwrap(),
+            ImageRef::Tarball(PathBuf::from("/srv/img.tar"))
+        );
+        assert_eq!(
+            ImageRef::parse("//srv/img.TAR.GZ").unwrap(),
+            ImageRef::Tarball(PathBuf::from("/srv/img.TAR.GZ"))
+        );
+        assert_eq!(
+            ImageRef::parse("/srv/img.tgz").unwrap(),
+            ImageRef::Tarball(PathBuf::from("/srv/img.tgz"))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_references_with_the_reason() {
+        assert!(matches!(ImageRef::parse(""), Err(ImageRefError::Empty)));
         assert!(matches!(
-            ImageRef::parse("relative"),
-            Err(ImageRefError::Malformed(_))
+            ImageRef::parse("Demo"),
+            Err(ImageRefError::Relative(_))
         ));
         assert!(matches!(
-            ImageRef::parse("/a/../etc"),
-            Err(ImageRefError::Traversal(_))
+            ImageRef::parse("srv/img.tar"),
+            Err(ImageRefError::Relative(_))
         ));
+        assert!(matches!(
+            ImageRef::parse("./x"),
+            Err(ImageRefError::Relative(_))
+        ));
+        assert!(matches!(
+            ImageRef::parse("/srv/../etc"),
+            Err(ImageRefError::ParentComponent(_))
+        ));
+        assert!(matches!(
+            ImageRef::parse("/srv/a\0b"),
+            Err(ImageRefError::Nul(_))
+        ));
+        assert!(matches!(ImageRef::parse("/"), Err(ImageRefError::HostRoot)));
+        assert!(matches!(
+            ImageRef::parse("//./"),
+            Err(ImageRefError::HostRoot)
+        ));
+        let err = ImageRef::parse("/srv/img.tar.xz").unwrap_err();
+        assert!(matches!(
+            err,
+            ImageRefError::UnsupportedSuffix {
+                suffix: ".tar.xz",
+                ..
+            }
+        ));
+        let message = err.to_string();
         assert!(
-            ImageRef::parse("/nonexistent/x")
-                .expect("parse")
-                .check_available()
-                .unwrap_err()
-                .is_not_found()
+            message.contains("/srv/img.tar.xz") && message.contains(".tar.xz"),
+            "{message}"
         );
+        assert!(matches!(
+            ImageRef::parse("/srv/img.zip"),
+            Err(ImageRefError::UnsupportedSuffix { suffix: ".zip", .. })
+        ));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["demo", "/srv/rootfs", "/srv/img.tar.gz"] {
+            let parsed = ImageRef::parse(s).unwrap();
+            assert_eq!(parsed.to_string(), s);
+            assert_eq!(ImageRef::parse(&parsed.to_string()).unwrap(), parsed);
+        }
+    }
+
+    #[test]
+    fn availability_distinguishes_missing_from_wrong_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("img.tar");
+        std::fs::write(&file, b"").unwrap();
         assert!(ImageRef::Demo.check_available().is_ok());
-        assert!(!ImageRef::Demo.defaults().command.is_empty());
+        assert!(
+            ImageRef::Directory(dir.path().to_path_buf())
+                .check_available()
+                .is_ok()
+        );
+        assert!(ImageRef::Tarball(file.clone()).check_available().is_ok());
+        let missing = ImageRef::Directory(dir.path().join("nope"))
+            .check_available()
+            .unwrap_err();
+        assert!(missing.is_not_found(), "{missing}");
+        let wrong = ImageRef::Directory(file).check_available().unwrap_err();
+        assert!(matches!(wrong, ImageRefError::NotADirectory(_)) && !wrong.is_not_found());
+        let wrong = ImageRef::Tarball(dir.path().to_path_buf())
+            .check_available()
+            .unwrap_err();
+        assert!(matches!(wrong, ImageRefError::NotAFile(_)));
+    }
+
+    #[test]
+    fn only_demo_has_a_default_command() {
+        let demo = ImageRef::Demo.defaults();
+        assert_eq!(
+            demo.command[..2],
+            ["/bin/busybox".to_string(), "httpd".to_string()]
+        );
+        assert!(
+            demo.command.contains(&"-f".to_string()) && demo.command.contains(&"80".to_string())
+        );
+        assert!(
+            ImageRef::Directory(PathBuf::from("/x"))
+                .defaults()
+                .command
+                .is_empty()
+        );
+        assert!(
+            ImageRef::Tarball(PathBuf::from("/x.tar"))
+                .defaults()
+                .command
+                .is_empty()
+        );
     }
 }
