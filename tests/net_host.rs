@@ -34,7 +34,8 @@ impl Fixture {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let r = random_u32();
         let prefix = format!("tn{:03x}", (r.wrapping_add(n)) & 0xfff);
-        let pool = PoolCidr::parse(&format!("10.214.{}.0/24", (r >> 16).wrapping_add(n) & 0xff)).expect("pool");
+        let pool = PoolCidr::parse(&format!("10.214.{}.0/24", (r >> 16).wrapping_add(n) & 0xff))
+            .expect("pool");
         Fixture {
             fabric: NetFabric::start().expect("fabric"),
             prefix,
@@ -43,7 +44,10 @@ impl Fixture {
     }
 
     fn plan(&self, slot: u32) -> NetPlan {
-        let id = format!("{:010x}", u64::from(random_u32()) << 8 | u64::from(slot & 0xff));
+        let id = format!(
+            "{:010x}",
+            u64::from(random_u32()) << 8 | u64::from(slot & 0xff)
+        );
         NetPlan::derive(&self.prefix, &id, self.pool, slot).expect("plan")
     }
 }
@@ -60,12 +64,18 @@ impl Drop for Fixture {
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn ok(args: &[&str]) {
-    let status = Command::new(args[0]).args(&args[1..]).status().expect("run");
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .expect("run");
     assert!(status.success(), "{args:?}");
 }
 
@@ -91,7 +101,11 @@ fn root_links(prefix: &str) -> Vec<String> {
 fn ns_link_line(ns: &str, name: &str) -> Option<String> {
     run(&["ip", "-n", ns, "-o", "link", "show"])
         .lines()
-        .find(|l| l.split(": ").nth(1).is_some_and(|n| n.split('@').next() == Some(name)))
+        .find(|l| {
+            l.split(": ")
+                .nth(1)
+                .is_some_and(|n| n.split('@').next() == Some(name))
+        })
         .map(str::to_string)
 }
 
@@ -109,7 +123,11 @@ fn expect_complete(fabric: &NetFabric, plan: &NetPlan) -> impl std::future::Futu
 }
 
 fn assert_gone(prefix: &str, plan: &NetPlan) {
-    assert!(!netns_path(&plan.netns).exists(), "{} still mounted", plan.netns);
+    assert!(
+        !netns_path(&plan.netns).exists(),
+        "{} still mounted",
+        plan.netns
+    );
     assert!(
         !root_links(prefix).contains(&plan.host_veth),
         "{} still in the root namespace",
@@ -134,18 +152,33 @@ async fn ensure_creates_everything_and_twice_is_a_no_op() {
     let ns = &plan.netns;
     assert!(netns_names(&fx.prefix).contains(ns));
     let addrs = run(&["ip", "-n", ns, "-o", "-4", "addr", "show"]);
-    assert!(addrs.contains(&format!("eth0    inet {}/30", plan.ns_addr)), "{addrs}");
-    assert!(addrs.contains(&format!("tap0    inet {}/30", plan.gateway)), "{addrs}");
+    assert!(
+        addrs.contains(&format!("eth0    inet {}/30", plan.ns_addr)),
+        "{addrs}"
+    );
+    assert!(
+        addrs.contains(&format!("tap0    inet {}/30", plan.gateway)),
+        "{addrs}"
+    );
     let host_addr = run(&["ip", "-o", "-4", "addr", "show", "dev", &plan.host_veth]);
-    assert!(host_addr.contains(&format!("inet {}/30", plan.host_addr)), "{host_addr}");
+    assert!(
+        host_addr.contains(&format!("inet {}/30", plan.host_addr)),
+        "{host_addr}"
+    );
     let tap = run(&["ip", "-n", ns, "-d", "link", "show", "tap0"]);
-    assert!(tap.contains("tun type tap") && tap.contains("persist"), "{tap}");
+    assert!(
+        tap.contains("tun type tap") && tap.contains("persist"),
+        "{tap}"
+    );
     assert!(tap.contains(",UP"), "{tap}");
     let veth = run(&["ip", "-n", ns, "-d", "link", "show", "eth0"]);
     assert!(veth.contains("veth") && veth.contains("state UP"), "{veth}");
     assert!(run(&["ip", "-n", ns, "link", "show", "lo"]).contains("LOOPBACK,UP"));
     let ns_routes = run(&["ip", "-n", ns, "route", "show"]);
-    assert!(ns_routes.contains(&format!("default via {} dev eth0", plan.host_addr)), "{ns_routes}");
+    assert!(
+        ns_routes.contains(&format!("default via {} dev eth0", plan.host_addr)),
+        "{ns_routes}"
+    );
     let root_routes = run(&["ip", "route", "show", "dev", &plan.host_veth]);
     assert!(
         root_routes.contains(&format!("{}/30 via {}", plan.guest_network(), plan.ns_addr)),
@@ -156,7 +189,14 @@ async fn ensure_creates_everything_and_twice_is_a_no_op() {
         to_guest.contains(&format!("via {} dev {}", plan.ns_addr, plan.host_veth)),
         "{to_guest}"
     );
-    let forwarding = run(&["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_forward"]);
+    let forwarding = run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        "/proc/sys/net/ipv4/ip_forward",
+    ]);
     assert_eq!(forwarding.trim(), "1");
     assert_eq!(
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read"),
@@ -169,8 +209,14 @@ async fn ensure_creates_everything_and_twice_is_a_no_op() {
     let before_tap = ns_link_line(ns, "tap0").expect("tap0");
     let before_host = run(&["ip", "-o", "link", "show", &plan.host_veth]);
     fx.fabric.ensure(&plan).await.expect("ensure twice");
-    assert_eq!(link_index(&ns_link_line(ns, "eth0").expect("eth0")), link_index(&before_eth0));
-    assert_eq!(link_index(&ns_link_line(ns, "tap0").expect("tap0")), link_index(&before_tap));
+    assert_eq!(
+        link_index(&ns_link_line(ns, "eth0").expect("eth0")),
+        link_index(&before_eth0)
+    );
+    assert_eq!(
+        link_index(&ns_link_line(ns, "tap0").expect("tap0")),
+        link_index(&before_tap)
+    );
     assert_eq!(
         link_index(&run(&["ip", "-o", "link", "show", &plan.host_veth])),
         link_index(&before_host)
@@ -195,14 +241,18 @@ fn serve_once(netns: &str, addr: SocketAddr) -> std::thread::JoinHandle<()> {
         let (mut conn, _) = listener.accept().expect("accept");
         conn.write_all(b"pong").expect("write");
     });
-    bound_rx.recv_timeout(Duration::from_secs(5)).expect("listener bound");
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("listener bound");
     handle
 }
 
 fn fetch(addr: SocketAddr) -> String {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     let mut reply = String::new();
     stream.read_to_string(&mut reply).expect("read");
     reply
@@ -253,9 +303,24 @@ async fn remove_cleans_every_half_done_state_and_twice_is_ok() {
     // Namespace and veth pair, nothing else: the host end must be gone on return.
     let plan = fx.plan(2);
     ok(&["ip", "netns", "add", &plan.netns]);
-    ok(&["ip", "link", "add", &plan.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &plan.netns]);
+    ok(&[
+        "ip",
+        "link",
+        "add",
+        &plan.host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &plan.netns,
+    ]);
     let seen = fx.fabric.observe(&plan).await.expect("observe");
-    assert!(seen.netns && seen.host_veth && seen.ns_veth && !seen.tap && !seen.is_complete(), "{seen:?}");
+    assert!(
+        seen.netns && seen.host_veth && seen.ns_veth && !seen.tap && !seen.is_complete(),
+        "{seen:?}"
+    );
     fx.fabric.remove(&plan).await.expect("remove");
     assert_gone(&fx.prefix, &plan);
 
@@ -285,7 +350,19 @@ async fn ensure_completes_half_done_states() {
     // Veth pair present but down and unaddressed, tap missing.
     let plan = fx.plan(2);
     ok(&["ip", "netns", "add", &plan.netns]);
-    ok(&["ip", "link", "add", &plan.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &plan.netns]);
+    ok(&[
+        "ip",
+        "link",
+        "add",
+        &plan.host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &plan.netns,
+    ]);
     let host_before = link_index(&run(&["ip", "-o", "link", "show", &plan.host_veth]));
     fx.fabric.ensure(&plan).await.expect("ensure");
     expect_complete(&fx.fabric, &plan).await;
@@ -298,17 +375,38 @@ async fn ensure_completes_half_done_states() {
     // A leftover mount point file.
     let plan = fx.plan(3);
     std::fs::write(netns_path(&plan.netns), b"").expect("leftover file");
-    fx.fabric.ensure(&plan).await.expect("ensure over a leftover file");
+    fx.fabric
+        .ensure(&plan)
+        .await
+        .expect("ensure over a leftover file");
     expect_complete(&fx.fabric, &plan).await;
 
     // A host veth whose peer lives in some other namespace that stays alive: replaced.
     let plan = fx.plan(4);
     let other = format!("{}-x", fx.prefix);
     ok(&["ip", "netns", "add", &other]);
-    ok(&["ip", "link", "add", &plan.host_veth, "type", "veth", "peer", "name", "eth0", "netns", &other]);
-    fx.fabric.ensure(&plan).await.expect("ensure replaces a stray host veth");
+    ok(&[
+        "ip",
+        "link",
+        "add",
+        &plan.host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &other,
+    ]);
+    fx.fabric
+        .ensure(&plan)
+        .await
+        .expect("ensure replaces a stray host veth");
     expect_complete(&fx.fabric, &plan).await;
-    assert!(ns_link_line(&other, "eth0").is_none(), "the stray pair is gone");
+    assert!(
+        ns_link_line(&other, "eth0").is_none(),
+        "the stray pair is gone"
+    );
     // The guard removes all of it by prefix.
 }
 
@@ -372,11 +470,18 @@ async fn scan_sees_exactly_what_is_left() {
     expected.sort();
     assert_eq!(fx.fabric.scan(&fx.prefix).await.expect("scan"), expected);
     let shown: Vec<String> = expected.iter().map(ToString::to_string).collect();
-    assert!(shown.contains(&format!("netns:{}", a.netns)) && shown.contains(&format!("link:{}", a.host_veth)));
+    assert!(
+        shown.contains(&format!("netns:{}", a.netns))
+            && shown.contains(&format!("link:{}", a.host_veth))
+    );
 
     fx.fabric.remove(&a).await.expect("remove a");
     let left = fx.fabric.scan(&fx.prefix).await.expect("scan");
-    assert!(left.iter().all(|r| r.machine_id() == Some(&b.host_veth[fx.prefix.len()..])), "{left:?}");
+    assert!(
+        left.iter()
+            .all(|r| r.machine_id() == Some(&b.host_veth[fx.prefix.len()..])),
+        "{left:?}"
+    );
     assert_eq!(left.len(), 2, "{left:?}");
 
     // A namespace deleted behind the fabric's back: its host veth is on its way out and
@@ -390,28 +495,41 @@ async fn scan_sees_exactly_what_is_left() {
 async fn many_tasks_at_once() {
     let fx = Fixture::new();
     let plans: Vec<NetPlan> = (0..12).map(|slot| fx.plan(slot)).collect();
+    // Every task is awaited before anything is asserted, so a failure cannot leave a
+    // task creating objects after the guard has cleaned up.
     let mut tasks = Vec::new();
     for plan in plans.clone() {
         let fabric = fx.fabric.clone();
         tasks.push(tokio::spawn(async move {
-            fabric.ensure(&plan).await.expect("ensure");
-            fabric.ensure(&plan).await.expect("ensure again");
+            fabric.ensure(&plan).await?;
+            fabric.ensure(&plan).await
         }));
     }
+    let mut results = Vec::new();
     for task in tasks {
-        task.await.expect("task");
+        results.push(task.await.expect("task"));
+    }
+    for result in results {
+        result.expect("ensure");
     }
     for plan in &plans {
         expect_complete(&fx.fabric, plan).await;
     }
-    assert_eq!(fx.fabric.scan(&fx.prefix).await.expect("scan").len(), 2 * plans.len());
+    assert_eq!(
+        fx.fabric.scan(&fx.prefix).await.expect("scan").len(),
+        2 * plans.len()
+    );
     let mut tasks = Vec::new();
     for plan in plans.clone() {
         let fabric = fx.fabric.clone();
-        tasks.push(tokio::spawn(async move { fabric.remove(&plan).await.expect("remove") }));
+        tasks.push(tokio::spawn(async move { fabric.remove(&plan).await }));
     }
+    let mut results = Vec::new();
     for task in tasks {
-        task.await.expect("task");
+        results.push(task.await.expect("task"));
+    }
+    for result in results {
+        result.expect("remove");
     }
     assert!(fx.fabric.scan(&fx.prefix).await.expect("scan").is_empty());
     for plan in &plans {
@@ -433,6 +551,7 @@ async fn bench_ensure_and_remove() {
     let mut ensure = Vec::new();
     let mut ensure_again = Vec::new();
     let mut remove = Vec::new();
+    let mut remove_settled = Vec::new();
     for slot in 0..50 {
         let plan = fx.plan(slot % 32);
         let t = Instant::now();
@@ -444,8 +563,20 @@ async fn bench_ensure_and_remove() {
         let t = Instant::now();
         fx.fabric.remove(&plan).await.expect("remove");
         remove.push(t.elapsed());
+        if slot < 10 {
+            fx.fabric.ensure(&plan).await.expect("ensure");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t = Instant::now();
+            fx.fabric.remove(&plan).await.expect("remove");
+            remove_settled.push(t.elapsed());
+        }
     }
-    for (name, samples) in [("ensure (new)", &mut ensure), ("ensure (no-op)", &mut ensure_again), ("remove", &mut remove)] {
+    for (name, samples) in [
+        ("ensure (new)", &mut ensure),
+        ("ensure (no-op)", &mut ensure_again),
+        ("remove (at once)", &mut remove),
+        ("remove (settled)", &mut remove_settled),
+    ] {
         println!(
             "{name:>15}: p50 {:>6.2} ms  p90 {:>6.2} ms  max {:>6.2} ms  (n={})",
             percentile(samples, 0.5).as_secs_f64() * 1e3,

@@ -90,7 +90,10 @@ pub(crate) fn ensure(worker: &mut Worker, plan: &NetPlan) -> Result<(), NetError
         .gateway(plan.host_addr)
         .output_interface(ns_index)
         .build();
-    ns.replace_route(default, &format!("default via {} dev {}", plan.host_addr, plan.ns_veth))?;
+    ns.replace_route(
+        default,
+        &format!("default via {} dev {}", plan.host_addr, plan.ns_veth),
+    )?;
     let to_guest = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(plan.guest_network(), plan.prefix_len)
         .gateway(plan.ns_addr)
@@ -176,7 +179,10 @@ fn ensure_veth(
                 .build();
             root.create_link(
                 pair,
-                &format!("veth pair {} <-> {}/{}", plan.host_veth, plan.netns, plan.ns_veth),
+                &format!(
+                    "veth pair {} <-> {}/{}",
+                    plan.host_veth, plan.netns, plan.ns_veth
+                ),
             )?;
             let host = created(root, &plan.host_veth)?;
             let inside = created(ns, &plan.ns_veth)?;
@@ -242,7 +248,12 @@ pub(crate) fn remove(worker: &mut Worker, plan: &NetPlan) -> Result<(), NetError
     if let Some(host) = host {
         let index = host.header.index;
         let gone = watch
-            .wait_gone(root.rtnl, index, &plan.host_veth, Instant::now() + TEARDOWN_WAIT)
+            .wait_gone(
+                root.rtnl,
+                index,
+                &plan.host_veth,
+                Instant::now() + TEARDOWN_WAIT,
+            )
             .map_err(root.fail(format!("wait for link {} to go", plan.host_veth)))?;
         if !gone {
             root.delete_link(index, &plan.host_veth)?;

@@ -48,12 +48,14 @@ impl<'a> Side<'a> {
     /// The link called `name`, if there is one.
     pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, NetError> {
         let mut query = LinkMessage::default();
-        query.attributes.push(LinkAttribute::IfName(name.to_string()));
+        query
+            .attributes
+            .push(LinkAttribute::IfName(name.to_string()));
         match self.rtnl.get(RouteNetlinkMessage::GetLink(query)) {
             Ok(RouteNetlinkMessage::NewLink(link)) => Ok(Some(link)),
-            Ok(_) => Err(self.fail(format!("look up link {name}"))(NlError::Protocol(
-                "the answer is not a link".to_string(),
-            ))),
+            Ok(_) => Err(self.fail(format!("look up link {name}"))(
+                NlError::Protocol("the answer is not a link".to_string()),
+            )),
             Err(e) if e.is(libc::ENODEV) => Ok(None),
             Err(e) => Err(self.fail(format!("look up link {name}"))(e)),
         }
@@ -77,7 +79,10 @@ impl<'a> Side<'a> {
     /// Creates a link from a complete `RTM_NEWLINK` message. Fails if the name is taken.
     pub fn create_link(&mut self, message: LinkMessage, what: &str) -> Result<(), NetError> {
         self.rtnl
-            .ack(RouteNetlinkMessage::NewLink(message), NLM_F_CREATE | NLM_F_EXCL)
+            .ack(
+                RouteNetlinkMessage::NewLink(message),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
             .map_err(self.fail(format!("create {what}")))
     }
 
@@ -109,16 +114,24 @@ impl<'a> Side<'a> {
 
     /// Adds `addr/len` to link `index` (`name`). Idempotent: an address already there is
     /// fine; other addresses on the link are left alone.
-    pub fn add_address(&mut self, index: u32, name: &str, addr: Ipv4Addr, len: u8) -> Result<(), NetError> {
+    pub fn add_address(
+        &mut self,
+        index: u32,
+        name: &str,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), NetError> {
         let message = AddressMessageBuilder::<Ipv4Addr>::new()
             .index(index)
             .address(addr, len)
             .build();
-        match self
-            .rtnl
-            .ack(RouteNetlinkMessage::NewAddress(message), NLM_F_CREATE | NLM_F_EXCL)
-        {
-            Err(e) if !e.is(libc::EEXIST) => Err(self.fail(format!("add address {addr}/{len} to {name}"))(e)),
+        match self.rtnl.ack(
+            RouteNetlinkMessage::NewAddress(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if !e.is(libc::EEXIST) => {
+                Err(self.fail(format!("add address {addr}/{len} to {name}"))(e))
+            }
             _ => Ok(()),
         }
     }
@@ -127,7 +140,9 @@ impl<'a> Side<'a> {
     pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, NetError> {
         let answers = self
             .rtnl
-            .dump(RouteNetlinkMessage::GetAddress(AddressMessageBuilder::<Ipv4Addr>::new().build()))
+            .dump(RouteNetlinkMessage::GetAddress(
+                AddressMessageBuilder::<Ipv4Addr>::new().build(),
+            ))
             .map_err(self.fail("list addresses"))?;
         Ok(answers
             .into_iter()
@@ -142,7 +157,10 @@ impl<'a> Side<'a> {
     /// Idempotent: replacing a route by itself changes nothing.
     pub fn replace_route(&mut self, route: RouteMessage, what: &str) -> Result<(), NetError> {
         self.rtnl
-            .ack(RouteNetlinkMessage::NewRoute(route), NLM_F_CREATE | NLM_F_REPLACE)
+            .ack(
+                RouteNetlinkMessage::NewRoute(route),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            )
             .map_err(self.fail(format!("set route {what}")))
     }
 
@@ -157,7 +175,11 @@ impl<'a> Side<'a> {
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) if table(&r) == u32::from(RouteHeader::RT_TABLE_MAIN) => Some(r),
+                RouteNetlinkMessage::NewRoute(r)
+                    if table(&r) == u32::from(RouteHeader::RT_TABLE_MAIN) =>
+                {
+                    Some(r)
+                }
                 _ => None,
             })
             .collect())
@@ -197,7 +219,12 @@ pub(crate) fn peer_index(link: &LinkMessage) -> Option<u32> {
 }
 
 /// Whether `addresses` holds `addr/len` on link `index`.
-pub(crate) fn has_address(addresses: &[AddressMessage], index: u32, addr: Ipv4Addr, len: u8) -> bool {
+pub(crate) fn has_address(
+    addresses: &[AddressMessage],
+    index: u32,
+    addr: Ipv4Addr,
+    len: u8,
+) -> bool {
     addresses.iter().any(|a| {
         a.header.index == index
             && a.header.prefix_len == len
@@ -220,7 +247,13 @@ fn table(route: &RouteMessage) -> u32 {
 }
 
 /// Whether `routes` holds `destination/len via gateway` out of link `oif`.
-pub(crate) fn has_route(routes: &[RouteMessage], destination: Ipv4Addr, len: u8, gateway: Ipv4Addr, oif: u32) -> bool {
+pub(crate) fn has_route(
+    routes: &[RouteMessage],
+    destination: Ipv4Addr,
+    len: u8,
+    gateway: Ipv4Addr,
+    oif: u32,
+) -> bool {
     routes.iter().any(|r| {
         let dst = r
             .attributes
@@ -232,9 +265,11 @@ pub(crate) fn has_route(routes: &[RouteMessage], destination: Ipv4Addr, len: u8,
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
         r.header.destination_prefix_length == len
             && dst == destination
+            && r.attributes.iter().any(
+                |a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == gateway),
+            )
             && r.attributes
                 .iter()
-                .any(|a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == gateway))
-            && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(o) if *o == oif))
+                .any(|a| matches!(a, RouteAttribute::Oif(o) if *o == oif))
     })
 }

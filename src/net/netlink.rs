@@ -158,7 +158,10 @@ impl Rtnl {
 
     /// Dumps a table. A dump the kernel flags as interrupted by a concurrent change is
     /// retried a few times, so the answer is a consistent snapshot whenever one can be had.
-    pub fn dump(&mut self, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, NlError> {
+    pub fn dump(
+        &mut self,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NlError> {
         let mut attempt = 0;
         loop {
             attempt += 1;

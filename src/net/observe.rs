@@ -100,10 +100,13 @@ pub(crate) fn observe(worker: &mut Worker, plan: &NetPlan) -> Result<NetObservat
     let mut ns = Side::netns(&mut ns_rtnl, &plan.netns);
     let lo = ns.link("lo")?;
     let inside = ns.link(&plan.ns_veth)?;
-    let tap = ns.link(&plan.tap)?.filter(|t| links::kind(t) == Some(&InfoKind::Tun));
+    let tap = ns
+        .link(&plan.tap)?
+        .filter(|t| links::kind(t) == Some(&InfoKind::Tun));
     seen.ns_veth = match (&host, &inside) {
         (Some(h), Some(i)) => {
-            links::peer_index(h) == Some(i.header.index) && links::peer_index(i) == Some(h.header.index)
+            links::peer_index(h) == Some(i.header.index)
+                && links::peer_index(i) == Some(h.header.index)
         }
         _ => false,
     };
@@ -112,12 +115,12 @@ pub(crate) fn observe(worker: &mut Worker, plan: &NetPlan) -> Result<NetObservat
     seen.links_up = up(&lo) && up(&host) && up(&inside) && up(&tap);
     let addresses = ns.addresses()?;
     seen.addresses = root_addresses
-        && inside
-            .as_ref()
-            .is_some_and(|i| links::has_address(&addresses, i.header.index, plan.ns_addr, plan.prefix_len))
-        && tap
-            .as_ref()
-            .is_some_and(|t| links::has_address(&addresses, t.header.index, plan.gateway, plan.prefix_len));
+        && inside.as_ref().is_some_and(|i| {
+            links::has_address(&addresses, i.header.index, plan.ns_addr, plan.prefix_len)
+        })
+        && tap.as_ref().is_some_and(|t| {
+            links::has_address(&addresses, t.header.index, plan.gateway, plan.prefix_len)
+        });
     if let Some(inside) = &inside {
         seen.default_route = links::has_route(
             &ns.main_routes()?,

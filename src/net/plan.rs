@@ -199,7 +199,12 @@ mod tests {
     fn refuses_bad_inputs_naming_them() {
         let p = pool("10.214.7.0/24");
         let cases: [(&str, &str, u32, &str); 9] = [
-            ("hth", "0a1b2c3d4e", 32, "slot 32 is outside the address pool 10.214.7.0/24, which has 32 slots"),
+            (
+                "hth",
+                "0a1b2c3d4e",
+                32,
+                "slot 32 is outside the address pool 10.214.7.0/24, which has 32 slots",
+            ),
             ("hth", "0a1b2c3d4", 0, "\"0a1b2c3d4\""),
             ("hth", "0a1b2c3d4e5", 0, "\"0a1b2c3d4e5\""),
             ("hth", "0A1B2C3D4E", 0, "\"0A1B2C3D4E\""),

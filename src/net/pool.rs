@@ -110,7 +110,8 @@ impl PoolCidr {
 
     /// The first address of block `slot`, or `None` when the pool has no such block.
     pub fn block(&self, slot: u32) -> Option<Ipv4Addr> {
-        (slot < self.slot_count()).then(|| Ipv4Addr::from(u32::from(self.network) + slot * BLOCK_SIZE))
+        (slot < self.slot_count())
+            .then(|| Ipv4Addr::from(u32::from(self.network) + slot * BLOCK_SIZE))
     }
 }
 
@@ -154,7 +155,10 @@ mod tests {
 
         let wide = PoolCidr::parse("10.0.0.0/8").expect("pool");
         assert_eq!(wide.slot_count(), 1 << 21);
-        assert_eq!(wide.block((1 << 21) - 1), Some(Ipv4Addr::new(10, 255, 255, 248)));
+        assert_eq!(
+            wide.block((1 << 21) - 1),
+            Some(Ipv4Addr::new(10, 255, 255, 248))
+        );
     }
 
     #[test]

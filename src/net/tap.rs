@@ -43,12 +43,24 @@ pub(crate) fn create_persistent(name: &str) -> io::Result<()> {
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: `request` is an initialised ifreq-sized struct that outlives the call, and
     // `tun` is an open /dev/net/tun descriptor.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut request as *mut IfReq) };
+    let rc = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETIFF as _,
+            &mut request as *mut IfReq,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: TUNSETPERSIST takes an integer by value.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST as _, 1 as libc::c_ulong) };
+    let rc = unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETPERSIST as _,
+            1 as libc::c_ulong,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

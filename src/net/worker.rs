@@ -59,9 +59,9 @@ impl Workers {
         for i in 0..count.max(1) {
             let (jobs, queue) = mpsc::channel::<Job>();
             let (ready_tx, ready) = mpsc::sync_channel(1);
-            let ns = root_ns
-                .try_clone()
-                .map_err(|e| NetError::Worker(format!("duplicate the root namespace handle: {e}")))?;
+            let ns = root_ns.try_clone().map_err(|e| {
+                NetError::Worker(format!("duplicate the root namespace handle: {e}"))
+            })?;
             thread::Builder::new()
                 .name(format!("hearth-net-{i}"))
                 .spawn(move || worker_main(ns, queue, ready_tx))
@@ -108,15 +108,18 @@ impl Workers {
     }
 }
 
-fn worker_main(root_ns: File, queue: mpsc::Receiver<Job>, ready: mpsc::SyncSender<Result<(), NetError>>) {
-    let started = netns::enter("(root)", &root_ns)
-        .and_then(|()| {
-            Rtnl::open().map_err(|source| NetError::Netlink {
-                place: "root namespace".to_string(),
-                action: "open a netlink socket".to_string(),
-                source,
-            })
-        });
+fn worker_main(
+    root_ns: File,
+    queue: mpsc::Receiver<Job>,
+    ready: mpsc::SyncSender<Result<(), NetError>>,
+) {
+    let started = netns::enter("(root)", &root_ns).and_then(|()| {
+        Rtnl::open().map_err(|source| NetError::Netlink {
+            place: "root namespace".to_string(),
+            action: "open a netlink socket".to_string(),
+            source,
+        })
+    });
     let mut worker = match started {
         Ok(root) => Worker { root_ns, root },
         Err(e) => {
