@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -43,6 +44,9 @@ fn errno(e: nix::errno::Errno) -> io::Error {
 /// `netns add`: namespace mounts made here then propagate into mount namespaces created
 /// later (a VMM jail, a systemd unit with its own mounts). Idempotent.
 pub(crate) fn prepare_run_dir() -> Result<(), NetError> {
+    // Two fabrics starting at once must not both bind the directory onto itself.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
     std::fs::create_dir_all(RUN_DIR).map_err(fail(RUN_DIR, "create directory"))?;
     let shared = || {
         mount(
@@ -96,6 +100,8 @@ pub(crate) fn enter(name: &str, ns: &File) -> Result<(), NetError> {
 /// point. Undo: [`delete`].
 pub(crate) fn create_and_enter(name: &str) -> Result<(), NetError> {
     let path = netns_path(name);
+    // Normally made by `prepare_run_dir` at start; cheap to make sure.
+    std::fs::create_dir_all(RUN_DIR).map_err(fail(RUN_DIR, "create directory"))?;
     // Read-only, mode 0, like iproute2: the file is only a mount point.
     nix::fcntl::open(
         &path,

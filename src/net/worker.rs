@@ -134,3 +134,63 @@ fn worker_main(
         job(&mut worker);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_name() -> String {
+        let mut raw = [0u8; 4];
+        getrandom::fill(&mut raw).expect("random");
+        format!("hwt-{}", hex::encode(raw))
+    }
+
+    /// Needs root: creates (and deletes) a namespace.
+    #[tokio::test]
+    async fn a_worker_is_back_in_the_root_namespace_before_it_answers() {
+        let workers = Workers::start(1).expect("start");
+        let name = random_name();
+        let job_name = name.clone();
+        let tid = workers
+            .run("key", move |_| {
+                netns::create_and_enter(&job_name)?;
+                Ok(nix::unistd::gettid())
+            })
+            .await;
+        let cleanup = netns::delete(&name);
+        let tid = tid.expect("job");
+        cleanup.expect("delete");
+        let root = std::fs::read_link("/proc/self/ns/net").expect("root");
+        let worker = std::fs::read_link(format!("/proc/self/task/{tid}/ns/net")).expect("worker");
+        assert_eq!(worker, root);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_worker_carries_on() {
+        let workers = Workers::start(1).expect("start");
+        let failed = workers
+            .run("key", |_| -> Result<(), NetError> { panic!("job panics") })
+            .await;
+        assert!(matches!(failed, Err(NetError::Worker(_))), "{failed:?}");
+        let answer = workers.run("key", |_| Ok(7)).await.expect("next job");
+        assert_eq!(answer, 7);
+    }
+
+    #[tokio::test]
+    async fn one_key_always_goes_to_one_worker() {
+        let workers = Workers::start(3).expect("start");
+        for key in ["hth-0a1b2c3d4e", "hth-ffffffffff", "x"] {
+            let first = workers
+                .run(key, |_| Ok(nix::unistd::gettid()))
+                .await
+                .expect("job");
+            for _ in 0..5 {
+                let again = workers
+                    .run(key, |_| Ok(nix::unistd::gettid()))
+                    .await
+                    .expect("job");
+                assert_eq!(again, first, "{key}");
+            }
+        }
+    }
+}
