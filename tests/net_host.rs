@@ -410,6 +410,84 @@ async fn ensure_completes_half_done_states() {
     // The guard removes all of it by prefix.
 }
 
+/// Attaches to the tap from inside the namespace, as the VMM does, and keeps it open.
+fn attach_tap(netns: &str) -> std::fs::File {
+    let ns = std::fs::File::open(netns_path(netns)).expect("open ns");
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open tun");
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: libc::c_short,
+            _pad: [u8; 22],
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..4].copy_from_slice(b"tap0");
+        // SAFETY: a valid ifreq for TUNSETIFF on an open tun descriptor.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&tun),
+                libc::TUNSETIFF as _,
+                &mut req as *mut IfReq,
+            )
+        };
+        assert_eq!(rc, 0, "attach: {}", std::io::Error::last_os_error());
+        tun
+    })
+    .join()
+    .expect("attach thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_leaves_a_tap_in_use_alone() {
+    let fx = Fixture::new();
+    let plan = fx.plan(11);
+    fx.fabric.ensure(&plan).await.expect("ensure");
+    let vmm = attach_tap(&plan.netns);
+    let before = link_index(&ns_link_line(&plan.netns, "tap0").expect("tap0"));
+    fx.fabric
+        .ensure(&plan)
+        .await
+        .expect("ensure with the tap in use");
+    expect_complete(&fx.fabric, &plan).await;
+    assert_eq!(
+        link_index(&ns_link_line(&plan.netns, "tap0").expect("tap0")),
+        before
+    );
+    // The VMM still holds the tap (and so the namespace) when the network is removed.
+    fx.fabric.remove(&plan).await.expect("remove");
+    assert_gone(&fx.prefix, &plan);
+    drop(vmm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_ensure_finishes_before_the_next_call() {
+    let fx = Fixture::new();
+    let plan = fx.plan(12);
+    // The first poll hands the job to the worker; then the caller gives up (an ensure
+    // takes milliseconds).
+    let abandoned = tokio::time::timeout(Duration::from_micros(50), fx.fabric.ensure(&plan)).await;
+    assert!(
+        abandoned.is_err(),
+        "the ensure was expected to outlast the timeout"
+    );
+    // Calls for one namespace run in order: this observe runs after the abandoned ensure
+    // and sees it finished, not half done.
+    expect_complete(&fx.fabric, &plan).await;
+    fx.fabric.remove(&plan).await.expect("remove");
+    assert_gone(&fx.prefix, &plan);
+    assert!(fx.fabric.scan(&fx.prefix).await.expect("scan").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_then_ensure_at_once_works() {
     let fx = Fixture::new();
