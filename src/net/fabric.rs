@@ -59,6 +59,11 @@ impl NetFabric {
     /// and its route are gone (the kernel's asynchronous teardown has been waited for,
     /// and finished by hand if something still held the namespace). So `ensure` of the
     /// same plan may follow at once, and [`NetFabric::scan`] does not report it.
+    ///
+    /// Takes ~1.5 ms when the namespace has been idle for a few tens of milliseconds, and
+    /// ~15-70 ms right after `ensure` or `observe` of the same plan: the kernel frees a
+    /// namespace only an RCU grace period after the last netlink socket inside it closed.
+    /// At most ~0.3 s when something (a VMM still running inside) holds the namespace.
     pub async fn remove(&self, plan: &NetPlan) -> Result<(), NetError> {
         let started = Instant::now();
         let job = plan.clone();
@@ -70,7 +75,8 @@ impl NetFabric {
         result
     }
 
-    /// Which parts of `plan` exist right now. Read-only.
+    /// Which parts of `plan` exist right now. Read-only (it opens a netlink socket inside
+    /// the namespace, which delays a `remove` that follows within milliseconds; see there).
     pub async fn observe(&self, plan: &NetPlan) -> Result<NetObservation, NetError> {
         let job = plan.clone();
         self.workers
