@@ -31,11 +31,17 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        // One random base per test process, plus a counter: fixtures of one process never
+        // share a prefix or a pool, and parallel processes almost never do.
+        static BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(random_u32);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let r = random_u32();
-        let prefix = format!("tn{:03x}", (r.wrapping_add(n)) & 0xfff);
-        let pool = PoolCidr::parse(&format!("10.214.{}.0/24", (r >> 16).wrapping_add(n) & 0xff))
-            .expect("pool");
+        let prefix = format!("tn{:03x}", base.wrapping_add(n) & 0xfff);
+        let pool = PoolCidr::parse(&format!(
+            "10.214.{}.0/24",
+            (base >> 16).wrapping_add(n) & 0xff
+        ))
+        .expect("pool");
         Fixture {
             fabric: NetFabric::start().expect("fabric"),
             prefix,
