@@ -26,10 +26,10 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<StepOut
     let plan = NetPlan::derive(
         &services.config().network.prefix,
         &rec.id,
-        services.pool(),
+        *services.pool(),
         slot,
     )
-    .ok_or_else(|| StepError::Failed(format!("lease: slot {slot} is outside the pool")))?;
+    .map_err(|e| StepError::Failed(format!("lease: {e}")))?;
     Ok(StepOutput::Lease {
         slot,
         guest_ip: plan.guest_addr,

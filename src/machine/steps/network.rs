@@ -21,9 +21,10 @@ pub fn plan(services: &Services, rec: &MachineRecord) -> Option<NetPlan> {
     NetPlan::derive(
         &services.config().network.prefix,
         &rec.id,
-        services.pool(),
+        *services.pool(),
         slot,
     )
+    .ok()
 }
 
 /// Creates the machine's network.
