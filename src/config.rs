@@ -3,7 +3,6 @@
 //!
 //! `deploy/hearthd.toml` is the documented example; keep it in step with this file.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -252,7 +251,8 @@ impl Config {
                 "must be an absolute path".to_string(),
             ));
         }
-        parse_pool(&self.network.pool).map_err(|reason| invalid("network.pool", reason))?;
+        crate::net::PoolCidr::parse(&self.network.pool)
+            .map_err(|e| invalid("network.pool", e.to_string()))?;
         let prefix = &self.network.prefix;
         let shape_ok = (1..=5).contains(&prefix.len())
             && prefix.starts_with(|c: char| c.is_ascii_lowercase())
@@ -345,28 +345,6 @@ fn invalid(key: &'static str, reason: String) -> ConfigError {
     ConfigError::Invalid { key, reason }
 }
 
-/// Parses `a.b.c.d/len` into the network address and prefix length. The address must be
-/// the network itself, and the pool must hold at least one /29 block.
-pub fn parse_pool(text: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (addr, len) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a CIDR like 10.213.0.0/16"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("{len:?} is not a prefix length"))?;
-    if !(8..=29).contains(&len) {
-        return Err(format!("prefix length /{len} must be between /8 and /29"));
-    }
-    let mask = u32::MAX << (32 - u32::from(len));
-    if u32::from(addr) & !mask != 0 {
-        return Err(format!("{addr} has host bits set for /{len}"));
-    }
-    Ok((addr, len))
-}
-
 fn host_memory_mib() -> u64 {
     let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
         return 0;
@@ -435,14 +413,5 @@ mod tests {
         assert_eq!(example.network.pool, defaults.network.pool);
         assert_eq!(example.api.socket, defaults.api.socket);
         assert_eq!(example.guest.boot_attempts, defaults.guest.boot_attempts);
-    }
-
-    #[test]
-    fn pool_parsing() {
-        assert_eq!(
-            parse_pool("10.213.0.0/16"),
-            Ok((Ipv4Addr::new(10, 213, 0, 0), 16))
-        );
-        assert!(parse_pool("10.213.0.0/30").is_err());
     }
 }

@@ -16,7 +16,7 @@ use crate::net::NetPlan;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The machine's network plan. Release works without a lease: only names matter then.
-pub fn plan(services: &Services, rec: &MachineRecord) -> Option<NetPlan> {
+pub fn plan(services: &Services, rec: &MachineRecord) -> Result<NetPlan, StepError> {
     let slot = rec.resources.lease_slot.unwrap_or(0);
     NetPlan::derive(
         &services.config().network.prefix,
@@ -24,7 +24,7 @@ pub fn plan(services: &Services, rec: &MachineRecord) -> Option<NetPlan> {
         *services.pool(),
         slot,
     )
-    .ok()
+    .map_err(|e| StepError::Failed(format!("network plan: {e}")))
 }
 
 /// Creates the machine's network.
@@ -32,8 +32,7 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), Ste
     if rec.resources.lease_slot.is_none() {
         return Err(StepError::Failed("network: no lease recorded".into()));
     }
-    let plan = plan(services, rec)
-        .ok_or_else(|| StepError::Failed("network: lease outside the pool".into()))?;
+    let plan = plan(services, rec)?;
     ask(
         names::TAP_ALLOCATOR,
         |reply| TapMsg::Ensure { plan, reply },
@@ -45,9 +44,7 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), Ste
 
 /// Removes the machine's network.
 pub async fn release(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
-    let Some(plan) = plan(services, rec) else {
-        return Ok(());
-    };
+    let plan = plan(services, rec)?;
     ask(
         names::TAP_ALLOCATOR,
         |reply| TapMsg::Remove { plan, reply },
