@@ -1,7 +1,9 @@
 //! TapAllocator: the singleton that owns the host network of every machine (namespaces,
-//! veth pairs, taps, routes). Network changes go through one actor so that two machines
-//! never race on the host's routing table, and so that the dedicated setns thread of the
-//! fabric has one user.
+//! veth pairs, taps, routes). Every network change goes through it, so one actor is the
+//! only user of the fabric's namespace threads. It does not wait for a change to finish:
+//! the fabric runs changes of one namespace in order and of different machines in
+//! parallel, and a slow teardown (the kernel frees a namespace after an RCU grace period)
+//! must not hold up another machine's create.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -48,22 +50,17 @@ impl Actor for TapAllocator {
         message: Self::Msg,
         services: &mut Services,
     ) -> Result<(), ActorProcessingErr> {
+        let net = services.net().clone();
         match message {
             TapMsg::Ensure { plan, reply } => {
-                let result = services
-                    .net()
-                    .ensure(&plan)
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(result);
+                tokio::spawn(async move {
+                    let _ = reply.send(net.ensure(&plan).await.map_err(|e| e.to_string()));
+                });
             }
             TapMsg::Remove { plan, reply } => {
-                let result = services
-                    .net()
-                    .remove(&plan)
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(result);
+                tokio::spawn(async move {
+                    let _ = reply.send(net.remove(&plan).await.map_err(|e| e.to_string()));
+                });
             }
         }
         Ok(())
