@@ -46,6 +46,10 @@ pub struct GuestConfig {
     pub env: Vec<(String, String)>,
     /// The workload's working directory; none means `/`.
     pub workdir: Option<String>,
+    /// TCP ports the workload serves: the guest reports Ready only once something listens
+    /// on each of them (IPv4 or IPv6). Empty: Ready as soon as the workload is started.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// Static IPv4 settings of the guest interface.
@@ -188,6 +192,7 @@ mod tests {
             command: vec!["/bin/sh".into(), "-c".into(), "exit 7".into()],
             env: vec![("A".into(), "b c".into())],
             workdir: Some("/srv".into()),
+            ports: vec![80],
         }
     }
 

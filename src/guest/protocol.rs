@@ -10,7 +10,7 @@
 //! host -> guest   {"type":"status"}                 guest answers Status{state}
 //!                 {"type":"shutdown"}               guest answers ShuttingDown, stops the
 //!                                                   workload, syncs, powers off
-//! guest -> host   {"type":"ready","boot_ms":812}    init finished booting (sent once)
+//! guest -> host   {"type":"ready","boot_ms":812}    workload started, its ports listen
 //!                 {"type":"exited","status":{"code":7}}
 //!                 {"type":"status","state":{...}}   reply to Status
 //!                 {"type":"shutting_down"}          reply to Shutdown
@@ -35,26 +35,34 @@ pub enum ExitStatus {
 }
 
 /// The guest's state as the init sees it.
+///
+/// ```text
+///   Starting --(declared ports listen)--> Ready --(workload ends)--> Exited
+///      |                                                ^
+///      +---------(workload ends before ready)-----------+
+///   any --Shutdown--> ShuttingDown --> (power off)
+///   any --fatal error--> Failed --> (power off)
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum GuestState {
-    /// Booted; the workload runs (or is being started).
+    /// Booted and the workload started, but not all of its declared ports listen yet.
+    Starting,
+    /// The workload runs and listens on every declared port.
     Ready {
-        /// Milliseconds from kernel start to readiness (from `/proc/uptime`).
+        /// Milliseconds from kernel start to readiness (the kernel's boot clock, the one
+        /// behind `/proc/uptime`).
         boot_ms: u64,
     },
-    /// Booted; the workload has ended.
+    /// The workload has ended.
     Exited {
-        /// Milliseconds from kernel start to readiness.
-        boot_ms: u64,
+        /// Readiness time if the guest got ready before the workload ended.
+        boot_ms: Option<u64>,
         /// How the workload ended.
         status: ExitStatus,
     },
     /// A shutdown was requested and is in progress.
-    ShuttingDown {
-        /// Milliseconds from kernel start to readiness.
-        boot_ms: u64,
-    },
+    ShuttingDown,
     /// The init hit a fatal error and powers off.
     Failed {
         /// What went wrong.
@@ -66,10 +74,9 @@ impl GuestState {
     /// Readiness time, when the guest got that far.
     pub fn boot_ms(&self) -> Option<u64> {
         match self {
-            GuestState::Ready { boot_ms }
-            | GuestState::Exited { boot_ms, .. }
-            | GuestState::ShuttingDown { boot_ms } => Some(*boot_ms),
-            GuestState::Failed { .. } => None,
+            GuestState::Ready { boot_ms } => Some(*boot_ms),
+            GuestState::Exited { boot_ms, .. } => *boot_ms,
+            GuestState::Starting | GuestState::ShuttingDown | GuestState::Failed { .. } => None,
         }
     }
 }
@@ -78,7 +85,7 @@ impl GuestState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GuestMessage {
-    /// The init finished booting; the workload is being started.
+    /// The guest is ready: booted, workload started, its declared ports listen.
     Ready {
         /// Milliseconds from kernel start (from `/proc/uptime`).
         boot_ms: u64,
@@ -213,12 +220,21 @@ mod tests {
             },
             GuestMessage::Status {
                 state: GuestState::Exited {
-                    boot_ms: 1,
+                    boot_ms: Some(1),
                     status: ExitStatus::Code(0),
                 },
             },
             GuestMessage::Status {
                 state: GuestState::Failed { error: "x".into() },
+            },
+            GuestMessage::Status {
+                state: GuestState::Starting,
+            },
+            GuestMessage::Status {
+                state: GuestState::Exited {
+                    boot_ms: None,
+                    status: ExitStatus::Code(1),
+                },
             },
             GuestMessage::ShuttingDown,
             GuestMessage::Fatal {

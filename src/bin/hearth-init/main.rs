@@ -88,8 +88,7 @@ fn run(port: &mut Option<agent::Agent>) -> Result<std::convert::Infallible, Init
         source,
     })?;
     net::configure(config.network.as_ref(), deadline)?;
-    let boot_ms = boot::uptime_ms();
-    Ok(supervise::run(port, &config, boot_ms)?)
+    Ok(supervise::run(port, &config)?)
 }
 
 /// Reports a fatal error wherever it can be seen, then powers off.

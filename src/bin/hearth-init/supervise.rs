@@ -56,13 +56,9 @@ enum Shutdown {
     Killing(Instant),
 }
 
-/// Reports Ready, starts the workload and serves until shutdown. Never returns except
-/// with a setup error.
-pub fn run(
-    port: &mut Agent,
-    config: &GuestConfig,
-    boot_ms: u64,
-) -> Result<Infallible, SuperviseError> {
+/// Starts the workload, reports Ready once its declared ports listen, and serves until
+/// shutdown. Never returns except with a setup error.
+pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, SuperviseError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.add(Signal::SIGIO);
@@ -70,31 +66,40 @@ pub fn run(
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(SuperviseError::Signals)?;
 
-    let mut state = GuestState::Ready { boot_ms };
-    // The host may have connected before the port was opened: tell it now.
+    // The host may have connected before the port was opened.
     port.refresh();
-    port.send(&GuestMessage::Ready { boot_ms });
+    let mut state = GuestState::Starting;
     let mut workload = None;
     match spawn_workload(config) {
         Ok(pid) => workload = pid,
         Err(status) => {
-            state = GuestState::Exited { boot_ms, status };
+            state = GuestState::Exited {
+                boot_ms: None,
+                status,
+            };
             port.send(&GuestMessage::Exited { status });
         }
     }
+    let mut readiness = Readiness::new(&config.ports);
     let mut shutdown = Shutdown::None;
 
     loop {
-        let deadline = match shutdown {
-            Shutdown::None => None,
-            Shutdown::Terminating(at) | Shutdown::Killing(at) => Some(at),
-        };
-        let mut wait = if port.interest().is_some() {
-            None
-        } else {
-            Some(RECHECK)
-        };
-        if let Some(at) = deadline {
+        if matches!(state, GuestState::Starting) && readiness.check() {
+            let boot_ms = boot::uptime_ms();
+            state = GuestState::Ready { boot_ms };
+            port.send(&GuestMessage::Ready { boot_ms });
+        }
+
+        // Wake for: the next readiness check, the shutdown deadline, or the periodic
+        // check of the host connection; otherwise only for a signal or the port.
+        let mut wait = None;
+        if matches!(state, GuestState::Starting) {
+            wait = Some(readiness.interval());
+        }
+        if port.interest().is_none() {
+            wait = Some(wait.map_or(RECHECK, |w: Duration| w.min(RECHECK)));
+        }
+        if let Shutdown::Terminating(at) | Shutdown::Killing(at) = shutdown {
             let left = at.saturating_duration_since(Instant::now());
             wait = Some(wait.map_or(left, |w| w.min(left)));
         }
@@ -114,9 +119,19 @@ pub fn run(
         let (exited, children_left) = reap(workload);
         if let Some(status) = exited {
             workload = None;
-            if matches!(state, GuestState::Ready { .. }) {
-                state = GuestState::Exited { boot_ms, status };
-            }
+            state = match state {
+                GuestState::Starting => GuestState::Exited {
+                    boot_ms: None,
+                    status,
+                },
+                GuestState::Ready { boot_ms } => GuestState::Exited {
+                    boot_ms: Some(boot_ms),
+                    status,
+                },
+                other @ (GuestState::Exited { .. }
+                | GuestState::ShuttingDown
+                | GuestState::Failed { .. }) => other,
+            };
             port.send(&GuestMessage::Exited { status });
         }
 
@@ -129,7 +144,7 @@ pub fn run(
                 HostMessage::Shutdown => {
                     port.send(&GuestMessage::ShuttingDown);
                     if matches!(shutdown, Shutdown::None) {
-                        state = GuestState::ShuttingDown { boot_ms };
+                        state = GuestState::ShuttingDown;
                         // -1: every process except the init itself.
                         let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
                         shutdown = Shutdown::Terminating(Instant::now() + WORKLOAD_STOP_GRACE);
@@ -151,6 +166,75 @@ pub fn run(
             other => other,
         };
     }
+}
+
+/// Whether the workload listens on all its declared ports, checked with a backoff so a
+/// workload that never listens does not keep the guest busy.
+struct Readiness {
+    ports: Vec<u16>,
+    interval: Duration,
+}
+
+impl Readiness {
+    const FIRST: Duration = Duration::from_millis(2);
+    const LONGEST: Duration = Duration::from_millis(250);
+
+    fn new(ports: &[u16]) -> Readiness {
+        Readiness {
+            ports: ports.to_vec(),
+            interval: Self::FIRST,
+        }
+    }
+
+    /// True when every declared port has a listener (always true with none declared).
+    fn check(&mut self) -> bool {
+        if self.ports.is_empty() {
+            return true;
+        }
+        let listening = listening_ports();
+        self.ports.iter().all(|p| listening.contains(p))
+    }
+
+    /// How long to wait before the next check; grows by half each time.
+    fn interval(&mut self) -> Duration {
+        let now = self.interval;
+        self.interval = (self.interval * 3 / 2).min(Self::LONGEST);
+        now
+    }
+}
+
+/// TCP ports in LISTEN state, from `/proc/net/tcp` and `/proc/net/tcp6` (the kernel's
+/// socket tables for this network namespace).
+fn listening_ports() -> Vec<u16> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| fs::read_to_string(t).ok())
+        .flat_map(|text| parse_listening(&text))
+        .collect()
+}
+
+/// The LISTEN ports of one `/proc/net/tcp*` table.
+fn parse_listening(table: &str) -> Vec<u16> {
+    const LISTEN: &str = "0A";
+    let mut ports = Vec::new();
+    for line in table.lines().skip(1) {
+        // sl local_address rem_address st ...; local_address is ADDR:PORT in hex.
+        let mut cols = line.split_whitespace();
+        let (Some(local), Some(st)) = (cols.nth(1), cols.nth(1)) else {
+            continue;
+        };
+        if st != LISTEN {
+            continue;
+        }
+        if let Some(port) = local
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+        {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// Reaps every finished child. Returns the workload's status if it was among them, and
@@ -244,4 +328,37 @@ fn power_off(port: &mut Agent) -> ! {
         None::<&str>,
     );
     boot::power_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_ports_come_from_listen_rows_only() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+";
+        assert_eq!(parse_listening(tcp), vec![80]);
+        let tcp6 =
+            "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0
+";
+        assert_eq!(parse_listening(tcp6), vec![8080]);
+        assert!(parse_listening("").is_empty());
+    }
+
+    #[test]
+    fn readiness_backs_off_to_a_ceiling() {
+        let mut r = Readiness::new(&[80]);
+        let first = r.interval();
+        let mut last = first;
+        for _ in 0..50 {
+            last = r.interval();
+        }
+        assert_eq!(first, Readiness::FIRST);
+        assert_eq!(last, Readiness::LONGEST);
+        assert!(Readiness::new(&[]).check());
+    }
 }
