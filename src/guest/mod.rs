@@ -18,6 +18,9 @@ pub mod protocol;
 /// Files in it are named `NN-<module>.ko`; the init loads them in file-name order.
 pub const INITRAMFS_MODULE_DIR: &str = "lib/hearth/modules";
 
-/// Kernel command-line flag that makes the init report Ready and power off at once,
-/// without looking for disks: used by the accelerator probe.
+/// Kernel command-line flag that makes the init print [`PROBE_READY_LINE`] on the console
+/// and power off at once, without looking for disks: used by the accelerator probe.
 pub const PROBE_CMDLINE_FLAG: &str = "hearth.probe=1";
+
+/// The console line of a probe boot that reached userspace.
+pub const PROBE_READY_LINE: &str = "hearth-init: probe ready";

@@ -23,13 +23,10 @@ mod supervise;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use hearth::guest::{INITRAMFS_MODULE_DIR, PROBE_CMDLINE_FLAG};
+use hearth::guest::{INITRAMFS_MODULE_DIR, PROBE_CMDLINE_FLAG, PROBE_READY_LINE};
 
 /// How long the devices the host attached may take to appear after their modules load.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
-
-/// Line written to the console in probe mode: the host looks for it in the serial log.
-const PROBE_READY_LINE: &str = "hearth-init: probe ready";
 
 fn main() {
     let mut port: Option<agent::Agent> = None;
