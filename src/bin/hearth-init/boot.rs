@@ -1,0 +1,179 @@
+//! The steps that turn the initramfs into the machine's root: kernel filesystems, kernel
+//! modules, the switch into the root disk, and the way out (power off).
+
+use std::ffi::CString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::kmod::{ModuleInitFlags, finit_module};
+use nix::mount::{MsFlags, mount};
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::time::{ClockId, clock_gettime};
+
+/// Where the root disk is mounted before it becomes `/`.
+const NEW_ROOT: &str = "/newroot";
+/// Mounts carried from the initramfs into the root disk.
+const CARRIED_MOUNTS: &[&str] = &["/dev", "/proc", "/sys"];
+
+/// Why a boot step failed; each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("mount {fstype} on {target}: {source}")]
+    Mount {
+        fstype: String,
+        target: String,
+        source: Errno,
+    },
+    #[error("module {path}: {source}")]
+    Module { path: PathBuf, source: Errno },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("switch root into {root}: {step}: {source}")]
+    SwitchRoot {
+        root: PathBuf,
+        step: &'static str,
+        source: Errno,
+    },
+}
+
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(source), target, Some(fstype), flags, data).map_err(|source| BootError::Mount {
+        fstype: fstype.to_string(),
+        target: target.to_string(),
+        source,
+    })
+}
+
+/// Mounts `/proc`, `/sys` and a devtmpfs on `/dev` (device nodes appear as drivers bind,
+/// with no udev).
+pub fn mount_early() -> Result<(), BootError> {
+    let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", safe, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", safe, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+}
+
+/// Whether the kernel command line holds `flag` as a whole word.
+pub fn cmdline_has(flag: &str) -> bool {
+    fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == flag))
+        .unwrap_or(false)
+}
+
+/// Loads every `.ko` in `dir` in file-name order (the kit numbers them in dependency
+/// order). A module already present (built in, or loaded) is fine.
+pub fn load_modules(dir: &Path) -> Result<(), BootError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BootError::Io { path, source }
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ko"))
+        .collect();
+    files.sort();
+    let no_params = CString::default();
+    for path in files {
+        let f = fs::File::open(&path).map_err(io(&path))?;
+        match finit_module(&f, &no_params, ModuleInitFlags::empty()) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(source) => return Err(BootError::Module { path, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Mounts the root disk and makes it `/`: the kernel filesystems are moved into it, the
+/// initramfs files are deleted (their memory is freed; this process keeps running from
+/// its already loaded image), and the root is moved over `/` and entered with `chroot`
+/// (the initramfs cannot be unmounted, so `pivot_root` does not apply).
+pub fn switch_root(root_dev: &Path) -> Result<(), BootError> {
+    let root = root_dev.to_path_buf();
+    let err = |step: &'static str| {
+        let root = root.clone();
+        move |source| BootError::SwitchRoot { root, step, source }
+    };
+    let _ = fs::create_dir_all(NEW_ROOT);
+    mount(
+        Some(root_dev),
+        NEW_ROOT,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .map_err(err("mount ext4"))?;
+    for m in CARRIED_MOUNTS {
+        let target = format!("{NEW_ROOT}{m}");
+        let _ = fs::create_dir_all(&target);
+        mount(
+            Some(*m),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(err("move kernel filesystem"))?;
+    }
+    // Best effort: only memory is at stake.
+    let _ = fs::remove_file("/init");
+    let _ = fs::remove_dir_all("/lib/hearth");
+    nix::unistd::chdir(NEW_ROOT).map_err(err("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(err("move root"))?;
+    nix::unistd::chroot(".").map_err(err("chroot"))?;
+    nix::unistd::chdir("/").map_err(err("chdir /"))?;
+    // Conveniences most workloads expect; not fatal if the image cannot hold them.
+    let _ = mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    );
+    let _ = mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    Ok(())
+}
+
+/// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind
+/// `/proc/uptime`, read at nanosecond resolution).
+pub fn uptime_ms() -> u64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// Flushes the filesystems and powers the machine off (the VMM exits). Never returns:
+/// if the power-off call fails, a reboot is tried (the VMM runs with `-no-reboot`, so it
+/// exits too), and if that fails as well the init waits forever rather than exit.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    loop {
+        nix::unistd::pause();
+    }
+}

@@ -1,0 +1,364 @@
+//! After boot: runs the workload, reaps every process that ends up as the init's child,
+//! serves the agent protocol, and carries out a shutdown.
+//!
+//! One `poll` loop over a signalfd (`SIGCHLD`, `SIGIO`) and the agent port. It never
+//! blocks on the host: the port is non-blocking and only polled while a host is there.
+//!
+//! Shutdown: every process gets `SIGTERM`; once none is left, or after
+//! [`WORKLOAD_STOP_GRACE`], the rest get `SIGKILL`; then filesystems are synced, the
+//! root is remounted read-only and the machine powers off.
+
+use std::convert::Infallible;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hearth::guest::config::GuestConfig;
+use hearth::guest::protocol::{ExitStatus, GuestMessage, GuestState, HostMessage};
+use nix::errno::Errno;
+use nix::mount::{MsFlags, mount};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::agent::Agent;
+use crate::boot;
+
+/// Where the workload's stdout and stderr go (on the root disk, not the slow console).
+pub const WORKLOAD_LOG: &str = "/var/log/hearth-workload.log";
+/// `PATH` for a workload whose config sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long processes get between `SIGTERM` and `SIGKILL` at shutdown.
+const WORKLOAD_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long killed processes get to be reaped before the power-off goes ahead anyway.
+const KILL_REAP_LIMIT: Duration = Duration::from_secs(2);
+/// Re-check of the host connection while none is seen, in case a `SIGIO` was missed.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Why the loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error("signal setup: {0}")]
+    Signals(Errno),
+}
+
+/// Where a shutdown stands.
+enum Shutdown {
+    None,
+    /// `SIGTERM` sent; `SIGKILL` at the deadline.
+    Terminating(Instant),
+    /// `SIGKILL` sent; power off at the deadline even if something is left.
+    Killing(Instant),
+}
+
+/// Starts the workload, reports Ready once its declared ports listen, and serves until
+/// shutdown. Never returns except with a setup error.
+pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, SuperviseError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGIO);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(SuperviseError::Signals)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(SuperviseError::Signals)?;
+
+    // The host may have connected before the port was opened.
+    port.refresh();
+    let mut state = GuestState::Starting;
+    let mut workload = None;
+    match spawn_workload(config) {
+        Ok(pid) => workload = pid,
+        Err(status) => {
+            state = GuestState::Exited {
+                boot_ms: None,
+                status,
+            };
+            port.send(&GuestMessage::Exited { status });
+        }
+    }
+    let mut readiness = Readiness::new(&config.ports);
+    let mut shutdown = Shutdown::None;
+
+    loop {
+        if matches!(state, GuestState::Starting) && readiness.check() {
+            let boot_ms = boot::uptime_ms();
+            state = GuestState::Ready { boot_ms };
+            port.send(&GuestMessage::Ready { boot_ms });
+        }
+
+        // Wake for: the next readiness check, the shutdown deadline, or the periodic
+        // check of the host connection; otherwise only for a signal or the port.
+        let mut wait = None;
+        if matches!(state, GuestState::Starting) {
+            wait = Some(readiness.interval());
+        }
+        if port.interest().is_none() {
+            wait = Some(wait.map_or(RECHECK, |w: Duration| w.min(RECHECK)));
+        }
+        if let Shutdown::Terminating(at) | Shutdown::Killing(at) = shutdown {
+            let left = at.saturating_duration_since(Instant::now());
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+        }
+        let timeout = wait
+            .map(|w| PollTimeout::try_from(w).unwrap_or(PollTimeout::MAX))
+            .unwrap_or(PollTimeout::NONE);
+        {
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(interest) = port.interest() {
+                fds.push(PollFd::new(port.fd(), interest));
+            }
+            // EINTR and friends: just go round again.
+            let _ = poll(&mut fds, timeout);
+        }
+        while let Ok(Some(_)) = signals.read_signal() {}
+
+        let (exited, children_left) = reap(workload);
+        if let Some(status) = exited {
+            workload = None;
+            state = match state {
+                GuestState::Starting => GuestState::Exited {
+                    boot_ms: None,
+                    status,
+                },
+                GuestState::Ready { boot_ms } => GuestState::Exited {
+                    boot_ms: Some(boot_ms),
+                    status,
+                },
+                other @ (GuestState::Exited { .. }
+                | GuestState::ShuttingDown
+                | GuestState::Failed { .. }) => other,
+            };
+            port.send(&GuestMessage::Exited { status });
+        }
+
+        if port.refresh() {
+            port.send_state(&state);
+        }
+        for msg in port.receive() {
+            match msg {
+                HostMessage::Status => port.send_state(&state),
+                HostMessage::Shutdown => {
+                    port.send(&GuestMessage::ShuttingDown);
+                    if matches!(shutdown, Shutdown::None) {
+                        state = GuestState::ShuttingDown;
+                        // -1: every process except the init itself.
+                        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+                        shutdown = Shutdown::Terminating(Instant::now() + WORKLOAD_STOP_GRACE);
+                    }
+                }
+            }
+        }
+        port.flush();
+
+        let now = Instant::now();
+        shutdown = match shutdown {
+            Shutdown::None => Shutdown::None,
+            _ if !children_left => power_off(port),
+            Shutdown::Terminating(at) if now >= at => {
+                let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+                Shutdown::Killing(now + KILL_REAP_LIMIT)
+            }
+            Shutdown::Killing(at) if now >= at => power_off(port),
+            other => other,
+        };
+    }
+}
+
+/// Whether the workload listens on all its declared ports, checked with a backoff so a
+/// workload that never listens does not keep the guest busy.
+struct Readiness {
+    ports: Vec<u16>,
+    interval: Duration,
+}
+
+impl Readiness {
+    const FIRST: Duration = Duration::from_millis(2);
+    const LONGEST: Duration = Duration::from_millis(250);
+
+    fn new(ports: &[u16]) -> Readiness {
+        Readiness {
+            ports: ports.to_vec(),
+            interval: Self::FIRST,
+        }
+    }
+
+    /// True when every declared port has a listener (always true with none declared).
+    fn check(&mut self) -> bool {
+        if self.ports.is_empty() {
+            return true;
+        }
+        let listening = listening_ports();
+        self.ports.iter().all(|p| listening.contains(p))
+    }
+
+    /// How long to wait before the next check; grows by half each time.
+    fn interval(&mut self) -> Duration {
+        let now = self.interval;
+        self.interval = (self.interval * 3 / 2).min(Self::LONGEST);
+        now
+    }
+}
+
+/// TCP ports in LISTEN state, from `/proc/net/tcp` and `/proc/net/tcp6` (the kernel's
+/// socket tables for this network namespace).
+fn listening_ports() -> Vec<u16> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| fs::read_to_string(t).ok())
+        .flat_map(|text| parse_listening(&text))
+        .collect()
+}
+
+/// The LISTEN ports of one `/proc/net/tcp*` table.
+fn parse_listening(table: &str) -> Vec<u16> {
+    const LISTEN: &str = "0A";
+    let mut ports = Vec::new();
+    for line in table.lines().skip(1) {
+        // sl local_address rem_address st ...; local_address is ADDR:PORT in hex.
+        let mut cols = line.split_whitespace();
+        let (Some(local), Some(st)) = (cols.nth(1), cols.nth(1)) else {
+            continue;
+        };
+        if st != LISTEN {
+            continue;
+        }
+        if let Some(port) = local
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+        {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// Reaps every finished child. Returns the workload's status if it was among them, and
+/// whether any child is left.
+fn reap(workload: Option<Pid>) -> (Option<ExitStatus>, bool) {
+    let mut exited = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == workload => {
+                exited = Some(ExitStatus::Code(code));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == workload => {
+                exited = Some(ExitStatus::Signal(sig as i32));
+            }
+            Ok(WaitStatus::StillAlive) => return (exited, true),
+            Ok(_) => {}
+            Err(Errno::EINTR) => {}
+            // ECHILD: no children at all.
+            Err(_) => return (exited, false),
+        }
+    }
+}
+
+/// Starts the workload in its own process group with its environment and working
+/// directory, output appended to [`WORKLOAD_LOG`]. `Ok(None)`: no command configured.
+/// A command that cannot be started counts as exited with 127 (not found) or 126 (any
+/// other reason), like a shell reports it; the reason goes to the log.
+fn spawn_workload(config: &GuestConfig) -> Result<Option<Pid>, ExitStatus> {
+    let Some((program, args)) = config.command.split_first() else {
+        return Ok(None);
+    };
+    let log = open_log();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(config.env.iter().map(|(k, v)| (k, v)));
+    if !config.env.iter().any(|(k, _)| k == "PATH") {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.current_dir(config.workdir.as_deref().unwrap_or("/"))
+        .stdin(Stdio::null())
+        .process_group(0);
+    match &log {
+        Some(f) => {
+            let (out, err) = (f.try_clone(), f.try_clone());
+            cmd.stdout(out.map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
+                .stderr(err.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
+        }
+        None => {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
+    match cmd.spawn() {
+        // The Child handle is dropped: the loop reaps by pid with waitpid.
+        Ok(child) => Ok(Some(Pid::from_raw(child.id() as i32))),
+        Err(e) => {
+            if let Some(mut f) = log {
+                let _ = writeln!(f, "hearth-init: cannot start {program:?}: {e}");
+            }
+            Err(ExitStatus::Code(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                },
+            ))
+        }
+    }
+}
+
+fn open_log() -> Option<fs::File> {
+    if let Some(dir) = std::path::Path::new(WORKLOAD_LOG).parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(WORKLOAD_LOG)
+        .ok()
+}
+
+/// Final step of a shutdown: tell the host, flush the disk, power off.
+fn power_off(port: &mut Agent) -> ! {
+    port.drain(Duration::from_millis(100));
+    nix::unistd::sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    boot::power_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_ports_come_from_listen_rows_only() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+";
+        assert_eq!(parse_listening(tcp), vec![80]);
+        let tcp6 =
+            "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 0
+";
+        assert_eq!(parse_listening(tcp6), vec![8080]);
+        assert!(parse_listening("").is_empty());
+    }
+
+    #[test]
+    fn readiness_backs_off_to_a_ceiling() {
+        let mut r = Readiness::new(&[80]);
+        let first = r.interval();
+        let mut last = first;
+        for _ in 0..50 {
+            last = r.interval();
+        }
+        assert_eq!(first, Readiness::FIRST);
+        assert_eq!(last, Readiness::LONGEST);
+        assert!(Readiness::new(&[]).check());
+    }
+}

@@ -1,0 +1,26 @@
+//! What the host knows about the guest: the guest kit (kernel + initramfs), the config the
+//! guest init reads at boot, and the host<->guest agent protocol.
+//!
+//! The guest init (`src/bin/hearth-init`) is built from this same crate and uses
+//! [`config`] and [`protocol`] directly, so the two sides of every format are one code.
+//!
+//! **Architecture invariant:** nothing here starts a process or talks to a VMM; booting is
+//! the job of [`crate::vmm`]. This module only builds files and defines formats.
+
+pub mod bzimage;
+pub mod config;
+pub mod elf;
+pub mod initramfs;
+pub mod kit;
+pub mod protocol;
+
+/// Where the initramfs holds the kernel modules the init loads, relative to its root.
+/// Files in it are named `NN-<module>.ko`; the init loads them in file-name order.
+pub const INITRAMFS_MODULE_DIR: &str = "lib/hearth/modules";
+
+/// Kernel command-line flag that makes the init print [`PROBE_READY_LINE`] on the console
+/// and power off at once, without looking for disks: used by the accelerator probe.
+pub const PROBE_CMDLINE_FLAG: &str = "hearth.probe=1";
+
+/// The console line of a probe boot that reached userspace.
+pub const PROBE_READY_LINE: &str = "hearth-init: probe ready";

@@ -1,0 +1,312 @@
+//! The VMM driver contract and its implementations.
+//!
+//! A machine's VMM is one host process that must outlive the daemon: it is started in its
+//! own session with its stdio and serial console going to files in the machine's
+//! directory, never to pipes to the daemon. The daemon keeps a durable [`VmmProcess`]
+//! (pid + start time + host boot id + socket paths) and re-attaches to it after a restart
+//! through those identities and the sockets.
+//!
+//! ```text
+//!  launch ──> VmmProcess ──wait_ready──> GuestReady ──stop(grace)──> StopOutcome
+//!    │ idempotent: adopts a process         │ agent socket:            │ agent Shutdown, then
+//!    │ carrying the machine's marker        │ Status -> Ready          │ QMP quit, then SIGKILL
+//!    └ waits until QMP answers              └ ends early if the VMM dies
+//!  liveness(VmmProcess) -> Running | Gone (pid + start time + boot id; a zombie is Gone)
+//! ```
+//!
+//! **Architecture invariant:** the driver set is a closed enum ([`VmmDriver`]) matched
+//! exhaustively; adding Firecracker means adding a variant and letting the compiler name
+//! every place that must handle it.
+
+pub mod accel;
+pub mod agent;
+mod pidfd;
+pub mod procfs;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::kit::GuestKit;
+use crate::guest::protocol::{ExitStatus, GuestState};
+
+pub use accel::Accel;
+pub use agent::AgentError;
+pub use procfs::find_processes;
+pub use qemu::QemuDriver;
+
+/// The tap device the VMM attaches the guest's network interface to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    /// Interface name inside the machine's network namespace.
+    pub name: String,
+    /// The guest interface's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Everything needed to start one machine's VMM.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The machine's id; the VMM process carries it as a marker in its command line.
+    pub machine_id: String,
+    /// The machine's directory: control sockets and logs live here.
+    pub workdir: PathBuf,
+    /// Network namespace (a name under `/run/netns`) the VMM runs in.
+    pub netns: Option<String>,
+    /// The tap device for the guest's interface; none: no network device.
+    pub tap: Option<TapSpec>,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// The kernel and initramfs.
+    pub kit: GuestKit,
+    /// The machine's root disk (raw ext4 image).
+    pub root_disk: PathBuf,
+    /// The config disk (see [`crate::guest::config::write_config_disk`]).
+    pub config_disk: PathBuf,
+}
+
+/// A running (or once running) VMM, as the daemon stores it durably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmProcess {
+    /// Which driver started it (`"qemu"`).
+    pub driver: String,
+    /// Process id.
+    pub pid: i32,
+    /// Start time in clock ticks since host boot (field 22 of `/proc/PID/stat`); with the
+    /// boot id it tells a reused pid from the process that was started.
+    pub start_time: u64,
+    /// The host's boot id when it was started.
+    pub boot_id: String,
+    /// The VMM's control socket (QMP for QEMU).
+    pub control_socket: PathBuf,
+    /// The host end of the guest agent's port.
+    pub agent_socket: PathBuf,
+}
+
+impl VmmProcess {
+    /// The machine directory the VMM was started in (where its logs are).
+    pub fn workdir(&self) -> Option<&std::path::Path> {
+        self.control_socket.parent()
+    }
+}
+
+/// Whether a recorded VMM process still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// The very process that was started runs.
+    Running,
+    /// It has ended (or is a zombie), or the pid now belongs to another process, or the
+    /// host rebooted since.
+    Gone,
+}
+
+/// What the guest said when it became ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestReady {
+    /// Milliseconds from guest kernel start to readiness, measured in the guest.
+    pub boot_ms: u64,
+    /// The guest's state when the wait ended (`Ready`, or `Exited` if the workload already
+    /// ended after becoming ready).
+    pub state: GuestState,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// The guest shut down by itself after the agent's Shutdown (or the VMM was already
+    /// gone); false: it had to be made to quit (QMP `quit` or SIGKILL).
+    pub graceful: bool,
+}
+
+/// Why a VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The machine directory is unusable.
+    #[error("machine {machine_id}: directory {path}: {source}")]
+    Workdir {
+        /// The machine.
+        machine_id: String,
+        /// The directory or file in it.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The network namespace could not be opened.
+    #[error("machine {machine_id}: network namespace {netns}: {source}")]
+    Netns {
+        /// The machine.
+        machine_id: String,
+        /// The namespace name.
+        netns: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The VMM binary could not be started.
+    #[error("machine {machine_id}: cannot start {binary}: {source}")]
+    Spawn {
+        /// The machine.
+        machine_id: String,
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The VMM exited before its control socket answered.
+    #[error("machine {machine_id}: the VMM exited during start ({status}); its log: {log}")]
+    Exited {
+        /// The machine.
+        machine_id: String,
+        /// How it exited.
+        status: String,
+        /// The end of its log.
+        log: String,
+    },
+    /// The control socket did not answer in time.
+    #[error(
+        "machine {machine_id}: control socket {path} did not answer within {after:?}: {last_error}"
+    )]
+    ControlTimeout {
+        /// The machine.
+        machine_id: String,
+        /// The socket.
+        path: PathBuf,
+        /// How long was waited.
+        after: Duration,
+        /// The last connection error.
+        last_error: String,
+    },
+}
+
+/// Why the guest did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    /// The VMM process ended (or was never there) before the guest was ready.
+    #[error("VMM pid {pid} exited before the guest was ready; serial console: {console}")]
+    VmmExited {
+        /// The VMM's pid.
+        pid: i32,
+        /// The end of the guest's serial console log (kernel panics and init fatals).
+        console: String,
+    },
+    /// The deadline passed.
+    #[error("guest not ready within {after:?} (last state: {last_state})")]
+    Timeout {
+        /// How long was waited.
+        after: Duration,
+        /// The last state the guest reported, or why none was heard.
+        last_state: String,
+    },
+    /// The workload ended before its ports listened.
+    #[error("the workload exited before the guest was ready: {status:?}")]
+    WorkloadExited {
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// The guest init reported a fatal error.
+    #[error("guest init failed: {error}")]
+    GuestFailed {
+        /// Its message.
+        error: String,
+    },
+    /// The guest is shutting down.
+    #[error("the guest is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a VMM could not be stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// Signalling the process failed.
+    #[error("VMM pid {pid}: kill: {source}")]
+    Signal {
+        /// The pid.
+        pid: i32,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// It still runs after SIGKILL and a wait.
+    #[error("VMM pid {pid} still runs {after:?} after SIGKILL")]
+    StillRunning {
+        /// The pid.
+        pid: i32,
+        /// How long was waited.
+        after: Duration,
+    },
+}
+
+/// The VMM drivers. Closed: every operation matches exhaustively.
+pub enum VmmDriver {
+    /// QEMU `microvm` (KVM when the probe says it works, TCG otherwise).
+    Qemu(QemuDriver),
+}
+
+impl VmmDriver {
+    /// Starts the machine's VMM, or adopts the one already running for it.
+    ///
+    /// Idempotent: a VMM carrying this machine's marker is adopted, not started twice; the
+    /// call returns once the control socket answers. Undo: [`VmmDriver::stop`].
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<VmmProcess, LaunchError> {
+        match self {
+            VmmDriver::Qemu(q) => q.launch(spec).await,
+        }
+    }
+
+    /// Whether the recorded process still runs. Cheap (a pidfd and one `/proc` read).
+    pub fn liveness(&self, process: &VmmProcess) -> Liveness {
+        match self {
+            VmmDriver::Qemu(_) => pidfd::liveness(process),
+        }
+    }
+
+    /// Waits until the guest reports ready, the VMM exits, or `timeout` passes.
+    /// Safe to call again at any time (after a daemon restart too): it asks the guest for
+    /// its current state.
+    pub async fn wait_ready(
+        &self,
+        process: &VmmProcess,
+        timeout: Duration,
+    ) -> Result<GuestReady, ReadyError> {
+        match self {
+            VmmDriver::Qemu(_) => agent::wait_ready(process, timeout).await,
+        }
+    }
+
+    /// Asks the guest for its current state over the agent socket.
+    pub async fn guest_state(
+        &self,
+        process: &VmmProcess,
+        timeout: Duration,
+    ) -> Result<GuestState, AgentError> {
+        match self {
+            VmmDriver::Qemu(_) => agent::guest_state(&process.agent_socket, timeout).await,
+        }
+    }
+
+    /// Stops the VMM: graceful shutdown through the guest agent within `grace`, then the
+    /// VMM's own quit, then SIGKILL.
+    ///
+    /// Idempotent: a process that is already gone is `Ok(graceful: true)`. When the daemon
+    /// started the process, it is also reaped before this returns (no zombie is left).
+    pub async fn stop(
+        &self,
+        process: &VmmProcess,
+        grace: Duration,
+    ) -> Result<StopOutcome, StopError> {
+        match self {
+            VmmDriver::Qemu(q) => q.stop(process, grace).await,
+        }
+    }
+
+    /// The prefix of the marker this driver's processes carry (`-name <prefix><id>`), for
+    /// [`find_processes`].
+    pub fn name_prefix(&self) -> &str {
+        match self {
+            VmmDriver::Qemu(q) => q.name_prefix(),
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! The QEMU `microvm` driver.
+//!
+//! Files in the machine directory:
+//! ```text
+//! <workdir>/qmp.sock     QMP control socket (QEMU listens)
+//! <workdir>/agent.sock   guest agent port, bridged to virtio-serial `hearth.agent`
+//! <workdir>/serial.log   the guest's serial console (kernel and init errors)
+//! <workdir>/vmm.log      QEMU's own stdout and stderr (appended across launches)
+//! ```
+//! Why these flags: `microvm` with `-nodefaults` has no PCI, firmware or legacy devices to
+//! emulate, and an uncompressed ELF kernel boots through its PVH entry point without
+//! firmware. Virtio devices sit on virtio-mmio and are found through ACPI (the Debian
+//! kernel cannot take them from the command line). Under TCG the guest needs
+//! `tsc_early_khz` (it hangs after "Marking TSC unstable" otherwise); `panic=-1` with
+//! `-no-reboot` makes a guest kernel panic end the QEMU process instead of leaving it
+//! running. Plain `-M microvm` (without `x-option-roms=off`) works on QEMU 7 and 10 alike.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::accel::{Accel, probe_accel};
+use super::agent::{self, tail};
+use super::qmp::Qmp;
+use super::{LaunchError, LaunchSpec, Liveness, StopError, StopOutcome, VmmProcess, pidfd, procfs};
+
+/// The guest's serial console log in the machine directory.
+pub const SERIAL_LOG: &str = "serial.log";
+/// QEMU's stdout/stderr in the machine directory.
+pub const VMM_LOG: &str = "vmm.log";
+/// The QMP socket in the machine directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// The agent socket in the machine directory.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// Default prefix of the process marker (`-name hearth-<machine id>`).
+pub const DEFAULT_NAME_PREFIX: &str = "hearth-";
+/// Name recorded in [`VmmProcess::driver`].
+pub const DRIVER_NAME: &str = "qemu";
+
+/// How long QEMU may take until QMP answers (measured: ~60 ms).
+const CONTROL_DEADLINE: Duration = Duration::from_secs(10);
+/// Pause between QMP connection attempts during start.
+const CONTROL_RETRY: Duration = Duration::from_millis(5);
+/// How long QMP `quit` may take to be sent and answered.
+const QUIT_LIMIT: Duration = Duration::from_secs(2);
+/// How long QEMU may take to exit after `quit`, and after SIGKILL.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for our reaper after the process has exited.
+const REAP_WAIT: Duration = Duration::from_secs(2);
+/// How much of QEMU's log a launch error carries.
+const LOG_TAIL: usize = 2048;
+
+/// The QEMU driver.
+pub struct QemuDriver {
+    binary: PathBuf,
+    cache_dir: PathBuf,
+    name_prefix: String,
+    /// A fixed accelerator, or none to probe per guest kernel.
+    forced_accel: Option<Accel>,
+    /// Probe answers by kit id; a tokio mutex so concurrent first launches wait for one
+    /// probe instead of booting several.
+    probed: tokio::sync::Mutex<HashMap<String, Accel>>,
+    /// Processes this daemon started and has not reaped yet: pid -> exit description
+    /// (none while running). A task per child reaps it as soon as it exits.
+    children: Arc<Mutex<HashMap<i32, watch::Receiver<Option<String>>>>>,
+}
+
+impl QemuDriver {
+    /// A driver running `binary`, caching the accelerator probe in `cache_dir`.
+    pub fn new(binary: PathBuf, cache_dir: PathBuf) -> QemuDriver {
+        QemuDriver {
+            binary,
+            cache_dir,
+            name_prefix: DEFAULT_NAME_PREFIX.to_string(),
+            forced_accel: None,
+            probed: tokio::sync::Mutex::new(HashMap::new()),
+            children: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Uses another marker prefix (two daemons on one host must not see each other's
+    /// VMMs as their own).
+    pub fn with_name_prefix(mut self, prefix: &str) -> QemuDriver {
+        self.name_prefix = prefix.to_string();
+        self
+    }
+
+    /// Uses `accel` without probing.
+    pub fn with_accel(mut self, accel: Accel) -> QemuDriver {
+        self.forced_accel = Some(accel);
+        self
+    }
+
+    /// The marker prefix.
+    pub fn name_prefix(&self) -> &str {
+        &self.name_prefix
+    }
+
+    /// The accelerator for `kit`: forced, or probed once per kernel (see
+    /// [`probe_accel`]).
+    pub async fn accel_for(&self, kit: &crate::guest::kit::GuestKit) -> Accel {
+        if let Some(a) = self.forced_accel {
+            return a;
+        }
+        let mut probed = self.probed.lock().await;
+        if let Some(a) = probed.get(&kit.kernel_version) {
+            return *a;
+        }
+        let a = probe_accel(&self.binary, kit, &self.cache_dir).await;
+        probed.insert(kit.kernel_version.clone(), a);
+        a
+    }
+
+    /// See [`super::VmmDriver::launch`].
+    pub async fn launch(&self, spec: &LaunchSpec) -> Result<VmmProcess, LaunchError> {
+        let workdir = &spec.workdir;
+        let workdir_err = |path: &Path| {
+            let machine_id = spec.machine_id.clone();
+            let path = path.to_path_buf();
+            move |source| LaunchError::Workdir {
+                machine_id,
+                path,
+                source,
+            }
+        };
+        // Adopt a VMM that already runs for this machine (a crash after the spawn, or a
+        // launch repeated after a daemon restart).
+        if let Some(process) = self.adoptable(spec) {
+            self.wait_control(spec, &process).await?;
+            return Ok(process);
+        }
+
+        fs::create_dir_all(workdir).map_err(workdir_err(workdir))?;
+        for stale in [QMP_SOCKET, AGENT_SOCKET] {
+            let p = workdir.join(stale);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(workdir_err(&p)(e)),
+            }
+        }
+        let accel = self.accel_for(&spec.kit).await;
+        let args = build_args(spec, accel, tsc_khz(), &self.name_prefix);
+
+        let netns = match &spec.netns {
+            Some(name) => Some(fs::File::open(Path::new("/run/netns").join(name)).map_err(
+                |source| LaunchError::Netns {
+                    machine_id: spec.machine_id.clone(),
+                    netns: name.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let log_path = workdir.join(VMM_LOG);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(workdir_err(&log_path))?;
+        let log2 = log.try_clone().map_err(workdir_err(&log_path))?;
+
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(&args)
+            .current_dir(workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: the closure runs in the forked child before exec and only makes two
+        // async-signal-safe system calls on a descriptor the parent keeps open until
+        // spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: the VMM outlives the daemon and its signals.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            machine_id: spec.machine_id.clone(),
+            binary: self.binary.clone(),
+            source,
+        })?;
+        drop(netns);
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        self.reap_in_background(pid, child);
+        let process = VmmProcess {
+            driver: DRIVER_NAME.to_string(),
+            pid,
+            start_time: procfs::stat(pid).map(|s| s.start_time).unwrap_or(0),
+            boot_id: procfs::boot_id(),
+            control_socket: workdir.join(QMP_SOCKET),
+            agent_socket: workdir.join(AGENT_SOCKET),
+        };
+        self.wait_control(spec, &process).await?;
+        Ok(process)
+    }
+
+    /// The running VMM of this machine, if any (the oldest, should there be several).
+    fn adoptable(&self, spec: &LaunchSpec) -> Option<VmmProcess> {
+        let pid = procfs::find_processes(&self.name_prefix)
+            .into_iter()
+            .find(|(id, _)| *id == spec.machine_id)
+            .map(|(_, pid)| pid)?;
+        let stat = procfs::stat(pid).filter(|s| !s.ended)?;
+        Some(VmmProcess {
+            driver: DRIVER_NAME.to_string(),
+            pid,
+            start_time: stat.start_time,
+            boot_id: procfs::boot_id(),
+            control_socket: spec.workdir.join(QMP_SOCKET),
+            agent_socket: spec.workdir.join(AGENT_SOCKET),
+        })
+    }
+
+    /// Hands the child to a task that reaps it the moment it exits, so no zombie is left
+    /// while the daemon runs; [`QemuDriver::stop`] waits for that task.
+    fn reap_in_background(&self, pid: i32, mut child: tokio::process::Child) {
+        let (tx, rx) = watch::channel(None);
+        lock(&self.children).insert(pid, rx);
+        let children = Arc::clone(&self.children);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let _ = tx.send(Some(status));
+            lock(&children).remove(&pid);
+        });
+    }
+
+    /// How our child `pid` exited, if it is ours and has exited.
+    fn child_exit(&self, pid: i32) -> Option<String> {
+        lock(&self.children)
+            .get(&pid)
+            .and_then(|rx| rx.borrow().clone())
+    }
+
+    /// Waits until our reaper has reaped `pid` (no-op for processes we did not start).
+    async fn reaped(&self, pid: i32) {
+        let rx = lock(&self.children).get(&pid).cloned();
+        if let Some(mut rx) = rx {
+            let _ = tokio::time::timeout(REAP_WAIT, rx.wait_for(|s| s.is_some())).await;
+        }
+    }
+
+    /// Waits until QMP answers `query-status`, failing early if the process ends.
+    async fn wait_control(
+        &self,
+        spec: &LaunchSpec,
+        process: &VmmProcess,
+    ) -> Result<(), LaunchError> {
+        let start = Instant::now();
+        loop {
+            if pidfd::liveness(process) == Liveness::Gone {
+                self.reaped(process.pid).await;
+                return Err(LaunchError::Exited {
+                    machine_id: spec.machine_id.clone(),
+                    status: self
+                        .child_exit(process.pid)
+                        .unwrap_or_else(|| "exit status unknown".to_string()),
+                    log: tail(&spec.workdir.join(VMM_LOG), LOG_TAIL),
+                });
+            }
+            let attempt = tokio::time::timeout(CONTROL_DEADLINE, async {
+                let mut qmp = Qmp::connect(&process.control_socket).await?;
+                qmp.execute("query-status").await
+            })
+            .await;
+            let last_error = match attempt {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no reply".to_string(),
+            };
+            if start.elapsed() >= CONTROL_DEADLINE {
+                return Err(LaunchError::ControlTimeout {
+                    machine_id: spec.machine_id.clone(),
+                    path: process.control_socket.clone(),
+                    after: CONTROL_DEADLINE,
+                    last_error,
+                });
+            }
+            tokio::time::sleep(CONTROL_RETRY).await;
+        }
+    }
+
+    /// See [`super::VmmDriver::stop`].
+    pub async fn stop(
+        &self,
+        process: &VmmProcess,
+        grace: Duration,
+    ) -> Result<StopOutcome, StopError> {
+        let Some(fd) = pidfd::open_verified(process) else {
+            self.reaped(process.pid).await;
+            return Ok(StopOutcome { graceful: true });
+        };
+        let signal_err = |source| StopError::Signal {
+            pid: process.pid,
+            source,
+        };
+        let fd = pidfd::watch(fd).map_err(signal_err)?;
+
+        // 1. The guest shuts itself down (workload stopped, disks synced, power off).
+        let graceful = tokio::time::timeout(grace, async {
+            let _ = agent::request_shutdown(&process.agent_socket, grace).await;
+            pidfd::wait_exit(&fd).await;
+        })
+        .await
+        .is_ok();
+        if graceful {
+            self.reaped(process.pid).await;
+            return Ok(StopOutcome { graceful: true });
+        }
+
+        // 2. QEMU quits (the guest gets no say; its disk sees what it had written).
+        let _ = tokio::time::timeout(QUIT_LIMIT, async {
+            let mut qmp = Qmp::connect(&process.control_socket).await?;
+            qmp.execute("quit").await
+        })
+        .await;
+        if pidfd::exited_within(&fd, EXIT_WAIT).await {
+            self.reaped(process.pid).await;
+            return Ok(StopOutcome { graceful: false });
+        }
+
+        // 3. SIGKILL.
+        pidfd::kill(&fd).map_err(signal_err)?;
+        if pidfd::exited_within(&fd, EXIT_WAIT).await {
+            self.reaped(process.pid).await;
+            return Ok(StopOutcome { graceful: false });
+        }
+        Err(StopError::StillRunning {
+            pid: process.pid,
+            after: EXIT_WAIT,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent (single inserts
+    // and removes), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A path as a QEMU option value: commas are doubled (QEMU's escape inside `a=b,c=d`).
+pub fn escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// The host's TSC frequency in kHz, for the guest's `tsc_early_khz` (read once).
+pub fn tsc_khz() -> Option<u64> {
+    static KHZ: OnceLock<Option<u64>> = OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").ok()?;
+        parse_cpu_khz(&cpuinfo)
+    })
+}
+
+/// The first "cpu MHz" of `/proc/cpuinfo`, in kHz.
+fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|mhz| *mhz > 0.0)
+        .map(|mhz| (mhz * 1000.0).round() as u64)
+}
+
+/// The kernel command line: serial console, exit on panic, little console output (each
+/// console line costs milliseconds under TCG), and the TSC frequency.
+pub fn kernel_cmdline(tsc_khz: Option<u64>) -> String {
+    let mut line = String::from("console=ttyS0 panic=-1 quiet");
+    if let Some(khz) = tsc_khz {
+        line.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    line
+}
+
+/// QEMU's arguments for `spec`.
+pub fn build_args(
+    spec: &LaunchSpec,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    name_prefix: &str,
+) -> Vec<OsString> {
+    let workdir = &spec.workdir;
+    let mut a: Vec<String> = vec![
+        procfs::MARKER_FLAG.into(),
+        format!("{name_prefix}{}", spec.machine_id),
+        "-M".into(),
+        "microvm".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-accel".into(),
+        accel.qemu_name().into(),
+        "-cpu".into(),
+        match accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "qemu64".into(),
+        },
+        "-smp".into(),
+        spec.vcpus.max(1).to_string(),
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-kernel".into(),
+        spec.kit.vmlinux.to_string_lossy().into_owned(),
+        "-initrd".into(),
+        spec.kit.initramfs.to_string_lossy().into_owned(),
+        "-append".into(),
+        kernel_cmdline(tsc_khz),
+        "-serial".into(),
+        format!("file:{}", escape(&workdir.join(SERIAL_LOG))),
+        "-drive".into(),
+        format!(
+            "if=none,id=root,format=raw,file={}",
+            escape(&spec.root_disk)
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+        "-drive".into(),
+        format!(
+            "if=none,id=config,format=raw,readonly=on,file={}",
+            escape(&spec.config_disk)
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=config".into(),
+    ];
+    if let Some(tap) = &spec.tap {
+        let m = tap.mac;
+        a.extend([
+            "-netdev".into(),
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                tap.name
+            ),
+            "-device".into(),
+            format!(
+                "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
+        ]);
+    }
+    a.extend([
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&workdir.join(AGENT_SOCKET))
+        ),
+        "-device".into(),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            crate::guest::protocol::AGENT_PORT_NAME
+        ),
+        "-qmp".into(),
+        format!(
+            "unix:{},server=on,wait=off",
+            escape(&workdir.join(QMP_SOCKET))
+        ),
+    ]);
+    a.into_iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::kit::GuestKit;
+    use crate::vmm::TapSpec;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            machine_id: "m1".into(),
+            workdir: "/var/lib/hearth/machines/m1".into(),
+            netns: Some("hth-m1".into()),
+            tap: Some(TapSpec {
+                name: "tap0".into(),
+                mac: [0x52, 0x54, 0, 0xab, 0x0c, 1],
+            }),
+            vcpus: 1,
+            memory_mib: 128,
+            kit: GuestKit {
+                vmlinux: "/cache/k/vmlinux".into(),
+                initramfs: "/cache/k/initramfs.cpio".into(),
+                kernel_version: "6.1".into(),
+                id: "k".into(),
+            },
+            root_disk: "/data/m1/root,1.img".into(),
+            config_disk: "/data/m1/config.img".into(),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn args_carry_marker_devices_and_escaped_paths() {
+        let args = build_args(&spec(), Accel::Tcg, Some(2_596_126), "hearth-");
+        let line = joined(&args);
+        assert!(line.starts_with("-name hearth-m1 -M microvm"), "{line}");
+        assert!(line.contains("-accel tcg -cpu qemu64"), "{line}");
+        assert!(line.contains("tsc_early_khz=2596126"), "{line}");
+        assert!(line.contains("panic=-1"), "{line}");
+        assert!(line.contains("file=/data/m1/root,,1.img"), "{line}");
+        assert!(
+            line.contains("readonly=on,file=/data/m1/config.img"),
+            "{line}"
+        );
+        assert!(
+            line.contains("ifname=tap0,script=no,downscript=no,vhost=off"),
+            "{line}"
+        );
+        assert!(line.contains("mac=52:54:00:ab:0c:01"), "{line}");
+        assert!(line.contains("name=hearth.agent"), "{line}");
+        assert!(line.contains("unix:/var/lib/hearth/machines/m1/qmp.sock,server=on,wait=off"));
+        // The marker is one whole argument, which is what the process scan matches.
+        let strings: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(procfs::marker_id(&strings, "hearth-"), Some("m1"));
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu_and_no_tap_means_no_nic() {
+        let mut s = spec();
+        s.tap = None;
+        let line = joined(&build_args(&s, Accel::Kvm, None, "x-"));
+        assert!(line.contains("-accel kvm -cpu host"), "{line}");
+        assert!(!line.contains("-netdev"), "{line}");
+        assert!(!line.contains("tsc_early_khz"), "{line}");
+    }
+
+    #[test]
+    fn cpu_khz_parses_cpuinfo() {
+        assert_eq!(
+            parse_cpu_khz("processor\t: 0\ncpu MHz\t\t: 2596.126\n"),
+            Some(2_596_126)
+        );
+        assert_eq!(parse_cpu_khz("processor\t: 0\n"), None);
+    }
+}
