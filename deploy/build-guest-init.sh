@@ -24,7 +24,7 @@ if [[ "${1:-}" == "release" ]]; then
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
-cargo rustc --bin hearth-init "${ARGS[@]}" -- -C target-feature=+crt-static
+cargo rustc --bin hearth-init "${ARGS[@]}" -- -C target-feature=+crt-static -C strip=symbols
 
 BIN="$TARGET_DIR/$PROFILE/hearth-init"
 OUT="$TARGET_DIR/$PROFILE/hearth-init-static"

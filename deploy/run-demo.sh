@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 cargo build --release --bins
+bash deploy/build-guest-init.sh release
 work=$(mktemp -d /tmp/hearth-demo.XXXXXX)
 sock="$work/hearthd.sock"
 cat > "$work/hearthd.toml" <<TOML

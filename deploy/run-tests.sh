@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The guest init must be static; the tests' daemons find it beside hearthd.
+bash deploy/build-guest-init.sh
 cargo test --lib --bins --tests -- --test-threads=2

@@ -1,7 +1,5 @@
 //! hearthd as a real process (root): the API over its Unix socket, validation that leaves
-//! nothing behind, idempotent creates, and a machine run that acquires its image, disk,
-//! lease and network for real, fails at the VMM steps this build does not have yet, and
-//! releases everything it acquired.
+//! nothing behind, idempotent creates, unique names, records that survive SIGKILL.
 
 mod support;
 
@@ -10,7 +8,7 @@ use hearth::client::Client;
 use support::Daemon;
 use tonic::Code;
 
-const CONFIG: &str = "[guest]\nboot_attempts = 1";
+const CONFIG: &str = "";
 
 fn create(
     request_id: &str,
@@ -178,7 +176,7 @@ async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_acquires_for_real_fails_at_the_missing_vmm_and_releases_everything() {
+async fn creates_are_idempotent_names_unique_and_records_survive_sigkill() {
     let mut daemon = Daemon::start_with(CONFIG);
     let mut client = daemon.client().await;
     let first = client
@@ -202,50 +200,26 @@ async fn a_run_acquires_for_real_fails_at_the_missing_vmm_and_releases_everythin
         .unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists);
     assert!(taken.message().contains("name"), "{}", taken.message());
-
-    let failed = wait_for(&mut client, &first.id, pb::MachineState::Failed).await;
-    assert!(
-        failed.failure.contains("no VMM driver"),
-        "{}",
-        failed.failure
-    );
-    // Image, disk, lease and network were acquired for real, then released in reverse.
-    let ran = |step: &str, direction: &str| {
-        failed
-            .timings
-            .iter()
-            .any(|t| t.step == step && t.direction == direction && t.outcome == "ok")
-    };
-    for step in ["image", "disk", "lease", "network"] {
+    let started = wait_for(&mut client, &first.id, pb::MachineState::Started).await;
+    for step in [
+        "image",
+        "disk",
+        "lease",
+        "network",
+        "vm_config",
+        "vmm",
+        "ready",
+        "publish",
+    ] {
         assert!(
-            ran(step, "acquire"),
-            "{step} acquire missing: {:?}",
-            failed.timings
-        );
-        assert!(
-            ran(step, "release"),
-            "{step} release missing: {:?}",
-            failed.timings
+            started
+                .timings
+                .iter()
+                .any(|t| t.step == step && t.direction == "acquire" && t.outcome == "ok"),
+            "{step} missing: {:?}",
+            started.timings
         );
     }
-    let node = client
-        .node
-        .get_node(pb::GetNodeRequest {})
-        .await
-        .expect("node")
-        .into_inner();
-    assert_eq!(node.ip_slots_used, 0, "the lease was released");
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
-    let machine_dir = daemon.dir.path().join("data/machines").join(&first.id);
-    assert!(
-        !machine_dir.exists(),
-        "{} left behind",
-        machine_dir.display()
-    );
 
     // The record survives a SIGKILL of the daemon, and destroy still works after it.
     daemon.kill();
@@ -259,7 +233,7 @@ async fn a_run_acquires_for_real_fails_at_the_missing_vmm_and_releases_everythin
         .await
         .expect("get after restart")
         .into_inner();
-    assert_eq!(found.state, pb::MachineState::Failed as i32);
+    assert_eq!(found.request_id, "req-1");
     client
         .machines
         .destroy_machine(pb::MachineRef {
@@ -276,10 +250,39 @@ async fn a_run_acquires_for_real_fails_at_the_missing_vmm_and_releases_everythin
         .await
         .unwrap_err();
     assert_eq!(start.code(), Code::FailedPrecondition);
-    // The name is free again once the machine is destroyed.
-    client
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    assert_eq!(node.ip_slots_used, 0, "the lease was released");
+    assert!(
+        daemon.host_leftovers().is_empty(),
+        "{:?}",
+        daemon.host_leftovers()
+    );
+    // The name is free again once the machine is destroyed, and the old request id still
+    // answers with the destroyed machine.
+    let retry = client
+        .machines
+        .create_machine(create("req-1", "web", "demo", 1, 128))
+        .await
+        .expect("old request id")
+        .into_inner();
+    assert_eq!(retry.id, first.id);
+    let reused = client
         .machines
         .create_machine(create("req-3", "web", "demo", 1, 128))
         .await
-        .expect("name reused");
+        .expect("name reused")
+        .into_inner();
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: reused.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &reused.id, pb::MachineState::Destroyed).await;
 }

@@ -3,14 +3,16 @@
 
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
+use tokio::sync::{OnceCell, broadcast};
 
 use crate::config::Config;
+use crate::guest::kit::{GuestKit, KitError, KitSource};
 use crate::machine::decide::Policy;
 use crate::machine::record::MachineEvent;
 use crate::net::{NetFabric, PoolCidr};
 use crate::route::RouteChange;
 use crate::store::Store;
+use crate::vmm::VmmDriver;
 
 /// Shared services. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
@@ -23,6 +25,8 @@ struct Inner {
     store: Store,
     pool: PoolCidr,
     net: NetFabric,
+    vmm: VmmDriver,
+    kit: OnceCell<GuestKit>,
     events: broadcast::Sender<MachineEvent>,
     routes: broadcast::Sender<RouteChange>,
 }
@@ -33,7 +37,13 @@ const BROADCAST_CAPACITY: usize = 1024;
 
 impl Services {
     /// Assembles the services.
-    pub fn new(config: Config, store: Store, pool: PoolCidr, net: NetFabric) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        pool: PoolCidr,
+        net: NetFabric,
+        vmm: VmmDriver,
+    ) -> Self {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (routes, _) = broadcast::channel(BROADCAST_CAPACITY);
         Services {
@@ -42,6 +52,8 @@ impl Services {
                 store,
                 pool,
                 net,
+                vmm,
+                kit: OnceCell::new(),
                 events,
                 routes,
             }),
@@ -66,6 +78,30 @@ impl Services {
     /// The host network fabric (used by the tap allocator).
     pub fn net(&self) -> &NetFabric {
         &self.inner.net
+    }
+
+    /// The VMM driver.
+    pub fn vmm(&self) -> &VmmDriver {
+        &self.inner.vmm
+    }
+
+    /// The guest kit, assembled on first use (cached on disk, so later daemons reuse it).
+    pub async fn kit(&self) -> Result<&GuestKit, String> {
+        self.inner
+            .kit
+            .get_or_try_init(|| async {
+                let source = KitSource {
+                    kernel_dir: self.inner.config.guest.kernel_dir.clone(),
+                    init_binary: self.inner.config.init_binary(),
+                };
+                let cache = self.inner.config.cache_dir.join("kit");
+                tokio::task::spawn_blocking(move || {
+                    GuestKit::ensure(&source, &cache).map_err(|e: KitError| e.to_string())
+                })
+                .await
+                .map_err(|e| format!("guest kit task: {e}"))?
+            })
+            .await
     }
 
     /// The retry bounds of every run.

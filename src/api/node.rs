@@ -34,7 +34,7 @@ impl NodeService for Node {
             machines: usage.machines,
             ip_slots_total: self.services.pool().slot_count(),
             ip_slots_used: leases.len() as u32,
-            vmm: "none (not in this build)".to_string(),
+            vmm: self.services.vmm().describe(),
         }))
     }
 }

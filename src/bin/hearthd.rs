@@ -16,6 +16,7 @@ use hearth::config::Config;
 use hearth::image::{BaseSettings, BaseStore};
 use hearth::net::{NetFabric, PoolCidr};
 use hearth::store::Store;
+use hearth::vmm::{QemuDriver, VmmDriver};
 use ractor::Actor;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -65,12 +66,16 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
     let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
     let net = NetFabric::start().map_err(|e| e.to_string())?;
+    let vmm = VmmDriver::Qemu(QemuDriver::new(
+        config.vmm.qemu_binary.clone(),
+        config.cache_dir.join("vmm"),
+    ));
     let bases = BaseStore::open(
         &config.data_dir.join("images"),
         BaseSettings::from(&config.images),
     )
     .map_err(|e| e.to_string())?;
-    let services = Services::new(config.clone(), store, pool, net);
+    let services = Services::new(config.clone(), store, pool, net, vmm);
 
     let (supervisor, supervisor_done) = Supervisor::spawn(
         Some(names::SUPERVISOR.to_string()),

@@ -23,6 +23,7 @@ use super::record::{Desired, MachineRecord, MachineState, StepTiming};
 use super::step::{Direction, Step};
 use super::steps::{self, StepOutput};
 use crate::actors::services::Services;
+use crate::vmm::Liveness;
 
 /// Messages to a MachineActor.
 pub enum MachineMsg {
@@ -73,12 +74,13 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl MachineActor {
-    fn observe(_: &Services, rec: &MachineRecord) -> Observed {
-        // Without a VMM driver in this build no process is ever recorded; a recorded one
-        // (from another build) cannot be checked and is treated as gone.
+    fn observe(services: &Services, rec: &MachineRecord) -> Observed {
         let vmm = match &rec.resources.vmm {
             None => VmmSeen::NotRecorded,
-            Some(_) => VmmSeen::Gone,
+            Some(record) => match services.vmm().liveness(&steps::vmm::process_of(record)) {
+                Liveness::Running => VmmSeen::Running,
+                Liveness::Gone => VmmSeen::Gone,
+            },
         };
         Observed { vmm }
     }

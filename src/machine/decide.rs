@@ -221,7 +221,14 @@ pub fn apply_outcome(rec: &mut MachineRecord, step: Step, direction: Direction, 
 /// The VMM died under a machine that should run: forget the VMM and the readiness that
 /// died with it. A guest that died before it was ready costs a boot attempt.
 pub fn apply_vmm_lost(rec: &mut MachineRecord) {
-    if rec.mark(Step::Ready) != Mark::Done {
+    // A VMM from an attempt already counted as failed (its readiness wait failed first)
+    // is not counted twice.
+    let already_counted = rec
+        .resources
+        .vmm
+        .as_ref()
+        .is_some_and(|vmm| vmm.attempt < rec.boot_attempts);
+    if rec.mark(Step::Ready) != Mark::Done && !already_counted {
         rec.boot_attempts += 1;
     }
     rec.set_mark(Step::Vmm, Mark::Untouched);
@@ -530,6 +537,17 @@ mod tests {
         assert_eq!(rec.boot_attempts, 0);
         assert!(!rec.touched(Step::Ready));
         assert!(rec.resources.vmm.is_none());
+    }
+
+    #[test]
+    fn a_failed_boot_is_counted_once_whether_ready_or_liveness_notices_first() {
+        let mut rec = record(Desired::Started, &done_through(Step::Vmm));
+        // The readiness wait fails because the VMM exited...
+        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, false);
+        // ...and the next decision sees the VMM gone.
+        check(&rec, GONE, Next::VmmLost, MachineState::Starting);
+        apply_vmm_lost(&mut rec);
+        assert_eq!(rec.boot_attempts, 1);
     }
 
     #[test]

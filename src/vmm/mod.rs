@@ -302,6 +302,13 @@ impl VmmDriver {
         }
     }
 
+    /// The driver's name, as the node API shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            VmmDriver::Qemu(_) => "qemu".to_string(),
+        }
+    }
+
     /// The prefix of the marker this driver's processes carry (`-name <prefix><id>`), for
     /// [`find_processes`].
     pub fn name_prefix(&self) -> &str {

@@ -1,16 +1,31 @@
-//! Step `ready`: the guest said it is ready.
+//! Step `ready`: the guest init said it is ready (the workload runs and listens on every
+//! port the spec declares), within the readiness deadline.
 //!
-//! Not in this build yet (see `vm_config`): acquire fails saying so; release has no host
-//! effect.
+//! Acquire only observes (it asks the guest agent), so it is safe to run any number of
+//! times, after a daemon restart too; when the guest stays silent past the deadline, or
+//! the VMM exits early, the step fails and the run counts a boot attempt. Release has no
+//! host effect.
 
 use super::StepError;
-use super::vm_config::NO_DRIVER;
 use crate::actors::services::Services;
 use crate::machine::record::MachineRecord;
 
-/// Fails: see the module doc.
-pub async fn acquire(_: &Services, _: &MachineRecord) -> Result<(), StepError> {
-    Err(StepError::Failed(format!("ready: {NO_DRIVER}")))
+/// Waits for the guest's ready message.
+pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
+    let record = rec
+        .resources
+        .vmm
+        .as_ref()
+        .ok_or_else(|| StepError::Failed("ready: no VMM recorded".into()))?;
+    services
+        .vmm()
+        .wait_ready(
+            &super::vmm::process_of(record),
+            services.config().ready_timeout(),
+        )
+        .await
+        .map_err(|e| StepError::Failed(format!("ready: {e}")))?;
+    Ok(())
 }
 
 /// Nothing to undo.

@@ -1,19 +1,83 @@
-//! Step `vmm`: the VMM process.
+//! Step `vmm`: the VMM process, inside the machine's namespace, outliving the daemon.
 //!
-//! Not in this build yet (see `vm_config`): acquire fails saying so; release has nothing
-//! to stop and succeeds.
+//! Acquire is idempotent: the driver adopts a running process of this machine (found by
+//! the marker in its command line) instead of starting a second one, so a crash between
+//! starting the VMM and recording it costs nothing. Release stops the recorded process
+//! (gracefully, then by force) and any other process carrying the machine's marker; a
+//! process already gone is fine.
 
-use super::vm_config::NO_DRIVER;
-use super::{StepError, StepOutput};
+use super::disk::ROOT_DISK;
+use super::vm_config::CONFIG_DISK;
+use super::{StepError, StepOutput, machine_dir};
 use crate::actors::services::Services;
-use crate::machine::record::MachineRecord;
+use crate::machine::record::{MachineRecord, VmmRecord};
+use crate::vmm::{LaunchSpec, TapSpec, VmmProcess, find_processes};
 
-/// Fails: see the module doc.
-pub async fn acquire(_: &Services, _: &MachineRecord) -> Result<StepOutput, StepError> {
-    Err(StepError::Failed(format!("vmm: {NO_DRIVER}")))
+/// The driver's view of a recorded process.
+pub fn process_of(record: &VmmRecord) -> VmmProcess {
+    VmmProcess {
+        driver: record.driver.clone(),
+        pid: record.pid,
+        start_time: record.start_time,
+        boot_id: record.boot_id.clone(),
+        control_socket: record.control_socket.clone(),
+        agent_socket: record.agent_socket.clone(),
+    }
 }
 
-/// Nothing was started, so nothing to stop.
-pub async fn release(_: &Services, _: &MachineRecord) -> Result<(), StepError> {
+/// Starts (or adopts) the VMM.
+pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<StepOutput, StepError> {
+    let kit = services.kit().await.map_err(StepError::Failed)?.clone();
+    if rec.resources.lease_slot.is_none() {
+        return Err(StepError::Failed("vmm: no lease recorded".into()));
+    }
+    let plan = super::network::plan(services, rec)?;
+    let dir = machine_dir(services, rec);
+    let spec = LaunchSpec {
+        machine_id: rec.id.clone(),
+        workdir: dir.clone(),
+        netns: Some(plan.netns.clone()),
+        tap: Some(TapSpec {
+            name: plan.tap.clone(),
+            mac: plan.guest_mac,
+        }),
+        vcpus: rec.spec.vcpus,
+        memory_mib: u64::from(rec.spec.memory_mib),
+        kit,
+        root_disk: dir.join(ROOT_DISK),
+        config_disk: dir.join(CONFIG_DISK),
+    };
+    let process = services
+        .vmm()
+        .launch(&spec)
+        .await
+        .map_err(|e| StepError::Failed(e.to_string()))?;
+    Ok(StepOutput::Vmm(VmmRecord {
+        driver: process.driver,
+        pid: process.pid,
+        start_time: process.start_time,
+        boot_id: process.boot_id,
+        control_socket: process.control_socket,
+        agent_socket: process.agent_socket,
+        attempt: rec.boot_attempts,
+    }))
+}
+
+/// Stops the VMM.
+pub async fn release(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
+    if let Some(record) = &rec.resources.vmm {
+        services
+            .vmm()
+            .stop(&process_of(record), services.config().stop_grace())
+            .await
+            .map_err(|e| StepError::Failed(e.to_string()))?;
+    }
+    // A process started but never recorded (a crash between the two) carries the marker.
+    for (machine, pid) in find_processes(services.vmm().name_prefix()) {
+        if machine == rec.id {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
     Ok(())
 }

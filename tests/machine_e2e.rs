@@ -1,0 +1,301 @@
+//! End to end on real guests (root, QEMU): a Linux guest boots under hearthd's QEMU driver
+//! with hearth-init as PID 1, signals ready, serves TCP on its own address, and is
+//! stopped, started and destroyed; afterwards nothing of it is left on the host.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use hearth::api::pb;
+use hearth::client::Client;
+use support::Daemon;
+
+async fn create(
+    client: &mut Client,
+    request_id: &str,
+    name: &str,
+    command: &[&str],
+) -> pb::Machine {
+    client
+        .machines
+        .create_machine(pb::CreateMachineRequest {
+            request_id: request_id.into(),
+            name: name.into(),
+            spec: Some(pb::MachineSpec {
+                image: "demo".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                ports: vec![80],
+                command: command.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb::Machine {
+    let reply = client
+        .machines
+        .wait_machine(pb::WaitMachineRequest {
+            id: id.into(),
+            state: state as i32,
+            timeout_ms: 240_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner();
+    let machine = reply.machine.expect("machine");
+    assert!(reply.reached, "did not reach {state:?}: {machine:#?}");
+    machine
+}
+
+async fn destroy(client: &mut Client, id: &str) {
+    client
+        .machines
+        .destroy_machine(pb::MachineRef { id: id.into() })
+        .await
+        .expect("destroy");
+    wait_for(client, id, pb::MachineState::Destroyed).await;
+}
+
+/// Processes whose command line carries the machine's marker.
+fn vmm_processes(id: &str) -> Vec<i32> {
+    let marker = format!("hearth-{id}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+        if !zombie
+            && cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == marker.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// An HTTP GET to the guest from the host side of its network.
+fn http_get(ip: &str, port: u16) -> String {
+    let ip: Ipv4Addr = ip.parse().expect("guest ip");
+    let addr = SocketAddr::from((ip, port));
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect to the guest");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+        .expect("send request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read reply");
+    reply
+}
+
+fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {
+    assert!(
+        daemon.host_leftovers().is_empty(),
+        "{:?}",
+        daemon.host_leftovers()
+    );
+    for id in ids {
+        assert!(
+            vmm_processes(id).is_empty(),
+            "a VMM of {id} is still running"
+        );
+        let dir = daemon.dir.path().join("data/machines").join(id);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_serve_stop_start_destroy_leaves_nothing() {
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let machine = create(&mut client, "e2e-1", "web", &[]).await;
+    let started = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+    assert!(!started.guest_ip.is_empty());
+    assert_eq!(vmm_processes(&machine.id), vec![started.vmm_pid as i32]);
+    let page = http_get(&started.guest_ip, 80);
+    assert!(page.contains("hearth demo"), "{page}");
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner();
+    assert!(
+        routes
+            .routes
+            .iter()
+            .any(|r| r.machine_id == machine.id && r.ip == started.guest_ip)
+    );
+
+    client
+        .machines
+        .stop_machine(pb::MachineRef {
+            id: machine.id.clone(),
+        })
+        .await
+        .expect("stop");
+    wait_for(&mut client, &machine.id, pb::MachineState::Stopped).await;
+    assert!(
+        vmm_processes(&machine.id).is_empty(),
+        "stopped machine still has a VMM"
+    );
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes");
+    assert!(
+        routes.into_inner().routes.is_empty(),
+        "a stopped machine stays unpublished"
+    );
+
+    client
+        .machines
+        .start_machine(pb::MachineRef {
+            id: machine.id.clone(),
+        })
+        .await
+        .expect("start");
+    let again = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+    assert_eq!(
+        again.guest_ip, started.guest_ip,
+        "the lease is kept across stop/start"
+    );
+    assert!(http_get(&again.guest_ip, 80).contains("hearth demo"));
+
+    destroy(&mut client, &machine.id).await;
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    assert_eq!(node.ip_slots_used, 0);
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes");
+    assert!(routes.into_inner().routes.is_empty());
+    assert_nothing_left(&daemon, &[machine.id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_concurrent_machines_start_with_distinct_addresses() {
+    let daemon = Daemon::start_with("");
+    let client = daemon.client().await;
+    let mut creates = Vec::new();
+    for i in 0..5 {
+        let mut client = client.clone();
+        creates.push(tokio::spawn(async move {
+            let m = create(&mut client, &format!("five-{i}"), &format!("m{i}"), &[]).await;
+            wait_for(&mut client, &m.id, pb::MachineState::Started).await
+        }));
+    }
+    let mut machines = Vec::new();
+    for task in creates {
+        machines.push(task.await.expect("task"));
+    }
+    let mut ips: Vec<_> = machines.iter().map(|m| m.guest_ip.clone()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 5, "{ips:?}");
+    for m in &machines {
+        assert!(http_get(&m.guest_ip, 80).contains("hearth demo"));
+    }
+    let mut destroys = Vec::new();
+    for m in &machines {
+        let mut client = client.clone();
+        let id = m.id.clone();
+        destroys.push(tokio::spawn(async move { destroy(&mut client, &id).await }));
+    }
+    for task in destroys {
+        task.await.expect("destroy");
+    }
+    let ids: Vec<String> = machines.into_iter().map(|m| m.id).collect();
+    assert_nothing_left(&daemon, &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_gets_ready_fails_after_bounded_boots_and_leaves_nothing() {
+    // The workload never listens on its declared port, so the guest never reports ready.
+    let daemon = Daemon::start_with("[guest]\nready_timeout_secs = 8\nboot_attempts = 2");
+    let mut client = daemon.client().await;
+    let machine = create(
+        &mut client,
+        "never",
+        "never",
+        &["/bin/busybox", "sleep", "1000"],
+    )
+    .await;
+    let failed = wait_for(&mut client, &machine.id, pb::MachineState::Failed).await;
+    assert!(
+        failed.failure.contains("2 boot attempts"),
+        "{}",
+        failed.failure
+    );
+    let boots = failed
+        .timings
+        .iter()
+        .filter(|t| t.step == "vmm" && t.direction == "acquire" && t.outcome == "ok")
+        .count();
+    assert_eq!(boots, 2, "{:?}", failed.timings);
+    assert_nothing_left(&daemon, std::slice::from_ref(&machine.id));
+    destroy(&mut client, &machine.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_readopts_its_running_machine() {
+    let mut daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let machine = create(&mut client, "adopt", "adopt", &[]).await;
+    let started = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+
+    daemon.kill();
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    let after = client
+        .machines
+        .get_machine(pb::MachineRef {
+            id: machine.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(after.vmm_pid, started.vmm_pid);
+    // Re-adopted, not restarted: still started, same process, still serving.
+    let settled = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+    assert_eq!(settled.vmm_pid, started.vmm_pid);
+    assert_eq!(vmm_processes(&machine.id), vec![started.vmm_pid as i32]);
+    assert!(http_get(&settled.guest_ip, 80).contains("hearth demo"));
+
+    client
+        .machines
+        .stop_machine(pb::MachineRef {
+            id: machine.id.clone(),
+        })
+        .await
+        .expect("stop");
+    wait_for(&mut client, &machine.id, pb::MachineState::Stopped).await;
+    assert!(vmm_processes(&machine.id).is_empty());
+    destroy(&mut client, &machine.id).await;
+    assert_nothing_left(&daemon, &[machine.id]);
+}
