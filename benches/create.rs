@@ -2,7 +2,8 @@
 //! hearthd and real QEMU guests: each step's time, and hearth's own overhead (everything
 //! from CreateMachine to `started` except the VMM's start-up and the guest's boot).
 //!
-//! Run as root: `cargo bench --bench create` (HEARTH_BENCH_RUNS sets the sample count,
+//! Run as root: `bash deploy/build-guest-init.sh release && cargo bench --bench create`
+//! (HEARTH_BENCH_RUNS sets the sample count,
 //! default 7). Reports p50 and p90 per step.
 
 #[path = "../tests/support/mod.rs"]
