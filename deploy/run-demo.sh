@@ -24,6 +24,11 @@ id=$(cli --json machine create --name demo --image demo --port 80 | sed -n 's/.*
 echo "created machine $id"
 cli machine wait "$id" started --timeout 120 || true
 cli machine get "$id"
+ip=$(cli --json machine get "$id" | sed -n 's/.*"guest_ip":"\([0-9.]*\)".*/\1/p')
+exec 3<>"/dev/tcp/$ip/80"
+printf 'GET / HTTP/1.0\r\n\r\n' >&3
+echo "the guest at $ip answers: $(tail -n 1 <&3)"
+exec 3<&-
 cli machine destroy "$id" >/dev/null
 cli machine wait "$id" destroyed --timeout 60 >/dev/null
 echo "destroyed machine $id"
