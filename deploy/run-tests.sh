@@ -8,4 +8,18 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The guest init must be static; the tests' daemons find it beside hearthd.
 bash deploy/build-guest-init.sh
+host_state() {
+  # What the suite must leave as it found it: namespaces, links, VMM processes.
+  echo "netns: $(ls /run/netns 2>/dev/null | sort | tr '\n' ' ')"
+  echo "links: $(ls /sys/class/net | sort | tr '\n' ' ')"
+  echo "vmms: $(pgrep -c -f qemu-system || true)"
+}
+before=$(host_state)
 cargo test --lib --bins --tests -- --test-threads=2
+after=$(host_state)
+if [ "$before" != "$after" ]; then
+  echo "run-tests: the suite left host resources behind" >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
+fi
+echo "run-tests: the host is as the suite found it"

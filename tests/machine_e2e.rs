@@ -126,6 +126,12 @@ fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {
 async fn create_serve_stop_start_destroy_leaves_nothing() {
     let daemon = Daemon::start_with("");
     let mut client = daemon.client().await;
+    let mut routes_watch = client
+        .registry
+        .watch_routes(pb::WatchRoutesRequest {})
+        .await
+        .expect("watch routes")
+        .into_inner();
     let machine = create(&mut client, "e2e-1", "web", &[]).await;
     let started = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
     assert!(!started.guest_ip.is_empty());
@@ -189,6 +195,61 @@ async fn create_serve_stop_start_destroy_leaves_nothing() {
         .expect("node")
         .into_inner();
     assert_eq!(node.ip_slots_used, 0);
+
+    // Watchers saw the route come and go with each start and stop: published only once
+    // the guest was ready, withdrawn before its resources were released.
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let change = tokio::time::timeout(Duration::from_secs(10), routes_watch.message())
+            .await
+            .expect("a route change in time")
+            .expect("route stream")
+            .expect("route stream open");
+        let about = change.route.as_ref().map(|r| r.machine_id.clone());
+        assert_eq!(about.as_deref(), Some(machine.id.as_str()));
+        kinds.push(change.kind);
+    }
+    use pb::route_change::Kind;
+    let expected = [
+        Kind::Published,
+        Kind::Unpublished,
+        Kind::Published,
+        Kind::Unpublished,
+    ];
+    assert_eq!(kinds, expected.map(|k| k as i32));
+
+    // The event log tells the whole run in order, ending destroyed.
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: machine.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .expect("watch events")
+        .into_inner();
+    let mut log = Vec::new();
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), events.message()).await {
+        match next.expect("event stream") {
+            Some(event) => log.push(event),
+            None => break,
+        }
+    }
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(
+        log.first().map(|e| e.message.as_str()),
+        Some("created"),
+        "{log:?}"
+    );
+    assert_eq!(
+        log.last().map(|e| e.state),
+        Some(pb::MachineState::Destroyed as i32)
+    );
+    assert!(
+        log.iter()
+            .any(|e| e.message.starts_with("acquire ready: ok")),
+        "{log:?}"
+    );
     let routes = client
         .registry
         .list_routes(pb::ListRoutesRequest {})
