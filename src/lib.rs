@@ -8,6 +8,7 @@ pub mod actors;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod elf;
 pub mod guest;
 pub mod image;
 pub mod machine;

@@ -4,8 +4,7 @@
 mod support;
 
 use hearth::api::pb;
-use hearth::client::Client;
-use support::Daemon;
+use support::{Daemon, wait_for};
 use tonic::Code;
 
 const CONFIG: &str = "";
@@ -157,22 +156,6 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
         "{:?}",
         daemon.host_leftovers()
     );
-}
-
-async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb::Machine {
-    let reply = client
-        .machines
-        .wait_machine(pb::WaitMachineRequest {
-            id: id.into(),
-            state: state as i32,
-            timeout_ms: 120_000,
-        })
-        .await
-        .expect("wait")
-        .into_inner();
-    let machine = reply.machine.expect("machine");
-    assert!(reply.reached, "did not reach {state:?}: {machine:?}");
-    machine
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::client::Client;
-use support::Daemon;
+use support::{Daemon, destroy, wait_for};
 
 async fn create(
     client: &mut Client,
@@ -35,31 +35,6 @@ async fn create(
         .await
         .expect("create")
         .into_inner()
-}
-
-async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb::Machine {
-    let reply = client
-        .machines
-        .wait_machine(pb::WaitMachineRequest {
-            id: id.into(),
-            state: state as i32,
-            timeout_ms: 240_000,
-        })
-        .await
-        .expect("wait")
-        .into_inner();
-    let machine = reply.machine.expect("machine");
-    assert!(reply.reached, "did not reach {state:?}: {machine:#?}");
-    machine
-}
-
-async fn destroy(client: &mut Client, id: &str) {
-    client
-        .machines
-        .destroy_machine(pb::MachineRef { id: id.into() })
-        .await
-        .expect("destroy");
-    wait_for(client, id, pb::MachineState::Destroyed).await;
 }
 
 /// Processes whose command line carries the machine's marker.

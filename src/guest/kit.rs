@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::bzimage::{self, BzImageError};
-use super::elf::{self, ElfError};
 use super::initramfs::{self, ModuleFile};
+use crate::elf::{self, ElfError};
 
 /// The kernel modules the guest needs before it can see its disks, network, agent port
 /// and vsock, in load order (each depends only on modules before it). The Debian cloud
@@ -514,7 +514,7 @@ mod tests {
             matches!(
                 err,
                 KitError::InitNotStatic {
-                    source: ElfError::Dynamic,
+                    source: ElfError::Dynamic(_),
                     ..
                 }
             ),

@@ -9,7 +9,6 @@
 
 pub mod bzimage;
 pub mod config;
-pub mod elf;
 pub mod initramfs;
 pub mod kit;
 pub mod protocol;

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::digest::Hasher;
-use super::elf::{ElfError, check_static};
+use crate::elf::{ElfError, check_static};
 
 /// Identity of the layout written by [`write_tree`].
 pub const LAYOUT_VERSION: u64 = 1;

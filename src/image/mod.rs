@@ -20,7 +20,6 @@
 mod clone;
 mod demo;
 mod digest;
-mod elf;
 mod mkfs;
 mod reference;
 mod store;
@@ -29,7 +28,6 @@ mod tarball;
 pub use clone::{CloneError, CloneMethod, clone_disk, partial_path, remove_disk, same_content};
 pub use demo::{APPLETS, DemoError, INDEX_HTML, LAYOUT_VERSION};
 pub use digest::{TreeStats, WalkError, is_valid_digest};
-pub use elf::{ElfError, check_static};
 pub use mkfs::{LABEL, MkfsError};
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
 pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore};

@@ -153,3 +153,30 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Waits (up to 240 s) until the machine reaches `state`; fails the test otherwise.
+pub async fn wait_for(client: &mut Client, id: &str, state: pb::MachineState) -> pb::Machine {
+    let reply = client
+        .machines
+        .wait_machine(pb::WaitMachineRequest {
+            id: id.into(),
+            state: state as i32,
+            timeout_ms: 240_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner();
+    let machine = reply.machine.expect("machine");
+    assert!(reply.reached, "did not reach {state:?}: {machine:#?}");
+    machine
+}
+
+/// Destroys a machine and waits until it is destroyed.
+pub async fn destroy(client: &mut Client, id: &str) {
+    client
+        .machines
+        .destroy_machine(pb::MachineRef { id: id.into() })
+        .await
+        .expect("destroy");
+    wait_for(client, id, pb::MachineState::Destroyed).await;
+}

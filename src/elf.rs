@@ -1,9 +1,11 @@
 //! Tells a static executable from a dynamically linked one by its ELF program headers.
 //!
-//! The demo image holds a single busybox and no C library, so a dynamically linked busybox
-//! would build a root file system whose every command fails with "not found" in the guest.
-//! A binary is static when it asks for no program interpreter (no `PT_INTERP` header);
-//! checking that here turns the guest-side mystery into a clear error at build time.
+//! Two binaries must be static: the guest init, which runs as PID 1 from an initramfs with
+//! no dynamic loader (a dynamic one makes the guest kernel panic without naming the
+//! cause), and the demo image's busybox, which lives in a root file system with no C
+//! library. A binary is static when it asks for no program interpreter (no `PT_INTERP`
+//! header; a static-pie still has `PT_DYNAMIC`, which is fine). Checking here turns a
+//! guest-side mystery into a clear error on the host.
 
 /// Program header type of the interpreter request.
 const PT_INTERP: u32 = 3;
