@@ -183,14 +183,16 @@ impl Supervisor {
                 let now = crate::machine::actor::now_ms();
                 let outcome = state.services.store().update_machine(&id, |rec| {
                     if rec.state == MachineState::Destroyed {
-                        return Ok(None);
+                        return Ok(None::<String>);
                     }
                     rec.failure = Some(why.clone());
                     rec.updated_at_ms = now;
                     Ok(Some(format!("failed: {why}")))
                 });
-                if let Ok((_, Some(event))) = outcome {
-                    state.services.emit(event);
+                if let Ok((_, events)) = outcome {
+                    events
+                        .into_iter()
+                        .for_each(|event| state.services.emit(event));
                 }
                 state.restarts.remove(&name);
             }

@@ -89,7 +89,7 @@ impl Machines {
     fn set_desired(&self, id: &str, desired: Desired) -> Result<MachineRecord, ApiError> {
         spec::check_machine_id(id)?;
         let now = now_ms();
-        let (rec, event) = self.services.store().update_machine(id, |rec| {
+        let (rec, events) = self.services.store().update_machine(id, |rec| {
             if rec.desired == Desired::Destroyed && desired != Desired::Destroyed {
                 return Err(StoreError::Refused(format!(
                     "machine {} is destroyed; it cannot be {}",
@@ -108,7 +108,7 @@ impl Machines {
             rec.updated_at_ms = now;
             Ok(Some(format!("desired state: {desired:?}").to_lowercase()))
         })?;
-        if let Some(event) = event {
+        for event in events {
             self.services.emit(event);
         }
         self.wake(id)?;

@@ -1,11 +1,13 @@
 //! MachineActor: the one run of one machine. A thin shell around [`decide`]:
 //!
 //! ```text
-//! Reconcile -> load record -> observe the host -> decide
-//!     Acquire/Release(step) -> commit Begun -> spawn the step's effect -> StepDone
-//!     StepDone -> commit outcome (+ timing, event) -> Reconcile (or after a backoff)
-//!     VmmLost / GiveUp -> commit -> Reconcile
-//!     Settle -> commit the settled state -> idle (stop the actor once destroyed)
+//! Reconcile -> load record -> observe the host -> decide; nothing to do: stop here
+//! advance (one commit): [record the finished step's outcome] + observe + decide +
+//!                       record the next move (Begun mark / settled state / VMM lost / give up)
+//!     Acquire/Release(step) -> spawn the step's effect -> StepDone -> advance
+//!     failed step           -> Reconcile after a backoff
+//!     VmmLost / GiveUp      -> advance again
+//!     Settle                -> idle (the actor stops once the machine is destroyed)
 //! ```
 //!
 //! The effect runs in a task so the actor keeps reading its mailbox: a `Reconcile` that
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::decide::{self, Next, Observed, VmmSeen};
+use super::decide::{self, Decision, Next, Observed, VmmSeen};
 use super::record::{Desired, MachineRecord, MachineState, StepTiming};
 use super::step::{Direction, Step};
 use super::steps::{self, StepOutput};
@@ -85,20 +87,95 @@ impl MachineActor {
         Observed { vmm }
     }
 
-    fn commit<F>(state: &RunState, change: F) -> Result<MachineRecord, ActorProcessingErr>
-    where
-        F: FnOnce(&mut MachineRecord) -> Option<String>,
-    {
+    /// One commit that records a finished step's outcome (when given) and, unless the
+    /// outcome asks for a pause, the next move the decision picks: the `Begun` mark of the
+    /// next step, the settled state, a lost VMM or giving up. Recording "step N done" and
+    /// "step N+1 begun" together halves the commits of a run without weakening the
+    /// invariant: the next step's effect still starts only after its mark is durable.
+    fn advance(
+        state: &RunState,
+        outcome: Option<&StepReport>,
+    ) -> Result<(MachineRecord, Option<Decision>), ActorProcessingErr> {
         let now = now_ms();
-        let (rec, event) = state.services.store().update_machine(&state.id, |rec| {
-            let message = change(rec);
+        let services = &state.services;
+        let policy = services.policy();
+        let mut decided = None;
+        let (rec, events) = services.store().update_machine(&state.id, |rec| {
+            let mut messages = Vec::new();
             rec.updated_at_ms = now;
-            Ok(message)
+            if let Some(report) = outcome {
+                messages.push(apply_report(rec, report));
+                let pause = report.result.is_err() && report.step != Step::Ready;
+                if pause {
+                    return Ok(messages);
+                }
+            }
+            let seen = Self::observe(services, rec);
+            let decision = decide::decide(rec, &seen, &policy);
+            let changed = rec.state != decision.state;
+            match &decision.next {
+                Next::Settle => {
+                    rec.state = decision.state;
+                    rec.current = None;
+                }
+                Next::VmmLost => {
+                    decide::apply_vmm_lost(rec);
+                    rec.state = decision.state;
+                    messages.push("the VMM is gone; it will be started again".to_string());
+                }
+                Next::GiveUp(reason) => {
+                    decide::apply_give_up(rec, reason.clone());
+                    messages.push(format!("failed: {reason}"));
+                }
+                Next::Acquire(step) => {
+                    decide::apply_begin(rec, *step, Direction::Acquire, decision.state)
+                }
+                Next::Release(step) => {
+                    decide::apply_begin(rec, *step, Direction::Release, decision.state)
+                }
+            }
+            if changed && !matches!(decision.next, Next::GiveUp(_)) {
+                messages.push(decision.state.name().to_string());
+            }
+            decided = Some(decision);
+            Ok(messages)
         })?;
-        if let Some(event) = event {
-            state.services.emit(event);
+        for event in events {
+            services.emit(event);
         }
-        Ok(rec)
+        Ok((rec, decided))
+    }
+
+    /// Advances the run until it starts a step's effect, settles, or pauses.
+    fn drive(
+        myself: &ActorRef<MachineMsg>,
+        state: &mut RunState,
+        mut outcome: Option<StepReport>,
+    ) -> Result<(), ActorProcessingErr> {
+        loop {
+            let (rec, decision) = Self::advance(state, outcome.as_ref())?;
+            let Some(decision) = decision else {
+                // A failed step: try again after a backoff.
+                myself.send_after(backoff(rec.step_failures), || MachineMsg::Reconcile);
+                return Ok(());
+            };
+            outcome = None;
+            match decision.next {
+                Next::Settle => {
+                    if decision.state == MachineState::Destroyed {
+                        myself.stop(None);
+                    }
+                    return Ok(());
+                }
+                Next::VmmLost | Next::GiveUp(_) => continue,
+                Next::Acquire(step) => {
+                    return Self::spawn_effect(myself, state, step, Direction::Acquire, rec);
+                }
+                Next::Release(step) => {
+                    return Self::spawn_effect(myself, state, step, Direction::Release, rec);
+                }
+            }
+        }
     }
 
     async fn reconcile(
@@ -117,69 +194,38 @@ impl MachineActor {
                 running.task.abort();
                 let step = running.step;
                 state.running = None;
-                Self::commit(state, |rec| {
+                let (_, events) = state.services.store().update_machine(&state.id, |rec| {
                     rec.current = None;
-                    Some(format!(
+                    Ok(Some(format!(
                         "{step} cancelled: the machine is no longer wanted started"
-                    ))
+                    )))
                 })?;
+                events
+                    .into_iter()
+                    .for_each(|event| state.services.emit(event));
             } else {
                 return Ok(());
             }
         }
+        // Nothing to write when the machine is settled where it should be.
         let seen = Self::observe(&state.services, &rec);
         let decision = decide::decide(&rec, &seen, &state.services.policy());
-        match decision.next {
-            Next::Settle => {
-                if rec.state != decision.state || rec.current.is_some() {
-                    let settled = decision.state;
-                    Self::commit(state, |rec| {
-                        rec.state = settled;
-                        rec.current = None;
-                        Some(settled.name().to_string())
-                    })?;
-                }
-                if decision.state == MachineState::Destroyed {
-                    myself.stop(None);
-                }
+        if decision.next == Next::Settle && rec.state == decision.state && rec.current.is_none() {
+            if decision.state == MachineState::Destroyed {
+                myself.stop(None);
             }
-            Next::VmmLost => {
-                Self::commit(state, |rec| {
-                    decide::apply_vmm_lost(rec);
-                    rec.state = decision.state;
-                    Some("the VMM is gone; it will be started again".to_string())
-                })?;
-                myself.cast(MachineMsg::Reconcile)?;
-            }
-            Next::GiveUp(reason) => {
-                Self::commit(state, |rec| {
-                    decide::apply_give_up(rec, reason.clone());
-                    Some(format!("failed: {reason}"))
-                })?;
-                myself.cast(MachineMsg::Reconcile)?;
-            }
-            Next::Acquire(step) => {
-                Self::begin(myself, state, step, Direction::Acquire, decision.state)?
-            }
-            Next::Release(step) => {
-                Self::begin(myself, state, step, Direction::Release, decision.state)?
-            }
+            return Ok(());
         }
-        Ok(())
+        Self::drive(myself, state, None)
     }
 
-    fn begin(
+    fn spawn_effect(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
         step: Step,
         direction: Direction,
-        visible: MachineState,
+        rec: MachineRecord,
     ) -> Result<(), ActorProcessingErr> {
-        let rec = Self::commit(state, |rec| {
-            let changed = rec.state != visible;
-            decide::apply_begin(rec, step, direction, visible);
-            changed.then(|| visible.name().to_string())
-        })?;
         let services = state.services.clone();
         let me = myself.clone();
         let task = tokio::spawn(async move {
@@ -217,39 +263,34 @@ impl MachineActor {
             return Ok(());
         }
         state.running = None;
-        let StepReport {
-            step,
-            direction,
-            started_at_ms,
-            elapsed,
-            result,
-        } = report;
-        let ok = result.is_ok();
-        let error = result.as_ref().err().cloned();
-        let rec = Self::commit(state, |rec| {
-            if let Ok(output) = &result {
-                steps::apply_output(rec, output);
-            }
-            decide::apply_outcome(rec, step, direction, ok);
-            rec.push_timing(StepTiming {
-                step,
-                direction,
-                started_at_ms,
-                duration_us: elapsed.as_micros() as u64,
-                error: error.clone(),
-            });
-            let took = format!("{:.1} ms", elapsed.as_secs_f64() * 1000.0);
-            Some(match &error {
-                None => format!("{} {step}: ok in {took}", direction.name()),
-                Some(e) => format!("{} {step}: failed after {took}: {e}", direction.name()),
-            })
-        })?;
-        if ok || step == Step::Ready {
-            myself.cast(MachineMsg::Reconcile)?;
-        } else {
-            myself.send_after(backoff(rec.step_failures), || MachineMsg::Reconcile);
-        }
-        Ok(())
+        Self::drive(myself, state, Some(report))
+    }
+}
+
+/// Records a step's outcome: its output, its mark, its timing. Returns the event message.
+fn apply_report(rec: &mut MachineRecord, report: &StepReport) -> String {
+    let StepReport {
+        step,
+        direction,
+        started_at_ms,
+        elapsed,
+        result,
+    } = report;
+    if let Ok(output) = result {
+        steps::apply_output(rec, output);
+    }
+    decide::apply_outcome(rec, *step, *direction, result.is_ok());
+    rec.push_timing(StepTiming {
+        step: *step,
+        direction: *direction,
+        started_at_ms: *started_at_ms,
+        duration_us: elapsed.as_micros() as u64,
+        error: result.as_ref().err().cloned(),
+    });
+    let took = format!("{:.1} ms", elapsed.as_secs_f64() * 1000.0);
+    match result {
+        Ok(_) => format!("{} {step}: ok in {took}", direction.name()),
+        Err(e) => format!("{} {step}: failed after {took}: {e}", direction.name()),
     }
 }
 

@@ -240,16 +240,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Read-modify-write of one machine in one commit. `change` returns the message of the
-    /// event to append (or `None` for none) or refuses the change. When the machine
+    /// Read-modify-write of one machine in one commit. `change` returns the messages of
+    /// the events to append (none, one or several) or refuses the change. When the machine
     /// becomes `destroyed` its name is freed in the same commit.
-    pub fn update_machine<F>(
+    pub fn update_machine<F, M>(
         &self,
         id: &str,
         change: F,
-    ) -> Result<(MachineRecord, Option<MachineEvent>), StoreError>
+    ) -> Result<(MachineRecord, Vec<MachineEvent>), StoreError>
     where
-        F: FnOnce(&mut MachineRecord) -> Result<Option<String>, StoreError>,
+        F: FnOnce(&mut MachineRecord) -> Result<M, StoreError>,
+        M: IntoIterator<Item = String>,
     {
         let txn = self.db.begin_write()?;
         let outcome = {
@@ -259,7 +260,7 @@ impl Store {
                 .map(|v| decode(v.value()))
                 .transpose()?
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            let message = change(&mut rec)?;
+            let messages = change(&mut rec)?;
             machines.insert(id, encode(&rec)?.as_slice())?;
             if rec.state == MachineState::Destroyed {
                 let mut names = txn.open_table(NAMES)?;
@@ -270,8 +271,11 @@ impl Store {
                     names.remove(rec.name.as_str())?;
                 }
             }
-            let event = message.map(|m| append_event(&txn, &rec, m)).transpose()?;
-            (rec, event)
+            let mut events = Vec::new();
+            for message in messages {
+                events.push(append_event(&txn, &rec, message)?);
+            }
+            (rec, events)
         };
         txn.commit()?;
         Ok(outcome)

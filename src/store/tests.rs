@@ -109,14 +109,14 @@ fn refused_update_changes_nothing() {
     let err = store
         .update_machine("aaaaaaaaaa", |r| {
             r.desired = Desired::Stopped;
-            Err(StoreError::Refused("no".into()))
+            Err::<Option<String>, _>(StoreError::Refused("no".into()))
         })
         .unwrap_err();
     assert!(matches!(err, StoreError::Refused(_)));
     let found = store.machine("aaaaaaaaaa").expect("read").expect("exists");
     assert_eq!(found.desired, Desired::Started);
     assert!(matches!(
-        store.update_machine("zzzzzzzzzz", |_| Ok(None)),
+        store.update_machine("zzzzzzzzzz", |_| Ok(None::<String>)),
         Err(StoreError::NotFound(_))
     ));
 }
