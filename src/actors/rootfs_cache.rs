@@ -4,8 +4,16 @@
 //! for one image share one build: the first request starts it, later ones wait for the
 //! same answer (single flight). Builds and clones run on blocking threads; the actor only
 //! keeps the bookkeeping, so it stays responsive while a build runs.
+//!
+//! Even a cache hit costs a content hash (milliseconds for the demo's busybox). The actor
+//! remembers the base it answered for an image together with the identity of the source
+//! file (device, inode, size, mtime); while that identity and the base file stay, the
+//! answer is given from memory. Directory images have no such cheap identity and are
+//! hashed every time.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,8 +34,8 @@ pub enum RootfsMsg {
     Built {
         /// The image's key in the in-flight table.
         key: String,
-        /// The outcome.
-        result: Result<Base, String>,
+        /// The outcome, with what identified the source when it was read.
+        result: Result<(ImageRef, Option<SourceIdentity>, Base), String>,
     },
     /// Counters, for tests and metrics.
     Stats {
@@ -43,11 +51,14 @@ pub struct RootfsStats {
     pub builds: u64,
     /// Requests answered by joining a build in flight.
     pub joined: u64,
+    /// Requests answered from memory (source unchanged, base present).
+    pub remembered: u64,
 }
 
 /// The cache's state.
 pub struct RootfsState {
     bases: Arc<BaseStore>,
+    known: HashMap<ImageRef, (SourceIdentity, Base)>,
     in_flight: HashMap<String, Vec<RpcReplyPort<Result<Base, String>>>>,
     stats: RootfsStats,
 }
@@ -68,6 +79,7 @@ impl Actor for RootfsCache {
         Ok(RootfsState {
             bases,
             in_flight: HashMap::new(),
+            known: HashMap::new(),
             stats: RootfsStats::default(),
         })
     }
@@ -80,6 +92,14 @@ impl Actor for RootfsCache {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             RootfsMsg::EnsureBase { image, reply } => {
+                if let Some((identity, base)) = state.known.get(&image)
+                    && source_identity(&state.bases, &image).as_ref() == Some(identity)
+                    && base.path.exists()
+                {
+                    state.stats.remembered += 1;
+                    let _ = reply.send(Ok(base.clone()));
+                    return Ok(());
+                }
                 let key = format!("{image:?}");
                 if let Some(waiters) = state.in_flight.get_mut(&key) {
                     waiters.push(reply);
@@ -90,16 +110,29 @@ impl Actor for RootfsCache {
                 state.stats.builds += 1;
                 let bases = state.bases.clone();
                 tokio::spawn(async move {
-                    let result = tokio::task::spawn_blocking(move || bases.ensure_base(&image))
-                        .await
-                        .map_err(|e| format!("base build task: {e}"))
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let result = tokio::task::spawn_blocking(move || {
+                        // The identity is taken before hashing: a source changed while it
+                        // is hashed is seen as changed next time.
+                        let identity = source_identity(&bases, &image);
+                        bases
+                            .ensure_base(&image)
+                            .map(|base| (image, identity, base))
+                    })
+                    .await
+                    .map_err(|e| format!("base build task: {e}"))
+                    .and_then(|r| r.map_err(|e| e.to_string()));
                     let _ = myself.cast(RootfsMsg::Built { key, result });
                 });
             }
             RootfsMsg::Built { key, result } => {
+                let answer = result.map(|(image, identity, base)| {
+                    if let Some(identity) = identity {
+                        state.known.insert(image, (identity, base.clone()));
+                    }
+                    base
+                });
                 for waiter in state.in_flight.remove(&key).unwrap_or_default() {
-                    let _ = waiter.send(result.clone());
+                    let _ = waiter.send(answer.clone());
                 }
             }
             RootfsMsg::Stats { reply } => {
@@ -107,6 +140,34 @@ impl Actor for RootfsCache {
             }
         }
         Ok(())
+    }
+}
+
+/// What identifies an image's source file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+fn identity_of(path: &Path) -> Option<SourceIdentity> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(SourceIdentity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    })
+}
+
+/// The source's identity, for the images that have a single source file.
+fn source_identity(bases: &BaseStore, image: &ImageRef) -> Option<SourceIdentity> {
+    match image {
+        ImageRef::Demo => identity_of(&bases.settings().busybox),
+        ImageRef::Tarball(path) => identity_of(path),
+        ImageRef::Directory(_) => None,
     }
 }
 
