@@ -92,14 +92,16 @@ fn build_fixture() -> Option<Fixture> {
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
-    // The kit cache outlives the run: the next run with the same inputs reuses it.
-    let kit_cache = std::env::temp_dir().join("hearth-test-kit");
+    // The kit cache outlives the run (the next run with the same inputs reuses it) and
+    // belongs to this target directory, so test runs of other checkouts never share it.
+    let kit_cache = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-test-kit");
     let source = KitSource {
         kernel_dir: kdir,
         init_binary: init,
     };
     let kit = GuestKit::ensure(&source, &kit_cache).expect("guest kit");
-    // Older entries (earlier inits) are garbage here.
+    // Older entries (from earlier builds of the init in this target directory) are
+    // garbage.
     for ent in std::fs::read_dir(&kit_cache).expect("kit cache").flatten() {
         if ent.file_name() != kit.id.as_str() {
             let _ = std::fs::remove_dir_all(ent.path());

@@ -292,6 +292,8 @@ impl VmmDriver {
     ///
     /// Idempotent: a process that is already gone is `Ok(graceful: true)`. When the daemon
     /// started the process, it is also reaped before this returns (no zombie is left).
+    /// The agent socket takes one client at a time: drop a pending [`VmmDriver::wait_ready`]
+    /// for the same machine first, or the Shutdown waits behind it until `grace` runs out.
     pub async fn stop(
         &self,
         process: &VmmProcess,
