@@ -39,7 +39,15 @@ pub enum SupervisorMsg {
     WakeAll,
     /// Restart a singleton (after a backoff).
     RestartSingleton(Singleton),
+    /// Try a wake again that failed (the machine's previous actor was still stopping).
+    RetryWake(String, u32),
 }
+
+/// Tries of a failed wake before the Supervisor gives up on it (the next API change or
+/// daemon start wakes the machine again).
+const WAKE_TRIES: u32 = 5;
+/// Pause between them.
+const WAKE_RETRY: Duration = Duration::from_millis(200);
 
 /// The singletons the Supervisor owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -145,6 +153,27 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Wakes a machine; a failure (its previous actor still holds the name while it stops)
+    /// is tried again shortly, a bounded number of times. The Supervisor itself never
+    /// fails because of one machine.
+    async fn wake_or_retry(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        id: String,
+        attempt: u32,
+    ) {
+        if let Err(e) = Self::wake(myself, state, id.clone()).await {
+            if attempt < WAKE_TRIES {
+                tracing::debug!(machine = %id, error = %e, attempt, "wake failed; trying again");
+                myself.send_after(WAKE_RETRY, move || {
+                    SupervisorMsg::RetryWake(id, attempt + 1)
+                });
+            } else {
+                tracing::error!(machine = %id, error = %e, "machine run could not be started");
+            }
+        }
+    }
+
     /// Counts a restart of `key`; false when it is over the intensity limit.
     fn within_intensity(state: &mut SupervisorState, key: &str) -> bool {
         let now = Instant::now();
@@ -196,12 +225,13 @@ impl Supervisor {
                 }
                 state.restarts.remove(&name);
             }
-            return Self::wake(myself, state, id).await;
+            Self::wake_or_retry(myself, state, id, 1).await;
+            return Ok(());
         }
         if let Some(which) = Singleton::from_name(&name) {
             tracing::warn!(actor = %name, reason = ?failure, "singleton exited; restarting");
             if Self::within_intensity(state, &name) {
-                Self::spawn_singleton(myself, state, which).await?;
+                myself.cast(SupervisorMsg::RestartSingleton(which))?;
             } else {
                 myself.send_after(SINGLETON_BACKOFF, move || {
                     SupervisorMsg::RestartSingleton(which)
@@ -241,18 +271,26 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SupervisorMsg::Wake(id) => Self::wake(&myself, state, id).await?,
+            SupervisorMsg::Wake(id) => Self::wake_or_retry(&myself, state, id, 1).await,
+            SupervisorMsg::RetryWake(id, attempt) => {
+                Self::wake_or_retry(&myself, state, id, attempt).await
+            }
             SupervisorMsg::WakeAll => {
                 for rec in state.services.store().machines()? {
                     let settled = rec.state == MachineState::Destroyed && rec.nothing_touched();
                     if !settled {
-                        Self::wake(&myself, state, rec.id).await?;
+                        Self::wake_or_retry(&myself, state, rec.id, 1).await;
                     }
                 }
             }
             SupervisorMsg::RestartSingleton(which) => {
-                if ractor::registry::where_is(which.name()).is_none() {
-                    Self::spawn_singleton(&myself, state, which).await?;
+                if ractor::registry::where_is(which.name()).is_none()
+                    && let Err(e) = Self::spawn_singleton(&myself, state, which).await
+                {
+                    tracing::error!(actor = which.name(), error = %e, "singleton did not start; retrying");
+                    myself.send_after(SINGLETON_BACKOFF, move || {
+                        SupervisorMsg::RestartSingleton(which)
+                    });
                 }
             }
         }
@@ -269,9 +307,9 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(cell, err) => {
                 Self::child_exited(&myself, state, cell, Some(err.to_string())).await?;
             }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let failure = reason.filter(|r| r.starts_with("failed"));
-                Self::child_exited(&myself, state, cell, failure).await?;
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                // A clean stop: a MachineActor whose machine is destroyed.
+                Self::child_exited(&myself, state, cell, None).await?;
             }
             SupervisionEvent::ActorStarted(_) | SupervisionEvent::ProcessGroupChanged(_) => {}
         }

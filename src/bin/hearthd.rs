@@ -96,6 +96,15 @@ async fn run(args: Args) -> Result<(), String> {
         .cast(SupervisorMsg::WakeAll)
         .map_err(|e| format!("wake machines: {e}"))?;
 
+    // The guest kit is assembled once per kernel and init (cached on disk); do it now,
+    // off the API's path, rather than in the first machine's `vmm` step.
+    let warm = services.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm.kit().await {
+            tracing::warn!(error = %e, "guest kit not ready; machines cannot boot until it is");
+        }
+    });
+
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let shutdown = async move {
         tokio::select! {
