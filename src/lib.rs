@@ -9,6 +9,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod elf;
+pub mod failpoints;
 pub mod guest;
 pub mod image;
 pub mod machine;

@@ -53,6 +53,7 @@ impl Actor for IpPool {
                     .store()
                     .lease(&machine, slots)
                     .map_err(|e| e.to_string());
+                crate::failpoints::hit("ip_pool.lease.after_commit");
                 let _ = reply.send(result);
             }
             IpPoolMsg::Release { machine, reply } => {

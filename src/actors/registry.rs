@@ -74,6 +74,7 @@ impl Actor for RegistryPublisher {
         match message {
             RegistryMsg::Publish { route, reply } => {
                 let result = services.store().publish_route(&route).map(|_| ());
+                crate::failpoints::hit("registry.publish.after_commit");
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             RegistryMsg::Unpublish { machine, reply } => {

@@ -125,6 +125,7 @@ impl Actor for RootfsCache {
                 });
             }
             RootfsMsg::Built { key, result } => {
+                crate::failpoints::hit("rootfs_cache.build.after_effect");
                 let answer = result.map(|(image, identity, base)| {
                     if let Some(identity) = identity {
                         state.known.insert(image, (identity, base.clone()));

@@ -53,6 +53,7 @@ impl Actor for TapAllocator {
         let net = services.net().clone();
         match message {
             TapMsg::Ensure { plan, reply } => {
+                crate::failpoints::hit("tap_allocator.ensure.before_effect");
                 tokio::spawn(async move {
                     let _ = reply.send(net.ensure(&plan).await.map_err(|e| e.to_string()));
                 });

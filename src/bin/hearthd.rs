@@ -38,6 +38,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Chaos-test builds only: fail points from FAILPOINTS, kept for the process's life.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = hearth::failpoints::setup();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

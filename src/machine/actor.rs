@@ -25,6 +25,7 @@ use super::record::{Desired, MachineRecord, MachineState, StepTiming};
 use super::step::{Direction, Step};
 use super::steps::{self, StepOutput};
 use crate::actors::services::Services;
+use crate::failpoints::{self, Boundary, Operation};
 use crate::vmm::Liveness;
 
 /// Messages to a MachineActor.
@@ -55,6 +56,8 @@ pub struct RunState {
 struct Running {
     step: Step,
     direction: Direction,
+    /// For fail point names only.
+    operation: Operation,
     task: JoinHandle<()>,
 }
 
@@ -150,10 +153,13 @@ impl MachineActor {
     fn drive(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
-        mut outcome: Option<StepReport>,
+        mut outcome: Option<(StepReport, Operation)>,
     ) -> Result<(), ActorProcessingErr> {
         loop {
-            let (rec, decision) = Self::advance(state, outcome.as_ref())?;
+            let (rec, decision) = Self::advance(state, outcome.as_ref().map(|(r, _)| r))?;
+            if let Some((report, operation)) = &outcome {
+                failpoints::hit_step(*operation, report.step, Boundary::AfterCommit);
+            }
             let Some(decision) = decision else {
                 // A failed step: try again after a backoff.
                 myself.send_after(backoff(rec.step_failures), || MachineMsg::Reconcile);
@@ -226,6 +232,8 @@ impl MachineActor {
         direction: Direction,
         rec: MachineRecord,
     ) -> Result<(), ActorProcessingErr> {
+        let operation = Operation::of(&rec, direction);
+        failpoints::hit_step(operation, step, Boundary::BeforeEffect);
         let services = state.services.clone();
         let me = myself.clone();
         let task = tokio::spawn(async move {
@@ -244,6 +252,7 @@ impl MachineActor {
         state.running = Some(Running {
             step,
             direction,
+            operation,
             task,
         });
         Ok(())
@@ -262,8 +271,11 @@ impl MachineActor {
             // The step was cancelled; its late report changes nothing.
             return Ok(());
         }
-        state.running = None;
-        Self::drive(myself, state, Some(report))
+        let Some(running) = state.running.take() else {
+            return Ok(());
+        };
+        failpoints::hit_step(running.operation, report.step, Boundary::AfterEffect);
+        Self::drive(myself, state, Some((report, running.operation)))
     }
 }
 

@@ -1,0 +1,189 @@
+//! Fail points at every step boundary of every operation, and in the singleton actors, for
+//! the chaos tests. Built only with the `failpoints` cargo feature; without it every
+//! [`hit`] compiles to nothing, so release builds carry none.
+//!
+//! Names are `<operation>.<step>.<where>` (`create.network.after_effect`) for the machine
+//! run and `<actor>.<action>.<where>` for the singletons. [`all`] enumerates every name
+//! the code can hit, from the same enums the code uses to build them, so a harness that
+//! iterates [`all`] cannot forget a fail point.
+//!
+//! Configured at process start from the `FAILPOINTS` environment variable (the `fail`
+//! crate's format, `name=action;...`). Besides the crate's actions (`panic`, `1*panic`,
+//! `sleep(ms)`, ...), `return(kill)` makes the process SIGKILL itself at that point: the
+//! same as a crash or `kill -9` from outside, with no unwinding and no cleanup.
+
+use crate::machine::record::{Desired, MachineRecord};
+use crate::machine::step::{CREATE_ORDER, Direction, STOP_RELEASES, Step};
+
+/// What the run is doing when it crosses a step boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Acquiring steps of a machine never stopped before.
+    Create,
+    /// Acquiring steps again after a stop.
+    Start,
+    /// Releasing the running part.
+    Stop,
+    /// Releasing everything (destroy, or a failed machine).
+    Destroy,
+}
+
+/// Where at a step boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boundary {
+    /// The step is marked `Begun` durably; its effect has not started.
+    BeforeEffect,
+    /// The effect finished; its outcome is not recorded yet.
+    AfterEffect,
+    /// The outcome (and the next step's `Begun` mark) is recorded.
+    AfterCommit,
+}
+
+impl Operation {
+    /// The stable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Start => "start",
+            Operation::Stop => "stop",
+            Operation::Destroy => "destroy",
+        }
+    }
+
+    /// The operation a step run belongs to. A stopped machine's record holds the timing
+    /// of its VMM's release, which tells a start from a create.
+    pub fn of(rec: &MachineRecord, direction: Direction) -> Operation {
+        match direction {
+            Direction::Acquire => {
+                let stopped_before = rec.timings.iter().any(|t| {
+                    t.step == Step::Vmm && t.direction == Direction::Release && t.error.is_none()
+                });
+                if stopped_before {
+                    Operation::Start
+                } else {
+                    Operation::Create
+                }
+            }
+            Direction::Release => {
+                if rec.desired == Desired::Stopped && rec.failure.is_none() {
+                    Operation::Stop
+                } else {
+                    Operation::Destroy
+                }
+            }
+        }
+    }
+
+    /// The steps this operation runs, in order.
+    pub fn steps(self) -> Vec<Step> {
+        match self {
+            Operation::Create => CREATE_ORDER.to_vec(),
+            Operation::Start => vec![Step::Vmm, Step::Ready, Step::Publish],
+            Operation::Stop => STOP_RELEASES.to_vec(),
+            Operation::Destroy => CREATE_ORDER.iter().rev().copied().collect(),
+        }
+    }
+}
+
+impl Boundary {
+    /// The stable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Boundary::BeforeEffect => "before_effect",
+            Boundary::AfterEffect => "after_effect",
+            Boundary::AfterCommit => "after_commit",
+        }
+    }
+}
+
+/// Every operation.
+pub const OPERATIONS: [Operation; 4] = [
+    Operation::Create,
+    Operation::Start,
+    Operation::Stop,
+    Operation::Destroy,
+];
+
+/// Every boundary.
+pub const BOUNDARIES: [Boundary; 3] = [
+    Boundary::BeforeEffect,
+    Boundary::AfterEffect,
+    Boundary::AfterCommit,
+];
+
+/// Fail points in the singleton actors: between their durable write and what follows.
+pub const SINGLETON_POINTS: [&str; 4] = [
+    "ip_pool.lease.after_commit",
+    "registry.publish.after_commit",
+    "rootfs_cache.build.after_effect",
+    "tap_allocator.ensure.before_effect",
+];
+
+/// The name of a step-boundary fail point.
+pub fn step_point(operation: Operation, step: Step, boundary: Boundary) -> String {
+    format!("{}.{}.{}", operation.name(), step.name(), boundary.name())
+}
+
+/// Every fail point the code can hit.
+pub fn all() -> Vec<String> {
+    let mut out = Vec::new();
+    for operation in OPERATIONS {
+        for step in operation.steps() {
+            for boundary in BOUNDARIES {
+                out.push(step_point(operation, step, boundary));
+            }
+        }
+    }
+    out.extend(SINGLETON_POINTS.iter().map(|s| s.to_string()));
+    out
+}
+
+/// Crosses a fail point.
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str) {
+    fail::fail_point!(name, |arg: Option<String>| {
+        if arg.as_deref() == Some("kill") {
+            // What a crash does: no unwinding, no destructors, no flushing.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+}
+
+/// Crosses a fail point (compiled out: the `failpoints` feature is off).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}
+
+/// Crosses a step-boundary fail point (the name is only built in `failpoints` builds).
+pub fn hit_step(operation: Operation, step: Step, boundary: Boundary) {
+    if cfg!(feature = "failpoints") {
+        hit(&step_point(operation, step, boundary));
+    }
+}
+
+/// Loads `FAILPOINTS` from the environment; call once at process start. Returns a guard
+/// that must live as long as the process.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_well_formed() {
+        let all = all();
+        let mut unique = all.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), all.len());
+        assert!(all.contains(&"create.network.after_effect".to_string()));
+        assert!(all.contains(&"stop.vmm.before_effect".to_string()));
+        assert!(!all.contains(&"stop.disk.before_effect".to_string()));
+        assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
+        // create 8 steps, start 3, stop 3, destroy 8; three boundaries each; 4 singletons.
+        assert_eq!(all.len(), (8 + 3 + 3 + 8) * 3 + 4);
+    }
+}
