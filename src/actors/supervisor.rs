@@ -205,6 +205,16 @@ impl Supervisor {
                 return Ok(());
             };
             tracing::warn!(machine = %id, %reason, "machine actor failed; restarting");
+            let now = crate::machine::actor::now_ms();
+            let noted = state.services.store().update_machine(&id, |rec| {
+                rec.updated_at_ms = now;
+                Ok(Some(format!("run restarted after a crash: {reason}")))
+            });
+            if let Ok((_, events)) = noted {
+                events
+                    .into_iter()
+                    .for_each(|event| state.services.emit(event));
+            }
             if !Self::within_intensity(state, &name) {
                 let why = format!(
                     "machine actor crashed {MAX_RESTARTS} times within {RESTART_WINDOW:?}: {reason}"

@@ -6,10 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use hearth::api::pb;
 use hearth::client::{Client, connect};
+
+static NEXT: AtomicU8 = AtomicU8::new(0);
 
 /// A daemon on a temporary data dir, with a test-unique resource prefix and pool.
 pub struct Daemon {
@@ -24,9 +27,20 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon with `extra` TOML appended to its config.
     pub fn start_with(extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare(extra);
+        daemon.spawn();
+        daemon
+    }
+
+    /// A daemon's directory and config, not started yet.
+    pub fn prepare(extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut raw = [0u8; 2];
         getrandom::fill(&mut raw).expect("random");
+        // Daemons of one test binary run at the same time: a counter keeps their prefixes
+        // and pools apart, a random start keeps binaries run one after another apart.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let raw = [raw[0].wrapping_add(n), raw[1].wrapping_add(n)];
         let prefix = format!("td{:02x}", raw[0]);
         let config = dir.path().join("hearthd.toml");
         std::fs::write(
@@ -39,25 +53,49 @@ impl Daemon {
             ),
         )
         .expect("config");
-        let mut daemon = Daemon {
+        Daemon {
             child: None,
             dir,
             prefix,
             config,
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     /// Starts the process (again).
     pub fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts the process (again) with extra environment (e.g. `FAILPOINTS`).
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
+        command
             .arg("--config")
             .arg(&self.config)
-            .env("HEARTH_LOG", "warn")
-            .spawn()
-            .expect("spawn hearthd");
-        self.child = Some(child);
+            .env("HEARTH_LOG", "warn");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        self.child = Some(command.spawn().expect("spawn hearthd"));
+    }
+
+    /// Waits until the process exits by itself (a crash); false when it is still running
+    /// at the deadline.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        loop {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                None => return true,
+                Some(Ok(Some(_))) => {
+                    self.child = None;
+                    return true;
+                }
+                Some(Ok(None)) if Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(_) => return false,
+            }
+        }
     }
 
     /// SIGKILLs the process.

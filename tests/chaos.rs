@@ -1,0 +1,301 @@
+//! The chaos harness (root, QEMU, `--features failpoints`): for every fail point the code
+//! has (`hearth::failpoints::all`, so none can be forgotten) and both ways of failing
+//! there, crash the run, and check that the machine converges to what was asked and that
+//! nothing leaks.
+//!
+//! - `kill`: hearthd SIGKILLs itself at the point (what a crash does); it is started again
+//!   on the same data dir, without fail points.
+//! - `panic`: the actor that crosses the point panics once; the Supervisor restarts it and
+//!   sends `Reconcile`.
+//!
+//! After convergence the machine is destroyed and the host is scanned: no namespace,
+//! link, VMM process, machine directory, lease or route may be left. The table of every
+//! case is printed.
+
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth::api::pb;
+use hearth::client::Client;
+use hearth::failpoints;
+use support::{Daemon, destroy, wait_for};
+use tokio::sync::Semaphore;
+
+/// Cases run at the same time (each boots guests under TCG on 2 cores).
+const PARALLEL: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Kill,
+    Panic,
+}
+
+impl Mode {
+    fn action(self) -> &'static str {
+        match self {
+            Mode::Kill => "return(kill)",
+            Mode::Panic => "1*panic",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Kill => "crash process",
+            Mode::Panic => "panic actor",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    point: String,
+    mode: Mode,
+    crashed: bool,
+    converged: bool,
+    leaks: Vec<String>,
+    seconds: f64,
+    error: Option<String>,
+}
+
+async fn create(client: &mut Client, name: &str) -> pb::Machine {
+    client
+        .machines
+        .create_machine(pb::CreateMachineRequest {
+            request_id: format!("chaos-{name}"),
+            name: name.into(),
+            spec: Some(pb::MachineSpec {
+                image: "demo".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                ports: vec![80],
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+}
+
+async fn machine(client: &mut Client, id: &str) -> pb::Machine {
+    client
+        .machines
+        .get_machine(pb::MachineRef { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Everything of this daemon still on the host or in its tables.
+async fn leftovers(daemon: &Daemon, client: &mut Client) -> Vec<String> {
+    let mut found = daemon.host_leftovers();
+    found.extend(
+        daemon
+            .processes()
+            .iter()
+            .map(|pid| format!("process {pid}")),
+    );
+    if let Ok(entries) = std::fs::read_dir(daemon.dir.path().join("data/machines")) {
+        found.extend(
+            entries
+                .flatten()
+                .map(|e| format!("dir {}", e.file_name().to_string_lossy())),
+        );
+    }
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    if node.ip_slots_used > 0 {
+        found.push(format!("{} leases", node.ip_slots_used));
+    }
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner();
+    found.extend(
+        routes
+            .routes
+            .iter()
+            .map(|r| format!("route {}", r.machine_id)),
+    );
+    found
+}
+
+/// Drives the operation of `point` so that the run crosses it, fails there, recovers,
+/// and converges; then destroys the machine and looks for leftovers.
+async fn run_case(point: String, mode: Mode) -> Row {
+    let operation = point.split('.').next().unwrap_or("create").to_string();
+    let mut daemon = Daemon::prepare("");
+    let fail_env = format!("{point}={}", mode.action());
+    let env = [("FAILPOINTS", fail_env.as_str())];
+    let mut row = Row {
+        point: point.clone(),
+        mode,
+        crashed: false,
+        converged: false,
+        leaks: Vec::new(),
+        seconds: 0.0,
+        error: None,
+    };
+
+    // Bring the machine to where the operation starts, without fail points.
+    let singleton = !matches!(operation.as_str(), "create" | "start" | "stop" | "destroy");
+    let armed_from_start = singleton || operation == "create";
+    if armed_from_start {
+        daemon.spawn_with_env(&env);
+    } else {
+        daemon.spawn();
+    }
+    let mut client = daemon.client().await;
+    let m = create(&mut client, "c").await;
+    if !armed_from_start {
+        wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+        if operation == "start" {
+            client
+                .machines
+                .stop_machine(pb::MachineRef { id: m.id.clone() })
+                .await
+                .expect("stop");
+            wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
+        }
+        daemon.kill();
+        daemon.spawn_with_env(&env);
+        client = daemon.client().await;
+        let target = pb::MachineRef { id: m.id.clone() };
+        match operation.as_str() {
+            "start" => client.machines.start_machine(target).await.map(|_| ()),
+            "stop" => client.machines.stop_machine(target).await.map(|_| ()),
+            _ => client.machines.destroy_machine(target).await.map(|_| ()),
+        }
+        .expect("operation");
+    }
+    let goal = match operation.as_str() {
+        "stop" => pb::MachineState::Stopped,
+        "destroy" => pb::MachineState::Destroyed,
+        _ => pb::MachineState::Started,
+    };
+
+    let clock = Instant::now();
+    if mode == Mode::Kill {
+        row.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
+        if !row.crashed {
+            row.error = Some("the fail point was never reached".into());
+            return row;
+        }
+        daemon.spawn();
+        client = daemon.client().await;
+    }
+    let reply = client
+        .machines
+        .wait_machine(pb::WaitMachineRequest {
+            id: m.id.clone(),
+            state: goal as i32,
+            timeout_ms: 180_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner();
+    row.seconds = clock.elapsed().as_secs_f64();
+    row.converged = reply.reached;
+    if mode == Mode::Panic {
+        // A panic leaves the process up; the machine's events show the restarted run
+        // (or, for a singleton, the step whose call it dropped).
+        let mut events = client
+            .machines
+            .watch_events(pb::WatchEventsRequest {
+                machine_id: m.id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .expect("events")
+            .into_inner();
+        while let Ok(Ok(Some(event))) =
+            tokio::time::timeout(Duration::from_millis(300), events.message()).await
+        {
+            if event.message.contains("restarted after a crash")
+                || event.message.contains("stopped before answering")
+            {
+                row.crashed = true;
+            }
+        }
+    }
+    if !row.converged {
+        let now = machine(&mut client, &m.id).await;
+        row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
+    }
+    if goal == pb::MachineState::Started {
+        let running = daemon.processes().len();
+        if running != 1 {
+            row.leaks
+                .push(format!("{running} VMM processes for one started machine"));
+        }
+    }
+    if goal != pb::MachineState::Destroyed {
+        destroy(&mut client, &m.id).await;
+    }
+    row.leaks.extend(leftovers(&daemon, &mut client).await);
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fail_point_converges_without_leaks() {
+    // CHAOS_FILTER=<substring> runs only the matching points (for a person debugging).
+    let filter = std::env::var("CHAOS_FILTER").unwrap_or_default();
+    let points: Vec<String> = failpoints::all()
+        .into_iter()
+        .filter(|p| p.contains(&filter))
+        .collect();
+    let gate = Arc::new(Semaphore::new(PARALLEL));
+    let mut tasks = Vec::new();
+    for point in &points {
+        for mode in [Mode::Kill, Mode::Panic] {
+            let gate = gate.clone();
+            let point = point.clone();
+            tasks.push(tokio::spawn(async move {
+                let _slot = gate.acquire_owned().await.expect("semaphore");
+                run_case(point, mode).await
+            }));
+        }
+    }
+    let mut rows = Vec::new();
+    for task in tasks {
+        rows.push(task.await.expect("case"));
+    }
+
+    println!(
+        "{:<40} {:<14} {:>7} {:>9} {:>5} {:>7}",
+        "fail point", "mode", "crashed", "converged", "leaks", "seconds"
+    );
+    for r in &rows {
+        println!(
+            "{:<40} {:<14} {:>7} {:>9} {:>5} {:>7.2}{}",
+            r.point,
+            r.mode.name(),
+            r.crashed,
+            r.converged,
+            r.leaks.len(),
+            r.seconds,
+            r.error
+                .as_deref()
+                .map(|e| format!("  {e}"))
+                .unwrap_or_default()
+        );
+    }
+    let bad: Vec<&Row> = rows
+        .iter()
+        .filter(|r| !r.crashed || !r.converged || !r.leaks.is_empty())
+        .collect();
+    println!("{} cases, {} failed", rows.len(), bad.len());
+    assert!(
+        bad.is_empty(),
+        "cases that did not converge cleanly: {bad:#?}"
+    );
+    assert_eq!(rows.len(), points.len() * 2);
+}
