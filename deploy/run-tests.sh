@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features failpoints -- -D warnings
 # The guest init must be static; the tests' daemons find it beside hearthd.
 bash deploy/build-guest-init.sh
 host_state() {
@@ -16,6 +17,8 @@ host_state() {
 }
 before=$(host_state)
 cargo test --lib --bins --tests -- --test-threads=2
+# The chaos harness needs the fail points compiled in (a separate build of the daemon).
+cargo test --features failpoints --test chaos -- --nocapture
 after=$(host_state)
 if [ "$before" != "$after" ]; then
   echo "run-tests: the suite left host resources behind" >&2

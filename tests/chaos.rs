@@ -216,13 +216,15 @@ async fn run_case(point: String, mode: Mode) -> Row {
             .await
             .expect("events")
             .into_inner();
-        while let Ok(Ok(Some(event))) =
-            tokio::time::timeout(Duration::from_millis(300), events.message()).await
-        {
+        // The panic's evidence may land after the goal state (unwinding and reporting take
+        // a while), so wait for it up to a deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, events.message()).await {
             if event.message.contains("restarted after a crash")
                 || event.message.contains("stopped before answering")
             {
                 row.crashed = true;
+                break;
             }
         }
     }

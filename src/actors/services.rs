@@ -2,6 +2,7 @@
 //! and the broadcast channels that carry events to watchers. Built once at start.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OnceCell, broadcast};
 
@@ -27,6 +28,7 @@ struct Inner {
     net: NetFabric,
     vmm: VmmDriver,
     kit: OnceCell<GuestKit>,
+    runs_observed: AtomicU64,
     events: broadcast::Sender<MachineEvent>,
     routes: broadcast::Sender<RouteChange>,
 }
@@ -54,6 +56,7 @@ impl Services {
                 net,
                 vmm,
                 kit: OnceCell::new(),
+                runs_observed: AtomicU64::new(0),
                 events,
                 routes,
             }),
@@ -102,6 +105,18 @@ impl Services {
                 .map_err(|e| format!("guest kit task: {e}"))?
             })
             .await
+    }
+
+    /// Counts a machine run that has looked at the host since the daemon started (its
+    /// first `Reconcile`): after a restart, when it equals the machines, every one of them
+    /// has been re-adopted or repaired.
+    pub fn note_run_observed(&self) {
+        self.inner.runs_observed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Machine runs that have looked at the host since the daemon started.
+    pub fn runs_observed(&self) -> u64 {
+        self.inner.runs_observed.load(Ordering::Relaxed)
     }
 
     /// The retry bounds of every run.

@@ -35,6 +35,7 @@ impl NodeService for Node {
             ip_slots_total: self.services.pool().slot_count(),
             ip_slots_used: leases.len() as u32,
             vmm: self.services.vmm().describe(),
+            runs_observed: self.services.runs_observed(),
         }))
     }
 }

@@ -50,6 +50,8 @@ pub struct StepReport {
 pub struct RunState {
     id: String,
     services: Services,
+    /// Whether this run has looked at the host yet.
+    observed: bool,
     running: Option<Running>,
 }
 
@@ -215,6 +217,10 @@ impl MachineActor {
         }
         // Nothing to write when the machine is settled where it should be.
         let seen = Self::observe(&state.services, &rec);
+        if !state.observed {
+            state.observed = true;
+            state.services.note_run_observed();
+        }
         let decision = decide::decide(&rec, &seen, &state.services.policy());
         if decision.next == Next::Settle && rec.state == decision.state && rec.current.is_none() {
             if decision.state == MachineState::Destroyed {
@@ -319,6 +325,7 @@ impl Actor for MachineActor {
         Ok(RunState {
             id,
             services,
+            observed: false,
             running: None,
         })
     }

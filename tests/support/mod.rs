@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use hearth::api::pb;
 use hearth::client::{Client, connect};
 
 static NEXT: AtomicU8 = AtomicU8::new(0);
+static BASE: OnceLock<[u8; 2]> = OnceLock::new();
 
 /// A daemon on a temporary data dir, with a test-unique resource prefix and pool.
 pub struct Daemon {
@@ -35,12 +37,16 @@ impl Daemon {
     /// A daemon's directory and config, not started yet.
     pub fn prepare(extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut raw = [0u8; 2];
-        getrandom::fill(&mut raw).expect("random");
         // Daemons of one test binary run at the same time: a counter keeps their prefixes
-        // and pools apart, a random start keeps binaries run one after another apart.
+        // and pools apart, a random start (drawn once per binary) keeps binaries run one
+        // after another apart.
+        let base = *BASE.get_or_init(|| {
+            let mut raw = [0u8; 2];
+            getrandom::fill(&mut raw).expect("random");
+            raw
+        });
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let raw = [raw[0].wrapping_add(n), raw[1].wrapping_add(n)];
+        let raw = [base[0].wrapping_add(n), base[1].wrapping_add(n)];
         let prefix = format!("td{:02x}", raw[0]);
         let config = dir.path().join("hearthd.toml");
         std::fs::write(
