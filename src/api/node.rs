@@ -1,7 +1,8 @@
-//! NodeService: the host's capacity and usage.
+//! NodeService: the host's capacity and usage, and the leak audit.
 
 use tonic::{Request, Response, Status};
 
+use super::convert;
 use super::pb::{self, node_service_server::NodeService};
 use super::status::ApiError;
 use crate::actors::services::Services;
@@ -36,5 +37,16 @@ impl NodeService for Node {
             ip_slots_used: leases.len() as u32,
             vmm: self.services.vmm().describe(),
         }))
+    }
+
+    async fn audit(
+        &self,
+        _: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditReport>, Status> {
+        // Read-only host inspection, not host work: a scan of names and two tables.
+        let audit = crate::audit::run(&self.services)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(convert::audit(&audit)))
     }
 }
