@@ -341,7 +341,7 @@ mod tests {
             .map(|s| (*s, Mark::Begun))
             .collect();
         let r = rec(A, MachineState::Starting, &begun);
-        assert!(compare(&[r.clone()], &host_of(&[])).is_clean());
+        assert!(compare(std::slice::from_ref(&r), &host_of(&[])).is_clean());
         assert!(compare(&[r], &host_of(&[A])).is_clean());
     }
 
@@ -424,7 +424,7 @@ mod tests {
         let mut host = host_of(&[A]);
         host.vmms.clear();
         host.routes.clear();
-        assert!(compare(&[r.clone()], &host).is_clean());
+        assert!(compare(std::slice::from_ref(&r), &host).is_clean());
         let report = compare(&[r], &host_of(&[A]));
         assert_eq!(
             keys(&report.leaks),
