@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod elf;

@@ -1,6 +1,7 @@
 //! Conversions between the domain types and the protobuf messages.
 
 use super::pb;
+use crate::audit::{Audit, Finding, ResourceKind};
 use crate::machine::record::{Desired, MachineEvent, MachineRecord, MachineState};
 use crate::machine::spec::{MachineSpec, RawSpec};
 use crate::route::{Route, RouteChange};
@@ -133,5 +134,35 @@ pub fn route_change(change: &RouteChange) -> pb::RouteChange {
     pb::RouteChange {
         kind: kind as i32,
         route: Some(route(r)),
+    }
+}
+
+fn resource_kind(kind: ResourceKind) -> pb::ResourceKind {
+    match kind {
+        ResourceKind::Netns => pb::ResourceKind::Netns,
+        ResourceKind::Link => pb::ResourceKind::Link,
+        ResourceKind::Vmm => pb::ResourceKind::Vmm,
+        ResourceKind::MachineDir => pb::ResourceKind::MachineDir,
+        ResourceKind::Lease => pb::ResourceKind::Lease,
+        ResourceKind::Route => pb::ResourceKind::Route,
+    }
+}
+
+fn finding(f: &Finding) -> pb::AuditFinding {
+    pb::AuditFinding {
+        kind: resource_kind(f.kind) as i32,
+        name: f.name.clone(),
+        machine_id: f.machine_id.clone().unwrap_or_default(),
+        why: f.why.clone(),
+    }
+}
+
+/// The protobuf report of an audit.
+pub fn audit(audit: &Audit) -> pb::AuditReport {
+    pb::AuditReport {
+        leaks: audit.report.leaks.iter().map(finding).collect(),
+        missing: audit.report.missing.iter().map(finding).collect(),
+        machines: u32::try_from(audit.machines).unwrap_or(u32::MAX),
+        duration_us: u64::try_from(audit.elapsed.as_micros()).unwrap_or(u64::MAX),
     }
 }

@@ -1,7 +1,8 @@
-//! NodeService: the host's capacity and usage.
+//! NodeService: the host's capacity and usage, and the leak audit.
 
 use tonic::{Request, Response, Status};
 
+use super::convert;
 use super::pb::{self, node_service_server::NodeService};
 use super::status::ApiError;
 use crate::actors::services::Services;
@@ -37,5 +38,16 @@ impl NodeService for Node {
             vmm: self.services.vmm().describe(),
             runs_observed: self.services.runs_observed(),
         }))
+    }
+
+    async fn audit(
+        &self,
+        _: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditReport>, Status> {
+        // Read-only host inspection, not host work: a scan of names and two tables.
+        let audit = crate::audit::run(&self.services)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(convert::audit(&audit)))
     }
 }

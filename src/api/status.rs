@@ -3,6 +3,7 @@
 
 use tonic::{Code, Status};
 
+use crate::audit::AuditError;
 use crate::image::ImageRefError;
 use crate::machine::spec::SpecError;
 use crate::store::StoreError;
@@ -22,6 +23,9 @@ pub enum ApiError {
     /// The machine's run could not be woken (the daemon is shutting down).
     #[error("the machine run could not be woken: {0}")]
     Wake(String),
+    /// The host or the store could not be inspected.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 impl From<ApiError> for Status {
@@ -38,6 +42,7 @@ impl From<ApiError> for Status {
                 StoreError::Db(_) | StoreError::Codec(_) | StoreError::Schema { .. },
             ) => Code::Internal,
             ApiError::Wake(_) => Code::Unavailable,
+            ApiError::Audit(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

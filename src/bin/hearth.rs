@@ -33,8 +33,18 @@ enum Command {
     /// Machines on this host.
     #[command(subcommand)]
     Machine(MachineCommand),
-    /// The host's capacity and usage.
-    Node,
+    /// The host's capacity and usage (and `node audit`).
+    Node {
+        #[command(subcommand)]
+        command: Option<NodeCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Compare the host with the machine records: leaks (owned by no record) and missing
+    /// resources (marked done, not there). Exits with status 1 when there are leaks.
+    Audit,
 }
 
 #[derive(Subcommand)]
@@ -177,13 +187,78 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
     println!("{table}");
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+fn kind_name(value: i32) -> String {
+    pb::ResourceKind::try_from(value)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("RESOURCE_KIND_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| value.to_string())
+}
+
+fn finding_json(f: &pb::AuditFinding) -> serde_json::Value {
+    json!({"kind": kind_name(f.kind), "name": f.name, "machine_id": f.machine_id, "why": f.why})
+}
+
+fn print_audit(json_out: bool, report: &pb::AuditReport) {
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "leaks": report.leaks.iter().map(finding_json).collect::<Vec<_>>(),
+                "missing": report.missing.iter().map(finding_json).collect::<Vec<_>>(),
+                "machines": report.machines, "duration_us": report.duration_us,
+            })
+        );
+        return;
+    }
+    for (title, findings) in [("leaks", &report.leaks), ("missing", &report.missing)] {
+        if findings.is_empty() {
+            println!("{title}: none");
+            continue;
+        }
+        println!("{title}: {}", findings.len());
+        let mut table = Table::new();
+        table.set_header(["KIND", "NAME", "MACHINE", "WHY"]);
+        for f in findings.iter() {
+            table.add_row([
+                kind_name(f.kind),
+                f.name.clone(),
+                f.machine_id.clone(),
+                f.why.clone(),
+            ]);
+        }
+        println!("{table}");
+    }
+    println!(
+        "{} machine records compared in {:.1} ms",
+        report.machines,
+        report.duration_us as f64 / 1000.0
+    );
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut client: Client = connect(&cli.socket)
         .await
         .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?;
     let status = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
     match cli.command {
-        Command::Node => {
+        Command::Node {
+            command: Some(NodeCommand::Audit),
+        } => {
+            let report = client
+                .node
+                .audit(pb::AuditRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_audit(cli.json, &report);
+            if !report.leaks.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Node { command: None } => {
             let n = client
                 .node
                 .get_node(pb::GetNodeRequest {})
@@ -339,7 +414,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
         },
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -355,7 +430,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("hearth: {e}");
             ExitCode::FAILURE

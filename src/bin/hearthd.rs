@@ -1,5 +1,6 @@
 //! hearthd: the worker daemon. Opens the store, starts the actor tree, serves the API,
-//! and only then wakes every recorded machine: the API answers before recovery runs.
+//! and only then wakes every recorded machine and sweeps orphans: the API answers before
+//! recovery and the sweep run.
 //!
 //! Stopping the daemon (SIGTERM, SIGINT) leaves the machines running; the next start
 //! re-adopts them. Destroying a machine is an API call, never a side effect of shutdown.
@@ -98,6 +99,23 @@ async fn run(args: Args) -> Result<(), String> {
     supervisor
         .cast(SupervisorMsg::WakeAll)
         .map_err(|e| format!("wake machines: {e}"))?;
+
+    // Orphans (hearth's names with no owning record, left by a crash between acquiring
+    // and recording or by an older daemon) are released off the API's path: a slow sweep
+    // must not delay the API. It only touches ids no live record owns (see audit::sweep).
+    let sweeping = services.clone();
+    tokio::spawn(async move {
+        match hearth::audit::sweep(&sweeping).await {
+            Ok(report) => tracing::info!(
+                released = report.released.len(),
+                kept = report.kept.len(),
+                failed = report.failed.len(),
+                elapsed_ms = report.elapsed.as_secs_f64() * 1000.0,
+                "orphan sweep done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "orphan sweep could not run"),
+        }
+    });
 
     // The guest kit is assembled once per kernel and init (cached on disk); do it now,
     // off the API's path, rather than in the first machine's `vmm` step.
