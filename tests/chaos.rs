@@ -232,6 +232,26 @@ async fn run_case(point: String, mode: Mode) -> Row {
         let now = machine(&mut client, &m.id).await;
         row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
     }
+    // The leak invariant at the converged state: what is on the host is exactly what the
+    // surviving record owns.
+    let audit = client
+        .node
+        .audit(pb::AuditRequest {})
+        .await
+        .expect("audit")
+        .into_inner();
+    row.leaks.extend(
+        audit
+            .leaks
+            .iter()
+            .map(|f| format!("leak {}: {}", f.name, f.why)),
+    );
+    row.leaks.extend(
+        audit
+            .missing
+            .iter()
+            .map(|f| format!("missing {}: {}", f.name, f.why)),
+    );
     if goal == pb::MachineState::Started {
         let running = daemon.processes().len();
         if running != 1 {
