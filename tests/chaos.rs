@@ -60,7 +60,7 @@ struct Row {
     error: Option<String>,
 }
 
-async fn create(client: &mut Client, name: &str) -> pb::Machine {
+async fn create(client: &mut Client, name: &str) -> Result<pb::Machine, tonic::Status> {
     client
         .machines
         .create_machine(pb::CreateMachineRequest {
@@ -75,8 +75,7 @@ async fn create(client: &mut Client, name: &str) -> pb::Machine {
             }),
         })
         .await
-        .expect("create")
-        .into_inner()
+        .map(|reply| reply.into_inner())
 }
 
 async fn machine(client: &mut Client, id: &str) -> pb::Machine {
@@ -154,7 +153,29 @@ async fn run_case(point: String, mode: Mode) -> Row {
         daemon.spawn();
     }
     let mut client = daemon.client().await;
-    let m = create(&mut client, "c").await;
+    // A crash may beat the answer to the caller (see below); a retry with the same
+    // request id after the restart returns the machine the first call recorded.
+    let first = create(&mut client, "c").await;
+    let created = match first {
+        Ok(m) => Some(m),
+        Err(status) if mode == Mode::Kill && status.code() == tonic::Code::Unknown => None,
+        Err(status) => panic!("create: {status:?}"),
+    };
+    let m = match created {
+        Some(m) => m,
+        None => {
+            assert!(
+                daemon.wait_exit(Duration::from_secs(120)).await,
+                "no answer and no crash"
+            );
+            daemon.spawn();
+            client = daemon.client().await;
+            row.crashed = true;
+            create(&mut client, "c")
+                .await
+                .expect("create retried after the crash")
+        }
+    };
     if !armed_from_start {
         wait_for(&mut client, &m.id, pb::MachineState::Started).await;
         if operation == "start" {
@@ -169,12 +190,19 @@ async fn run_case(point: String, mode: Mode) -> Row {
         daemon.spawn_with_env(&env);
         client = daemon.client().await;
         let target = pb::MachineRef { id: m.id.clone() };
-        match operation.as_str() {
+        let answer = match operation.as_str() {
             "start" => client.machines.start_machine(target).await.map(|_| ()),
             "stop" => client.machines.stop_machine(target).await.map(|_| ()),
             _ => client.machines.destroy_machine(target).await.map(|_| ()),
+        };
+        // The run starts as soon as the change is committed, so a crash at its first fail
+        // point may come before the answer reaches the caller. The change is durable
+        // either way; the convergence below shows it.
+        if let Err(status) = answer
+            && !(mode == Mode::Kill && status.code() == tonic::Code::Unknown)
+        {
+            panic!("{operation}: {status:?}");
         }
-        .expect("operation");
     }
     let goal = match operation.as_str() {
         "stop" => pb::MachineState::Stopped,
@@ -183,7 +211,7 @@ async fn run_case(point: String, mode: Mode) -> Row {
     };
 
     let clock = Instant::now();
-    if mode == Mode::Kill {
+    if mode == Mode::Kill && !row.crashed {
         row.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
         if !row.crashed {
             row.error = Some("the fail point was never reached".into());
