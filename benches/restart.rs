@@ -32,7 +32,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
         // 20 guests under TCG on 2 cores boot slowly; give readiness room.
-        let mut daemon = support::Daemon::start_with("[guest]\nready_timeout_secs = 300\n");
+        let mut daemon = support::Daemon::start_with("[guest]\nready_timeout_secs = 300\n[capacity]\nvcpus = 64\n");
         let client = daemon.client().await;
         let mut tasks = Vec::new();
         for i in 0..count {
