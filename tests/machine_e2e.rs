@@ -335,3 +335,65 @@ async fn a_killed_daemon_readopts_its_running_machine() {
     destroy(&mut client, &machine.id).await;
     assert_nothing_left(&daemon, &[machine.id]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
+    let mut daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let machine = create(&mut client, "drift", "drift", &[]).await;
+    let before = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+
+    // While the daemon is down, the host loses the machine's namespace.
+    daemon.kill();
+    let netns = format!("{}-{}", daemon.prefix, machine.id);
+    let status = std::process::Command::new("ip")
+        .args(["netns", "del", &netns])
+        .status()
+        .expect("ip netns del");
+    assert!(status.success());
+    daemon.spawn();
+    let mut client = daemon.client().await;
+
+    // The run notices, releases what stood on the network, builds it again and boots a
+    // new VMM in it: the events tell it, ending with the route published again.
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: machine.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut noticed = false;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(240), events.message())
+            .await
+            .expect("the repair finishes in time")
+            .expect("event stream")
+            .expect("stream open");
+        noticed |= event.message.contains("network is gone from the host");
+        if noticed && event.message.starts_with("acquire publish: ok") {
+            break;
+        }
+    }
+    let after = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+    assert_ne!(
+        after.vmm_pid, before.vmm_pid,
+        "the VMM in the lost namespace was replaced"
+    );
+    assert_eq!(vmm_processes(&machine.id), vec![after.vmm_pid as i32]);
+    assert!(http_get(&after.guest_ip, 80).contains("hearth demo"));
+    let audit = client
+        .node
+        .audit(pb::AuditRequest {})
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit.leaks.is_empty() && audit.missing.is_empty(),
+        "{audit:?}"
+    );
+    destroy(&mut client, &machine.id).await;
+    assert_nothing_left(&daemon, &[machine.id]);
+}

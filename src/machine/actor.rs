@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use super::decide::{self, Decision, Next, Observed, VmmSeen};
 use super::record::{Desired, MachineRecord, MachineState, StepTiming};
-use super::step::{Direction, Step};
+use super::step::{Direction, Mark, Step};
 use super::steps::{self, StepOutput};
 use crate::actors::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
@@ -89,7 +89,23 @@ impl MachineActor {
                 Liveness::Gone => VmmSeen::Gone,
             },
         };
-        Observed { vmm }
+        // Only what a finished step made is looked for; both checks are a stat.
+        let network_present = rec.mark(Step::Network) != Mark::Done
+            || steps::network::plan(services, rec).is_ok_and(|plan| {
+                crate::net::netns_path(&plan.netns).exists()
+                    && std::path::Path::new("/sys/class/net")
+                        .join(&plan.host_veth)
+                        .exists()
+            });
+        let disk_present = rec.mark(Step::Disk) != Mark::Done
+            || steps::machine_dir(services, rec)
+                .join(steps::disk::ROOT_DISK)
+                .exists();
+        Observed {
+            vmm,
+            network_present,
+            disk_present,
+        }
     }
 
     /// One commit that records a finished step's outcome (when given) and, unless the
@@ -127,6 +143,13 @@ impl MachineActor {
                     decide::apply_vmm_lost(rec);
                     rec.state = decision.state;
                     messages.push("the VMM is gone; it will be started again".to_string());
+                }
+                Next::Lost(step) => {
+                    decide::apply_lost(rec, *step);
+                    rec.state = decision.state;
+                    messages.push(format!(
+                        "{step} is gone from the host; it will be made again"
+                    ));
                 }
                 Next::GiveUp(reason) => {
                     decide::apply_give_up(rec, reason.clone());
@@ -175,7 +198,7 @@ impl MachineActor {
                     }
                     return Ok(());
                 }
-                Next::VmmLost | Next::GiveUp(_) => continue,
+                Next::VmmLost | Next::Lost(_) | Next::GiveUp(_) => continue,
                 Next::Acquire(step) => {
                     return Self::spawn_effect(myself, state, step, Direction::Acquire, rec);
                 }

@@ -24,6 +24,24 @@ pub enum VmmSeen {
 pub struct Observed {
     /// The VMM.
     pub vmm: VmmSeen,
+    /// Whether the machine's network namespace and host link are there.
+    pub network_present: bool,
+    /// Whether the machine's disk is there.
+    pub disk_present: bool,
+}
+
+impl Observed {
+    /// What a step marked `Done` left on the host is gone: the host lost it (a reboot, an
+    /// operator's `ip netns del`, a deleted file).
+    pub fn lost(&self, rec: &MachineRecord) -> Option<Step> {
+        if rec.mark(Step::Disk) == Mark::Done && !self.disk_present {
+            return Some(Step::Disk);
+        }
+        if rec.mark(Step::Network) == Mark::Done && !self.network_present {
+            return Some(Step::Network);
+        }
+        None
+    }
 }
 
 /// Bounds on retries, from the configuration.
@@ -44,6 +62,8 @@ pub enum Next {
     Release(Step),
     /// The VMM the record holds is gone: drop the marks that died with it.
     VmmLost,
+    /// A resource a `Done` step made is gone from the host: mark the step to be redone.
+    Lost(Step),
     /// Stop trying: record the reason; the run then releases everything.
     GiveUp(String),
     /// Nothing to do until the desired state changes.
@@ -90,6 +110,10 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             }
             return decision(Next::VmmLost, MachineState::Starting);
         }
+        // Drift: the host lost what a finished step made. Redo it through the normal steps.
+        if let Some(step) = seen.lost(rec) {
+            return decision(Next::Lost(step), MachineState::Starting);
+        }
         if rec.boot_attempts >= policy.max_boot_attempts {
             return decision(
                 Next::GiveUp(format!(
@@ -120,10 +144,19 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
         if rec.touched(Step::Vmm) && rec.mark(Step::Ready) != Mark::Done && stale_vmm {
             return decision(Next::Release(Step::Vmm), MachineState::Starting);
         }
-        return match CREATE_ORDER.iter().find(|s| rec.mark(**s) != Mark::Done) {
-            Some(step) => decision(Next::Acquire(*step), MachineState::Starting),
-            None => decision(Next::Settle, MachineState::Started),
+        let Some(index) = CREATE_ORDER.iter().position(|s| rec.mark(*s) != Mark::Done) else {
+            return decision(Next::Settle, MachineState::Started);
         };
+        // A step is only acquired with nothing after it still on the host: what was built
+        // on top of a step being redone is released first, latest first.
+        if let Some(later) = CREATE_ORDER[index + 1..]
+            .iter()
+            .rev()
+            .find(|s| rec.touched(**s))
+        {
+            return decision(Next::Release(*later), MachineState::Starting);
+        }
+        return decision(Next::Acquire(CREATE_ORDER[index]), MachineState::Starting);
     }
 
     let (releases, busy, settled): (&[Step], _, _) = match target {
@@ -236,6 +269,12 @@ pub fn apply_vmm_lost(rec: &mut MachineRecord) {
     rec.resources.vmm = None;
 }
 
+/// The host lost what `step` made: the step is to be done again (its mark goes back to
+/// `Begun`, so it is acquired again after whatever was built on it is released).
+pub fn apply_lost(rec: &mut MachineRecord, step: Step) {
+    rec.set_mark(step, Mark::Begun);
+}
+
 /// Gives up on the machine: the run releases everything and settles `failed`.
 pub fn apply_give_up(rec: &mut MachineRecord, reason: String) {
     rec.failure = Some(reason);
@@ -266,10 +305,18 @@ mod tests {
     };
     const RUNNING: Observed = Observed {
         vmm: VmmSeen::Running,
+        network_present: true,
+        disk_present: true,
     };
-    const GONE: Observed = Observed { vmm: VmmSeen::Gone };
+    const GONE: Observed = Observed {
+        vmm: VmmSeen::Gone,
+        network_present: true,
+        disk_present: true,
+    };
     const NONE: Observed = Observed {
         vmm: VmmSeen::NotRecorded,
+        network_present: true,
+        disk_present: true,
     };
 
     fn record(desired: Desired, marks: &[(Step, Mark)]) -> MachineRecord {
@@ -551,6 +598,65 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_network_is_rebuilt_after_what_stands_on_it_is_released() {
+        let mut rec = record(Desired::Started, &all_done());
+        let no_network = Observed {
+            network_present: false,
+            ..RUNNING
+        };
+        check(
+            &rec,
+            no_network,
+            Next::Lost(Step::Network),
+            MachineState::Starting,
+        );
+        apply_lost(&mut rec, Step::Network);
+        // Everything built on the network goes first, latest first...
+        for later in [Step::Publish, Step::Ready, Step::Vmm, Step::VmConfig] {
+            check(&rec, RUNNING, Next::Release(later), MachineState::Starting);
+            apply_outcome(&mut rec, later, Direction::Release, true);
+        }
+        // ...then the network is built again, and the rest after it.
+        check(
+            &rec,
+            NONE,
+            Next::Acquire(Step::Network),
+            MachineState::Starting,
+        );
+        apply_outcome(&mut rec, Step::Network, Direction::Acquire, true);
+        check(
+            &rec,
+            NONE,
+            Next::Acquire(Step::VmConfig),
+            MachineState::Starting,
+        );
+    }
+
+    #[test]
+    fn a_lost_disk_is_noticed_first_and_only_towards_started() {
+        let rec = record(Desired::Started, &all_done());
+        let nothing = Observed {
+            vmm: VmmSeen::Running,
+            network_present: false,
+            disk_present: false,
+        };
+        check(
+            &rec,
+            nothing,
+            Next::Lost(Step::Disk),
+            MachineState::Starting,
+        );
+        // A machine being destroyed just releases; drift does not matter there.
+        let rec = record(Desired::Destroyed, &all_done());
+        check(
+            &rec,
+            nothing,
+            Next::Release(Step::Publish),
+            MachineState::Destroying,
+        );
+    }
+
+    #[test]
     fn begin_marks_acquires_only() {
         let mut rec = record(Desired::Started, &[]);
         apply_begin(
@@ -614,6 +720,7 @@ mod tests {
                             (Next::Release(step), _) => assert!(rec.touched(*step)),
                             (Next::VmmLost, Desired::Started) => assert!(rec.touched(Step::Vmm)),
                             (Next::VmmLost, _) => panic!("VmmLost towards {desired:?}"),
+                            (Next::Lost(step), _) => panic!("{step} reported lost though present"),
                             (Next::GiveUp(_), _) => panic!("no failures were recorded"),
                             (Next::Settle, Desired::Started) => {
                                 assert_eq!(got.state, MachineState::Started)
