@@ -349,3 +349,43 @@ async fn every_fail_point_converges_without_leaks() {
     );
     assert_eq!(rows.len(), points.len() * 2);
 }
+
+/// Starts a daemon whose fail point `point` panics every time, creates a machine, and
+/// checks that it ends `failed` with `reason` in its failure, that everything it acquired
+/// was released, and that the daemon kept answering.
+async fn crash_loop(point: &str, reason: &str) {
+    let mut daemon = Daemon::prepare("");
+    daemon.spawn_with_env(&[("FAILPOINTS", &format!("{point}=panic"))]);
+    let mut client = daemon.client().await;
+    let m = create(&mut client, "loop").await.expect("create");
+    let failed = wait_for(&mut client, &m.id, pb::MachineState::Failed).await;
+    assert!(failed.failure.contains(reason), "{}", failed.failure);
+    client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("the daemon still answers");
+    let audit = client
+        .node
+        .audit(pb::AuditRequest {})
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        audit.leaks.is_empty() && audit.missing.is_empty(),
+        "{audit:?}"
+    );
+    destroy(&mut client, &m.id).await;
+    let left = leftovers(&daemon, &mut client).await;
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_machine_run_fails_the_machine_not_the_daemon() {
+    crash_loop("create.vm_config.before_effect", "machine actor crashed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_singleton_fails_the_step_not_the_daemon() {
+    crash_loop("tap_allocator.ensure.before_effect", "tap_allocator").await;
+}
