@@ -397,3 +397,132 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
     destroy(&mut client, &machine.id).await;
     assert_nothing_left(&daemon, &[machine.id]);
 }
+
+/// Waits for the machine's event log to show a message starting with `prefix`.
+async fn wait_event(client: &mut Client, id: &str, prefix: &str) {
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {prefix:?} event in time"))
+            .expect("event stream")
+            .expect("stream open");
+        if event.message.starts_with(prefix) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress() {
+    // A long readiness deadline: the cancelled wait must not be what ends the step.
+    let daemon = Daemon::start_with("[guest]\nready_timeout_secs = 600");
+    let mut client = daemon.client().await;
+
+    // Destroy while the guest boots (the `ready` step is waiting).
+    let doomed = create(&mut client, "doomed", "doomed", &[]).await;
+    wait_event(&mut client, &doomed.id, "acquire vmm: ok").await;
+    let clock = std::time::Instant::now();
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: doomed.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    let gone = wait_for(&mut client, &doomed.id, pb::MachineState::Destroyed).await;
+    assert!(
+        clock.elapsed() < Duration::from_secs(60),
+        "the boot wait was not cancelled"
+    );
+    assert!(
+        !gone
+            .timings
+            .iter()
+            .any(|t| t.step == "ready" && t.direction == "acquire"),
+        "the ready wait ran to its end: {:?}",
+        gone.timings
+    );
+    wait_event(&mut client, &doomed.id, "ready cancelled").await;
+
+    // Stop while a start is booting the guest again; repeating the stop changes nothing.
+    let m = create(&mut client, "restless", "restless", &[]).await;
+    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+    client
+        .machines
+        .stop_machine(pb::MachineRef { id: m.id.clone() })
+        .await
+        .expect("stop");
+    wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
+    client
+        .machines
+        .start_machine(pb::MachineRef { id: m.id.clone() })
+        .await
+        .expect("start");
+    let seq_before_stop = {
+        // The start's VMM is up; its guest is booting.
+        let mut events = client
+            .machines
+            .watch_events(pb::WatchEventsRequest {
+                machine_id: m.id.clone(),
+                after_seq: 0,
+            })
+            .await
+            .expect("events")
+            .into_inner();
+        let mut vmm_acquires = 0;
+        loop {
+            let event = events.message().await.expect("stream").expect("open");
+            if event.message.starts_with("acquire vmm: ok") {
+                vmm_acquires += 1;
+                if vmm_acquires == 2 {
+                    break event.seq;
+                }
+            }
+        }
+    };
+    for _ in 0..2 {
+        client
+            .machines
+            .stop_machine(pb::MachineRef { id: m.id.clone() })
+            .await
+            .expect("stop");
+    }
+    let stopped = wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
+    assert!(
+        vmm_processes(&m.id).is_empty(),
+        "the booting VMM was stopped"
+    );
+    let events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: m.id.clone(),
+            after_seq: seq_before_stop,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut events = events;
+    let mut desired_changes = 0;
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(500), events.message())
+            .await
+            .map(|r| r.transpose())
+    {
+        if event.message.starts_with("desired state") {
+            desired_changes += 1;
+        }
+    }
+    assert_eq!(desired_changes, 1, "a repeated stop is recorded once");
+    assert_eq!(stopped.desired, pb::DesiredState::Stopped as i32);
+    destroy(&mut client, &m.id).await;
+    assert_nothing_left(&daemon, &[doomed.id, m.id]);
+}
