@@ -19,8 +19,14 @@ before=$(host_state)
 cargo test --lib --bins --tests -- --test-threads=2
 # The chaos harness needs the fail points compiled in (a separate build of the daemon).
 cargo test --features failpoints --test chaos -- --nocapture
-after=$(host_state)
+# A VMM killed at the end of the last test may take a moment to go away.
+for _ in $(seq 150); do
+  after=$(host_state)
+  [ "$before" = "$after" ] && break
+  sleep 0.1
+done
 if [ "$before" != "$after" ]; then
+  pgrep -af qemu-system >&2 || true
   echo "run-tests: the suite left host resources behind" >&2
   diff <(echo "$before") <(echo "$after") >&2 || true
   exit 1
