@@ -40,17 +40,11 @@ fn main() {
             let clock = Instant::now();
             let machine = client
                 .machines
-                .create_machine(pb::CreateMachineRequest {
-                    request_id: format!("bench-{run}"),
-                    name: format!("bench-{run}"),
-                    spec: Some(pb::MachineSpec {
-                        image: "demo".into(),
-                        vcpus: 1,
-                        memory_mib: 128,
-                        ports: vec![80],
-                        ..Default::default()
-                    }),
-                })
+                .create_machine(support::demo_request(
+                    &format!("bench-{run}"),
+                    &format!("bench-{run}"),
+                    &[],
+                ))
                 .await
                 .expect("create")
                 .into_inner();

@@ -40,17 +40,7 @@ fn main() {
             tasks.push(tokio::spawn(async move {
                 let m = client
                     .machines
-                    .create_machine(pb::CreateMachineRequest {
-                        request_id: format!("restart-{i}"),
-                        name: format!("r{i}"),
-                        spec: Some(pb::MachineSpec {
-                            image: "demo".into(),
-                            vcpus: 1,
-                            memory_mib: 128,
-                            ports: vec![80],
-                            ..Default::default()
-                        }),
-                    })
+                    .create_machine(support::demo_request(&format!("restart-{i}"), &format!("r{i}"), &[]))
                     .await
                     .expect("create")
                     .into_inner();

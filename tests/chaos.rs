@@ -63,17 +63,7 @@ struct Row {
 async fn create(client: &mut Client, name: &str) -> Result<pb::Machine, tonic::Status> {
     client
         .machines
-        .create_machine(pb::CreateMachineRequest {
-            request_id: format!("chaos-{name}"),
-            name: name.into(),
-            spec: Some(pb::MachineSpec {
-                image: "demo".into(),
-                vcpus: 1,
-                memory_mib: 128,
-                ports: vec![80],
-                ..Default::default()
-            }),
-        })
+        .create_machine(support::demo_request(&format!("chaos-{name}"), name, &[]))
         .await
         .map(|reply| reply.into_inner())
 }

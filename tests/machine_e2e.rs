@@ -20,18 +20,7 @@ async fn create(
 ) -> pb::Machine {
     client
         .machines
-        .create_machine(pb::CreateMachineRequest {
-            request_id: request_id.into(),
-            name: name.into(),
-            spec: Some(pb::MachineSpec {
-                image: "demo".into(),
-                vcpus: 1,
-                memory_mib: 128,
-                ports: vec![80],
-                command: command.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            }),
-        })
+        .create_machine(support::demo_request(request_id, name, command))
         .await
         .expect("create")
         .into_inner()

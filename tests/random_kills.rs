@@ -47,17 +47,11 @@ async fn ask(
             }
         }
         _ => {
-            let request = pb::CreateMachineRequest {
-                request_id: format!("kill-{slot}-{generation}"),
-                name: format!("k{slot}-{generation}"),
-                spec: Some(pb::MachineSpec {
-                    image: "demo".into(),
-                    vcpus: 1,
-                    memory_mib: 128,
-                    ports: vec![80],
-                    ..Default::default()
-                }),
-            };
+            let request = support::demo_request(
+                &format!("kill-{slot}-{generation}"),
+                &format!("k{slot}-{generation}"),
+                &[],
+            );
             if let Ok(reply) = client.machines.create_machine(request).await {
                 ids[slot] = Some(reply.into_inner().id);
                 *asked = Asked::Started;

@@ -224,3 +224,20 @@ pub async fn destroy(client: &mut Client, id: &str) {
         .expect("destroy");
     wait_for(client, id, pb::MachineState::Destroyed).await;
 }
+
+/// A create request for a demo machine (1 vCPU, 128 MiB, serving port 80); an empty
+/// `command` runs the image's default.
+pub fn demo_request(request_id: &str, name: &str, command: &[&str]) -> pb::CreateMachineRequest {
+    pb::CreateMachineRequest {
+        request_id: request_id.into(),
+        name: name.into(),
+        spec: Some(pb::MachineSpec {
+            image: "demo".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            ports: vec![80],
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+    }
+}
