@@ -33,15 +33,6 @@ async fn create(client: &mut Client, request_id: &str, name: &str) -> pb::Machin
         .into_inner()
 }
 
-async fn audit(client: &mut Client) -> pb::AuditReport {
-    client
-        .node
-        .audit(pb::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner()
-}
-
 fn assert_clean(report: &pb::AuditReport) {
     assert!(
         report.leaks.is_empty() && report.missing.is_empty(),
@@ -76,11 +67,11 @@ fn ip(args: &[&str]) {
 async fn a_machine_audits_clean_through_its_life() {
     let daemon = Daemon::start_with("");
     let mut client = daemon.client().await;
-    assert_clean(&audit(&mut client).await);
+    assert_clean(&support::audit(&mut client).await);
 
     let machine = create(&mut client, "audit-life", "life").await;
     wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
-    let report = audit(&mut client).await;
+    let report = support::audit(&mut client).await;
     assert_clean(&report);
     assert_eq!(report.machines, 1);
     eprintln!(
@@ -90,7 +81,7 @@ async fn a_machine_audits_clean_through_its_life() {
     assert_eq!(cli_audit(&daemon).0, 0);
 
     destroy(&mut client, &machine.id).await;
-    assert_clean(&audit(&mut client).await);
+    assert_clean(&support::audit(&mut client).await);
 
     // Something in the machines directory that is not a machine: a leak the CLI reports
     // with status 1, and that no sweep removes (its name says nothing of its owner).
@@ -118,7 +109,7 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     // A tombstone: destroyed at once, before it ever boots.
     let gone = create(&mut client, "audit-gone", "gone").await;
     destroy(&mut client, &gone.id).await;
-    assert_clean(&audit(&mut client).await);
+    assert_clean(&support::audit(&mut client).await);
     daemon.kill();
 
     let data = daemon.dir.path().join("data");
@@ -175,7 +166,7 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     let ready = Instant::now();
     let deadline = ready + Duration::from_secs(60);
     let report = loop {
-        let report = audit(&mut client).await;
+        let report = support::audit(&mut client).await;
         if report.leaks.is_empty() {
             break report;
         }
@@ -236,7 +227,7 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     assert_eq!(after.guest_ip, started.guest_ip);
 
     destroy(&mut client, &live.id).await;
-    assert_clean(&audit(&mut client).await);
+    assert_clean(&support::audit(&mut client).await);
     assert!(
         daemon.host_leftovers().is_empty(),
         "{:?}",

@@ -68,15 +68,6 @@ async fn create(client: &mut Client, name: &str) -> Result<pb::Machine, tonic::S
         .map(|reply| reply.into_inner())
 }
 
-async fn machine(client: &mut Client, id: &str) -> pb::Machine {
-    client
-        .machines
-        .get_machine(pb::MachineRef { id: id.into() })
-        .await
-        .expect("get")
-        .into_inner()
-}
-
 /// Everything of this daemon still on the host or in its tables.
 async fn leftovers(daemon: &Daemon, client: &mut Client) -> Vec<String> {
     let mut found = daemon.host_leftovers();
@@ -247,17 +238,12 @@ async fn run_case(point: String, mode: Mode) -> Row {
         }
     }
     if !row.converged {
-        let now = machine(&mut client, &m.id).await;
+        let now = support::get_machine(&mut client, &m.id).await;
         row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
     }
     // The leak invariant at the converged state: what is on the host is exactly what the
     // surviving record owns.
-    let audit = client
-        .node
-        .audit(pb::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
+    let audit = support::audit(&mut client).await;
     row.leaks.extend(
         audit
             .leaks
@@ -355,16 +341,7 @@ async fn crash_loop(point: &str, reason: &str) {
         .get_node(pb::GetNodeRequest {})
         .await
         .expect("the daemon still answers");
-    let audit = client
-        .node
-        .audit(pb::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
-    assert!(
-        audit.leaks.is_empty() && audit.missing.is_empty(),
-        "{audit:?}"
-    );
+    support::assert_audit_clean(&mut client).await;
     destroy(&mut client, &m.id).await;
     let left = leftovers(&daemon, &mut client).await;
     assert!(left.is_empty(), "{left:?}");

@@ -373,16 +373,7 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
     );
     assert_eq!(vmm_processes(&machine.id), vec![after.vmm_pid as i32]);
     assert!(http_get(&after.guest_ip, 80).contains("hearth demo"));
-    let audit = client
-        .node
-        .audit(pb::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
-    assert!(
-        audit.leaks.is_empty() && audit.missing.is_empty(),
-        "{audit:?}"
-    );
+    support::assert_audit_clean(&mut client).await;
     destroy(&mut client, &machine.id).await;
     assert_nothing_left(&daemon, &[machine.id]);
 }

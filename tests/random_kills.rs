@@ -105,16 +105,7 @@ async fn twenty_random_kills_during_concurrent_creates_and_destroys() {
             wait_for(&mut client, id, pb::MachineState::Destroyed).await;
         }
     }
-    let audit = client
-        .node
-        .audit(pb::AuditRequest {})
-        .await
-        .expect("audit")
-        .into_inner();
-    assert!(
-        audit.leaks.is_empty() && audit.missing.is_empty(),
-        "{audit:?}"
-    );
+    support::assert_audit_clean(&mut client).await;
     let live: Vec<_> = ids.iter().flatten().cloned().collect();
     let started_vmms = daemon.processes().len();
     let wanted_started = asked.iter().filter(|a| **a == Asked::Started).count();

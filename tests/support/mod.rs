@@ -241,3 +241,32 @@ pub fn demo_request(request_id: &str, name: &str, command: &[&str]) -> pb::Creat
         }),
     }
 }
+
+/// The daemon's leak audit.
+pub async fn audit(client: &mut Client) -> pb::AuditReport {
+    client
+        .node
+        .audit(pb::AuditRequest {})
+        .await
+        .expect("audit")
+        .into_inner()
+}
+
+/// Fails the test unless the audit finds no leak and nothing missing.
+pub async fn assert_audit_clean(client: &mut Client) {
+    let report = audit(client).await;
+    assert!(
+        report.leaks.is_empty() && report.missing.is_empty(),
+        "{report:?}"
+    );
+}
+
+/// One machine, as the API shows it.
+pub async fn get_machine(client: &mut Client, id: &str) -> pb::Machine {
+    client
+        .machines
+        .get_machine(pb::MachineRef { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
