@@ -23,3 +23,20 @@ pub const PROBE_CMDLINE_FLAG: &str = "hearth.probe=1";
 
 /// The console line of a probe boot that reached userspace.
 pub const PROBE_READY_LINE: &str = "hearth-init: probe ready";
+
+/// Kernel command-line key naming the agent's transport. Absent: the virtio-serial port
+/// [`protocol::AGENT_PORT_NAME`] (QEMU). `hearth.agent=vsock:<port>`: the guest connects
+/// to the host (CID [`VSOCK_HOST_CID`]) on that vsock port and keeps reconnecting while
+/// no host listens (Firecracker's hybrid vsock: the host listens on `<uds_path>_<port>`).
+pub const AGENT_CMDLINE_KEY: &str = "hearth.agent";
+
+/// The vsock port the agent uses when the transport is vsock.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The host's vsock context id (`VMADDR_CID_HOST`).
+pub const VSOCK_HOST_CID: u32 = 2;
+
+/// Kernel command-line flag telling the init to end the machine with a reboot instead of
+/// a power-off: Firecracker has no power-off device and exits when the guest reboots
+/// (with `reboot=k`).
+pub const HALT_BY_REBOOT_FLAG: &str = "hearth.halt=reboot";

@@ -24,6 +24,7 @@ mod pidfd;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;
+mod spawn;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -18,18 +18,16 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::accel::{Accel, probe_accel};
 use super::agent::{self, tail};
 use super::qmp::Qmp;
+use super::spawn::{self, Children, DetachedCommand};
 use super::{LaunchError, LaunchSpec, Liveness, StopError, StopOutcome, VmmProcess, pidfd, procfs};
 
 /// The guest's serial console log in the machine directory.
@@ -53,8 +51,6 @@ const CONTROL_RETRY: Duration = Duration::from_millis(5);
 const QUIT_LIMIT: Duration = Duration::from_secs(2);
 /// How long QEMU may take to exit after `quit`, and after SIGKILL.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
-/// How long to wait for our reaper after the process has exited.
-const REAP_WAIT: Duration = Duration::from_secs(2);
 /// How much of QEMU's log a launch error carries.
 const LOG_TAIL: usize = 2048;
 
@@ -68,9 +64,8 @@ pub struct QemuDriver {
     /// Probe answers by kit id; a tokio mutex so concurrent first launches wait for one
     /// probe instead of booting several.
     probed: tokio::sync::Mutex<HashMap<String, Accel>>,
-    /// Processes this daemon started and has not reaped yet: pid -> exit description
-    /// (none while running). A task per child reaps it as soon as it exits.
-    children: Arc<Mutex<HashMap<i32, watch::Receiver<Option<String>>>>>,
+    /// Processes this daemon started and has not reaped yet.
+    children: Children,
 }
 
 impl QemuDriver {
@@ -82,7 +77,7 @@ impl QemuDriver {
             name_prefix: DEFAULT_NAME_PREFIX.to_string(),
             forced_accel: None,
             probed: tokio::sync::Mutex::new(HashMap::new()),
-            children: Arc::new(Mutex::new(HashMap::new())),
+            children: Children::default(),
         }
     }
 
@@ -140,66 +135,18 @@ impl QemuDriver {
 
         fs::create_dir_all(workdir).map_err(workdir_err(workdir))?;
         for stale in [QMP_SOCKET, AGENT_SOCKET] {
-            let p = workdir.join(stale);
-            match fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(workdir_err(&p)(e)),
-            }
+            spawn::remove_stale(&spec.machine_id, &workdir.join(stale))?;
         }
         let accel = self.accel_for(&spec.kit).await;
         let args = build_args(spec, accel, tsc_khz(), &self.name_prefix);
-
-        let netns = match &spec.netns {
-            Some(name) => Some(fs::File::open(Path::new("/run/netns").join(name)).map_err(
-                |source| LaunchError::Netns {
-                    machine_id: spec.machine_id.clone(),
-                    netns: name.clone(),
-                    source,
-                },
-            )?),
-            None => None,
-        };
-        let log_path = workdir.join(VMM_LOG);
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(workdir_err(&log_path))?;
-        let log2 = log.try_clone().map_err(workdir_err(&log_path))?;
-
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(&args)
-            .current_dir(workdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: the closure runs in the forked child before exec and only makes two
-        // async-signal-safe system calls on a descriptor the parent keeps open until
-        // spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Its own session: the VMM outlives the daemon and its signals.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(fd) = netns_fd
-                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            machine_id: spec.machine_id.clone(),
-            binary: self.binary.clone(),
-            source,
+        let pid = self.children.spawn(DetachedCommand {
+            machine_id: &spec.machine_id,
+            binary: &self.binary,
+            args,
+            workdir,
+            netns: spec.netns.as_deref(),
+            log: workdir.join(VMM_LOG),
         })?;
-        drop(netns);
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-        self.reap_in_background(pid, child);
         let process = VmmProcess {
             driver: DRIVER_NAME.to_string(),
             pid,
@@ -229,37 +176,6 @@ impl QemuDriver {
         })
     }
 
-    /// Hands the child to a task that reaps it the moment it exits, so no zombie is left
-    /// while the daemon runs; [`QemuDriver::stop`] waits for that task.
-    fn reap_in_background(&self, pid: i32, mut child: tokio::process::Child) {
-        let (tx, rx) = watch::channel(None);
-        lock(&self.children).insert(pid, rx);
-        let children = Arc::clone(&self.children);
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("unknown ({e})"),
-            };
-            let _ = tx.send(Some(status));
-            lock(&children).remove(&pid);
-        });
-    }
-
-    /// How our child `pid` exited, if it is ours and has exited.
-    fn child_exit(&self, pid: i32) -> Option<String> {
-        lock(&self.children)
-            .get(&pid)
-            .and_then(|rx| rx.borrow().clone())
-    }
-
-    /// Waits until our reaper has reaped `pid` (no-op for processes we did not start).
-    async fn reaped(&self, pid: i32) {
-        let rx = lock(&self.children).get(&pid).cloned();
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(REAP_WAIT, rx.wait_for(|s| s.is_some())).await;
-        }
-    }
-
     /// Waits until QMP answers `query-status`, failing early if the process ends.
     async fn wait_control(
         &self,
@@ -269,11 +185,12 @@ impl QemuDriver {
         let start = Instant::now();
         loop {
             if pidfd::liveness(process) == Liveness::Gone {
-                self.reaped(process.pid).await;
+                self.children.reaped(process.pid).await;
                 return Err(LaunchError::Exited {
                     machine_id: spec.machine_id.clone(),
                     status: self
-                        .child_exit(process.pid)
+                        .children
+                        .exit_of(process.pid)
                         .unwrap_or_else(|| "exit status unknown".to_string()),
                     log: tail(&spec.workdir.join(VMM_LOG), LOG_TAIL),
                 });
@@ -307,7 +224,7 @@ impl QemuDriver {
         grace: Duration,
     ) -> Result<StopOutcome, StopError> {
         let Some(fd) = pidfd::open_verified(process) else {
-            self.reaped(process.pid).await;
+            self.children.reaped(process.pid).await;
             return Ok(StopOutcome { graceful: true });
         };
         let signal_err = |source| StopError::Signal {
@@ -324,7 +241,7 @@ impl QemuDriver {
         .await
         .is_ok();
         if graceful {
-            self.reaped(process.pid).await;
+            self.children.reaped(process.pid).await;
             return Ok(StopOutcome { graceful: true });
         }
 
@@ -335,14 +252,14 @@ impl QemuDriver {
         })
         .await;
         if pidfd::exited_within(&fd, EXIT_WAIT).await {
-            self.reaped(process.pid).await;
+            self.children.reaped(process.pid).await;
             return Ok(StopOutcome { graceful: false });
         }
 
         // 3. SIGKILL.
         pidfd::kill(&fd).map_err(signal_err)?;
         if pidfd::exited_within(&fd, EXIT_WAIT).await {
-            self.reaped(process.pid).await;
+            self.children.reaped(process.pid).await;
             return Ok(StopOutcome { graceful: false });
         }
         Err(StopError::StillRunning {
@@ -350,12 +267,6 @@ impl QemuDriver {
             after: EXIT_WAIT,
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent (single inserts
-    // and removes), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A path as a QEMU option value: commas are doubled (QEMU's escape inside `a=b,c=d`).

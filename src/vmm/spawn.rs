@@ -1,0 +1,160 @@
+//! Starting a VMM process that outlives the daemon, and reaping the ones this daemon
+//! started.
+//!
+//! Both drivers start their VMM the same way: in its own session (the daemon's signals and
+//! its death do not reach it), inside the machine's network namespace (entered between
+//! fork and exec, never on a daemon thread), with stdout and stderr appended to a log file
+//! in the machine directory (a pipe to the daemon would block or kill the VMM once the
+//! daemon is gone). A task per child reaps it the moment it exits, so no zombie is left
+//! while the daemon runs, and a stop can wait for that.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::LaunchError;
+
+/// How long to wait for our reaper after the process has exited.
+const REAP_WAIT: Duration = Duration::from_secs(2);
+
+/// What to start.
+pub struct DetachedCommand<'a> {
+    /// The machine (for errors).
+    pub machine_id: &'a str,
+    /// The program.
+    pub binary: &'a Path,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Working directory (the machine directory).
+    pub workdir: &'a Path,
+    /// Network namespace name under `/run/netns` to run in; none: the daemon's.
+    pub netns: Option<&'a str>,
+    /// File that receives stdout and stderr (appended).
+    pub log: PathBuf,
+}
+
+/// The processes this daemon started and has not reaped yet: pid -> exit description
+/// (none while running).
+#[derive(Default, Clone)]
+pub struct Children {
+    map: Arc<Mutex<HashMap<i32, watch::Receiver<Option<String>>>>>,
+}
+
+impl Children {
+    /// Starts `cmd` detached and hands the child to a reaper task. Returns the pid.
+    pub fn spawn(&self, cmd: DetachedCommand<'_>) -> Result<i32, LaunchError> {
+        let workdir_err = |path: &Path| {
+            let machine_id = cmd.machine_id.to_string();
+            let path = path.to_path_buf();
+            move |source| LaunchError::Workdir {
+                machine_id,
+                path,
+                source,
+            }
+        };
+        let netns = match cmd.netns {
+            Some(name) => Some(fs::File::open(Path::new("/run/netns").join(name)).map_err(
+                |source| LaunchError::Netns {
+                    machine_id: cmd.machine_id.to_string(),
+                    netns: name.to_string(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cmd.log)
+            .map_err(workdir_err(&cmd.log))?;
+        let log2 = log.try_clone().map_err(workdir_err(&cmd.log))?;
+
+        let mut command = tokio::process::Command::new(cmd.binary);
+        command
+            .args(&cmd.args)
+            .current_dir(cmd.workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: the closure runs in the forked child before exec and only makes two
+        // async-signal-safe system calls on a descriptor the parent keeps open until
+        // spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                // Its own session: the VMM outlives the daemon and its signals.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| LaunchError::Spawn {
+            machine_id: cmd.machine_id.to_string(),
+            binary: cmd.binary.to_path_buf(),
+            source,
+        })?;
+        drop(netns);
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        self.reap_in_background(pid, child);
+        Ok(pid)
+    }
+
+    fn reap_in_background(&self, pid: i32, mut child: tokio::process::Child) {
+        let (tx, rx) = watch::channel(None);
+        lock(&self.map).insert(pid, rx);
+        let map = Arc::clone(&self.map);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let _ = tx.send(Some(status));
+            lock(&map).remove(&pid);
+        });
+    }
+
+    /// How our child `pid` exited, if it is ours and has exited.
+    pub fn exit_of(&self, pid: i32) -> Option<String> {
+        lock(&self.map).get(&pid).and_then(|rx| rx.borrow().clone())
+    }
+
+    /// Waits until our reaper has reaped `pid` (no-op for processes we did not start).
+    pub async fn reaped(&self, pid: i32) {
+        let rx = lock(&self.map).get(&pid).cloned();
+        if let Some(mut rx) = rx {
+            let _ = tokio::time::timeout(REAP_WAIT, rx.wait_for(|s| s.is_some())).await;
+        }
+    }
+}
+
+/// Removes `path` if it exists. Idempotent.
+pub fn remove_stale(machine_id: &str, path: &Path) -> Result<(), LaunchError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LaunchError::Workdir {
+            machine_id: machine_id.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent (single inserts
+    // and removes), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
