@@ -83,20 +83,59 @@ pub struct NetworkConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
-    /// QEMU `microvm` today; Firecracker when configured and KVM can boot the kernel.
+    /// Firecracker when a binary is configured and KVM can boot the guest kernel, else
+    /// QEMU `microvm`.
     Auto,
     /// QEMU `microvm`.
     Qemu,
+    /// Firecracker (needs `firecracker_binary` and a KVM that boots the guest kernel).
+    Firecracker,
 }
 
 /// VMM settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmmConfig {
-    /// `auto` or `qemu`.
+    /// `auto`, `qemu` or `firecracker`.
     pub kind: VmmKind,
     /// The QEMU binary.
     pub qemu_binary: PathBuf,
+    /// The Firecracker binary; empty: none (auto then picks QEMU).
+    pub firecracker_binary: PathBuf,
+    /// Start Firecracker through its jailer.
+    pub jailer: JailerConfig,
+}
+
+/// Jailer settings (Firecracker only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailerConfig {
+    /// Jail every Firecracker.
+    pub enabled: bool,
+    /// The jailer binary; empty: `jailer` beside the Firecracker binary.
+    pub binary: PathBuf,
+    /// The uid Firecracker runs as inside the jail.
+    pub uid: u32,
+    /// The gid Firecracker runs as inside the jail.
+    pub gid: u32,
+    /// cgroup v2 limits, `<file>=<value>` (e.g. `"cpu.max=50000 100000"`); empty: no
+    /// cgroup. Needs cgroup2 mounted at /sys/fs/cgroup.
+    pub cgroups: Vec<String>,
+    /// The cgroup every machine's cgroup is placed in.
+    pub parent_cgroup: String,
+}
+
+impl Default for JailerConfig {
+    fn default() -> Self {
+        JailerConfig {
+            enabled: false,
+            binary: PathBuf::new(),
+            uid: 65534,
+            gid: 65534,
+            cgroups: Vec::new(),
+            parent_cgroup: "hearth".to_string(),
+        }
+    }
 }
 
 /// Guest kit and deadlines.
@@ -178,6 +217,8 @@ impl Default for VmmConfig {
         VmmConfig {
             kind: VmmKind::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            firecracker_binary: PathBuf::new(),
+            jailer: JailerConfig::default(),
         }
     }
 }
@@ -413,5 +454,27 @@ mod tests {
         assert_eq!(example.network.pool, defaults.network.pool);
         assert_eq!(example.api.socket, defaults.api.socket);
         assert_eq!(example.guest.boot_attempts, defaults.guest.boot_attempts);
+        assert_eq!(example.vmm.kind, defaults.vmm.kind);
+        assert_eq!(
+            example.vmm.firecracker_binary,
+            defaults.vmm.firecracker_binary
+        );
+        assert_eq!(example.vmm.jailer.uid, defaults.vmm.jailer.uid);
+        assert_eq!(example.vmm.jailer.enabled, defaults.vmm.jailer.enabled);
+    }
+
+    #[test]
+    fn firecracker_settings_parse() {
+        let c = parse(
+            "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"/opt/fc/firecracker\"\n\
+             [vmm.jailer]\nenabled = true\nuid = 1000\ncgroups = [\"cpu.max=50000 100000\"]",
+        )
+        .unwrap();
+        assert_eq!(c.vmm.kind, VmmKind::Firecracker);
+        assert!(c.vmm.jailer.enabled);
+        assert_eq!(c.vmm.jailer.uid, 1000);
+        assert_eq!(c.vmm.jailer.gid, 65534);
+        let err = parse("[vmm.jailer]\nchroot = \"/srv\"").unwrap_err();
+        assert!(err.to_string().contains("chroot"), "{err}");
     }
 }

@@ -17,7 +17,6 @@ use hearth::config::Config;
 use hearth::image::{BaseSettings, BaseStore};
 use hearth::net::{NetFabric, PoolCidr};
 use hearth::store::Store;
-use hearth::vmm::{QemuDriver, VmmDriver};
 use ractor::Actor;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -70,10 +69,11 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
     let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
     let net = NetFabric::start().map_err(|e| e.to_string())?;
-    let vmm = VmmDriver::Qemu(QemuDriver::new(
-        config.vmm.qemu_binary.clone(),
-        config.cache_dir.join("vmm"),
-    ));
+    let choice = hearth::vmm::select::choose(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(driver = %choice.driver.describe(), reason = %choice.reason, "vmm");
+    let vmm = choice.driver;
     let bases = BaseStore::open(
         &config.data_dir.join("images"),
         BaseSettings::from(&config.images),

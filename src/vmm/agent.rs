@@ -1,16 +1,21 @@
-//! The host end of the guest agent: a Unix socket that QEMU bridges to the guest's
-//! virtio-serial port `hearth.agent` (see [`crate::guest::protocol`]).
+//! The host end of the guest agent (see [`crate::guest::protocol`]), over either link a
+//! VMM offers:
+//! - QEMU bridges the guest's virtio-serial port `hearth.agent` to a Unix socket that
+//!   QEMU listens on: the host dials it ([`AgentLink::Dial`]).
+//! - Firecracker bridges a guest-initiated vsock connection to host port P onto the Unix
+//!   socket `<uds_path>_<P>`, where the host must listen; the guest keeps reconnecting
+//!   while nobody listens ([`AgentLink::Listen`]).
 //!
-//! The socket serves one client at a time and the daemon may reconnect at any moment,
-//! so every operation opens its own connection, asks the guest for its state, and relies
-//! only on the answer (never on an event it may have missed while disconnected).
+//! Either way there is one conversation at a time and the daemon may go away at any
+//! moment, so every operation opens its own connection, asks the guest for its state, and
+//! relies only on the answer (never on an event it may have missed while disconnected).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Instant;
 
 use super::{GuestReady, ReadyError, VmmProcess, pidfd};
@@ -60,6 +65,91 @@ pub enum AgentError {
     },
 }
 
+/// How the host reaches a machine's guest agent.
+pub enum AgentLink {
+    /// Connect to a socket the VMM listens on (QEMU's chardev).
+    Dial(PathBuf),
+    /// Listen on a socket the VMM connects to when the guest connects (Firecracker's
+    /// `<uds_path>_<port>`). The listener is bound on first use (replacing a stale file)
+    /// unless one bound earlier is handed over, and its file is removed on drop.
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The bound listener.
+        listener: Option<UnixListener>,
+    },
+}
+
+impl AgentLink {
+    /// The link for a recorded VMM process.
+    pub fn for_process(process: &VmmProcess) -> AgentLink {
+        if process.driver == super::firecracker::DRIVER_NAME {
+            AgentLink::Listen {
+                path: process.agent_socket.clone(),
+                listener: None,
+            }
+        } else {
+            AgentLink::Dial(process.agent_socket.clone())
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        match self {
+            AgentLink::Dial(p) => p,
+            AgentLink::Listen { path, .. } => path,
+        }
+    }
+
+    /// Opens a conversation, trying until `deadline`.
+    pub async fn open(&mut self, deadline: Instant) -> Result<AgentConnection, AgentError> {
+        match self {
+            AgentLink::Dial(path) => AgentConnection::connect(path, deadline).await,
+            AgentLink::Listen { path, listener } => {
+                let start = Instant::now();
+                let connect_err = |last_error: String| AgentError::Connect {
+                    path: path.clone(),
+                    after: start.elapsed(),
+                    last_error,
+                };
+                if listener.is_none() {
+                    *listener = Some(bind_fresh(path).map_err(|e| connect_err(e.to_string()))?);
+                }
+                let Some(l) = listener.as_ref() else {
+                    return Err(connect_err("no listener".into()));
+                };
+                match tokio::time::timeout_at(deadline, l.accept()).await {
+                    Ok(Ok((stream, _))) => Ok(AgentConnection::from_stream(path, stream)),
+                    Ok(Err(e)) => Err(connect_err(e.to_string())),
+                    Err(_) => Err(connect_err("the guest did not connect".into())),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        if let AgentLink::Listen {
+            path,
+            listener: Some(_),
+        } = self
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds a listener at `path`, removing a stale socket file first.
+pub fn bind_fresh(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
 /// One connection to the guest agent.
 pub struct AgentConnection {
     path: PathBuf,
@@ -74,15 +164,7 @@ impl AgentConnection {
         let start = Instant::now();
         loop {
             match UnixStream::connect(path).await {
-                Ok(stream) => {
-                    let (r, w) = stream.into_split();
-                    return Ok(AgentConnection {
-                        path: path.to_path_buf(),
-                        reader: BufReader::new(r),
-                        writer: w,
-                        line: Vec::new(),
-                    });
-                }
+                Ok(stream) => return Ok(AgentConnection::from_stream(path, stream)),
                 Err(e) if Instant::now() + RECONNECT >= deadline => {
                     return Err(AgentError::Connect {
                         path: path.to_path_buf(),
@@ -92,6 +174,16 @@ impl AgentConnection {
                 }
                 Err(_) => tokio::time::sleep(RECONNECT).await,
             }
+        }
+    }
+
+    fn from_stream(path: &Path, stream: UnixStream) -> AgentConnection {
+        let (r, w) = stream.into_split();
+        AgentConnection {
+            path: path.to_path_buf(),
+            reader: BufReader::new(r),
+            writer: w,
+            line: Vec::new(),
         }
     }
 
@@ -141,25 +233,27 @@ impl AgentConnection {
 }
 
 /// Connects and asks the guest for its state, all within `timeout`.
-pub async fn guest_state(path: &Path, timeout: Duration) -> Result<GuestState, AgentError> {
+pub async fn guest_state(mut link: AgentLink, timeout: Duration) -> Result<GuestState, AgentError> {
     let deadline = Instant::now() + timeout;
+    let path = link.path().to_path_buf();
     let ask = async {
-        let mut conn = AgentConnection::connect(path, deadline).await?;
+        let mut conn = link.open(deadline).await?;
         conn.status().await
     };
     tokio::time::timeout_at(deadline, ask)
         .await
         .map_err(|_| AgentError::Timeout {
-            path: path.to_path_buf(),
+            path: path.clone(),
             after: timeout,
         })?
 }
 
 /// Sends Shutdown and waits (within `timeout`) for the guest to acknowledge it.
-pub async fn request_shutdown(path: &Path, timeout: Duration) -> Result<(), AgentError> {
+pub async fn request_shutdown(mut link: AgentLink, timeout: Duration) -> Result<(), AgentError> {
     let deadline = Instant::now() + timeout;
+    let path = link.path().to_path_buf();
     let ask = async {
-        let mut conn = AgentConnection::connect(path, deadline).await?;
+        let mut conn = link.open(deadline).await?;
         conn.send(HostMessage::Shutdown).await?;
         loop {
             match conn.recv().await {
@@ -174,7 +268,7 @@ pub async fn request_shutdown(path: &Path, timeout: Duration) -> Result<(), Agen
     tokio::time::timeout_at(deadline, ask)
         .await
         .map_err(|_| AgentError::Timeout {
-            path: path.to_path_buf(),
+            path: path.clone(),
             after: timeout,
         })?
 }
@@ -206,7 +300,11 @@ fn judge(state: &GuestState) -> Option<Result<GuestReady, ReadyError>> {
 }
 
 /// Waits for readiness; see [`super::VmmDriver::wait_ready`].
-pub async fn wait_ready(process: &VmmProcess, timeout: Duration) -> Result<GuestReady, ReadyError> {
+pub async fn wait_ready(
+    process: &VmmProcess,
+    mut link: AgentLink,
+    timeout: Duration,
+) -> Result<GuestReady, ReadyError> {
     let deadline = Instant::now() + timeout;
     let exited = || ReadyError::VmmExited {
         pid: process.pid,
@@ -219,7 +317,7 @@ pub async fn wait_ready(process: &VmmProcess, timeout: Duration) -> Result<Guest
     let mut last_state = String::from("no answer from the guest agent");
     tokio::select! {
         _ = pidfd::wait_exit(&fd) => Err(exited()),
-        r = tokio::time::timeout_at(deadline, poll_ready(&process.agent_socket, deadline, &mut last_state)) => match r {
+        r = tokio::time::timeout_at(deadline, poll_ready(&mut link, deadline, &mut last_state)) => match r {
             Ok(r) => r,
             Err(_) => Err(ReadyError::Timeout { after: timeout, last_state: last_state.clone() }),
         },
@@ -229,12 +327,12 @@ pub async fn wait_ready(process: &VmmProcess, timeout: Duration) -> Result<Guest
 /// The agent side of [`wait_ready`]: (re)connects, asks for the state, and follows the
 /// messages until the state decides the wait.
 async fn poll_ready(
-    path: &Path,
+    link: &mut AgentLink,
     deadline: Instant,
     last_state: &mut String,
 ) -> Result<GuestReady, ReadyError> {
     loop {
-        let mut conn = match AgentConnection::connect(path, deadline).await {
+        let mut conn = match link.open(deadline).await {
             Ok(conn) => conn,
             Err(e) => {
                 // Connect gives up only at the deadline, where the caller's timeout ends

@@ -14,16 +14,20 @@
 //!  liveness(VmmProcess) -> Running | Gone (pid + start time + boot id; a zombie is Gone)
 //! ```
 //!
+//! Beyond the life cycle, the contract has pause/resume and snapshots (written to files
+//! under the machine directory, loaded into a fresh process), for prepared capacity.
+//!
 //! **Architecture invariant:** the driver set is a closed enum ([`VmmDriver`]) matched
-//! exhaustively; adding Firecracker means adding a variant and letting the compiler name
-//! every place that must handle it.
+//! exhaustively: every operation says what each driver does, including "unsupported".
 
 pub mod accel;
 pub mod agent;
+pub mod firecracker;
 mod pidfd;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;
+pub mod select;
 mod spawn;
 
 use std::path::PathBuf;
@@ -35,7 +39,8 @@ use crate::guest::kit::GuestKit;
 use crate::guest::protocol::{ExitStatus, GuestState};
 
 pub use accel::Accel;
-pub use agent::AgentError;
+pub use agent::{AgentError, AgentLink};
+pub use firecracker::FirecrackerDriver;
 pub use procfs::find_processes;
 pub use qemu::QemuDriver;
 
@@ -167,6 +172,14 @@ pub enum LaunchError {
         /// The end of its log.
         log: String,
     },
+    /// The VMM refused its configuration (Firecracker's `fault_message` included).
+    #[error("machine {machine_id}: {message}")]
+    Api {
+        /// The machine.
+        machine_id: String,
+        /// The request and what the VMM said.
+        message: String,
+    },
     /// The control socket did not answer in time.
     #[error(
         "machine {machine_id}: control socket {path} did not answer within {after:?}: {last_error}"
@@ -240,10 +253,59 @@ pub enum StopError {
     },
 }
 
+/// Why pause, resume or a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The VMM's control API refused or did not answer.
+    #[error("{message}")]
+    Api {
+        /// The request and what was said.
+        message: String,
+    },
+    /// A file or directory for it could not be made.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// This driver does not do it (yet).
+    #[error("the {driver} driver does not support {operation}")]
+    Unsupported {
+        /// The driver.
+        driver: String,
+        /// The operation.
+        operation: String,
+    },
+}
+
+/// A snapshot's files on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The machine state (devices, vCPUs).
+    pub state: PathBuf,
+    /// Guest memory.
+    pub memory: PathBuf,
+}
+
+/// Whether a VMM runs its guest's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Configured but the guest was never started.
+    NotStarted,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+}
+
 /// The VMM drivers. Closed: every operation matches exhaustively.
 pub enum VmmDriver {
     /// QEMU `microvm` (KVM when the probe says it works, TCG otherwise).
     Qemu(QemuDriver),
+    /// Firecracker (KVM only), directly or through its jailer.
+    Firecracker(FirecrackerDriver),
 }
 
 impl VmmDriver {
@@ -254,13 +316,14 @@ impl VmmDriver {
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<VmmProcess, LaunchError> {
         match self {
             VmmDriver::Qemu(q) => q.launch(spec).await,
+            VmmDriver::Firecracker(f) => f.launch(spec).await,
         }
     }
 
     /// Whether the recorded process still runs. Cheap (a pidfd and one `/proc` read).
     pub fn liveness(&self, process: &VmmProcess) -> Liveness {
         match self {
-            VmmDriver::Qemu(_) => pidfd::liveness(process),
+            VmmDriver::Qemu(_) | VmmDriver::Firecracker(_) => pidfd::liveness(process),
         }
     }
 
@@ -273,7 +336,10 @@ impl VmmDriver {
         timeout: Duration,
     ) -> Result<GuestReady, ReadyError> {
         match self {
-            VmmDriver::Qemu(_) => agent::wait_ready(process, timeout).await,
+            VmmDriver::Qemu(_) => {
+                agent::wait_ready(process, AgentLink::for_process(process), timeout).await
+            }
+            VmmDriver::Firecracker(f) => f.wait_ready(process, timeout).await,
         }
     }
 
@@ -283,9 +349,11 @@ impl VmmDriver {
         process: &VmmProcess,
         timeout: Duration,
     ) -> Result<GuestState, AgentError> {
-        match self {
-            VmmDriver::Qemu(_) => agent::guest_state(&process.agent_socket, timeout).await,
-        }
+        let link = match self {
+            VmmDriver::Qemu(_) => AgentLink::for_process(process),
+            VmmDriver::Firecracker(f) => f.agent_link(process),
+        };
+        agent::guest_state(link, timeout).await
     }
 
     /// Stops the VMM: graceful shutdown through the guest agent within `grace`, then the
@@ -302,21 +370,87 @@ impl VmmDriver {
     ) -> Result<StopOutcome, StopError> {
         match self {
             VmmDriver::Qemu(q) => q.stop(process, grace).await,
+            VmmDriver::Firecracker(f) => f.stop(process, grace).await,
+        }
+    }
+
+    /// Whether the guest's vCPUs run.
+    pub async fn run_state(&self, process: &VmmProcess) -> Result<RunState, ControlError> {
+        match self {
+            VmmDriver::Qemu(q) => q.run_state(process).await,
+            VmmDriver::Firecracker(f) => Ok(match f.instance_state(process).await? {
+                firecracker::api::InstanceState::NotStarted => RunState::NotStarted,
+                firecracker::api::InstanceState::Running => RunState::Running,
+                firecracker::api::InstanceState::Paused => RunState::Paused,
+            }),
+        }
+    }
+
+    /// Pauses the guest's vCPUs. Idempotent. Undo: [`VmmDriver::resume`].
+    pub async fn pause(&self, process: &VmmProcess) -> Result<(), ControlError> {
+        match self {
+            VmmDriver::Qemu(q) => q.set_running(process, false).await,
+            VmmDriver::Firecracker(f) => f.pause(process).await,
+        }
+    }
+
+    /// Resumes a paused guest. Idempotent.
+    pub async fn resume(&self, process: &VmmProcess) -> Result<(), ControlError> {
+        match self {
+            VmmDriver::Qemu(q) => q.set_running(process, true).await,
+            VmmDriver::Firecracker(f) => f.resume(process).await,
+        }
+    }
+
+    /// Writes a snapshot of a paused guest to files named `name` under the machine
+    /// directory. Idempotent: the files are rewritten. Undo: removing them (the machine
+    /// directory's removal does).
+    pub async fn snapshot(
+        &self,
+        process: &VmmProcess,
+        name: &str,
+    ) -> Result<Snapshot, ControlError> {
+        match self {
+            VmmDriver::Qemu(_) => Err(ControlError::Unsupported {
+                driver: qemu::DRIVER_NAME.into(),
+                operation: "snapshots".into(),
+            }),
+            VmmDriver::Firecracker(f) => f.snapshot(process, name).await,
+        }
+    }
+
+    /// Starts a fresh VMM for `spec` from `snapshot` (taken of this machine), paused
+    /// unless `resume`. Idempotent like [`VmmDriver::launch`]. Undo: [`VmmDriver::stop`].
+    pub async fn restore(
+        &self,
+        spec: &LaunchSpec,
+        snapshot: &Snapshot,
+        resume: bool,
+    ) -> Result<VmmProcess, LaunchError> {
+        match self {
+            VmmDriver::Qemu(_) => Err(LaunchError::Api {
+                machine_id: spec.machine_id.clone(),
+                message: "the qemu driver does not support snapshots".into(),
+            }),
+            VmmDriver::Firecracker(f) => f.restore(spec, snapshot, resume).await,
         }
     }
 
     /// The driver's name, as the node API shows it.
     pub fn describe(&self) -> String {
         match self {
-            VmmDriver::Qemu(_) => "qemu".to_string(),
+            VmmDriver::Qemu(_) => qemu::DRIVER_NAME.to_string(),
+            VmmDriver::Firecracker(_) => firecracker::DRIVER_NAME.to_string(),
         }
     }
 
-    /// The prefix of the marker this driver's processes carry (`-name <prefix><id>`), for
+    /// The prefix of the marker this driver's processes carry (`-name <prefix><id>` for
+    /// QEMU, `--id <prefix><id>` for Firecracker and its jailer), for
     /// [`find_processes`].
     pub fn name_prefix(&self) -> &str {
         match self {
             VmmDriver::Qemu(q) => q.name_prefix(),
+            VmmDriver::Firecracker(f) => f.name_prefix(),
         }
     }
 }

@@ -10,6 +10,8 @@ use std::path::Path;
 
 /// The argument QEMU is given before the marker (`-name <marker>`).
 pub const MARKER_FLAG: &str = "-name";
+/// The argument Firecracker and its jailer are given before the marker (`--id <marker>`).
+pub const ID_MARKER_FLAG: &str = "--id";
 
 /// This boot of the host (`/proc/sys/kernel/random/boot_id`); empty if unreadable.
 pub fn boot_id() -> String {
@@ -58,7 +60,7 @@ fn cmdline(proc_dir: &Path) -> Option<Vec<String>> {
     )
 }
 
-/// Live (not zombie) processes whose command line has `-name <prefix><machine_id>`, as
+/// Live (not zombie) processes whose command line has a marker (see [`marker_id`]), as
 /// `(machine_id, pid)` sorted by start time (oldest first). For orphan scans and for
 /// adopting a VMM that outlived the daemon.
 pub fn find_processes(name_prefix: &str) -> Vec<(String, i32)> {
@@ -85,10 +87,11 @@ pub fn find_processes(name_prefix: &str) -> Vec<(String, i32)> {
     found.into_iter().map(|(_, id, pid)| (id, pid)).collect()
 }
 
-/// The machine id in `-name <prefix><id>`, if the arguments carry one.
+/// The machine id in `-name <prefix><id>` or `--id <prefix><id>`, if the arguments carry
+/// one.
 pub fn marker_id<'a>(args: &'a [String], name_prefix: &str) -> Option<&'a str> {
     args.windows(2)
-        .find(|w| w[0] == MARKER_FLAG && w[1].starts_with(name_prefix))
+        .find(|w| (w[0] == MARKER_FLAG || w[0] == ID_MARKER_FLAG) && w[1].starts_with(name_prefix))
         .map(|w| &w[1][name_prefix.len()..])
         .filter(|id| !id.is_empty())
 }

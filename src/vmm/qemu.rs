@@ -28,7 +28,10 @@ use super::accel::{Accel, probe_accel};
 use super::agent::{self, tail};
 use super::qmp::Qmp;
 use super::spawn::{self, Children, DetachedCommand};
-use super::{LaunchError, LaunchSpec, Liveness, StopError, StopOutcome, VmmProcess, pidfd, procfs};
+use super::{
+    ControlError, LaunchError, LaunchSpec, Liveness, RunState, StopError, StopOutcome, VmmProcess,
+    pidfd, procfs,
+};
 
 /// The guest's serial console log in the machine directory.
 pub const SERIAL_LOG: &str = "serial.log";
@@ -217,6 +220,50 @@ impl QemuDriver {
         }
     }
 
+    /// See [`super::VmmDriver::run_state`] (QMP `query-status`).
+    pub async fn run_state(&self, process: &VmmProcess) -> Result<RunState, ControlError> {
+        let reply = self.qmp(process, "query-status").await?;
+        let status = reply
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default();
+        Ok(match status {
+            "running" => RunState::Running,
+            "prelaunch" => RunState::NotStarted,
+            _ => RunState::Paused,
+        })
+    }
+
+    /// Pauses (QMP `stop`) or resumes (`cont`). Idempotent.
+    pub async fn set_running(
+        &self,
+        process: &VmmProcess,
+        running: bool,
+    ) -> Result<(), ControlError> {
+        self.qmp(process, if running { "cont" } else { "stop" })
+            .await
+            .map(|_| ())
+    }
+
+    async fn qmp(
+        &self,
+        process: &VmmProcess,
+        command: &str,
+    ) -> Result<serde_json::Value, ControlError> {
+        let fail = |e: String| ControlError::Api {
+            message: format!("QMP {command} on {}: {e}", process.control_socket.display()),
+        };
+        let run = async {
+            let mut qmp = Qmp::connect(&process.control_socket).await?;
+            qmp.execute(command).await
+        };
+        match tokio::time::timeout(QUIT_LIMIT, run).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail("no answer".into())),
+        }
+    }
+
     /// See [`super::VmmDriver::stop`].
     pub async fn stop(
         &self,
@@ -235,7 +282,7 @@ impl QemuDriver {
 
         // 1. The guest shuts itself down (workload stopped, disks synced, power off).
         let graceful = tokio::time::timeout(grace, async {
-            let _ = agent::request_shutdown(&process.agent_socket, grace).await;
+            let _ = agent::request_shutdown(agent::AgentLink::for_process(process), grace).await;
             pidfd::wait_exit(&fd).await;
         })
         .await

@@ -1,0 +1,310 @@
+//! Jailer mode: Firecracker started through its jailer, chrooted, as an unprivileged
+//! user, optionally inside a cgroup with limits.
+//!
+//! The jailer's chroot is `<chroot base>/<exec file name>/<instance id>/root`. hearth puts
+//! the chroot base inside the machine directory (`<workdir>/jail`), so the jail goes away
+//! with the machine directory on destroy, and two machines can never share a jail. The
+//! VMM sees only the jail: the kernel, the initramfs and both disks are hard-linked into
+//! it (the kit is copied when it lives on another filesystem), and every path given to
+//! the API is relative to the jail's root. What the VMM writes (the root disk, its log,
+//! metrics, console and snapshots) is handed to the jail's uid/gid.
+//!
+//! The cgroup (cgroup v2 only) is `<cgroup root>/<parent cgroup>/<instance id>`; the
+//! jailer creates it, and [`JailerSettings::remove_cgroup`] removes it once the process
+//! is gone.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::Layout;
+use crate::vmm::{ControlError, LaunchError, LaunchSpec};
+
+/// The kernel's name inside the jail.
+pub const KERNEL: &str = "vmlinux";
+/// The initramfs's name inside the jail.
+pub const INITRD: &str = "initramfs.cpio";
+/// The root disk's name inside the jail.
+pub const ROOT_DISK: &str = "root.img";
+/// The config disk's name inside the jail.
+pub const CONFIG_DISK: &str = "config.img";
+/// The chroot base, relative to the machine directory.
+pub const CHROOT_BASE: &str = "jail";
+/// Where cgroup v2 is mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How to jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerSettings {
+    /// The jailer binary.
+    pub binary: PathBuf,
+    /// The uid Firecracker runs as.
+    pub uid: u32,
+    /// The gid Firecracker runs as.
+    pub gid: u32,
+    /// cgroup v2 settings, `<file>=<value>` (e.g. `cpu.max=50000 100000`); empty: no
+    /// cgroup.
+    pub cgroups: Vec<String>,
+    /// The parent cgroup of every machine's cgroup.
+    pub parent_cgroup: String,
+}
+
+impl JailerSettings {
+    /// The jail's root for a machine.
+    pub fn chroot_root(&self, workdir: &Path, firecracker: &Path, instance_id: &str) -> PathBuf {
+        let exec_name = firecracker
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| OsString::from("firecracker"));
+        workdir
+            .join(CHROOT_BASE)
+            .join(exec_name)
+            .join(instance_id)
+            .join("root")
+    }
+
+    /// The jailer's arguments; Firecracker's own follow `--`.
+    pub fn args(
+        &self,
+        spec: &LaunchSpec,
+        firecracker: &Path,
+        instance_id: &str,
+        api_socket: &str,
+    ) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            "--id".into(),
+            instance_id.into(),
+            "--exec-file".into(),
+            firecracker.as_os_str().to_os_string(),
+            "--uid".into(),
+            self.uid.to_string().into(),
+            "--gid".into(),
+            self.gid.to_string().into(),
+            "--chroot-base-dir".into(),
+            spec.workdir.join(CHROOT_BASE).into_os_string(),
+        ];
+        if let Some(ns) = &spec.netns {
+            a.push("--netns".into());
+            a.push(Path::new("/run/netns").join(ns).into_os_string());
+        }
+        if !self.cgroups.is_empty() {
+            a.push("--cgroup-version".into());
+            a.push("2".into());
+            a.push("--parent-cgroup".into());
+            a.push(self.parent_cgroup.clone().into());
+            for c in &self.cgroups {
+                a.push("--cgroup".into());
+                a.push(c.into());
+            }
+        }
+        a.push("--".into());
+        a.push("--api-sock".into());
+        a.push(format!("/{api_socket}").into());
+        a
+    }
+
+    /// Fills the jail: the kit and the disks linked in, ownership handed over.
+    ///
+    /// Idempotent: existing entries are replaced. Undo: removing the machine directory
+    /// (the jail lives inside it).
+    pub fn prepare(
+        &self,
+        spec: &LaunchSpec,
+        layout: &Layout,
+        _firecracker: &Path,
+        _instance_id: &str,
+    ) -> Result<(), LaunchError> {
+        let root = &layout.host_dir;
+        let err = |path: &Path| {
+            let machine_id = spec.machine_id.clone();
+            let path = path.to_path_buf();
+            move |source| LaunchError::Workdir {
+                machine_id,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(root).map_err(err(root))?;
+        self.give(&spec.machine_id, root)?;
+        for (from, name, copy_ok) in [
+            (&spec.kit.vmlinux, KERNEL, true),
+            (&spec.kit.initramfs, INITRD, true),
+            (&spec.root_disk, ROOT_DISK, false),
+            (&spec.config_disk, CONFIG_DISK, false),
+        ] {
+            let to = root.join(name);
+            link_into(from, &to, copy_ok).map_err(err(&to))?;
+        }
+        self.give(&spec.machine_id, &root.join(ROOT_DISK))?;
+        // The config disk is read-only to the guest; readable is enough.
+        let cfg = root.join(CONFIG_DISK);
+        fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).map_err(err(&cfg))?;
+        Ok(())
+    }
+
+    /// Hands `path` to the jail's uid/gid. Idempotent.
+    pub fn give(&self, machine_id: &str, path: &Path) -> Result<(), LaunchError> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
+            LaunchError::Workdir {
+                machine_id: machine_id.to_string(),
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Hands a directory to the jail's uid/gid (for snapshots). Idempotent.
+    pub fn give_dir(&self, path: &Path) -> Result<(), ControlError> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
+            ControlError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// The machine's cgroup directory, if cgroups are used.
+    pub fn cgroup_dir(&self, instance_id: &str) -> Option<PathBuf> {
+        (!self.cgroups.is_empty()).then(|| {
+            Path::new(CGROUP_ROOT)
+                .join(&self.parent_cgroup)
+                .join(instance_id)
+        })
+    }
+
+    /// Removes the machine's cgroup (empty once its process is gone). Idempotent.
+    pub fn remove_cgroup(&self, instance_id: &str) {
+        if let Some(dir) = self.cgroup_dir(instance_id) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Hard-links `from` to `to` (replacing `to`); copies when they are on different
+/// filesystems and `copy_ok`.
+fn link_into(from: &Path, to: &Path, copy_ok: bool) -> std::io::Result<()> {
+    match fs::remove_file(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if copy_ok && e.raw_os_error() == Some(libc::EXDEV) => {
+            fs::copy(from, to).map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::kit::GuestKit;
+
+    fn settings() -> JailerSettings {
+        JailerSettings {
+            binary: "/usr/local/bin/jailer".into(),
+            uid: 123,
+            gid: 456,
+            cgroups: vec!["cpu.max=50000 100000".into()],
+            parent_cgroup: "hearth".into(),
+        }
+    }
+
+    fn spec(dir: &Path) -> LaunchSpec {
+        LaunchSpec {
+            machine_id: "abc".into(),
+            workdir: dir.to_path_buf(),
+            netns: Some("hth-abc".into()),
+            tap: None,
+            vcpus: 1,
+            memory_mib: 128,
+            kit: GuestKit {
+                vmlinux: dir.join("vmlinux-src"),
+                initramfs: dir.join("initramfs-src"),
+                kernel_version: "6.1".into(),
+                id: "k".into(),
+            },
+            root_disk: dir.join("root.img"),
+            config_disk: dir.join("config.img"),
+        }
+    }
+
+    #[test]
+    fn the_jail_is_inside_the_machine_directory() {
+        let s = settings();
+        let root = s.chroot_root(
+            Path::new("/m/abc"),
+            Path::new("/opt/fc/firecracker"),
+            "hearth-abc",
+        );
+        assert_eq!(
+            root,
+            PathBuf::from("/m/abc/jail/firecracker/hearth-abc/root")
+        );
+        assert_eq!(
+            s.cgroup_dir("hearth-abc"),
+            Some(PathBuf::from("/sys/fs/cgroup/hearth/hearth-abc"))
+        );
+    }
+
+    #[test]
+    fn args_name_the_jail_the_netns_and_the_cgroup() {
+        let s = settings();
+        let args: Vec<String> = s
+            .args(
+                &spec(Path::new("/m/abc")),
+                Path::new("/opt/fc/firecracker"),
+                "hearth-abc",
+                "firecracker.sock",
+            )
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = args.join(" ");
+        assert!(line.starts_with("--id hearth-abc --exec-file /opt/fc/firecracker --uid 123 --gid 456 --chroot-base-dir /m/abc/jail"), "{line}");
+        assert!(line.contains("--netns /run/netns/hth-abc"), "{line}");
+        assert!(
+            line.contains("--cgroup-version 2 --parent-cgroup hearth --cgroup"),
+            "{line}"
+        );
+        assert!(args.contains(&"cpu.max=50000 100000".to_string()));
+        assert!(line.ends_with("-- --api-sock /firecracker.sock"), "{line}");
+        // The marker scan finds the machine in the jailer's command line too.
+        assert_eq!(crate::vmm::procfs::marker_id(&args, "hearth-"), Some("abc"));
+    }
+
+    #[test]
+    fn prepare_links_the_files_and_is_repeatable() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = spec(dir.path());
+        for f in [
+            &sp.kit.vmlinux,
+            &sp.kit.initramfs,
+            &sp.root_disk,
+            &sp.config_disk,
+        ] {
+            fs::write(f, b"x").unwrap();
+        }
+        let me = JailerSettings {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            ..settings()
+        };
+        let layout = Layout {
+            host_dir: me.chroot_root(dir.path(), Path::new("firecracker"), "hearth-abc"),
+            vmm_dir: "/".into(),
+        };
+        me.prepare(&sp, &layout, Path::new("firecracker"), "hearth-abc")
+            .unwrap();
+        me.prepare(&sp, &layout, Path::new("firecracker"), "hearth-abc")
+            .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let disk = fs::metadata(layout.host_dir.join(ROOT_DISK)).unwrap();
+        assert_eq!(disk.ino(), fs::metadata(&sp.root_disk).unwrap().ino());
+        assert!(layout.host_dir.join(KERNEL).exists());
+        assert_eq!(layout.vmm(ROOT_DISK), "/root.img");
+    }
+}

@@ -1,0 +1,186 @@
+//! Which VMM driver a daemon runs, from its configuration and what the host can do.
+//!
+//! `auto` picks Firecracker only when a binary is configured and KVM can boot the guest
+//! kernel: Firecracker has no software emulation, so on a host whose KVM cannot run the
+//! kernel (a nested PVM host, for one) every guest would hang. Whether KVM can boot the
+//! kernel is the QEMU accelerator probe's answer (one boot, cached on disk per kernel,
+//! host kernel and QEMU binary): the same KVM runs both VMMs.
+
+use std::path::{Path, PathBuf};
+
+use super::accel::Accel;
+use super::firecracker::jailer::JailerSettings;
+use super::{FirecrackerDriver, QemuDriver, VmmDriver};
+use crate::config::{Config, VmmKind};
+use crate::guest::kit::{GuestKit, KitSource};
+
+/// The driver chosen, and why.
+pub struct Choice {
+    /// The driver.
+    pub driver: VmmDriver,
+    /// One line for the log: why this driver.
+    pub reason: String,
+}
+
+/// Why no driver could be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// A configured binary is missing.
+    #[error("{key}: {path}: {reason}")]
+    Binary {
+        /// The config key.
+        key: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `kind = "firecracker"` without a binary.
+    #[error("vmm.firecracker_binary: required when vmm.kind = \"firecracker\"")]
+    NoFirecracker,
+    /// The guest kit (needed for the probe) could not be built.
+    #[error("vmm.kind = \"auto\": the guest kit for the KVM probe: {0}")]
+    Kit(String),
+}
+
+/// Chooses and builds the driver. With `auto` and a Firecracker binary this builds the
+/// guest kit and runs the KVM probe (both cached after the first time).
+pub async fn choose(config: &Config) -> Result<Choice, SelectError> {
+    let vmm = &config.vmm;
+    let qemu = || QemuDriver::new(vmm.qemu_binary.clone(), config.cache_dir.join("vmm"));
+    match vmm.kind {
+        VmmKind::Qemu => Ok(Choice {
+            driver: VmmDriver::Qemu(qemu()),
+            reason: "vmm.kind = \"qemu\"".into(),
+        }),
+        VmmKind::Firecracker => {
+            if vmm.firecracker_binary.as_os_str().is_empty() {
+                return Err(SelectError::NoFirecracker);
+            }
+            Ok(Choice {
+                driver: VmmDriver::Firecracker(firecracker(config)?),
+                reason: "vmm.kind = \"firecracker\"".into(),
+            })
+        }
+        VmmKind::Auto => {
+            if vmm.firecracker_binary.as_os_str().is_empty() {
+                return Ok(Choice {
+                    driver: VmmDriver::Qemu(qemu()),
+                    reason: "auto: no Firecracker binary configured".into(),
+                });
+            }
+            let driver = firecracker(config)?;
+            let source = KitSource {
+                kernel_dir: config.guest.kernel_dir.clone(),
+                init_binary: config.init_binary(),
+            };
+            let cache = config.cache_dir.join("kit");
+            let kit = tokio::task::spawn_blocking(move || GuestKit::ensure(&source, &cache))
+                .await
+                .map_err(|e| SelectError::Kit(e.to_string()))?
+                .map_err(|e| SelectError::Kit(e.to_string()))?;
+            let q = qemu();
+            Ok(match q.accel_for(&kit).await {
+                Accel::Kvm => Choice {
+                    driver: VmmDriver::Firecracker(driver),
+                    reason: format!("auto: KVM boots kernel {}", kit.kernel_version),
+                },
+                Accel::Tcg => Choice {
+                    driver: VmmDriver::Qemu(q),
+                    reason: format!(
+                        "auto: KVM cannot boot kernel {} here; QEMU with software emulation",
+                        kit.kernel_version
+                    ),
+                },
+            })
+        }
+    }
+}
+
+/// The Firecracker driver the config describes.
+pub fn firecracker(config: &Config) -> Result<FirecrackerDriver, SelectError> {
+    let vmm = &config.vmm;
+    check_binary("vmm.firecracker_binary", &vmm.firecracker_binary)?;
+    let mut driver = FirecrackerDriver::new(vmm.firecracker_binary.clone());
+    if vmm.jailer.enabled {
+        let binary = if vmm.jailer.binary.as_os_str().is_empty() {
+            vmm.firecracker_binary
+                .parent()
+                .map(|d| d.join("jailer"))
+                .unwrap_or_else(|| PathBuf::from("jailer"))
+        } else {
+            vmm.jailer.binary.clone()
+        };
+        check_binary("vmm.jailer.binary", &binary)?;
+        driver = driver.with_jailer(JailerSettings {
+            binary,
+            uid: vmm.jailer.uid,
+            gid: vmm.jailer.gid,
+            cgroups: vmm.jailer.cgroups.clone(),
+            parent_cgroup: vmm.jailer.parent_cgroup.clone(),
+        });
+    }
+    Ok(driver)
+}
+
+/// A configured binary must be an executable file (a path, not looked up in `PATH`:
+/// the jailer needs an absolute one anyway).
+fn check_binary(key: &'static str, path: &Path) -> Result<(), SelectError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |reason: String| SelectError::Binary {
+        key,
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.is_absolute() {
+        return Err(err("must be an absolute path".into()));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(err("not an executable file".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn qemu_and_auto_without_a_binary_choose_qemu() {
+        let mut c = Config::default();
+        let choice = choose(&c).await.unwrap();
+        assert_eq!(choice.driver.describe(), "qemu");
+        assert!(
+            choice.reason.contains("no Firecracker"),
+            "{}",
+            choice.reason
+        );
+        c.vmm.kind = VmmKind::Qemu;
+        assert_eq!(choose(&c).await.unwrap().driver.describe(), "qemu");
+    }
+
+    #[tokio::test]
+    async fn firecracker_needs_an_executable_binary() {
+        let mut c = Config::default();
+        c.vmm.kind = VmmKind::Firecracker;
+        let err = choose(&c).await.err().unwrap();
+        assert!(err.to_string().contains("vmm.firecracker_binary"), "{err}");
+        c.vmm.firecracker_binary = PathBuf::from("/nonexistent/firecracker");
+        let err = choose(&c).await.err().unwrap();
+        assert!(
+            err.to_string().contains("/nonexistent/firecracker"),
+            "{err}"
+        );
+        c.vmm.firecracker_binary = PathBuf::from("relative/firecracker");
+        let err = choose(&c).await.err().unwrap();
+        assert!(err.to_string().contains("absolute"), "{err}");
+        // Any executable file passes the check (the binary is only run at launch).
+        c.vmm.firecracker_binary = PathBuf::from("/bin/true");
+        let choice = choose(&c).await.unwrap();
+        assert_eq!(choice.driver.describe(), "firecracker");
+        c.vmm.jailer.enabled = true;
+        let err = choose(&c).await.err().unwrap();
+        assert!(err.to_string().contains("vmm.jailer.binary"), "{err}");
+    }
+}
