@@ -1,0 +1,424 @@
+//! A real Firecracker, driven through hearth's driver and through the daemon (run as
+//! root). Needs `HEARTH_FIRECRACKER=/path/to/firecracker` (v1.x); without it every test
+//! here says it is skipped and returns. The jailer is used when `HEARTH_JAILER` is set or
+//! a `jailer` sits beside the binary.
+//!
+//! Whether the guest can boot depends on the host's KVM: where the accelerator probe says
+//! KVM boots the guest kernel, the tests wait for the guest's readiness over vsock and
+//! serve its page; where it cannot (a nested PVM host), they check everything up to the
+//! guest's readiness and say so.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use hearth::api::pb;
+use hearth::guest::config::{GuestConfig, write_config_disk};
+use hearth::guest::kit::{GuestKit, KitSource};
+use hearth::vmm::firecracker::jailer::JailerSettings;
+use hearth::vmm::{
+    Accel, FirecrackerDriver, LaunchError, LaunchSpec, Liveness, QemuDriver, RunState, TapSpec,
+    VmmDriver, find_processes,
+};
+use support::{Daemon, assert_audit_clean, demo_request, get_machine, wait_for};
+
+/// Marker prefix of the VMMs the driver tests start (never a daemon's).
+const PREFIX: &str = "hearthfc-";
+
+struct Fixture {
+    firecracker: PathBuf,
+    jailer: Option<PathBuf>,
+    kit: GuestKit,
+    /// Whether KVM boots the guest kernel on this host.
+    kvm_boots: bool,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Option<&'static Fixture> {
+    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+    FIXTURE.get_or_init(build_fixture).as_ref()
+}
+
+fn build_fixture() -> Option<Fixture> {
+    let skip = |why: String| {
+        eprintln!("\n*** SKIPPING firecracker tests: {why} ***\n");
+        None
+    };
+    let Some(firecracker) = std::env::var_os("HEARTH_FIRECRACKER").map(PathBuf::from) else {
+        return skip(
+            "HEARTH_FIRECRACKER is not set (point it at a firecracker v1.x binary)".into(),
+        );
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return skip("not running as root".into());
+    }
+    let jailer = std::env::var_os("HEARTH_JAILER")
+        .map(PathBuf::from)
+        .or_else(|| firecracker.parent().map(|d| d.join("jailer")))
+        .filter(|p| p.is_file());
+    let kernel_dir = std::env::var_os("HEARTH_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/hearth/kernel"));
+    let init = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-init-static");
+    let kit_cache = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-test-kit");
+    let kit = GuestKit::ensure(
+        &KitSource {
+            kernel_dir,
+            init_binary: init,
+        },
+        &kit_cache,
+    )
+    .expect("guest kit (run deploy/install-guest-kernel.sh and deploy/build-guest-init.sh)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The probe is async and the fixture is built inside a test's runtime: run it on a
+    // thread of its own.
+    let (probe_kit, probe_dir) = (kit.clone(), dir.path().join("probe"));
+    let accel = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime
+            .block_on(QemuDriver::new("qemu-system-x86_64".into(), probe_dir).accel_for(&probe_kit))
+    })
+    .join()
+    .expect("probe thread");
+    let kvm_boots = accel == Accel::Kvm;
+    if !kvm_boots {
+        eprintln!(
+            "\n*** firecracker tests: KVM on this host cannot boot guest kernel {}: checking \
+             everything up to the guest's readiness, not the readiness itself ***\n",
+            kit.kernel_version
+        );
+    }
+    Some(Fixture {
+        firecracker,
+        jailer,
+        kit,
+        kvm_boots,
+        _dir: dir,
+    })
+}
+
+fn unique() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{:x}{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Kills the test's VMMs and deletes its namespace, whatever happened.
+struct Cleanup {
+    machine: String,
+    netns: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (id, pid) in find_processes(PREFIX) {
+            if id == self.machine {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect(args[0]);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A machine directory with disks, a namespace and a tap in it.
+fn machine(fx: &Fixture, dir: &Path) -> (LaunchSpec, Cleanup) {
+    let id = unique();
+    let netns = format!("hfc-{id}");
+    let cleanup = Cleanup {
+        machine: id.clone(),
+        netns: netns.clone(),
+    };
+    sh(&["ip", "netns", "add", &netns]);
+    sh(&[
+        "ip", "netns", "exec", &netns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap",
+    ]);
+    let root_disk = dir.join("root.img");
+    std::fs::write(&root_disk, vec![0u8; 1 << 20]).expect("root disk");
+    let config_disk = dir.join("config.img");
+    write_config_disk(
+        &config_disk,
+        &GuestConfig {
+            machine_id: id.clone(),
+            hostname: id.clone(),
+            network: None,
+            command: vec!["/bin/sh".into()],
+            env: vec![],
+            workdir: None,
+            ports: vec![],
+        },
+    )
+    .expect("config disk");
+    let spec = LaunchSpec {
+        machine_id: id,
+        workdir: dir.to_path_buf(),
+        netns: Some(netns),
+        tap: Some(TapSpec {
+            name: "tap0".into(),
+            mac: [0x06, 0, 0xac, 0x10, 0, 2],
+        }),
+        vcpus: 1,
+        memory_mib: 128,
+        kit: fx.kit.clone(),
+        root_disk,
+        config_disk,
+    };
+    (spec, cleanup)
+}
+
+fn driver(fx: &Fixture) -> VmmDriver {
+    VmmDriver::Firecracker(FirecrackerDriver::new(fx.firecracker.clone()).with_name_prefix(PREFIX))
+}
+
+fn running(id: &str) -> Vec<i32> {
+    find_processes(PREFIX)
+        .into_iter()
+        .filter(|(m, _)| m == id)
+        .map(|(_, pid)| pid)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_driver_runs_pauses_snapshots_restores_and_stops_a_real_firecracker() {
+    let Some(fx) = fixture() else { return };
+    let dir = tempfile::tempdir().expect("machine dir");
+    let (spec, _cleanup) = machine(fx, dir.path());
+    let driver = driver(fx);
+
+    let process = driver.launch(&spec).await.expect("launch");
+    assert_eq!(process.driver, "firecracker");
+    assert_eq!(driver.liveness(&process), Liveness::Running);
+    assert_eq!(driver.run_state(&process).await.unwrap(), RunState::Running);
+    // Firecracker made the hybrid vsock socket; hearth listens for the guest agent.
+    assert!(dir.path().join("vsock.sock").exists());
+    assert!(process.agent_socket.ends_with("vsock.sock_1024"));
+    assert!(process.agent_socket.exists());
+    // The process runs inside the machine's namespace.
+    let ns = std::fs::read_link(format!("/proc/{}/ns/net", process.pid)).unwrap();
+    let want = std::fs::metadata(format!("/run/netns/{}", spec.netns.as_ref().unwrap())).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        ns.to_string_lossy().contains(&want.ino().to_string()),
+        "{ns:?}"
+    );
+
+    // Launch again: the running process is adopted, not doubled.
+    let again = driver.launch(&spec).await.expect("launch again");
+    assert_eq!(again.pid, process.pid);
+    assert_eq!(running(&spec.machine_id), vec![process.pid]);
+
+    if fx.kvm_boots {
+        let ready = driver
+            .wait_ready(&process, Duration::from_secs(60))
+            .await
+            .expect("guest ready over vsock");
+        assert!(ready.boot_ms > 0);
+    }
+
+    driver.pause(&process).await.expect("pause");
+    assert_eq!(driver.run_state(&process).await.unwrap(), RunState::Paused);
+    let snapshot = driver.snapshot(&process, "t1").await.expect("snapshot");
+    let memory = std::fs::metadata(&snapshot.memory)
+        .expect("memory file")
+        .len();
+    assert_eq!(memory, 128 << 20, "memory file holds all guest memory");
+    assert!(
+        std::fs::metadata(&snapshot.state)
+            .expect("state file")
+            .len()
+            > 0
+    );
+    driver.resume(&process).await.expect("resume");
+    assert_eq!(driver.run_state(&process).await.unwrap(), RunState::Running);
+
+    driver
+        .stop(&process, Duration::from_millis(500))
+        .await
+        .expect("stop");
+    assert_eq!(driver.liveness(&process), Liveness::Gone);
+    assert!(running(&spec.machine_id).is_empty());
+    for gone in ["firecracker.sock", "vsock.sock", "vsock.sock_1024"] {
+        assert!(!dir.path().join(gone).exists(), "{gone} left behind");
+    }
+
+    // The snapshot loads into a fresh process, paused, and runs on when resumed.
+    let restored = driver
+        .restore(&spec, &snapshot, false)
+        .await
+        .expect("restore");
+    assert_ne!(restored.pid, process.pid);
+    assert_eq!(driver.run_state(&restored).await.unwrap(), RunState::Paused);
+    driver.resume(&restored).await.expect("resume restored");
+    assert_eq!(
+        driver.run_state(&restored).await.unwrap(),
+        RunState::Running
+    );
+    driver
+        .stop(&restored, Duration::from_millis(500))
+        .await
+        .expect("stop restored");
+    assert!(running(&spec.machine_id).is_empty());
+    // Stopping again is a no-op.
+    let outcome = driver
+        .stop(&restored, Duration::from_millis(500))
+        .await
+        .expect("second stop");
+    assert!(outcome.graceful);
+}
+
+#[tokio::test]
+async fn a_refused_configuration_carries_firecrackers_fault_and_leaves_no_process() {
+    let Some(fx) = fixture() else { return };
+    let dir = tempfile::tempdir().expect("machine dir");
+    let (mut spec, _cleanup) = machine(fx, dir.path());
+    spec.kit.vmlinux = dir.path().join("no-such-kernel");
+    let err = driver(fx).launch(&spec).await.expect_err("must fail");
+    let text = err.to_string();
+    assert!(matches!(err, LaunchError::Api { .. }), "{text}");
+    assert!(text.contains("PUT /boot-source"), "{text}");
+    assert!(text.contains("Firecracker answered 400"), "{text}");
+    assert!(running(&spec.machine_id).is_empty());
+}
+
+#[tokio::test]
+async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
+    let Some(fx) = fixture() else { return };
+    let Some(jailer) = fx.jailer.clone() else {
+        eprintln!("*** SKIPPING jailer test: no jailer beside the firecracker binary ***");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("machine dir");
+    let (spec, _cleanup) = machine(fx, dir.path());
+    let driver = VmmDriver::Firecracker(
+        FirecrackerDriver::new(fx.firecracker.clone())
+            .with_name_prefix(PREFIX)
+            .with_jailer(JailerSettings {
+                binary: jailer,
+                uid: 65534,
+                gid: 65534,
+                cgroups: Vec::new(),
+                parent_cgroup: "hearth".into(),
+            }),
+    );
+    let process = driver.launch(&spec).await.expect("jailed launch");
+    let jail_root = process.control_socket.parent().unwrap().to_path_buf();
+    assert!(
+        jail_root.starts_with(dir.path().join("jail")),
+        "{jail_root:?}"
+    );
+    assert_eq!(driver.run_state(&process).await.unwrap(), RunState::Running);
+    // It runs as the jail's user, chrooted into the jail.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid)).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.contains("65534"), "{uid_line}");
+    // Its root (pivoted in a mount namespace of its own) is the jail: what it sees at
+    // `/` is what hearth put in the jail.
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let its_mnt = std::fs::read_link(format!("/proc/{}/ns/mnt", process.pid)).unwrap();
+    assert_ne!(own_mnt, its_mnt);
+    let seen_root = PathBuf::from(format!("/proc/{}/root", process.pid));
+    for file in ["root.img", "config.img", "vmlinux", "firecracker.sock"] {
+        assert!(seen_root.join(file).exists(), "{file} not in the jail");
+        assert!(jail_root.join(file).exists(), "{file} not in {jail_root:?}");
+    }
+
+    driver.pause(&process).await.expect("pause");
+    let snapshot = driver
+        .snapshot(&process, "j1")
+        .await
+        .expect("jailed snapshot");
+    assert!(snapshot.memory.starts_with(&jail_root));
+    driver
+        .stop(&process, Duration::from_millis(500))
+        .await
+        .expect("stop");
+    assert!(running(&spec.machine_id).is_empty());
+    assert!(!jail_root.join("firecracker.sock").exists());
+}
+
+#[tokio::test]
+async fn hearthd_with_firecracker_creates_and_destroys_a_machine_leaving_nothing() {
+    let Some(fx) = fixture() else { return };
+    let daemon = Daemon::start_with(&format!(
+        "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{}\"\n[guest]\nready_timeout_secs = {}\nboot_attempts = 1\nstop_grace_secs = 1\n",
+        fx.firecracker.display(),
+        if fx.kvm_boots { 60 } else { 3 },
+    ));
+    let mut client = daemon.client().await;
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.vmm, "firecracker");
+    let created = client
+        .machines
+        .create_machine(demo_request("fc-1", "fc-one", &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    let machine = if fx.kvm_boots {
+        let m = wait_for(&mut client, &created.id, pb::MachineState::Started).await;
+        let url = format!("{}:80", m.guest_ip);
+        let mut stream = std::net::TcpStream::connect(url).expect("connect to the guest");
+        use std::io::{Read, Write};
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut page = String::new();
+        stream.read_to_string(&mut page).unwrap();
+        assert!(page.contains("200"), "{page}");
+        m
+    } else {
+        // Everything up to readiness ran for real: the VMM step succeeded with a real
+        // Firecracker in the machine's namespace; the guest cannot boot on this KVM.
+        let m = wait_for(&mut client, &created.id, pb::MachineState::Failed).await;
+        let vmm_ok = m
+            .timings
+            .iter()
+            .any(|t| t.step == "vmm" && t.direction == "acquire" && t.outcome == "ok");
+        assert!(vmm_ok, "{:#?}", m.timings);
+        assert!(m.failure.contains("ready"), "{}", m.failure);
+        m
+    };
+    assert!(!machine.guest_ip.is_empty() || !fx.kvm_boots);
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &created.id, pb::MachineState::Destroyed).await;
+    assert_audit_clean(&mut client).await;
+    let m = get_machine(&mut client, &created.id).await;
+    assert_eq!(m.state, pb::MachineState::Destroyed as i32);
+    assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
+    assert!(
+        daemon.host_leftovers().is_empty(),
+        "{:?}",
+        daemon.host_leftovers()
+    );
+}
