@@ -12,93 +12,26 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::guest::config::{GuestConfig, write_config_disk};
-use hearth::guest::kit::{GuestKit, KitSource};
 use hearth::vmm::firecracker::jailer::JailerSettings;
 use hearth::vmm::{
-    Accel, FirecrackerDriver, LaunchError, LaunchSpec, Liveness, QemuDriver, RunState, TapSpec,
-    VmmDriver, find_processes,
+    FirecrackerDriver, LaunchError, LaunchSpec, Liveness, RunState, TapSpec, VmmDriver,
+    find_processes,
 };
+use support::firecracker_env::{FirecrackerEnv, daemon_config, firecracker_env};
 use support::{Daemon, assert_audit_clean, demo_request, get_machine, wait_for};
 
 /// Marker prefix of the VMMs the driver tests start (never a daemon's).
 const PREFIX: &str = "hearthfc-";
 
-struct Fixture {
-    firecracker: PathBuf,
-    jailer: Option<PathBuf>,
-    kit: GuestKit,
-    /// Whether KVM boots the guest kernel on this host.
-    kvm_boots: bool,
-    _dir: tempfile::TempDir,
-}
+type Fixture = FirecrackerEnv;
 
 fn fixture() -> Option<&'static Fixture> {
-    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
-    FIXTURE.get_or_init(build_fixture).as_ref()
-}
-
-fn build_fixture() -> Option<Fixture> {
-    let skip = |why: String| {
-        eprintln!("\n*** SKIPPING firecracker tests: {why} ***\n");
-        None
-    };
-    let Some(firecracker) = std::env::var_os("HEARTH_FIRECRACKER").map(PathBuf::from) else {
-        return skip(
-            "HEARTH_FIRECRACKER is not set (point it at a firecracker v1.x binary)".into(),
-        );
-    };
-    if !nix::unistd::geteuid().is_root() {
-        return skip("not running as root".into());
-    }
-    let jailer = std::env::var_os("HEARTH_JAILER")
-        .map(PathBuf::from)
-        .or_else(|| firecracker.parent().map(|d| d.join("jailer")))
-        .filter(|p| p.is_file());
-    let kernel_dir = std::env::var_os("HEARTH_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/hearth/kernel"));
-    let init = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-init-static");
-    let kit_cache = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-test-kit");
-    let kit = GuestKit::ensure(
-        &KitSource {
-            kernel_dir,
-            init_binary: init,
-        },
-        &kit_cache,
-    )
-    .expect("guest kit (run deploy/install-guest-kernel.sh and deploy/build-guest-init.sh)");
-    let dir = tempfile::tempdir().expect("tempdir");
-    // The probe is async and the fixture is built inside a test's runtime: run it on a
-    // thread of its own.
-    let (probe_kit, probe_dir) = (kit.clone(), dir.path().join("probe"));
-    let accel = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        runtime
-            .block_on(QemuDriver::new("qemu-system-x86_64".into(), probe_dir).accel_for(&probe_kit))
-    })
-    .join()
-    .expect("probe thread");
-    let kvm_boots = accel == Accel::Kvm;
-    if !kvm_boots {
-        eprintln!(
-            "\n*** firecracker tests: KVM on this host cannot boot guest kernel {}: checking \
-             everything up to the guest's readiness, not the readiness itself ***\n",
-            kit.kernel_version
-        );
-    }
-    Some(Fixture {
-        firecracker,
-        jailer,
-        kit,
-        kvm_boots,
-        _dir: dir,
-    })
+    firecracker_env()
 }
 
 fn unique() -> String {
@@ -362,11 +295,7 @@ async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
 #[tokio::test]
 async fn hearthd_with_firecracker_creates_and_destroys_a_machine_leaving_nothing() {
     let Some(fx) = fixture() else { return };
-    let daemon = Daemon::start_with(&format!(
-        "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{}\"\n[guest]\nready_timeout_secs = {}\nboot_attempts = 1\nstop_grace_secs = 1\n",
-        fx.firecracker.display(),
-        if fx.kvm_boots { 60 } else { 3 },
-    ));
+    let daemon = Daemon::start_with(&daemon_config(fx));
     let mut client = daemon.client().await;
     let node = client
         .node

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod firecracker_env;
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::OnceLock;
