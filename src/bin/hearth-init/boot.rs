@@ -1,5 +1,6 @@
 //! The steps that turn the initramfs into the machine's root: kernel filesystems, kernel
-//! modules, the switch into the root disk, and the way out (power off).
+//! modules, the switch into the root disk, Ctrl-Alt-Del taken over as a stop request,
+//! and the way out (power off, or a reboot where the VMM has no power-off device).
 
 use std::ffi::CString;
 use std::fs;
@@ -8,7 +9,8 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::kmod::{ModuleInitFlags, finit_module};
 use nix::mount::{MsFlags, mount};
-use nix::sys::reboot::{RebootMode, reboot};
+use nix::sys::reboot::{RebootMode, reboot, set_cad_enabled};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::time::{ClockId, clock_gettime};
 
 /// Where the root disk is mounted before it becomes `/`.
@@ -38,6 +40,8 @@ pub enum BootError {
         step: &'static str,
         source: Errno,
     },
+    #[error("take over Ctrl-Alt-Del: {step}: {source}")]
+    CtrlAltDel { step: &'static str, source: Errno },
 }
 
 fn mount_fs(
@@ -70,11 +74,39 @@ pub fn mount_early() -> Result<(), BootError> {
     )
 }
 
+/// The kernel command line; `None` while `/proc` is not mounted (or unreadable).
+pub fn cmdline() -> Option<String> {
+    fs::read_to_string("/proc/cmdline").ok()
+}
+
 /// Whether the kernel command line holds `flag` as a whole word.
 pub fn cmdline_has(flag: &str) -> bool {
-    fs::read_to_string("/proc/cmdline")
-        .map(|c| c.split_whitespace().any(|w| w == flag))
-        .unwrap_or(false)
+    cmdline().is_some_and(|c| c.split_whitespace().any(|w| w == flag))
+}
+
+/// Turns Ctrl-Alt-Del into a stop request: the kernel then sends `SIGINT` to PID 1
+/// instead of rebooting at once (Firecracker's graceful stop, `SendCtrlAltDel`, presses
+/// it). `SIGINT` is blocked first so that a press during boot stays pending until the
+/// supervise loop reads it from its signalfd: a blocked signal is queued even for PID 1,
+/// which would otherwise discard it (no handler). Workloads start with an empty mask
+/// (`std::process::Command` resets it in the child).
+///
+/// Must run as PID 1 (the kernel signals only its `cad_pid`, PID 1 by default).
+/// Idempotent: both settings are absolute; there is no undo (the init keeps them for the
+/// machine's life).
+pub fn take_ctrl_alt_del() -> Result<(), BootError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(|source| {
+        BootError::CtrlAltDel {
+            step: "block SIGINT",
+            source,
+        }
+    })?;
+    set_cad_enabled(false).map_err(|source| BootError::CtrlAltDel {
+        step: "reboot(RB_DISABLE_CAD)",
+        source,
+    })
 }
 
 /// Loads every `.ko` in `dir` in file-name order (the kit numbers them in dependency
@@ -166,13 +198,30 @@ pub fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Flushes the filesystems and powers the machine off (the VMM exits). Never returns:
-/// if the power-off call fails, a reboot is tried (the VMM runs with `-no-reboot`, so it
-/// exits too), and if that fails as well the init waits forever rather than exit.
-pub fn power_off() -> ! {
+/// Flushes the filesystems and ends the machine, so that the VMM exits: a power-off, or
+/// with [`hearth::guest::HALT_BY_REBOOT_FLAG`] on the command line a reboot (Firecracker has no
+/// power-off device and exits when the guest reboots with `reboot=k`). Never returns: if
+/// the chosen call fails the other one is tried (QEMU runs with `-no-reboot`, so it exits
+/// on a reboot too), and if that fails as well the init waits forever rather than exit.
+///
+/// Callable at any point of the boot: if `/proc` is not mounted yet it is mounted here to
+/// read the command line; if that fails too, the machine powers off.
+pub fn halt() -> ! {
     nix::unistd::sync();
-    let _ = reboot(RebootMode::RB_POWER_OFF);
-    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    let line = cmdline()
+        .or_else(|| {
+            let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            let _ = mount_fs("proc", "/proc", "proc", safe, None);
+            cmdline()
+        })
+        .unwrap_or_default();
+    let (first, fallback) = if crate::cmdline::halt_by_reboot(&line) {
+        (RebootMode::RB_AUTOBOOT, RebootMode::RB_POWER_OFF)
+    } else {
+        (RebootMode::RB_POWER_OFF, RebootMode::RB_AUTOBOOT)
+    };
+    let _ = reboot(first);
+    let _ = reboot(fallback);
     loop {
         nix::unistd::pause();
     }

@@ -1,20 +1,23 @@
 //! hearth-init: PID 1 of every hearth guest.
 //!
-//! It turns a bare kernel into a machine running its workload: mounts the kernel
-//! filesystems, loads the virtio modules from the initramfs, opens the agent port, finds
-//! the config disk and the root disk, switches into the root disk, sets the hostname and
-//! the network, reports Ready to the host and runs the workload, then serves the agent
-//! protocol until the host asks it to shut down.
+//! It turns a bare kernel into a machine running its workload: takes over Ctrl-Alt-Del,
+//! mounts the kernel filesystems, loads the virtio modules from the initramfs, opens the
+//! agent channel the kernel command line names (virtio-serial port, or vsock), finds the
+//! config disk and the root disk, switches into the root disk, sets the hostname and the
+//! network, reports Ready to the host and runs the workload, then serves the agent
+//! protocol until the host asks it to shut down (or Ctrl-Alt-Del is pressed).
 //!
 //! **Invariant: it never exits.** PID 1 exiting panics the kernel. Every error, and every
-//! panic, ends in [`fatal`]: the error goes to the agent port (if open) and the console,
-//! then the machine powers off. Console writes cost milliseconds under TCG, so the console
-//! is used for fatal errors only.
+//! panic, ends in [`fatal`]: the error goes to the agent channel (if open) and the
+//! console, then the machine halts (power-off, or a reboot when the command line says
+//! so: see [`boot::halt`]). Console writes cost milliseconds under TCG, so the console is
+//! used for fatal errors only.
 //!
 //! Deliberately small: no async runtime, one `poll` loop ([`supervise`]).
 
 mod agent;
 mod boot;
+mod cmdline;
 mod console;
 mod disks;
 mod net;
@@ -51,7 +54,9 @@ fn main() {
 enum InitError {
     #[error("early mounts: {0}")]
     Mount(#[from] boot::BootError),
-    #[error("agent port: {0}")]
+    #[error("{0}")]
+    Cmdline(#[from] cmdline::CmdlineError),
+    #[error("agent channel: {0}")]
     Agent(#[from] agent::AgentError),
     #[error("disks: {0}")]
     Disks(#[from] disks::DiskError),
@@ -68,15 +73,17 @@ enum InitError {
 
 /// The boot, in order; returns only by error (the last step never returns).
 fn run(port: &mut Option<agent::Agent>) -> Result<std::convert::Infallible, InitError> {
+    boot::take_ctrl_alt_del()?;
     boot::mount_early()?;
     if boot::cmdline_has(PROBE_CMDLINE_FLAG) {
         console::line(PROBE_READY_LINE);
-        boot::power_off();
+        boot::halt();
     }
+    let transport = cmdline::agent_transport(&boot::cmdline().unwrap_or_default())?;
     boot::load_modules(&std::path::Path::new("/").join(INITRAMFS_MODULE_DIR))?;
     let deadline = Instant::now() + DEVICE_WAIT;
-    // The agent port first, so that every later failure reaches the host.
-    let port = port.insert(agent::Agent::open(&agent::find_port(deadline)?)?);
+    // The agent channel first, so that every later failure reaches the host.
+    let port = port.insert(agent::Agent::open(transport, deadline)?);
     let found = disks::find(deadline)?;
     boot::switch_root(&found.root)?;
     let config = found.config;
@@ -88,11 +95,11 @@ fn run(port: &mut Option<agent::Agent>) -> Result<std::convert::Infallible, Init
     Ok(supervise::run(port, &config)?)
 }
 
-/// Reports a fatal error wherever it can be seen, then powers off.
+/// Reports a fatal error wherever it can be seen, then halts the machine.
 fn fatal(port: Option<&mut agent::Agent>, error: &str) -> ! {
     console::line(&format!("hearth-init: fatal: {error}"));
     if let Some(port) = port {
         port.report_fatal(error);
     }
-    boot::power_off()
+    boot::halt()
 }

@@ -1,12 +1,19 @@
 //! After boot: runs the workload, reaps every process that ends up as the init's child,
 //! serves the agent protocol, and carries out a shutdown.
 //!
-//! One `poll` loop over a signalfd (`SIGCHLD`, `SIGIO`) and the agent port. It never
-//! blocks on the host: the port is non-blocking and only polled while a host is there.
+//! One `poll` loop over a signalfd (`SIGCHLD`, `SIGIO`, `SIGINT`) and the agent channel.
+//! It never blocks on the host: the channel is non-blocking and only polled while a host
+//! is there (or, over vsock, while a connect is in flight); without one the loop wakes
+//! when the agent asks ([`Agent::wake_in`]: the serial re-check, or the next vsock
+//! connect attempt every 50 ms).
 //!
-//! Shutdown: every process gets `SIGTERM`; once none is left, or after
-//! [`WORKLOAD_STOP_GRACE`], the rest get `SIGKILL`; then filesystems are synced, the
-//! root is remounted read-only and the machine powers off.
+//! A shutdown starts on the host's `Shutdown` request or on `SIGINT`, which the kernel
+//! sends PID 1 for Ctrl-Alt-Del (see [`boot::take_ctrl_alt_del`]; Firecracker's graceful
+//! stop presses it); both are handled alike, and a connected host hears `ShuttingDown`.
+//! Every process gets `SIGTERM`; once none is left, or after [`WORKLOAD_STOP_GRACE`],
+//! the rest get `SIGKILL`; then filesystems are synced, the root is remounted read-only
+//! and the machine halts ([`boot::halt`]: power-off, or reboot where the command line
+//! asks for it).
 
 use std::convert::Infallible;
 use std::fs;
@@ -35,10 +42,8 @@ pub const WORKLOAD_LOG: &str = "/var/log/hearth-workload.log";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long processes get between `SIGTERM` and `SIGKILL` at shutdown.
 const WORKLOAD_STOP_GRACE: Duration = Duration::from_secs(5);
-/// How long killed processes get to be reaped before the power-off goes ahead anyway.
+/// How long killed processes get to be reaped before the halt goes ahead anyway.
 const KILL_REAP_LIMIT: Duration = Duration::from_secs(2);
-/// Re-check of the host connection while none is seen, in case a `SIGIO` was missed.
-const RECHECK: Duration = Duration::from_secs(1);
 
 /// Why the loop could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +57,7 @@ enum Shutdown {
     None,
     /// `SIGTERM` sent; `SIGKILL` at the deadline.
     Terminating(Instant),
-    /// `SIGKILL` sent; power off at the deadline even if something is left.
+    /// `SIGKILL` sent; halt at the deadline even if something is left.
     Killing(Instant),
 }
 
@@ -62,6 +67,8 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.add(Signal::SIGIO);
+    // Already blocked since boot (a Ctrl-Alt-Del during boot waits here); read it too.
+    mask.add(Signal::SIGINT);
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(SuperviseError::Signals)?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(SuperviseError::Signals)?;
@@ -90,14 +97,14 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
             port.send(&GuestMessage::Ready { boot_ms });
         }
 
-        // Wake for: the next readiness check, the shutdown deadline, or the periodic
-        // check of the host connection; otherwise only for a signal or the port.
+        // Wake for: the next readiness check, the shutdown deadline, or what the agent
+        // needs while no host is connected; otherwise only for a signal or the channel.
         let mut wait = None;
         if matches!(state, GuestState::Starting) {
             wait = Some(readiness.interval());
         }
-        if port.interest().is_none() {
-            wait = Some(wait.map_or(RECHECK, |w: Duration| w.min(RECHECK)));
+        if let Some(agent_wait) = port.wake_in() {
+            wait = Some(wait.map_or(agent_wait, |w: Duration| w.min(agent_wait)));
         }
         if let Shutdown::Terminating(at) | Shutdown::Killing(at) = shutdown {
             let left = at.saturating_duration_since(Instant::now());
@@ -108,13 +115,16 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
             .unwrap_or(PollTimeout::NONE);
         {
             let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-            if let Some(interest) = port.interest() {
-                fds.push(PollFd::new(port.fd(), interest));
+            if let Some(fd) = port.poll_fd() {
+                fds.push(fd);
             }
             // EINTR and friends: just go round again.
             let _ = poll(&mut fds, timeout);
         }
-        while let Ok(Some(_)) = signals.read_signal() {}
+        let mut stop_requested = false;
+        while let Ok(Some(info)) = signals.read_signal() {
+            stop_requested |= info.ssi_signo == Signal::SIGINT as u32;
+        }
 
         let (exited, children_left) = reap(workload);
         if let Some(status) = exited {
@@ -138,18 +148,13 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
         if port.refresh() {
             port.send_state(&state);
         }
+        if stop_requested {
+            begin_shutdown(port, &mut state, &mut shutdown);
+        }
         for msg in port.receive() {
             match msg {
                 HostMessage::Status => port.send_state(&state),
-                HostMessage::Shutdown => {
-                    port.send(&GuestMessage::ShuttingDown);
-                    if matches!(shutdown, Shutdown::None) {
-                        state = GuestState::ShuttingDown;
-                        // -1: every process except the init itself.
-                        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
-                        shutdown = Shutdown::Terminating(Instant::now() + WORKLOAD_STOP_GRACE);
-                    }
-                }
+                HostMessage::Shutdown => begin_shutdown(port, &mut state, &mut shutdown),
             }
         }
         port.flush();
@@ -157,14 +162,27 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
         let now = Instant::now();
         shutdown = match shutdown {
             Shutdown::None => Shutdown::None,
-            _ if !children_left => power_off(port),
+            _ if !children_left => halt(port),
             Shutdown::Terminating(at) if now >= at => {
                 let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
                 Shutdown::Killing(now + KILL_REAP_LIMIT)
             }
-            Shutdown::Killing(at) if now >= at => power_off(port),
+            Shutdown::Killing(at) if now >= at => halt(port),
             other => other,
         };
+    }
+}
+
+/// A stop request (the host's `Shutdown`, or Ctrl-Alt-Del): acknowledged with
+/// `ShuttingDown` every time; the first one sends `SIGTERM` to every process and starts
+/// the grace period.
+fn begin_shutdown(port: &mut Agent, state: &mut GuestState, shutdown: &mut Shutdown) {
+    port.send(&GuestMessage::ShuttingDown);
+    if matches!(shutdown, Shutdown::None) {
+        *state = GuestState::ShuttingDown;
+        // -1: every process except the init itself.
+        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+        *shutdown = Shutdown::Terminating(Instant::now() + WORKLOAD_STOP_GRACE);
     }
 }
 
@@ -316,8 +334,8 @@ fn open_log() -> Option<fs::File> {
         .ok()
 }
 
-/// Final step of a shutdown: tell the host, flush the disk, power off.
-fn power_off(port: &mut Agent) -> ! {
+/// Final step of a shutdown: tell the host, flush the disk, halt the machine.
+fn halt(port: &mut Agent) -> ! {
     port.drain(Duration::from_millis(100));
     nix::unistd::sync();
     let _ = mount(
@@ -327,7 +345,7 @@ fn power_off(port: &mut Agent) -> ! {
         MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
     );
-    boot::power_off()
+    boot::halt()
 }
 
 #[cfg(test)]
