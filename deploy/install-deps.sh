@@ -24,3 +24,10 @@ if ! command -v cargo >/dev/null; then
   echo "install-deps: cargo is missing; install a Rust toolchain (stable)" >&2
   exit 1
 fi
+# vhost-device-vsock (rust-vmm): a vhost-user vsock backend for QEMU that bridges guest
+# vsock connections to host Unix sockets exactly as Firecracker's hybrid vsock does
+# (`<uds_path>_<port>`). The tests use it to run the guest's vsock agent path on a real
+# kernel where Firecracker itself cannot boot guests. Built from crates.io (~1 min).
+if ! command -v vhost-device-vsock >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ]; then
+  cargo install vhost-device-vsock --version 0.3.0 --locked --root /usr/local
+fi
