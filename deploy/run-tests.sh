@@ -13,7 +13,7 @@ host_state() {
   # What the suite must leave as it found it: namespaces, links, VMM processes.
   echo "netns: $(ls /run/netns 2>/dev/null | sort | tr '\n' ' ')"
   echo "links: $(ls /sys/class/net | sort | tr '\n' ' ')"
-  echo "vmms: $(pgrep -c -f 'qemu-system|--api-sock' || true)"
+  echo "vmms: $(pgrep -c -f 'qemu-system|--api-sock|vhost-device-vsock' || true)"
 }
 before=$(host_state)
 cargo test --lib --bins --tests -- --test-threads=2
@@ -34,7 +34,7 @@ for _ in $(seq 150); do
   sleep 0.1
 done
 if [ "$before" != "$after" ]; then
-  pgrep -af 'qemu-system|--api-sock' >&2 || true
+  pgrep -af 'qemu-system|--api-sock|vhost-device-vsock' >&2 || true
   echo "run-tests: the suite left host resources behind" >&2
   diff <(echo "$before") <(echo "$after") >&2 || true
   exit 1

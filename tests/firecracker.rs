@@ -351,3 +351,21 @@ async fn hearthd_with_firecracker_creates_and_destroys_a_machine_leaving_nothing
         daemon.host_leftovers()
     );
 }
+
+#[tokio::test]
+async fn auto_picks_firecracker_only_where_kvm_boots_the_guest_kernel() {
+    let Some(fx) = fixture() else { return };
+    let daemon = Daemon::start_with(&format!(
+        "[vmm]\nkind = \"auto\"\nfirecracker_binary = \"{}\"\n",
+        fx.firecracker.display()
+    ));
+    let mut client = daemon.client().await;
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let want = if fx.kvm_boots { "firecracker" } else { "qemu" };
+    assert_eq!(node.vmm, want);
+}
