@@ -376,7 +376,22 @@ async fn every_fail_point_converges_without_leaks() {
             let setup = setup.clone();
             tasks.push(tokio::spawn(async move {
                 let _slot = gate.acquire_owned().await.expect("semaphore");
-                run_case(point, mode, setup).await
+                let row = run_case(point, mode, setup).await;
+                // Progress as cases end (the table below comes at the very end).
+                eprintln!(
+                    "chaos: {} / {}: crashed {} converged {} leaks {} {:.2}s{}",
+                    row.point,
+                    row.mode.name(),
+                    row.crashed,
+                    row.converged,
+                    row.leaks.len(),
+                    row.seconds,
+                    row.error
+                        .as_deref()
+                        .map(|e| format!("  {e}"))
+                        .unwrap_or_default()
+                );
+                row
             }));
         }
     }
