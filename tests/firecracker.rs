@@ -369,3 +369,63 @@ async fn auto_picks_firecracker_only_where_kvm_boots_the_guest_kernel() {
     let want = if fx.kvm_boots { "firecracker" } else { "qemu" };
     assert_eq!(node.vmm, want);
 }
+
+#[tokio::test]
+async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
+    let Some(fx) = fixture() else { return };
+    if fx.jailer.is_none() {
+        eprintln!("*** SKIPPING jailed daemon test: no jailer beside the firecracker binary ***");
+        return;
+    }
+    // A long readiness deadline keeps the machine in its readiness wait with the jailed
+    // Firecracker running, where KVM cannot boot the guest.
+    let config = daemon_config(fx).replace("ready_timeout_secs = 3", "ready_timeout_secs = 600")
+        + "[vmm.jailer]\nenabled = true\n";
+    let daemon = Daemon::start_with(&config);
+    let mut client = daemon.client().await;
+    let created = client
+        .machines
+        .create_machine(demo_request("fc-j", "fc-jailed", &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = get_machine(&mut client, &created.id).await;
+        if m.state == pb::MachineState::Started as i32 || m.current_step == "acquire:ready" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jails = daemon
+        .dir
+        .path()
+        .join("data/machines")
+        .join(&created.id)
+        .join("jail");
+    assert!(jails.is_dir(), "no jail at {jails:?}");
+    // The audit finds the jailed VMM as this machine's (nothing missing, nothing leaked),
+    // although its command line only names paths inside the jail.
+    assert_audit_clean(&mut client).await;
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &created.id, pb::MachineState::Destroyed).await;
+    assert_audit_clean(&mut client).await;
+    assert!(!jails.exists(), "the jail outlived its machine");
+    let left: Vec<_> = find_processes("hearth-")
+        .into_iter()
+        .filter(|(id, _)| *id == created.id)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        daemon.host_leftovers().is_empty(),
+        "{:?}",
+        daemon.host_leftovers()
+    );
+}
