@@ -464,6 +464,20 @@ mod tests {
     }
 
     #[test]
+    fn the_firecracker_example_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/hearthd-firecracker.toml"
+        ));
+        let c = Config::load(path).expect("deploy/hearthd-firecracker.toml parses");
+        assert_eq!(c.vmm.kind, VmmKind::Auto);
+        assert_eq!(
+            c.vmm.firecracker_binary,
+            PathBuf::from("/usr/local/bin/firecracker")
+        );
+    }
+
+    #[test]
     fn firecracker_settings_parse() {
         let c = parse(
             "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"/opt/fc/firecracker\"\n\
