@@ -9,11 +9,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hearth::guest::config::{GuestConfig, write_config_disk};
-use hearth::vmm::{FirecrackerDriver, LaunchSpec, TapSpec, VmmDriver};
+use hearth::vmm::{FirecrackerDriver, VmmDriver};
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -30,12 +28,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
-    let netns = format!("hfb-{}", std::process::id());
-    let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok(Command::new("ip").args(["netns", "add", &netns])));
-    assert!(ok(Command::new("ip").args([
-        "netns", "exec", &netns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap"
-    ])));
+    let netns =
+        support::firecracker_env::ScratchNetns::create(&format!("hfb-{}", std::process::id()));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut rows: Vec<(&str, Vec<f64>)> = [
         "launch",
@@ -55,37 +49,12 @@ fn main() {
         );
         for run in 0..runs {
             let dir = tempfile::tempdir().expect("dir");
-            let root_disk = dir.path().join("root.img");
-            std::fs::write(&root_disk, vec![0u8; 1 << 20]).expect("disk");
-            let config_disk = dir.path().join("config.img");
-            let id = format!("b{run}");
-            write_config_disk(
-                &config_disk,
-                &GuestConfig {
-                    machine_id: id.clone(),
-                    hostname: id.clone(),
-                    network: None,
-                    command: vec!["/bin/sh".into()],
-                    env: vec![],
-                    workdir: None,
-                    ports: vec![],
-                },
-            )
-            .expect("config disk");
-            let spec = LaunchSpec {
-                machine_id: id,
-                workdir: dir.path().to_path_buf(),
-                netns: Some(netns.clone()),
-                tap: Some(TapSpec {
-                    name: "tap0".into(),
-                    mac: [0x06, 0, 0xac, 0x10, 0, 2],
-                }),
-                vcpus: 1,
-                memory_mib: 128,
-                kit: env.kit.clone(),
-                root_disk,
-                config_disk,
-            };
+            let spec = support::firecracker_env::scratch_spec(
+                env,
+                dir.path(),
+                &format!("b{run}"),
+                &netns.name,
+            );
             let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
             let t = Instant::now();
             let p = driver.launch(&spec).await.expect("launch");
@@ -115,7 +84,7 @@ fn main() {
                 .expect("stop restored");
         }
     });
-    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    drop(netns);
     println!("Firecracker through hearth's driver, {runs} runs (ms):");
     println!("{:<20} {:>8} {:>8}", "operation", "p50", "p90");
     for (name, samples) in &mut rows {

@@ -11,18 +11,17 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use hearth::api::pb;
-use hearth::guest::config::{GuestConfig, write_config_disk};
 use hearth::vmm::firecracker::jailer::JailerSettings;
 use hearth::vmm::{
-    FirecrackerDriver, LaunchError, LaunchSpec, Liveness, RunState, TapSpec, VmmDriver,
-    find_processes,
+    FirecrackerDriver, LaunchError, LaunchSpec, Liveness, RunState, VmmDriver, find_processes,
 };
-use support::firecracker_env::{FirecrackerEnv, daemon_config, firecracker_env};
+use support::firecracker_env::{
+    FirecrackerEnv, ScratchNetns, daemon_config, firecracker_env, scratch_spec,
+};
 use support::{Daemon, assert_audit_clean, demo_request, get_machine, wait_for};
 
 /// Marker prefix of the VMMs the driver tests start (never a daemon's).
@@ -46,7 +45,7 @@ fn unique() -> String {
 /// Kills the test's VMMs and deletes its namespace, whatever happened.
 struct Cleanup {
     machine: String,
-    netns: String,
+    _netns: ScratchNetns,
 }
 
 impl Drop for Cleanup {
@@ -59,67 +58,21 @@ impl Drop for Cleanup {
                 );
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect(args[0]);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A machine directory with disks, a namespace and a tap in it.
 fn machine(fx: &Fixture, dir: &Path) -> (LaunchSpec, Cleanup) {
     let id = unique();
-    let netns = format!("hfc-{id}");
-    let cleanup = Cleanup {
-        machine: id.clone(),
-        netns: netns.clone(),
-    };
-    sh(&["ip", "netns", "add", &netns]);
-    sh(&[
-        "ip", "netns", "exec", &netns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap",
-    ]);
-    let root_disk = dir.join("root.img");
-    std::fs::write(&root_disk, vec![0u8; 1 << 20]).expect("root disk");
-    let config_disk = dir.join("config.img");
-    write_config_disk(
-        &config_disk,
-        &GuestConfig {
-            machine_id: id.clone(),
-            hostname: id.clone(),
-            network: None,
-            command: vec!["/bin/sh".into()],
-            env: vec![],
-            workdir: None,
-            ports: vec![],
+    let netns = ScratchNetns::create(&format!("hfc-{id}"));
+    let spec = scratch_spec(fx, dir, &id, &netns.name);
+    (
+        spec,
+        Cleanup {
+            machine: id,
+            _netns: netns,
         },
     )
-    .expect("config disk");
-    let spec = LaunchSpec {
-        machine_id: id,
-        workdir: dir.to_path_buf(),
-        netns: Some(netns),
-        tap: Some(TapSpec {
-            name: "tap0".into(),
-            mac: [0x06, 0, 0xac, 0x10, 0, 2],
-        }),
-        vcpus: 1,
-        memory_mib: 128,
-        kit: fx.kit.clone(),
-        root_disk,
-        config_disk,
-    };
-    (spec, cleanup)
 }
 
 fn driver(fx: &Fixture) -> VmmDriver {

@@ -7,6 +7,8 @@
 //! drop guard even when a test fails.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use hearth::guest::config::{GuestConfig, GuestNetwork, write_config_disk};
-use hearth::guest::kit::{GuestKit, KitSource};
+use hearth::guest::kit::GuestKit;
 use hearth::guest::protocol::{ExitStatus, GuestState};
 use hearth::vmm::{
     Accel, LaunchSpec, Liveness, QemuDriver, TapSpec, VmmDriver, VmmProcess, find_processes,
@@ -23,7 +25,7 @@ use hearth::vmm::{
 /// Marker prefix of every VMM these tests start (never the daemon's).
 const PREFIX: &str = "hearthtest-";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-const QEMU: &str = "qemu-system-x86_64";
+use support::guest_prereqs::QEMU;
 
 /// What every test needs, built once per test binary.
 struct Fixture {
@@ -35,27 +37,6 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("HEARTH_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/hearth/kernel"))
-}
-
-fn static_init() -> PathBuf {
-    std::env::var_os("HEARTH_INIT_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-init-static")
-        })
-}
-
-fn busybox() -> Option<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
 /// The fixture, or `None` (after a loud message) when a prerequisite is missing.
 fn fixture() -> Option<&'static Fixture> {
     static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
@@ -63,48 +44,16 @@ fn fixture() -> Option<&'static Fixture> {
 }
 
 fn build_fixture() -> Option<Fixture> {
-    let skip = |why: String| {
-        eprintln!("\n*** SKIPPING guest_boot tests: {why} ***\n");
-        None
-    };
-    if !nix::unistd::geteuid().is_root() {
-        return skip("not running as root".into());
-    }
-    let kdir = kernel_dir();
-    if !kdir.join("boot").is_dir() {
-        return skip(format!(
-            "no guest kernel in {} (run deploy/install-guest-kernel.sh)",
-            kdir.display()
-        ));
-    }
-    let init = static_init();
-    if !init.is_file() {
-        return skip(format!(
-            "no static init at {} (run deploy/build-guest-init.sh)",
-            init.display()
-        ));
-    }
-    let Some(busybox) = busybox() else {
-        return skip("no busybox (install busybox-static)".into());
-    };
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        return skip(format!("no {QEMU} (install qemu-system-x86)"));
-    }
-
+    let prereqs = support::guest_prereqs::guest_prereqs("guest_boot")?;
+    let (kit, busybox) = (prereqs.kit, prereqs.busybox);
     let dir = tempfile::tempdir().expect("tempdir");
-    // The kit cache outlives the run (the next run with the same inputs reuses it) and
-    // belongs to this target directory, so test runs of other checkouts never share it.
-    let kit_cache = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-test-kit");
-    let source = KitSource {
-        kernel_dir: kdir,
-        init_binary: init,
-    };
-    let kit = GuestKit::ensure(&source, &kit_cache).expect("guest kit");
-    // Older entries (from earlier builds of the init in this target directory) are
+    // Older kit entries (from earlier builds of the init in this target directory) are
     // garbage.
-    for ent in std::fs::read_dir(&kit_cache).expect("kit cache").flatten() {
-        if ent.file_name() != kit.id.as_str() {
-            let _ = std::fs::remove_dir_all(ent.path());
+    if let Some(cache) = kit.vmlinux.parent().and_then(Path::parent) {
+        for ent in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+            if ent.file_name() != kit.id.as_str() {
+                let _ = std::fs::remove_dir_all(ent.path());
+            }
         }
     }
 

@@ -19,20 +19,22 @@
 //! Each guest's processes and files carry test-unique names and are removed by a drop
 //! guard even when a test fails.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hearth::guest::config::{GuestConfig, write_config_disk};
-use hearth::guest::kit::{GuestKit, KitSource};
+use hearth::guest::kit::GuestKit;
 use hearth::guest::protocol::{GuestMessage, GuestState, HostMessage};
 use hearth::guest::{AGENT_CMDLINE_KEY, AGENT_VSOCK_PORT, HALT_BY_REBOOT_FLAG};
 use hearth::vmm::AgentLink;
 use hearth::vmm::agent::{AgentConnection, bind_fresh, tail};
 use hearth::vmm::qemu::{escape, kernel_cmdline, tsc_khz};
 
-const QEMU: &str = "qemu-system-x86_64";
+use support::guest_prereqs::QEMU;
 const BACKEND: &str = "vhost-device-vsock";
 /// Marker prefix of every QEMU these tests start (`-name`), for telling them apart in `ps`.
 const NAME_PREFIX: &str = "hearthvsocktest-";
@@ -59,27 +61,6 @@ struct Fixture {
     backend: PathBuf,
 }
 
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("HEARTH_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/hearth/kernel"))
-}
-
-fn static_init() -> PathBuf {
-    std::env::var_os("HEARTH_INIT_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-init-static")
-        })
-}
-
-fn busybox() -> Option<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
 /// The backend binary: first on `PATH`, then where `deploy/install-deps.sh` puts it.
 fn backend() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -100,44 +81,15 @@ fn build_fixture() -> Option<Fixture> {
         eprintln!("\n*** SKIPPING guest_vsock tests: {why} ***\n");
         None
     };
-    if !nix::unistd::geteuid().is_root() {
-        return skip("not running as root".into());
-    }
-    let kdir = kernel_dir();
-    if !kdir.join("boot").is_dir() {
-        return skip(format!(
-            "no guest kernel in {} (run deploy/install-guest-kernel.sh)",
-            kdir.display()
-        ));
-    }
-    let init = static_init();
-    if !init.is_file() {
-        return skip(format!(
-            "no static init at {} (run deploy/build-guest-init.sh)",
-            init.display()
-        ));
-    }
-    let Some(busybox) = busybox() else {
-        return skip("no busybox (install busybox-static)".into());
-    };
-    if Command::new(QEMU).arg("--version").output().is_err() {
-        return skip(format!("no {QEMU} (install qemu-system-x86)"));
-    }
+    let prereqs = support::guest_prereqs::guest_prereqs("guest_vsock")?;
     let Some(backend) = backend() else {
         return skip(format!(
             "no {BACKEND} in PATH or /usr/local/bin (run deploy/install-deps.sh)"
         ));
     };
-    // The same kit cache as the other guest tests of this target directory.
-    let kit_cache = Path::new(env!("CARGO_BIN_EXE_hearth-init")).with_file_name("hearth-test-kit");
-    let source = KitSource {
-        kernel_dir: kdir,
-        init_binary: init,
-    };
-    let kit = GuestKit::ensure(&source, &kit_cache).expect("guest kit");
     Some(Fixture {
-        kit,
-        busybox,
+        kit: prereqs.kit,
+        busybox: prereqs.busybox,
         backend,
     })
 }

@@ -29,6 +29,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod select;
 mod spawn;
+mod stopping;
 
 use std::path::PathBuf;
 use std::time::Duration;

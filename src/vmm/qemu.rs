@@ -28,6 +28,7 @@ use super::accel::{Accel, probe_accel};
 use super::agent::{self, tail};
 use super::qmp::Qmp;
 use super::spawn::{self, Children, DetachedCommand};
+use super::stopping::{self, VmmStage};
 use super::{
     ControlError, LaunchError, LaunchSpec, Liveness, RunState, StopError, StopOutcome, VmmProcess,
     pidfd, procfs,
@@ -270,49 +271,27 @@ impl QemuDriver {
         process: &VmmProcess,
         grace: Duration,
     ) -> Result<StopOutcome, StopError> {
-        let Some(fd) = pidfd::open_verified(process) else {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: true });
+        // QEMU's own way is `quit`: the guest gets no say; its disk sees what it had
+        // written.
+        let quit = async {
+            let _ = tokio::time::timeout(QUIT_LIMIT, async {
+                let mut qmp = Qmp::connect(&process.control_socket).await?;
+                qmp.execute("quit").await
+            })
+            .await;
         };
-        let signal_err = |source| StopError::Signal {
-            pid: process.pid,
-            source,
-        };
-        let fd = pidfd::watch(fd).map_err(signal_err)?;
-
-        // 1. The guest shuts itself down (workload stopped, disks synced, power off).
-        let graceful = tokio::time::timeout(grace, async {
-            let _ = agent::request_shutdown(agent::AgentLink::for_process(process), grace).await;
-            pidfd::wait_exit(&fd).await;
-        })
+        stopping::stop(
+            process,
+            grace,
+            agent::AgentLink::for_process(process),
+            &self.children,
+            VmmStage {
+                request: quit,
+                wait: EXIT_WAIT,
+                graceful: false,
+            },
+        )
         .await
-        .is_ok();
-        if graceful {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: true });
-        }
-
-        // 2. QEMU quits (the guest gets no say; its disk sees what it had written).
-        let _ = tokio::time::timeout(QUIT_LIMIT, async {
-            let mut qmp = Qmp::connect(&process.control_socket).await?;
-            qmp.execute("quit").await
-        })
-        .await;
-        if pidfd::exited_within(&fd, EXIT_WAIT).await {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: false });
-        }
-
-        // 3. SIGKILL.
-        pidfd::kill(&fd).map_err(signal_err)?;
-        if pidfd::exited_within(&fd, EXIT_WAIT).await {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: false });
-        }
-        Err(StopError::StillRunning {
-            pid: process.pid,
-            after: EXIT_WAIT,
-        })
     }
 }
 

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use hearth::guest::config::{GuestConfig, write_config_disk};
 use hearth::guest::kit::{GuestKit, KitSource};
-use hearth::vmm::{Accel, QemuDriver};
+use hearth::vmm::{Accel, LaunchSpec, QemuDriver, TapSpec};
 
 /// The host's Firecracker setup.
 pub struct FirecrackerEnv {
@@ -92,4 +93,80 @@ pub fn daemon_config(env: &FirecrackerEnv) -> String {
         env.firecracker.display(),
         if env.kvm_boots { 60 } else { 3 },
     )
+}
+
+/// A namespace with a tap `tap0` in it, for machines started outside a daemon; deleted
+/// on drop.
+pub struct ScratchNetns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl ScratchNetns {
+    /// Creates `name` with its tap.
+    pub fn create(name: &str) -> ScratchNetns {
+        let ns = ScratchNetns {
+            name: name.to_string(),
+        };
+        for args in [
+            vec!["netns", "add", name],
+            vec![
+                "netns", "exec", name, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap",
+            ],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ns
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A launch spec for machine `id` in `dir` with throwaway disks (Firecracker only needs
+/// them to exist until the guest reads them), on `netns`'s `tap0`.
+pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> LaunchSpec {
+    let root_disk = dir.join("root.img");
+    std::fs::write(&root_disk, vec![0u8; 1 << 20]).expect("root disk");
+    let config_disk = dir.join("config.img");
+    write_config_disk(
+        &config_disk,
+        &GuestConfig {
+            machine_id: id.to_string(),
+            hostname: id.to_string(),
+            network: None,
+            command: vec!["/bin/sh".into()],
+            env: vec![],
+            workdir: None,
+            ports: vec![],
+        },
+    )
+    .expect("config disk");
+    LaunchSpec {
+        machine_id: id.to_string(),
+        workdir: dir.to_path_buf(),
+        netns: Some(netns.to_string()),
+        tap: Some(TapSpec {
+            name: "tap0".into(),
+            mac: [0x06, 0, 0xac, 0x10, 0, 2],
+        }),
+        vcpus: 1,
+        memory_mib: 128,
+        kit: env.kit.clone(),
+        root_disk,
+        config_disk,
+    }
 }

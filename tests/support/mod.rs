@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod firecracker_env;
+pub mod guest_prereqs;
 
 use std::path::PathBuf;
 use std::process::{Child, Command};

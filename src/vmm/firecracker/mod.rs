@@ -49,6 +49,7 @@ use self::client::{ApiClient, ApiError};
 use self::jailer::JailerSettings;
 use super::agent::{self, AgentLink, tail};
 use super::spawn::{self, Children, DetachedCommand};
+use super::stopping::{self, VmmStage};
 use super::{
     ControlError, GuestReady, LaunchError, LaunchSpec, Liveness, ReadyError, Snapshot, StopError,
     StopOutcome, VmmProcess, pidfd, procfs,
@@ -187,19 +188,39 @@ impl FirecrackerDriver {
     /// See [`super::VmmDriver::launch`].
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<VmmProcess, LaunchError> {
         let layout = self.layout(spec);
-        if let Some(process) = self.adoptable(spec, &layout) {
+        let setup = self.configuration(spec, &layout);
+        let go = Request::Action(InstanceActionInfo {
+            action_type: ActionType::InstanceStart,
+        });
+        self.start(spec, &layout, setup, go).await
+    }
+
+    /// The process of this machine, adopted when its guest runs; else a fresh one that
+    /// gets `setup`, then the agent's listener, then `go` (`InstanceStart` or a snapshot
+    /// load). A process that was cut off before `go` (still "Not started") is replaced:
+    /// what it was told is unknown. A fresh process that fails any of it is killed, so a
+    /// retry starts clean.
+    async fn start(
+        &self,
+        spec: &LaunchSpec,
+        layout: &Layout,
+        setup: Vec<Request>,
+        go: Request,
+    ) -> Result<VmmProcess, LaunchError> {
+        if let Some(process) = self.adoptable(spec, layout) {
             let api = ApiClient::new(&process.control_socket);
             match self.wait_api(spec, &process, &api).await {
                 Ok(info) if info.state != InstanceState::NotStarted => return Ok(process),
-                // Cut off mid-configuration (or deaf): what it was told is unknown.
                 _ => self.kill(&process).await,
             }
         }
-        let process = self.spawn_fresh(spec, &layout)?;
+        let process = self.spawn_fresh(spec, layout)?;
         let api = ApiClient::new(&process.control_socket);
-        let configured = async {
+        let started = async {
             self.wait_api(spec, &process, &api).await?;
-            self.configure(spec, &layout, &api).await?;
+            for req in setup {
+                self.call(spec, &api, req).await?;
+            }
             // The agent listens before the guest can run (see the module header).
             let listener = agent::bind_fresh(&process.agent_socket).map_err(|source| {
                 LaunchError::Workdir {
@@ -209,19 +230,11 @@ impl FirecrackerDriver {
                 }
             })?;
             lock(&self.agent_listeners).insert(process.agent_socket.clone(), listener);
-            self.call(
-                spec,
-                &api,
-                Request::Action(InstanceActionInfo {
-                    action_type: ActionType::InstanceStart,
-                }),
-            )
-            .await
+            self.call(spec, &api, go).await
         };
-        match configured.await {
+        match started.await {
             Ok(_) => Ok(process),
             Err(e) => {
-                // Never leave a half-configured process behind: a retry starts afresh.
                 self.kill(&process).await;
                 lock(&self.agent_listeners).remove(&process.agent_socket);
                 Err(e)
@@ -300,12 +313,7 @@ impl FirecrackerDriver {
     }
 
     /// Everything before `InstanceStart`, in Firecracker's order of dependence.
-    async fn configure(
-        &self,
-        spec: &LaunchSpec,
-        layout: &Layout,
-        api: &ApiClient,
-    ) -> Result<(), LaunchError> {
+    pub fn configuration(&self, spec: &LaunchSpec, layout: &Layout) -> Vec<Request> {
         let (kernel, initrd, root, config) = match &self.jailer {
             Some(_) => (
                 layout.vmm(jailer::KERNEL),
@@ -320,16 +328,8 @@ impl FirecrackerDriver {
                 path_string(&spec.config_disk),
             ),
         };
-        let mut requests = vec![
-            Request::Logger(Logger {
-                log_path: layout.vmm(FC_LOG),
-                level: LogLevel::Warning,
-                show_level: true,
-                show_log_origin: false,
-            }),
-            Request::Metrics(Metrics {
-                metrics_path: layout.vmm(METRICS_FILE),
-            }),
+        let mut requests = observability(layout);
+        requests.extend([
             Request::Serial(SerialDevice {
                 serial_out_path: layout.vmm(super::qemu::SERIAL_LOG),
             }),
@@ -356,7 +356,7 @@ impl FirecrackerDriver {
                 is_root_device: false,
                 is_read_only: true,
             }),
-        ];
+        ]);
         if let Some(tap) = &spec.tap {
             requests.push(Request::NetworkInterface(NetworkInterface {
                 iface_id: IFACE_ID.into(),
@@ -368,10 +368,7 @@ impl FirecrackerDriver {
             guest_cid: GUEST_CID,
             uds_path: layout.vmm(VSOCK_SOCKET),
         }));
-        for req in requests {
-            self.call(spec, api, req).await?;
-        }
-        Ok(())
+        requests
     }
 
     /// One API call during start; a refusal becomes a launch error with Firecracker's
@@ -561,66 +558,22 @@ impl FirecrackerDriver {
         resume: bool,
     ) -> Result<VmmProcess, LaunchError> {
         let layout = self.layout(spec);
-        if let Some(process) = self.adoptable(spec, &layout) {
-            let api = ApiClient::new(&process.control_socket);
-            match self.wait_api(spec, &process, &api).await {
-                Ok(info) if info.state != InstanceState::NotStarted => return Ok(process),
-                _ => self.kill(&process).await,
-            }
-        }
-        let process = self.spawn_fresh(spec, &layout)?;
-        let api = ApiClient::new(&process.control_socket);
         let vmm_path = |p: &Path| match p.strip_prefix(&layout.host_dir) {
             Ok(rel) => layout.vmm(&rel.to_string_lossy()),
             Err(_) => path_string(p),
         };
-        let loaded = async {
-            self.wait_api(spec, &process, &api).await?;
-            for req in [
-                Request::Logger(Logger {
-                    log_path: layout.vmm(FC_LOG),
-                    level: LogLevel::Warning,
-                    show_level: true,
-                    show_log_origin: false,
-                }),
-                Request::Metrics(Metrics {
-                    metrics_path: layout.vmm(METRICS_FILE),
-                }),
-            ] {
-                self.call(spec, &api, req).await?;
-            }
-            let listener = agent::bind_fresh(&process.agent_socket).map_err(|source| {
-                LaunchError::Workdir {
-                    machine_id: spec.machine_id.clone(),
-                    path: process.agent_socket.clone(),
-                    source,
-                }
-            })?;
-            lock(&self.agent_listeners).insert(process.agent_socket.clone(), listener);
-            self.call(
-                spec,
-                &api,
-                Request::SnapshotLoad(SnapshotLoadParams {
-                    snapshot_path: vmm_path(&snapshot.state),
-                    mem_backend: MemoryBackend {
-                        backend_type: MemoryBackendType::File,
-                        backend_path: vmm_path(&snapshot.memory),
-                    },
-                    resume_vm: resume,
-                    network_overrides: Vec::new(),
-                    vsock_override: None,
-                }),
-            )
-            .await
-        };
-        match loaded.await {
-            Ok(_) => Ok(process),
-            Err(e) => {
-                self.kill(&process).await;
-                lock(&self.agent_listeners).remove(&process.agent_socket);
-                Err(e)
-            }
-        }
+        // Only the logger and metrics may precede a load.
+        let go = Request::SnapshotLoad(SnapshotLoadParams {
+            snapshot_path: vmm_path(&snapshot.state),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: vmm_path(&snapshot.memory),
+            },
+            resume_vm: resume,
+            network_overrides: Vec::new(),
+            vsock_override: None,
+        });
+        self.start(spec, &layout, observability(&layout), go).await
     }
 
     /// See [`super::VmmDriver::stop`].
@@ -641,49 +594,26 @@ impl FirecrackerDriver {
         process: &VmmProcess,
         grace: Duration,
     ) -> Result<StopOutcome, StopError> {
-        let Some(fd) = pidfd::open_verified(process) else {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: true });
+        // Firecracker's own way is Ctrl-Alt-Del: the init takes it as a shutdown request.
+        let ctrl_alt_del = async {
+            let _ = ApiClient::new(&process.control_socket)
+                .send(&Request::Action(InstanceActionInfo {
+                    action_type: ActionType::SendCtrlAltDel,
+                }))
+                .await;
         };
-        let signal_err = |source| StopError::Signal {
-            pid: process.pid,
-            source,
-        };
-        let fd = pidfd::watch(fd).map_err(signal_err)?;
-
-        // 1. The guest shuts itself down through the agent.
-        let graceful = tokio::time::timeout(grace, async {
-            let _ = agent::request_shutdown(self.agent_link(process), grace).await;
-            pidfd::wait_exit(&fd).await;
-        })
+        stopping::stop(
+            process,
+            grace,
+            self.agent_link(process),
+            &self.children,
+            VmmStage {
+                request: ctrl_alt_del,
+                wait: CTRL_ALT_DEL_WAIT.min(grace),
+                graceful: true,
+            },
+        )
         .await
-        .is_ok();
-        if graceful {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: true });
-        }
-
-        // 2. Ctrl-Alt-Del: the init takes it as a shutdown request.
-        let _ = ApiClient::new(&process.control_socket)
-            .send(&Request::Action(InstanceActionInfo {
-                action_type: ActionType::SendCtrlAltDel,
-            }))
-            .await;
-        if pidfd::exited_within(&fd, CTRL_ALT_DEL_WAIT.min(grace)).await {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: true });
-        }
-
-        // 3. SIGKILL.
-        pidfd::kill(&fd).map_err(signal_err)?;
-        if pidfd::exited_within(&fd, EXIT_WAIT).await {
-            self.children.reaped(process.pid).await;
-            return Ok(StopOutcome { graceful: false });
-        }
-        Err(StopError::StillRunning {
-            pid: process.pid,
-            after: EXIT_WAIT,
-        })
     }
 
     /// Removes what a stopped process leaves: its sockets, and in jailer mode its
@@ -702,6 +632,21 @@ impl FirecrackerDriver {
             j.remove_cgroup(&id);
         }
     }
+}
+
+/// The logger and metrics requests (the only ones allowed before a snapshot load).
+fn observability(layout: &Layout) -> Vec<Request> {
+    vec![
+        Request::Logger(Logger {
+            log_path: layout.vmm(FC_LOG),
+            level: LogLevel::Warning,
+            show_level: true,
+            show_log_origin: false,
+        }),
+        Request::Metrics(Metrics {
+            metrics_path: layout.vmm(METRICS_FILE),
+        }),
+    ]
 }
 
 /// The instance id a recorded process was started with, from its jail path
@@ -738,6 +683,83 @@ mod tests {
         assert!(line.contains("hearth.halt=reboot"), "{line}");
         assert!(line.contains("reboot=k"), "{line}");
         assert!(!line.contains("tsc_early_khz"), "{line}");
+    }
+
+    fn spec(dir: &Path) -> LaunchSpec {
+        LaunchSpec {
+            machine_id: "abc".into(),
+            workdir: dir.to_path_buf(),
+            netns: Some("hth-abc".into()),
+            tap: Some(crate::vmm::TapSpec {
+                name: "tap0".into(),
+                mac: [6, 0, 0xac, 0x10, 0, 2],
+            }),
+            vcpus: 2,
+            memory_mib: 256,
+            kit: crate::guest::kit::GuestKit {
+                vmlinux: "/cache/vmlinux".into(),
+                initramfs: "/cache/initramfs.cpio".into(),
+                kernel_version: "6.1".into(),
+                id: "k".into(),
+            },
+            root_disk: dir.join("root.img"),
+            config_disk: dir.join("config.img"),
+        }
+    }
+
+    #[test]
+    fn the_configuration_comes_in_dependence_order_with_host_paths() {
+        let d = FirecrackerDriver::new("/opt/firecracker".into());
+        let sp = spec(Path::new("/m/abc"));
+        let reqs = d.configuration(&sp, &d.layout(&sp));
+        let order: Vec<String> = reqs.iter().map(Request::describe).collect();
+        assert_eq!(
+            order,
+            [
+                "PUT /logger",
+                "PUT /metrics",
+                "PUT /serial",
+                "PUT /machine-config",
+                "PUT /boot-source",
+                "PUT /drives/root",
+                "PUT /drives/config",
+                "PUT /network-interfaces/eth0",
+                "PUT /vsock",
+            ]
+        );
+        let boot = reqs[4].body().unwrap();
+        assert_eq!(boot["kernel_image_path"], "/cache/vmlinux");
+        assert!(
+            boot["boot_args"]
+                .as_str()
+                .unwrap()
+                .contains("hearth.agent=vsock:1024")
+        );
+        assert_eq!(reqs[7].body().unwrap()["guest_mac"], "06:00:ac:10:00:02");
+        assert_eq!(reqs[8].body().unwrap()["uds_path"], "/m/abc/vsock.sock");
+        assert_eq!(reqs[6].body().unwrap()["is_read_only"], true);
+    }
+
+    #[test]
+    fn a_jailed_configuration_names_paths_inside_the_jail() {
+        let d = FirecrackerDriver::new("/opt/firecracker".into()).with_jailer(JailerSettings {
+            binary: "/opt/jailer".into(),
+            uid: 1,
+            gid: 1,
+            cgroups: vec![],
+            parent_cgroup: "hearth".into(),
+        });
+        let sp = spec(Path::new("/m/abc"));
+        let layout = d.layout(&sp);
+        assert_eq!(
+            layout.host_dir,
+            PathBuf::from("/m/abc/jail/firecracker/hearth-abc/root")
+        );
+        let reqs = d.configuration(&sp, &layout);
+        assert_eq!(reqs[0].body().unwrap()["log_path"], "/firecracker.log");
+        assert_eq!(reqs[4].body().unwrap()["kernel_image_path"], "/vmlinux");
+        assert_eq!(reqs[5].body().unwrap()["path_on_host"], "/root.img");
+        assert_eq!(reqs[8].body().unwrap()["uds_path"], "/vsock.sock");
     }
 
     #[test]
