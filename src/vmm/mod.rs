@@ -96,6 +96,31 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
+    /// The live process carrying `machine_id`'s marker (the oldest, should there be
+    /// several), as a record with the given driver and sockets: what a repeated launch
+    /// adopts instead of starting a second VMM.
+    pub fn find_running(
+        name_prefix: &str,
+        machine_id: &str,
+        driver: &str,
+        control_socket: PathBuf,
+        agent_socket: PathBuf,
+    ) -> Option<VmmProcess> {
+        let pid = procfs::find_processes(name_prefix)
+            .into_iter()
+            .find(|(id, _)| id == machine_id)
+            .map(|(_, pid)| pid)?;
+        let stat = procfs::stat(pid).filter(|s| !s.ended)?;
+        Some(VmmProcess {
+            driver: driver.to_string(),
+            pid,
+            start_time: stat.start_time,
+            boot_id: procfs::boot_id(),
+            control_socket,
+            agent_socket,
+        })
+    }
+
     /// The machine directory the VMM was started in (where its logs are).
     pub fn workdir(&self) -> Option<&std::path::Path> {
         self.control_socket.parent()

@@ -165,19 +165,13 @@ impl QemuDriver {
 
     /// The running VMM of this machine, if any (the oldest, should there be several).
     fn adoptable(&self, spec: &LaunchSpec) -> Option<VmmProcess> {
-        let pid = procfs::find_processes(&self.name_prefix)
-            .into_iter()
-            .find(|(id, _)| *id == spec.machine_id)
-            .map(|(_, pid)| pid)?;
-        let stat = procfs::stat(pid).filter(|s| !s.ended)?;
-        Some(VmmProcess {
-            driver: DRIVER_NAME.to_string(),
-            pid,
-            start_time: stat.start_time,
-            boot_id: procfs::boot_id(),
-            control_socket: spec.workdir.join(QMP_SOCKET),
-            agent_socket: spec.workdir.join(AGENT_SOCKET),
-        })
+        VmmProcess::find_running(
+            &self.name_prefix,
+            &spec.machine_id,
+            DRIVER_NAME,
+            spec.workdir.join(QMP_SOCKET),
+            spec.workdir.join(AGENT_SOCKET),
+        )
     }
 
     /// Waits until QMP answers `query-status`, failing early if the process ends.

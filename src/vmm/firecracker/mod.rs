@@ -388,19 +388,13 @@ impl FirecrackerDriver {
     /// The running Firecracker of this machine, if any (the oldest, should there be
     /// several).
     fn adoptable(&self, spec: &LaunchSpec, layout: &Layout) -> Option<VmmProcess> {
-        let pid = procfs::find_processes(&self.name_prefix)
-            .into_iter()
-            .find(|(id, _)| *id == spec.machine_id)
-            .map(|(_, pid)| pid)?;
-        let stat = procfs::stat(pid).filter(|s| !s.ended)?;
-        Some(VmmProcess {
-            driver: DRIVER_NAME.to_string(),
-            pid,
-            start_time: stat.start_time,
-            boot_id: procfs::boot_id(),
-            control_socket: layout.host(API_SOCKET),
-            agent_socket: agent_socket(&layout.host_dir),
-        })
+        VmmProcess::find_running(
+            &self.name_prefix,
+            &spec.machine_id,
+            DRIVER_NAME,
+            layout.host(API_SOCKET),
+            agent_socket(&layout.host_dir),
+        )
     }
 
     /// Waits until `GET /` answers, failing early if the process ends.
