@@ -118,9 +118,11 @@ pub struct JailerConfig {
     pub uid: u32,
     /// The gid Firecracker runs as inside the jail.
     pub gid: u32,
-    /// cgroup v2 limits, `<file>=<value>` (e.g. `"cpu.max=50000 100000"`); empty: no
-    /// cgroup. Needs cgroup2 mounted at /sys/fs/cgroup.
+    /// cgroup limits, `<file>=<value>` (e.g. `"cpu.max=50000 100000"` in v2,
+    /// `"cpu.shares=512"` in v1); empty: no cgroup.
     pub cgroups: Vec<String>,
+    /// The cgroup version the limits are for: 1 or 2 (the hierarchy must be mounted).
+    pub cgroup_version: u8,
     /// The cgroup every machine's cgroup is placed in.
     pub parent_cgroup: String,
 }
@@ -133,6 +135,7 @@ impl Default for JailerConfig {
             uid: 65534,
             gid: 65534,
             cgroups: Vec::new(),
+            cgroup_version: 2,
             parent_cgroup: "hearth".to_string(),
         }
     }

@@ -198,16 +198,27 @@ async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
     };
     let dir = tempfile::tempdir().expect("machine dir");
     let (spec, _cleanup) = machine(fx, dir.path());
+    // A cgroup limit too where this host has the cgroup v1 cpu controller mounted (the
+    // jailer's default hierarchy).
+    let v1_cpu = Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists();
+    let settings = JailerSettings {
+        binary: jailer,
+        uid: 65534,
+        gid: 65534,
+        cgroups: if v1_cpu {
+            vec!["cpu.shares=512".into()]
+        } else {
+            Vec::new()
+        },
+        cgroup_version: 1,
+        parent_cgroup: "hearthtest".into(),
+    };
+    let instance = format!("{PREFIX}{}", spec.machine_id);
+    let cgroups = settings.cgroup_dirs(&instance);
     let driver = VmmDriver::Firecracker(
         FirecrackerDriver::new(fx.firecracker.clone())
             .with_name_prefix(PREFIX)
-            .with_jailer(JailerSettings {
-                binary: jailer,
-                uid: 65534,
-                gid: 65534,
-                cgroups: Vec::new(),
-                parent_cgroup: "hearth".into(),
-            }),
+            .with_jailer(settings),
     );
     let process = driver.launch(&spec).await.expect("jailed launch");
     let jail_root = process.control_socket.parent().unwrap().to_path_buf();
@@ -243,6 +254,13 @@ async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
         .expect("stop");
     assert!(running(&spec.machine_id).is_empty());
     assert!(!jail_root.join("firecracker.sock").exists());
+    for dir in &cgroups {
+        assert!(!dir.exists(), "cgroup {dir:?} outlived its machine");
+        // The parent is shared by every machine (hearth leaves it); this test's is its own.
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
 }
 
 #[tokio::test]

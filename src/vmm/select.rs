@@ -35,6 +35,14 @@ pub enum SelectError {
         /// What is wrong.
         reason: String,
     },
+    /// A setting has a value it cannot have.
+    #[error("{key}: {reason}")]
+    Value {
+        /// The config key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// `kind = "firecracker"` without a binary.
     #[error("vmm.firecracker_binary: required when vmm.kind = \"firecracker\"")]
     NoFirecracker,
@@ -112,11 +120,18 @@ pub fn firecracker(config: &Config) -> Result<FirecrackerDriver, SelectError> {
             vmm.jailer.binary.clone()
         };
         check_binary("vmm.jailer.binary", &binary)?;
+        if !matches!(vmm.jailer.cgroup_version, 1 | 2) {
+            return Err(SelectError::Value {
+                key: "vmm.jailer.cgroup_version",
+                reason: format!("{} is not 1 or 2", vmm.jailer.cgroup_version),
+            });
+        }
         driver = driver.with_jailer(JailerSettings {
             binary,
             uid: vmm.jailer.uid,
             gid: vmm.jailer.gid,
             cgroups: vmm.jailer.cgroups.clone(),
+            cgroup_version: vmm.jailer.cgroup_version,
             parent_cgroup: vmm.jailer.parent_cgroup.clone(),
         });
     }

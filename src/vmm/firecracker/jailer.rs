@@ -9,9 +9,9 @@
 //! the API is relative to the jail's root. What the VMM writes (the root disk, its log,
 //! metrics, console and snapshots) is handed to the jail's uid/gid.
 //!
-//! The cgroup (cgroup v2 only) is `<cgroup root>/<parent cgroup>/<instance id>`; the
-//! jailer creates it, and [`JailerSettings::remove_cgroup`] removes it once the process
-//! is gone.
+//! The cgroup is `<mount>/<parent cgroup>/<instance id>`: one directory under the cgroup2
+//! mount, or (cgroup v1) one under the mount of each controller a limit names. The jailer
+//! creates them; [`JailerSettings::remove_cgroup`] removes them once the process is gone.
 
 use std::ffi::OsString;
 use std::fs;
@@ -31,8 +31,6 @@ pub const ROOT_DISK: &str = "root.img";
 pub const CONFIG_DISK: &str = "config.img";
 /// The chroot base, relative to the machine directory.
 pub const CHROOT_BASE: &str = "jail";
-/// Where cgroup v2 is mounted.
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// How to jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +41,11 @@ pub struct JailerSettings {
     pub uid: u32,
     /// The gid Firecracker runs as.
     pub gid: u32,
-    /// cgroup v2 settings, `<file>=<value>` (e.g. `cpu.max=50000 100000`); empty: no
-    /// cgroup.
+    /// cgroup limits, `<file>=<value>` (e.g. `cpu.max=50000 100000` in v2,
+    /// `cpu.shares=512` in v1); empty: no cgroup.
     pub cgroups: Vec<String>,
+    /// 1 or 2.
+    pub cgroup_version: u8,
     /// The parent cgroup of every machine's cgroup.
     pub parent_cgroup: String,
 }
@@ -90,7 +90,7 @@ impl JailerSettings {
         }
         if !self.cgroups.is_empty() {
             a.push("--cgroup-version".into());
-            a.push("2".into());
+            a.push(self.cgroup_version.to_string().into());
             a.push("--parent-cgroup".into());
             a.push(self.parent_cgroup.clone().into());
             for c in &self.cgroups {
@@ -164,21 +164,72 @@ impl JailerSettings {
         })
     }
 
-    /// The machine's cgroup directory, if cgroups are used.
-    pub fn cgroup_dir(&self, instance_id: &str) -> Option<PathBuf> {
-        (!self.cgroups.is_empty()).then(|| {
-            Path::new(CGROUP_ROOT)
-                .join(&self.parent_cgroup)
-                .join(instance_id)
-        })
+    /// The machine's cgroup directories (none when no limit is set).
+    pub fn cgroup_dirs(&self, instance_id: &str) -> Vec<PathBuf> {
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        cgroup_dirs(
+            &mounts,
+            self.cgroup_version,
+            &self.cgroups,
+            &self.parent_cgroup,
+            instance_id,
+        )
     }
 
-    /// Removes the machine's cgroup (empty once its process is gone). Idempotent.
+    /// Removes the machine's cgroups (empty once its process is gone). Idempotent.
     pub fn remove_cgroup(&self, instance_id: &str) {
-        if let Some(dir) = self.cgroup_dir(instance_id) {
+        for dir in self.cgroup_dirs(instance_id) {
             let _ = fs::remove_dir(dir);
         }
     }
+}
+
+/// Where the jailer puts a machine's cgroup, from `/proc/mounts`: under the cgroup2
+/// mount (v2), or under the mount of each controller the limits name (v1, the controller
+/// being the part of a limit's file name before its first dot).
+pub fn cgroup_dirs(
+    mounts: &str,
+    version: u8,
+    limits: &[String],
+    parent: &str,
+    instance_id: &str,
+) -> Vec<PathBuf> {
+    if limits.is_empty() {
+        return Vec::new();
+    }
+    let entries: Vec<(&str, &str, &str)> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, kind, options) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            Some((point, kind, options))
+        })
+        .collect();
+    let mut points: Vec<&str> = Vec::new();
+    if version == 2 {
+        points.extend(
+            entries
+                .iter()
+                .find(|(_, kind, _)| *kind == "cgroup2")
+                .map(|(p, _, _)| *p),
+        );
+    } else {
+        for limit in limits {
+            let controller = limit.split(['.', '=']).next().unwrap_or_default();
+            let found = entries.iter().find(|(_, kind, options)| {
+                *kind == "cgroup" && options.split(',').any(|o| o == controller)
+            });
+            if let Some((p, _, _)) = found
+                && !points.contains(p)
+            {
+                points.push(p);
+            }
+        }
+    }
+    points
+        .into_iter()
+        .map(|p| Path::new(p).join(parent).join(instance_id))
+        .collect()
 }
 
 /// Hard-links `from` to `to` (replacing `to`); copies when they are on different
@@ -209,6 +260,7 @@ mod tests {
             uid: 123,
             gid: 456,
             cgroups: vec!["cpu.max=50000 100000".into()],
+            cgroup_version: 2,
             parent_cgroup: "hearth".into(),
         }
     }
@@ -244,10 +296,28 @@ mod tests {
             root,
             PathBuf::from("/m/abc/jail/firecracker/hearth-abc/root")
         );
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+            cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0\n\
+            cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0\n\
+            cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
+            cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
         assert_eq!(
-            s.cgroup_dir("hearth-abc"),
-            Some(PathBuf::from("/sys/fs/cgroup/hearth/hearth-abc"))
+            cgroup_dirs(mounts, 2, &s.cgroups, "hearth", "hearth-abc"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified/hearth/hearth-abc")]
         );
+        let v1 = vec![
+            "cpu.shares=512".to_string(),
+            "memory.limit_in_bytes=268435456".to_string(),
+            "cpu.cfs_quota_us=50000".to_string(),
+        ];
+        assert_eq!(
+            cgroup_dirs(mounts, 1, &v1, "hearth", "hearth-abc"),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/cpu/hearth/hearth-abc"),
+                PathBuf::from("/sys/fs/cgroup/memory/hearth/hearth-abc"),
+            ]
+        );
+        assert!(cgroup_dirs(mounts, 1, &[], "hearth", "x").is_empty());
     }
 
     #[test]

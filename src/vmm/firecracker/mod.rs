@@ -741,6 +741,7 @@ mod tests {
             uid: 1,
             gid: 1,
             cgroups: vec![],
+            cgroup_version: 2,
             parent_cgroup: "hearth".into(),
         });
         let sp = spec(Path::new("/m/abc"));
