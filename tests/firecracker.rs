@@ -400,3 +400,58 @@ async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
         daemon.host_leftovers()
     );
 }
+
+#[tokio::test]
+async fn firecrackers_fault_message_reaches_the_machines_events() {
+    let Some(fx) = fixture() else { return };
+    // hearth admits 33 vCPUs here; Firecracker allows at most 32 and says so.
+    let daemon = Daemon::start_with(
+        &(daemon_config(fx) + "[capacity]\nvcpus = 128\nmax_vcpus_per_machine = 64\n"),
+    );
+    let mut client = daemon.client().await;
+    let mut request = demo_request("fc-fault", "fc-fault", &[]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.vcpus = 33;
+    }
+    let created = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: created.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let fault = loop {
+        let event = tokio::time::timeout_at(deadline, events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no fault in the events: {seen:#?}"))
+            .expect("event stream")
+            .expect("stream ended");
+        if event.message.contains("PUT /machine-config")
+            && event.message.contains("Firecracker answered 400")
+        {
+            break event.message;
+        }
+        seen.push(event.message);
+    };
+    assert!(fault.to_lowercase().contains("vcpu"), "{fault}");
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &created.id, pb::MachineState::Destroyed).await;
+    assert_audit_clean(&mut client).await;
+    assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
+}
