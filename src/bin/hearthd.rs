@@ -65,7 +65,8 @@ async fn run(args: Args) -> Result<(), String> {
     for dir in [&config.data_dir, &config.cache_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
-    let store = Store::open(&config.store_path())
+    // A crashed predecessor's lock can outlive it for a moment (see open_waiting).
+    let store = Store::open_waiting(&config.store_path(), std::time::Duration::from_secs(5))
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
     let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
     let net = NetFabric::start().map_err(|e| e.to_string())?;

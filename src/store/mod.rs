@@ -130,7 +130,28 @@ impl Store {
     /// Opens (or creates) the file, creates missing tables and checks the schema version.
     /// A second open of the same file fails: that is the daemon's single-instance lock.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        Store::open_waiting(path, std::time::Duration::ZERO)
+    }
+
+    /// [`Store::open`], waiting up to `patience` while the file's lock is held.
+    ///
+    /// Why wait: a daemon killed a moment ago can leave its lock held briefly by a child
+    /// it forked that has not exec'd yet (the descriptor is closed at exec, not at the
+    /// fork); a restart right after the crash must not fail on that. A second daemon
+    /// really running on the same file still keeps this one out, after `patience`.
+    pub fn open_waiting(path: &Path, patience: std::time::Duration) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + patience;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

@@ -176,3 +176,21 @@ fn survives_reopen_and_refuses_a_second_open() {
     let store = Store::open(&path).expect("reopen");
     assert_eq!(store.machines().expect("list").len(), 1);
 }
+
+#[test]
+fn a_held_lock_is_waited_for_within_patience_and_refused_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hearth.redb");
+    let first = Store::open(&path).unwrap();
+    let err = Store::open(&path).err().expect("the lock is held");
+    assert!(err.to_string().contains("already open"), "{err}");
+    let short = Store::open_waiting(&path, std::time::Duration::from_millis(100));
+    assert!(short.is_err(), "still held after the patience ran out");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(first);
+    });
+    let second = Store::open_waiting(&path, std::time::Duration::from_secs(10));
+    releaser.join().unwrap();
+    assert!(second.is_ok(), "{:?}", second.err());
+}
