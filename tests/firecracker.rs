@@ -455,3 +455,66 @@ async fn firecrackers_fault_message_reaches_the_machines_events() {
     assert_audit_clean(&mut client).await;
     assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
 }
+
+#[tokio::test]
+async fn a_daemon_restart_re_adopts_the_running_firecracker() {
+    let Some(fx) = fixture() else { return };
+    // Where the guest cannot boot, a long readiness deadline keeps the machine's
+    // Firecracker running through the restart.
+    let config = daemon_config(fx).replace("ready_timeout_secs = 3", "ready_timeout_secs = 600");
+    let mut daemon = Daemon::start_with(&config);
+    let mut client = daemon.client().await;
+    let created = client
+        .machines
+        .create_machine(demo_request("fc-r", "fc-restart", &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let before = loop {
+        let m = get_machine(&mut client, &created.id).await;
+        if m.state == pb::MachineState::Started as i32 || m.current_step == "acquire:ready" {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(before.vmm_pid > 0);
+
+    daemon.kill();
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    // The run looks at the host again after the restart...
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let node = client
+            .node
+            .get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if node.runs_observed >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the run never looked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and keeps the very process: same pid, one Firecracker for the machine.
+    let after = get_machine(&mut client, &created.id).await;
+    assert_eq!(after.vmm_pid, before.vmm_pid);
+    let firecrackers: Vec<_> = find_processes("hearth-")
+        .into_iter()
+        .filter(|(id, _)| *id == created.id)
+        .collect();
+    assert_eq!(firecrackers.len(), 1, "{firecrackers:?}");
+    assert_audit_clean(&mut client).await;
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &created.id, pb::MachineState::Destroyed).await;
+    assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
+}
