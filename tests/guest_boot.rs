@@ -168,6 +168,7 @@ fn config(id: &str, command: &[&str]) -> GuestConfig {
         env: vec![("GREETING".into(), "hi there".into())],
         workdir: Some("/tmp".into()),
         ports: vec![],
+        user: None,
     }
 }
 
@@ -532,4 +533,52 @@ async fn boot_time_median() {
         guest[guest.len() / 2]
     );
     assert!(walls[walls.len() / 2] < 30_000);
+}
+
+#[tokio::test]
+async fn the_workload_runs_as_the_configured_user() {
+    let Some(fx) = fixture() else { return };
+    let mut cleanup = Cleanup::default();
+    let id = unique("user");
+    let mut cfg = config(
+        &id,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo \"ids $(/bin/busybox id -u):$(/bin/busybox id -g) groups $(/bin/busybox id -G)\"",
+        ],
+    );
+    // The fixture's root has no /etc/passwd: numeric ids need none.
+    cfg.user = Some("1234:567".into());
+    let m = machine(fx, &mut cleanup, cfg);
+    let driver = driver(fx);
+    let process = driver.launch(&m.spec).await.expect("launch");
+    driver
+        .wait_ready(&process, READY_TIMEOUT)
+        .await
+        .expect("ready");
+    let state = wait_state(&driver, &process, |s| {
+        matches!(s, GuestState::Exited { .. })
+    })
+    .await;
+    assert!(
+        matches!(
+            state,
+            GuestState::Exited {
+                status: ExitStatus::Code(0),
+                ..
+            }
+        ),
+        "{state:?}"
+    );
+    driver
+        .stop(&process, Duration::from_secs(20))
+        .await
+        .expect("stop");
+    let log = read_from_image(&m.spec.root_disk, "/var/log/hearth-workload.log");
+    assert!(
+        log.contains("ids 1234:567 groups 567"),
+        "workload log: {log:?}"
+    );
 }

@@ -166,6 +166,7 @@ impl Guest {
             env: vec![],
             workdir: None,
             ports: ports.to_vec(),
+            user: None,
         };
         write_config_disk(&guest.path("config.img"), &config).expect("config disk");
         guest

@@ -50,6 +50,11 @@ pub struct GuestConfig {
     /// on each of them (IPv4 or IPv6). Empty: Ready as soon as the workload is started.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Who the workload runs as, in the image config's `User` form: `user`, `uid`,
+    /// `user:group`, `uid:gid` (names looked up in the root's /etc/passwd and
+    /// /etc/group); none: root.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Static IPv4 settings of the guest interface.
@@ -193,6 +198,7 @@ mod tests {
             env: vec![("A".into(), "b c".into())],
             workdir: Some("/srv".into()),
             ports: vec![80],
+            user: None,
         }
     }
 

@@ -152,6 +152,7 @@ pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> 
             env: vec![],
             workdir: None,
             ports: vec![],
+            user: None,
         },
     )
     .expect("config disk");

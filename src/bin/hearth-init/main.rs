@@ -22,6 +22,7 @@ mod console;
 mod disks;
 mod net;
 mod supervise;
+mod user;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};

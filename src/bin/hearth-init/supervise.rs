@@ -284,13 +284,51 @@ fn spawn_workload(config: &GuestConfig) -> Result<Option<Pid>, ExitStatus> {
     let Some((program, args)) = config.command.split_first() else {
         return Ok(None);
     };
-    let log = open_log();
+    let mut log = open_log();
+    let identity = match config.user.as_deref().map(|u| {
+        crate::user::resolve(
+            u,
+            &fs::read_to_string("/etc/passwd").unwrap_or_default(),
+            &fs::read_to_string("/etc/group").unwrap_or_default(),
+        )
+    }) {
+        None => None,
+        Some(Ok(identity)) => Some(identity),
+        Some(Err(e)) => {
+            if let Some(f) = log.as_mut() {
+                let _ = writeln!(f, "hearth-init: cannot start {program:?}: {e}");
+            }
+            return Err(ExitStatus::Code(126));
+        }
+    };
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
         .envs(config.env.iter().map(|(k, v)| (k, v)));
     if !config.env.iter().any(|(k, _)| k == "PATH") {
         cmd.env("PATH", DEFAULT_PATH);
+    }
+    if let Some(id) = identity {
+        if let Some(home) = &id.home
+            && !config.env.iter().any(|(k, _)| k == "HOME")
+        {
+            cmd.env("HOME", home);
+        }
+        let groups: Vec<libc::gid_t> = id.groups.clone();
+        // SAFETY: runs in the forked child before exec and only makes the three
+        // async-signal-safe calls that drop to the workload's identity, groups first
+        // (only root may set them) and the uid last.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(id.gid) != 0
+                    || libc::setuid(id.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     cmd.current_dir(config.workdir.as_deref().unwrap_or("/"))
         .stdin(Stdio::null())

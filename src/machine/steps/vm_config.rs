@@ -46,6 +46,7 @@ pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestCon
         env,
         workdir: None,
         ports: rec.spec.ports.clone(),
+        user: None,
     })
 }
 
