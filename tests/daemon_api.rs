@@ -29,6 +29,17 @@ fn create(
     }
 }
 
+/// `request` with its spec changed by `change`.
+fn with_spec(
+    mut request: pb::CreateMachineRequest,
+    change: impl FnOnce(&mut pb::MachineSpec),
+) -> pb::CreateMachineRequest {
+    if let Some(spec) = request.spec.as_mut() {
+        change(spec);
+    }
+    request
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_name_the_field_and_leave_nothing() {
     let daemon = Daemon::start_with(CONFIG);
@@ -102,6 +113,34 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
             },
             Code::InvalidArgument,
             "spec.image",
+        ),
+        (
+            with_spec(create("r1", "web", "demo", 1, 128), |s| {
+                s.workdir = "srv".into()
+            }),
+            Code::InvalidArgument,
+            "spec.workdir",
+        ),
+        (
+            with_spec(create("r1", "web", "demo", 1, 128), |s| {
+                s.user = "a b".into()
+            }),
+            Code::InvalidArgument,
+            "spec.user",
+        ),
+        (
+            with_spec(create("r1", "web", "demo", 1, 128), |s| {
+                s.entrypoint = vec![String::new()]
+            }),
+            Code::InvalidArgument,
+            "spec.entrypoint",
+        ),
+        (
+            with_spec(create("r1", "web", "demo", 1, 128), |s| {
+                s.disk_mib = u32::MAX
+            }),
+            Code::InvalidArgument,
+            "spec.disk_mib",
         ),
     ];
     for (request, code, field) in cases {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::client::Client;
-use support::{Daemon, destroy, wait_for};
+use support::{Daemon, demo_request, destroy, wait_for};
 
 async fn create(
     client: &mut Client,
@@ -505,4 +505,41 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
     assert_eq!(stopped.desired, pb::DesiredState::Stopped as i32);
     destroy(&mut client, &m.id).await;
     assert_nothing_left(&daemon, &[doomed.id, m.id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_overrides_reach_the_guest_entrypoint_env_workdir_user_and_disk_size() {
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    // The demo image's default is its web server; this replaces the entrypoint, then
+    // serves what the workload saw about itself.
+    let script = "mkdir -p /srv/www && cd /srv/www && \
+        echo \"seen $GREETING in $OLDPWD as $(/bin/busybox id -u) on $(/bin/busybox df -m / | /bin/busybox tail -1 | /bin/busybox awk '{print $2}') MiB\" > index.html && \
+        exec /bin/busybox httpd -f -p 80 -h /srv/www";
+    let mut request = demo_request("ovr-1", "overrides", &[script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+        spec.env.insert("GREETING".into(), "hello".into());
+        spec.workdir = "/tmp".into();
+        spec.user = "0:0".into();
+        spec.disk_mib = 600;
+    }
+    let m = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let started = wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+    let page = http_get(&started.guest_ip, 80);
+    assert!(page.contains("seen hello in /tmp as 0 on"), "{page}");
+    let size: u64 = page
+        .split(" on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {page}"));
+    assert!(size > 500, "the root file system is {size} MiB: {page}");
+    destroy(&mut client, &m.id).await;
+    assert_nothing_left(&daemon, std::slice::from_ref(&m.id));
 }

@@ -173,11 +173,17 @@ fn source_identity(bases: &BaseStore, image: &ImageRef) -> Option<SourceIdentity
 }
 
 /// Clones `base` to `dest` on a blocking thread (see `image::clone_disk`).
-pub async fn clone_disk(base: PathBuf, dest: PathBuf) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || crate::image::clone_disk(&base, &dest, None).map(|_| ()))
-        .await
-        .map_err(|e| format!("clone task: {e}"))?
-        .map_err(|e| e.to_string())
+pub async fn clone_disk(
+    base: PathBuf,
+    dest: PathBuf,
+    size_bytes: Option<u64>,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        crate::image::clone_disk(&base, &dest, size_bytes).map(|_| ())
+    })
+    .await
+    .map_err(|e| format!("clone task: {e}"))?
+    .map_err(|e| e.to_string())
 }
 
 /// Removes a machine disk on a blocking thread (see `image::remove_disk`).

@@ -53,6 +53,10 @@ pub fn raw_spec(spec: Option<pb::MachineSpec>) -> RawSpec {
         command: spec.command,
         env: spec.env.into_iter().collect(),
         ports: spec.ports,
+        entrypoint: spec.entrypoint,
+        workdir: spec.workdir,
+        user: spec.user,
+        disk_mib: spec.disk_mib,
     }
 }
 
@@ -64,6 +68,10 @@ fn spec(spec: &MachineSpec) -> pb::MachineSpec {
         command: spec.command.clone(),
         env: spec.env.iter().cloned().collect(),
         ports: spec.ports.iter().map(|p| u32::from(*p)).collect(),
+        entrypoint: spec.entrypoint.clone(),
+        workdir: spec.workdir.clone().unwrap_or_default(),
+        user: spec.user.clone().unwrap_or_default(),
+        disk_mib: spec.disk_mib,
     }
 }
 

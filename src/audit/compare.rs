@@ -191,6 +191,7 @@ mod tests {
             command: Vec::new(),
             env: Vec::new(),
             ports: vec![80],
+            ..MachineSpec::default()
         };
         let mut rec = MachineRecord::new(id.into(), format!("m-{id}"), id.into(), spec, 0);
         rec.state = state;

@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Machines on this host.
     #[command(subcommand)]
-    Machine(MachineCommand),
+    Machine(Box<MachineCommand>),
     /// The host's capacity and usage (and `node audit`).
     Node {
         #[command(subcommand)]
@@ -72,6 +72,19 @@ enum MachineCommand {
         /// Environment, KEY=VALUE.
         #[arg(long = "env")]
         env: Vec<String>,
+        /// Replaces the image's entrypoint (repeat for its arguments); the image's default
+        /// command is then dropped.
+        #[arg(long = "entrypoint")]
+        entrypoint: Vec<String>,
+        /// Replaces the image's working directory.
+        #[arg(long, default_value = "")]
+        workdir: String,
+        /// Replaces the image's user: user[:group].
+        #[arg(long, default_value = "")]
+        user: String,
+        /// Root disk size in MiB (0: the image's).
+        #[arg(long, default_value_t = 0)]
+        disk_mib: u32,
         /// The workload (after `--`); empty means the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -273,7 +286,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     "ip_slots_used": n.ip_slots_used, "vmm": n.vmm})
             );
         }
-        Command::Machine(command) => match command {
+        Command::Machine(command) => match *command {
             MachineCommand::Create {
                 name,
                 image,
@@ -282,6 +295,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 request_id,
                 ports,
                 env,
+                entrypoint,
+                workdir,
+                user,
+                disk_mib,
                 command,
             } => {
                 let env = env
@@ -305,6 +322,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     command,
                     env,
                     ports,
+                    entrypoint,
+                    workdir,
+                    user,
+                    disk_mib,
                 };
                 let m = client
                     .machines

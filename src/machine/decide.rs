@@ -327,6 +327,7 @@ mod tests {
             command: vec![],
             env: vec![],
             ports: vec![],
+            ..MachineSpec::default()
         };
         let mut rec = MachineRecord::new("0123456789".into(), "m".into(), "r".into(), spec, 0);
         rec.desired = desired;

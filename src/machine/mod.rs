@@ -23,6 +23,8 @@
 pub mod actor;
 pub mod decide;
 pub mod record;
+pub(crate) mod record_v1;
 pub mod spec;
 pub mod step;
 pub mod steps;
+pub mod workload;

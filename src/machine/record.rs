@@ -92,6 +92,25 @@ pub struct Resources {
     pub guest_ip: Option<Ipv4Addr>,
     /// The VMM process.
     pub vmm: Option<VmmRecord>,
+    /// What the image asks the workload to run as (recorded by the `image` step), which
+    /// the spec's overrides apply to.
+    pub image_workload: Option<ImageWorkload>,
+}
+
+/// An image's own workload settings (an OCI image's config; the built-in defaults for
+/// the other kinds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageWorkload {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env`, in the image's order.
+    pub env: Vec<(String, String)>,
+    /// `WorkingDir`.
+    pub working_dir: Option<String>,
+    /// `User`.
+    pub user: Option<String>,
 }
 
 /// One run of one step, kept for the control plane ("where did the time go").

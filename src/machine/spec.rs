@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The machine a caller asked for, after validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineSpec {
     /// Image reference (see `image::ImageRef::parse`).
     pub image: String,
@@ -20,6 +20,16 @@ pub struct MachineSpec {
     pub env: Vec<(String, String)>,
     /// TCP ports the workload serves.
     pub ports: Vec<u16>,
+    /// Replaces the image's entrypoint; set, the image's default command is dropped too
+    /// (what container runtimes do).
+    pub entrypoint: Vec<String>,
+    /// Replaces the image's working directory.
+    pub workdir: Option<String>,
+    /// Replaces the image's user (`user[:group]`, names or numeric ids).
+    pub user: Option<String>,
+    /// The root disk's size in MiB when larger than the base image's (grown with
+    /// resize2fs); 0 or smaller: the base's size.
+    pub disk_mib: u32,
 }
 
 /// Per-machine limits from the configuration.
@@ -158,7 +168,18 @@ pub struct RawSpec {
     pub env: Vec<(String, String)>,
     /// `spec.ports`.
     pub ports: Vec<u32>,
+    /// `spec.entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `spec.workdir`; empty: the image's.
+    pub workdir: String,
+    /// `spec.user`; empty: the image's.
+    pub user: String,
+    /// `spec.disk_mib`.
+    pub disk_mib: u32,
 }
+
+/// Largest root disk a spec may ask for, in MiB (1 TiB).
+pub const MAX_DISK_MIB: u32 = 1 << 20;
 
 /// Checks a spec's shape against the limits. Whether the image exists is checked by the
 /// caller (it touches the file system).
@@ -231,6 +252,48 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
     }
     ports.sort_unstable();
     ports.dedup();
+    if raw.entrypoint.iter().any(|arg| arg.contains('\0')) {
+        return Err(invalid(
+            "spec.entrypoint",
+            "an argument contains a NUL byte",
+        ));
+    }
+    if raw.entrypoint.first().is_some_and(|p| p.is_empty()) {
+        return Err(invalid(
+            "spec.entrypoint",
+            "the program (first element) is empty",
+        ));
+    }
+    let workdir = (!raw.workdir.is_empty()).then_some(raw.workdir);
+    if let Some(w) = &workdir
+        && (!w.starts_with('/') || w.contains('\0'))
+    {
+        return Err(invalid(
+            "spec.workdir",
+            format!("{w:?} is not an absolute path"),
+        ));
+    }
+    let user = (!raw.user.is_empty()).then_some(raw.user);
+    if let Some(u) = &user {
+        let parts: Vec<&str> = u.split(':').collect();
+        let part_ok = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        };
+        if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
+            return Err(invalid(
+                "spec.user",
+                format!("{u:?} is not user[:group] (names or numeric ids)"),
+            ));
+        }
+    }
+    if raw.disk_mib > MAX_DISK_MIB {
+        return Err(invalid(
+            "spec.disk_mib",
+            format!("{} exceeds {MAX_DISK_MIB} MiB", raw.disk_mib),
+        ));
+    }
     Ok(MachineSpec {
         image: raw.image,
         vcpus: raw.vcpus,
@@ -238,12 +301,76 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
         command: raw.command,
         env,
         ports,
+        entrypoint: raw.entrypoint,
+        workdir,
+        user,
+        disk_mib: raw.disk_mib,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_overrides_are_checked_naming_the_field() {
+        let cases: Vec<(RawSpec, &str)> = vec![
+            (
+                RawSpec {
+                    entrypoint: vec!["".into()],
+                    ..raw()
+                },
+                "spec.entrypoint",
+            ),
+            (
+                RawSpec {
+                    workdir: "relative/dir".into(),
+                    ..raw()
+                },
+                "spec.workdir",
+            ),
+            (
+                RawSpec {
+                    user: "a:b:c".into(),
+                    ..raw()
+                },
+                "spec.user",
+            ),
+            (
+                RawSpec {
+                    user: "bad user".into(),
+                    ..raw()
+                },
+                "spec.user",
+            ),
+            (
+                RawSpec {
+                    disk_mib: MAX_DISK_MIB + 1,
+                    ..raw()
+                },
+                "spec.disk_mib",
+            ),
+        ];
+        for (spec, field) in cases {
+            assert_eq!(check_spec(spec, &LIMITS).unwrap_err().field(), field);
+        }
+        let ok = check_spec(
+            RawSpec {
+                entrypoint: vec!["/bin/app".into(), "--serve".into()],
+                workdir: "/srv".into(),
+                user: "app:staff".into(),
+                disk_mib: 2048,
+                ..raw()
+            },
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(ok.workdir.as_deref(), Some("/srv"));
+        assert_eq!(ok.user.as_deref(), Some("app:staff"));
+        assert_eq!(ok.disk_mib, 2048);
+        let defaults = check_spec(raw(), &LIMITS).unwrap();
+        assert_eq!((defaults.workdir, defaults.user), (None, None));
+    }
 
     const LIMITS: Limits = Limits {
         max_vcpus: 8,

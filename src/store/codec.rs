@@ -55,12 +55,38 @@ macro_rules! versioned {
     };
 }
 
-versioned!(
-    MachineRecord,
-    StoredMachine,
-    StoredMachineRef,
-    "machine record"
-);
+/// The machine record's envelope: V1 (frozen, see `machine::record_v1`) is converted on
+/// read; V2 is written.
+#[derive(Deserialize)]
+enum StoredMachine {
+    V1(crate::machine::record_v1::MachineRecordV1),
+    V2(MachineRecord),
+}
+
+#[derive(Serialize)]
+enum StoredMachineRef<'a> {
+    #[allow(dead_code)]
+    V1(std::marker::PhantomData<&'a ()>),
+    V2(&'a MachineRecord),
+}
+
+impl Persisted for MachineRecord {
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        postcard::to_stdvec(&StoredMachineRef::V2(self)).map_err(|source| CodecError {
+            what: "machine record",
+            source,
+        })
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        match postcard::from_bytes::<StoredMachine>(bytes).map_err(|source| CodecError {
+            what: "machine record",
+            source,
+        })? {
+            StoredMachine::V1(v1) => Ok(v1.into()),
+            StoredMachine::V2(rec) => Ok(rec),
+        }
+    }
+}
 versioned!(MachineEvent, StoredEvent, StoredEventRef, "machine event");
 versioned!(Route, StoredRoute, StoredRouteRef, "route");
 versioned!(

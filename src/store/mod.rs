@@ -16,7 +16,7 @@
 //! Values are postcard inside a versioned enum ([`Stored`]): postcard is not
 //! self-describing, so a changed type gets a new variant and old records keep decoding.
 
-mod codec;
+pub(crate) mod codec;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -18,6 +18,7 @@ fn spec(vcpus: u32, memory_mib: u32) -> MachineSpec {
         command: vec![],
         env: vec![],
         ports: vec![80],
+        ..MachineSpec::default()
     }
 }
 

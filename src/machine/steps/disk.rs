@@ -24,7 +24,9 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), Ste
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| StepError::Failed(format!("create {}: {e}", dir.display())))?;
-    rootfs_cache::clone_disk(base, dir.join(ROOT_DISK)).await?;
+    // Grown to the spec's size (resize2fs) when that is larger than the base's.
+    let size = (rec.spec.disk_mib > 0).then(|| u64::from(rec.spec.disk_mib) << 20);
+    rootfs_cache::clone_disk(base, dir.join(ROOT_DISK), size).await?;
     Ok(())
 }
 

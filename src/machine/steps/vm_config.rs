@@ -8,7 +8,8 @@ use super::{StepError, machine_dir};
 use crate::actors::services::Services;
 use crate::guest::config::{GuestConfig, GuestNetwork, write_config_disk};
 use crate::image::ImageRef;
-use crate::machine::record::MachineRecord;
+use crate::machine::record::{ImageWorkload, MachineRecord};
+use crate::machine::workload::compose;
 
 /// File name of the config disk inside the machine directory.
 pub const CONFIG_DISK: &str = "config.disk";
@@ -19,21 +20,22 @@ pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestCon
         return Err(StepError::Failed("vm_config: no lease recorded".into()));
     }
     let plan = super::network::plan(services, rec)?;
-    let image = ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
-    let defaults = image.defaults();
-    let command = if rec.spec.command.is_empty() {
-        defaults.command
-    } else {
-        rec.spec.command.clone()
+    // The image step records the image's own settings; a record from before that
+    // (or an image kind without any) falls back to the kind's built-in defaults.
+    let image = match &rec.resources.image_workload {
+        Some(w) => w.clone(),
+        None => {
+            let image =
+                ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
+            let defaults = image.defaults();
+            ImageWorkload {
+                cmd: defaults.command,
+                env: defaults.env,
+                ..ImageWorkload::default()
+            }
+        }
     };
-    if command.is_empty() {
-        return Err(StepError::Failed(
-            "vm_config: the image has no default command and the spec gives none".into(),
-        ));
-    }
-    let mut env = defaults.env;
-    env.retain(|(k, _)| !rec.spec.env.iter().any(|(key, _)| key == k));
-    env.extend(rec.spec.env.iter().cloned());
+    let workload = compose(&image, &rec.spec).map_err(|e| StepError::Failed(e.to_string()))?;
     Ok(GuestConfig {
         machine_id: rec.id.clone(),
         hostname: rec.name.clone(),
@@ -42,11 +44,11 @@ pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestCon
             prefix_len: plan.prefix_len,
             gateway: plan.gateway,
         }),
-        command,
-        env,
-        workdir: None,
+        command: workload.argv,
+        env: workload.env,
+        workdir: workload.workdir,
         ports: rec.spec.ports.clone(),
-        user: None,
+        user: workload.user,
     })
 }
 
