@@ -75,8 +75,16 @@ impl Meter {
         format!("sha256:{}", hex::encode(hasher.finalize()))
     }
 
-    fn count(&self, n: usize) -> io::Result<()> {
-        let n = n as u64;
+    /// Counts `n` bytes that did not come through a [`Metered`] reader (a sparse file's
+    /// holes), with the same limit.
+    pub(crate) fn charge(&self, n: u64) -> io::Result<()> {
+        let in_header = self.in_header.replace(false);
+        let result = self.count(n);
+        self.in_header.set(in_header);
+        result
+    }
+
+    fn count(&self, n: u64) -> io::Result<()> {
         let used = self.used.get().saturating_add(n);
         if used > self.limit {
             self.tripped.set(Some(Tripped::Budget));
@@ -120,7 +128,7 @@ impl<R: Read> Read for Metered<'_, R> {
             return Err(io::Error::other("size limit reached"));
         }
         let n = self.inner.read(buf)?;
-        self.meter.count(n)?;
+        self.meter.count(n as u64)?;
         self.meter.hasher.borrow_mut().update(&buf[..n]);
         Ok(n)
     }

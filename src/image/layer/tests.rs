@@ -616,6 +616,39 @@ fn a_compression_bomb_stops_at_the_limit_naming_the_entry() {
 }
 
 #[test]
+fn a_sparse_entry_cannot_write_past_the_limit_with_holes() {
+    let mut s = Scratch::with_limit(1 << 20);
+    // One byte of data at the end of a declared 64 MiB: the rest is a hole the parser
+    // fills with zeros that never were in the stream.
+    let mut h = Layer::header(tar::EntryType::GNUSparse, 0o644);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.sparse[0].set_offset((64 << 20) - 1);
+    gnu.sparse[0].set_length(1);
+    gnu.set_real_size(64 << 20);
+    h.set_size(1);
+    h.set_path("var/sparse").unwrap();
+    h.set_cksum();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append(&h, &b"x"[..]).unwrap();
+    let blob = tar.into_inner().unwrap();
+    assert!(blob.len() < 4096);
+    let err = s.apply(&blob, Compression::None).unwrap_err();
+    assert!(
+        matches!(&err, LayerError::TooLarge { entry, .. } if entry == "var/sparse"),
+        "{err:?}"
+    );
+    let written = std::fs::metadata(s.path("var/sparse")).unwrap().len();
+    assert!(written <= 1 << 20, "{written}");
+    // Within the limit, the same entry unpacks with its content at the end.
+    let mut s = Scratch::with_limit(GIB);
+    s.apply(&blob, Compression::None).unwrap();
+    let content = std::fs::read(s.path("var/sparse")).unwrap();
+    assert_eq!(content.len(), 64 << 20);
+    assert_eq!(content[(64 << 20) - 1], b'x');
+    assert!(content[..(64 << 20) - 1].iter().all(|b| *b == 0));
+}
+
+#[test]
 fn the_limit_holds_over_all_the_layers_of_an_image() {
     let content = "x".repeat(40_000);
     let mut s = Scratch::with_limit(100_000);

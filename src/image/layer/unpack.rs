@@ -131,7 +131,7 @@ pub(crate) fn unpack(
     let mut previous: Option<String> = None;
     // Where a failure in the parser's own reads happened: between entries.
     let between = |previous: &Option<String>| match previous {
-        Some(name) => format!("(header after `{name}`)"),
+        Some(name) => format!("(header after {name})"),
         None => "(first header)".to_string(),
     };
     let mut entries = archive
@@ -148,12 +148,19 @@ pub(crate) fn unpack(
             .map_err(|e| read_failure(meter, between(&previous), e))?
             .display()
             .to_string();
-        let placed = place_entry(&mut entry, &name, root, kind, &mut written, &mut dirs).map_err(
-            |e| match e {
-                Step::Read(source) => read_failure(meter, name.clone(), source),
-                Step::Failed(failure) => failure,
-            },
-        )?;
+        let placed = place_entry(
+            &mut entry,
+            &name,
+            root,
+            kind,
+            &mut written,
+            &mut dirs,
+            meter,
+        )
+        .map_err(|e| match e {
+            Step::Read(source) => read_failure(meter, name.clone(), source),
+            Step::Failed(failure) => failure,
+        })?;
         counts.entries += 1;
         match placed {
             Placed::File(bytes) => counts.file_bytes += bytes,
@@ -166,7 +173,6 @@ pub(crate) fn unpack(
         io::copy(&mut entry, &mut io::sink()).map_err(|e| read_failure(meter, name.clone(), e))?;
         previous = Some(name);
     }
-    drop(entries);
     // Children first, so setting a parent's time is the last change inside it.
     for dir in dirs.into_iter().rev() {
         // A later entry of the same archive may have replaced the directory.
@@ -234,6 +240,7 @@ fn place_entry<R: Read>(
     kind: Kind,
     written: &mut Written,
     dirs: &mut Vec<PendingDir>,
+    meter: &Meter,
 ) -> Result<Placed, Step> {
     let tar_kind = entry.header().entry_type();
     if tar_kind.is_pax_global_extensions() || tar_kind.is_pax_local_extensions() {
@@ -300,7 +307,7 @@ fn place_entry<R: Read>(
                 .mode(0o600)
                 .open(&dst)
                 .map_err(w("create"))?;
-            placed = Placed::File(copy(entry, &mut out, &dst, name)?);
+            placed = Placed::File(copy(entry, &mut out, &dst, name, meter)?);
         }
         tar::EntryType::Symlink => {
             let target =
@@ -382,21 +389,32 @@ fn xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(Vec<u8>, Ve
 
 /// Copies a file entry's data, telling read failures (the stream) from write failures
 /// (the disk). The byte count.
+///
+/// The holes of a GNU sparse entry come out of the parser as zeros that were never in the
+/// stream, so the meter would not see them: whatever a read produces beyond what it took
+/// from the stream is charged to the budget here, or a tiny sparse entry declaring a huge
+/// size would fill the disk.
 fn copy(
     entry: &mut impl Read,
     out: &mut std::fs::File,
     dst: &Path,
     name: &str,
+    meter: &Meter,
 ) -> Result<u64, Step> {
     let mut buf = vec![0u8; 128 * 1024];
     let mut total = 0u64;
     loop {
+        let before = meter.used();
         let n = match entry.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Step::Read(e)),
         };
+        let from_stream = meter.used() - before;
+        meter
+            .charge((n as u64).saturating_sub(from_stream))
+            .map_err(Step::Read)?;
         out.write_all(&buf[..n])
             .map_err(|source| Step::Failed(Failure::write(name, "write", dst, source)))?;
         total += n as u64;
