@@ -236,11 +236,18 @@ impl LayerError {
 /// Layers must be applied in the order the manifest lists them, onto the same root, with
 /// the same budget.
 ///
-/// `root` is scratch: on any error it holds a partial tree, and the caller removes it
-/// whole (this function does not undo what it wrote). Not idempotent on its own either:
-/// applying the same layer twice is harmless for most layers but not for all, so a retry
-/// starts again from an empty root. Must run as root (owners, device nodes, set-id bits,
-/// `security.*` xattrs), in a directory no other process writes to while it runs.
+/// `root` is scratch, owned by the caller: on any error (a refused entry, a corrupt
+/// stream, the budget running out) it holds a partial tree, and this function does not
+/// undo what it wrote.
+///
+/// Idempotent: no; applying the same layer twice is harmless for most layers but not all
+/// (a whiteout of a path the layer also writes), so a retry starts again from an empty
+/// root with a fresh budget. Undo: the caller removes `root` whole (`remove_dir_all`),
+/// which works whatever a failed or interrupted apply left, since nothing is ever written
+/// outside it.
+///
+/// Must run as root (owners, device nodes, set-id bits, `security.*` xattrs), on a root
+/// no other process writes to meanwhile. Blocking: async callers use `spawn_blocking`.
 pub fn apply_layer(
     layer: &Path,
     label: &str,
