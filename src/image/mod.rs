@@ -20,6 +20,7 @@
 mod clone;
 mod demo;
 mod digest;
+mod layer;
 mod mkfs;
 mod reference;
 mod store;
@@ -28,6 +29,9 @@ mod tarball;
 pub use clone::{CloneError, CloneMethod, clone_disk, partial_path, remove_disk, same_content};
 pub use demo::{APPLETS, DemoError, INDEX_HTML, LAYOUT_VERSION};
 pub use digest::{TreeStats, WalkError, is_valid_digest};
+pub use layer::{
+    Compression, LayerBudget, LayerError, LayerLimits, LayerStats, apply_layer, apply_layer_from,
+};
 pub use mkfs::{LABEL, MkfsError};
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
 pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore};
