@@ -21,6 +21,7 @@ mod clone;
 mod demo;
 mod digest;
 mod mkfs;
+pub mod oci;
 mod reference;
 mod store;
 mod tarball;
