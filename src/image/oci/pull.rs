@@ -52,23 +52,23 @@ pub enum PullError {
         /// The image being pulled.
         reference: String,
         /// The cause.
-        source: OciDistributionError,
+        source: Box<OciDistributionError>,
     },
     /// A request to the registry failed: connection, TLS, authorisation, not found.
-    #[error("pulling {reference}: {what} from {scheme}://{registry}: {source}{hint}")]
+    #[error("pulling {reference}: {what} from {endpoint}: {source}{detail}{hint}")]
     Registry {
         /// The image being pulled.
         reference: String,
         /// What was being fetched (`manifest`, `blob sha256:...`).
         what: String,
-        /// The registry (`host:port`).
-        registry: String,
-        /// `https`, or `http` for a registry listed as insecure.
-        scheme: &'static str,
+        /// `https://host:port`, or `http://...` for a registry listed as insecure.
+        endpoint: String,
+        /// The causes under `source` (`: cause: cause`), which its own message omits.
+        detail: String,
         /// Advice when the cause is likely a plain-HTTP registry spoken to over HTTPS.
         hint: &'static str,
-        /// The cause, from oci-client.
-        source: OciDistributionError,
+        /// The cause, from oci-client (boxed: it is large and errors travel by value).
+        source: Box<OciDistributionError>,
     },
     /// The connection broke or the registry's stream failed while a blob was arriving.
     #[error("pulling {reference}: downloading blob {digest}: {source}")]
@@ -310,12 +310,18 @@ pub async fn pull(
     count(&mut stats, &fetched);
     let config = read_config(&ctx, &manifest.config.digest, &config_path).await?;
 
-    let results: Vec<(PathBuf, Fetched)> =
-        futures::stream::iter(manifest.layers.iter().zip(layer_sizes.iter()))
-            .map(|(layer, &size)| fetch_blob(&ctx, layer, size, true))
-            .buffered(PARALLEL_DOWNLOADS)
-            .try_collect()
-            .await?;
+    // The futures are built eagerly (they do nothing until polled) so the stream holds
+    // no closure over borrowed items, which would make the pull future not `Send`.
+    let downloads: Vec<_> = manifest
+        .layers
+        .iter()
+        .zip(layer_sizes.iter())
+        .map(|(layer, &size)| fetch_blob(&ctx, layer, size, true))
+        .collect();
+    let results: Vec<(PathBuf, Fetched)> = futures::stream::iter(downloads)
+        .buffered(PARALLEL_DOWNLOADS)
+        .try_collect()
+        .await?;
     let mut layers = Vec::with_capacity(results.len());
     for ((path, fetched), (desc, &size)) in results
         .into_iter()
@@ -364,7 +370,7 @@ fn connect<'a>(
     };
     let client = Client::try_from(config).map_err(|source| PullError::Client {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(Ctx {
         client,
@@ -387,13 +393,20 @@ impl Ctx<'_> {
             }
             _ => "",
         };
+        let mut detail = String::new();
+        let mut cause = std::error::Error::source(&source);
+        while let Some(c) = cause {
+            detail.push_str(": ");
+            detail.push_str(&c.to_string());
+            cause = c.source();
+        }
         PullError::Registry {
             reference: self.reference.clone(),
             what,
-            registry: self.registry.clone(),
-            scheme: self.scheme,
+            endpoint: format!("{}://{}", self.scheme, self.registry),
+            detail,
             hint,
-            source,
+            source: Box::new(source),
         }
     }
 }
@@ -684,5 +697,28 @@ fn remove_stale_partials(dir: &Path) {
         {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_partials_of_dead_processes_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // Above the kernel's pid_max (at most 2^22), so no process has it.
+        let dead = dir.path().join(".abc.partial-999999999-0");
+        let live = dir
+            .path()
+            .join(format!(".abc.partial-{}-0", std::process::id()));
+        let blob = dir.path().join("abc");
+        for path in [&dead, &live, &blob] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_stale_partials(dir.path());
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(blob.exists());
     }
 }
