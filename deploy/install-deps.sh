@@ -6,7 +6,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (hearthd manages network namespaces, taps and VMMs)" >&2
   exit 1
 fi
-packages=(e2fsprogs busybox-static iproute2 nftables qemu-system-x86 xfsprogs)
+packages=(e2fsprogs busybox-static docker-registry iproute2 nftables qemu-system-x86 xfsprogs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,6 +17,12 @@ if [ ${#missing[@]} -gt 0 ] || ! compgen -G "$kernel_dir/boot/vmlinuz-*" >/dev/n
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # docker-registry is only for the OCI tests, which start their own on loopback; the
+  # package's service would listen on :5000 on every interface. Stop it when we are the
+  # ones who installed it.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 fi
 # The guest kernel: Debian's cloud kernel package, extracted (not installed).
 bash "$(dirname "$0")/install-guest-kernel.sh"

@@ -22,6 +22,7 @@ mod demo;
 mod digest;
 mod layer;
 mod mkfs;
+pub mod oci;
 mod reference;
 mod store;
 mod tarball;

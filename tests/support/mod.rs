@@ -7,6 +7,7 @@
 pub mod firecracker_env;
 pub mod guest_prereqs;
 pub mod host_tools;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::process::{Child, Command};

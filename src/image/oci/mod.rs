@@ -1,0 +1,35 @@
+//! OCI images: references to registries, pulling into a content-addressed blob directory,
+//! and reading OCI layout directories, both ending in the same [`PulledImage`].
+//!
+//! ```text
+//! OciRef (host[:port]/repo:tag | @sha256:...)     parse: pure, errors name the part
+//!    |  pull (async, oci-client)                  https unless the registry is listed insecure
+//!    v
+//! manifest (index -> linux/amd64) -> layers + config blobs
+//!    |  each blob: reuse <blob_dir>/sha256/<hex> if its digest verifies,
+//!    |  else download -> temp name -> verify size + sha256 -> rename
+//!    v
+//! PulledImage { manifest digest, layers (paths, media types), ImageConfig }
+//!
+//! layout::open(dir, tag|digest)                   the same PulledImage, paths in the layout
+//! ```
+//!
+//! Architecture invariant: no registry HTTP is written here; every request goes through
+//! `oci-client`. This module only fetches and verifies blobs: unpacking layers (whiteouts,
+//! compression) and building the ext4 base belong to the image store.
+
+mod blobs;
+mod config;
+pub mod layout;
+mod pull;
+mod pulled;
+mod reference;
+mod settings;
+
+pub use blobs::{BlobPathError, blob_path};
+pub use config::{ConfigError, ImageConfig};
+pub use layout::LayoutError;
+pub use pull::{MAX_CONFIG_BYTES, PullError, pull};
+pub use pulled::{FetchStats, Layer, LayerCompression, Progress, PulledImage};
+pub use reference::{OciRef, OciRefError};
+pub use settings::{DEFAULT_MAX_LAYER_BYTES, RegistrySettings};

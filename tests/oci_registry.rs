@@ -1,0 +1,349 @@
+//! OCI pulls against a real registry: Debian's `docker-registry` on loopback, fed with
+//! images these tests build and push themselves. Covers tag and digest pulls, the config
+//! fields, blob reuse, platform choice from an index, the insecure-registry rule, the
+//! layer size limit, basic auth, and OCI layout directories. Skips loudly when the
+//! registry binary is not installed.
+
+mod support;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hearth::image::oci::{
+    self, LayoutError, OciRef, Progress, PullError, PulledImage, RegistrySettings,
+};
+use support::registry::{self, TestImage, build_image, sample_config, sample_image, sample_layers};
+
+/// Pulls `reference` into `blob_dir`, collecting the progress events.
+async fn pull(
+    reference: &str,
+    settings: &RegistrySettings,
+    blob_dir: &Path,
+) -> (Result<PulledImage, PullError>, Vec<Progress>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let reference = OciRef::parse(reference).expect("reference parses");
+    let on_progress = move |p: Progress| sink.lock().unwrap().push(p);
+    let result = oci::pull(&reference, settings, blob_dir, &on_progress).await;
+    let events = events.lock().unwrap().clone();
+    (result, events)
+}
+
+fn assert_matches_image(pulled: &PulledImage, image: &TestImage, blob_dir: &Path) {
+    assert_eq!(pulled.manifest_digest, image.manifest.digest);
+    assert_eq!(pulled.config_digest, image.config.digest);
+    assert_eq!(pulled.layers.len(), image.layers.len());
+    for (layer, blob) in pulled.layers.iter().zip(&image.layers) {
+        assert_eq!(layer.digest, blob.digest);
+        assert_eq!(layer.media_type, blob.media_type);
+        assert_eq!(layer.size, blob.data.len() as u64);
+        assert!(layer.path.starts_with(blob_dir), "{}", layer.path.display());
+        assert_eq!(
+            std::fs::read(&layer.path).unwrap(),
+            blob.data,
+            "{}",
+            layer.digest
+        );
+    }
+    assert_eq!(pulled.config.diff_ids, image.diff_ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_tag_then_digest_reuses_every_blob() {
+    let Some(reg) = registry::start_or_skip("pull_by_tag_then_digest_reuses_every_blob") else {
+        return;
+    };
+    let image = sample_image("tag-and-digest");
+    let digest = reg.push("team/app", "v1", &image).await;
+    let blobs = tempfile::tempdir().unwrap();
+
+    // The pull future must be Send: the daemon runs it on a spawned task.
+    let (settings, reference, dir) = (
+        reg.settings(),
+        reg.reference("team/app", "v1"),
+        blobs.path().to_path_buf(),
+    );
+    let (first, events) = tokio::spawn(async move { pull(&reference, &settings, &dir).await })
+        .await
+        .unwrap();
+    let first = first.unwrap_or_else(|e| panic!("{e}\nregistry log:\n{}", reg.log()));
+    assert_matches_image(&first, &image, blobs.path());
+    assert_eq!(first.index_digest, None);
+    assert_eq!(first.stats.blobs_downloaded, 4, "3 layers + config");
+    assert_eq!(first.stats.blobs_reused, 0);
+    let total: u64 = image
+        .layers
+        .iter()
+        .map(|l| l.data.len() as u64)
+        .sum::<u64>()
+        + image.config.data.len() as u64;
+    assert_eq!(first.stats.bytes_downloaded, total);
+
+    // Config fields come through.
+    let c = &first.config;
+    assert_eq!(c.entrypoint, ["/bin/app", "--serve"]);
+    assert_eq!(c.cmd, ["--port", "8080"]);
+    assert_eq!(
+        c.env,
+        [
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("GREETING".to_string(), "hello world".to_string())
+        ]
+    );
+    assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+    assert_eq!(c.user.as_deref(), Some("1000:1000"));
+
+    // Progress: every layer starts at 0 and ends at its total, never cached.
+    for blob in &image.layers {
+        let mine: Vec<&Progress> = events.iter().filter(|p| p.digest == blob.digest).collect();
+        let size = blob.data.len() as u64;
+        assert_eq!(mine.first().map(|p| p.done), Some(0), "{mine:?}");
+        assert_eq!(mine.last().map(|p| p.done), Some(size), "{mine:?}");
+        assert!(mine.iter().all(|p| p.total == size && !p.cached));
+        assert!(mine.windows(2).all(|w| w[0].done <= w[1].done));
+    }
+    // No temporary files are left behind.
+    let names: Vec<String> = std::fs::read_dir(blobs.path().join("sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+
+    // The same image by digest: same content, nothing downloaded.
+    let by_digest = format!("{}/team/app@{digest}", reg.addr);
+    let (second, events) = pull(&by_digest, &reg.settings(), blobs.path()).await;
+    let second = second.unwrap();
+    assert_matches_image(&second, &image, blobs.path());
+    assert_eq!(second.stats.blobs_downloaded, 0);
+    assert_eq!(second.stats.bytes_downloaded, 0);
+    assert_eq!(second.stats.blobs_reused, 4);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert!(events.iter().all(|p| p.cached && p.done == p.total));
+
+    // A corrupted cached layer is noticed and fetched again.
+    std::fs::write(&second.layers[1].path, b"garbage").unwrap();
+    let (third, _) = pull(
+        &reg.reference("team/app", "v1"),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    let third = third.unwrap();
+    assert_matches_image(&third, &image, blobs.path());
+    assert_eq!(third.stats.blobs_downloaded, 1);
+    assert_eq!(third.stats.blobs_reused, 3);
+}
+
+#[tokio::test]
+async fn an_index_resolves_to_linux_amd64() {
+    let Some(reg) = registry::start_or_skip("an_index_resolves_to_linux_amd64") else {
+        return;
+    };
+    let amd64 = sample_image("amd64");
+    let arm64 = build_image(&sample_layers("arm64"), &sample_config("arm64"));
+    // arm64 first, so picking the first entry would be wrong.
+    let index = reg
+        .push_index(
+            "multi",
+            "v1",
+            &[(&arm64, "linux", "arm64"), (&amd64, "linux", "amd64")],
+        )
+        .await;
+    let blobs = tempfile::tempdir().unwrap();
+    let (pulled, _) = pull(&reg.reference("multi", "v1"), &reg.settings(), blobs.path()).await;
+    let pulled = pulled.unwrap();
+    assert_matches_image(&pulled, &amd64, blobs.path());
+    assert_eq!(pulled.index_digest.as_deref(), Some(index.as_str()));
+    // Only the amd64 blobs were fetched.
+    assert_eq!(pulled.stats.blobs_downloaded, 4);
+
+    // The index by digest gives the same image.
+    let (again, _) = pull(
+        &format!("{}/multi@{index}", reg.addr),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    assert_eq!(again.unwrap().manifest_digest, amd64.manifest.digest);
+
+    // An index without linux/amd64 is refused, listing what it has.
+    reg.push_index("armonly", "v1", &[(&arm64, "linux", "arm64")])
+        .await;
+    let (err, _) = pull(
+        &reg.reference("armonly", "v1"),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, PullError::NoPlatform { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("linux/arm64") && message.contains("armonly"),
+        "{message}"
+    );
+
+    // A single-platform arm64 manifest is refused from its config.
+    reg.push("armsingle", "v1", &arm64).await;
+    let (err, _) = pull(
+        &reg.reference("armsingle", "v1"),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, PullError::WrongPlatform { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn plain_http_only_for_registries_listed_insecure() {
+    let Some(reg) = registry::start_or_skip("plain_http_only_for_registries_listed_insecure")
+    else {
+        return;
+    };
+    reg.push("app", "v1", &sample_image("insecure")).await;
+    let blobs = tempfile::tempdir().unwrap();
+    let settings = RegistrySettings {
+        insecure: vec!["127.0.0.1:1".to_string(), "localhost".to_string()],
+        ..reg.settings()
+    };
+    let (err, events) = pull(&reg.reference("app", "v1"), &settings, blobs.path()).await;
+    let err = err.unwrap_err();
+    match &err {
+        PullError::Registry { endpoint, .. } => {
+            assert_eq!(endpoint, &format!("https://{}", reg.addr))
+        }
+        other => panic!("expected a registry error, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("https://{}", reg.addr)) && message.contains("`insecure`"),
+        "{message}"
+    );
+    assert!(message.contains(&reg.reference("app", "v1")), "{message}");
+    assert!(events.is_empty());
+    let stored = std::fs::read_dir(blobs.path().join("sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn a_layer_over_the_limit_is_refused_before_download() {
+    let Some(reg) = registry::start_or_skip("a_layer_over_the_limit_is_refused_before_download")
+    else {
+        return;
+    };
+    let image = sample_image("limit");
+    reg.push("big", "v1", &image).await;
+    let largest = image.layers.iter().max_by_key(|l| l.data.len()).unwrap();
+    let second = image
+        .layers
+        .iter()
+        .filter(|l| l.digest != largest.digest)
+        .map(|l| l.data.len() as u64)
+        .max()
+        .unwrap();
+    let settings = RegistrySettings {
+        max_layer_bytes: second,
+        ..reg.settings()
+    };
+    let blobs = tempfile::tempdir().unwrap();
+    let (err, events) = pull(&reg.reference("big", "v1"), &settings, blobs.path()).await;
+    match err.unwrap_err() {
+        PullError::LayerTooLarge {
+            digest, size, max, ..
+        } => {
+            assert_eq!(digest, largest.digest);
+            assert_eq!(size, largest.data.len() as u64);
+            assert_eq!(max, second);
+        }
+        other => panic!("expected LayerTooLarge, got {other}"),
+    }
+    assert!(events.is_empty(), "nothing downloaded: {events:?}");
+    let stored = std::fs::read_dir(blobs.path().join("sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn basic_auth_is_sent_only_when_configured() {
+    let Some(reg) = registry::start_with_auth_or_skip(
+        "basic_auth_is_sent_only_when_configured",
+        "ci",
+        "s3cret",
+    ) else {
+        return;
+    };
+    let image = sample_image("auth");
+    reg.push("private", "v1", &image).await;
+    let blobs = tempfile::tempdir().unwrap();
+    let anonymous = RegistrySettings {
+        auth: Vec::new(),
+        ..reg.settings()
+    };
+    let (err, _) = pull(&reg.reference("private", "v1"), &anonymous, blobs.path()).await;
+    let message = err.unwrap_err().to_string();
+    assert!(
+        message.contains("authorized") || message.contains("401"),
+        "{message}"
+    );
+
+    let wrong = RegistrySettings {
+        auth: vec![(reg.addr.clone(), "ci".into(), "wrong".into())],
+        ..reg.settings()
+    };
+    let (err, _) = pull(&reg.reference("private", "v1"), &wrong, blobs.path()).await;
+    assert!(err.is_err());
+
+    let (pulled, _) = pull(
+        &reg.reference("private", "v1"),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    assert_matches_image(&pulled.unwrap(), &image, blobs.path());
+}
+
+#[test]
+fn layout_directory_round_trip() {
+    let image = sample_image("layout");
+    let dir = tempfile::tempdir().unwrap();
+    registry::write_layout(dir.path(), "v1", &image);
+    let blobs = dir.path().join("blobs");
+
+    let opened = oci::layout::open(dir.path(), "v1").unwrap();
+    assert_matches_image(&opened, &image, &blobs);
+    assert_eq!(opened.config.entrypoint, ["/bin/app", "--serve"]);
+    assert_eq!(opened.config.user.as_deref(), Some("1000:1000"));
+    assert_eq!(opened.stats.blobs_downloaded, 0);
+
+    let by_digest = oci::layout::open(dir.path(), &image.manifest.digest).unwrap();
+    assert_eq!(by_digest, opened);
+
+    let err = oci::layout::open(dir.path(), "v2").unwrap_err();
+    assert!(matches!(err, LayoutError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("tags: v1"), "{err}");
+
+    let err = oci::layout::open(dir.path().join("blobs").as_path(), "v1").unwrap_err();
+    assert!(matches!(err, LayoutError::NotALayout { .. }), "{err}");
+
+    // A corrupted layer is caught by its digest, naming the file.
+    let victim = &opened.layers[2].path;
+    let mut data = std::fs::read(victim).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(victim, data).unwrap();
+    let err = oci::layout::open(dir.path(), "v1").unwrap_err();
+    assert!(matches!(err, LayoutError::BlobCorrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&victim.display().to_string()),
+        "{err}"
+    );
+
+    std::fs::remove_file(victim).unwrap();
+    let err = oci::layout::open(dir.path(), "v1").unwrap_err();
+    assert!(matches!(err, LayoutError::BlobMissing { .. }), "{err}");
+}
