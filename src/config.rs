@@ -181,6 +181,27 @@ pub struct ImagesConfig {
     pub headroom_mib: u64,
     /// The static busybox the built-in `demo` image is made from (package busybox-static).
     pub busybox: PathBuf,
+    /// Registries (`host:port`) spoken to over plain HTTP; every other one over HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// Credentials for registries that need basic auth.
+    pub registry_auth: Vec<RegistryAuth>,
+    /// Largest compressed layer a pull accepts, in MiB.
+    pub max_layer_mib: u64,
+    /// Most bytes all layers of one image may unpack to, in MiB (a decompression bomb
+    /// stops there).
+    pub max_image_mib: u64,
+}
+
+/// Basic-auth credentials for one registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    /// `host:port` as in image references.
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
 }
 
 impl Default for Config {
@@ -255,6 +276,25 @@ impl Default for ImagesConfig {
         ImagesConfig {
             headroom_mib: 64,
             busybox: PathBuf::from("/bin/busybox"),
+            insecure_registries: Vec::new(),
+            registry_auth: Vec::new(),
+            max_layer_mib: 4096,
+            max_image_mib: 16384,
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// The registry settings pulls use.
+    pub fn registry_settings(&self) -> crate::image::oci::RegistrySettings {
+        crate::image::oci::RegistrySettings {
+            insecure: self.insecure_registries.clone(),
+            auth: self
+                .registry_auth
+                .iter()
+                .map(|a| (a.registry.clone(), a.username.clone(), a.password.clone()))
+                .collect(),
+            max_layer_bytes: self.max_layer_mib << 20,
         }
     }
 }

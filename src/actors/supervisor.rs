@@ -16,7 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use super::ip_pool::IpPool;
 use super::names;
 use super::registry::RegistryPublisher;
-use super::rootfs_cache::RootfsCache;
+use super::rootfs_cache::{RootfsArgs, RootfsCache};
 use super::services::Services;
 use super::tap_allocator::TapAllocator;
 use crate::image::BaseStore;
@@ -120,7 +120,14 @@ impl Supervisor {
                 TapAllocator::spawn_linked(name, TapAllocator, services, cell).await?;
             }
             Singleton::RootfsCache => {
-                RootfsCache::spawn_linked(name, RootfsCache, state.bases.clone(), cell).await?;
+                let config = services.config();
+                let args = Arc::new(RootfsArgs {
+                    bases: state.bases.clone(),
+                    registry: config.images.registry_settings(),
+                    blob_dir: config.cache_dir.join("blobs"),
+                    max_image_bytes: config.images.max_image_mib << 20,
+                });
+                RootfsCache::spawn_linked(name, RootfsCache, args, cell).await?;
             }
             Singleton::Registry => {
                 RegistryPublisher::spawn_linked(name, RegistryPublisher, services, cell).await?;

@@ -63,7 +63,13 @@ impl Machines {
         let spec = spec::check_spec(convert::raw_spec(req.spec), &self.limits())?;
         let image = ImageRef::parse(&spec.image).map_err(ApiError::Image)?;
         image.check_available().map_err(ApiError::Image)?;
-        if spec.command.is_empty() && image.defaults().command.is_empty() {
+        // A registry image's own entrypoint and command are only known once it is pulled
+        // (the vm_config step fails the machine, naming spec.command, if it has none).
+        if spec.command.is_empty()
+            && spec.entrypoint.is_empty()
+            && !matches!(image, ImageRef::Oci(_))
+            && image.defaults().command.is_empty()
+        {
             return Err(ApiError::Spec(spec::SpecError::Missing {
                 field: "spec.command",
             }));

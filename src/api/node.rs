@@ -26,6 +26,14 @@ impl NodeService for Node {
         let usage = store.usage().map_err(ApiError::from)?;
         let leases = store.leases().map_err(ApiError::from)?;
         let (vcpus, memory) = self.services.config().capacity_totals();
+        // The cache's counters; zeros while it restarts (an answer matters more).
+        let images = crate::actors::ask(
+            crate::actors::names::ROOTFS_CACHE,
+            |reply| crate::actors::rootfs_cache::RootfsMsg::Stats { reply },
+            std::time::Duration::from_secs(2),
+        )
+        .await
+        .unwrap_or_default();
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,
@@ -37,6 +45,8 @@ impl NodeService for Node {
             ip_slots_used: leases.len() as u32,
             vmm: self.services.vmm().describe(),
             runs_observed: self.services.runs_observed(),
+            image_pulls: images.pulls,
+            image_builds: images.oci_bases_built,
         }))
     }
 

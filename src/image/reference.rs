@@ -29,6 +29,8 @@ pub enum ImageRef {
     Directory(PathBuf),
     /// A tar archive on this host, `.tar` or gzip-compressed `.tar.gz` / `.tgz`.
     Tarball(PathBuf),
+    /// An image in an OCI distribution registry: `host[:port]/repo:tag` or `...@sha256:..`.
+    Oci(super::oci::OciRef),
 }
 
 /// Why an image reference was refused.
@@ -37,9 +39,16 @@ pub enum ImageRefError {
     /// The reference is the empty string.
     #[error("image reference is empty (expected \"demo\" or an absolute path)")]
     Empty,
-    /// A path that does not start at `/`: it would depend on the daemon's working directory.
-    #[error("image reference `{0}` is a relative path (expected \"demo\" or an absolute path)")]
-    Relative(String),
+    /// Neither a registry reference nor an absolute path.
+    #[error(
+        "image reference `{input}` is neither a registry reference (host[:port]/repo:tag or @sha256:...: {why}) nor an absolute path"
+    )]
+    Relative {
+        /// The reference as given.
+        input: String,
+        /// Why it is no registry reference.
+        why: String,
+    },
     /// A path with a `..` component, which hides where it really points.
     #[error("image reference `{0}` has a `..` component")]
     ParentComponent(String),
@@ -111,7 +120,12 @@ impl ImageRef {
         }
         let raw = Path::new(s);
         if !raw.is_absolute() {
-            return Err(ImageRefError::Relative(s.to_string()));
+            return super::oci::OciRef::parse(s)
+                .map(ImageRef::Oci)
+                .map_err(|e| ImageRefError::Relative {
+                    input: s.to_string(),
+                    why: e.to_string(),
+                });
         }
         if raw.components().any(|c| c == Component::ParentDir) {
             return Err(ImageRefError::ParentComponent(s.to_string()));
@@ -142,7 +156,8 @@ impl ImageRef {
     /// `BaseStore::check_available`, which knows the configured path.
     pub fn check_available(&self) -> Result<(), ImageRefError> {
         let (path, want_dir) = match self {
-            ImageRef::Demo => return Ok(()),
+            // Registries are asked when the image is pulled.
+            ImageRef::Demo | ImageRef::Oci(_) => return Ok(()),
             ImageRef::Directory(path) => (path, true),
             ImageRef::Tarball(path) => (path, false),
         };
@@ -182,7 +197,10 @@ impl ImageRef {
                     .collect(),
                 env: vec![("PATH".to_string(), "/bin".to_string())],
             },
-            ImageRef::Directory(_) | ImageRef::Tarball(_) => ImageDefaults::default(),
+            // An OCI image's settings come from its config, read when it is pulled.
+            ImageRef::Directory(_) | ImageRef::Tarball(_) | ImageRef::Oci(_) => {
+                ImageDefaults::default()
+            }
         }
     }
 
@@ -199,6 +217,7 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::Demo => f.write_str(DEMO),
             ImageRef::Directory(path) | ImageRef::Tarball(path) => write!(f, "{}", path.display()),
+            ImageRef::Oci(reference) => write!(f, "{reference}"),
         }
     }
 }
@@ -233,19 +252,37 @@ mod tests {
     }
 
     #[test]
+    fn registry_references_parse_and_print_back() {
+        for text in [
+            "127.0.0.1:5000/app:v1",
+            "registry.example/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            let image = ImageRef::parse(text).unwrap();
+            assert!(matches!(image, ImageRef::Oci(_)), "{text}");
+            assert_eq!(image.to_string(), text);
+            assert!(image.check_available().is_ok());
+        }
+        let err = ImageRef::parse("app").unwrap_err().to_string();
+        assert!(
+            err.contains("registry reference") && err.contains("absolute path"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn refuses_bad_references_with_the_reason() {
         assert!(matches!(ImageRef::parse(""), Err(ImageRefError::Empty)));
         assert!(matches!(
             ImageRef::parse("Demo"),
-            Err(ImageRefError::Relative(_))
+            Err(ImageRefError::Relative { .. })
         ));
         assert!(matches!(
             ImageRef::parse("srv/img.tar"),
-            Err(ImageRefError::Relative(_))
+            Err(ImageRefError::Relative { .. })
         ));
         assert!(matches!(
             ImageRef::parse("./x"),
-            Err(ImageRefError::Relative(_))
+            Err(ImageRefError::Relative { .. })
         ));
         assert!(matches!(
             ImageRef::parse("/srv/../etc"),

@@ -120,6 +120,14 @@ pub enum BaseError {
     /// A digest that is not one (and must not become a file name).
     #[error("`{0}` is not a base digest (64 lowercase hex characters)")]
     InvalidDigest(String),
+    /// An image layer could not be applied (the message names the layer and entry).
+    #[error("image {image}: {message}")]
+    Layer {
+        /// The image.
+        image: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl BaseError {
@@ -344,6 +352,7 @@ impl BaseStore {
                 h.bytes(b"directory");
                 Some(walk_tree(dir, Some(&mut h)).map_err(read_err)?)
             }
+            ImageRef::Oci(_) => return Err(needs_pull(image)),
             ImageRef::Tarball(file) => {
                 h.bytes(if ImageRef::is_gzip(file) {
                     b"tar.gz"
@@ -376,6 +385,7 @@ impl BaseStore {
         // The tree mkfs copies: the directory itself, or a temporary one.
         let mut tree_temp = None;
         let (tree, stats) = match image {
+            ImageRef::Oci(_) => return Err(needs_pull(image)),
             ImageRef::Directory(dir) => {
                 let stats = match dir_stats {
                     Some(stats) => stats,
@@ -409,17 +419,99 @@ impl BaseStore {
                 (tree, stats)
             }
         };
+        let base = self.finish_base(&name, &digest, &tree, &stats, started)?;
+        drop(tree_temp);
+        Ok(base)
+    }
+
+    /// The base for a pulled OCI image, keyed by its manifest digest (and the builder's
+    /// settings): its layers applied in order onto a scratch tree, each checked against
+    /// the config's `diff_ids`, then mkfs. `max_bytes` bounds what all layers together
+    /// may write. Returns the base and whether it was built now (false: cached).
+    ///
+    /// Idempotent like [`BaseStore::ensure_base`]; a failed build leaves nothing behind
+    /// (the scratch tree and the image being made are temporaries).
+    pub fn ensure_oci_base(
+        &self,
+        name: &str,
+        pulled: &super::oci::PulledImage,
+        max_bytes: u64,
+    ) -> Result<(Base, bool), BaseError> {
+        let started = Instant::now();
+        let mut h = Hasher::new("hearth-base");
+        h.u64(BUILDER_VERSION);
+        h.u64(self.settings.headroom_mib);
+        h.u64(self.settings.min_size_mib);
+        h.bytes(b"oci");
+        h.bytes(pulled.manifest_digest.as_bytes());
+        let digest = h.finish();
+        if let Some(base) = self.get(&digest)? {
+            return Ok((base, false));
+        }
+        let temp = self.temp(&digest, "tree");
+        std::fs::create_dir(temp.path()).map_err(io_err(temp.path(), "create directory"))?;
+        let tree = temp.path().to_path_buf();
+        let mut budget = super::layer::LayerBudget::new(super::layer::LayerLimits { max_bytes });
+        for (i, layer) in pulled.layers.iter().enumerate() {
+            let compression = super::layer::Compression::from_media_type(&layer.media_type)
+                .ok_or_else(|| BaseError::Layer {
+                    image: name.to_string(),
+                    message: format!(
+                        "layer {}: unsupported media type {}",
+                        layer.digest, layer.media_type
+                    ),
+                })?;
+            let stats = super::layer::apply_layer(
+                &layer.path,
+                &layer.digest,
+                compression,
+                &tree,
+                &mut budget,
+            )
+            .map_err(|e| BaseError::Layer {
+                image: name.to_string(),
+                message: e.to_string(),
+            })?;
+            if let Some(want) = pulled.config.diff_ids.get(i)
+                && *want != stats.diff_id
+            {
+                return Err(BaseError::Layer {
+                    image: name.to_string(),
+                    message: format!(
+                        "layer {}: uncompressed digest {} differs from the config's diff_id {want}",
+                        layer.digest, stats.diff_id
+                    ),
+                });
+            }
+        }
+        let stats = self.measure(name, &tree)?;
+        let base = self.finish_base(name, &digest, &tree, &stats, started)?;
+        drop(temp);
+        Ok((base, true))
+    }
+
+    /// mkfs of `tree` into a temporary, made read-only, synced, described and renamed into
+    /// place as the base `digest`.
+    fn finish_base(
+        &self,
+        name: &str,
+        digest: &str,
+        tree: &Path,
+        stats: &TreeStats,
+        started: Instant,
+    ) -> Result<Base, BaseError> {
+        let image = name;
+        let digest = digest.to_string();
         let plan = mkfs::plan(
-            &stats,
+            stats,
             self.settings.headroom_mib,
             self.settings.min_size_mib,
         );
         let image_temp = self.temp(&digest, "ext4");
-        mkfs::make(&tree, image_temp.path(), plan).map_err(|source| BaseError::Mkfs {
-            image: name.clone(),
+        mkfs::make(tree, image_temp.path(), plan).map_err(|source| BaseError::Mkfs {
+            image: name.to_string(),
             source,
         })?;
-        drop(tree_temp);
         let path = self.base_path(&digest);
         // Read-only: a base is shared by every disk cloned from it.
         std::fs::set_permissions(image_temp.path(), std::fs::Permissions::from_mode(0o444))
@@ -428,7 +520,7 @@ impl BaseStore {
             .and_then(|f| f.sync_all())
             .map_err(io_err(image_temp.path(), "sync"))?;
         let build_millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.write_meta(&digest, &name, &stats, plan.size_bytes, build_millis)?;
+        self.write_meta(&digest, name, stats, plan.size_bytes, build_millis)?;
         std::fs::rename(image_temp.path(), &path).map_err(io_err(&path, "rename into place"))?;
         image_temp.keep();
         sync_parent(&path).map_err(io_err(&self.bases_dir(), "sync directory"))?;
@@ -536,6 +628,15 @@ impl BaseStore {
             }
         }
         Ok(())
+    }
+}
+
+/// A registry image has no local source to build from: it is pulled first, then built
+/// by [`BaseStore::ensure_oci_base`].
+fn needs_pull(image: &ImageRef) -> BaseError {
+    BaseError::Layer {
+        image: image.to_string(),
+        message: "a registry image is built from its pulled layers".into(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Step `image`: the machine's image has an ext4 base in the rootfs cache.
+//! Step `image`: the machine's image has an ext4 base in the rootfs cache (a registry
+//! image is pulled first), and the image's own workload settings are recorded.
 //!
 //! Acquire is idempotent: the cache answers with the existing base when it is built, and
 //! concurrent machines share one build. Release is a no-op on the host: bases are shared
@@ -19,15 +20,16 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Ensures the base exists; records its digest and path.
 pub async fn acquire(_: &Services, rec: &MachineRecord) -> Result<StepOutput, StepError> {
     let image = ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
-    let base = ask(
+    let found = ask(
         names::ROOTFS_CACHE,
         |reply| RootfsMsg::EnsureBase { image, reply },
         BUILD_TIMEOUT,
     )
     .await??;
     Ok(StepOutput::Base {
-        digest: base.digest.clone(),
-        path: base.path.clone(),
+        digest: found.base.digest,
+        path: found.base.path,
+        workload: found.workload,
     })
 }
 

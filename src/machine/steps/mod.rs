@@ -30,6 +30,8 @@ pub enum StepOutput {
         digest: String,
         /// Its file.
         path: PathBuf,
+        /// The image's own workload settings, when it carries them.
+        workload: Option<crate::machine::record::ImageWorkload>,
     },
     /// The leased block.
     Lease {
@@ -92,9 +94,14 @@ pub async fn run(
 pub fn apply_output(rec: &mut MachineRecord, output: &StepOutput) {
     match output {
         StepOutput::Nothing => {}
-        StepOutput::Base { digest, path } => {
+        StepOutput::Base {
+            digest,
+            path,
+            workload,
+        } => {
             rec.resources.base_digest = Some(digest.clone());
             rec.resources.base_path = Some(path.clone());
+            rec.resources.image_workload = workload.clone();
         }
         StepOutput::Lease { slot, guest_ip } => {
             rec.resources.lease_slot = Some(*slot);

@@ -1,0 +1,283 @@
+//! Machines from registry images, end to end (root, QEMU, Debian's `docker-registry` on
+//! loopback): the tests build their own images (several layers, a whiteout, an opaque
+//! directory, a symlink, a hard link, busybox), push them, and create machines from them
+//! through hearthd. Skipped loudly when `docker-registry` is missing.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hearth::api::pb;
+use hearth::client::Client;
+use support::registry::{ConfigSpec, Entry, LayerSpec, Registry, TestImage, build_image};
+use support::{Daemon, destroy, get_machine, wait_for};
+
+/// A layer with the host's static busybox as `/bin/busybox`.
+fn busybox_layer() -> LayerSpec {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static");
+    LayerSpec {
+        gzip: true,
+        entries: vec![
+            Entry::Dir("bin".into()),
+            Entry::File(
+                "bin/busybox".into(),
+                0o755,
+                std::fs::read(busybox).expect("read busybox"),
+            ),
+            Entry::Symlink("bin/sh".into(), "busybox".into()),
+        ],
+    }
+}
+
+/// An image whose workload reports what it sees to its log, then serves on port 8080 (so
+/// that Ready, which waits for the port, comes after the report): the user, the working
+/// directory, the env, and what the layers left.
+fn bootable_image(marker: &str) -> TestImage {
+    let mut layers = vec![busybox_layer()];
+    layers.extend(support::registry::sample_layers(marker));
+    let script = "echo \"seen $GREETING as $(/bin/busybox id -u):$(/bin/busybox id -g) in $(pwd); \
+        motd $(test -e /etc/motd && echo present || echo gone); \
+        data $(/bin/busybox ls /data | /bin/busybox tr '\\n' ' '); \
+        link $(/bin/busybox readlink /bin/app-link); \
+        inodes $(/bin/busybox stat -c %i /data/new /data/new-hard | /bin/busybox tr '\\n' ' ')\"; \
+        exec /bin/busybox httpd -f -p 8080 -h /srv";
+    build_image(
+        &layers,
+        &ConfigSpec {
+            entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
+            cmd: vec![script.into()],
+            env: vec!["PATH=/bin".into(), format!("GREETING=hello-{marker}")],
+            working_dir: "/srv".into(),
+            user: "1000:1000".into(),
+            architecture: "amd64".into(),
+        },
+    )
+}
+
+fn daemon_for(registry: &Registry) -> Daemon {
+    Daemon::start_with(&format!(
+        "[images]\ninsecure_registries = [\"{}\"]\n[capacity]\nvcpus = 64\n",
+        registry
+            .reference("x", "y")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+    ))
+}
+
+fn request(request_id: &str, name: &str, image: &str) -> pb::CreateMachineRequest {
+    pb::CreateMachineRequest {
+        request_id: request_id.into(),
+        name: name.into(),
+        spec: Some(pb::MachineSpec {
+            image: image.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            ports: vec![8080],
+            ..Default::default()
+        }),
+    }
+}
+
+async fn node(client: &mut Client) -> pb::Node {
+    client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner()
+}
+
+/// A file of a stopped machine's root disk, read with debugfs.
+fn read_from_disk(daemon: &Daemon, id: &str, path: &str) -> String {
+    let disk = daemon
+        .dir
+        .path()
+        .join("data/machines")
+        .join(id)
+        .join("rootfs.ext4");
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(&disk)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_image_boots_and_runs_its_entrypoint_with_its_env_and_user() {
+    let Some(registry) = support::registry::start_or_skip("oci_images") else {
+        return;
+    };
+    let image = bootable_image("one");
+    registry.push("app", "v1", &image).await;
+    let daemon = daemon_for(&registry);
+    let mut client = daemon.client().await;
+    let reference = registry.reference("app", "v1");
+    let m = client
+        .machines
+        .create_machine(request("oci-1", "oci-one", &reference))
+        .await
+        .expect("create")
+        .into_inner();
+    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+    client
+        .machines
+        .stop_machine(pb::MachineRef { id: m.id.clone() })
+        .await
+        .expect("stop");
+    wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
+    let log = read_from_disk(&daemon, &m.id, "/var/log/hearth-workload.log");
+    assert!(log.contains("seen hello-one as 1000:1000 in /srv"), "{log}");
+    assert!(log.contains("motd gone"), "whiteout: {log}");
+    assert!(
+        log.contains("data new new-hard "),
+        "opaque directory: {log}"
+    );
+    assert!(log.contains("link app"), "symlink: {log}");
+    let inodes: Vec<&str> = log
+        .split("inodes ")
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(inodes.len(), 2, "{log}");
+    assert_eq!(inodes[0], inodes[1], "hard link: {log}");
+    destroy(&mut client, &m.id).await;
+    let counters = node(&mut client).await;
+    assert_eq!((counters.image_pulls, counters.image_builds), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_creates_of_an_uncached_image_pull_once_and_build_once() {
+    let Some(registry) = support::registry::start_or_skip("oci_images") else {
+        return;
+    };
+    registry.push("burst", "v1", &bootable_image("ten")).await;
+    let daemon = daemon_for(&registry);
+    let client = daemon.client().await;
+    let reference = registry.reference("burst", "v1");
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut client = client.clone();
+        let reference = reference.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .machines
+                .create_machine(request(&format!("burst-{i}"), &format!("b{i}"), &reference))
+                .await
+                .expect("create")
+                .into_inner()
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.expect("task"));
+    }
+    // Every machine gets past its image step (booting ten TCG guests is not the point).
+    let mut client = client;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for id in &ids {
+        loop {
+            let m = get_machine(&mut client, id).await;
+            let imaged = m
+                .timings
+                .iter()
+                .any(|t| t.step == "image" && t.direction == "acquire" && t.outcome == "ok");
+            if imaged {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{m:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let counters = node(&mut client).await;
+    assert_eq!(counters.image_pulls, 1, "{counters:?}");
+    assert_eq!(counters.image_builds, 1, "{counters:?}");
+    for id in &ids {
+        client
+            .machines
+            .destroy_machine(pb::MachineRef { id: id.clone() })
+            .await
+            .expect("destroy");
+    }
+    for id in &ids {
+        wait_for(&mut client, id, pb::MachineState::Destroyed).await;
+    }
+    support::assert_audit_clean(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing() {
+    let Some(registry) = support::registry::start_or_skip("oci_images") else {
+        return;
+    };
+    let hostile = build_image(
+        &[
+            busybox_layer(),
+            LayerSpec {
+                gzip: true,
+                entries: vec![Entry::Symlink("evil".into(), "../../../../etc".into())],
+            },
+        ],
+        &ConfigSpec {
+            entrypoint: vec!["/bin/busybox".into(), "true".into()],
+            cmd: vec![],
+            env: vec![],
+            working_dir: String::new(),
+            user: String::new(),
+            architecture: "amd64".into(),
+        },
+    );
+    registry.push("hostile", "v1", &hostile).await;
+    let daemon = Daemon::start_with(&format!(
+        "[images]\ninsecure_registries = [\"{}\"]\n[guest]\nboot_attempts = 1\n",
+        registry
+            .reference("x", "y")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+    ));
+    let mut client = daemon.client().await;
+    let m = client
+        .machines
+        .create_machine(request(
+            "bad-1",
+            "hostile",
+            &registry.reference("hostile", "v1"),
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    // The image step fails (and is retried) with the entry named in its error.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failure = loop {
+        let got = get_machine(&mut client, &m.id).await;
+        if let Some(t) = got
+            .timings
+            .iter()
+            .find(|t| t.step == "image" && t.outcome != "ok")
+        {
+            break t.outcome.clone();
+        }
+        assert!(Instant::now() < deadline, "{got:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(failure.contains("`evil`"), "{failure}");
+    destroy(&mut client, &m.id).await;
+    // No base and no scratch tree is left in the image store.
+    let images = daemon.dir.path().join("data/images");
+    for sub in ["bases", "tmp"] {
+        let left: Vec<_> = std::fs::read_dir(images.join(sub))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{sub}: {left:?}");
+    }
+}
