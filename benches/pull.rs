@@ -1,0 +1,117 @@
+//! Registry image throughput: pull (from Debian's `docker-registry` on loopback into a
+//! fresh blob directory, digests checked) and unpack + base build (layers applied, diff
+//! ids checked, mkfs), for a 256 MiB image in 4 gzip layers, half of its bytes
+//! compressible text and half incompressible.
+//!
+//! Run as root: `cargo bench --bench pull` (HEARTH_BENCH_RUNS, default 3). Without
+//! `docker-registry` it says it is skipped.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Instant;
+
+use hearth::image::oci::{OciRef, pull};
+use hearth::image::{BaseSettings, BaseStore};
+use support::registry::{ConfigSpec, Entry, LayerSpec, build_image};
+
+const MIB: usize = 1 << 20;
+
+/// Incompressible bytes from a small LCG.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+/// Compressible text.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    let line = format!("line {seed}: the quick brown fox jumps over the lazy dog\n");
+    line.as_bytes().iter().copied().cycle().take(len).collect()
+}
+
+fn main() {
+    let Some(registry) = support::registry::start_or_skip("pull bench") else {
+        println!("pull bench SKIPPED: no docker-registry");
+        return;
+    };
+    let runs: usize = std::env::var("HEARTH_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let layers: Vec<LayerSpec> = (0..4u64)
+        .map(|l| LayerSpec {
+            gzip: true,
+            entries: std::iter::once(Entry::Dir(format!("layer{l}")))
+                .chain((0..8u64).map(|f| {
+                    let data = if f % 2 == 0 {
+                        noise(8 * MIB, l * 100 + f)
+                    } else {
+                        text(8 * MIB, l * 100 + f)
+                    };
+                    Entry::File(format!("layer{l}/file{f}"), 0o644, data)
+                }))
+                .collect(),
+        })
+        .collect();
+    let image = build_image(
+        &layers,
+        &ConfigSpec {
+            entrypoint: vec!["/bin/true".into()],
+            cmd: vec![],
+            env: vec![],
+            working_dir: String::new(),
+            user: String::new(),
+            architecture: "amd64".into(),
+        },
+    );
+    let compressed: usize = image.layers.iter().map(|b| b.data.len()).sum();
+    let uncompressed = 4 * 8 * 8 * MIB;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(registry.push("bench", "v1", &image));
+    let reference = OciRef::parse(&registry.reference("bench", "v1")).expect("reference");
+    let settings = registry.settings();
+    println!(
+        "image: {} MiB in 4 gzip layers ({} MiB compressed), {runs} runs",
+        uncompressed / MIB,
+        compressed / MIB
+    );
+    println!(
+        "{:<6} {:>12} {:>14} {:>16}",
+        "run", "pull ms", "pull MB/s", "unpack+mkfs ms"
+    );
+    for run in 0..runs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Instant::now();
+        let pulled = runtime
+            .block_on(pull(
+                &reference,
+                &settings,
+                &dir.path().join("blobs"),
+                &|_| {},
+            ))
+            .expect("pull");
+        let pull_s = t.elapsed().as_secs_f64();
+        let bases = BaseStore::open(&dir.path().join("images"), BaseSettings::default())
+            .expect("base store");
+        let t = Instant::now();
+        let (_, built) = bases
+            .ensure_oci_base("bench", &pulled, 1 << 40)
+            .expect("base");
+        assert!(built);
+        let build_s = t.elapsed().as_secs_f64();
+        println!(
+            "{run:<6} {:>12.0} {:>14.0} {:>16.0}   (unpack+mkfs {:.0} MB/s of content)",
+            pull_s * 1000.0,
+            compressed as f64 / pull_s / 1e6,
+            build_s * 1000.0,
+            uncompressed as f64 / build_s / 1e6
+        );
+    }
+}
