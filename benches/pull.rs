@@ -17,19 +17,6 @@ use support::registry::{ConfigSpec, Entry, LayerSpec, build_image};
 
 const MIB: usize = 1 << 20;
 
-/// Incompressible bytes from a small LCG.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
 /// Compressible text.
 fn text(len: usize, seed: u64) -> Vec<u8> {
     let line = format!("line {seed}: the quick brown fox jumps over the lazy dog\n");
@@ -51,7 +38,7 @@ fn main() {
             entries: std::iter::once(Entry::Dir(format!("layer{l}")))
                 .chain((0..8u64).map(|f| {
                     let data = if f % 2 == 0 {
-                        noise(8 * MIB, l * 100 + f)
+                        support::registry::pseudo_random(8 * MIB, l * 100 + f)
                     } else {
                         text(8 * MIB, l * 100 + f)
                     };

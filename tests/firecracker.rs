@@ -75,6 +75,20 @@ fn machine(fx: &Fixture, dir: &Path) -> (LaunchSpec, Cleanup) {
     )
 }
 
+/// Waits until the machine's VMM runs: started, or (where the guest cannot boot) in its
+/// readiness wait.
+async fn running_or_waiting(client: &mut hearth::client::Client, id: &str) -> pb::Machine {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = get_machine(client, id).await;
+        if m.state == pb::MachineState::Started as i32 || m.current_step == "acquire:ready" {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn driver(fx: &Fixture) -> VmmDriver {
     VmmDriver::Firecracker(FirecrackerDriver::new(fx.firecracker.clone()).with_name_prefix(PREFIX))
 }
@@ -360,15 +374,7 @@ async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
         .await
         .expect("create")
         .into_inner();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = get_machine(&mut client, &created.id).await;
-        if m.state == pb::MachineState::Started as i32 || m.current_step == "acquire:ready" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{m:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    running_or_waiting(&mut client, &created.id).await;
     let jails = daemon
         .dir
         .path()
@@ -470,15 +476,7 @@ async fn a_daemon_restart_re_adopts_the_running_firecracker() {
         .await
         .expect("create")
         .into_inner();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let before = loop {
-        let m = get_machine(&mut client, &created.id).await;
-        if m.state == pb::MachineState::Started as i32 || m.current_step == "acquire:ready" {
-            break m;
-        }
-        assert!(std::time::Instant::now() < deadline, "{m:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let before = running_or_waiting(&mut client, &created.id).await;
     assert!(before.vmm_pid > 0);
 
     daemon.kill();

@@ -527,7 +527,8 @@ pub fn sample_image(marker: &str) -> TestImage {
     build_image(&sample_layers(marker), &sample_config("amd64"))
 }
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+/// Incompressible bytes from a small LCG, the same for the same seed.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     (0..len)
         .map(|_| {
