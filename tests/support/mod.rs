@@ -54,6 +54,19 @@ impl Daemon {
         let raw = [base[0].wrapping_add(n), base[1].wrapping_add(n)];
         let prefix = format!("td{:02x}", raw[0]);
         let config = dir.path().join("hearthd.toml");
+        // HEARTH_E2E_VMM=firecracker (with HEARTH_FIRECRACKER) runs every daemon test on
+        // Firecracker, for hosts whose KVM boots the guest kernel; tests that choose
+        // their VMM themselves keep their choice.
+        let vmm = match (
+            std::env::var("HEARTH_E2E_VMM").as_deref(),
+            std::env::var("HEARTH_FIRECRACKER"),
+        ) {
+            (Ok("firecracker"), Ok(binary)) if !extra.contains("[vmm]") => format!(
+                "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{binary}\"\n"
+            ),
+            _ => String::new(),
+        };
+        let extra = format!("{vmm}{extra}");
         std::fs::write(
             &config,
             format!(
