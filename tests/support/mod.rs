@@ -61,9 +61,9 @@ impl Daemon {
             std::env::var("HEARTH_E2E_VMM").as_deref(),
             std::env::var("HEARTH_FIRECRACKER"),
         ) {
-            (Ok("firecracker"), Ok(binary)) if !extra.contains("[vmm]") => format!(
-                "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{binary}\"\n"
-            ),
+            (Ok("firecracker"), Ok(binary)) if !extra.contains("[vmm]") => {
+                format!("[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{binary}\"\n")
+            }
             _ => String::new(),
         };
         let extra = format!("{vmm}{extra}");
