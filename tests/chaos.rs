@@ -68,6 +68,25 @@ struct Row {
     error: Option<String>,
 }
 
+impl Row {
+    /// The case as one table line.
+    fn line(&self) -> String {
+        format!(
+            "{:<40} {:<14} {:>7} {:>9} {:>5} {:>7.2}{}",
+            self.point,
+            self.mode.name(),
+            self.crashed,
+            self.converged,
+            self.leaks.len(),
+            self.seconds,
+            self.error
+                .as_deref()
+                .map(|e| format!("  {e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
 async fn create(client: &mut Client, name: &str) -> Result<pb::Machine, tonic::Status> {
     client
         .machines
@@ -378,19 +397,7 @@ async fn every_fail_point_converges_without_leaks() {
                 let _slot = gate.acquire_owned().await.expect("semaphore");
                 let row = run_case(point, mode, setup).await;
                 // Progress as cases end (the table below comes at the very end).
-                eprintln!(
-                    "chaos: {} / {}: crashed {} converged {} leaks {} {:.2}s{}",
-                    row.point,
-                    row.mode.name(),
-                    row.crashed,
-                    row.converged,
-                    row.leaks.len(),
-                    row.seconds,
-                    row.error
-                        .as_deref()
-                        .map(|e| format!("  {e}"))
-                        .unwrap_or_default()
-                );
+                eprintln!("chaos: {}", row.line());
                 row
             }));
         }
@@ -405,19 +412,7 @@ async fn every_fail_point_converges_without_leaks() {
         "fail point", "mode", "crashed", "converged", "leaks", "seconds"
     );
     for r in &rows {
-        println!(
-            "{:<40} {:<14} {:>7} {:>9} {:>5} {:>7.2}{}",
-            r.point,
-            r.mode.name(),
-            r.crashed,
-            r.converged,
-            r.leaks.len(),
-            r.seconds,
-            r.error
-                .as_deref()
-                .map(|e| format!("  {e}"))
-                .unwrap_or_default()
-        );
+        println!("{}", r.line());
     }
     let bad: Vec<&Row> = rows
         .iter()
