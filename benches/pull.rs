@@ -89,7 +89,7 @@ fn main() {
             .expect("base store");
         let t = Instant::now();
         let (_, built) = bases
-            .ensure_oci_base("bench", &pulled, 1 << 40)
+            .ensure_oci_base("bench", &pulled, 1 << 40, &|_| {})
             .expect("base");
         assert!(built);
         let build_s = t.elapsed().as_secs_f64();

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::api::pb::image_service_client::ImageServiceClient;
 use crate::api::pb::machine_service_client::MachineServiceClient;
 use crate::api::pb::node_service_client::NodeServiceClient;
 use crate::api::pb::registry_service_client::RegistryServiceClient;
 
-/// Clients of the three services over one connection.
+/// Clients of the services over one connection.
 #[derive(Clone)]
 pub struct Client {
     /// MachineService.
@@ -18,6 +19,8 @@ pub struct Client {
     pub node: NodeServiceClient<Channel>,
     /// RegistryService.
     pub registry: RegistryServiceClient<Channel>,
+    /// ImageService.
+    pub images: ImageServiceClient<Channel>,
 }
 
 /// Connects to the daemon listening on `socket`.
@@ -36,6 +39,7 @@ pub async fn connect(socket: impl Into<PathBuf>) -> Result<Client, tonic::transp
     Ok(Client {
         machines: MachineServiceClient::new(channel.clone()),
         node: NodeServiceClient::new(channel.clone()),
-        registry: RegistryServiceClient::new(channel),
+        registry: RegistryServiceClient::new(channel.clone()),
+        images: ImageServiceClient::new(channel),
     })
 }

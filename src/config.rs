@@ -190,6 +190,17 @@ pub struct ImagesConfig {
     /// Most bytes all layers of one image may unpack to, in MiB (a decompression bomb
     /// stops there).
     pub max_image_mib: u64,
+    /// Bytes (MiB) bases and pulled blobs may take together; the least recently used
+    /// bases no machine names are collected first. 0: no budget.
+    pub cache_budget_mib: u64,
+    /// A base no machine names and nothing used for this many hours is collected.
+    /// 0: never for age alone.
+    pub max_unused_hours: u64,
+    /// How often the cache is collected by itself, in seconds. 0: only when asked
+    /// (`hearth image prune`).
+    pub collect_interval_secs: u64,
+    /// A base used this recently (seconds) is never collected, whatever the budget.
+    pub collect_grace_secs: u64,
 }
 
 /// Basic-auth credentials for one registry.
@@ -280,6 +291,10 @@ impl Default for ImagesConfig {
             registry_auth: Vec::new(),
             max_layer_mib: 4096,
             max_image_mib: 16384,
+            cache_budget_mib: 0,
+            max_unused_hours: 168,
+            collect_interval_secs: 300,
+            collect_grace_secs: 600,
         }
     }
 }
@@ -296,6 +311,22 @@ impl ImagesConfig {
                 .collect(),
             max_layer_bytes: self.max_layer_mib << 20,
         }
+    }
+
+    /// When bases are collected.
+    pub fn collect_policy(&self) -> crate::image::collect::CollectPolicy {
+        crate::image::collect::CollectPolicy {
+            budget_bytes: (self.cache_budget_mib > 0).then_some(self.cache_budget_mib << 20),
+            max_unused_secs: (self.max_unused_hours > 0)
+                .then(|| self.max_unused_hours.saturating_mul(3600)),
+            grace_secs: self.collect_grace_secs,
+        }
+    }
+
+    /// How often a collection runs by itself.
+    pub fn collect_every(&self) -> Option<std::time::Duration> {
+        (self.collect_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.collect_interval_secs))
     }
 }
 

@@ -126,6 +126,9 @@ impl Supervisor {
                     registry: config.images.registry_settings(),
                     blob_dir: config.cache_dir.join("blobs"),
                     max_image_bytes: config.images.max_image_mib << 20,
+                    policy: config.images.collect_policy(),
+                    collect_every: config.images.collect_every(),
+                    services: services.clone(),
                 });
                 RootfsCache::spawn_linked(name, RootfsCache, args, cell).await?;
             }

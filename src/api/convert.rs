@@ -174,3 +174,35 @@ pub fn audit(audit: &Audit) -> pb::AuditReport {
         duration_us: u64::try_from(audit.elapsed.as_micros()).unwrap_or(u64::MAX),
     }
 }
+
+/// A base of the image cache.
+pub fn image(info: &crate::actors::rootfs_cache::ImageInfo) -> pb::Image {
+    pb::Image {
+        digest: info.digest.clone(),
+        names: info.entry.names.clone(),
+        manifest_digest: info.entry.manifest_digest.clone().unwrap_or_default(),
+        size_bytes: info.entry.size_bytes,
+        disk_bytes: info.disk_bytes,
+        built_unix: info.entry.built_unix,
+        last_used_unix: info.entry.last_used_unix,
+        machines: info.machines.clone(),
+        blobs: u32::try_from(info.entry.blobs.len()).unwrap_or(u32::MAX),
+    }
+}
+
+/// A pull's progress event.
+pub fn pull_event(event: crate::actors::rootfs_cache::PullEvent) -> pb::PullImageProgress {
+    use crate::actors::rootfs_cache::PullEvent;
+    use pb::pull_image_progress::Event;
+    pb::PullImageProgress {
+        event: Some(match event {
+            PullEvent::Phase(phase) => Event::Phase(phase),
+            PullEvent::Layer(p) => Event::Layer(pb::LayerProgress {
+                digest: p.digest,
+                done_bytes: p.done,
+                total_bytes: p.total,
+                cached: p.cached,
+            }),
+        }),
+    }
+}

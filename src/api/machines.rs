@@ -67,7 +67,7 @@ impl Machines {
         // (the vm_config step fails the machine, naming spec.command, if it has none).
         if spec.command.is_empty()
             && spec.entrypoint.is_empty()
-            && !matches!(image, ImageRef::Oci(_))
+            && !image.is_oci()
             && image.defaults().command.is_empty()
         {
             return Err(ApiError::Spec(spec::SpecError::Missing {

@@ -3,6 +3,7 @@
 //! they never do host work.
 
 pub mod convert;
+pub mod images;
 pub mod machines;
 pub mod node;
 pub mod registry;

@@ -7,8 +7,10 @@ use ractor::ActorRef;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use super::images::Images;
 use super::machines::Machines;
 use super::node::Node;
+use super::pb::image_service_server::ImageServiceServer;
 use super::pb::machine_service_server::MachineServiceServer;
 use super::pb::node_service_server::NodeServiceServer;
 use super::pb::registry_service_server::RegistryServiceServer;
@@ -43,6 +45,7 @@ pub async fn serve(
             supervisor,
         )))
         .add_service(NodeServiceServer::new(Node::new(services.clone())))
+        .add_service(ImageServiceServer::new(Images))
         .add_service(RegistryServiceServer::new(Registry::new(services)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

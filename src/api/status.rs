@@ -3,6 +3,8 @@
 
 use tonic::{Code, Status};
 
+use crate::actors::AskError;
+use crate::actors::rootfs_cache::ImageError;
 use crate::audit::AuditError;
 use crate::image::ImageRefError;
 use crate::machine::spec::SpecError;
@@ -26,6 +28,15 @@ pub enum ApiError {
     /// The host or the store could not be inspected.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// An image call's `image` field is malformed or names nothing.
+    #[error("image: {0}")]
+    ImageField(ImageRefError),
+    /// The image cache refused or failed.
+    #[error(transparent)]
+    Cache(#[from] ImageError),
+    /// A singleton did not answer (it is restarting, or the daemon is stopping).
+    #[error(transparent)]
+    Ask(#[from] AskError),
 }
 
 impl From<ApiError> for Status {
@@ -43,6 +54,14 @@ impl From<ApiError> for Status {
             ) => Code::Internal,
             ApiError::Wake(_) => Code::Unavailable,
             ApiError::Audit(_) => Code::Internal,
+            ApiError::ImageField(e) if e.is_not_found() => Code::NotFound,
+            ApiError::ImageField(_) => Code::InvalidArgument,
+            ApiError::Cache(ImageError::NotFound(_)) => Code::NotFound,
+            ApiError::Cache(ImageError::Build { .. } | ImageError::InUse { .. }) => {
+                Code::FailedPrecondition
+            }
+            ApiError::Cache(ImageError::Busy(_)) | ApiError::Ask(_) => Code::Unavailable,
+            ApiError::Cache(ImageError::Host(_)) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

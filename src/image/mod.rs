@@ -18,8 +18,10 @@
 #![deny(missing_docs)]
 
 mod clone;
+pub mod collect;
 mod demo;
 mod digest;
+mod entry;
 mod layer;
 mod mkfs;
 pub mod oci;
@@ -30,6 +32,7 @@ mod tarball;
 pub use clone::{CloneError, CloneMethod, clone_disk, partial_path, remove_disk, same_content};
 pub use demo::{APPLETS, DemoError, INDEX_HTML, LAYOUT_VERSION};
 pub use digest::{TreeStats, WalkError, is_valid_digest};
+pub use entry::{ImageEntry, now_unix};
 pub use layer::{
     Compression, LayerBudget, LayerError, LayerLimits, LayerStats, apply_layer, apply_layer_from,
 };

@@ -31,7 +31,21 @@ pub enum ImageRef {
     Tarball(PathBuf),
     /// An image in an OCI distribution registry: `host[:port]/repo:tag` or `...@sha256:..`.
     Oci(super::oci::OciRef),
+    /// An image in an OCI layout directory on this host: `oci:/dir[:tag]` or
+    /// `oci:/dir@sha256:...` (skopeo's spelling); the tag defaults to `latest`.
+    Layout {
+        /// The layout directory (holds `oci-layout` and `index.json`).
+        dir: PathBuf,
+        /// A tag of `index.json`, or a `sha256:` manifest or index digest.
+        reference: String,
+    },
 }
+
+/// The prefix of an OCI layout reference.
+pub const LAYOUT_PREFIX: &str = "oci:";
+
+/// The tag a layout reference without one names.
+const DEFAULT_TAG: &str = "latest";
 
 /// Why an image reference was refused.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +63,19 @@ pub enum ImageRefError {
         /// Why it is no registry reference.
         why: String,
     },
+    /// An `oci:` reference whose tag or digest is malformed.
+    #[error(
+        "image reference `{input}`: `{reference}` is neither a tag ([A-Za-z0-9_][A-Za-z0-9._-]*, at most 128) nor sha256:<64 hex>"
+    )]
+    LayoutReference {
+        /// The reference as given.
+        input: String,
+        /// The part after the directory.
+        reference: String,
+    },
+    /// An `oci:` reference whose directory is not absolute.
+    #[error("image reference `{0}`: the layout directory after `oci:` must be an absolute path")]
+    LayoutRelative(String),
     /// A path with a `..` component, which hides where it really points.
     #[error("image reference `{0}` has a `..` component")]
     ParentComponent(String),
@@ -118,6 +145,9 @@ impl ImageRef {
         if s.contains('\0') {
             return Err(ImageRefError::Nul(s.to_string()));
         }
+        if let Some(rest) = s.strip_prefix(LAYOUT_PREFIX) {
+            return parse_layout(s, rest);
+        }
         let raw = Path::new(s);
         if !raw.is_absolute() {
             return super::oci::OciRef::parse(s)
@@ -127,10 +157,7 @@ impl ImageRef {
                     why: e.to_string(),
                 });
         }
-        if raw.components().any(|c| c == Component::ParentDir) {
-            return Err(ImageRefError::ParentComponent(s.to_string()));
-        }
-        let path: PathBuf = raw.components().collect();
+        let path = clean_absolute(s, raw)?;
         let lower = path.to_string_lossy().to_ascii_lowercase();
         if TAR_SUFFIXES.iter().any(|suffix| lower.ends_with(suffix)) {
             return Ok(ImageRef::Tarball(path));
@@ -144,10 +171,6 @@ impl ImageRef {
                 suffix,
             });
         }
-        if path.file_name().is_none() {
-            // Only `/` itself has no file name.
-            return Err(ImageRefError::HostRoot);
-        }
         Ok(ImageRef::Directory(path))
     }
 
@@ -158,7 +181,7 @@ impl ImageRef {
         let (path, want_dir) = match self {
             // Registries are asked when the image is pulled.
             ImageRef::Demo | ImageRef::Oci(_) => return Ok(()),
-            ImageRef::Directory(path) => (path, true),
+            ImageRef::Directory(path) | ImageRef::Layout { dir: path, .. } => (path, true),
             ImageRef::Tarball(path) => (path, false),
         };
         let meta = match std::fs::metadata(path) {
@@ -198,10 +221,17 @@ impl ImageRef {
                 env: vec![("PATH".to_string(), "/bin".to_string())],
             },
             // An OCI image's settings come from its config, read when it is pulled.
-            ImageRef::Directory(_) | ImageRef::Tarball(_) | ImageRef::Oci(_) => {
-                ImageDefaults::default()
-            }
+            ImageRef::Directory(_)
+            | ImageRef::Tarball(_)
+            | ImageRef::Oci(_)
+            | ImageRef::Layout { .. } => ImageDefaults::default(),
         }
+    }
+
+    /// Whether the image is an OCI image (registry or layout), whose workload settings
+    /// come from its config.
+    pub fn is_oci(&self) -> bool {
+        matches!(self, ImageRef::Oci(_) | ImageRef::Layout { .. })
     }
 
     /// Whether a tarball is gzip-compressed (by its suffix, as parsed).
@@ -218,8 +248,73 @@ impl fmt::Display for ImageRef {
             ImageRef::Demo => f.write_str(DEMO),
             ImageRef::Directory(path) | ImageRef::Tarball(path) => write!(f, "{}", path.display()),
             ImageRef::Oci(reference) => write!(f, "{reference}"),
+            ImageRef::Layout { dir, reference } if reference.starts_with("sha256:") => {
+                write!(f, "{LAYOUT_PREFIX}{}@{reference}", dir.display())
+            }
+            ImageRef::Layout { dir, reference } => {
+                write!(f, "{LAYOUT_PREFIX}{}:{reference}", dir.display())
+            }
         }
     }
+}
+
+/// An absolute path without `..`, normalised; never the host's root.
+fn clean_absolute(input: &str, raw: &Path) -> Result<PathBuf, ImageRefError> {
+    if raw.components().any(|c| c == Component::ParentDir) {
+        return Err(ImageRefError::ParentComponent(input.to_string()));
+    }
+    let path: PathBuf = raw.components().collect();
+    if path.file_name().is_none() {
+        // Only `/` itself has no file name.
+        return Err(ImageRefError::HostRoot);
+    }
+    Ok(path)
+}
+
+/// `oci:/dir`, `oci:/dir:tag` or `oci:/dir@sha256:<hex>`. A `:` counts as the tag's
+/// separator only in the last path component, so directories may contain colons.
+fn parse_layout(input: &str, rest: &str) -> Result<ImageRef, ImageRefError> {
+    let (dir, reference) = if let Some((dir, digest)) = rest.rsplit_once('@') {
+        (dir, digest.to_string())
+    } else {
+        let last_slash = rest.rfind('/').unwrap_or(0);
+        match rest[last_slash..].rfind(':') {
+            Some(i) => (
+                &rest[..last_slash + i],
+                rest[last_slash + i + 1..].to_string(),
+            ),
+            None => (rest, DEFAULT_TAG.to_string()),
+        }
+    };
+    let valid = if let Some(hex) = reference.strip_prefix("sha256:") {
+        super::is_valid_digest(hex)
+    } else {
+        is_valid_tag(&reference)
+    };
+    if !valid {
+        return Err(ImageRefError::LayoutReference {
+            input: input.to_string(),
+            reference,
+        });
+    }
+    let raw = Path::new(dir);
+    if !raw.is_absolute() {
+        return Err(ImageRefError::LayoutRelative(input.to_string()));
+    }
+    Ok(ImageRef::Layout {
+        dir: clean_absolute(input, raw)?,
+        reference,
+    })
+}
+
+/// An OCI tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn is_valid_tag(tag: &str) -> bool {
+    let mut chars = tag.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && tag.len() <= 128
 }
 
 #[cfg(test)]
@@ -314,6 +409,54 @@ mod tests {
             ImageRef::parse("/srv/img.zip"),
             Err(ImageRefError::UnsupportedSuffix { suffix: ".zip", .. })
         ));
+    }
+
+    #[test]
+    fn layout_references_parse_with_tag_digest_or_the_default() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for (text, dir, reference, printed) in [
+            ("oci:/srv/app", "/srv/app", "latest", "oci:/srv/app:latest"),
+            ("oci:/srv/app:v1.2", "/srv/app", "v1.2", "oci:/srv/app:v1.2"),
+            (
+                "oci:/srv/a:b/app:v1",
+                "/srv/a:b/app",
+                "v1",
+                "oci:/srv/a:b/app:v1",
+            ),
+            (
+                "oci:/srv/a:b/app",
+                "/srv/a:b/app",
+                "latest",
+                "oci:/srv/a:b/app:latest",
+            ),
+        ] {
+            let image = ImageRef::parse(text).unwrap();
+            assert_eq!(
+                image,
+                ImageRef::Layout {
+                    dir: PathBuf::from(dir),
+                    reference: reference.into()
+                },
+                "{text}"
+            );
+            assert!(image.is_oci());
+            assert_eq!(image.to_string(), printed);
+            assert_eq!(ImageRef::parse(printed).unwrap(), image);
+        }
+        let by_digest = format!("oci:/srv/app@{digest}");
+        let image = ImageRef::parse(&by_digest).unwrap();
+        assert_eq!(image.to_string(), by_digest);
+        for (bad, says) in [
+            ("oci:srv/app", "absolute"),
+            ("oci:/srv/app:", "neither a tag"),
+            ("oci:/srv/app:-x", "neither a tag"),
+            ("oci:/srv/app@sha256:abc", "neither a tag"),
+            ("oci:/srv/../app", "`..`"),
+            ("oci:/:v1", "root"),
+        ] {
+            let err = ImageRef::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

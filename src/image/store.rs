@@ -147,7 +147,7 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Bas
 #[derive(Serialize)]
 struct BaseMeta<'a> {
     digest: &'a str,
-    source: String,
+    source: &'a str,
     builder_version: u64,
     size_bytes: u64,
     content_bytes: u64,
@@ -352,7 +352,7 @@ impl BaseStore {
                 h.bytes(b"directory");
                 Some(walk_tree(dir, Some(&mut h)).map_err(read_err)?)
             }
-            ImageRef::Oci(_) => return Err(needs_pull(image)),
+            ImageRef::Oci(_) | ImageRef::Layout { .. } => return Err(needs_pull(image)),
             ImageRef::Tarball(file) => {
                 h.bytes(if ImageRef::is_gzip(file) {
                     b"tar.gz"
@@ -385,7 +385,7 @@ impl BaseStore {
         // The tree mkfs copies: the directory itself, or a temporary one.
         let mut tree_temp = None;
         let (tree, stats) = match image {
-            ImageRef::Oci(_) => return Err(needs_pull(image)),
+            ImageRef::Oci(_) | ImageRef::Layout { .. } => return Err(needs_pull(image)),
             ImageRef::Directory(dir) => {
                 let stats = match dir_stats {
                     Some(stats) => stats,
@@ -429,6 +429,9 @@ impl BaseStore {
     /// the config's `diff_ids`, then mkfs. `max_bytes` bounds what all layers together
     /// may write. Returns the base and whether it was built now (false: cached).
     ///
+    /// `phase` hears what the build is doing (`unpacking layer 2/3`, `building ext4`),
+    /// for a progress display.
+    ///
     /// Idempotent like [`BaseStore::ensure_base`]; a failed build leaves nothing behind
     /// (the scratch tree and the image being made are temporaries).
     pub fn ensure_oci_base(
@@ -436,6 +439,7 @@ impl BaseStore {
         name: &str,
         pulled: &super::oci::PulledImage,
         max_bytes: u64,
+        phase: &dyn Fn(String),
     ) -> Result<(Base, bool), BaseError> {
         let started = Instant::now();
         let mut h = Hasher::new("hearth-base");
@@ -453,6 +457,7 @@ impl BaseStore {
         let tree = temp.path().to_path_buf();
         let mut budget = super::layer::LayerBudget::new(super::layer::LayerLimits { max_bytes });
         for (i, layer) in pulled.layers.iter().enumerate() {
+            phase(format!("unpacking layer {}/{}", i + 1, pulled.layers.len()));
             let compression = super::layer::Compression::from_media_type(&layer.media_type)
                 .ok_or_else(|| BaseError::Layer {
                     image: name.to_string(),
@@ -485,6 +490,7 @@ impl BaseStore {
             }
         }
         let stats = self.measure(name, &tree)?;
+        phase("building ext4".to_string());
         let base = self.finish_base(name, &digest, &tree, &stats, started)?;
         drop(temp);
         Ok((base, true))
@@ -549,7 +555,7 @@ impl BaseStore {
     ) -> Result<(), BaseError> {
         let meta = BaseMeta {
             digest,
-            source: source.to_string(),
+            source,
             builder_version: BUILDER_VERSION,
             size_bytes,
             content_bytes: stats.file_bytes,
@@ -589,6 +595,20 @@ impl BaseStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path, "stat")(e)),
         }
+    }
+
+    /// What the base's description says it was built from and when (seconds since the
+    /// epoch), for a base that has no entry in the store (built by an older hearth, or
+    /// the daemon died between the build and its record). `None` when unreadable.
+    pub fn described(&self, digest: &str) -> Option<(String, u64)> {
+        #[derive(serde::Deserialize)]
+        struct Described {
+            source: String,
+            built_unix: u64,
+        }
+        let text = std::fs::read(self.meta_path(digest)).ok()?;
+        let d: Described = serde_json::from_slice(&text).ok()?;
+        Some((d.source, d.built_unix))
     }
 
     /// Every built base, sorted by digest.

@@ -90,6 +90,12 @@ impl Persisted for MachineRecord {
 versioned!(MachineEvent, StoredEvent, StoredEventRef, "machine event");
 versioned!(Route, StoredRoute, StoredRouteRef, "route");
 versioned!(
+    crate::image::ImageEntry,
+    StoredImage,
+    StoredImageRef,
+    "image entry"
+);
+versioned!(
     RouteChange,
     StoredRouteChange,
     StoredRouteChangeRef,

@@ -10,13 +10,15 @@
 //! ├── events    (&str id, u64 seq) -> bytes  Stored::<MachineEvent>, append-only
 //! ├── leases    u32 slot -> &str id    the IP pool's /29 blocks     (owner: IpPool)
 //! ├── routes    &str id -> bytes       Stored::<Route>, the embedded registry (owner: RegistryPublisher)
-//! └── outbox    u64 seq -> bytes       Stored::<RouteChange> not yet delivered to every sink
+//! ├── outbox    u64 seq -> bytes       Stored::<RouteChange> not yet delivered to every sink
+//! └── images    &str base digest -> bytes  Stored::<ImageEntry>      (owner: RootfsCache)
 //! ```
 //!
 //! Values are postcard inside a versioned enum ([`Stored`]): postcard is not
 //! self-describing, so a changed type gets a new variant and old records keep decoding.
 
 pub(crate) mod codec;
+mod images;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +42,7 @@ const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events
 const LEASES: TableDefinition<u32, &str> = TableDefinition::new("leases");
 const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +173,7 @@ impl Store {
             txn.open_table(LEASES)?;
             txn.open_table(ROUTES)?;
             txn.open_table(OUTBOX)?;
+            txn.open_table(IMAGES)?;
         }
         txn.commit()?;
         Ok(Store { db })

@@ -22,10 +22,15 @@ pub async fn acquire(_: &Services, rec: &MachineRecord) -> Result<StepOutput, St
     let image = ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
     let found = ask(
         names::ROOTFS_CACHE,
-        |reply| RootfsMsg::EnsureBase { image, reply },
+        |reply| RootfsMsg::EnsureBase {
+            image,
+            progress: None,
+            reply,
+        },
         BUILD_TIMEOUT,
     )
-    .await??;
+    .await?
+    .map_err(|e| StepError::Failed(e.to_string()))?;
     Ok(StepOutput::Base {
         digest: found.base.digest,
         path: found.base.path,

@@ -1,6 +1,8 @@
 //! hearth: the operator's CLI. Talks to hearthd over its Unix socket; prints tables for
 //! people and `--json` for scripts.
 
+mod image;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,6 +35,9 @@ enum Command {
     /// Machines on this host.
     #[command(subcommand)]
     Machine(Box<MachineCommand>),
+    /// The image cache: pull ahead, list, remove, prune.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// The host's capacity and usage (and `node audit`).
     Node {
         #[command(subcommand)]
@@ -54,7 +59,9 @@ enum MachineCommand {
         /// Unique name (a DNS label).
         #[arg(long)]
         name: String,
-        /// "demo", or an absolute path to a root filesystem directory or .tar file.
+        /// "demo"; an absolute path to a root filesystem directory or .tar[.gz] file; a
+        /// registry reference host[:port]/repo:tag; or an OCI layout oci:/dir[:tag].
+        /// A registry image is pulled on demand.
         #[arg(long, default_value = "demo")]
         image: String,
         /// vCPUs.
@@ -257,6 +264,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?;
     let status = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
     match cli.command {
+        Command::Image(command) => return image::run(&mut client, cli.json, command).await,
         Command::Node {
             command: Some(NodeCommand::Audit),
         } => {

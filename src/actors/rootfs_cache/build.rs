@@ -1,0 +1,192 @@
+//! The builds the RootfsCache runs off its own thread: a local image (demo, directory,
+//! archive) hashed and built on a blocking thread; a registry image pulled, then built by
+//! manifest digest; an OCI layout read in place, then built the same way. Each reports
+//! progress to whoever watches the build and ends in one [`Built`] or an error.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{ImageBase, ImageError, PullEvent, RootfsArgs, SourceIdentity, Watchers};
+use crate::image::oci::{OciRef, PulledImage};
+use crate::image::{Base, ImageRef};
+use crate::machine::record::ImageWorkload;
+
+/// A finished build.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The image as asked for.
+    pub image: ImageRef,
+    /// What identified its source file when it was read (single-file local images).
+    pub identity: Option<SourceIdentity>,
+    /// The base and the image's own settings.
+    pub found: ImageBase,
+    /// The OCI manifest digest (registry and layout images).
+    pub manifest_digest: Option<String>,
+    /// Blobs of the blob directory this base was built from (registry images).
+    pub blobs: Vec<String>,
+    /// Whether a registry pull ran.
+    pub pulled: bool,
+    /// Whether an OCI base was made now (not found cached).
+    pub made: bool,
+}
+
+/// The outcome of a build task.
+pub type BuildOutcome = Result<Built, ImageError>;
+
+/// Runs the build for `image`; never panics the caller (a panicking blocking task is an
+/// error).
+pub async fn run(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers) -> BuildOutcome {
+    match image {
+        ImageRef::Oci(reference) => build_registry(args, reference, watchers).await,
+        ImageRef::Layout { dir, reference } => build_layout(args, dir, reference, watchers).await,
+        local => build_local(args, local, watchers).await,
+    }
+}
+
+fn failed(image: &ImageRef, message: impl std::fmt::Display) -> ImageError {
+    ImageError::Build {
+        image: image.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Builds (or finds) the base of a local image on a blocking thread.
+async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers) -> BuildOutcome {
+    watchers.emit(PullEvent::Phase("building ext4".into()));
+    let task_image = image.clone();
+    tokio::task::spawn_blocking(move || {
+        // The identity is taken before hashing: a source changed while it is hashed is
+        // seen as changed next time.
+        let identity = super::source_identity(&args.bases, &task_image);
+        let base = args.bases.ensure_base(&task_image)?;
+        Ok::<_, crate::image::BaseError>((identity, base))
+    })
+    .await
+    .map_err(|e| failed(&image, format!("base build task: {e}")))?
+    .map_err(|e| {
+        if e.is_not_found() {
+            ImageError::NotFound(e.to_string())
+        } else {
+            failed(&image, e)
+        }
+    })
+    .map(|(identity, base)| Built {
+        image,
+        identity,
+        found: ImageBase {
+            base,
+            workload: None,
+        },
+        manifest_digest: None,
+        blobs: Vec::new(),
+        pulled: false,
+        made: false,
+    })
+}
+
+/// Pulls a registry image (blobs already in the blob directory are verified, not
+/// fetched again) and builds its base unless one exists for its manifest.
+async fn build_registry(
+    args: Arc<RootfsArgs>,
+    reference: OciRef,
+    watchers: Watchers,
+) -> BuildOutcome {
+    let image = ImageRef::Oci(reference.clone());
+    watchers.emit(PullEvent::Phase("resolving".into()));
+    let progress = {
+        let watchers = watchers.clone();
+        move |p| watchers.emit(PullEvent::Layer(p))
+    };
+    let pulled = crate::image::oci::pull(&reference, &args.registry, &args.blob_dir, &progress)
+        .await
+        .map_err(|e| failed(&image, e))?;
+    let blobs = std::iter::once(pulled.config_digest.clone())
+        .chain(pulled.layers.iter().map(|l| l.digest.clone()))
+        .collect();
+    let mut built = build_pulled(&args, image, pulled, watchers).await?;
+    built.blobs = blobs;
+    built.pulled = true;
+    Ok(built)
+}
+
+/// Reads an OCI layout in place (every blob used is verified) and builds its base.
+async fn build_layout(
+    args: Arc<RootfsArgs>,
+    dir: PathBuf,
+    reference: String,
+    watchers: Watchers,
+) -> BuildOutcome {
+    let image = ImageRef::Layout {
+        dir: dir.clone(),
+        reference: reference.clone(),
+    };
+    watchers.emit(PullEvent::Phase("verifying layout blobs".into()));
+    let pulled =
+        tokio::task::spawn_blocking(move || crate::image::oci::layout::open(&dir, &reference))
+            .await
+            .map_err(|e| failed(&image, format!("layout read task: {e}")))?
+            .map_err(|e| failed(&image, e))?;
+    build_pulled(&args, image, pulled, watchers).await
+}
+
+/// Builds the base of an image whose blobs are on local disk, on a blocking thread.
+async fn build_pulled(
+    args: &Arc<RootfsArgs>,
+    image: ImageRef,
+    pulled: PulledImage,
+    watchers: Watchers,
+) -> BuildOutcome {
+    let name = image.to_string();
+    let task_args = args.clone();
+    let manifest_digest = pulled.manifest_digest.clone();
+    let (base, made, config) = tokio::task::spawn_blocking(move || {
+        let phase = |p: String| watchers.emit(PullEvent::Phase(p));
+        task_args
+            .bases
+            .ensure_oci_base(&name, &pulled, task_args.max_image_bytes, &phase)
+            .map(|(base, made): (Base, bool)| (base, made, pulled.config))
+    })
+    .await
+    .map_err(|e| failed(&image, format!("base build task: {e}")))?
+    .map_err(|e| failed(&image, e))?;
+    Ok(Built {
+        image,
+        identity: None,
+        found: ImageBase {
+            base,
+            workload: Some(ImageWorkload {
+                entrypoint: config.entrypoint,
+                cmd: config.cmd,
+                env: config.env,
+                working_dir: config.working_dir,
+                user: config.user,
+            }),
+        },
+        manifest_digest: Some(manifest_digest),
+        blobs: Vec::new(),
+        pulled: false,
+        made,
+    })
+}
+
+/// Clones `base` to `dest` on a blocking thread (see `image::clone_disk`).
+pub async fn clone_disk(
+    base: PathBuf,
+    dest: PathBuf,
+    size_bytes: Option<u64>,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        crate::image::clone_disk(&base, &dest, size_bytes).map(|_| ())
+    })
+    .await
+    .map_err(|e| format!("clone task: {e}"))?
+    .map_err(|e| e.to_string())
+}
+
+/// Removes a machine disk on a blocking thread (see `image::remove_disk`).
+pub async fn remove_disk(dest: PathBuf) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || crate::image::remove_disk(&dest))
+        .await
+        .map_err(|e| format!("remove task: {e}"))?
+        .map_err(|e| e.to_string())
+}
