@@ -281,3 +281,68 @@ async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing()
         assert!(left.is_empty(), "{sub}: {left:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oci_layout_directory_boots_like_a_pushed_image() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    support::registry::write_layout(layout.path(), "v2", &bootable_image("layout"));
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let reference = format!("oci:{}:v2", layout.path().display());
+    // A tag the layout does not have fails the image step naming the tags it has.
+    let missing = client
+        .machines
+        .create_machine(request(
+            "layout-0",
+            "layout-missing",
+            &format!("oci:{}:v9", layout.path().display()),
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let m = client
+        .machines
+        .create_machine(request("layout-1", "layout-one", &reference))
+        .await
+        .expect("create")
+        .into_inner();
+    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+    client
+        .machines
+        .stop_machine(pb::MachineRef { id: m.id.clone() })
+        .await
+        .expect("stop");
+    wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
+    let log = read_from_disk(&daemon, &m.id, "/var/log/hearth-workload.log");
+    assert!(
+        log.contains("seen hello-layout as 1000:1000 in /srv"),
+        "{log}"
+    );
+    assert!(log.contains("motd gone"), "whiteout: {log}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failure = loop {
+        let got = get_machine(&mut client, &missing.id).await;
+        if let Some(t) = got
+            .timings
+            .iter()
+            .find(|t| t.step == "image" && t.outcome != "ok")
+        {
+            break t.outcome.clone();
+        }
+        assert!(Instant::now() < deadline, "{got:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        failure.contains("no image `v9`") && failure.contains("v2"),
+        "{failure}"
+    );
+    // Layout images are read in place: the blob directory stays empty.
+    let blobs = daemon.dir.path().join("cache/blobs/sha256");
+    assert!(
+        std::fs::read_dir(&blobs).map_or(true, |mut rd| rd.next().is_none()),
+        "blobs copied from a layout"
+    );
+    destroy(&mut client, &missing.id).await;
+    destroy(&mut client, &m.id).await;
+    support::assert_audit_clean(&mut client).await;
+}
