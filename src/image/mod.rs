@@ -9,6 +9,11 @@
 //!    v
 //! clone_disk(base, <machine>/rootfs.ext4)         FICLONE reflink, else sparse copy
 //! remove_disk(...)                                idempotent undo
+//!
+//! ImageRef::Oci / ImageRef::Layout (oci:/dir:tag)  pulled or read by `oci`, then
+//!    BaseStore::ensure_oci_base                    layers applied, keyed by manifest digest
+//! ImageEntry                                      what redb remembers of a base
+//! collect::plan (pure)                            which unreferenced bases to collect
 //! ```
 //!
 //! Architecture invariant: nothing here mounts a file system or needs a loop device;
