@@ -11,7 +11,7 @@ use std::process::Command;
 
 use hearth::api::pb::{self, pull_image_progress::Event};
 use hearth::client::Client;
-use support::registry::{Registry, sample_image};
+use support::registry::{ConfigSpec, Entry, LayerSpec, Registry, build_image, sample_image};
 use support::{Daemon, demo_request, destroy, wait_for};
 
 fn registry_host(registry: &Registry) -> String {
@@ -305,4 +305,82 @@ async fn a_base_in_use_stays_and_a_prune_over_budget_takes_the_rest_with_their_b
     assert!(list(&mut client).await.is_empty());
     assert!(bases_of(&daemon).is_empty());
     support::assert_audit_clean(&mut client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_layers_are_refused_naming_the_entry_and_leave_nothing() {
+    let config = ConfigSpec {
+        entrypoint: vec!["/bin/true".into()],
+        cmd: vec![],
+        env: vec![],
+        working_dir: String::new(),
+        user: String::new(),
+        architecture: "amd64".into(),
+    };
+    let layer = |gzip: bool, entries: Vec<Entry>| LayerSpec { gzip, entries };
+    let cases = [
+        (
+            "traversal",
+            layer(
+                false,
+                vec![Entry::RawName("../escape".into(), b"x".to_vec())],
+            ),
+            "../escape",
+        ),
+        (
+            "symlink",
+            layer(
+                true,
+                vec![Entry::Symlink("evil".into(), "../../../../etc".into())],
+            ),
+            "`evil`",
+        ),
+        (
+            // 8 MiB of zeros gzip to a few KiB; the daemon allows 1 MiB unpacked.
+            "bomb",
+            layer(
+                true,
+                vec![
+                    Entry::Dir("usr".into()),
+                    Entry::File("usr/bomb".into(), 0o644, vec![0; 8 << 20]),
+                ],
+            ),
+            "usr/bomb",
+        ),
+    ];
+    let layouts = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start_with("[images]\nmax_image_mib = 1\ncollect_interval_secs = 0\n");
+    let mut client = daemon.client().await;
+    for (tag, hostile, entry) in cases {
+        let dir = layouts.path().join(tag);
+        let innocent = layer(true, vec![Entry::Dir("etc".into())]);
+        support::registry::write_layout(&dir, tag, &build_image(&[innocent, hostile], &config));
+        let reference = format!("oci:{}:{tag}", dir.display());
+        let mut stream = client
+            .images
+            .pull_image(pb::PullImageRequest { image: reference })
+            .await
+            .expect("pull starts")
+            .into_inner();
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("{tag}: the hostile image was accepted"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(
+            err.code(),
+            tonic::Code::FailedPrecondition,
+            "{tag}: {err:?}"
+        );
+        assert!(err.message().contains(entry), "{tag}: {}", err.message());
+    }
+    // Nothing built, nothing left half-made.
+    assert!(list(&mut client).await.is_empty());
+    let images = daemon.dir.path().join("data/images");
+    for sub in ["bases", "tmp"] {
+        let left = files_in(&images.join(sub));
+        assert!(left.is_empty(), "{sub}: {left:?}");
+    }
 }

@@ -287,6 +287,9 @@ pub enum Entry {
     Whiteout(String),
     /// An opaque directory: hides the lower layers' content of `dir` (`.wh..wh..opq`).
     Opaque(String),
+    /// A regular file whose name is written into the header as is, bypassing the tar
+    /// builder's own checks (for hostile names such as `../x`).
+    RawName(String, Vec<u8>),
 }
 
 /// A layer: its entries in tar order, gzip-compressed or a plain tar.
@@ -396,6 +399,14 @@ pub fn layer_tar(spec: &LayerSpec) -> Vec<u8> {
             Entry::Opaque(dir) => {
                 let mut h = header(tar::EntryType::Regular, 0o644, 0);
                 builder.append_data(&mut h, format!("{dir}/.wh..wh..opq"), std::io::empty())
+            }
+            Entry::RawName(name, data) => {
+                let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+                let field = &mut h.as_old_mut().name;
+                field.fill(0);
+                field[..name.len()].copy_from_slice(name.as_bytes());
+                h.set_cksum();
+                builder.append(&h, data.as_slice())
             }
         };
         result.unwrap_or_else(|e| panic!("tar entry {entry:?}: {e}"));

@@ -43,11 +43,16 @@ pub async fn run(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers) -> 
     }
 }
 
-fn failed(image: &ImageRef, message: impl std::fmt::Display) -> ImageError {
-    ImageError::Build {
-        image: image.to_string(),
-        message: message.to_string(),
-    }
+/// A build error; the message names the image once (most causes already do).
+fn failed(image: &ImageRef, cause: impl std::fmt::Display) -> ImageError {
+    let image = image.to_string();
+    let cause = cause.to_string();
+    let message = if cause.contains(&image) {
+        cause
+    } else {
+        format!("image {image}: {cause}")
+    };
+    ImageError::Build { image, message }
 }
 
 /// Builds (or finds) the base of a local image on a blocking thread.

@@ -85,9 +85,9 @@ impl Watchers {
 /// Why an image operation of the cache failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ImageError {
-    /// The image could not be pulled, read or built; the message names the cause (the
-    /// registry, the blob, the layer entry, mkfs).
-    #[error("image {image}: {message}")]
+    /// The image could not be pulled, read or built; the message names the image and
+    /// the cause (the registry, the blob, the layer entry, mkfs).
+    #[error("{message}")]
     Build {
         /// The image.
         image: String,

@@ -239,7 +239,9 @@ pub async fn run(
                     })
                 );
             } else {
-                print_images(false, &pruned.removed);
+                if !pruned.removed.is_empty() {
+                    print_images(false, &pruned.removed);
+                }
                 println!(
                     "{} bases and {} blobs removed, {} MiB freed{}",
                     pruned.removed.len(),
