@@ -135,6 +135,66 @@ async fn pull_by_tag_then_digest_reuses_every_blob() {
     assert_eq!(third.stats.blobs_reused, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_base_is_built_skips_the_layers() {
+    let Some(reg) = registry::start_or_skip("a_manifest_whose_base_is_built_skips_the_layers")
+    else {
+        return;
+    };
+    let image = sample_image("skip");
+    reg.push("skip", "v1", &image).await;
+    let blobs = tempfile::tempdir().unwrap();
+    let reference = OciRef::parse(&reg.reference("skip", "v1")).unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let heard = asked.clone();
+    let built = move |manifest: &str| {
+        heard.lock().unwrap().push(manifest.to_string());
+        true
+    };
+    let pulled = oci::pull_unless_built(
+        &reference,
+        &reg.settings(),
+        blobs.path(),
+        &|p| panic!("no layer progress expected: {p:?}"),
+        &built,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        *asked.lock().unwrap(),
+        std::slice::from_ref(&image.manifest.digest)
+    );
+    assert!(!pulled.layers_verified);
+    // The config (the workload settings) is read; no layer is fetched.
+    assert_eq!(pulled.stats.blobs_downloaded, 1);
+    assert_eq!(pulled.config.entrypoint, ["/bin/app", "--serve"]);
+    assert_eq!(pulled.layers.len(), 3);
+    assert!(pulled.layers.iter().all(|l| !l.path.exists()));
+    // Such an image cannot make a base: the one it was skipped for must exist.
+    let store = hearth::image::BaseStore::open(
+        &blobs.path().join("images"),
+        hearth::image::BaseSettings::default(),
+    )
+    .unwrap();
+    let err = store
+        .ensure_oci_base("skip", &pulled, 1 << 30, &|_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("removed while"), "{err}");
+    assert!(store.list().unwrap().is_empty());
+
+    // The same for a layout: the layers are not hashed, so a corrupt one goes unseen.
+    let layout = tempfile::tempdir().unwrap();
+    registry::write_layout(layout.path(), "v1", &image);
+    let hex = image.layers[0].digest.trim_start_matches("sha256:");
+    std::fs::write(layout.path().join("blobs/sha256").join(hex), b"corrupt").unwrap();
+    let opened = oci::layout::open_unless_built(layout.path(), "v1", &|_| true).unwrap();
+    assert!(!opened.layers_verified);
+    assert!(matches!(
+        oci::layout::open(layout.path(), "v1"),
+        Err(LayoutError::BlobCorrupt { .. })
+    ));
+}
+
 #[tokio::test]
 async fn an_index_resolves_to_linux_amd64() {
     let Some(reg) = registry::start_or_skip("an_index_resolves_to_linux_amd64") else {

@@ -442,15 +442,19 @@ impl BaseStore {
         phase: &dyn Fn(String),
     ) -> Result<(Base, bool), BaseError> {
         let started = Instant::now();
-        let mut h = Hasher::new("hearth-base");
-        h.u64(BUILDER_VERSION);
-        h.u64(self.settings.headroom_mib);
-        h.u64(self.settings.min_size_mib);
-        h.bytes(b"oci");
-        h.bytes(pulled.manifest_digest.as_bytes());
-        let digest = h.finish();
+        let digest = self.oci_digest(&pulled.manifest_digest);
         if let Some(base) = self.get(&digest)? {
             return Ok((base, false));
+        }
+        if !pulled.layers_verified {
+            // The pull skipped the layers because this base existed; it is gone now.
+            return Err(BaseError::Layer {
+                image: name.to_string(),
+                message: format!(
+                    "the base for manifest {} was removed while the image was read; try again",
+                    pulled.manifest_digest
+                ),
+            });
         }
         let temp = self.temp(&digest, "tree");
         std::fs::create_dir(temp.path()).map_err(io_err(temp.path(), "create directory"))?;
@@ -494,6 +498,22 @@ impl BaseStore {
         let base = self.finish_base(name, &digest, &tree, &stats, started)?;
         drop(temp);
         Ok((base, true))
+    }
+
+    /// The base digest of an OCI image with `manifest_digest` (and these settings).
+    pub fn oci_digest(&self, manifest_digest: &str) -> String {
+        let mut h = Hasher::new("hearth-base");
+        h.u64(BUILDER_VERSION);
+        h.u64(self.settings.headroom_mib);
+        h.u64(self.settings.min_size_mib);
+        h.bytes(b"oci");
+        h.bytes(manifest_digest.as_bytes());
+        h.finish()
+    }
+
+    /// Whether the base of the OCI image with `manifest_digest` is built.
+    pub fn has_oci_base(&self, manifest_digest: &str) -> bool {
+        self.base_path(&self.oci_digest(manifest_digest)).is_file()
     }
 
     /// mkfs of `tree` into a temporary, made read-only, synced, described and renamed into

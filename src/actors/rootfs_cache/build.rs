@@ -102,9 +102,21 @@ async fn build_registry(
         let watchers = watchers.clone();
         move |p| watchers.emit(PullEvent::Layer(p))
     };
-    let pulled = crate::image::oci::pull(&reference, &args.registry, &args.blob_dir, &progress)
-        .await
-        .map_err(|e| failed(&image, e))?;
+    // A base already built for the manifest makes fetching and hashing the layers waste.
+    let bases = args.bases.clone();
+    let built = move |manifest: &str| bases.has_oci_base(manifest);
+    let pulled = crate::image::oci::pull_unless_built(
+        &reference,
+        &args.registry,
+        &args.blob_dir,
+        &progress,
+        &built,
+    )
+    .await
+    .map_err(|e| failed(&image, e))?;
+    if !pulled.layers_verified {
+        watchers.emit(PullEvent::Phase("base already built".into()));
+    }
     let blobs = std::iter::once(pulled.config_digest.clone())
         .chain(pulled.layers.iter().map(|l| l.digest.clone()))
         .collect();
@@ -126,11 +138,18 @@ async fn build_layout(
         reference: reference.clone(),
     };
     watchers.emit(PullEvent::Phase("verifying layout blobs".into()));
-    let pulled =
-        tokio::task::spawn_blocking(move || crate::image::oci::layout::open(&dir, &reference))
-            .await
-            .map_err(|e| failed(&image, format!("layout read task: {e}")))?
-            .map_err(|e| failed(&image, e))?;
+    let bases = args.bases.clone();
+    let pulled = tokio::task::spawn_blocking(move || {
+        crate::image::oci::layout::open_unless_built(&dir, &reference, &|manifest: &str| {
+            bases.has_oci_base(manifest)
+        })
+    })
+    .await
+    .map_err(|e| failed(&image, format!("layout read task: {e}")))?
+    .map_err(|e| failed(&image, e))?;
+    if !pulled.layers_verified {
+        watchers.emit(PullEvent::Phase("base already built".into()));
+    }
     build_pulled(&args, image, pulled, watchers).await
 }
 

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::blobs::{BlobPathError, Present, blob_path, check_present, sha256_hex};
 use super::config::{ConfigError, ImageConfig};
 use super::pull::MAX_CONFIG_BYTES;
-use super::pulled::{FetchStats, Layer, PulledImage, compression_of};
+use super::pulled::{BuiltFor, FetchStats, Layer, PulledImage, compression_of};
 
 /// The annotation naming an entry of `index.json` (its tag).
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -171,6 +171,16 @@ struct LayoutMarker {
 ///
 /// Idempotent: reads only; nothing in the layout is changed.
 pub fn open(dir: &Path, tag_or_digest: &str) -> Result<PulledImage, LayoutError> {
+    open_unless_built(dir, tag_or_digest, &|_| false)
+}
+
+/// [`open`], except that when `built` says a base exists for the chosen manifest the
+/// layers are not hashed (`layers_verified` is false); the manifest and config are.
+pub fn open_unless_built(
+    dir: &Path,
+    tag_or_digest: &str,
+    built: BuiltFor<'_>,
+) -> Result<PulledImage, LayoutError> {
     let layout = Layout { dir };
     layout.check_marker()?;
     let index_path = dir.join("index.json");
@@ -251,7 +261,8 @@ pub fn open(dir: &Path, tag_or_digest: &str) -> Result<PulledImage, LayoutError>
     };
     let manifest_path = layout.path_of(&manifest_digest)?;
     let manifest: OciImageManifest = parse_json(&manifest_path, &manifest_bytes)?;
-    layout.image(manifest_digest, index_digest, &manifest)
+    let verify = !built(&manifest_digest);
+    layout.image(manifest_digest, index_digest, &manifest, verify)
 }
 
 fn ref_name(entry: &ImageIndexEntry) -> Option<&str> {
@@ -375,6 +386,7 @@ impl Layout<'_> {
         manifest_digest: String,
         index_digest: Option<String>,
         manifest: &OciImageManifest,
+        verify: bool,
     ) -> Result<PulledImage, LayoutError> {
         let config_type = manifest.config.media_type.as_str();
         if config_type != IMAGE_CONFIG_MEDIA_TYPE && config_type != IMAGE_DOCKER_CONFIG_MEDIA_TYPE {
@@ -415,7 +427,13 @@ impl Layout<'_> {
         }
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for desc in &manifest.layers {
-            let (path, size) = self.verify_blob(desc)?;
+            let (path, size) = if verify {
+                self.verify_blob(desc)?
+            } else {
+                let size =
+                    u64::try_from(desc.size).map_err(|_| self.bad_size(&desc.digest, desc.size))?;
+                (self.path_of(&desc.digest)?, size)
+            };
             layers.push(Layer {
                 digest: desc.digest.clone(),
                 media_type: desc.media_type.clone(),
@@ -432,6 +450,7 @@ impl Layout<'_> {
                 ..FetchStats::default()
             },
             layers,
+            layers_verified: verify,
             config,
         })
     }

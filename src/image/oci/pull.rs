@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::blobs::{BlobPathError, Present, blob_path, check_present, sha256_hex, temp_path};
 use super::config::{ConfigError, ImageConfig};
-use super::pulled::{FetchStats, Layer, Progress, PulledImage, compression_of};
+use super::pulled::{BuiltFor, FetchStats, Layer, Progress, PulledImage, compression_of};
 use super::reference::OciRef;
 use super::settings::RegistrySettings;
 
@@ -277,6 +277,19 @@ pub async fn pull(
     blob_dir: &Path,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<PulledImage, PullError> {
+    pull_unless_built(reference, settings, blob_dir, progress, &|_| false).await
+}
+
+/// [`pull`], except that when `built` says a base exists for the resolved manifest the
+/// layers are neither fetched nor verified (`layers_verified` is false): the manifest
+/// and the config, which hold the workload settings, are still read and checked.
+pub async fn pull_unless_built(
+    reference: &OciRef,
+    settings: &RegistrySettings,
+    blob_dir: &Path,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    built: BuiltFor<'_>,
+) -> Result<PulledImage, PullError> {
     let ctx = connect(reference, settings, blob_dir, progress)?;
     let dir = blob_dir.join("sha256");
     tokio::fs::create_dir_all(&dir)
@@ -309,6 +322,35 @@ pub async fn pull(
     let (config_path, fetched) = fetch_blob(&ctx, &manifest.config, config_size, false).await?;
     count(&mut stats, &fetched);
     let config = read_config(&ctx, &manifest.config.digest, &config_path).await?;
+    if built(&manifest_digest) {
+        let layers = manifest
+            .layers
+            .iter()
+            .zip(layer_sizes.iter())
+            .map(|(desc, &size)| {
+                Ok(Layer {
+                    digest: desc.digest.clone(),
+                    media_type: desc.media_type.clone(),
+                    size,
+                    path: blob_path(blob_dir, &desc.digest).map_err(|source| {
+                        PullError::BlobName {
+                            reference: ctx.reference.clone(),
+                            source,
+                        }
+                    })?,
+                })
+            })
+            .collect::<Result<_, PullError>>()?;
+        return Ok(PulledImage {
+            manifest_digest,
+            index_digest,
+            config_digest: manifest.config.digest.clone(),
+            layers,
+            layers_verified: false,
+            config,
+            stats,
+        });
+    }
 
     // The futures are built eagerly (they do nothing until polled) so the stream holds
     // no closure over borrowed items, which would make the pull future not `Send`.
@@ -340,6 +382,7 @@ pub async fn pull(
         index_digest,
         config_digest: manifest.config.digest.clone(),
         layers,
+        layers_verified: true,
         config,
         stats,
     })

@@ -18,11 +18,19 @@ pub struct PulledImage {
     pub config_digest: String,
     /// Layers, bottom first, as they must be applied.
     pub layers: Vec<Layer>,
+    /// Whether the layer blobs were fetched and verified. False when the caller said a
+    /// base for this manifest is already built: then the layers' paths are where the
+    /// blobs would be, unchecked, and must not be unpacked.
+    pub layers_verified: bool,
     /// The runtime settings from the config blob.
     pub config: ImageConfig,
     /// What this call downloaded and what it found already present.
     pub stats: FetchStats,
 }
+
+/// Whether a base is already built for a manifest digest: then a pull or a layout read
+/// skips fetching and verifying the layers, which would be wasted work.
+pub type BuiltFor<'a> = &'a (dyn Fn(&str) -> bool + Send + Sync);
 
 /// One layer blob on local disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
