@@ -11,8 +11,8 @@
 //! answer is given from memory. Directory images have no such cheap identity and are
 //! hashed every time.
 //!
-//! The cache also keeps the inventory (table `images`: names, blobs, last use, written at
-//! most once a minute per base unless something changed) and collects bases no machine
+//! The cache also keeps the inventory (table `images`: names, blobs, last use; a use that
+//! changes nothing but the time is written at most once a minute per base) and collects bases no machine
 //! names, by age and a disk budget (`image::collect` decides; `catalog` removes).
 //! Removals run only while no build is in flight, so nothing being built or pulled is
 //! ever removed under a build.
@@ -202,8 +202,6 @@ pub struct RootfsState {
     args: Arc<RootfsArgs>,
     known: HashMap<ImageRef, (SourceIdentity, Base)>,
     in_flight: HashMap<String, Flight>,
-    /// Per base digest: the name and time of the last use written to the store.
-    recorded: HashMap<String, (String, u64)>,
     stats: RootfsStats,
 }
 
@@ -227,7 +225,6 @@ impl Actor for RootfsCache {
             args,
             in_flight: HashMap::new(),
             known: HashMap::new(),
-            recorded: HashMap::new(),
             stats: RootfsStats::default(),
         })
     }
@@ -349,30 +346,22 @@ impl RootfsState {
         });
     }
 
-    /// Records that `name` used `base` now, with what a build learnt. Skipped when the
-    /// same name's use was written less than a minute ago and the build added nothing.
-    fn note_use(&mut self, base: &Base, name: &str, built: Option<&Built>) {
+    /// Records that `name` used `base` now, with what a build learnt. No commit when only
+    /// the last-use time moved, by less than a minute.
+    fn note_use(&self, base: &Base, name: &str, built: Option<&Built>) {
         let now = now_unix();
-        let news = built.is_some_and(|b| b.made || !b.blobs.is_empty());
-        if !news
-            && let Some((last_name, at)) = self.recorded.get(&base.digest)
-            && last_name == name
-            && now.saturating_sub(*at) < USE_RECORD_INTERVAL_SECS
-        {
-            return;
-        }
         let store = self.args.services.store();
-        let mut entry = match store.image(&base.digest) {
-            Ok(Some(entry)) => entry,
-            Ok(None) => ImageEntry {
-                built_unix: now,
-                ..ImageEntry::default()
-            },
+        let old = match store.image(&base.digest) {
+            Ok(old) => old,
             Err(e) => {
                 tracing::warn!(digest = %base.digest, error = %e, "could not read an image row");
                 return;
             }
         };
+        let mut entry = old.clone().unwrap_or_else(|| ImageEntry {
+            built_unix: now,
+            ..ImageEntry::default()
+        });
         entry.used_as(name, now);
         entry.size_bytes = base.size_bytes;
         if let Some(built) = built {
@@ -383,14 +372,18 @@ impl RootfsState {
                 entry.blobs = built.blobs.clone();
             }
         }
-        match store.put_image(&base.digest, &entry) {
-            Ok(()) => {
-                self.recorded
-                    .insert(base.digest.clone(), (name.to_string(), now));
+        if let Some(old) = &old {
+            let recent = now.saturating_sub(old.last_used_unix) < USE_RECORD_INTERVAL_SECS;
+            let unchanged = ImageEntry {
+                last_used_unix: old.last_used_unix,
+                ..entry.clone()
+            } == *old;
+            if recent && unchanged {
+                return;
             }
-            Err(e) => {
-                tracing::warn!(digest = %base.digest, error = %e, "could not record an image use")
-            }
+        }
+        if let Err(e) = store.put_image(&base.digest, &entry) {
+            tracing::warn!(digest = %base.digest, error = %e, "could not record an image use");
         }
     }
 
@@ -506,9 +499,6 @@ impl RootfsState {
         self.stats.bases_removed += digests.len() as u64;
         self.known
             .retain(|_, (_, base)| !digests.contains(&base.digest));
-        for digest in digests {
-            self.recorded.remove(digest);
-        }
     }
 }
 
