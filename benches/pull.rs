@@ -47,17 +47,7 @@ fn main() {
                 .collect(),
         })
         .collect();
-    let image = build_image(
-        &layers,
-        &ConfigSpec {
-            entrypoint: vec!["/bin/true".into()],
-            cmd: vec![],
-            env: vec![],
-            working_dir: String::new(),
-            user: String::new(),
-            architecture: "amd64".into(),
-        },
-    );
+    let image = build_image(&layers, &ConfigSpec::running(&["/bin/true"]));
     let compressed: usize = image.layers.iter().map(|b| b.data.len()).sum();
     let uncompressed = 4 * 8 * 8 * MIB;
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

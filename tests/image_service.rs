@@ -60,6 +60,15 @@ async fn list(client: &mut Client) -> Vec<pb::Image> {
         .images
 }
 
+async fn prune(client: &mut Client) -> pb::PruneImagesResponse {
+    client
+        .images
+        .prune_images(pb::PruneImagesRequest {})
+        .await
+        .expect("prune")
+        .into_inner()
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -145,12 +154,7 @@ async fn a_pull_streams_progress_and_the_image_is_listed_across_a_restart_then_r
         events.contains(&Event::Phase("base already built".into())),
         "{events:?}"
     );
-    let node = client
-        .node
-        .get_node(pb::GetNodeRequest {})
-        .await
-        .expect("node")
-        .into_inner();
+    let node = support::node(&mut client).await;
     assert_eq!((node.image_pulls, node.image_builds), (2, 1));
 
     // The inventory is durable: a killed daemon's successor lists the same image.
@@ -269,12 +273,7 @@ async fn a_base_in_use_stays_and_a_prune_over_budget_takes_the_rest_with_their_b
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("holder"), "{}", err.message());
 
-    let pruned = client
-        .images
-        .prune_images(pb::PruneImagesRequest {})
-        .await
-        .expect("prune")
-        .into_inner();
+    let pruned = prune(&mut client).await;
     let mut names: Vec<&str> = pruned.removed.iter().map(|i| i.names[0].as_str()).collect();
     names.sort();
     assert_eq!(
@@ -296,12 +295,7 @@ async fn a_base_in_use_stays_and_a_prune_over_budget_takes_the_rest_with_their_b
 
     // Once the machine is gone, its base goes too.
     destroy(&mut client, &m.id).await;
-    let pruned = client
-        .images
-        .prune_images(pb::PruneImagesRequest {})
-        .await
-        .expect("prune")
-        .into_inner();
+    let pruned = prune(&mut client).await;
     assert_eq!(pruned.removed.len(), 1);
     assert_eq!(pruned.still_over_bytes, 0);
     assert!(list(&mut client).await.is_empty());
@@ -311,14 +305,7 @@ async fn a_base_in_use_stays_and_a_prune_over_budget_takes_the_rest_with_their_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_layers_are_refused_naming_the_entry_and_leave_nothing() {
-    let config = ConfigSpec {
-        entrypoint: vec!["/bin/true".into()],
-        cmd: vec![],
-        env: vec![],
-        working_dir: String::new(),
-        user: String::new(),
-        architecture: "amd64".into(),
-    };
+    let config = ConfigSpec::running(&["/bin/true"]);
     let layer = |gzip: bool, entries: Vec<Entry>| LayerSpec { gzip, entries };
     let cases = [
         (

@@ -84,13 +84,33 @@ fn request(request_id: &str, name: &str, image: &str) -> pb::CreateMachineReques
     }
 }
 
-async fn node(client: &mut Client) -> pb::Node {
+/// Waits for the machine to start, stops it, and reads what its workload logged.
+async fn started_then_stopped_log(client: &mut Client, daemon: &Daemon, id: &str) -> String {
+    wait_for(client, id, pb::MachineState::Started).await;
     client
-        .node
-        .get_node(pb::GetNodeRequest {})
+        .machines
+        .stop_machine(pb::MachineRef { id: id.into() })
         .await
-        .expect("node")
-        .into_inner()
+        .expect("stop");
+    wait_for(client, id, pb::MachineState::Stopped).await;
+    read_from_disk(daemon, id, "/var/log/hearth-workload.log")
+}
+
+/// The error of the machine's first failed `image` step, once there is one.
+async fn image_step_failure(client: &mut Client, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = get_machine(client, id).await;
+        if let Some(t) = got
+            .timings
+            .iter()
+            .find(|t| t.step == "image" && t.outcome != "ok")
+        {
+            return t.outcome.clone();
+        }
+        assert!(Instant::now() < deadline, "{got:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A file of a stopped machine's root disk, read with debugfs.
@@ -126,14 +146,7 @@ async fn a_pushed_image_boots_and_runs_its_entrypoint_with_its_env_and_user() {
         .await
         .expect("create")
         .into_inner();
-    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
-    client
-        .machines
-        .stop_machine(pb::MachineRef { id: m.id.clone() })
-        .await
-        .expect("stop");
-    wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
-    let log = read_from_disk(&daemon, &m.id, "/var/log/hearth-workload.log");
+    let log = started_then_stopped_log(&mut client, &daemon, &m.id).await;
     assert!(log.contains("seen hello-one as 1000:1000 in /srv"), "{log}");
     assert!(log.contains("motd gone"), "whiteout: {log}");
     assert!(
@@ -150,7 +163,7 @@ async fn a_pushed_image_boots_and_runs_its_entrypoint_with_its_env_and_user() {
     assert_eq!(inodes.len(), 2, "{log}");
     assert_eq!(inodes[0], inodes[1], "hard link: {log}");
     destroy(&mut client, &m.id).await;
-    let counters = node(&mut client).await;
+    let counters = support::node(&mut client).await;
     assert_eq!((counters.image_pulls, counters.image_builds), (1, 1));
 }
 
@@ -198,7 +211,7 @@ async fn ten_concurrent_creates_of_an_uncached_image_pull_once_and_build_once() 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let counters = node(&mut client).await;
+    let counters = support::node(&mut client).await;
     assert_eq!(counters.image_pulls, 1, "{counters:?}");
     assert_eq!(counters.image_builds, 1, "{counters:?}");
     for id in &ids {
@@ -227,14 +240,7 @@ async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing()
                 entries: vec![Entry::Symlink("evil".into(), "../../../../etc".into())],
             },
         ],
-        &ConfigSpec {
-            entrypoint: vec!["/bin/busybox".into(), "true".into()],
-            cmd: vec![],
-            env: vec![],
-            working_dir: String::new(),
-            user: String::new(),
-            architecture: "amd64".into(),
-        },
+        &ConfigSpec::running(&["/bin/busybox", "true"]),
     );
     registry.push("hostile", "v1", &hostile).await;
     let daemon = Daemon::start_with(&format!(
@@ -257,19 +263,7 @@ async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing()
         .expect("create")
         .into_inner();
     // The image step fails (and is retried) with the entry named in its error.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let failure = loop {
-        let got = get_machine(&mut client, &m.id).await;
-        if let Some(t) = got
-            .timings
-            .iter()
-            .find(|t| t.step == "image" && t.outcome != "ok")
-        {
-            break t.outcome.clone();
-        }
-        assert!(Instant::now() < deadline, "{got:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let failure = image_step_failure(&mut client, &m.id).await;
     assert!(failure.contains("`evil`"), "{failure}");
     destroy(&mut client, &m.id).await;
     // No base and no scratch tree is left in the image store.
@@ -306,32 +300,13 @@ async fn an_oci_layout_directory_boots_like_a_pushed_image() {
         .await
         .expect("create")
         .into_inner();
-    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
-    client
-        .machines
-        .stop_machine(pb::MachineRef { id: m.id.clone() })
-        .await
-        .expect("stop");
-    wait_for(&mut client, &m.id, pb::MachineState::Stopped).await;
-    let log = read_from_disk(&daemon, &m.id, "/var/log/hearth-workload.log");
+    let log = started_then_stopped_log(&mut client, &daemon, &m.id).await;
     assert!(
         log.contains("seen hello-layout as 1000:1000 in /srv"),
         "{log}"
     );
     assert!(log.contains("motd gone"), "whiteout: {log}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let failure = loop {
-        let got = get_machine(&mut client, &missing.id).await;
-        if let Some(t) = got
-            .timings
-            .iter()
-            .find(|t| t.step == "image" && t.outcome != "ok")
-        {
-            break t.outcome.clone();
-        }
-        assert!(Instant::now() < deadline, "{got:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let failure = image_step_failure(&mut client, &missing.id).await;
     assert!(
         failure.contains("no image `v9`") && failure.contains("v2"),
         "{failure}"

@@ -260,6 +260,16 @@ pub fn demo_request(request_id: &str, name: &str, command: &[&str]) -> pb::Creat
     }
 }
 
+/// The daemon's node report (capacity, counters).
+pub async fn node(client: &mut Client) -> pb::Node {
+    client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner()
+}
+
 /// The daemon's leak audit.
 pub async fn audit(client: &mut Client) -> pb::AuditReport {
     client

@@ -318,6 +318,20 @@ pub struct ConfigSpec {
     pub architecture: String,
 }
 
+impl ConfigSpec {
+    /// A config that only sets the entrypoint (amd64, no env, user or directory).
+    pub fn running(entrypoint: &[&str]) -> ConfigSpec {
+        ConfigSpec {
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            cmd: vec![],
+            env: vec![],
+            working_dir: String::new(),
+            user: String::new(),
+            architecture: "amd64".into(),
+        }
+    }
+}
+
 /// A blob with its media type and digest.
 #[derive(Debug, Clone)]
 pub struct Blob {

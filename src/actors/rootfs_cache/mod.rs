@@ -435,14 +435,7 @@ impl RootfsState {
             });
         }
         let digests: Vec<String> = matched.iter().map(|i| i.digest.clone()).collect();
-        let (freed, blobs) = catalog::remove(
-            &self.args.bases,
-            &self.args.blob_dir,
-            self.args.services.store(),
-            &survey,
-            &digests,
-        )?;
-        self.forget(&digests);
+        let (freed, blobs) = self.remove_bases(&survey, &digests)?;
         tracing::info!(
             image = wanted,
             bases = digests.len(),
@@ -463,14 +456,7 @@ impl RootfsState {
             self.args.policy,
         );
         let digests: Vec<String> = plan.remove.iter().map(|(d, _)| d.clone()).collect();
-        let (bytes_freed, blobs_removed) = catalog::remove(
-            &self.args.bases,
-            &self.args.blob_dir,
-            self.args.services.store(),
-            &survey,
-            &digests,
-        )?;
-        self.forget(&digests);
+        let (bytes_freed, blobs_removed) = self.remove_bases(&survey, &digests)?;
         let removed: Vec<(ImageInfo, collect::Reason)> = plan
             .remove
             .iter()
@@ -494,11 +480,23 @@ impl RootfsState {
         })
     }
 
-    /// Drops what memory says about removed bases.
-    fn forget(&mut self, digests: &[String]) {
+    /// Removes the bases (see `catalog::remove`) and what memory says about them.
+    fn remove_bases(
+        &mut self,
+        survey: &catalog::Survey,
+        digests: &[String],
+    ) -> Result<(u64, usize), ImageError> {
+        let removed = catalog::remove(
+            &self.args.bases,
+            &self.args.blob_dir,
+            self.args.services.store(),
+            survey,
+            digests,
+        )?;
         self.stats.bases_removed += digests.len() as u64;
         self.known
             .retain(|_, (_, base)| !digests.contains(&base.digest));
+        Ok(removed)
     }
 }
 
