@@ -50,6 +50,25 @@ async fn pull(client: &mut Client, image: &str) -> (Vec<Event>, pb::Image) {
     (events, image)
 }
 
+/// The status a pull's stream ends with; panics when the pull succeeds.
+async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
+    let mut stream = client
+        .images
+        .pull_image(pb::PullImageRequest {
+            image: image.into(),
+        })
+        .await
+        .expect("pull starts")
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("{image}: the pull succeeded"),
+            Err(e) => return e,
+        }
+    }
+}
+
 async fn list(client: &mut Client) -> Vec<pb::Image> {
     client
         .images
@@ -172,6 +191,22 @@ async fn a_pull_streams_progress_and_the_image_is_listed_across_a_restart_then_r
     assert!(out.status.success(), "{out:?}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json[0]["digest"], pulled.digest.as_str());
+
+    // A registry outage does not stop the use of an image built before; an image never
+    // pulled fails, naming it.
+    let never_pulled = registry.reference("svc", "v2");
+    drop(registry);
+    let (events, offline) = pull(&mut client, &reference).await;
+    assert_eq!(offline.digest, pulled.digest);
+    assert!(
+        events.contains(&Event::Phase(
+            "registry unreachable; using the base built before".into()
+        )),
+        "{events:?}"
+    );
+    let err = pull_error(&mut client, &never_pulled).await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains(&never_pulled), "{}", err.message());
 
     // Removed by name, with its blobs; a second removal names what is missing.
     let removed = client
@@ -345,19 +380,7 @@ async fn hostile_layers_are_refused_naming_the_entry_and_leave_nothing() {
         let innocent = layer(true, vec![Entry::Dir("etc".into())]);
         support::registry::write_layout(&dir, tag, &build_image(&[innocent, hostile], &config));
         let reference = format!("oci:{}:{tag}", dir.display());
-        let mut stream = client
-            .images
-            .pull_image(pb::PullImageRequest { image: reference })
-            .await
-            .expect("pull starts")
-            .into_inner();
-        let err = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("{tag}: the hostile image was accepted"),
-                Err(e) => break e,
-            }
-        };
+        let err = pull_error(&mut client, &reference).await;
         assert_eq!(
             err.code(),
             tonic::Code::FailedPrecondition,

@@ -20,6 +20,9 @@ pub struct ImageEntry {
     /// Digests of the pulled blobs (manifest's config and layers) kept in the blob
     /// directory for this base; empty for images read in place.
     pub blobs: Vec<String>,
+    /// The config blob's digest (registry images): the workload settings, read again when
+    /// the registry cannot be reached and this base is used as it is.
+    pub config_digest: Option<String>,
     /// Length of the base file (the file system's size; the file is sparse).
     pub size_bytes: u64,
     /// When the base was built (or first seen), seconds since the epoch.

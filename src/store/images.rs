@@ -91,6 +91,7 @@ mod tests {
             names: vec!["127.0.0.1:5000/app:v1".into()],
             manifest_digest: Some("sha256:00".into()),
             blobs: vec!["sha256:11".into()],
+            config_digest: Some("sha256:22".into()),
             size_bytes: 42,
             built_unix: 1,
             last_used_unix: 2,

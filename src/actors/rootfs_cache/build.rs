@@ -24,6 +24,8 @@ pub struct Built {
     pub manifest_digest: Option<String>,
     /// Blobs of the blob directory this base was built from (registry images).
     pub blobs: Vec<String>,
+    /// The config blob among them.
+    pub config_digest: Option<String>,
     /// Whether a registry pull ran.
     pub pulled: bool,
     /// Whether an OCI base was made now (not found cached).
@@ -84,6 +86,7 @@ async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers)
         },
         manifest_digest: None,
         blobs: Vec::new(),
+        config_digest: None,
         pulled: false,
         made: false,
     })
@@ -112,18 +115,77 @@ async fn build_registry(
         &progress,
         &built,
     )
-    .await
-    .map_err(|e| failed(&image, e))?;
+    .await;
+    let pulled = match pulled {
+        Ok(pulled) => pulled,
+        Err(e) if e.is_unreachable() => {
+            // A registry outage must not stop machines from images already built here.
+            let Some(built) = built_before(&args, &reference) else {
+                return Err(failed(&image, e));
+            };
+            tracing::warn!(image = %reference, error = %e, "registry unreachable; using the base built before");
+            watchers.emit(PullEvent::Phase(
+                "registry unreachable; using the base built before".into(),
+            ));
+            return Ok(built);
+        }
+        Err(e) => return Err(failed(&image, e)),
+    };
     if !pulled.layers_verified {
         watchers.emit(PullEvent::Phase("base already built".into()));
     }
     let blobs = std::iter::once(pulled.config_digest.clone())
         .chain(pulled.layers.iter().map(|l| l.digest.clone()))
         .collect();
+    let config_digest = Some(pulled.config_digest.clone());
     let mut built = build_pulled(&args, image, pulled, watchers).await?;
     built.blobs = blobs;
+    built.config_digest = config_digest;
     built.pulled = true;
     Ok(built)
+}
+
+/// The base this reference was last built as, with the settings from its config blob
+/// (verified), when all of it is still here.
+fn built_before(args: &RootfsArgs, reference: &OciRef) -> Option<Built> {
+    let name = reference.to_string();
+    let images = args.services.store().images().ok()?;
+    let (digest, entry) = images
+        .into_iter()
+        .filter(|(_, entry)| entry.names.contains(&name))
+        .max_by_key(|(_, entry)| entry.last_used_unix)?;
+    let base = args.bases.get(&digest).ok()??;
+    let config_digest = entry.config_digest.clone()?;
+    let bytes = crate::image::oci::read_verified(
+        &args.blob_dir,
+        &config_digest,
+        crate::image::oci::MAX_CONFIG_BYTES,
+    )?;
+    let config = crate::image::oci::ImageConfig::parse(&bytes).ok()?;
+    Some(Built {
+        image: ImageRef::Oci(reference.clone()),
+        identity: None,
+        found: ImageBase {
+            base,
+            workload: Some(workload_of(config)),
+        },
+        manifest_digest: entry.manifest_digest,
+        blobs: entry.blobs,
+        config_digest: Some(config_digest),
+        pulled: false,
+        made: false,
+    })
+}
+
+/// The workload settings an image config gives.
+fn workload_of(config: crate::image::oci::ImageConfig) -> ImageWorkload {
+    ImageWorkload {
+        entrypoint: config.entrypoint,
+        cmd: config.cmd,
+        env: config.env,
+        working_dir: config.working_dir,
+        user: config.user,
+    }
 }
 
 /// Reads an OCI layout in place (every blob used is verified) and builds its base.
@@ -178,16 +240,11 @@ async fn build_pulled(
         identity: None,
         found: ImageBase {
             base,
-            workload: Some(ImageWorkload {
-                entrypoint: config.entrypoint,
-                cmd: config.cmd,
-                env: config.env,
-                working_dir: config.working_dir,
-                user: config.user,
-            }),
+            workload: Some(workload_of(config)),
         },
         manifest_digest: Some(manifest_digest),
         blobs: Vec::new(),
+        config_digest: None,
         pulled: false,
         made,
     })

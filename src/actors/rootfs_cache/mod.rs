@@ -371,6 +371,9 @@ impl RootfsState {
             if !built.blobs.is_empty() {
                 entry.blobs = built.blobs.clone();
             }
+            if built.config_digest.is_some() {
+                entry.config_digest = built.config_digest.clone();
+            }
         }
         if let Some(old) = &old {
             let recent = now.saturating_sub(old.last_used_unix) < USE_RECORD_INTERVAL_SECS;

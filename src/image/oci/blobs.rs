@@ -60,6 +60,18 @@ pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), len))
 }
 
+/// The content of the blob `digest` in `blob_dir` if it is there, at most `max` bytes,
+/// and hashes to its digest; `None` otherwise. Blocking.
+pub fn read_verified(blob_dir: &Path, digest: &str, max: u64) -> Option<Vec<u8>> {
+    let path = blob_path(blob_dir, digest).ok()?;
+    let hex = sha256_hex(digest).ok()?;
+    if std::fs::metadata(&path).ok()?.len() > max {
+        return None;
+    }
+    let bytes = std::fs::read(&path).ok()?;
+    (hex::encode(Sha256::digest(&bytes)) == hex).then_some(bytes)
+}
+
 /// What was found at a blob's final path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Present {
@@ -109,6 +121,20 @@ mod tests {
         let t = temp_path(&dir.join("sha256").join(EMPTY));
         assert_eq!(t.parent(), Some(Path::new("/b/sha256")));
         assert_ne!(t, temp_path(&dir.join("sha256").join(EMPTY)));
+    }
+
+    #[test]
+    fn a_blob_is_read_only_when_it_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = format!("sha256:{EMPTY}");
+        assert_eq!(read_verified(dir.path(), &digest, 10), None);
+        std::fs::create_dir_all(dir.path().join("sha256")).unwrap();
+        let path = blob_path(dir.path(), &digest).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(read_verified(dir.path(), &digest, 10), Some(vec![]));
+        std::fs::write(&path, b"not empty").unwrap();
+        assert_eq!(read_verified(dir.path(), &digest, 100), None);
+        assert_eq!(read_verified(dir.path(), "sha256:../x", 100), None);
     }
 
     #[test]

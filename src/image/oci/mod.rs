@@ -26,7 +26,7 @@ mod pulled;
 mod reference;
 mod settings;
 
-pub use blobs::{BlobPathError, blob_path};
+pub use blobs::{BlobPathError, blob_path, read_verified};
 pub use config::{ConfigError, ImageConfig};
 pub use layout::LayoutError;
 pub use pull::{MAX_CONFIG_BYTES, PullError, pull, pull_unless_built};

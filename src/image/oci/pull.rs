@@ -240,6 +240,20 @@ pub enum PullError {
     },
 }
 
+impl PullError {
+    /// Whether the registry could not be reached (connection, TLS, timeout, a broken
+    /// transfer), as opposed to a registry that answered with a refusal or a bad image.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            PullError::Registry { source, .. } => {
+                matches!(**source, OciDistributionError::RequestError(_))
+            }
+            PullError::Transfer { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// Everything one pull needs, shared by the concurrent blob downloads.
 struct Ctx<'a> {
     client: Client,
