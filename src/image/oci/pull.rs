@@ -3,7 +3,9 @@
 //! against policy before downloading anything, then fetch the blobs that are not
 //! already present, verifying size and sha256 before they get their final name.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -414,6 +416,46 @@ fn connect<'a>(
     // which is just as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let insecure = settings.is_insecure(reference.registry());
+    let credentials = settings.credentials(reference.registry());
+    let client = client_for(reference.registry(), insecure, credentials).map_err(|source| {
+        PullError::Client {
+            reference: reference.to_string(),
+            source: Box::new(source),
+        }
+    })?;
+    Ok(Ctx {
+        client,
+        cref: reference.to_client_reference(),
+        reference: reference.to_string(),
+        registry: reference.registry().to_string(),
+        scheme: if insecure { "http" } else { "https" },
+        blob_dir,
+        progress,
+    })
+}
+
+/// What a kept client is for: the registry, the scheme and the credentials (a client
+/// remembers the first authentication it made for a registry).
+type ClientKey = (String, bool, Option<(String, String)>);
+
+/// One client per registry, scheme and credentials for the life of the process:
+/// building one loads the TLS roots (about 10 ms here, more than resolving a manifest on
+/// loopback), and a kept client also keeps its connections and tokens.
+fn client_for(
+    registry: &str,
+    insecure: bool,
+    credentials: Option<(&str, &str)>,
+) -> Result<Client, OciDistributionError> {
+    static CLIENTS: OnceLock<Mutex<HashMap<ClientKey, Client>>> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    let key = (
+        registry.to_string(),
+        insecure,
+        credentials.map(|(u, p)| (u.to_string(), p.to_string())),
+    );
+    if let Some(client) = clients.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(client);
+    }
     let config = ClientConfig {
         protocol: if insecure {
             ClientProtocol::Http
@@ -425,19 +467,11 @@ fn connect<'a>(
         read_timeout: Some(READ_TIMEOUT),
         ..ClientConfig::default()
     };
-    let client = Client::try_from(config).map_err(|source| PullError::Client {
-        reference: reference.to_string(),
-        source: Box::new(source),
-    })?;
-    Ok(Ctx {
-        client,
-        cref: reference.to_client_reference(),
-        reference: reference.to_string(),
-        registry: reference.registry().to_string(),
-        scheme: if insecure { "http" } else { "https" },
-        blob_dir,
-        progress,
-    })
+    let client = Client::try_from(config)?;
+    if let Ok(mut clients) = clients.lock() {
+        clients.insert(key, client.clone());
+    }
+    Ok(client)
 }
 
 impl Ctx<'_> {
