@@ -190,10 +190,16 @@ pub fn remove(
         .iter()
         .filter(|i| leaving.contains(i.digest.as_str()))
     {
+        let present = bases
+            .get(&info.digest)
+            .map_err(|e| host("looking at a base", e))?
+            .is_some();
         bases
             .remove(&info.digest)
             .map_err(|e| host("removing a base", e))?;
-        freed += info.disk_bytes;
+        if present {
+            freed += info.disk_bytes;
+        }
     }
     let mut blobs: Vec<String> = survey.blobs_freed_by(&leaving).into_iter().collect();
     blobs.extend(survey.orphan_blobs());
@@ -231,4 +237,108 @@ pub fn candidates(survey: &Survey) -> Vec<crate::image::collect::Candidate> {
             machines: i.machines.len(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{BaseSettings, ImageRef};
+
+    const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    fn put_blob(dir: &Path, digest: &str) {
+        let path = oci::blob_path(dir, digest).unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, vec![7u8; 8192]).unwrap();
+    }
+
+    /// A base built from a one-file tree (needs mkfs.ext4, as every base does).
+    fn base(bases: &BaseStore, root: &Path, content: &str) -> String {
+        let tree = root.join(content);
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("f"), content).unwrap();
+        bases
+            .ensure_base(&ImageRef::Directory(tree))
+            .unwrap()
+            .digest
+    }
+
+    #[test]
+    fn unrecorded_bases_stale_rows_and_shared_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hearth.redb")).unwrap();
+        let bases = BaseStore::open(&dir.path().join("images"), BaseSettings::default()).unwrap();
+        let blobs = dir.path().join("blobs");
+        let kept = base(&bases, dir.path(), "kept");
+        let leaving = base(&bases, dir.path(), "leaving");
+        let unrecorded = base(&bases, dir.path(), "unrecorded");
+        let row = |names: &[&str], blobs: &[&str]| ImageEntry {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            blobs: blobs.iter().map(|b| b.to_string()).collect(),
+            last_used_unix: 5,
+            ..ImageEntry::default()
+        };
+        store.put_image(&kept, &row(&["kept"], &[A])).unwrap();
+        store
+            .put_image(&leaving, &row(&["leaving"], &[A, B]))
+            .unwrap();
+        store.put_image("gone", &row(&["gone"], &[])).unwrap();
+        for blob in [A, B, C] {
+            put_blob(&blobs, blob);
+        }
+
+        let survey = survey(&bases, &blobs, &store).unwrap();
+        assert_eq!(survey.images.len(), 3);
+        assert_eq!(survey.stale_entries, ["gone"]);
+        // Described, not recorded: its source names it, its build time is its last use.
+        let described = survey
+            .images
+            .iter()
+            .find(|i| i.digest == unrecorded)
+            .unwrap();
+        assert!(described.entry.names[0].ends_with("/unrecorded"));
+        assert!(described.entry.last_used_unix > 1_000_000_000);
+        // Removing `leaving` frees its base and B, not A (kept needs it).
+        let base_bytes = survey
+            .images
+            .iter()
+            .find(|i| i.digest == leaving)
+            .unwrap()
+            .disk_bytes;
+        assert!(base_bytes > 0);
+        assert_eq!(survey.freed_by(&leaving), base_bytes + survey.blob_bytes[B]);
+
+        let (_, removed_blobs) = remove(
+            &bases,
+            &blobs,
+            &store,
+            &survey,
+            std::slice::from_ref(&leaving),
+        )
+        .unwrap();
+        // B goes with its base; C, which no base lists, goes too; A stays.
+        assert_eq!(removed_blobs, 2);
+        assert_eq!(blobs_on_disk(&blobs).into_keys().collect::<Vec<_>>(), [A]);
+        assert_eq!(bases.get(&leaving).unwrap(), None);
+        let rows = store.images().unwrap();
+        assert_eq!(
+            rows.into_keys().collect::<Vec<_>>(),
+            std::slice::from_ref(&kept)
+        );
+        // Idempotent: the same removal again changes nothing and fails nothing.
+        assert_eq!(
+            remove(
+                &bases,
+                &blobs,
+                &store,
+                &survey,
+                std::slice::from_ref(&leaving)
+            )
+            .unwrap(),
+            (0, 0)
+        );
+        assert!(bases.get(&kept).unwrap().is_some());
+    }
 }
