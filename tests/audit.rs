@@ -228,9 +228,5 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
 
     destroy(&mut client, &live.id).await;
     assert_clean(&support::audit(&mut client).await);
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
 }

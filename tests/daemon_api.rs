@@ -190,11 +190,7 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
         .expect("node")
         .into_inner();
     assert_eq!(node.ip_slots_used, 0);
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,11 +275,7 @@ async fn creates_are_idempotent_names_unique_and_records_survive_sigkill() {
         .expect("node")
         .into_inner();
     assert_eq!(node.ip_slots_used, 0, "the lease was released");
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
     // The name is free again once the machine is destroyed, and the old request id still
     // answers with the destroyed machine.
     let retry = client

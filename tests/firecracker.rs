@@ -330,11 +330,7 @@ async fn hearthd_with_firecracker_creates_and_destroys_a_machine_leaving_nothing
     let m = get_machine(&mut client, &created.id).await;
     assert_eq!(m.state, pb::MachineState::Destroyed as i32);
     assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
 }
 
 #[tokio::test]
@@ -400,11 +396,7 @@ async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
         .filter(|(id, _)| *id == created.id)
         .collect();
     assert!(left.is_empty(), "{left:?}");
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
 }
 
 #[tokio::test]

@@ -71,11 +71,7 @@ fn http_get(ip: &str, port: u16) -> String {
 }
 
 fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
     for id in ids {
         assert!(
             vmm_processes(id).is_empty(),

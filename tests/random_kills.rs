@@ -121,11 +121,7 @@ async fn twenty_random_kills_during_concurrent_creates_and_destroys() {
     for id in &live {
         wait_for(&mut client, id, pb::MachineState::Destroyed).await;
     }
-    assert!(
-        daemon.host_leftovers().is_empty(),
-        "{:?}",
-        daemon.host_leftovers()
-    );
+    daemon.assert_no_host_leftovers();
     assert!(
         daemon.processes().is_empty(),
         "VMMs left: {:?}",

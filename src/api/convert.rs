@@ -181,7 +181,7 @@ pub fn image(info: &crate::actors::rootfs_cache::ImageInfo) -> pb::Image {
         digest: info.digest.clone(),
         names: info.entry.names.clone(),
         manifest_digest: info.entry.manifest_digest.clone().unwrap_or_default(),
-        size_bytes: info.entry.size_bytes,
+        size_bytes: info.size_bytes,
         disk_bytes: info.disk_bytes,
         built_unix: info.entry.built_unix,
         last_used_unix: info.entry.last_used_unix,

@@ -23,8 +23,6 @@ pub struct ImageEntry {
     /// The config blob's digest (registry images): the workload settings, read again when
     /// the registry cannot be reached and this base is used as it is.
     pub config_digest: Option<String>,
-    /// Length of the base file (the file system's size; the file is sparse).
-    pub size_bytes: u64,
     /// When the base was built (or first seen), seconds since the epoch.
     pub built_unix: u64,
     /// When a machine create or a pull last asked for it, seconds since the epoch.

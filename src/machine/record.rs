@@ -113,6 +113,19 @@ pub struct ImageWorkload {
     pub user: Option<String>,
 }
 
+impl From<crate::image::oci::ImageConfig> for ImageWorkload {
+    /// The settings of a parsed config blob (its layer and platform fields stay behind).
+    fn from(config: crate::image::oci::ImageConfig) -> Self {
+        ImageWorkload {
+            entrypoint: config.entrypoint,
+            cmd: config.cmd,
+            env: config.env,
+            working_dir: config.working_dir,
+            user: config.user,
+        }
+    }
+}
+
 /// One run of one step, kept for the control plane ("where did the time go").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepTiming {

@@ -92,7 +92,6 @@ mod tests {
             manifest_digest: Some("sha256:00".into()),
             blobs: vec!["sha256:11".into()],
             config_digest: Some("sha256:22".into()),
-            size_bytes: 42,
             built_unix: 1,
             last_used_unix: 2,
         };

@@ -149,6 +149,13 @@ impl Daemon {
         }
     }
 
+    /// Fails the test, listing them, when namespaces or links with this daemon's prefix
+    /// are left on the host.
+    pub fn assert_no_host_leftovers(&self) {
+        let left = self.host_leftovers();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     /// Namespaces and links on the host that carry this daemon's prefix.
     pub fn host_leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();

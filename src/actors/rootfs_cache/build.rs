@@ -9,7 +9,6 @@ use std::sync::Arc;
 use super::{ImageBase, ImageError, PullEvent, RootfsArgs, SourceIdentity, Watchers};
 use crate::image::oci::{OciRef, PulledImage};
 use crate::image::{Base, ImageRef};
-use crate::machine::record::ImageWorkload;
 
 /// A finished build.
 #[derive(Debug, Clone)]
@@ -167,7 +166,7 @@ fn built_before(args: &RootfsArgs, reference: &OciRef) -> Option<Built> {
         identity: None,
         found: ImageBase {
             base,
-            workload: Some(workload_of(config)),
+            workload: Some(config.into()),
         },
         manifest_digest: entry.manifest_digest,
         blobs: entry.blobs,
@@ -175,17 +174,6 @@ fn built_before(args: &RootfsArgs, reference: &OciRef) -> Option<Built> {
         pulled: false,
         made: false,
     })
-}
-
-/// The workload settings an image config gives.
-fn workload_of(config: crate::image::oci::ImageConfig) -> ImageWorkload {
-    ImageWorkload {
-        entrypoint: config.entrypoint,
-        cmd: config.cmd,
-        env: config.env,
-        working_dir: config.working_dir,
-        user: config.user,
-    }
 }
 
 /// Reads an OCI layout in place (every blob used is verified) and builds its base.
@@ -240,7 +228,7 @@ async fn build_pulled(
         identity: None,
         found: ImageBase {
             base,
-            workload: Some(workload_of(config)),
+            workload: Some(config.into()),
         },
         manifest_digest: Some(manifest_digest),
         blobs: Vec::new(),

@@ -25,6 +25,8 @@ pub struct ImageInfo {
     pub digest: String,
     /// What the store remembers of it (or what its description says, when unrecorded).
     pub entry: ImageEntry,
+    /// The file system's size (the base file's length).
+    pub size_bytes: u64,
     /// Bytes the base file takes on disk (allocated blocks; it is sparse).
     pub disk_bytes: u64,
     /// Names of the machines (not destroyed) whose records name it.
@@ -79,7 +81,6 @@ pub fn survey(bases: &BaseStore, blob_dir: &Path, store: &Store) -> Result<Surve
                 } else {
                     vec![source]
                 },
-                size_bytes: base.size_bytes,
                 built_unix: built,
                 last_used_unix: built,
                 ..ImageEntry::default()
@@ -89,6 +90,7 @@ pub fn survey(bases: &BaseStore, blob_dir: &Path, store: &Store) -> Result<Surve
             machines: references.get(&base.digest).cloned().unwrap_or_default(),
             digest: base.digest,
             entry,
+            size_bytes: base.size_bytes,
             disk_bytes,
         });
     }

@@ -363,7 +363,6 @@ impl RootfsState {
             ..ImageEntry::default()
         });
         entry.used_as(name, now);
-        entry.size_bytes = base.size_bytes;
         if let Some(built) = built {
             if built.manifest_digest.is_some() {
                 entry.manifest_digest = built.manifest_digest.clone();

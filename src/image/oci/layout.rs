@@ -434,12 +434,7 @@ impl Layout<'_> {
                     u64::try_from(desc.size).map_err(|_| self.bad_size(&desc.digest, desc.size))?;
                 (self.path_of(&desc.digest)?, size)
             };
-            layers.push(Layer {
-                digest: desc.digest.clone(),
-                media_type: desc.media_type.clone(),
-                size,
-                path,
-            });
+            layers.push(Layer::new(desc, size, path));
         }
         Ok(PulledImage {
             manifest_digest,

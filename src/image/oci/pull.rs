@@ -344,17 +344,12 @@ pub async fn pull_unless_built(
             .iter()
             .zip(layer_sizes.iter())
             .map(|(desc, &size)| {
-                Ok(Layer {
-                    digest: desc.digest.clone(),
-                    media_type: desc.media_type.clone(),
-                    size,
-                    path: blob_path(blob_dir, &desc.digest).map_err(|source| {
-                        PullError::BlobName {
-                            reference: ctx.reference.clone(),
-                            source,
-                        }
-                    })?,
-                })
+                let path =
+                    blob_path(blob_dir, &desc.digest).map_err(|source| PullError::BlobName {
+                        reference: ctx.reference.clone(),
+                        source,
+                    })?;
+                Ok(Layer::new(desc, size, path))
             })
             .collect::<Result<_, PullError>>()?;
         return Ok(PulledImage {
@@ -386,12 +381,7 @@ pub async fn pull_unless_built(
         .zip(manifest.layers.iter().zip(layer_sizes.iter()))
     {
         count(&mut stats, &fetched);
-        layers.push(Layer {
-            digest: desc.digest.clone(),
-            media_type: desc.media_type.clone(),
-            size,
-            path,
-        });
+        layers.push(Layer::new(desc, size, path));
     }
     Ok(PulledImage {
         manifest_digest,

@@ -90,6 +90,21 @@ pub(crate) fn compression_of(media_type: &str) -> Option<LayerCompression> {
 }
 
 impl Layer {
+    /// The layer a manifest descriptor names, of `size` bytes, found (or expected) at
+    /// `path`.
+    pub(crate) fn new(
+        desc: &oci_client::manifest::OciDescriptor,
+        size: u64,
+        path: PathBuf,
+    ) -> Layer {
+        Layer {
+            digest: desc.digest.clone(),
+            media_type: desc.media_type.clone(),
+            size,
+            path,
+        }
+    }
+
     /// How this layer is compressed. Pulls and layout reads only return layers with a
     /// known media type, so this is total for them.
     pub fn compression(&self) -> Option<LayerCompression> {
