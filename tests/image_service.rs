@@ -12,7 +12,7 @@ use std::process::Command;
 use hearth::api::pb::{self, pull_image_progress::Event};
 use hearth::client::Client;
 use support::registry::{ConfigSpec, Entry, LayerSpec, Registry, build_image, sample_image};
-use support::{Daemon, demo_request, destroy, wait_for};
+use support::{Daemon, demo_request, destroy, pull_error, wait_for};
 
 fn registry_host(registry: &Registry) -> String {
     registry
@@ -48,25 +48,6 @@ async fn pull(client: &mut Client, image: &str) -> (Vec<Event>, pb::Image) {
         panic!("the pull did not end with an image: {events:?}");
     };
     (events, image)
-}
-
-/// The status a pull's stream ends with; panics when the pull succeeds.
-async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
-    let mut stream = client
-        .images
-        .pull_image(pb::PullImageRequest {
-            image: image.into(),
-        })
-        .await
-        .expect("pull starts")
-        .into_inner();
-    loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("{image}: the pull succeeded"),
-            Err(e) => return e,
-        }
-    }
 }
 
 async fn list(client: &mut Client) -> Vec<pb::Image> {

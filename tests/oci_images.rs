@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hearth::api::pb;
 use hearth::client::Client;
 use support::registry::{ConfigSpec, Entry, LayerSpec, Registry, TestImage, build_image};
-use support::{Daemon, destroy, get_machine, wait_for};
+use support::{Daemon, destroy, get_machine, pull_error, wait_for};
 
 /// A layer with the host's static busybox as `/bin/busybox`.
 fn busybox_layer() -> LayerSpec {
@@ -266,6 +266,11 @@ async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing()
     let failure = image_step_failure(&mut client, &m.id).await;
     assert!(failure.contains("`evil`"), "{failure}");
     destroy(&mut client, &m.id).await;
+    // A retry of the step may still be building when the machine is destroyed: the
+    // build belongs to the cache, not the machine. A pull of the same reference joins
+    // it (or runs it again) and answers only after its scratch tree is gone.
+    let status = pull_error(&mut client, &registry.reference("hostile", "v1")).await;
+    assert!(status.message().contains("`evil`"), "{status:?}");
     // No base and no scratch tree is left in the image store.
     let images = daemon.dir.path().join("data/images");
     for sub in ["bases", "tmp"] {

@@ -305,3 +305,22 @@ pub async fn get_machine(client: &mut Client, id: &str) -> pb::Machine {
         .expect("get")
         .into_inner()
 }
+
+/// The status a pull's stream ends with; panics when the pull succeeds.
+pub async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
+    let mut stream = client
+        .images
+        .pull_image(pb::PullImageRequest {
+            image: image.into(),
+        })
+        .await
+        .expect("pull starts")
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("{image}: the pull succeeded"),
+            Err(e) => return e,
+        }
+    }
+}
