@@ -59,9 +59,13 @@ fn bootable_image(marker: &str) -> TestImage {
     )
 }
 
+/// Workload logs reach the disk when the guest halts after a graceful stop, so the
+/// stop grace is long: ten TCG guests booting at once slow a stop down a lot.
+const GUEST: &str = "[guest]\nstop_grace_secs = 120\n";
+
 fn daemon_for(registry: &Registry) -> Daemon {
     Daemon::start_with(&format!(
-        "[images]\ninsecure_registries = [\"{}\"]\n[capacity]\nvcpus = 64\n",
+        "{GUEST}[images]\ninsecure_registries = [\"{}\"]\n[capacity]\nvcpus = 64\n",
         registry
             .reference("x", "y")
             .split('/')
@@ -164,7 +168,10 @@ async fn a_pushed_image_boots_and_runs_its_entrypoint_with_its_env_and_user() {
     assert_eq!(inodes[0], inodes[1], "hard link: {log}");
     destroy(&mut client, &m.id).await;
     let counters = support::node(&mut client).await;
-    assert_eq!((counters.image_pulls, counters.image_builds), (1, 1));
+    assert_eq!(
+        (counters.image_pulls, counters.image_builds),
+        (Some(1), Some(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,9 +218,12 @@ async fn ten_concurrent_creates_of_an_uncached_image_pull_once_and_build_once() 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A create whose image step starts after the build has ended finds the base built
+    // by a tag check, without fetching a layer: that is not a second pull.
     let counters = support::node(&mut client).await;
-    assert_eq!(counters.image_pulls, 1, "{counters:?}");
-    assert_eq!(counters.image_builds, 1, "{counters:?}");
+    assert_eq!(counters.image_pulls, Some(1), "{counters:?}");
+    assert_eq!(counters.image_builds, Some(1), "{counters:?}");
+    assert!(matches!(counters.image_checks, Some(0..=9)), "{counters:?}");
     for id in &ids {
         client
             .machines
@@ -285,7 +295,7 @@ async fn a_hostile_layer_fails_the_machine_naming_the_entry_and_leaves_nothing()
 async fn an_oci_layout_directory_boots_like_a_pushed_image() {
     let layout = tempfile::tempdir().expect("tempdir");
     support::registry::write_layout(layout.path(), "v2", &bootable_image("layout"));
-    let daemon = Daemon::start_with("");
+    let daemon = Daemon::start_with(GUEST);
     let mut client = daemon.client().await;
     let reference = format!("oci:{}:v2", layout.path().display());
     // A tag the layout does not have fails the image step naming the tags it has.

@@ -26,14 +26,15 @@ impl NodeService for Node {
         let usage = store.usage().map_err(ApiError::from)?;
         let leases = store.leases().map_err(ApiError::from)?;
         let (vcpus, memory) = self.services.config().capacity_totals();
-        // The cache's counters; zeros while it restarts (an answer matters more).
+        // The cache's counters, absent while it restarts or is busy: the rest of the
+        // answer matters more than they do, and a zero would be a guess.
         let images = crate::actors::ask(
             crate::actors::names::ROOTFS_CACHE,
             |reply| crate::actors::rootfs_cache::RootfsMsg::Stats { reply },
             std::time::Duration::from_secs(2),
         )
         .await
-        .unwrap_or_default();
+        .ok();
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,
@@ -45,8 +46,9 @@ impl NodeService for Node {
             ip_slots_used: leases.len() as u32,
             vmm: self.services.vmm().describe(),
             runs_observed: self.services.runs_observed(),
-            image_pulls: images.pulls,
-            image_builds: images.oci_bases_built,
+            image_pulls: images.map(|s| s.pulls),
+            image_builds: images.map(|s| s.oci_bases_built),
+            image_checks: images.map(|s| s.checks),
         }))
     }
 

@@ -25,8 +25,11 @@ pub struct Built {
     pub blobs: Vec<String>,
     /// The config blob among them.
     pub config_digest: Option<String>,
-    /// Whether a registry pull ran.
+    /// Whether a registry pull fetched (or verified) the image's layers.
     pub pulled: bool,
+    /// Whether the registry was asked only to find the base already built (no layer
+    /// fetched): a tag's freshness check, not a pull.
+    pub checked: bool,
     /// Whether an OCI base was made now (not found cached).
     pub made: bool,
 }
@@ -87,6 +90,7 @@ async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers)
         blobs: Vec::new(),
         config_digest: None,
         pulled: false,
+        checked: false,
         made: false,
     })
 }
@@ -130,7 +134,8 @@ async fn build_registry(
         }
         Err(e) => return Err(failed(&image, e)),
     };
-    if !pulled.layers_verified {
+    let layers_fetched = pulled.layers_verified;
+    if !layers_fetched {
         watchers.emit(PullEvent::Phase("base already built".into()));
     }
     let blobs = std::iter::once(pulled.config_digest.clone())
@@ -140,7 +145,8 @@ async fn build_registry(
     let mut built = build_pulled(&args, image, pulled, watchers).await?;
     built.blobs = blobs;
     built.config_digest = config_digest;
-    built.pulled = true;
+    built.pulled = layers_fetched;
+    built.checked = !layers_fetched;
     Ok(built)
 }
 
@@ -172,6 +178,7 @@ fn built_before(args: &RootfsArgs, reference: &OciRef) -> Option<Built> {
         blobs: entry.blobs,
         config_digest: Some(config_digest),
         pulled: false,
+        checked: false,
         made: false,
     })
 }
@@ -234,6 +241,7 @@ async fn build_pulled(
         blobs: Vec::new(),
         config_digest: None,
         pulled: false,
+        checked: false,
         made,
     })
 }

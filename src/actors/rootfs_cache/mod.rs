@@ -183,8 +183,10 @@ pub struct RootfsStats {
     pub joined: u64,
     /// Requests answered from memory (source unchanged, base present).
     pub remembered: u64,
-    /// Registry pulls run.
+    /// Registry pulls that fetched (or verified) layers.
     pub pulls: u64,
+    /// Registry resolutions that found the base already built and fetched no layer.
+    pub checks: u64,
     /// Registry image bases made (not found cached).
     pub oci_bases_built: u64,
     /// Bases removed by collections and removals.
@@ -246,6 +248,7 @@ impl Actor for RootfsCache {
                 let answer = match *result {
                     Ok(built) => {
                         state.stats.pulls += u64::from(built.pulled);
+                        state.stats.checks += u64::from(built.checked);
                         state.stats.oci_bases_built += u64::from(built.made);
                         if let Some(identity) = built.identity.clone() {
                             state

@@ -291,7 +291,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 json!({"version": n.version, "vcpus_total": n.vcpus_total, "vcpus_used": n.vcpus_used,
                     "memory_mib_total": n.memory_mib_total, "memory_mib_used": n.memory_mib_used,
                     "machines": n.machines, "ip_slots_total": n.ip_slots_total,
-                    "ip_slots_used": n.ip_slots_used, "vmm": n.vmm})
+                    "ip_slots_used": n.ip_slots_used, "vmm": n.vmm,
+                    "runs_observed": n.runs_observed, "image_pulls": n.image_pulls,
+                    "image_checks": n.image_checks, "image_builds": n.image_builds})
             );
         }
         Command::Machine(command) => match *command {
