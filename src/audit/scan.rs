@@ -110,41 +110,10 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
 fn own_vmms(marker: &str, machines_dir: &Path) -> Vec<(String, i32)> {
     crate::vmm::find_processes(marker)
         .into_iter()
-        .filter(|(id, pid)| is_machine_id(id) && names_dir(*pid, &machines_dir.join(id)))
+        .filter(|(id, pid)| {
+            is_machine_id(id) && crate::vmm::marked::names_dir(*pid, &machines_dir.join(id))
+        })
         .collect()
-}
-
-/// True when process `pid` belongs to the machine directory `dir`: its command line
-/// mentions a path inside `dir` (QEMU doubles commas in the paths it is given, so that
-/// spelling counts too), or, for a jailed Firecracker (whose command line only has paths
-/// inside its jail), its root directory is a jail inside `dir`.
-pub(crate) fn names_dir(pid: i32, dir: &Path) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let cmdline = String::from_utf8_lossy(&raw);
-    let inside = format!("{}/", dir.display());
-    cmdline.contains(&inside) || cmdline.contains(&inside.replace(',', ",,")) || jailed_in(pid, dir)
-}
-
-/// Whether the root of process `pid` is one of the jails under `dir`
-/// (`<dir>/jail/<exec name>/<id>/root`), compared by device and inode: the jailer pivots
-/// into a bind mount of that directory, so the path is gone but the inode is the same.
-fn jailed_in(pid: i32, dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(root) = std::fs::metadata(format!("/proc/{pid}/root/")) else {
-        return false;
-    };
-    let jails = dir.join(crate::vmm::firecracker::jailer::CHROOT_BASE);
-    let Ok(execs) = std::fs::read_dir(jails) else {
-        return false;
-    };
-    execs
-        .flatten()
-        .filter_map(|e| std::fs::read_dir(e.path()).ok())
-        .flat_map(|ids| ids.flatten())
-        .filter_map(|id| std::fs::metadata(id.path().join("root")).ok())
-        .any(|m| m.dev() == root.dev() && m.ino() == root.ino())
 }
 
 /// Every entry under `dir`; a missing directory has none.
@@ -210,14 +179,5 @@ mod tests {
                 Named::of("stray.tmp", None),
             ]
         );
-    }
-
-    #[test]
-    fn own_process_does_not_name_a_foreign_dir() {
-        let me = std::process::id() as i32;
-        assert!(!names_dir(
-            me,
-            Path::new("/nonexistent/machines/0123456789")
-        ));
     }
 }

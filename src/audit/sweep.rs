@@ -24,13 +24,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-
 use super::error::AuditError;
 use super::finding::{Finding, ResourceKind};
-use super::scan::names_dir;
 use crate::actors::ip_pool::IpPoolMsg;
 use crate::actors::registry::RegistryMsg;
 use crate::actors::services::Services;
@@ -41,10 +36,6 @@ use crate::net::NetPlan;
 
 /// How long a singleton may take to answer one release.
 const ASK_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a SIGKILLed VMM may take to exit before its namespace is removed anyway (the
-/// removal copes with a namespace still held; this only makes it quick).
-const EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// What one sweep did.
 #[derive(Debug, Clone, Default)]
@@ -171,44 +162,10 @@ async fn release(services: &Services, kind: ResourceKind, id: &str) -> Result<()
 }
 
 /// SIGKILLs every VMM of machine `id` that this daemon's data directory names, and waits
-/// (up to [`EXIT_WAIT`]) for each to exit.
-///
-/// Idempotent: a process already gone is success. The pid is opened as a pidfd first and
-/// checked after, so a pid reused since the scan is never signalled.
+/// for each to exit. Idempotent (see [`crate::vmm::marked::kill_unrecorded`]).
 async fn kill_vmms(services: &Services, id: &str) -> Result<(), String> {
     let dir = services.config().machine_dir(id);
-    for (machine, pid) in crate::vmm::find_processes(services.vmm().name_prefix()) {
-        if machine != id {
-            continue;
-        }
-        let Some(raw) = Pid::from_raw(pid) else {
-            continue;
-        };
-        let fd = match pidfd_open(raw, PidfdFlags::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::SRCH) => continue,
-            Err(e) => return Err(format!("pidfd of VMM pid {pid}: {e}")),
-        };
-        if !names_dir(pid, &dir) {
-            continue;
-        }
-        match pidfd_send_signal(&fd, Signal::KILL) {
-            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
-            Err(e) => return Err(format!("SIGKILL VMM pid {pid}: {e}")),
-        }
-        // SAFETY: the OwnedFd is moved into the AsyncFd, so the descriptor stays open and
-        // unchanged for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| format!("watch VMM pid {pid}: {e}"))?;
-        // Readable means exited; a VMM that takes longer is left to die on its own.
-        if tokio::time::timeout(EXIT_WAIT, fd.readable())
-            .await
-            .is_err()
-        {
-            tracing::warn!(pid, machine = %id, "orphan VMM did not exit within {EXIT_WAIT:?} of SIGKILL");
-        }
-    }
-    Ok(())
+    crate::vmm::marked::kill_unrecorded(services.vmm().name_prefix(), id, &dir).await
 }
 
 /// Removes the machine directory, as the `disk` step's release does. Idempotent.

@@ -218,10 +218,11 @@ impl MachineActor {
             return Ok(());
         };
         if let Some(running) = &state.running {
-            // A step is in flight. An acquire is pointless once the machine is no longer
-            // wanted started: cancel it and decide again. Anything else finishes first.
+            // A step is in flight. A wait is pointless once the machine is no longer
+            // wanted started: cancel it and decide again. Anything else (a release, an
+            // acquire changing the host) finishes first; see `Step::cancellable`.
             let wanted = rec.desired == Desired::Started && rec.failure.is_none();
-            if running.direction == Direction::Acquire && !wanted {
+            if running.direction == Direction::Acquire && running.step.cancellable() && !wanted {
                 running.task.abort();
                 let step = running.step;
                 state.running = None;

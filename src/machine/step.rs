@@ -46,6 +46,17 @@ pub const CREATE_ORDER: [Step; 8] = [
 pub const STOP_RELEASES: [Step; 3] = [Step::Publish, Step::Ready, Step::Vmm];
 
 impl Step {
+    /// Whether an acquire of this step may be abandoned halfway when the machine is no
+    /// longer wanted started. Only the waits are: the image step waits on the rootfs
+    /// cache (whose build belongs to the cache and goes on without the machine) and the
+    /// ready step waits on the guest. The others change the host with blocking work
+    /// that cannot be stopped halfway (a disk clone, a VMM launch); abandoning them would
+    /// let their release run while that work still creates what the release removes.
+    /// They take milliseconds, so they finish and are then released.
+    pub fn cancellable(self) -> bool {
+        matches!(self, Step::Image | Step::Ready)
+    }
+
     /// The stable name shown in the API and logs.
     pub fn name(self) -> &'static str {
         match self {

@@ -23,6 +23,7 @@
 pub mod accel;
 pub mod agent;
 pub mod firecracker;
+pub mod marked;
 mod pidfd;
 pub mod procfs;
 pub mod qemu;

@@ -3,15 +3,15 @@
 //! Acquire is idempotent: the driver adopts a running process of this machine (found by
 //! the marker in its command line) instead of starting a second one, so a crash between
 //! starting the VMM and recording it costs nothing. Release stops the recorded process
-//! (gracefully, then by force) and any other process carrying the machine's marker; a
-//! process already gone is fine.
+//! (gracefully, then by force) and any other process carrying the machine's marker and
+//! naming its directory, waiting for each to exit; a process already gone is fine.
 
 use super::disk::ROOT_DISK;
 use super::vm_config::CONFIG_DISK;
 use super::{StepError, StepOutput, machine_dir};
 use crate::actors::services::Services;
 use crate::machine::record::{MachineRecord, VmmRecord};
-use crate::vmm::{LaunchSpec, TapSpec, VmmProcess, find_processes};
+use crate::vmm::{LaunchSpec, TapSpec, VmmProcess};
 
 /// The driver's view of a recorded process.
 pub fn process_of(record: &VmmRecord) -> VmmProcess {
@@ -72,12 +72,13 @@ pub async fn release(services: &Services, rec: &MachineRecord) -> Result<(), Ste
             .await
             .map_err(|e| StepError::Failed(e.to_string()))?;
     }
-    // A process started but never recorded (a crash between the two) carries the marker.
-    for (machine, pid) in find_processes(services.vmm().name_prefix()) {
-        if machine == rec.id {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-    Ok(())
+    // A process started but never recorded (a crash between the two) carries the marker;
+    // it is waited for, so the network and directory released next are not in use.
+    crate::vmm::marked::kill_unrecorded(
+        services.vmm().name_prefix(),
+        &rec.id,
+        &machine_dir(services, rec),
+    )
+    .await
+    .map_err(StepError::Failed)
 }

@@ -1,0 +1,94 @@
+//! VMM processes found by their marker rather than by a record: those a crash (or a
+//! cancelled launch) left between starting a VMM and recording it. Both the `vmm` step's
+//! release and the orphan sweep end them, and the audit looks for them, so what counts
+//! as "a VMM of this machine directory" is decided here once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::process::{Pid, PidfdFlags, pidfd_open};
+
+use super::pidfd;
+
+/// How long a SIGKILLed VMM may take to exit before the caller goes on (the namespace
+/// removal copes with a namespace still held; this only makes it quick).
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// True when process `pid` belongs to the machine directory `dir`: its command line
+/// mentions a path inside `dir` (QEMU doubles commas in the paths it is given, so that
+/// spelling counts too), or, for a jailed Firecracker (whose command line only has paths
+/// inside its jail), its root directory is a jail inside `dir`.
+pub fn names_dir(pid: i32, dir: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&raw);
+    let inside = format!("{}/", dir.display());
+    cmdline.contains(&inside) || cmdline.contains(&inside.replace(',', ",,")) || jailed_in(pid, dir)
+}
+
+/// Whether the root of process `pid` is one of the jails under `dir`
+/// (`<dir>/jail/<exec name>/<id>/root`), compared by device and inode: the jailer pivots
+/// into a bind mount of that directory, so the path is gone but the inode is the same.
+fn jailed_in(pid: i32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = std::fs::metadata(format!("/proc/{pid}/root/")) else {
+        return false;
+    };
+    let jails = dir.join(super::firecracker::jailer::CHROOT_BASE);
+    let Ok(execs) = std::fs::read_dir(jails) else {
+        return false;
+    };
+    execs
+        .flatten()
+        .filter_map(|e| std::fs::read_dir(e.path()).ok())
+        .flat_map(|ids| ids.flatten())
+        .filter_map(|id| std::fs::metadata(id.path().join("root")).ok())
+        .any(|m| m.dev() == root.dev() && m.ino() == root.ino())
+}
+
+/// SIGKILLs every process carrying `marker` for machine `id` whose command line (or
+/// jail) names `dir`, and waits (up to [`EXIT_WAIT`] each) for it to exit, so a caller
+/// that goes on to remove the machine's network or directory finds nothing using them.
+///
+/// Idempotent: a process already gone is success. The pid is opened as a pidfd first and
+/// checked after, so a pid reused since the scan is never signalled. Undo: none (a killed
+/// VMM is started again by the `vmm` step's acquire).
+pub async fn kill_unrecorded(marker: &str, id: &str, dir: &Path) -> Result<(), String> {
+    for (machine, pid) in super::find_processes(marker) {
+        if machine != id {
+            continue;
+        }
+        let Some(raw) = Pid::from_raw(pid) else {
+            continue;
+        };
+        let fd = match pidfd_open(raw, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => continue,
+            Err(e) => return Err(format!("pidfd of VMM pid {pid}: {e}")),
+        };
+        if !names_dir(pid, dir) {
+            continue;
+        }
+        let fd = pidfd::watch(fd).map_err(|e| format!("watch VMM pid {pid}: {e}"))?;
+        pidfd::kill(&fd).map_err(|e| format!("SIGKILL VMM pid {pid}: {e}"))?;
+        if !pidfd::exited_within(&fd, EXIT_WAIT).await {
+            tracing::warn!(pid, machine = %id, "unrecorded VMM did not exit within {EXIT_WAIT:?} of SIGKILL");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_does_not_name_a_foreign_dir() {
+        let me = std::process::id() as i32;
+        assert!(!names_dir(
+            me,
+            Path::new("/nonexistent/machines/0123456789")
+        ));
+    }
+}
