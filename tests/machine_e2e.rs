@@ -179,22 +179,7 @@ async fn create_serve_stop_start_destroy_leaves_nothing() {
     assert_eq!(kinds, expected.map(|k| k as i32));
 
     // The event log tells the whole run in order, ending destroyed.
-    let mut events = client
-        .machines
-        .watch_events(pb::WatchEventsRequest {
-            machine_id: machine.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .expect("watch events")
-        .into_inner();
-    let mut log = Vec::new();
-    while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), events.message()).await {
-        match next.expect("event stream") {
-            Some(event) => log.push(event),
-            None => break,
-        }
-    }
+    let log = events_until(&mut client, &machine.id, 0, pb::MachineState::Destroyed).await;
     assert!(log.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(
         log.first().map(|e| e.message.as_str()),
@@ -375,6 +360,37 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
 }
 
 /// Waits for the machine's event log to show a message starting with `prefix`.
+/// The machine's events after `after_seq`, up to and including the first in `state`.
+async fn events_until(
+    client: &mut Client,
+    id: &str,
+    after_seq: u64,
+    state: pb::MachineState,
+) -> Vec<pb::MachineEvent> {
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: id.into(),
+            after_seq,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut log = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {state:?} event in time: {log:?}"))
+            .expect("event stream")
+            .unwrap_or_else(|| panic!("the stream ended before {state:?}: {log:?}"));
+        let reached = event.state == state as i32;
+        log.push(event);
+        if reached {
+            return log;
+        }
+    }
+}
+
 async fn wait_event(client: &mut Client, id: &str, prefix: &str) {
     let mut events = client
         .machines
@@ -403,8 +419,18 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
     let daemon = Daemon::start_with("[guest]\nready_timeout_secs = 600");
     let mut client = daemon.client().await;
 
-    // Destroy while the guest boots (the `ready` step is waiting).
-    let doomed = create(&mut client, "doomed", "doomed", &[]).await;
+    // Destroy while the `ready` step is waiting: the workload never listens on its
+    // port, so only the destroy can end the wait.
+    let mut request = demo_request("doomed", "doomed", &["sleep 600"]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let doomed = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
     wait_event(&mut client, &doomed.id, "acquire vmm: ok").await;
     let clock = std::time::Instant::now();
     client
@@ -477,26 +503,18 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
         vmm_processes(&m.id).is_empty(),
         "the booting VMM was stopped"
     );
-    let events = client
-        .machines
-        .watch_events(pb::WatchEventsRequest {
-            machine_id: m.id.clone(),
-            after_seq: seq_before_stop,
-        })
-        .await
-        .expect("events")
-        .into_inner();
-    let mut events = events;
-    let mut desired_changes = 0;
-    while let Ok(Some(Ok(event))) =
-        tokio::time::timeout(Duration::from_millis(500), events.message())
-            .await
-            .map(|r| r.transpose())
-    {
-        if event.message.starts_with("desired state") {
-            desired_changes += 1;
-        }
-    }
+    // Every stop was answered before the machine reached Stopped, so their records come
+    // before that event.
+    let desired_changes = events_until(
+        &mut client,
+        &m.id,
+        seq_before_stop,
+        pb::MachineState::Stopped,
+    )
+    .await
+    .iter()
+    .filter(|e| e.message.starts_with("desired state"))
+    .count();
     assert_eq!(desired_changes, 1, "a repeated stop is recorded once");
     assert_eq!(stopped.desired, pb::DesiredState::Stopped as i32);
     destroy(&mut client, &m.id).await;

@@ -41,7 +41,7 @@ use super::{netns, tap};
 /// tears namespaces down one batch at a time. Deleting the link by hand is synchronous
 /// and costs ~33 ms, so it is only the fallback, for a namespace that something still
 /// holds (a process left inside it, an open tap).
-pub(crate) const TEARDOWN_WAIT: Duration = Duration::from_millis(250);
+const TEARDOWN_WAIT: Duration = Duration::from_millis(250);
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 

@@ -1,22 +1,28 @@
 //! Everything on the host that carries a name prefix: what an orphan sweep compares with
 //! the records, and what a leak check expects to be empty.
 //!
-//! A host veth whose namespace was just deleted stays visible for about a millisecond
-//! while the kernel tears the namespace down. A scan that reported it would call a
-//! removal in progress a leak, so links without a namespace are given the same grace as
-//! in `remove` and only reported if they outlive it (then something really holds their
+//! A host veth whose namespace was just deleted stays visible while the kernel tears the
+//! namespace down (a millisecond when idle, longer under load). A scan that reported it
+//! would call a removal in progress a leak, so links without a namespace are given a
+//! grace and only reported if they outlive it (then something really holds their
 //! namespace).
 
 use std::fmt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::apply::TEARDOWN_WAIT;
 use super::error::NetError;
 use super::links::{self, Side};
 use super::netns;
 use super::plan::parse_machine_id;
 use super::watch::LinkWatch;
 use super::worker::Worker;
+
+/// How long a scan waits for a host veth whose namespace is gone to be taken away by the
+/// kernel before reporting it. Longer than `remove`'s wait (which falls back to deleting
+/// the link): a scan cannot delete, and the kernel tears namespaces down in batches that
+/// take seconds on a loaded host; reporting a link the kernel is about to remove would
+/// be a false leak. It costs time only when such a link exists.
+const ORPHAN_LINK_GRACE: Duration = Duration::from_secs(2);
 
 /// One host object carrying the prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -114,7 +120,7 @@ pub(crate) fn scan(worker: &mut Worker, prefix: &str) -> Result<Vec<NetResource>
             orphans.push((index, link));
         }
     }
-    let deadline = Instant::now() + TEARDOWN_WAIT;
+    let deadline = Instant::now() + ORPHAN_LINK_GRACE;
     for (index, resource) in orphans {
         let gone = watch
             .wait_gone(root.rtnl, index, resource.name(), deadline)
