@@ -306,6 +306,80 @@ async fn a_killed_daemon_readopts_its_running_machine() {
     assert_nothing_left(&daemon, &[machine.id]);
 }
 
+/// SIGKILLs the machine's VMM behind the daemon's back, then waits, on the event stream
+/// alone (no call that would wake the run), for the run to notice and start it again.
+async fn kill_vmm_and_see_it_started_again(
+    client: &mut Client,
+    id: &str,
+    before: &pb::Machine,
+    after_seq: u64,
+) -> (pb::Machine, u64) {
+    let pid = nix::unistd::Pid::from_raw(before.vmm_pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
+    let gone = wait_event(client, id, after_seq, "the VMM is gone").await;
+    let log = events_until(client, id, gone.seq, pb::MachineState::Started).await;
+    let last_seq = log.last().map_or(gone.seq, |e| e.seq);
+    let again = support::get_machine(client, id).await;
+    assert_eq!(again.state, pb::MachineState::Started as i32);
+    assert_ne!(again.vmm_pid, before.vmm_pid, "a new VMM");
+    assert_eq!(vmm_processes(id), vec![again.vmm_pid as i32]);
+    assert_eq!(
+        again.guest_ip, before.guest_ip,
+        "the lease and network are kept"
+    );
+    assert!(http_get(&again.guest_ip, 80).contains("hearth demo"));
+    (again, last_seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_dies_is_noticed_at_once_and_started_again_also_after_a_restart() {
+    let mut daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let mut routes_watch = client
+        .registry
+        .watch_routes(pb::WatchRoutesRequest {})
+        .await
+        .expect("watch routes")
+        .into_inner();
+    let machine = create(&mut client, "phoenix", "phoenix", &[]).await;
+    let first = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
+
+    // Under the running daemon: its exit watch notices, the route is withdrawn while the
+    // guest is down and published again once the new one is ready.
+    let (second, seq) =
+        kill_vmm_and_see_it_started_again(&mut client, &machine.id, &first, 0).await;
+    use pb::route_change::Kind;
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let change = tokio::time::timeout(Duration::from_secs(10), routes_watch.message())
+            .await
+            .expect("a route change in time")
+            .expect("route stream")
+            .expect("route stream open");
+        kinds.push(change.kind);
+    }
+    assert_eq!(
+        kinds,
+        [Kind::Published, Kind::Unpublished, Kind::Published].map(|k| k as i32)
+    );
+
+    // After a daemon restart: the re-adopted run watches the VMM it found.
+    daemon.kill();
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while support::node(&mut client).await.runs_observed < 1 {
+        assert!(std::time::Instant::now() < deadline, "the run never looked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let adopted = support::get_machine(&mut client, &machine.id).await;
+    assert_eq!(adopted.vmm_pid, second.vmm_pid, "re-adopted, not restarted");
+    kill_vmm_and_see_it_started_again(&mut client, &machine.id, &adopted, seq).await;
+
+    destroy(&mut client, &machine.id).await;
+    assert_nothing_left(&daemon, &[machine.id]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
     let mut daemon = Daemon::start_with("");
@@ -391,12 +465,18 @@ async fn events_until(
     }
 }
 
-async fn wait_event(client: &mut Client, id: &str, prefix: &str) {
+/// The first of the machine's events after `after_seq` whose message starts with `prefix`.
+async fn wait_event(
+    client: &mut Client,
+    id: &str,
+    after_seq: u64,
+    prefix: &str,
+) -> pb::MachineEvent {
     let mut events = client
         .machines
         .watch_events(pb::WatchEventsRequest {
             machine_id: id.into(),
-            after_seq: 0,
+            after_seq,
         })
         .await
         .expect("events")
@@ -408,7 +488,7 @@ async fn wait_event(client: &mut Client, id: &str, prefix: &str) {
             .expect("event stream")
             .expect("stream open");
         if event.message.starts_with(prefix) {
-            return;
+            return event;
         }
     }
 }
@@ -431,7 +511,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
         .await
         .expect("create")
         .into_inner();
-    wait_event(&mut client, &doomed.id, "acquire vmm: ok").await;
+    wait_event(&mut client, &doomed.id, 0, "acquire vmm: ok").await;
     let clock = std::time::Instant::now();
     client
         .machines
@@ -453,7 +533,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
         "the ready wait ran to its end: {:?}",
         gone.timings
     );
-    wait_event(&mut client, &doomed.id, "ready cancelled").await;
+    wait_event(&mut client, &doomed.id, 0, "ready cancelled").await;
 
     // Stop while a start is booting the guest again; repeating the stop changes nothing.
     let m = create(&mut client, "restless", "restless", &[]).await;

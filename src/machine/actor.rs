@@ -11,9 +11,13 @@
 //! ```
 //!
 //! The effect runs in a task so the actor keeps reading its mailbox: a `Reconcile` that
-//! arrives while an acquire runs and finds the machine no longer wanted started cancels
-//! that acquire (its mark stays `Begun`, and the release that follows undoes whatever
-//! part of it happened).
+//! arrives while a wait (`Step::cancellable`) runs and finds the machine no longer wanted
+//! started cancels it (its mark stays `Begun`, and the release that follows undoes
+//! whatever part of it happened).
+//!
+//! While a VMM is recorded, a watch task waits on its pidfd and sends `Reconcile` when it
+//! exits, so a VMM that dies under a running machine is noticed at once (not at the next
+//! API call or daemon start): the decision then unpublishes it and starts it again.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +57,14 @@ pub struct RunState {
     /// Whether this run has looked at the host yet.
     observed: bool,
     running: Option<Running>,
+    /// The watch on the recorded VMM's exit, and which process it watches.
+    vmm_watch: Option<VmmWatch>,
+}
+
+struct VmmWatch {
+    pid: i32,
+    start_time: u64,
+    task: JoinHandle<()>,
 }
 
 struct Running {
@@ -174,6 +186,38 @@ impl MachineActor {
         Ok((rec, decided))
     }
 
+    /// Keeps one exit watch on the VMM `rec` records, and none when it records none.
+    /// Idempotent: a watch on the same process is kept; a stale one is cancelled.
+    fn watch_vmm(myself: &ActorRef<MachineMsg>, state: &mut RunState, rec: &MachineRecord) {
+        let recorded = rec.resources.vmm.as_ref();
+        let same =
+            |w: &VmmWatch| recorded.is_some_and(|v| v.pid == w.pid && v.start_time == w.start_time);
+        // A watch that has fired stays: one exit is one Reconcile (the record still names
+        // the process until the decision forgets it, and a second watch would fire at
+        // once, again and again).
+        if state.vmm_watch.as_ref().is_some_and(same) {
+            return;
+        }
+        if let Some(stale) = state.vmm_watch.take() {
+            stale.task.abort();
+        }
+        let Some(record) = recorded else {
+            return;
+        };
+        let process = steps::vmm::process_of(record);
+        let services = state.services.clone();
+        let me = myself.clone();
+        let task = tokio::spawn(async move {
+            services.vmm().exited(&process).await;
+            let _ = me.cast(MachineMsg::Reconcile);
+        });
+        state.vmm_watch = Some(VmmWatch {
+            pid: record.pid,
+            start_time: record.start_time,
+            task,
+        });
+    }
+
     /// Advances the run until it starts a step's effect, settles, or pauses.
     fn drive(
         myself: &ActorRef<MachineMsg>,
@@ -182,6 +226,7 @@ impl MachineActor {
     ) -> Result<(), ActorProcessingErr> {
         loop {
             let (rec, decision) = Self::advance(state, outcome.as_ref().map(|(r, _)| r))?;
+            Self::watch_vmm(myself, state, &rec);
             if let Some((report, operation)) = &outcome {
                 failpoints::hit_step(*operation, report.step, Boundary::AfterCommit);
             }
@@ -217,6 +262,7 @@ impl MachineActor {
             myself.stop(None);
             return Ok(());
         };
+        Self::watch_vmm(myself, state, &rec);
         if let Some(running) = &state.running {
             // A step is in flight. A wait is pointless once the machine is no longer
             // wanted started: cancel it and decide again. Anything else (a release, an
@@ -351,6 +397,7 @@ impl Actor for MachineActor {
             services,
             observed: false,
             running: None,
+            vmm_watch: None,
         })
     }
 
@@ -361,6 +408,9 @@ impl Actor for MachineActor {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(running) = state.running.take() {
             running.task.abort();
+        }
+        if let Some(watch) = state.vmm_watch.take() {
+            watch.task.abort();
         }
         Ok(())
     }

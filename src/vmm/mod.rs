@@ -354,6 +354,20 @@ impl VmmDriver {
         }
     }
 
+    /// Returns once the recorded process has exited (at once if it is already gone or is
+    /// not that process any more). Holds only a pidfd: cancelling the wait is free.
+    pub async fn exited(&self, process: &VmmProcess) {
+        let Some(fd) = pidfd::open_verified(process) else {
+            return;
+        };
+        match pidfd::watch(fd) {
+            Ok(fd) => pidfd::wait_exit(&fd).await,
+            // No reactor registration: the exit cannot be waited for, so it is reported
+            // now; the caller observes the process and finds it still running.
+            Err(e) => tracing::warn!(pid = process.pid, error = %e, "cannot watch the VMM's exit"),
+        }
+    }
+
     /// Waits until the guest reports ready, the VMM exits, or `timeout` passes.
     /// Safe to call again at any time (after a daemon restart too): it asks the guest for
     /// its current state.
