@@ -158,17 +158,6 @@ async fn create_serve_stop_start_destroy_leaves_nothing() {
 
     // Watchers saw the route come and go with each start and stop: published only once
     // the guest was ready, withdrawn before its resources were released.
-    let mut kinds = Vec::new();
-    while kinds.len() < 4 {
-        let change = tokio::time::timeout(Duration::from_secs(10), routes_watch.message())
-            .await
-            .expect("a route change in time")
-            .expect("route stream")
-            .expect("route stream open");
-        let about = change.route.as_ref().map(|r| r.machine_id.clone());
-        assert_eq!(about.as_deref(), Some(machine.id.as_str()));
-        kinds.push(change.kind);
-    }
     use pb::route_change::Kind;
     let expected = [
         Kind::Published,
@@ -176,7 +165,10 @@ async fn create_serve_stop_start_destroy_leaves_nothing() {
         Kind::Published,
         Kind::Unpublished,
     ];
-    assert_eq!(kinds, expected.map(|k| k as i32));
+    assert_eq!(
+        route_changes(&mut routes_watch, &machine.id, 4).await,
+        expected
+    );
 
     // The event log tells the whole run in order, ending destroyed.
     let log = events_until(&mut client, &machine.id, 0, pb::MachineState::Destroyed).await;
@@ -349,18 +341,9 @@ async fn a_vmm_that_dies_is_noticed_at_once_and_started_again_also_after_a_resta
     let (second, seq) =
         kill_vmm_and_see_it_started_again(&mut client, &machine.id, &first, 0).await;
     use pb::route_change::Kind;
-    let mut kinds = Vec::new();
-    while kinds.len() < 3 {
-        let change = tokio::time::timeout(Duration::from_secs(10), routes_watch.message())
-            .await
-            .expect("a route change in time")
-            .expect("route stream")
-            .expect("route stream open");
-        kinds.push(change.kind);
-    }
     assert_eq!(
-        kinds,
-        [Kind::Published, Kind::Unpublished, Kind::Published].map(|k| k as i32)
+        route_changes(&mut routes_watch, &machine.id, 3).await,
+        [Kind::Published, Kind::Unpublished, Kind::Published]
     );
 
     // After a daemon restart: the re-adopted run watches the VMM it found.
@@ -434,6 +417,26 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
 }
 
 /// Waits for the machine's event log to show a message starting with `prefix`.
+/// The next `n` route changes a watch hears, all about machine `id`.
+async fn route_changes(
+    watch: &mut tonic::Streaming<pb::RouteChange>,
+    id: &str,
+    n: usize,
+) -> Vec<pb::route_change::Kind> {
+    let mut kinds = Vec::new();
+    while kinds.len() < n {
+        let change = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a route change in time")
+            .expect("route stream")
+            .expect("route stream open");
+        let about = change.route.as_ref().map(|r| r.machine_id.clone());
+        assert_eq!(about.as_deref(), Some(id));
+        kinds.push(change.kind());
+    }
+    kinds
+}
+
 /// The machine's events after `after_seq`, up to and including the first in `state`.
 async fn events_until(
     client: &mut Client,
