@@ -120,8 +120,8 @@ fn a_changed_directory_gives_a_new_digest() {
     assert!(debugfs(&second.path, "cat /etc/motd").contains("second"));
     assert_eq!(bases.list().unwrap().len(), 2);
 
-    bases.remove(&first.digest).unwrap();
-    bases.remove(&first.digest).unwrap();
+    assert!(bases.remove(&first.digest).unwrap(), "the base was there");
+    assert!(!bases.remove(&first.digest).unwrap(), "already gone");
     assert_eq!(bases.list().unwrap(), vec![second]);
 }
 

@@ -652,22 +652,24 @@ impl BaseStore {
         Ok(bases)
     }
 
-    /// Removes the base with `digest` and its metadata. Disks cloned from it are separate
-    /// files and are not affected.
+    /// Removes the base with `digest` and its metadata; true when the base file was there
+    /// (so what it took on disk was freed now). Disks cloned from it are separate files
+    /// and are not affected.
     ///
-    /// Idempotent: removing a missing base is success. Undo of [`BaseStore::ensure_base`].
-    pub fn remove(&self, digest: &str) -> Result<(), BaseError> {
+    /// Idempotent: removing a missing base is success (false). Undo of
+    /// [`BaseStore::ensure_base`].
+    pub fn remove(&self, digest: &str) -> Result<bool, BaseError> {
         if !is_valid_digest(digest) {
             return Err(BaseError::InvalidDigest(digest.to_string()));
         }
-        for path in [self.base_path(digest), self.meta_path(digest)] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&path, "remove")(e)),
-            }
-        }
-        Ok(())
+        let removed = |path: &Path| match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(path, "remove")(e)),
+        };
+        let base_was_there = removed(&self.base_path(digest))?;
+        removed(&self.meta_path(digest))?;
+        Ok(base_was_there)
     }
 }
 

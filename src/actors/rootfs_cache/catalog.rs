@@ -192,14 +192,10 @@ pub fn remove(
         .iter()
         .filter(|i| leaving.contains(i.digest.as_str()))
     {
-        let present = bases
-            .get(&info.digest)
-            .map_err(|e| host("looking at a base", e))?
-            .is_some();
-        bases
+        let was_there = bases
             .remove(&info.digest)
             .map_err(|e| host("removing a base", e))?;
-        if present {
+        if was_there {
             freed += info.disk_bytes;
         }
     }
