@@ -25,13 +25,22 @@ pub struct Built {
     pub blobs: Vec<String>,
     /// The config blob among them.
     pub config_digest: Option<String>,
-    /// Whether a registry pull fetched (or verified) the image's layers.
-    pub pulled: bool,
-    /// Whether the registry was asked only to find the base already built (no layer
-    /// fetched): a tag's freshness check, not a pull.
-    pub checked: bool,
+    /// What was asked of a registry for it.
+    pub registry: RegistryUse,
     /// Whether an OCI base was made now (not found cached).
     pub made: bool,
+}
+
+/// What a build asked of a registry (the cache's counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryUse {
+    /// Nothing: a local image, a layout, or a registry outage served by an earlier base.
+    None,
+    /// The manifest was resolved and its base found built, no layer fetched: a tag's
+    /// freshness check, not a pull.
+    Checked,
+    /// The layers were fetched (or verified from the blob cache): a pull.
+    Pulled,
 }
 
 /// The outcome of a build task.
@@ -89,8 +98,7 @@ async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers)
         manifest_digest: None,
         blobs: Vec::new(),
         config_digest: None,
-        pulled: false,
-        checked: false,
+        registry: RegistryUse::None,
         made: false,
     })
 }
@@ -145,8 +153,11 @@ async fn build_registry(
     let mut built = build_pulled(&args, image, pulled, watchers).await?;
     built.blobs = blobs;
     built.config_digest = config_digest;
-    built.pulled = layers_fetched;
-    built.checked = !layers_fetched;
+    built.registry = if layers_fetched {
+        RegistryUse::Pulled
+    } else {
+        RegistryUse::Checked
+    };
     Ok(built)
 }
 
@@ -177,8 +188,7 @@ fn built_before(args: &RootfsArgs, reference: &OciRef) -> Option<Built> {
         manifest_digest: entry.manifest_digest,
         blobs: entry.blobs,
         config_digest: Some(config_digest),
-        pulled: false,
-        checked: false,
+        registry: RegistryUse::None,
         made: false,
     })
 }
@@ -240,8 +250,7 @@ async fn build_pulled(
         manifest_digest: Some(manifest_digest),
         blobs: Vec::new(),
         config_digest: None,
-        pulled: false,
-        checked: false,
+        registry: RegistryUse::None,
         made,
     })
 }

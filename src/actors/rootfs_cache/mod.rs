@@ -28,7 +28,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 mod build;
 mod catalog;
 
-pub use build::{BuildOutcome, Built, clone_disk, remove_disk};
+pub use build::{BuildOutcome, Built, RegistryUse, clone_disk, remove_disk};
 pub use catalog::{Collected, ImageInfo};
 
 use crate::actors::services::Services;
@@ -247,8 +247,11 @@ impl Actor for RootfsCache {
                 crate::failpoints::hit("rootfs_cache.build.after_effect");
                 let answer = match *result {
                     Ok(built) => {
-                        state.stats.pulls += u64::from(built.pulled);
-                        state.stats.checks += u64::from(built.checked);
+                        match built.registry {
+                            RegistryUse::Pulled => state.stats.pulls += 1,
+                            RegistryUse::Checked => state.stats.checks += 1,
+                            RegistryUse::None => {}
+                        }
                         state.stats.oci_bases_built += u64::from(built.made);
                         if let Some(identity) = built.identity.clone() {
                             state
