@@ -86,12 +86,7 @@ fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {
 async fn create_serve_stop_start_destroy_leaves_nothing() {
     let daemon = Daemon::start_with("");
     let mut client = daemon.client().await;
-    let mut routes_watch = client
-        .registry
-        .watch_routes(pb::WatchRoutesRequest {})
-        .await
-        .expect("watch routes")
-        .into_inner();
+    let mut routes_watch = watch_routes(&mut client).await;
     let machine = create(&mut client, "e2e-1", "web", &[]).await;
     let started = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
     assert!(!started.guest_ip.is_empty());
@@ -327,12 +322,7 @@ async fn kill_vmm_and_see_it_started_again(
 async fn a_vmm_that_dies_is_noticed_at_once_and_started_again_also_after_a_restart() {
     let mut daemon = Daemon::start_with("");
     let mut client = daemon.client().await;
-    let mut routes_watch = client
-        .registry
-        .watch_routes(pb::WatchRoutesRequest {})
-        .await
-        .expect("watch routes")
-        .into_inner();
+    let mut routes_watch = watch_routes(&mut client).await;
     let machine = create(&mut client, "phoenix", "phoenix", &[]).await;
     let first = wait_for(&mut client, &machine.id, pb::MachineState::Started).await;
 
@@ -417,6 +407,16 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
 }
 
 /// Waits for the machine's event log to show a message starting with `prefix`.
+/// A watch on the registry's route changes, from now on.
+async fn watch_routes(client: &mut Client) -> tonic::Streaming<pb::RouteChange> {
+    client
+        .registry
+        .watch_routes(pb::WatchRoutesRequest {})
+        .await
+        .expect("watch routes")
+        .into_inner()
+}
+
 /// The next `n` route changes a watch hears, all about machine `id`.
 async fn route_changes(
     watch: &mut tonic::Streaming<pb::RouteChange>,
