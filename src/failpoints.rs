@@ -13,7 +13,7 @@
 //! same as a crash or `kill -9` from outside, with no unwinding and no cleanup.
 
 use crate::machine::record::{Desired, MachineRecord};
-use crate::machine::step::{CREATE_ORDER, Direction, STOP_RELEASES, Step};
+use crate::machine::step::{CREATE_ORDER, Direction, STOP_RELEASES, Step, TEARDOWN_ORDER};
 
 /// What the run is doing when it crosses a step boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,9 +78,13 @@ impl Operation {
     pub fn steps(self) -> Vec<Step> {
         match self {
             Operation::Create => CREATE_ORDER.to_vec(),
-            Operation::Start => vec![Step::Vmm, Step::Ready, Step::Publish],
+            // A start acquires again, in create order, what a stop released.
+            Operation::Start => CREATE_ORDER
+                .into_iter()
+                .filter(|s| STOP_RELEASES.contains(s))
+                .collect(),
             Operation::Stop => STOP_RELEASES.to_vec(),
-            Operation::Destroy => CREATE_ORDER.iter().rev().copied().collect(),
+            Operation::Destroy => TEARDOWN_ORDER.to_vec(),
         }
     }
 }

@@ -256,6 +256,43 @@ async fn a_guest_that_never_gets_ready_fails_after_bounded_boots_and_leaves_noth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_step_failure_fails_the_machine_at_the_first_attempt_naming_the_cause() {
+    // An environment larger than the guest's config disk holds (1 MiB of JSON): no retry
+    // can make it fit, so the vm_config step fails permanently, once.
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let mut request = demo_request("too-big", "too-big", &["/bin/busybox", "sleep", "1"]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.env.insert("HUGE".into(), "x".repeat(1_200_000));
+    }
+    let machine = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let failed = wait_for(&mut client, &machine.id, pb::MachineState::Failed).await;
+    assert!(
+        failed.failure.contains("vm_config") && failed.failure.contains("does not fit"),
+        "{}",
+        failed.failure
+    );
+    let attempts = failed
+        .timings
+        .iter()
+        .filter(|t| t.step == "vm_config" && t.direction == "acquire")
+        .count();
+    assert_eq!(attempts, 1, "{:?}", failed.timings);
+    assert!(
+        !failed.timings.iter().any(|t| t.step == "vmm"),
+        "no VMM for a machine that cannot be configured: {:?}",
+        failed.timings
+    );
+    assert_nothing_left(&daemon, std::slice::from_ref(&machine.id));
+    destroy(&mut client, &machine.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_daemon_readopts_its_running_machine() {
     let mut daemon = Daemon::start_with("");
     let mut client = daemon.client().await;

@@ -4,7 +4,9 @@
 //! Singletons are found by their registered name, not by a stored reference: after the
 //! Supervisor restarts one, the next call reaches the new actor.
 
+pub mod context;
 pub mod ip_pool;
+pub mod machine;
 pub mod registry;
 pub mod rootfs_cache;
 pub mod services;

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::ip_pool::IpPool;
+use super::machine::{MachineActor, MachineMsg};
 use super::names;
 use super::registry::RegistryPublisher;
 use super::rootfs_cache::{RootfsArgs, RootfsCache};
 use super::services::Services;
 use super::tap_allocator::TapAllocator;
 use crate::image::BaseStore;
-use crate::machine::actor::{MachineActor, MachineMsg};
 use crate::machine::record::MachineState;
 
 /// Restarts allowed per child within [`RESTART_WINDOW`].
@@ -215,7 +215,7 @@ impl Supervisor {
                 return Ok(());
             };
             tracing::warn!(machine = %id, %reason, "machine actor failed; restarting");
-            let now = crate::machine::actor::now_ms();
+            let now = super::machine::now_ms();
             let noted = state.services.store().update_machine(&id, |rec| {
                 rec.updated_at_ms = now;
                 Ok(Some(format!("run restarted after a crash: {reason}")))
@@ -229,7 +229,7 @@ impl Supervisor {
                 let why = format!(
                     "machine actor crashed {MAX_RESTARTS} times within {RESTART_WINDOW:?}: {reason}"
                 );
-                let now = crate::machine::actor::now_ms();
+                let now = super::machine::now_ms();
                 let outcome = state.services.store().update_machine(&id, |rec| {
                     if rec.state == MachineState::Destroyed {
                         return Ok(None::<String>);

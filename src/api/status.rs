@@ -50,7 +50,10 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::NoRoom(_)) => Code::ResourceExhausted,
             ApiError::Store(StoreError::Refused(_)) => Code::FailedPrecondition,
             ApiError::Store(
-                StoreError::Db(_) | StoreError::Codec(_) | StoreError::Schema { .. },
+                StoreError::Db(_)
+                | StoreError::Codec(_)
+                | StoreError::Schema { .. }
+                | StoreError::Changed,
             ) => Code::Internal,
             ApiError::Wake(_) => Code::Unavailable,
             ApiError::Audit(_) => Code::Internal,

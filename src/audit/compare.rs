@@ -7,13 +7,16 @@
 //! has no record), and a missing resource is one whose step the record marks `Done`.
 //! A `Begun` step may or may not have its resource: neither is reported.
 //!
-//! | step      | resources                                    |
-//! |-----------|----------------------------------------------|
-//! | `network` | namespace `<prefix>-<id>`, link `<prefix><id>` |
-//! | `vmm`     | a process with the marker, in this data dir   |
-//! | `disk`    | `<data_dir>/machines/<id>`                    |
-//! | `lease`   | a `leases` row owned by the id                |
-//! | `publish` | the id's `routes` row                         |
+//! Which step owns which kind of resource is the step catalogue's `owns`
+//! (`machine::step::CATALOGUE`); the kinds are matched to host objects here:
+//!
+//! | kind          | host object                                   |
+//! |---------------|-----------------------------------------------|
+//! | `netns`, `link` | namespace `<prefix>-<id>`, link `<prefix><id>` |
+//! | `vmm`         | a process with the marker, in this data dir   |
+//! | `machine_dir` | `<data_dir>/machines/<id>`                    |
+//! | `lease`       | a `leases` row owned by the id                |
+//! | `route`       | the id's `routes` row                         |
 
 use std::collections::HashMap;
 
@@ -36,41 +39,34 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
             Some(_) => None,
         }
     };
-    let mut named =
-        |kind: ResourceKind, objects: &[Named], step: Step, shown: &dyn Fn(&str) -> String| {
-            for object in objects {
-                let why = match &object.machine_id {
-                    None => Some("the name has hearth's prefix but no machine id".to_string()),
-                    Some(id) => unowned(id, step),
-                };
-                if let Some(why) = why {
-                    leaks.push(Finding {
-                        kind,
-                        name: shown(&object.name),
-                        machine_id: object.machine_id.clone(),
-                        why,
-                    });
-                }
+    let mut named = |kind: ResourceKind, objects: &[Named], shown: &dyn Fn(&str) -> String| {
+        let step = kind.step();
+        for object in objects {
+            let why = match &object.machine_id {
+                None => Some("the name has hearth's prefix but no machine id".to_string()),
+                Some(id) => unowned(id, step),
+            };
+            if let Some(why) = why {
+                leaks.push(Finding {
+                    kind,
+                    name: shown(&object.name),
+                    machine_id: object.machine_id.clone(),
+                    why,
+                });
             }
-        };
-    named(ResourceKind::Netns, &host.netns, Step::Network, &|n| {
-        n.to_string()
+        }
+    };
+    named(ResourceKind::Netns, &host.netns, &|n| n.to_string());
+    named(ResourceKind::Link, &host.links, &|n| n.to_string());
+    named(ResourceKind::MachineDir, &host.machine_dirs, &|n| {
+        host.machines_dir.join(n).display().to_string()
     });
-    named(ResourceKind::Link, &host.links, Step::Network, &|n| {
-        n.to_string()
-    });
-    named(
-        ResourceKind::MachineDir,
-        &host.machine_dirs,
-        Step::Disk,
-        &|n| host.machines_dir.join(n).display().to_string(),
-    );
 
     for (id, pid) in &host.vmms {
-        let why = unowned(id, Step::Vmm).or_else(|| {
+        let why = unowned(id, ResourceKind::Vmm.step()).or_else(|| {
             let rec = by_id.get(id.as_str())?;
             let recorded = rec.resources.vmm.as_ref()?.pid;
-            (rec.mark(Step::Vmm) == Mark::Done && recorded != *pid)
+            (rec.mark(ResourceKind::Vmm.step()) == Mark::Done && recorded != *pid)
                 .then(|| format!("a second VMM: the record's is pid {recorded}"))
         });
         if let Some(why) = why {
@@ -78,10 +74,10 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
         }
     }
     for (slot, id) in &host.leases {
-        let why = unowned(id, Step::Lease).or_else(|| {
+        let why = unowned(id, ResourceKind::Lease.step()).or_else(|| {
             let rec = by_id.get(id.as_str())?;
             let recorded = rec.resources.lease_slot?;
-            (rec.mark(Step::Lease) == Mark::Done && recorded != *slot)
+            (rec.mark(ResourceKind::Lease.step()) == Mark::Done && recorded != *slot)
                 .then(|| format!("a second lease: the record holds slot {recorded}"))
         });
         if let Some(why) = why {
@@ -94,7 +90,7 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
         }
     }
     for id in &host.routes {
-        if let Some(why) = unowned(id, Step::Publish) {
+        if let Some(why) = unowned(id, ResourceKind::Route.step()) {
             leaks.push(finding(ResourceKind::Route, id.clone(), id, why));
         }
     }
@@ -111,21 +107,32 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
 /// What `rec` marks `Done` and the scan did not see.
 fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
     let id = rec.id.as_str();
-    let done = |step| rec.mark(step) == Mark::Done;
+    let done = |kind: ResourceKind| rec.mark(kind.step()) == Mark::Done;
     let has = |objects: &[Named], name: &str| objects.iter().any(|o| o.name == name);
-    let why = |step: Step| format!("machine is {} and marks {step} done", rec.state.name());
+    let why = |kind: ResourceKind| {
+        let step = kind.step();
+        format!("machine is {} and marks {step} done", rec.state.name())
+    };
     let mut out = Vec::new();
-    if done(Step::Network) {
-        let netns = format!("{}-{id}", host.prefix);
-        if !has(&host.netns, &netns) {
-            out.push(finding(ResourceKind::Netns, netns, id, why(Step::Network)));
-        }
-        let link = format!("{}{id}", host.prefix);
-        if !has(&host.links, &link) {
-            out.push(finding(ResourceKind::Link, link, id, why(Step::Network)));
-        }
+    let netns = format!("{}-{id}", host.prefix);
+    if done(ResourceKind::Netns) && !has(&host.netns, &netns) {
+        out.push(finding(
+            ResourceKind::Netns,
+            netns,
+            id,
+            why(ResourceKind::Netns),
+        ));
     }
-    if done(Step::Vmm) {
+    let link = format!("{}{id}", host.prefix);
+    if done(ResourceKind::Link) && !has(&host.links, &link) {
+        out.push(finding(
+            ResourceKind::Link,
+            link,
+            id,
+            why(ResourceKind::Link),
+        ));
+    }
+    if done(ResourceKind::Vmm) {
         let recorded = rec.resources.vmm.as_ref().map(|v| v.pid);
         let seen = host
             .vmms
@@ -133,14 +140,19 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
             .any(|(m, pid)| m == id && recorded.is_none_or(|r| r == *pid));
         if !seen {
             let name = recorded.map_or_else(|| "vmm".to_string(), |pid| format!("pid {pid}"));
-            out.push(finding(ResourceKind::Vmm, name, id, why(Step::Vmm)));
+            out.push(finding(ResourceKind::Vmm, name, id, why(ResourceKind::Vmm)));
         }
     }
-    if done(Step::Disk) && !has(&host.machine_dirs, id) {
+    if done(ResourceKind::MachineDir) && !has(&host.machine_dirs, id) {
         let path = host.machines_dir.join(id).display().to_string();
-        out.push(finding(ResourceKind::MachineDir, path, id, why(Step::Disk)));
+        out.push(finding(
+            ResourceKind::MachineDir,
+            path,
+            id,
+            why(ResourceKind::MachineDir),
+        ));
     }
-    if done(Step::Lease) {
+    if done(ResourceKind::Lease) {
         let recorded = rec.resources.lease_slot;
         let seen = host
             .leases
@@ -148,15 +160,20 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
             .any(|(slot, m)| m == id && recorded.is_none_or(|r| r == *slot));
         if !seen {
             let name = recorded.map_or_else(|| "lease".to_string(), |s| format!("slot {s}"));
-            out.push(finding(ResourceKind::Lease, name, id, why(Step::Lease)));
+            out.push(finding(
+                ResourceKind::Lease,
+                name,
+                id,
+                why(ResourceKind::Lease),
+            ));
         }
     }
-    if done(Step::Publish) && !host.routes.iter().any(|m| m == id) {
+    if done(ResourceKind::Route) && !host.routes.iter().any(|m| m == id) {
         out.push(finding(
             ResourceKind::Route,
             id.to_string(),
             id,
-            why(Step::Publish),
+            why(ResourceKind::Route),
         ));
     }
     out

@@ -1,44 +1,7 @@
 //! What an audit reports: leaks (on the host or in a table, owned by no record) and
 //! missing resources (marked `Done` by a record, not there).
 
-use std::fmt;
-
-/// The kinds of resource a machine owns, one per owning step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ResourceKind {
-    /// A network namespace `<prefix>-<id>` (step `network`).
-    Netns,
-    /// A root-namespace link `<prefix><id>` (step `network`).
-    Link,
-    /// A VMM process carrying the machine's marker (step `vmm`).
-    Vmm,
-    /// A directory under `<data_dir>/machines` (step `disk`).
-    MachineDir,
-    /// A row of the `leases` table (step `lease`).
-    Lease,
-    /// A row of the `routes` table (step `publish`).
-    Route,
-}
-
-impl ResourceKind {
-    /// Lower-case name, as the CLI prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ResourceKind::Netns => "netns",
-            ResourceKind::Link => "link",
-            ResourceKind::Vmm => "vmm",
-            ResourceKind::MachineDir => "machine_dir",
-            ResourceKind::Lease => "lease",
-            ResourceKind::Route => "route",
-        }
-    }
-}
-
-impl fmt::Display for ResourceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::machine::step::ResourceKind;
 
 /// One leaked or missing resource.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

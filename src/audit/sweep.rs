@@ -15,27 +15,24 @@
 //! sweep; a second sweep finds nothing of what the first released. A sweep interrupted by
 //! a crash is finished by the next start's sweep.
 //!
-//! Releases go through the resources' owners: routes through the RegistryPublisher (so
-//! route watchers hear the withdrawal), leases through the IpPool, namespaces and links
-//! through the TapAllocator. An orphan VMM is SIGKILLed (it owns nothing recorded, so
-//! there is nothing to shut down gracefully). The order is the teardown order: route,
-//! VMM, network, lease, directory.
+//! Releases are the steps' own: for each orphaned id the sweep synthesises a record that
+//! marks `Begun` every step owning a leaked resource (`ResourceKind::step`, from the step
+//! catalogue) and runs those steps' releases in teardown order, exactly as a destroy
+//! would on a half-done machine — routes through the RegistryPublisher (so watchers hear
+//! the withdrawal), the VMM's release (which ends any process carrying the machine's
+//! marker), the network through the TapAllocator, the lease through the IpPool, and the
+//! directory.
 
-use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use super::error::AuditError;
-use super::finding::{Finding, ResourceKind};
-use crate::actors::ip_pool::IpPoolMsg;
-use crate::actors::registry::RegistryMsg;
+use super::finding::Finding;
 use crate::actors::services::Services;
-use crate::actors::tap_allocator::TapMsg;
-use crate::actors::{ask, names};
-use crate::machine::record::MachineState;
-use crate::net::NetPlan;
-
-/// How long a singleton may take to answer one release.
-const ASK_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::machine::record::{MachineRecord, MachineState};
+use crate::machine::spec::MachineSpec;
+use crate::machine::step::{Direction, Mark, Step, TEARDOWN_ORDER};
+use crate::machine::steps;
 
 /// What one sweep did.
 #[derive(Debug, Clone, Default)]
@@ -47,7 +44,7 @@ pub struct SweepReport {
     /// Leaks whose release failed, with the error.
     pub failed: Vec<(Finding, String)>,
     /// The audit plus every release.
-    pub elapsed: Duration,
+    pub elapsed: std::time::Duration,
 }
 
 /// Audits once and releases every leak the rule above allows. Fails only when the audit
@@ -57,45 +54,48 @@ pub struct SweepReport {
 pub async fn sweep(services: &Services) -> Result<SweepReport, AuditError> {
     let started = Instant::now();
     let audit = super::run(services).await?;
-    let mut leaks = audit.report.leaks;
-    leaks.sort_by_key(|f| teardown_rank(f.kind));
     let mut report = SweepReport::default();
-    // Namespace and link are one release (one plan); VMMs of one id are killed together.
-    let mut done: HashSet<(u8, String)> = HashSet::new();
-    for leak in leaks {
-        let Some(id) = leak.machine_id.clone() else {
-            report
+    let mut by_id: BTreeMap<String, Vec<Finding>> = BTreeMap::new();
+    for leak in audit.report.leaks {
+        match leak.machine_id.clone() {
+            Some(id) => by_id.entry(id).or_default().push(leak),
+            None => report
                 .kept
-                .push((leak, "the name carries no machine id".to_string()));
-            continue;
-        };
+                .push((leak, "the name carries no machine id".to_string())),
+        }
+    }
+    for (id, leaks) in by_id {
         match orphaned(services, &id) {
             Ok(true) => {}
             Ok(false) => {
-                report.kept.push((
-                    leak,
-                    "a live record owns the id; its run releases it".into(),
-                ));
+                let why = "a live record owns the id; its run releases it";
+                report
+                    .kept
+                    .extend(leaks.into_iter().map(|l| (l, why.to_string())));
                 continue;
             }
             Err(e) => {
-                report.failed.push((leak, e));
+                report
+                    .failed
+                    .extend(leaks.into_iter().map(|l| (l, e.clone())));
                 continue;
             }
         }
-        let result = if done.insert((teardown_rank(leak.kind), id.clone())) {
-            release(services, leak.kind, &id).await
-        } else {
-            Ok(())
-        };
-        match result {
-            Ok(()) => {
-                tracing::info!(kind = %leak.kind, name = %leak.name, machine = %id, "released an orphan");
-                report.released.push(leak);
-            }
-            Err(e) => {
-                tracing::warn!(kind = %leak.kind, name = %leak.name, machine = %id, error = %e, "could not release an orphan");
-                report.failed.push((leak, e));
+        let owners: BTreeSet<Step> = leaks.iter().map(|l| l.kind.step()).collect();
+        let rec = orphan_record(&id, &owners);
+        for step in TEARDOWN_ORDER.into_iter().filter(|s| owners.contains(s)) {
+            let result = steps::run(step, Direction::Release, services, &rec).await;
+            for leak in leaks.iter().filter(|l| l.kind.step() == step) {
+                match &result {
+                    Ok(_) => {
+                        tracing::info!(kind = %leak.kind, name = %leak.name, machine = %id, "released an orphan");
+                        report.released.push(leak.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind = %leak.kind, name = %leak.name, machine = %id, error = %e, "could not release an orphan");
+                        report.failed.push((leak.clone(), e.to_string()));
+                    }
+                }
             }
         }
     }
@@ -103,15 +103,22 @@ pub async fn sweep(services: &Services) -> Result<SweepReport, AuditError> {
     Ok(report)
 }
 
-/// Position in the teardown order (the reverse of `CREATE_ORDER`).
-fn teardown_rank(kind: ResourceKind) -> u8 {
-    match kind {
-        ResourceKind::Route => 0,
-        ResourceKind::Vmm => 1,
-        ResourceKind::Netns | ResourceKind::Link => 2,
-        ResourceKind::Lease => 3,
-        ResourceKind::MachineDir => 4,
+/// The record a release of machine `id`'s orphans runs on: nothing recorded but the id,
+/// and every owning step `Begun` (its effect may or may not exist), which every release
+/// handles.
+fn orphan_record(id: &str, owners: &BTreeSet<Step>) -> MachineRecord {
+    let mut rec = MachineRecord::new(
+        id.to_string(),
+        String::new(),
+        String::new(),
+        MachineSpec::default(),
+        0,
+    );
+    rec.desired = crate::machine::record::Desired::Destroyed;
+    for step in owners {
+        rec.set_mark(*step, Mark::Begun);
     }
+    rec
 }
 
 /// True when no record, or only a settled tombstone that holds nothing, has this id:
@@ -124,59 +131,4 @@ fn orphaned(services: &Services, id: &str) -> Result<bool, String> {
     Ok(rec.is_none_or(|r| {
         r.state == MachineState::Destroyed && r.current.is_none() && r.nothing_touched()
     }))
-}
-
-/// Releases every resource of `kind` that machine `id` has. Idempotent.
-async fn release(services: &Services, kind: ResourceKind, id: &str) -> Result<(), String> {
-    let machine = id.to_string();
-    match kind {
-        ResourceKind::Route => ask(
-            names::REGISTRY,
-            |reply| RegistryMsg::Unpublish { machine, reply },
-            ASK_TIMEOUT,
-        )
-        .await
-        .map_err(|e| e.to_string())?,
-        ResourceKind::Lease => ask(
-            names::IP_POOL,
-            |reply| IpPoolMsg::Release { machine, reply },
-            ASK_TIMEOUT,
-        )
-        .await
-        .map_err(|e| e.to_string())?,
-        ResourceKind::Netns | ResourceKind::Link => {
-            // Only the names matter for a removal; slot 0 is as good as any.
-            let plan = NetPlan::derive(&services.config().network.prefix, id, *services.pool(), 0)
-                .map_err(|e| format!("network plan of {id}: {e}"))?;
-            ask(
-                names::TAP_ALLOCATOR,
-                |reply| TapMsg::Remove { plan, reply },
-                ASK_TIMEOUT,
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        }
-        ResourceKind::Vmm => kill_vmms(services, id).await,
-        ResourceKind::MachineDir => remove_dir(services, id).await,
-    }
-}
-
-/// SIGKILLs every VMM of machine `id` that this daemon's data directory names, and waits
-/// for each to exit. Idempotent (see [`crate::vmm::marked::kill_unrecorded`]).
-async fn kill_vmms(services: &Services, id: &str) -> Result<(), String> {
-    let dir = services.config().machine_dir(id);
-    crate::vmm::marked::kill_unrecorded(services.vmm().name_prefix(), id, &dir).await
-}
-
-/// Removes the machine directory, as the `disk` step's release does. Idempotent.
-async fn remove_dir(services: &Services, id: &str) -> Result<(), String> {
-    let dir = services.config().machine_dir(id);
-    crate::actors::rootfs_cache::remove_disk(dir.join(crate::machine::steps::disk::ROOT_DISK))
-        .await?;
-    match tokio::fs::remove_dir_all(&dir).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(format!("remove {}: {e}", dir.display()))
-        }
-        _ => Ok(()),
-    }
 }

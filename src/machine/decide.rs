@@ -6,7 +6,8 @@
 //! the actor is left with only I/O: persist, run the effect, persist.
 
 use super::record::{Desired, MachineRecord, MachineState};
-use super::step::{CREATE_ORDER, Direction, Mark, STOP_RELEASES, Step};
+use super::step::{CREATE_ORDER, Direction, Mark, STOP_RELEASES, Step, TEARDOWN_ORDER};
+use super::steps::StepError;
 
 /// What the run saw of the VMM before deciding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,11 +167,11 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             MachineState::Stopped,
         ),
         Target::Destroyed => (
-            &REVERSE_ORDER,
+            &TEARDOWN_ORDER,
             MachineState::Destroying,
             MachineState::Destroyed,
         ),
-        Target::Failed => (&REVERSE_ORDER, MachineState::Failed, MachineState::Failed),
+        Target::Failed => (&TEARDOWN_ORDER, MachineState::Failed, MachineState::Failed),
         Target::Started => unreachable_target(),
     };
     match releases.iter().find(|s| rec.touched(**s)) {
@@ -178,20 +179,6 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
         None => decision(Next::Settle, settled),
     }
 }
-
-/// Teardown order: the create order reversed.
-const REVERSE_ORDER: [Step; 8] = {
-    let mut out = CREATE_ORDER;
-    let mut i = 0;
-    while i < out.len() / 2 {
-        let j = out.len() - 1 - i;
-        let tmp = out[i];
-        out[i] = out[j];
-        out[j] = tmp;
-        i += 1;
-    }
-    out
-};
 
 // `Target::Started` returns early above; this keeps the match exhaustive without a
 // wildcard arm, so a new target cannot be forgotten.
@@ -210,9 +197,24 @@ pub fn apply_begin(rec: &mut MachineRecord, step: Step, direction: Direction, st
     rec.state = state;
 }
 
-/// Applies a step's outcome to the record.
-pub fn apply_outcome(rec: &mut MachineRecord, step: Step, direction: Direction, ok: bool) {
+/// Applies a step's outcome (`None`: it succeeded) to the record. A permanent acquire
+/// failure fails the machine at once, naming the step and the cause; the run then
+/// releases everything. A release is always retried: what it removes must go.
+pub fn apply_outcome(
+    rec: &mut MachineRecord,
+    step: Step,
+    direction: Direction,
+    error: Option<&StepError>,
+) {
     rec.current = None;
+    let ok = error.is_none();
+    if direction == Direction::Acquire
+        && let Some(StepError::Permanent(cause)) = error
+    {
+        rec.step_failures += 1;
+        apply_give_up(rec, format!("{step}: {cause}"));
+        return;
+    }
     match (direction, ok) {
         (Direction::Acquire, true) => {
             rec.set_mark(step, Mark::Done);
@@ -298,6 +300,10 @@ mod tests {
     use crate::machine::record::VmmRecord;
     use crate::machine::spec::MachineSpec;
     use std::path::PathBuf;
+
+    fn retry() -> StepError {
+        StepError::Retry("try again".into())
+    }
 
     const POLICY: Policy = Policy {
         max_boot_attempts: 3,
@@ -541,7 +547,7 @@ mod tests {
     fn boot_attempts_are_bounded() {
         let mut rec = record(Desired::Started, &done_through(Step::Vmm));
         // The guest did not become ready: the failed Ready costs an attempt...
-        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, false);
+        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, Some(&retry()));
         assert_eq!(rec.boot_attempts, 1);
         // ...and the stale VMM is replaced before trying again.
         check(
@@ -550,7 +556,7 @@ mod tests {
             Next::Release(Step::Vmm),
             MachineState::Starting,
         );
-        apply_outcome(&mut rec, Step::Vmm, Direction::Release, true);
+        apply_outcome(&mut rec, Step::Vmm, Direction::Release, None);
         check(&rec, NONE, Next::Acquire(Step::Vmm), MachineState::Starting);
 
         rec.boot_attempts = POLICY.max_boot_attempts;
@@ -569,9 +575,39 @@ mod tests {
     fn repeated_step_failures_give_up() {
         let mut rec = record(Desired::Started, &[(Step::Image, Mark::Begun)]);
         for _ in 0..POLICY.max_step_failures {
-            apply_outcome(&mut rec, Step::Image, Direction::Acquire, false);
+            apply_outcome(&mut rec, Step::Image, Direction::Acquire, Some(&retry()));
         }
         assert!(matches!(decide(&rec, &NONE, &POLICY).next, Next::GiveUp(_)));
+    }
+
+    #[test]
+    fn a_permanent_failure_fails_at_once_and_releases_everything() {
+        let mut rec = record(
+            Desired::Started,
+            &with(done_through(Step::Network), Step::VmConfig, Mark::Begun),
+        );
+        let cause = StepError::Permanent("the workload does not fit".into());
+        apply_outcome(&mut rec, Step::VmConfig, Direction::Acquire, Some(&cause));
+        assert_eq!(rec.state, MachineState::Failed);
+        let failure = rec.failure.clone().unwrap_or_default();
+        assert!(failure.starts_with("vm_config: the workload"), "{failure}");
+        // The half-done step is released first, then the rest in teardown order.
+        check(
+            &rec,
+            NONE,
+            Next::Release(Step::VmConfig),
+            MachineState::Failed,
+        );
+        // A permanent release failure is still retried: what it removes must go.
+        let mut rec = record(Desired::Destroyed, &done_through(Step::Disk));
+        apply_outcome(&mut rec, Step::Disk, Direction::Release, Some(&cause));
+        assert!(rec.failure.is_none());
+        check(
+            &rec,
+            NONE,
+            Next::Release(Step::Disk),
+            MachineState::Destroying,
+        );
     }
 
     #[test]
@@ -591,7 +627,7 @@ mod tests {
     fn a_failed_boot_is_counted_once_whether_ready_or_liveness_notices_first() {
         let mut rec = record(Desired::Started, &done_through(Step::Vmm));
         // The readiness wait fails because the VMM exited...
-        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, false);
+        apply_outcome(&mut rec, Step::Ready, Direction::Acquire, Some(&retry()));
         // ...and the next decision sees the VMM gone.
         check(&rec, GONE, Next::VmmLost, MachineState::Starting);
         apply_vmm_lost(&mut rec);
@@ -615,7 +651,7 @@ mod tests {
         // Everything built on the network goes first, latest first...
         for later in [Step::Publish, Step::Ready, Step::Vmm, Step::VmConfig] {
             check(&rec, RUNNING, Next::Release(later), MachineState::Starting);
-            apply_outcome(&mut rec, later, Direction::Release, true);
+            apply_outcome(&mut rec, later, Direction::Release, None);
         }
         // ...then the network is built again, and the rest after it.
         check(
@@ -624,7 +660,7 @@ mod tests {
             Next::Acquire(Step::Network),
             MachineState::Starting,
         );
-        apply_outcome(&mut rec, Step::Network, Direction::Acquire, true);
+        apply_outcome(&mut rec, Step::Network, Direction::Acquire, None);
         check(
             &rec,
             NONE,
@@ -675,7 +711,7 @@ mod tests {
             MachineState::Destroying,
         );
         assert_eq!(rec.mark(Step::Image), Mark::Done);
-        apply_outcome(&mut rec, Step::Image, Direction::Release, true);
+        apply_outcome(&mut rec, Step::Image, Direction::Release, None);
         assert!(rec.nothing_touched());
     }
 

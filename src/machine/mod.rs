@@ -20,7 +20,6 @@
 //! a `Begun` step is run again (every effect is idempotent) or released (every undo works
 //! on a half-done effect).
 
-pub mod actor;
 pub mod decide;
 pub mod record;
 pub(crate) mod record_v1;

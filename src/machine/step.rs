@@ -1,7 +1,14 @@
-//! The names of the lifecycle steps, their order, and the marks a record keeps of them.
+//! The step catalogue: the names of the lifecycle steps, and one table that says, for
+//! each, everything the rest of the daemon derives from it — the create order (the
+//! table's order), the teardown order (its reverse), what a stop releases, which
+//! acquires may be abandoned halfway, and which host resources a step owns (what the
+//! audit checks and the orphan sweep releases). Fail point names and the audit's
+//! ownership come from here too. Nothing else restates an order.
 //!
 //! Step names are stable: they are stored (by position, see `store`), shown to the control
 //! plane, and used in fail-point names. Append new steps; never reorder or remove one.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,53 +34,221 @@ pub enum Step {
     Publish,
 }
 
-/// The order in which a machine is brought up. Teardown runs the reverse. Image first
-/// because everything after it is pointless for an image that cannot be built; the lease
-/// before the network because the network's addresses come from it; publish last because
-/// nothing may route to a guest that is not ready.
-pub const CREATE_ORDER: [Step; 8] = [
-    Step::Image,
-    Step::Disk,
-    Step::Lease,
-    Step::Network,
-    Step::VmConfig,
-    Step::Vmm,
-    Step::Ready,
-    Step::Publish,
+/// The kinds of host resource a machine owns, each owned by exactly one step (see
+/// [`CATALOGUE`]). The audit reports them; the orphan sweep releases them through the
+/// owning step's release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceKind {
+    /// A network namespace `<prefix>-<id>` (step `network`).
+    Netns,
+    /// A root-namespace link `<prefix><id>` (step `network`).
+    Link,
+    /// A VMM process carrying the machine's marker (step `vmm`).
+    Vmm,
+    /// A directory under `<data_dir>/machines` (step `disk`).
+    MachineDir,
+    /// A row of the `leases` table (step `lease`).
+    Lease,
+    /// A row of the `routes` table (step `publish`).
+    Route,
+}
+
+impl ResourceKind {
+    /// Every kind.
+    pub const ALL: [ResourceKind; 6] = [
+        ResourceKind::Netns,
+        ResourceKind::Link,
+        ResourceKind::Vmm,
+        ResourceKind::MachineDir,
+        ResourceKind::Lease,
+        ResourceKind::Route,
+    ];
+
+    /// Lower-case name, as the CLI prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceKind::Netns => "netns",
+            ResourceKind::Link => "link",
+            ResourceKind::Vmm => "vmm",
+            ResourceKind::MachineDir => "machine_dir",
+            ResourceKind::Lease => "lease",
+            ResourceKind::Route => "route",
+        }
+    }
+
+    /// The step that owns this kind of resource (from the catalogue).
+    pub fn step(self) -> Step {
+        CATALOGUE
+            .iter()
+            .find(|info| info.owns.contains(&self))
+            .map(|info| info.step)
+            // Not reached: a catalogue test proves every kind has an owner.
+            .unwrap_or(Step::Disk)
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the catalogue says of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// The step.
+    pub step: Step,
+    /// Its stable name (API, logs, fail points).
+    pub name: &'static str,
+    /// Whether an acquire in flight may be abandoned when the machine is no longer
+    /// wanted started. Only waits are: abandoning a step that changes the host with
+    /// blocking work (a disk clone, a VMM launch) would let its release run while that
+    /// work still creates what the release removes; those take milliseconds and finish.
+    pub cancellable: bool,
+    /// Whether a stop releases it (a stopped machine keeps the rest for a fast start).
+    pub stop_releases: bool,
+    /// The host resources the step's acquire makes and its release removes.
+    pub owns: &'static [ResourceKind],
+}
+
+/// Every step, in create order. Image first because everything after it is pointless for
+/// an image that cannot be built; the lease before the network because the network's
+/// addresses come from it; publish last because nothing may route to a guest that is
+/// not ready.
+pub const CATALOGUE: [StepInfo; 8] = [
+    StepInfo {
+        step: Step::Image,
+        name: "image",
+        cancellable: true,
+        stop_releases: false,
+        owns: &[],
+    },
+    StepInfo {
+        step: Step::Disk,
+        name: "disk",
+        cancellable: false,
+        stop_releases: false,
+        owns: &[ResourceKind::MachineDir],
+    },
+    StepInfo {
+        step: Step::Lease,
+        name: "lease",
+        cancellable: false,
+        stop_releases: false,
+        owns: &[ResourceKind::Lease],
+    },
+    StepInfo {
+        step: Step::Network,
+        name: "network",
+        cancellable: false,
+        stop_releases: false,
+        owns: &[ResourceKind::Netns, ResourceKind::Link],
+    },
+    StepInfo {
+        step: Step::VmConfig,
+        name: "vm_config",
+        cancellable: false,
+        stop_releases: false,
+        owns: &[],
+    },
+    StepInfo {
+        step: Step::Vmm,
+        name: "vmm",
+        cancellable: false,
+        stop_releases: true,
+        owns: &[ResourceKind::Vmm],
+    },
+    StepInfo {
+        step: Step::Ready,
+        name: "ready",
+        cancellable: true,
+        stop_releases: true,
+        owns: &[],
+    },
+    StepInfo {
+        step: Step::Publish,
+        name: "publish",
+        cancellable: false,
+        stop_releases: true,
+        owns: &[ResourceKind::Route],
+    },
 ];
 
-/// Steps a stop releases; a stopped machine keeps its disk, lease, network and config.
-pub const STOP_RELEASES: [Step; 3] = [Step::Publish, Step::Ready, Step::Vmm];
+/// The order in which a machine is brought up: the catalogue's order.
+pub const CREATE_ORDER: [Step; CATALOGUE.len()] = {
+    let mut out = [Step::Image; CATALOGUE.len()];
+    let mut i = 0;
+    while i < CATALOGUE.len() {
+        out[i] = CATALOGUE[i].step;
+        i += 1;
+    }
+    out
+};
+
+/// The order in which a machine is torn down: the create order reversed.
+pub const TEARDOWN_ORDER: [Step; CATALOGUE.len()] = {
+    let mut out = CREATE_ORDER;
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = CREATE_ORDER[CREATE_ORDER.len() - 1 - i];
+        i += 1;
+    }
+    out
+};
+
+const STOP_COUNT: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < CATALOGUE.len() {
+        if CATALOGUE[i].stop_releases {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+
+/// What a stop releases, in teardown order. A start acquires the same steps again.
+pub const STOP_RELEASES: [Step; STOP_COUNT] = {
+    let mut out = [Step::Image; STOP_COUNT];
+    let mut n = 0;
+    let mut i = 0;
+    while i < TEARDOWN_ORDER.len() {
+        if CATALOGUE[TEARDOWN_ORDER[i] as usize].stop_releases {
+            out[n] = TEARDOWN_ORDER[i];
+            n += 1;
+        }
+        i += 1;
+    }
+    out
+};
 
 impl Step {
-    /// Whether an acquire of this step may be abandoned halfway when the machine is no
-    /// longer wanted started. Only the waits are: the image step waits on the rootfs
-    /// cache (whose build belongs to the cache and goes on without the machine) and the
-    /// ready step waits on the guest. The others change the host with blocking work
-    /// that cannot be stopped halfway (a disk clone, a VMM launch); abandoning them would
-    /// let their release run while that work still creates what the release removes.
-    /// They take milliseconds, so they finish and are then released.
+    /// The step's catalogue entry.
+    pub const fn info(self) -> &'static StepInfo {
+        // The catalogue is in declaration order (checked by a test), so the
+        // discriminant is the index.
+        &CATALOGUE[self as usize]
+    }
+
+    /// See [`StepInfo::cancellable`].
     pub fn cancellable(self) -> bool {
-        matches!(self, Step::Image | Step::Ready)
+        self.info().cancellable
+    }
+
+    /// See [`StepInfo::owns`].
+    pub fn owns(self) -> &'static [ResourceKind] {
+        self.info().owns
     }
 
     /// The stable name shown in the API and logs.
     pub fn name(self) -> &'static str {
-        match self {
-            Step::Image => "image",
-            Step::Disk => "disk",
-            Step::Lease => "lease",
-            Step::Network => "network",
-            Step::VmConfig => "vm_config",
-            Step::Vmm => "vmm",
-            Step::Ready => "ready",
-            Step::Publish => "publish",
-        }
+        self.info().name
     }
 }
 
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
 }
@@ -107,4 +282,46 @@ pub enum Mark {
     Begun,
     /// The effect finished and is recorded.
     Done,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalogue_is_in_declaration_order_and_derives_the_orders() {
+        for (i, info) in CATALOGUE.iter().enumerate() {
+            assert_eq!(info.step as usize, i, "{} out of place", info.name);
+        }
+        assert_eq!(CREATE_ORDER[0], Step::Image);
+        assert_eq!(TEARDOWN_ORDER[0], Step::Publish);
+        assert_eq!(STOP_RELEASES, [Step::Publish, Step::Ready, Step::Vmm]);
+        let names: Vec<&str> = CREATE_ORDER.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "image",
+                "disk",
+                "lease",
+                "network",
+                "vm_config",
+                "vmm",
+                "ready",
+                "publish"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_resource_kind_has_exactly_one_owning_step() {
+        for kind in ResourceKind::ALL {
+            let owners: Vec<Step> = CATALOGUE
+                .iter()
+                .filter(|i| i.owns.contains(&kind))
+                .map(|i| i.step)
+                .collect();
+            assert_eq!(owners.len(), 1, "{kind}: {owners:?}");
+            assert_eq!(kind.step(), owners[0]);
+        }
+    }
 }

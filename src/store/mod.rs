@@ -76,6 +76,10 @@ pub enum StoreError {
     /// The change is not allowed in the machine's current state.
     #[error("{0}")]
     Refused(String),
+    /// The record is no longer the one the change was computed from (a compare-and-swap
+    /// that lost); nothing was written. The caller reads again and recomputes.
+    #[error("the record changed meanwhile")]
+    Changed,
 }
 
 macro_rules! db_error_from {

@@ -140,6 +140,9 @@ async fn build_registry(
             ));
             return Ok(built);
         }
+        Err(e) if e.is_missing() => {
+            return Err(ImageError::NotFound(failed(&image, e).to_string()));
+        }
         Err(e) => return Err(failed(&image, e)),
     };
     let layers_fetched = pulled.layers_verified;
@@ -253,26 +256,4 @@ async fn build_pulled(
         registry: RegistryUse::None,
         made,
     })
-}
-
-/// Clones `base` to `dest` on a blocking thread (see `image::clone_disk`).
-pub async fn clone_disk(
-    base: PathBuf,
-    dest: PathBuf,
-    size_bytes: Option<u64>,
-) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || {
-        crate::image::clone_disk(&base, &dest, size_bytes).map(|_| ())
-    })
-    .await
-    .map_err(|e| format!("clone task: {e}"))?
-    .map_err(|e| e.to_string())
-}
-
-/// Removes a machine disk on a blocking thread (see `image::remove_disk`).
-pub async fn remove_disk(dest: PathBuf) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || crate::image::remove_disk(&dest))
-        .await
-        .map_err(|e| format!("remove task: {e}"))?
-        .map_err(|e| e.to_string())
 }

@@ -28,7 +28,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 mod build;
 mod catalog;
 
-pub use build::{BuildOutcome, Built, RegistryUse, clone_disk, remove_disk};
+pub use build::{BuildOutcome, Built, RegistryUse};
 pub use catalog::{Collected, ImageInfo};
 
 use crate::actors::services::Services;
@@ -111,6 +111,20 @@ pub enum ImageError {
     /// The host or the store failed.
     #[error("image cache: {0}")]
     Host(String),
+}
+
+impl ImageError {
+    /// True when asking again cannot help a machine: the image does not exist. A build
+    /// that failed for any other reason (a registry outage, a full disk) may succeed later.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ImageError::NotFound(_) => true,
+            ImageError::Build { .. }
+            | ImageError::InUse { .. }
+            | ImageError::Busy(_)
+            | ImageError::Host(_) => false,
+        }
+    }
 }
 
 /// What the cache needs besides the bases.

@@ -254,6 +254,29 @@ impl PullError {
             _ => false,
         }
     }
+
+    /// Whether the registry answered that the image does not exist (no such repository,
+    /// tag or manifest): asking again will not make it appear.
+    pub fn is_missing(&self) -> bool {
+        let PullError::Registry { source, .. } = self else {
+            return false;
+        };
+        match &**source {
+            OciDistributionError::ImageManifestNotFoundError(_) => true,
+            OciDistributionError::ServerError { code, .. } => *code == 404,
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::ManifestUnknown
+                            | oci_client::errors::OciErrorCode::NameUnknown
+                            | oci_client::errors::OciErrorCode::NotFound
+                    )
+                })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Everything one pull needs, shared by the concurrent blob downloads.

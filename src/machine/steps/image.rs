@@ -5,40 +5,24 @@
 //! concurrent machines share one build. Release is a no-op on the host: bases are shared
 //! between machines and collected by the cache, not by a machine.
 
-use std::time::Duration;
-
-use super::{StepError, StepOutput};
-use crate::actors::rootfs_cache::RootfsMsg;
-use crate::actors::services::Services;
-use crate::actors::{ask, names};
+use super::{StepContext, StepError, StepOutput};
 use crate::image::ImageRef;
 use crate::machine::record::MachineRecord;
 
-/// Building a base can take a while (unpacking, mkfs).
-const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Ensures the base exists; records its digest and path.
-pub async fn acquire(_: &Services, rec: &MachineRecord) -> Result<StepOutput, StepError> {
-    let image = ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
-    let found = ask(
-        names::ROOTFS_CACHE,
-        |reply| RootfsMsg::EnsureBase {
-            image,
-            progress: None,
-            reply,
-        },
-        BUILD_TIMEOUT,
-    )
-    .await?
-    .map_err(|e| StepError::Failed(e.to_string()))?;
+/// Ensures the base exists; records its digest and path. A reference that does not parse
+/// is permanent (it was checked at admission, so only an older record can have one).
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepOutput, StepError> {
+    let image =
+        ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Permanent(e.to_string()))?;
+    let found = cx.ensure_base(image).await?;
     Ok(StepOutput::Base {
-        digest: found.base.digest,
-        path: found.base.path,
+        digest: found.digest,
+        path: found.path,
         workload: found.workload,
     })
 }
 
 /// Nothing to undo per machine (see the module doc).
-pub async fn release(_: &Services, _: &MachineRecord) -> Result<(), StepError> {
+pub async fn release(_: &impl StepContext, _: &MachineRecord) -> Result<(), StepError> {
     Ok(())
 }

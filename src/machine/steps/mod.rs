@@ -1,7 +1,13 @@
 //! The lifecycle steps, one per file, each with an idempotent acquire and an idempotent
 //! release whose contracts are written on the functions. The order is declared once, in
-//! `machine::step::CREATE_ORDER`; this module only dispatches.
+//! the step catalogue (`machine::step::CATALOGUE`); this module only dispatches. A step
+//! reaches the host and the singletons only through its [`StepContext`].
+//!
+//! A failure is typed ([`StepError`]): `Retry` is transient and is tried again after a
+//! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot
+//! hold, an image that does not exist) and fails the machine at once, naming the cause.
 
+pub mod context;
 pub mod disk;
 pub mod image;
 pub mod lease;
@@ -14,10 +20,10 @@ pub mod vmm;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+pub use context::{BaseFound, StepContext};
+
 use super::record::{MachineRecord, VmmRecord};
 use super::step::{Direction, Step};
-use crate::actors::AskError;
-use crate::actors::services::Services;
 
 /// What an acquire found out that the record must keep.
 #[derive(Debug, Clone)]
@@ -44,49 +50,58 @@ pub enum StepOutput {
     Vmm(VmmRecord),
 }
 
-/// Why a step's effect failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a step's effect failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// A singleton did not answer.
-    #[error(transparent)]
-    Ask(#[from] AskError),
-    /// The effect failed; the message says what and why.
+    /// Transient (a singleton restarting, the host busy, a registry unreachable): the run
+    /// tries again after a backoff, a bounded number of times.
     #[error("{0}")]
-    Failed(String),
+    Retry(String),
+    /// Can never succeed for this record: the machine fails at once, naming the cause.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl StepError {
+    /// True when trying again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StepError::Permanent(_))
+    }
 }
 
 impl From<String> for StepError {
+    /// An untyped failure is transient: retrying is the safe default.
     fn from(message: String) -> Self {
-        StepError::Failed(message)
+        StepError::Retry(message)
     }
 }
 
 /// Runs one step's effect.
-pub async fn run(
+pub async fn run<C: StepContext>(
     step: Step,
     direction: Direction,
-    services: &Services,
+    cx: &C,
     rec: &MachineRecord,
 ) -> Result<StepOutput, StepError> {
     use Direction::{Acquire, Release};
     let nothing = |r: Result<(), StepError>| r.map(|()| StepOutput::Nothing);
     match (step, direction) {
-        (Step::Image, Acquire) => image::acquire(services, rec).await,
-        (Step::Image, Release) => nothing(image::release(services, rec).await),
-        (Step::Disk, Acquire) => nothing(disk::acquire(services, rec).await),
-        (Step::Disk, Release) => nothing(disk::release(services, rec).await),
-        (Step::Lease, Acquire) => lease::acquire(services, rec).await,
-        (Step::Lease, Release) => nothing(lease::release(services, rec).await),
-        (Step::Network, Acquire) => nothing(network::acquire(services, rec).await),
-        (Step::Network, Release) => nothing(network::release(services, rec).await),
-        (Step::VmConfig, Acquire) => nothing(vm_config::acquire(services, rec).await),
-        (Step::VmConfig, Release) => nothing(vm_config::release(services, rec).await),
-        (Step::Vmm, Acquire) => vmm::acquire(services, rec).await,
-        (Step::Vmm, Release) => nothing(vmm::release(services, rec).await),
-        (Step::Ready, Acquire) => nothing(ready::acquire(services, rec).await),
-        (Step::Ready, Release) => nothing(ready::release(services, rec).await),
-        (Step::Publish, Acquire) => nothing(publish::acquire(services, rec).await),
-        (Step::Publish, Release) => nothing(publish::release(services, rec).await),
+        (Step::Image, Acquire) => image::acquire(cx, rec).await,
+        (Step::Image, Release) => nothing(image::release(cx, rec).await),
+        (Step::Disk, Acquire) => nothing(disk::acquire(cx, rec).await),
+        (Step::Disk, Release) => nothing(disk::release(cx, rec).await),
+        (Step::Lease, Acquire) => lease::acquire(cx, rec).await,
+        (Step::Lease, Release) => nothing(lease::release(cx, rec).await),
+        (Step::Network, Acquire) => nothing(network::acquire(cx, rec).await),
+        (Step::Network, Release) => nothing(network::release(cx, rec).await),
+        (Step::VmConfig, Acquire) => nothing(vm_config::acquire(cx, rec).await),
+        (Step::VmConfig, Release) => nothing(vm_config::release(cx, rec).await),
+        (Step::Vmm, Acquire) => vmm::acquire(cx, rec).await,
+        (Step::Vmm, Release) => nothing(vmm::release(cx, rec).await),
+        (Step::Ready, Acquire) => nothing(ready::acquire(cx, rec).await),
+        (Step::Ready, Release) => nothing(ready::release(cx, rec).await),
+        (Step::Publish, Acquire) => nothing(publish::acquire(cx, rec).await),
+        (Step::Publish, Release) => nothing(publish::release(cx, rec).await),
     }
 }
 
@@ -112,6 +127,6 @@ pub fn apply_output(rec: &mut MachineRecord, output: &StepOutput) {
 }
 
 /// The machine's directory: disk, config disk, sockets, logs.
-pub fn machine_dir(services: &Services, rec: &MachineRecord) -> PathBuf {
-    services.config().machine_dir(&rec.id)
+pub fn machine_dir(cx: &impl StepContext, rec: &MachineRecord) -> PathBuf {
+    cx.machine_dir(&rec.id)
 }

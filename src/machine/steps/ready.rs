@@ -6,29 +6,24 @@
 //! the VMM exits early, the step fails and the run counts a boot attempt. Release has no
 //! host effect.
 
-use super::StepError;
-use crate::actors::services::Services;
+use super::{StepContext, StepError};
 use crate::machine::record::MachineRecord;
 
 /// Waits for the guest's ready message.
-pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     let record = rec
         .resources
         .vmm
         .as_ref()
-        .ok_or_else(|| StepError::Failed("ready: no VMM recorded".into()))?;
-    services
-        .vmm()
-        .wait_ready(
-            &super::vmm::process_of(record),
-            services.config().ready_timeout(),
-        )
+        .ok_or_else(|| StepError::Retry("ready: no VMM recorded".into()))?;
+    cx.vmm()
+        .wait_ready(&super::vmm::process_of(record), cx.ready_timeout())
         .await
-        .map_err(|e| StepError::Failed(format!("ready: {e}")))?;
+        .map_err(|e| StepError::Retry(format!("ready: {e}")))?;
     Ok(())
 }
 
 /// Nothing to undo.
-pub async fn release(_: &Services, _: &MachineRecord) -> Result<(), StepError> {
+pub async fn release(_: &impl StepContext, _: &MachineRecord) -> Result<(), StepError> {
     Ok(())
 }

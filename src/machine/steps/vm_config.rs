@@ -4,9 +4,8 @@
 //! Acquire is idempotent: the file is written to a temporary name and renamed, so a rerun
 //! replaces it whole. Release deletes it; a missing file is fine.
 
-use super::{StepError, machine_dir};
-use crate::actors::services::Services;
-use crate::guest::config::{GuestConfig, GuestNetwork, write_config_disk};
+use super::{StepContext, StepError, machine_dir};
+use crate::guest::config::{GuestConfig, GuestNetwork, WriteConfigError, write_config_disk};
 use crate::image::ImageRef;
 use crate::machine::record::{ImageWorkload, MachineRecord};
 use crate::machine::workload::compose;
@@ -14,19 +13,17 @@ use crate::machine::workload::compose;
 /// File name of the config disk inside the machine directory.
 pub const CONFIG_DISK: &str = "config.disk";
 
-/// What the guest is told.
-pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestConfig, StepError> {
-    if rec.resources.lease_slot.is_none() {
-        return Err(StepError::Failed("vm_config: no lease recorded".into()));
-    }
-    let plan = super::network::plan(services, rec)?;
+/// What the guest is told. A workload the spec and the image cannot make (no command at
+/// all) is permanent.
+pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestConfig, StepError> {
+    let plan = super::network::leased_plan(cx, rec, "vm_config")?;
     // The image step records the image's own settings; a record from before that
     // (or an image kind without any) falls back to the kind's built-in defaults.
     let image = match &rec.resources.image_workload {
         Some(w) => w.clone(),
         None => {
-            let image =
-                ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Failed(e.to_string()))?;
+            let image = ImageRef::parse(&rec.spec.image)
+                .map_err(|e| StepError::Permanent(e.to_string()))?;
             let defaults = image.defaults();
             ImageWorkload {
                 cmd: defaults.command,
@@ -35,7 +32,7 @@ pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestCon
             }
         }
     };
-    let workload = compose(&image, &rec.spec).map_err(|e| StepError::Failed(e.to_string()))?;
+    let workload = compose(&image, &rec.spec).map_err(|e| StepError::Permanent(e.to_string()))?;
     Ok(GuestConfig {
         machine_id: rec.id.clone(),
         hostname: rec.name.clone(),
@@ -52,24 +49,31 @@ pub fn guest_config(services: &Services, rec: &MachineRecord) -> Result<GuestCon
     })
 }
 
-/// Writes the config disk.
-pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
-    let config = guest_config(services, rec)?;
-    let path = machine_dir(services, rec).join(CONFIG_DISK);
+/// Writes the config disk. A config larger than the disk format holds is permanent: the
+/// same spec can never fit.
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    let config = guest_config(cx, rec)?;
+    let path = machine_dir(cx, rec).join(CONFIG_DISK);
     tokio::task::spawn_blocking(move || {
-        write_config_disk(&path, &config).map_err(|e| e.to_string())
+        write_config_disk(&path, &config).map_err(|e| match e {
+            WriteConfigError::TooLarge { .. } => StepError::Permanent(format!(
+                "vm_config: the workload does not fit the guest config: {e}"
+            )),
+            WriteConfigError::Encode { .. } | WriteConfigError::Io { .. } => {
+                StepError::Retry(e.to_string())
+            }
+        })
     })
     .await
-    .map_err(|e| StepError::Failed(format!("vm_config task: {e}")))??;
-    Ok(())
+    .map_err(|e| StepError::Retry(format!("vm_config task: {e}")))?
 }
 
 /// Deletes the config disk.
-pub async fn release(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
-    let path = machine_dir(services, rec).join(CONFIG_DISK);
+pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    let path = machine_dir(cx, rec).join(CONFIG_DISK);
     match tokio::fs::remove_file(&path).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(StepError::Failed(format!("remove {}: {e}", path.display())))
+            Err(StepError::Retry(format!("remove {}: {e}", path.display())))
         }
         _ => Ok(()),
     }

@@ -8,8 +8,7 @@
 
 use super::disk::ROOT_DISK;
 use super::vm_config::CONFIG_DISK;
-use super::{StepError, StepOutput, machine_dir};
-use crate::actors::services::Services;
+use super::{StepContext, StepError, StepOutput, machine_dir};
 use crate::machine::record::{MachineRecord, VmmRecord};
 use crate::vmm::{LaunchSpec, TapSpec, VmmProcess};
 
@@ -26,13 +25,10 @@ pub fn process_of(record: &VmmRecord) -> VmmProcess {
 }
 
 /// Starts (or adopts) the VMM.
-pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<StepOutput, StepError> {
-    let kit = services.kit().await.map_err(StepError::Failed)?.clone();
-    if rec.resources.lease_slot.is_none() {
-        return Err(StepError::Failed("vmm: no lease recorded".into()));
-    }
-    let plan = super::network::plan(services, rec)?;
-    let dir = machine_dir(services, rec);
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepOutput, StepError> {
+    let kit = cx.kit().await?;
+    let plan = super::network::leased_plan(cx, rec, "vmm")?;
+    let dir = machine_dir(cx, rec);
     let spec = LaunchSpec {
         machine_id: rec.id.clone(),
         workdir: dir.clone(),
@@ -47,11 +43,11 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<StepOut
         root_disk: dir.join(ROOT_DISK),
         config_disk: dir.join(CONFIG_DISK),
     };
-    let process = services
+    let process = cx
         .vmm()
         .launch(&spec)
         .await
-        .map_err(|e| StepError::Failed(e.to_string()))?;
+        .map_err(|e| StepError::Retry(e.to_string()))?;
     Ok(StepOutput::Vmm(VmmRecord {
         driver: process.driver,
         pid: process.pid,
@@ -64,21 +60,16 @@ pub async fn acquire(services: &Services, rec: &MachineRecord) -> Result<StepOut
 }
 
 /// Stops the VMM.
-pub async fn release(services: &Services, rec: &MachineRecord) -> Result<(), StepError> {
+pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     if let Some(record) = &rec.resources.vmm {
-        services
-            .vmm()
-            .stop(&process_of(record), services.config().stop_grace())
+        cx.vmm()
+            .stop(&process_of(record), cx.stop_grace())
             .await
-            .map_err(|e| StepError::Failed(e.to_string()))?;
+            .map_err(|e| StepError::Retry(e.to_string()))?;
     }
     // A process started but never recorded (a crash between the two) carries the marker;
     // it is waited for, so the network and directory released next are not in use.
-    crate::vmm::marked::kill_unrecorded(
-        services.vmm().name_prefix(),
-        &rec.id,
-        &machine_dir(services, rec),
-    )
-    .await
-    .map_err(StepError::Failed)
+    crate::vmm::marked::kill_unrecorded(cx.vmm().name_prefix(), &rec.id, &machine_dir(cx, rec))
+        .await
+        .map_err(StepError::Retry)
 }

@@ -1,14 +1,21 @@
-//! MachineActor: the one run of one machine. A thin shell around [`decide`]:
+//! MachineActor: the one run of one machine. A thin shell around
+//! [`decide`](crate::machine::decide):
 //!
 //! ```text
 //! Reconcile -> load record -> observe the host -> decide; nothing to do: stop here
-//! advance (one commit): [record the finished step's outcome] + observe + decide +
-//!                       record the next move (Begun mark / settled state / VMM lost / give up)
+//! advance: read the record, [apply the finished step's outcome], observe the host,
+//!          decide, then one commit of it all plus the next move (Begun mark / settled
+//!          state / VMM lost / give up) — only if the record is still the one read
+//!          (else read, observe and decide again)
 //!     Acquire/Release(step) -> spawn the step's effect -> StepDone -> advance
-//!     failed step           -> Reconcile after a backoff
+//!     step failed (retry)   -> Reconcile after a backoff
+//!     step failed (permanent) -> the machine fails at once; its run releases everything
 //!     VmmLost / GiveUp      -> advance again
 //!     Settle                -> idle (the actor stops once the machine is destroyed)
 //! ```
+//!
+//! The host is observed outside the store's write transaction, so one machine's probes
+//! (`/proc`, `stat`) never hold up another machine's commit.
 //!
 //! The effect runs in a task so the actor keeps reading its mailbox: a `Reconcile` that
 //! arrives while a wait (`Step::cancellable`) runs and finds the machine no longer wanted
@@ -24,12 +31,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
-use super::decide::{self, Decision, Next, Observed, VmmSeen};
-use super::record::{Desired, MachineRecord, MachineState, StepTiming};
-use super::step::{Direction, Mark, Step};
-use super::steps::{self, StepOutput};
-use crate::actors::services::Services;
+use super::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
+use crate::machine::decide::{self, Decision, Next, Observed, VmmSeen};
+use crate::machine::record::{Desired, MachineRecord, MachineState, StepTiming};
+use crate::machine::step::{Direction, Mark, Step};
+use crate::machine::steps::{self, StepError, StepOutput};
+use crate::store::StoreError;
 use crate::vmm::Liveness;
 
 /// Messages to a MachineActor.
@@ -47,7 +55,7 @@ pub struct StepReport {
     direction: Direction,
     started_at_ms: u64,
     elapsed: Duration,
-    result: Result<StepOutput, String>,
+    result: Result<StepOutput, StepError>,
 }
 
 /// The actor's in-memory state; everything durable is in the record.
@@ -125,65 +133,62 @@ impl MachineActor {
     /// next step, the settled state, a lost VMM or giving up. Recording "step N done" and
     /// "step N+1 begun" together halves the commits of a run without weakening the
     /// invariant: the next step's effect still starts only after its mark is durable.
+    ///
+    /// The host is observed before the write transaction, on the record as it will be
+    /// after the outcome; the commit goes ahead only if the stored record is still the
+    /// one that was read (an API call may have changed it meanwhile), else it is all done
+    /// again on the new record.
     fn advance(
         state: &RunState,
         outcome: Option<&StepReport>,
     ) -> Result<(MachineRecord, Option<Decision>), ActorProcessingErr> {
-        let now = now_ms();
         let services = &state.services;
         let policy = services.policy();
-        let mut decided = None;
-        let (rec, events) = services.store().update_machine(&state.id, |rec| {
+        loop {
+            let read = services
+                .store()
+                .machine(&state.id)?
+                .ok_or_else(|| StoreError::NotFound(state.id.clone()))?;
+            let mut rec = read.clone();
+            rec.updated_at_ms = now_ms();
             let mut messages = Vec::new();
-            rec.updated_at_ms = now;
+            let mut decided = None;
+            // A retryable failure pauses the run (a backoff, then Reconcile); a failed
+            // readiness wait is a boot attempt, decided at once, and so is a permanent
+            // failure (the machine fails and its run releases everything).
+            let pause = outcome.is_some_and(|report| {
+                report
+                    .result
+                    .as_ref()
+                    .is_err_and(|e| !e.is_permanent() && report.step != Step::Ready)
+            });
             if let Some(report) = outcome {
-                messages.push(apply_report(rec, report));
-                let pause = report.result.is_err() && report.step != Step::Ready;
-                if pause {
-                    return Ok(messages);
-                }
+                messages.push(apply_report(&mut rec, report));
             }
-            let seen = Self::observe(services, rec);
-            let decision = decide::decide(rec, &seen, &policy);
-            let changed = rec.state != decision.state;
-            match &decision.next {
-                Next::Settle => {
-                    rec.state = decision.state;
-                    rec.current = None;
-                }
-                Next::VmmLost => {
-                    decide::apply_vmm_lost(rec);
-                    rec.state = decision.state;
-                    messages.push("the VMM is gone; it will be started again".to_string());
-                }
-                Next::Lost(step) => {
-                    decide::apply_lost(rec, *step);
-                    rec.state = decision.state;
-                    messages.push(format!(
-                        "{step} is gone from the host; it will be made again"
-                    ));
-                }
-                Next::GiveUp(reason) => {
-                    decide::apply_give_up(rec, reason.clone());
-                    messages.push(format!("failed: {reason}"));
-                }
-                Next::Acquire(step) => {
-                    decide::apply_begin(rec, *step, Direction::Acquire, decision.state)
-                }
-                Next::Release(step) => {
-                    decide::apply_begin(rec, *step, Direction::Release, decision.state)
-                }
+            if !pause {
+                let seen = Self::observe(services, &rec);
+                let decision = decide::decide(&rec, &seen, &policy);
+                messages.extend(apply_decision(&mut rec, &decision));
+                decided = Some(decision);
             }
-            if changed && !matches!(decision.next, Next::GiveUp(_)) {
-                messages.push(decision.state.name().to_string());
+            let committed = services.store().update_machine(&state.id, |stored| {
+                if *stored != read {
+                    return Err(StoreError::Changed);
+                }
+                *stored = rec.clone();
+                Ok(messages.clone())
+            });
+            match committed {
+                Ok((rec, events)) => {
+                    for event in events {
+                        services.emit(event);
+                    }
+                    return Ok((rec, decided));
+                }
+                Err(StoreError::Changed) => continue,
+                Err(e) => return Err(e.into()),
             }
-            decided = Some(decision);
-            Ok(messages)
-        })?;
-        for event in events {
-            services.emit(event);
         }
-        Ok((rec, decided))
     }
 
     /// Keeps one exit watch on the VMM `rec` records, and none when it records none.
@@ -321,7 +326,7 @@ impl MachineActor {
                 direction,
                 started_at_ms,
                 elapsed: clock.elapsed(),
-                result: result.map_err(|e| e.to_string()),
+                result,
             };
             let _ = me.cast(MachineMsg::StepDone(report));
         });
@@ -355,6 +360,40 @@ impl MachineActor {
     }
 }
 
+/// Records the decision's next move on the record. Returns the event messages.
+fn apply_decision(rec: &mut MachineRecord, decision: &Decision) -> Vec<String> {
+    let mut messages = Vec::new();
+    let changed = rec.state != decision.state;
+    match &decision.next {
+        Next::Settle => {
+            rec.state = decision.state;
+            rec.current = None;
+        }
+        Next::VmmLost => {
+            decide::apply_vmm_lost(rec);
+            rec.state = decision.state;
+            messages.push("the VMM is gone; it will be started again".to_string());
+        }
+        Next::Lost(step) => {
+            decide::apply_lost(rec, *step);
+            rec.state = decision.state;
+            messages.push(format!(
+                "{step} is gone from the host; it will be made again"
+            ));
+        }
+        Next::GiveUp(reason) => {
+            decide::apply_give_up(rec, reason.clone());
+            messages.push(format!("failed: {reason}"));
+        }
+        Next::Acquire(step) => decide::apply_begin(rec, *step, Direction::Acquire, decision.state),
+        Next::Release(step) => decide::apply_begin(rec, *step, Direction::Release, decision.state),
+    }
+    if changed && !matches!(decision.next, Next::GiveUp(_)) {
+        messages.push(decision.state.name().to_string());
+    }
+    messages
+}
+
 /// Records a step's outcome: its output, its mark, its timing. Returns the event message.
 fn apply_report(rec: &mut MachineRecord, report: &StepReport) -> String {
     let StepReport {
@@ -367,17 +406,21 @@ fn apply_report(rec: &mut MachineRecord, report: &StepReport) -> String {
     if let Ok(output) = result {
         steps::apply_output(rec, output);
     }
-    decide::apply_outcome(rec, *step, *direction, result.is_ok());
+    decide::apply_outcome(rec, *step, *direction, result.as_ref().err());
     rec.push_timing(StepTiming {
         step: *step,
         direction: *direction,
         started_at_ms: *started_at_ms,
         duration_us: elapsed.as_micros() as u64,
-        error: result.as_ref().err().cloned(),
+        error: result.as_ref().err().map(|e| e.to_string()),
     });
     let took = format!("{:.1} ms", elapsed.as_secs_f64() * 1000.0);
     match result {
         Ok(_) => format!("{} {step}: ok in {took}", direction.name()),
+        Err(e) if e.is_permanent() => format!(
+            "{} {step}: failed after {took}, permanently: {e}",
+            direction.name()
+        ),
         Err(e) => format!("{} {step}: failed after {took}: {e}", direction.name()),
     }
 }

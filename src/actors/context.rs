@@ -1,0 +1,148 @@
+//! The steps' context (`machine::steps::StepContext`), implemented over the shared
+//! services: each handle is a call to the singleton that owns the resource, found by its
+//! registered name, so a restarted singleton is reached without a stale reference. A
+//! call nobody answers is transient ([`StepError::Retry`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::ip_pool::IpPoolMsg;
+use super::registry::RegistryMsg;
+use super::rootfs_cache::RootfsMsg;
+use super::services::Services;
+use super::tap_allocator::TapMsg;
+use super::{AskError, ask, names};
+use crate::guest::kit::GuestKit;
+use crate::image::ImageRef;
+use crate::machine::steps::{BaseFound, StepContext, StepError};
+use crate::net::NetPlan;
+use crate::route::Route;
+use crate::vmm::VmmDriver;
+
+/// Building a base can take a while (unpacking, mkfs).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// A lease or a route is one commit.
+const TABLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A namespace with its links and tap.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl From<AskError> for StepError {
+    fn from(e: AskError) -> Self {
+        StepError::Retry(e.to_string())
+    }
+}
+
+impl StepContext for Services {
+    fn machine_dir(&self, id: &str) -> PathBuf {
+        self.config().machine_dir(id)
+    }
+
+    fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError> {
+        NetPlan::derive(&self.config().network.prefix, id, *self.pool(), slot)
+            .map_err(|e| StepError::Retry(format!("network plan: {e}")))
+    }
+
+    fn vmm(&self) -> &VmmDriver {
+        Services::vmm(self)
+    }
+
+    fn ready_timeout(&self) -> Duration {
+        self.config().ready_timeout()
+    }
+
+    fn stop_grace(&self) -> Duration {
+        self.config().stop_grace()
+    }
+
+    async fn kit(&self) -> Result<GuestKit, StepError> {
+        Services::kit(self).await.cloned().map_err(StepError::Retry)
+    }
+
+    async fn ensure_base(&self, image: ImageRef) -> Result<BaseFound, StepError> {
+        let found = ask(
+            names::ROOTFS_CACHE,
+            |reply| RootfsMsg::EnsureBase {
+                image,
+                progress: None,
+                reply,
+            },
+            BUILD_TIMEOUT,
+        )
+        .await?
+        .map_err(|e| {
+            if e.is_permanent() {
+                StepError::Permanent(e.to_string())
+            } else {
+                StepError::Retry(e.to_string())
+            }
+        })?;
+        Ok(BaseFound {
+            digest: found.base.digest,
+            path: found.base.path,
+            workload: found.workload,
+        })
+    }
+
+    async fn lease(&self, machine: &str) -> Result<u32, StepError> {
+        let machine = machine.to_string();
+        let slot = ask(
+            names::IP_POOL,
+            |reply| IpPoolMsg::Lease { machine, reply },
+            TABLE_TIMEOUT,
+        )
+        .await??;
+        Ok(slot)
+    }
+
+    async fn release_lease(&self, machine: &str) -> Result<(), StepError> {
+        let machine = machine.to_string();
+        ask(
+            names::IP_POOL,
+            |reply| IpPoolMsg::Release { machine, reply },
+            TABLE_TIMEOUT,
+        )
+        .await??;
+        Ok(())
+    }
+
+    async fn ensure_network(&self, plan: NetPlan) -> Result<(), StepError> {
+        ask(
+            names::TAP_ALLOCATOR,
+            |reply| TapMsg::Ensure { plan, reply },
+            NETWORK_TIMEOUT,
+        )
+        .await??;
+        Ok(())
+    }
+
+    async fn remove_network(&self, plan: NetPlan) -> Result<(), StepError> {
+        ask(
+            names::TAP_ALLOCATOR,
+            |reply| TapMsg::Remove { plan, reply },
+            NETWORK_TIMEOUT,
+        )
+        .await??;
+        Ok(())
+    }
+
+    async fn publish(&self, route: Route) -> Result<(), StepError> {
+        ask(
+            names::REGISTRY,
+            |reply| RegistryMsg::Publish { route, reply },
+            TABLE_TIMEOUT,
+        )
+        .await??;
+        Ok(())
+    }
+
+    async fn unpublish(&self, machine: &str) -> Result<(), StepError> {
+        let machine = machine.to_string();
+        ask(
+            names::REGISTRY,
+            |reply| RegistryMsg::Unpublish { machine, reply },
+            TABLE_TIMEOUT,
+        )
+        .await??;
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! What a step may reach: a narrow context, defined here and implemented by the actors
+//! (`actors::context`). The steps see handles for the image cache, the lease pool, the
+//! host network, the route registry and the VMM driver — never the actor tree, the store
+//! or the whole service set — so `machine` imports nothing from `actors`, and a step's
+//! reach is written in one place.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::StepError;
+use crate::guest::kit::GuestKit;
+use crate::image::ImageRef;
+use crate::machine::record::ImageWorkload;
+use crate::net::NetPlan;
+use crate::route::Route;
+use crate::vmm::VmmDriver;
+
+/// The base image a machine's disk is cloned from, as the image cache answers.
+#[derive(Debug, Clone)]
+pub struct BaseFound {
+    /// The base's digest.
+    pub digest: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// The image's own workload settings, when it carries them.
+    pub workload: Option<ImageWorkload>,
+}
+
+/// Everything the steps may touch. Every call is idempotent, as the step contracts that
+/// use them require; a call that cannot be answered (a singleton restarting) is a
+/// [`StepError::Retry`].
+pub trait StepContext: Send + Sync {
+    /// The machine's directory: disk, config disk, sockets, logs.
+    fn machine_dir(&self, id: &str) -> PathBuf;
+
+    /// The machine's network plan for lease `slot` (names depend only on the id).
+    fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError>;
+
+    /// The VMM driver.
+    fn vmm(&self) -> &VmmDriver;
+
+    /// How long a guest may take to report ready.
+    fn ready_timeout(&self) -> Duration;
+
+    /// How long a guest gets to shut down before it is made to.
+    fn stop_grace(&self) -> Duration;
+
+    /// The guest kernel and initramfs.
+    fn kit(&self) -> impl Future<Output = Result<GuestKit, StepError>> + Send;
+
+    /// The image's base, built (or pulled and built) by the image cache.
+    fn ensure_base(
+        &self,
+        image: ImageRef,
+    ) -> impl Future<Output = Result<BaseFound, StepError>> + Send;
+
+    /// The machine's address block (the one it holds, or a new one).
+    fn lease(&self, machine: &str) -> impl Future<Output = Result<u32, StepError>> + Send;
+
+    /// Frees every block the machine holds.
+    fn release_lease(&self, machine: &str) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Makes whatever of the plan's namespace, links and tap is missing.
+    fn ensure_network(&self, plan: NetPlan) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Removes whatever of the plan's network exists.
+    fn remove_network(&self, plan: NetPlan) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Puts the route in the registry.
+    fn publish(&self, route: Route) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Withdraws the machine's route.
+    fn unpublish(&self, machine: &str) -> impl Future<Output = Result<(), StepError>> + Send;
+}
