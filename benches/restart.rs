@@ -80,7 +80,10 @@ fn main() {
             let adopted_ms = clock.elapsed().as_secs_f64() * 1000.0;
             let list = client
                 .machines
-                .list_machines(pb::ListMachinesRequest { include_destroyed: false })
+                .list_machines(pb::ListMachinesRequest {
+                    include_destroyed: false,
+                    ..Default::default()
+                })
                 .await
                 .expect("list")
                 .into_inner();

@@ -30,8 +30,8 @@ pub enum ConfigError {
     /// A value parsed but is not acceptable.
     #[error("config key `{key}`: {reason}")]
     Invalid {
-        /// Dotted key path.
-        key: &'static str,
+        /// Dotted key path (`pools[1].image` for a table in an array).
+        key: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -57,6 +57,35 @@ pub struct Config {
     pub capacity: CapacityConfig,
     /// Root filesystem images.
     pub images: ImagesConfig,
+    /// Prepared-capacity pools: machines booted ahead of time, claimed by creates.
+    pub pools: Vec<PoolConfig>,
+    /// How many prepared machines are built at once, over every pool.
+    pub pool_refill_parallel: u32,
+}
+
+/// One prepared-capacity pool (`[[pools]]`): `size` machines of one image and shape,
+/// booted with their guest idle and their VMM paused, waiting for a create to claim one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Unique among pools: a DNS label.
+    pub name: String,
+    /// The image reference, as a create names it (a create claims from the pool only
+    /// when it names the image the same way).
+    pub image: String,
+    /// vCPUs of every prepared machine.
+    pub vcpus: u32,
+    /// MiB of every prepared machine.
+    pub memory_mib: u32,
+    /// Root disk size in MiB (0: the image's size); a create asking for at most this
+    /// much can claim.
+    #[serde(default)]
+    pub disk_mib: u32,
+    /// How many prepared machines the pool keeps (0: none; the pool only reports).
+    pub size: u32,
+    /// Prepared machines older than this are recycled (0: never).
+    #[serde(default)]
+    pub max_age_secs: u64,
 }
 
 /// API listener settings.
@@ -226,6 +255,8 @@ impl Default for Config {
             guest: GuestConfig::default(),
             capacity: CapacityConfig::default(),
             images: ImagesConfig::default(),
+            pools: Vec::new(),
+            pool_refill_parallel: 2,
         }
     }
 }
@@ -402,7 +433,52 @@ impl Config {
                 "is larger than capacity.max_memory_mib_per_machine".into(),
             ));
         }
+        if self.pool_refill_parallel == 0 {
+            return Err(invalid("pool_refill_parallel", "must be at least 1".into()));
+        }
+        self.validate_pools()
+    }
+
+    /// Each pool's name is unique and a DNS label, its image parses, and its shape is one
+    /// this host admits (the same limits a create's spec meets).
+    fn validate_pools(&self) -> Result<(), ConfigError> {
+        let cap = &self.capacity;
+        let limits = crate::machine::spec::Limits {
+            max_vcpus: cap.max_vcpus_per_machine,
+            min_memory_mib: cap.min_memory_mib_per_machine,
+            max_memory_mib: cap.max_memory_mib_per_machine,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let key = |field: &str| format!("pools[{i}].{field}");
+            crate::machine::spec::check_name(&pool.name)
+                .map_err(|e| invalid(key("name"), e.to_string()))?;
+            if !seen.insert(pool.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} names two pools", pool.name),
+                ));
+            }
+            crate::image::ImageRef::parse(&pool.image)
+                .map_err(|e| invalid(key("image"), e.to_string()))?;
+            let raw = crate::machine::spec::RawSpec {
+                image: pool.image.clone(),
+                vcpus: pool.vcpus,
+                memory_mib: pool.memory_mib,
+                disk_mib: pool.disk_mib,
+                ..crate::machine::spec::RawSpec::default()
+            };
+            crate::machine::spec::check_spec(raw, &limits).map_err(|e| {
+                let field = e.field().trim_start_matches("spec.");
+                invalid(key(field), e.to_string())
+            })?;
+        }
         Ok(())
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
     }
 
     /// The static guest init: the configured path, else `hearth-init-static` beside the
@@ -456,8 +532,11 @@ impl Config {
     }
 }
 
-fn invalid(key: &'static str, reason: String) -> ConfigError {
-    ConfigError::Invalid { key, reason }
+fn invalid(key: impl Into<String>, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason,
+    }
 }
 
 fn host_memory_mib() -> u64 {
@@ -496,6 +575,37 @@ mod tests {
     fn unknown_key_is_named() {
         let err = parse("[network]\npoool = \"10.0.0.0/8\"\n").unwrap_err();
         assert!(err.to_string().contains("poool"), "{err}");
+    }
+
+    #[test]
+    fn bad_pools_name_the_key() {
+        let pool = |body: &str| {
+            format!(
+                "[[pools]]\nname = \"web\"\nimage = \"demo\"\nvcpus = 1\nmemory_mib = 128\nsize = 2\n{body}"
+            )
+        };
+        let cases = [
+            (pool("").replace("\"web\"", "\"Web!\""), "pools[0].name"),
+            (pool("").replace("\"demo\"", "\"\""), "pools[0].image"),
+            (pool("").replace("vcpus = 1", "vcpus = 0"), "pools[0].vcpus"),
+            (
+                pool("").replace("memory_mib = 128", "memory_mib = 1"),
+                "pools[0].memory_mib",
+            ),
+            (format!("{}\n{}", pool(""), pool("")), "pools[1].name"),
+            (pool("colour = 1"), "colour"),
+            (
+                "pool_refill_parallel = 0".to_string(),
+                "pool_refill_parallel",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let ok = parse(&pool("disk_mib = 512\nmax_age_secs = 60")).expect("valid pool");
+        assert_eq!(ok.pools[0].size, 2);
+        assert_eq!(ok.pool("web").map(|p| p.disk_mib), Some(512));
     }
 
     #[test]

@@ -116,8 +116,10 @@ pub const BOUNDARIES: [Boundary; 3] = [
 ];
 
 /// Fail points in the singleton actors: between their durable write and what follows.
-pub const SINGLETON_POINTS: [&str; 4] = [
+pub const SINGLETON_POINTS: [&str; 6] = [
     "ip_pool.lease.after_commit",
+    "pools.claim.after_commit",
+    "pools.refill.after_commit",
     "registry.publish.after_commit",
     "rootfs_cache.build.after_effect",
     "tap_allocator.ensure.before_effect",
@@ -187,7 +189,7 @@ mod tests {
         assert!(all.contains(&"stop.vmm.before_effect".to_string()));
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
-        // create 8 steps, start 3, stop 3, destroy 8; three boundaries each; 4 singletons.
-        assert_eq!(all.len(), (8 + 3 + 3 + 8) * 3 + 4);
+        // create 8 steps, start 3, stop 3, destroy 8; three boundaries each; 6 singletons.
+        assert_eq!(all.len(), (8 + 3 + 3 + 8) * 3 + 6);
     }
 }

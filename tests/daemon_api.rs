@@ -178,6 +178,7 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
         .machines
         .list_machines(pb::ListMachinesRequest {
             include_destroyed: true,
+            ..Default::default()
         })
         .await
         .expect("list")

@@ -272,7 +272,8 @@ impl MachineActor {
             // A step is in flight. A wait is pointless once the machine is no longer
             // wanted started: cancel it and decide again. Anything else (a release, an
             // acquire changing the host) finishes first; see `Step::cancellable`.
-            let wanted = rec.desired == Desired::Started && rec.failure.is_none();
+            let wanted = matches!(rec.desired, Desired::Started | Desired::Prepared)
+                && rec.failure.is_none();
             if running.direction == Direction::Acquire && running.step.cancellable() && !wanted {
                 running.task.abort();
                 let step = running.step;

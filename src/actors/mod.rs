@@ -7,6 +7,7 @@
 pub mod context;
 pub mod ip_pool;
 pub mod machine;
+pub mod pools;
 pub mod registry;
 pub mod rootfs_cache;
 pub mod services;
@@ -58,6 +59,8 @@ pub mod names {
     pub const ROOTFS_CACHE: &str = "rootfs_cache";
     /// The registry publisher.
     pub const REGISTRY: &str = "registry_publisher";
+    /// The prepared-capacity pool manager.
+    pub const POOLS: &str = "pools";
     /// Prefix of MachineActor names; the machine id follows.
     pub const MACHINE_PREFIX: &str = "machine:";
 }

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use super::ip_pool::IpPool;
 use super::machine::{MachineActor, MachineMsg};
 use super::names;
+use super::pools::PoolManager;
 use super::registry::RegistryPublisher;
 use super::rootfs_cache::{RootfsArgs, RootfsCache};
 use super::services::Services;
@@ -60,14 +61,17 @@ pub enum Singleton {
     RootfsCache,
     /// Routes and outbox.
     Registry,
+    /// Prepared-capacity pools.
+    Pools,
 }
 
 impl Singleton {
-    const ALL: [Singleton; 4] = [
+    const ALL: [Singleton; 5] = [
         Singleton::IpPool,
         Singleton::TapAllocator,
         Singleton::RootfsCache,
         Singleton::Registry,
+        Singleton::Pools,
     ];
 
     fn name(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Singleton {
             Singleton::TapAllocator => names::TAP_ALLOCATOR,
             Singleton::RootfsCache => names::ROOTFS_CACHE,
             Singleton::Registry => names::REGISTRY,
+            Singleton::Pools => names::POOLS,
         }
     }
 
@@ -134,6 +139,9 @@ impl Supervisor {
             }
             Singleton::Registry => {
                 RegistryPublisher::spawn_linked(name, RegistryPublisher, services, cell).await?;
+            }
+            Singleton::Pools => {
+                PoolManager::spawn_linked(name, PoolManager, services, cell).await?;
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ pub fn state(state: MachineState) -> pb::MachineState {
         MachineState::Destroying => pb::MachineState::Destroying,
         MachineState::Destroyed => pb::MachineState::Destroyed,
         MachineState::Failed => pb::MachineState::Failed,
+        MachineState::Prepared => pb::MachineState::Prepared,
     }
 }
 
@@ -32,6 +33,7 @@ pub fn state_from(value: i32) -> Option<MachineState> {
         pb::MachineState::Destroying => MachineState::Destroying,
         pb::MachineState::Destroyed => MachineState::Destroyed,
         pb::MachineState::Failed => MachineState::Failed,
+        pb::MachineState::Prepared => MachineState::Prepared,
     })
 }
 
@@ -40,6 +42,7 @@ fn desired(desired: Desired) -> pb::DesiredState {
         Desired::Started => pb::DesiredState::Started,
         Desired::Stopped => pb::DesiredState::Stopped,
         Desired::Destroyed => pb::DesiredState::Destroyed,
+        Desired::Prepared => pb::DesiredState::Prepared,
     }
 }
 
@@ -72,6 +75,7 @@ fn spec(spec: &MachineSpec) -> pb::MachineSpec {
         workdir: spec.workdir.clone().unwrap_or_default(),
         user: spec.user.clone().unwrap_or_default(),
         disk_mib: spec.disk_mib,
+        pool: String::new(),
     }
 }
 
@@ -109,6 +113,27 @@ pub fn machine(rec: &MachineRecord) -> pb::Machine {
         created_at_ms: rec.created_at_ms,
         updated_at_ms: rec.updated_at_ms,
         boot_attempts: rec.boot_attempts,
+        pool: rec
+            .pooled
+            .as_ref()
+            .map(|p| p.pool.clone())
+            .unwrap_or_default(),
+        claimed: rec.claimed(),
+    }
+}
+
+/// A pool's status as the node API shows it.
+pub fn pool(status: &crate::actors::pools::PoolStatus) -> pb::PoolStatus {
+    pb::PoolStatus {
+        name: status.name.clone(),
+        image: status.image.clone(),
+        size: status.size,
+        ready: status.ready,
+        refilling: status.refilling,
+        claims: status.claims,
+        misses: status.misses,
+        last_refill_ms: status.last_refill_ms,
+        last_error: status.last_error.clone().unwrap_or_default(),
     }
 }
 

@@ -12,13 +12,15 @@ use super::convert;
 use super::pb::{self, machine_service_server::MachineService};
 use super::status::ApiError;
 use crate::actors::machine::now_ms;
+use crate::actors::pools::PoolMsg;
 use crate::actors::services::Services;
 use crate::actors::supervisor::SupervisorMsg;
+use crate::config::PoolConfig;
 use crate::image::ImageRef;
 use crate::machine::decide::apply_desired;
 use crate::machine::record::{Desired, MachineRecord, MachineState};
 use crate::machine::spec::{self, Limits};
-use crate::store::{Created, Room, StoreError};
+use crate::store::{ClaimRequest, Claimed, Created, Room, StoreError};
 
 /// Longest wait a WaitMachine call may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -60,7 +62,39 @@ impl Machines {
             return Ok(existing);
         }
         spec::check_name(&req.name)?;
+        let wanted_pool = req
+            .spec
+            .as_ref()
+            .map(|s| s.pool.clone())
+            .unwrap_or_default();
         let spec = spec::check_spec(convert::raw_spec(req.spec), &self.limits())?;
+        if let Some(pool) = self.pool_for(&spec, &wanted_pool)? {
+            let claimed = self.services.store().claim_prepared(ClaimRequest {
+                pool: pool.clone(),
+                request_id: req.request_id.clone(),
+                name: req.name.clone(),
+                spec: spec.clone(),
+                now_ms: now_ms(),
+            })?;
+            match claimed {
+                Claimed::New(rec, event) => {
+                    crate::failpoints::hit("pools.claim.after_commit");
+                    self.services.emit(event);
+                    self.wake(&rec.id)?;
+                    tell_pools(PoolMsg::Claimed(pool));
+                    return Ok(rec);
+                }
+                Claimed::Existing(rec) => return Ok(rec),
+                Claimed::Empty if !wanted_pool.is_empty() => {
+                    tell_pools(PoolMsg::Missed(pool.clone()));
+                    return Err(ApiError::Store(StoreError::Refused(format!(
+                        "spec.pool: pool {pool} has no prepared machine ready"
+                    ))));
+                }
+                // Nothing ready: a cold create, counted as the pool's miss.
+                Claimed::Empty => tell_pools(PoolMsg::Missed(pool)),
+            }
+        }
         let image = ImageRef::parse(&spec.image).map_err(ApiError::Image)?;
         image.check_available().map_err(ApiError::Image)?;
         // A registry image's own entrypoint and command are only known once it is pulled
@@ -92,10 +126,62 @@ impl Machines {
         }
     }
 
+    /// The pool a create claims from: the one it names (its image and shape must be the
+    /// pool's), else the first whose image, vcpus and memory equal the spec's and whose
+    /// disk is at least as large; none: a cold create.
+    fn pool_for(&self, spec: &spec::MachineSpec, wanted: &str) -> Result<Option<String>, ApiError> {
+        let config = self.services.config();
+        let fits = |pool: &PoolConfig| -> Result<(), &'static str> {
+            if pool.image != spec.image {
+                return Err("spec.image");
+            }
+            if pool.vcpus != spec.vcpus {
+                return Err("spec.vcpus");
+            }
+            if pool.memory_mib != spec.memory_mib {
+                return Err("spec.memory_mib");
+            }
+            let disk_fits =
+                spec.disk_mib == 0 || (pool.disk_mib != 0 && spec.disk_mib <= pool.disk_mib);
+            if !disk_fits {
+                return Err("spec.disk_mib");
+            }
+            Ok(())
+        };
+        if wanted.is_empty() {
+            return Ok(config
+                .pools
+                .iter()
+                .find(|p| fits(p).is_ok())
+                .map(|p| p.name.clone()));
+        }
+        let pool = config.pool(wanted).ok_or_else(|| {
+            ApiError::Spec(spec::SpecError::Invalid {
+                field: "spec.pool",
+                reason: format!("no pool named {wanted:?} is configured"),
+            })
+        })?;
+        fits(pool).map_err(|field| {
+            ApiError::Spec(spec::SpecError::Invalid {
+                field,
+                reason: format!("differs from pool {}'s", pool.name),
+            })
+        })?;
+        Ok(Some(pool.name.clone()))
+    }
+
     fn set_desired(&self, id: &str, desired: Desired) -> Result<MachineRecord, ApiError> {
         spec::check_machine_id(id)?;
         let now = now_ms();
         let (rec, events) = self.services.store().update_machine(id, |rec| {
+            if let Some(pool) = rec.pool_owner()
+                && rec.desired == Desired::Prepared
+            {
+                return Err(StoreError::Refused(format!(
+                    "machine {} is prepared capacity of pool {pool}; create a machine to claim it",
+                    rec.id
+                )));
+            }
             if rec.desired == Desired::Destroyed && desired != Desired::Destroyed {
                 return Err(StoreError::Refused(format!(
                     "machine {} is destroyed; it cannot be {}",
@@ -104,6 +190,7 @@ impl Machines {
                         Desired::Started => "started",
                         Desired::Stopped => "stopped",
                         Desired::Destroyed => "destroyed",
+                        Desired::Prepared => "prepared",
                     }
                 )));
             }
@@ -127,6 +214,15 @@ impl Machines {
             .store()
             .machine(id)?
             .ok_or_else(|| ApiError::Store(StoreError::NotFound(id.to_string())))
+    }
+}
+
+/// Tells the pool manager about a claim or a miss; it may be restarting, and its
+/// counters are not worth failing a create for.
+fn tell_pools(msg: PoolMsg) {
+    if let Some(cell) = ractor::registry::where_is(crate::actors::names::POOLS) {
+        let pools: ActorRef<PoolMsg> = cell.into();
+        let _ = pools.cast(msg);
     }
 }
 
@@ -155,7 +251,8 @@ impl MachineService for Machines {
         &self,
         req: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
-        let all = req.into_inner().include_destroyed;
+        let req = req.into_inner();
+        let (all, prepared) = (req.include_destroyed, req.include_prepared);
         let machines = self
             .services
             .store()
@@ -163,6 +260,7 @@ impl MachineService for Machines {
             .map_err(ApiError::from)?
             .iter()
             .filter(|m| all || m.state != MachineState::Destroyed)
+            .filter(|m| prepared || m.pool_owner().is_none())
             .map(convert::machine)
             .collect();
         Ok(Response::new(pb::ListMachinesResponse { machines }))

@@ -35,6 +35,13 @@ impl NodeService for Node {
         )
         .await
         .ok();
+        let pools = crate::actors::ask(
+            crate::actors::names::POOLS,
+            crate::actors::pools::PoolMsg::Status,
+            std::time::Duration::from_secs(2),
+        )
+        .await
+        .unwrap_or_default();
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,
@@ -49,6 +56,7 @@ impl NodeService for Node {
             image_pulls: images.map(|s| s.pulls),
             image_builds: images.map(|s| s.oci_bases_built),
             image_checks: images.map(|s| s.checks),
+            pools: pools.iter().map(convert::pool).collect(),
         }))
     }
 

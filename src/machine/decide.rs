@@ -6,7 +6,9 @@
 //! the actor is left with only I/O: persist, run the effect, persist.
 
 use super::record::{Desired, MachineRecord, MachineState};
-use super::step::{CREATE_ORDER, Direction, Mark, STOP_RELEASES, Step, TEARDOWN_ORDER};
+use super::step::{
+    CREATE_ORDER, Direction, Mark, PREPARE_ORDER, STOP_RELEASES, Step, TEARDOWN_ORDER,
+};
 use super::steps::StepError;
 
 /// What the run saw of the VMM before deciding.
@@ -84,6 +86,7 @@ pub struct Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Started,
+    Prepared,
     Stopped,
     Destroyed,
     Failed,
@@ -94,6 +97,7 @@ fn target(rec: &MachineRecord) -> Target {
         (Desired::Destroyed, _) => Target::Destroyed,
         (_, true) => Target::Failed,
         (Desired::Started, false) => Target::Started,
+        (Desired::Prepared, false) => Target::Prepared,
         (Desired::Stopped, false) => Target::Stopped,
     }
 }
@@ -103,7 +107,23 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
     let target = target(rec);
     let decision = |next, state| Decision { next, state };
 
-    if target == Target::Started {
+    // Prepared capacity is built like a started machine, up to an idle guest in a paused
+    // VMM; its guest dying after that is not repaired but given up, so its pool
+    // destroys and replaces it (a prepared machine is used once, never rebooted).
+    if target == Target::Prepared
+        && rec.mark(Step::Ready) == Mark::Done
+        && seen.vmm == VmmSeen::Gone
+    {
+        return decision(
+            Next::GiveUp("the prepared machine's VMM exited".to_string()),
+            MachineState::Failed,
+        );
+    }
+    if let Some((order, settled)) = match target {
+        Target::Started => Some((&CREATE_ORDER[..], MachineState::Started)),
+        Target::Prepared => Some((&PREPARE_ORDER[..], MachineState::Prepared)),
+        Target::Stopped | Target::Destroyed | Target::Failed => None,
+    } {
         // The host lost the VMM: unpublish the dead guest first, then forget it.
         if rec.touched(Step::Vmm) && seen.vmm == VmmSeen::Gone {
             if rec.touched(Step::Publish) {
@@ -145,19 +165,21 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
         if rec.touched(Step::Vmm) && rec.mark(Step::Ready) != Mark::Done && stale_vmm {
             return decision(Next::Release(Step::Vmm), MachineState::Starting);
         }
-        let Some(index) = CREATE_ORDER.iter().position(|s| rec.mark(*s) != Mark::Done) else {
-            return decision(Next::Settle, MachineState::Started);
-        };
         // A step is only acquired with nothing after it still on the host: what was built
         // on top of a step being redone is released first, latest first.
-        if let Some(later) = CREATE_ORDER[index + 1..]
+        let first_missing = order.iter().position(|s| rec.mark(*s) != Mark::Done);
+        let above = first_missing.map_or(order.len(), |i| i + 1);
+        if let Some(later) = CREATE_ORDER[above..]
             .iter()
             .rev()
             .find(|s| rec.touched(**s))
         {
             return decision(Next::Release(*later), MachineState::Starting);
         }
-        return decision(Next::Acquire(CREATE_ORDER[index]), MachineState::Starting);
+        return match first_missing {
+            Some(index) => decision(Next::Acquire(order[index]), MachineState::Starting),
+            None => decision(Next::Settle, settled),
+        };
     }
 
     let (releases, busy, settled): (&[Step], _, _) = match target {
@@ -172,7 +194,7 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             MachineState::Destroyed,
         ),
         Target::Failed => (&TEARDOWN_ORDER, MachineState::Failed, MachineState::Failed),
-        Target::Started => unreachable_target(),
+        Target::Started | Target::Prepared => unreachable_target(),
     };
     match releases.iter().find(|s| rec.touched(**s)) {
         Some(step) => decision(Next::Release(*step), busy),
@@ -180,7 +202,7 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
     }
 }
 
-// `Target::Started` returns early above; this keeps the match exhaustive without a
+// `Target::Started` and `Target::Prepared` return early above; this keeps the match exhaustive without a
 // wildcard arm, so a new target cannot be forgotten.
 fn unreachable_target() -> (&'static [Step], MachineState, MachineState) {
     (&[], MachineState::Starting, MachineState::Starting)
@@ -611,6 +633,32 @@ mod tests {
     }
 
     #[test]
+    fn prepared_capacity_stops_before_publish_and_a_claim_redoes_ready() {
+        let prepared = record(Desired::Prepared, &done_through(Step::Vmm));
+        check(
+            &prepared,
+            RUNNING,
+            Next::Acquire(Step::Ready),
+            MachineState::Starting,
+        );
+        let idle = record(Desired::Prepared, &done_through(Step::Ready));
+        check(&idle, RUNNING, Next::Settle, MachineState::Prepared);
+        // Its guest died after it was idle: given up, so the pool replaces it.
+        let got = decide(&idle, &GONE, &POLICY);
+        assert!(matches!(got.next, Next::GiveUp(_)), "{got:?}");
+        // A claim wants it started with `ready` to do again (now with the workload).
+        let mut claimed = idle.clone();
+        claimed.desired = Desired::Started;
+        claimed.set_mark(Step::Ready, Mark::Untouched);
+        check(
+            &claimed,
+            RUNNING,
+            Next::Acquire(Step::Ready),
+            MachineState::Starting,
+        );
+    }
+
+    #[test]
     fn vmm_lost_before_ready_costs_an_attempt_after_ready_does_not() {
         let mut rec = record(Desired::Started, &done_through(Step::Vmm));
         apply_vmm_lost(&mut rec);
@@ -736,7 +784,12 @@ mod tests {
         // never acquire while the target is not `started`, never release while it is
         // (except the dead-VMM and stale-VMM cases), and always name a step that makes
         // progress.
-        for desired in [Desired::Started, Desired::Stopped, Desired::Destroyed] {
+        for desired in [
+            Desired::Started,
+            Desired::Prepared,
+            Desired::Stopped,
+            Desired::Destroyed,
+        ] {
             for done in 0..=CREATE_ORDER.len() {
                 for begun in [false, true] {
                     let mut marks: Vec<(Step, Mark)> = CREATE_ORDER[..done]
@@ -753,14 +806,29 @@ mod tests {
                             (Next::Acquire(step), Desired::Started) => {
                                 assert_ne!(rec.mark(*step), Mark::Done)
                             }
+                            (Next::Acquire(step), Desired::Prepared) => {
+                                assert_ne!(rec.mark(*step), Mark::Done);
+                                assert!(PREPARE_ORDER.contains(step), "{step} when prepared");
+                            }
                             (Next::Acquire(_), _) => panic!("acquire towards {desired:?}"),
                             (Next::Release(step), _) => assert!(rec.touched(*step)),
-                            (Next::VmmLost, Desired::Started) => assert!(rec.touched(Step::Vmm)),
+                            (Next::VmmLost, Desired::Started | Desired::Prepared) => {
+                                assert!(rec.touched(Step::Vmm))
+                            }
                             (Next::VmmLost, _) => panic!("VmmLost towards {desired:?}"),
                             (Next::Lost(step), _) => panic!("{step} reported lost though present"),
+                            (Next::GiveUp(_), Desired::Prepared) => {
+                                // Only a prepared guest that died after it was idle.
+                                assert_eq!(rec.mark(Step::Ready), Mark::Done);
+                                assert_eq!(seen, GONE);
+                            }
                             (Next::GiveUp(_), _) => panic!("no failures were recorded"),
                             (Next::Settle, Desired::Started) => {
                                 assert_eq!(got.state, MachineState::Started)
+                            }
+                            (Next::Settle, Desired::Prepared) => {
+                                assert_eq!(got.state, MachineState::Prepared);
+                                assert!(!rec.touched(Step::Publish));
                             }
                             (Next::Settle, Desired::Stopped) => {
                                 assert!(STOP_RELEASES.iter().all(|s| !rec.touched(*s)))

@@ -19,6 +19,9 @@ pub enum Desired {
     Stopped,
     /// Nothing left on the host.
     Destroyed,
+    /// Booted with no workload, its guest idle and its VMM paused, owned by a pool until
+    /// a create claims it (appended: stored by position).
+    Prepared,
 }
 
 /// The state the control plane sees (Fly Machines' vocabulary).
@@ -40,6 +43,9 @@ pub enum MachineState {
     Destroyed,
     /// Gave up; everything acquired has been (or is being) released.
     Failed,
+    /// Prepared capacity: every create step but `publish` done, the guest idle, the VMM
+    /// paused (appended: stored by position).
+    Prepared,
 }
 
 impl MachineState {
@@ -54,6 +60,7 @@ impl MachineState {
             MachineState::Destroying => "destroying",
             MachineState::Destroyed => "destroyed",
             MachineState::Failed => "failed",
+            MachineState::Prepared => "prepared",
         }
     }
 }
@@ -126,6 +133,16 @@ impl From<crate::image::oci::ImageConfig> for ImageWorkload {
     }
 }
 
+/// A machine's tie to a prepared-capacity pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pooled {
+    /// The pool's name (from the config).
+    pub pool: String,
+    /// False while the pool owns the machine (prepared, or being prepared); true once a
+    /// create claimed it. A claimed machine is never returned to a pool.
+    pub claimed: bool,
+}
+
 /// One run of one step, kept for the control plane ("where did the time go").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepTiming {
@@ -177,6 +194,10 @@ pub struct MachineRecord {
     pub created_at_ms: u64,
     /// ms since the epoch.
     pub updated_at_ms: u64,
+    /// The pool that owns (or owned) the machine. Stored beside the record's V2 shape
+    /// (see `store::codec`), hence skipped here.
+    #[serde(skip)]
+    pub pooled: Option<Pooled>,
 }
 
 impl MachineRecord {
@@ -204,7 +225,22 @@ impl MachineRecord {
             timings: Vec::new(),
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
+            pooled: None,
         }
+    }
+
+    /// The pool that owns this machine while it is prepared capacity (not yet claimed).
+    pub fn pool_owner(&self) -> Option<&str> {
+        self.pooled
+            .as_ref()
+            .filter(|p| !p.claimed)
+            .map(|p| p.pool.as_str())
+    }
+
+    /// True when a create claimed this machine from a pool (its guest waited idle for a
+    /// workload).
+    pub fn claimed(&self) -> bool {
+        self.pooled.as_ref().is_some_and(|p| p.claimed)
     }
 
     /// The mark of a step.

@@ -100,6 +100,7 @@ impl From<MachineRecordV1> for MachineRecord {
             timings: v1.timings,
             created_at_ms: v1.created_at_ms,
             updated_at_ms: v1.updated_at_ms,
+            pooled: None,
         }
     }
 }

@@ -107,6 +107,10 @@ pub struct StepInfo {
     pub cancellable: bool,
     /// Whether a stop releases it (a stopped machine keeps the rest for a fast start).
     pub stop_releases: bool,
+    /// Whether a prepared machine (pool capacity) acquires it before it waits, idle and
+    /// paused, for a claim. Only `publish` waits for the claim: nothing routes to a
+    /// machine nobody has asked for.
+    pub prepared: bool,
     /// The host resources the step's acquire makes and its release removes.
     pub owns: &'static [ResourceKind],
 }
@@ -121,6 +125,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "image",
         cancellable: true,
         stop_releases: false,
+        prepared: true,
         owns: &[],
     },
     StepInfo {
@@ -128,6 +133,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "disk",
         cancellable: false,
         stop_releases: false,
+        prepared: true,
         owns: &[ResourceKind::MachineDir],
     },
     StepInfo {
@@ -135,6 +141,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "lease",
         cancellable: false,
         stop_releases: false,
+        prepared: true,
         owns: &[ResourceKind::Lease],
     },
     StepInfo {
@@ -142,6 +149,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "network",
         cancellable: false,
         stop_releases: false,
+        prepared: true,
         owns: &[ResourceKind::Netns, ResourceKind::Link],
     },
     StepInfo {
@@ -149,6 +157,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "vm_config",
         cancellable: false,
         stop_releases: false,
+        prepared: true,
         owns: &[],
     },
     StepInfo {
@@ -156,6 +165,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "vmm",
         cancellable: false,
         stop_releases: true,
+        prepared: true,
         owns: &[ResourceKind::Vmm],
     },
     StepInfo {
@@ -163,6 +173,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "ready",
         cancellable: true,
         stop_releases: true,
+        prepared: true,
         owns: &[],
     },
     StepInfo {
@@ -170,6 +181,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         name: "publish",
         cancellable: false,
         stop_releases: true,
+        prepared: false,
         owns: &[ResourceKind::Route],
     },
 ];
@@ -191,6 +203,34 @@ pub const TEARDOWN_ORDER: [Step; CATALOGUE.len()] = {
     let mut i = 0;
     while i < out.len() {
         out[i] = CREATE_ORDER[CREATE_ORDER.len() - 1 - i];
+        i += 1;
+    }
+    out
+};
+
+const PREPARED_COUNT: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < CATALOGUE.len() {
+        if CATALOGUE[i].prepared {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+
+/// What a prepared machine acquires, in create order, before it settles `prepared`; a
+/// claim acquires the rest (and the `ready` step again, now with the workload).
+pub const PREPARE_ORDER: [Step; PREPARED_COUNT] = {
+    let mut out = [Step::Image; PREPARED_COUNT];
+    let mut n = 0;
+    let mut i = 0;
+    while i < CATALOGUE.len() {
+        if CATALOGUE[i].prepared {
+            out[n] = CATALOGUE[i].step;
+            n += 1;
+        }
         i += 1;
     }
     out
@@ -296,6 +336,7 @@ mod tests {
         assert_eq!(CREATE_ORDER[0], Step::Image);
         assert_eq!(TEARDOWN_ORDER[0], Step::Publish);
         assert_eq!(STOP_RELEASES, [Step::Publish, Step::Ready, Step::Vmm]);
+        assert_eq!(PREPARE_ORDER, CREATE_ORDER[..7]);
         let names: Vec<&str> = CREATE_ORDER.iter().map(|s| s.name()).collect();
         assert_eq!(
             names,

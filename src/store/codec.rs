@@ -56,23 +56,38 @@ macro_rules! versioned {
 }
 
 /// The machine record's envelope: V1 (frozen, see `machine::record_v1`) is converted on
-/// read; V2 is written.
+/// read; V2 is the record's own shape; V3, written now, is the V2 shape followed by an
+/// extension with what was added since (the pool tie). Fields added to the record later
+/// go into a new extension variant the same way, so the record's shape stays V2's and no
+/// frozen copy of it is needed.
 #[derive(Deserialize)]
 enum StoredMachine {
     V1(crate::machine::record_v1::MachineRecordV1),
     V2(MachineRecord),
+    V3(MachineRecord, RecordExtV3),
 }
 
 #[derive(Serialize)]
 enum StoredMachineRef<'a> {
     #[allow(dead_code)]
     V1(std::marker::PhantomData<&'a ()>),
+    #[allow(dead_code)]
     V2(&'a MachineRecord),
+    V3(&'a MachineRecord, &'a RecordExtV3),
+}
+
+/// What V3 adds to the record (the fields the record skips when serialised).
+#[derive(Serialize, Deserialize)]
+struct RecordExtV3 {
+    pooled: Option<crate::machine::record::Pooled>,
 }
 
 impl Persisted for MachineRecord {
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        postcard::to_stdvec(&StoredMachineRef::V2(self)).map_err(|source| CodecError {
+        let ext = RecordExtV3 {
+            pooled: self.pooled.clone(),
+        };
+        postcard::to_stdvec(&StoredMachineRef::V3(self, &ext)).map_err(|source| CodecError {
             what: "machine record",
             source,
         })
@@ -84,6 +99,10 @@ impl Persisted for MachineRecord {
         })? {
             StoredMachine::V1(v1) => Ok(v1.into()),
             StoredMachine::V2(rec) => Ok(rec),
+            StoredMachine::V3(mut rec, ext) => {
+                rec.pooled = ext.pooled;
+                Ok(rec)
+            }
         }
     }
 }

@@ -28,7 +28,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 pub use codec::CodecError;
 use codec::{decode, encode};
 
-use crate::machine::record::{MachineEvent, MachineRecord, MachineState};
+use crate::machine::record::{Desired, MachineEvent, MachineRecord, MachineState, Pooled};
+use crate::machine::step::{Mark, Step};
 use crate::route::{Route, RouteChange};
 
 /// Bumped when the layout above changes incompatibly.
@@ -106,6 +107,32 @@ pub enum Created {
     New(MachineRecord, MachineEvent),
     /// The request id was seen before: the machine it created.
     Existing(MachineRecord),
+}
+
+/// The result of a claim from a pool.
+#[derive(Debug)]
+pub enum Claimed {
+    /// A prepared machine became the caller's.
+    New(MachineRecord, MachineEvent),
+    /// The request id was seen before: the machine it created or claimed.
+    Existing(MachineRecord),
+    /// The pool has no prepared machine ready.
+    Empty,
+}
+
+/// What a claim makes of a prepared machine.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The pool to claim from.
+    pub pool: String,
+    /// The caller's idempotency key.
+    pub request_id: String,
+    /// The caller's name for the machine.
+    pub name: String,
+    /// The caller's spec (its image and shape match the pool's).
+    pub spec: crate::machine::spec::MachineSpec,
+    /// ms since the epoch.
+    pub now_ms: u64,
 }
 
 /// Node-wide room, for admission.
@@ -208,24 +235,111 @@ impl Store {
                     id: id.value().to_string(),
                 });
             }
-            let usage = usage_of(&machines)?;
-            if usage.vcpus + rec.spec.vcpus > room.vcpus {
-                return Err(StoreError::NoRoom(format!(
-                    "{} vCPUs asked, {} of {} in use",
-                    rec.spec.vcpus, usage.vcpus, room.vcpus
-                )));
-            }
-            if usage.memory_mib + u64::from(rec.spec.memory_mib) > room.memory_mib {
-                return Err(StoreError::NoRoom(format!(
-                    "{} MiB asked, {} of {} MiB in use",
-                    rec.spec.memory_mib, usage.memory_mib, room.memory_mib
-                )));
-            }
+            admit(&machines, &rec, room)?;
             requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
             names.insert(rec.name.as_str(), rec.id.as_str())?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
             let event = append_event(&txn, &rec, "created".to_string())?;
             Created::New(rec, event)
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// Records a new prepared machine for a pool (no request id, no name: nobody has
+    /// asked for it yet), with its first event, in one commit, subject to admission like
+    /// any machine: prepared capacity counts against the node.
+    pub fn create_prepared(
+        &self,
+        rec: MachineRecord,
+        room: Room,
+    ) -> Result<(MachineRecord, MachineEvent), StoreError> {
+        let txn = self.db.begin_write()?;
+        let event = {
+            let mut machines = txn.open_table(MACHINES)?;
+            admit(&machines, &rec, room)?;
+            machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            let pool = rec.pool_owner().unwrap_or_default();
+            append_event(&txn, &rec, format!("prepared for pool {pool}"))?
+        };
+        txn.commit()?;
+        Ok((rec, event))
+    }
+
+    /// Hands one prepared machine of `claim.pool` to a caller, in one commit: the record
+    /// takes the caller's request id, name and spec, is wanted started, and is marked
+    /// claimed (never to return to the pool); its `ready` step is to be done again, now
+    /// with the workload. The oldest ready machine is taken. A request id seen before
+    /// answers with its machine, as a create does.
+    pub fn claim_prepared(&self, claim: ClaimRequest) -> Result<Claimed, StoreError> {
+        let txn = self.db.begin_write()?;
+        let outcome = {
+            let mut requests = txn.open_table(REQUESTS)?;
+            let mut names = txn.open_table(NAMES)?;
+            let mut machines = txn.open_table(MACHINES)?;
+            if let Some(id) = requests
+                .get(claim.request_id.as_str())?
+                .map(|v| v.value().to_string())
+            {
+                let found = machines
+                    .get(id.as_str())?
+                    .map(|v| decode::<MachineRecord>(v.value()))
+                    .transpose()?
+                    .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+                return Ok(Claimed::Existing(found));
+            }
+            if let Some(id) = names.get(claim.name.as_str())? {
+                return Err(StoreError::NameTaken {
+                    name: claim.name.clone(),
+                    id: id.value().to_string(),
+                });
+            }
+            let mut oldest: Option<MachineRecord> = None;
+            for entry in machines.iter()? {
+                let (_, value) = entry?;
+                let rec: MachineRecord = decode(value.value())?;
+                let ready = rec.pool_owner() == Some(claim.pool.as_str())
+                    && rec.state == MachineState::Prepared
+                    && rec.desired == Desired::Prepared
+                    && rec.failure.is_none()
+                    && rec.current.is_none();
+                if ready
+                    && oldest
+                        .as_ref()
+                        .is_none_or(|o| rec.created_at_ms < o.created_at_ms)
+                {
+                    oldest = Some(rec);
+                }
+            }
+            let Some(mut rec) = oldest else {
+                return Ok(Claimed::Empty);
+            };
+            rec.request_id = claim.request_id.clone();
+            rec.name = claim.name.clone();
+            // The disk was made at the pool's size; the caller asked for at most that.
+            let disk_mib = rec.spec.disk_mib;
+            rec.spec = claim.spec;
+            rec.spec.disk_mib = disk_mib;
+            rec.desired = Desired::Started;
+            rec.state = MachineState::Starting;
+            rec.pooled = Some(Pooled {
+                pool: claim.pool.clone(),
+                claimed: true,
+            });
+            rec.set_mark(Step::Ready, Mark::Untouched);
+            rec.updated_at_ms = claim.now_ms;
+            requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
+            names.insert(rec.name.as_str(), rec.id.as_str())?;
+            machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            let event = append_event(
+                &txn,
+                &rec,
+                format!(
+                    "claimed from pool {} by request {}",
+                    claim.pool, rec.request_id
+                ),
+            )?;
+            Claimed::New(rec, event)
         };
         txn.commit()?;
         Ok(outcome)
@@ -486,6 +600,29 @@ fn usage_of<T: ReadableTable<&'static str, &'static [u8]>>(table: &T) -> Result<
         }
     }
     Ok(usage)
+}
+
+/// Refuses a new machine the host has no room for (every machine not destroyed counts,
+/// prepared capacity too).
+fn admit<T: ReadableTable<&'static str, &'static [u8]>>(
+    machines: &T,
+    rec: &MachineRecord,
+    room: Room,
+) -> Result<(), StoreError> {
+    let usage = usage_of(machines)?;
+    if usage.vcpus + rec.spec.vcpus > room.vcpus {
+        return Err(StoreError::NoRoom(format!(
+            "{} vCPUs asked, {} of {} in use",
+            rec.spec.vcpus, usage.vcpus, room.vcpus
+        )));
+    }
+    if usage.memory_mib + u64::from(rec.spec.memory_mib) > room.memory_mib {
+        return Err(StoreError::NoRoom(format!(
+            "{} MiB asked, {} of {} MiB in use",
+            rec.spec.memory_mib, usage.memory_mib, room.memory_mib
+        )));
+    }
+    Ok(())
 }
 
 fn next_seq(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {

@@ -92,6 +92,10 @@ enum MachineCommand {
         /// Root disk size in MiB (0: the image's).
         #[arg(long, default_value_t = 0)]
         disk_mib: u32,
+        /// Claim a prepared machine from this pool (fails when it has none ready);
+        /// without it, a create matching a pool's image and shape claims when it can.
+        #[arg(long, default_value = "")]
+        pool: String,
         /// The workload (after `--`); empty means the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -101,6 +105,9 @@ enum MachineCommand {
         /// Include destroyed machines.
         #[arg(long)]
         all: bool,
+        /// Include the pools' prepared machines.
+        #[arg(long)]
+        prepared: bool,
     },
     /// Show one machine with its step timings.
     Get {
@@ -293,7 +300,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     "machines": n.machines, "ip_slots_total": n.ip_slots_total,
                     "ip_slots_used": n.ip_slots_used, "vmm": n.vmm,
                     "runs_observed": n.runs_observed, "image_pulls": n.image_pulls,
-                    "image_checks": n.image_checks, "image_builds": n.image_builds})
+                    "image_checks": n.image_checks, "image_builds": n.image_builds,
+                    "pools": n.pools.iter().map(|p| json!({"name": p.name, "image": p.image,
+                        "size": p.size, "ready": p.ready, "refilling": p.refilling,
+                        "claims": p.claims, "misses": p.misses,
+                        "last_refill_ms": p.last_refill_ms, "last_error": p.last_error}))
+                        .collect::<Vec<_>>()})
             );
         }
         Command::Machine(command) => match *command {
@@ -309,6 +321,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 workdir,
                 user,
                 disk_mib,
+                pool,
                 command,
             } => {
                 let env = env
@@ -336,6 +349,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     workdir,
                     user,
                     disk_mib,
+                    pool,
                 };
                 let m = client
                     .machines
@@ -349,11 +363,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     .into_inner();
                 print_machine(cli.json, &m);
             }
-            MachineCommand::List { all } => {
+            MachineCommand::List { all, prepared } => {
                 let list = client
                     .machines
                     .list_machines(pb::ListMachinesRequest {
                         include_destroyed: all,
+                        include_prepared: prepared,
                     })
                     .await
                     .map_err(status)?
