@@ -13,7 +13,9 @@
 //! same as a crash or `kill -9` from outside, with no unwinding and no cleanup.
 
 use crate::machine::record::{Desired, MachineRecord};
-use crate::machine::step::{CREATE_ORDER, Direction, STOP_RELEASES, Step, TEARDOWN_ORDER};
+use crate::machine::step::{
+    CREATE_ORDER, Direction, PREPARE_ORDER, STOP_RELEASES, Step, TEARDOWN_ORDER,
+};
 
 /// What the run is doing when it crosses a step boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,10 @@ pub enum Operation {
     Stop,
     /// Releasing everything (destroy, or a failed machine).
     Destroy,
+    /// Acquiring the steps of a pool's prepared machine (a refill).
+    Prepare,
+    /// Acquiring what a claim leaves to do (`ready` with the workload, `publish`).
+    Claim,
 }
 
 /// Where at a step boundary.
@@ -47,6 +53,8 @@ impl Operation {
             Operation::Start => "start",
             Operation::Stop => "stop",
             Operation::Destroy => "destroy",
+            Operation::Prepare => "prepare",
+            Operation::Claim => "claim",
         }
     }
 
@@ -60,6 +68,10 @@ impl Operation {
                 });
                 if stopped_before {
                     Operation::Start
+                } else if rec.pool_owner().is_some() {
+                    Operation::Prepare
+                } else if rec.claimed() {
+                    Operation::Claim
                 } else {
                     Operation::Create
                 }
@@ -85,6 +97,12 @@ impl Operation {
                 .collect(),
             Operation::Stop => STOP_RELEASES.to_vec(),
             Operation::Destroy => TEARDOWN_ORDER.to_vec(),
+            Operation::Prepare => PREPARE_ORDER.to_vec(),
+            // A claim redoes `ready` (now with the workload), then acquires the rest.
+            Operation::Claim => CREATE_ORDER
+                .into_iter()
+                .filter(|s| *s == Step::Ready || !PREPARE_ORDER.contains(s))
+                .collect(),
         }
     }
 }
@@ -101,11 +119,13 @@ impl Boundary {
 }
 
 /// Every operation.
-pub const OPERATIONS: [Operation; 4] = [
+pub const OPERATIONS: [Operation; 6] = [
     Operation::Create,
     Operation::Start,
     Operation::Stop,
     Operation::Destroy,
+    Operation::Prepare,
+    Operation::Claim,
 ];
 
 /// Every boundary.
@@ -189,7 +209,11 @@ mod tests {
         assert!(all.contains(&"stop.vmm.before_effect".to_string()));
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
-        // create 8 steps, start 3, stop 3, destroy 8; three boundaries each; 6 singletons.
-        assert_eq!(all.len(), (8 + 3 + 3 + 8) * 3 + 6);
+        // create 8 steps, start 3, stop 3, destroy 8, prepare 7, claim 2; three boundaries
+        // each; 6 singleton points.
+        assert_eq!(all.len(), (8 + 3 + 3 + 8 + 7 + 2) * 3 + 6);
+        assert!(all.contains(&"claim.ready.before_effect".to_string()));
+        assert!(all.contains(&"prepare.ready.after_commit".to_string()));
+        assert!(!all.contains(&"prepare.publish.before_effect".to_string()));
     }
 }

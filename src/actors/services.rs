@@ -29,6 +29,7 @@ struct Inner {
     vmm: VmmDriver,
     kit: OnceCell<GuestKit>,
     runs_observed: AtomicU64,
+    singleton_restarts: AtomicU64,
     events: broadcast::Sender<MachineEvent>,
     routes: broadcast::Sender<RouteChange>,
 }
@@ -57,6 +58,7 @@ impl Services {
                 vmm,
                 kit: OnceCell::new(),
                 runs_observed: AtomicU64::new(0),
+                singleton_restarts: AtomicU64::new(0),
                 events,
                 routes,
             }),
@@ -117,6 +119,18 @@ impl Services {
     /// Machine runs that have looked at the host since the daemon started.
     pub fn runs_observed(&self) -> u64 {
         self.inner.runs_observed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a singleton that failed and is restarted.
+    pub fn note_singleton_restart(&self) {
+        self.inner
+            .singleton_restarts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Singleton failures since the daemon started (each was restarted).
+    pub fn singleton_restarts(&self) -> u64 {
+        self.inner.singleton_restarts.load(Ordering::Relaxed)
     }
 
     /// The retry bounds of every run.

@@ -258,6 +258,9 @@ impl Supervisor {
         }
         if let Some(which) = Singleton::from_name(&name) {
             tracing::warn!(actor = %name, reason = ?failure, "singleton exited; restarting");
+            if failure.is_some() {
+                state.services.note_singleton_restart();
+            }
             if Self::within_intensity(state, &name) {
                 myself.cast(SupervisorMsg::RestartSingleton(which))?;
             } else {

@@ -57,6 +57,7 @@ impl NodeService for Node {
             image_builds: images.map(|s| s.oci_bases_built),
             image_checks: images.map(|s| s.checks),
             pools: pools.iter().map(convert::pool).collect(),
+            singleton_restarts: self.services.singleton_restarts(),
         }))
     }
 

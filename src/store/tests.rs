@@ -195,3 +195,124 @@ fn a_held_lock_is_waited_for_within_patience_and_refused_after() {
     releaser.join().unwrap();
     assert!(second.is_ok(), "{:?}", second.err());
 }
+
+/// A prepared machine of `pool`, settled ready (every step but publish done) unless
+/// `ready` is false, created at `at`.
+fn prepared(id: &str, pool: &str, at: u64, ready: bool) -> MachineRecord {
+    let mut rec = MachineRecord::new(id.into(), String::new(), String::new(), spec(1, 128), at);
+    rec.desired = Desired::Prepared;
+    rec.pooled = Some(Pooled {
+        pool: pool.into(),
+        claimed: false,
+    });
+    if ready {
+        rec.state = MachineState::Prepared;
+        for step in crate::machine::step::PREPARE_ORDER {
+            rec.set_mark(step, Mark::Done);
+        }
+    }
+    rec
+}
+
+fn claim(pool: &str, request_id: &str, name: &str) -> ClaimRequest {
+    let mut wanted = spec(1, 128);
+    wanted.env = vec![("WHO".into(), name.into())];
+    ClaimRequest {
+        pool: pool.into(),
+        request_id: request_id.into(),
+        name: name.into(),
+        spec: wanted,
+        now_ms: 99,
+    }
+}
+
+#[test]
+fn a_claim_takes_the_oldest_ready_machine_once_and_is_idempotent() {
+    let (_dir, store) = open();
+    for rec in [
+        prepared("aaaaaaaaaa", "web", 20, true),
+        prepared("bbbbbbbbbb", "web", 10, true),
+        prepared("cccccccccc", "web", 5, false),
+        prepared("dddddddddd", "other", 1, true),
+    ] {
+        store.create_prepared(rec, ROOM).expect("prepare");
+    }
+    // Prepared capacity counts against the node, claimed or not.
+    assert_eq!(store.usage().expect("usage").machines, 4);
+    let Claimed::New(first, event) = store
+        .claim_prepared(claim("web", "r1", "one"))
+        .expect("claim")
+    else {
+        panic!("expected a claim");
+    };
+    assert_eq!(first.id, "bbbbbbbbbb", "the oldest ready one");
+    assert!(
+        event
+            .message
+            .contains("claimed from pool web by request r1")
+    );
+    assert_eq!(
+        (first.name.as_str(), first.request_id.as_str()),
+        ("one", "r1")
+    );
+    assert_eq!(first.desired, Desired::Started);
+    assert!(first.claimed() && first.pool_owner().is_none());
+    assert_eq!(first.mark(Step::Ready), Mark::Untouched);
+    assert_eq!(first.mark(Step::Vmm), Mark::Done);
+    assert_eq!(first.spec.env, vec![("WHO".to_string(), "one".to_string())]);
+    // Durable as written (the pool tie goes through the record's extension).
+    assert_eq!(
+        store.machine("bbbbbbbbbb").expect("read"),
+        Some(first.clone())
+    );
+    // A retry returns the same machine and takes no second one.
+    match store
+        .claim_prepared(claim("web", "r1", "one"))
+        .expect("retry")
+    {
+        Claimed::Existing(found) => assert_eq!(found.id, first.id),
+        other => panic!("expected the first claim, got {other:?}"),
+    }
+    // The name is the caller's now.
+    let err = store.claim_prepared(claim("web", "r2", "one")).unwrap_err();
+    assert!(matches!(err, StoreError::NameTaken { .. }), "{err}");
+    let Claimed::New(second, _) = store
+        .claim_prepared(claim("web", "r3", "two"))
+        .expect("claim")
+    else {
+        panic!("expected a second claim");
+    };
+    assert_eq!(second.id, "aaaaaaaaaa");
+    // The one still booting is not ready; the other pool's is not this pool's.
+    assert!(matches!(
+        store
+            .claim_prepared(claim("web", "r4", "three"))
+            .expect("claim"),
+        Claimed::Empty
+    ));
+    assert!(store.machine_by_request("r4").expect("read").is_none());
+}
+
+#[test]
+fn a_record_written_before_pools_reads_with_no_pool() {
+    // The V2 envelope (no extension) as an older daemon wrote it.
+    #[derive(serde::Serialize)]
+    enum Envelope<'a> {
+        #[allow(dead_code)]
+        V1(()),
+        V2(&'a MachineRecord),
+    }
+    let old = rec("aaaaaaaaaa", "web", "r1");
+    let bytes = postcard::to_stdvec(&Envelope::V2(&old)).expect("encode");
+    let read: MachineRecord = codec::decode(&bytes).expect("decode");
+    assert_eq!(read, old);
+    assert!(read.pooled.is_none());
+    let mut pooled = old.clone();
+    pooled.pooled = Some(Pooled {
+        pool: "web".into(),
+        claimed: true,
+    });
+    let again: MachineRecord =
+        codec::decode(&codec::encode(&pooled).expect("encode")).expect("decode");
+    assert_eq!(again.pooled, pooled.pooled);
+}
