@@ -169,6 +169,7 @@ fn config(id: &str, command: &[&str]) -> GuestConfig {
         workdir: Some("/tmp".into()),
         ports: vec![],
         user: None,
+        prepared: false,
     }
 }
 

@@ -167,6 +167,7 @@ impl Guest {
             workdir: None,
             ports: ports.to_vec(),
             user: None,
+            prepared: false,
         };
         write_config_disk(&guest.path("config.img"), &config).expect("config disk");
         guest

@@ -55,6 +55,13 @@ pub struct GuestConfig {
     /// /etc/group); none: root.
     #[serde(default)]
     pub user: Option<String>,
+    /// A prepared guest: boot, configure the network, report
+    /// [`Idle`](crate::guest::protocol::GuestState::Idle) and wait for a
+    /// [`Claim`](crate::guest::protocol::Claim) carrying the workload. The workload fields
+    /// here (`command`, `env`, `workdir`, `user`, `ports`) are then ignored (the host
+    /// leaves them empty) and `hostname` is a placeholder until the claim.
+    #[serde(default)]
+    pub prepared: bool,
 }
 
 /// Static IPv4 settings of the guest interface.
@@ -199,6 +206,7 @@ mod tests {
             workdir: Some("/srv".into()),
             ports: vec![80],
             user: None,
+            prepared: false,
         }
     }
 
@@ -207,6 +215,19 @@ mod tests {
         let disk = encode_config_disk(&sample()).unwrap();
         assert_eq!(disk.len() % DISK_ALIGN, 0);
         assert_eq!(decode_config_disk(&disk).unwrap(), sample());
+    }
+
+    #[test]
+    fn prepared_round_trips_and_defaults_to_false() {
+        let mut prepared = sample();
+        prepared.prepared = true;
+        let disk = encode_config_disk(&prepared).unwrap();
+        assert!(decode_config_disk(&disk).unwrap().prepared);
+        // A config written before the field existed is a normal boot.
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json.as_object_mut().unwrap().remove("prepared");
+        let old: GuestConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old, sample());
     }
 
     #[test]

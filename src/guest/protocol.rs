@@ -10,19 +10,48 @@
 //! host -> guest   {"type":"status"}                 guest answers Status{state}
 //!                 {"type":"shutdown"}               guest answers ShuttingDown, stops the
 //!                                                   workload, syncs, powers off
+//!                 {"type":"claim","hostname":..,    an Idle guest sets its clock, entropy
+//!                  "command":[..],..}               and hostname and starts the workload;
+//!                                                   any guest answers Status{state}
 //! guest -> host   {"type":"ready","boot_ms":812}    workload started, its ports listen
 //!                 {"type":"exited","status":{"code":7}}
-//!                 {"type":"status","state":{...}}   reply to Status
+//!                 {"type":"status","state":{...}}   reply to Status and Claim
 //!                 {"type":"shutting_down"}          reply to Shutdown
 //!                 {"type":"fatal","error":"..."}    init failed; the guest powers off
 //! ```
+//!
+//! Lines are bounded per direction ([`Message::MAX_LINE`]): a claim carries a workload as
+//! large as a config disk may ([`MAX_CONFIG_JSON`]), the guest's messages are small.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use super::config::{GuestConfig, MAX_CONFIG_JSON};
 
 /// Name of the virtio-serial port (`/sys/class/virtio-ports/*/name` in the guest).
 pub const AGENT_PORT_NAME: &str = "hearth.agent";
-/// Longest line either side accepts; a longer one is a protocol error.
-pub const MAX_LINE: usize = 64 * 1024;
+/// Longest host -> guest line: a claim's workload plus room for the claim's own fields.
+pub const MAX_HOST_LINE: usize = MAX_CONFIG_JSON + 4 * 1024;
+/// Longest guest -> host line.
+pub const MAX_GUEST_LINE: usize = 64 * 1024;
+/// Random bytes a claim carries for the guest's entropy pool: a guest that idled since its
+/// boot must not give its workload only what it gathered then.
+pub const CLAIM_ENTROPY_BYTES: usize = 64;
+
+/// A message of one direction, and the longest line its receiver accepts (without the
+/// `\n`); a longer one is a protocol error.
+pub trait Message: Serialize + DeserializeOwned {
+    /// The bound.
+    const MAX_LINE: usize;
+}
+
+impl Message for HostMessage {
+    const MAX_LINE: usize = MAX_HOST_LINE;
+}
+
+impl Message for GuestMessage {
+    const MAX_LINE: usize = MAX_GUEST_LINE;
+}
 
 /// How the workload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +66,7 @@ pub enum ExitStatus {
 /// The guest's state as the init sees it.
 ///
 /// ```text
+///   Idle --Claim--> Starting       (prepared guests only; a normal boot begins at Starting)
 ///   Starting --(declared ports listen)--> Ready --(workload ends)--> Exited
 ///      |                                                ^
 ///      +---------(workload ends before ready)-----------+
@@ -46,6 +76,9 @@ pub enum ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum GuestState {
+    /// A prepared guest: booted, network up, no workload; waiting for a
+    /// [`HostMessage::Claim`].
+    Idle,
     /// Booted and the workload started, but not all of its declared ports listen yet.
     Starting,
     /// The workload runs and listens on every declared port.
@@ -76,7 +109,10 @@ impl GuestState {
         match self {
             GuestState::Ready { boot_ms } => Some(*boot_ms),
             GuestState::Exited { boot_ms, .. } => *boot_ms,
-            GuestState::Starting | GuestState::ShuttingDown | GuestState::Failed { .. } => None,
+            GuestState::Idle
+            | GuestState::Starting
+            | GuestState::ShuttingDown
+            | GuestState::Failed { .. } => None,
         }
     }
 }
@@ -95,7 +131,8 @@ pub enum GuestMessage {
         /// How.
         status: ExitStatus,
     },
-    /// Reply to [`HostMessage::Status`], also sent unasked when a host connects.
+    /// Reply to [`HostMessage::Status`] and [`HostMessage::Claim`], also sent unasked when
+    /// a host connects.
     Status {
         /// The current state.
         state: GuestState,
@@ -110,28 +147,104 @@ pub enum GuestMessage {
 }
 
 /// Host -> guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage {
     /// Asks for the guest's current state.
     Status,
     /// Asks the guest to stop the workload and power off.
     Shutdown,
+    /// Gives a [`GuestState::Idle`] guest its workload. In any other state it starts
+    /// nothing (a claim retried after a host crash never starts a second workload); the
+    /// guest answers with its state either way.
+    Claim(Box<Claim>),
 }
 
-/// Why a line is not a message.
+/// What a prepared guest is missing to become the machine it is claimed for: the
+/// workload fields of a [`GuestConfig`] (see there), which a prepared config leaves
+/// empty, and what a guest booted long before its claim cannot know by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// [`GuestConfig::hostname`] (the prepared config's is a placeholder).
+    pub hostname: String,
+    /// [`GuestConfig::command`].
+    pub command: Vec<String>,
+    /// [`GuestConfig::env`].
+    pub env: Vec<(String, String)>,
+    /// [`GuestConfig::workdir`].
+    pub workdir: Option<String>,
+    /// [`GuestConfig::user`].
+    pub user: Option<String>,
+    /// [`GuestConfig::ports`].
+    pub ports: Vec<u16>,
+    /// The host's wall clock (ms since the Unix epoch) when the claim was made: the guest
+    /// sets its clock to it, since it may have idled (or been paused) for a long time.
+    pub now_unix_ms: u64,
+    /// Hex of [`CLAIM_ENTROPY_BYTES`] bytes from the host's `getrandom`, credited to the
+    /// guest's entropy pool before the workload starts.
+    pub entropy: String,
+}
+
+impl Claim {
+    /// The claim for the workload `config` describes (what the host would have written
+    /// on the config disk of a machine booted for it).
+    pub fn from_config(config: &GuestConfig, now_unix_ms: u64, entropy: String) -> Claim {
+        Claim {
+            hostname: config.hostname.clone(),
+            command: config.command.clone(),
+            env: config.env.clone(),
+            workdir: config.workdir.clone(),
+            user: config.user.clone(),
+            ports: config.ports.clone(),
+            now_unix_ms,
+            entropy,
+        }
+    }
+
+    /// The config the guest would have booted with for this workload: the prepared
+    /// `base` (machine id, network) with the claim's hostname and workload.
+    pub fn workload_config(&self, base: &GuestConfig) -> GuestConfig {
+        GuestConfig {
+            machine_id: base.machine_id.clone(),
+            hostname: self.hostname.clone(),
+            network: base.network,
+            command: self.command.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            ports: self.ports.clone(),
+            user: self.user.clone(),
+            prepared: false,
+        }
+    }
+}
+
+/// Fresh entropy for a [`Claim`]: [`CLAIM_ENTROPY_BYTES`] bytes from the host's
+/// `getrandom`, as hex.
+pub fn claim_entropy() -> Result<String, getrandom::Error> {
+    let mut raw = [0u8; CLAIM_ENTROPY_BYTES];
+    getrandom::fill(&mut raw)?;
+    Ok(hex::encode(raw))
+}
+
+/// Why a line is not a message, or a message cannot be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    /// Longer than [`MAX_LINE`].
-    #[error("agent line longer than {MAX_LINE} bytes")]
-    LineTooLong,
+    /// Longer than the receiver accepts ([`Message::MAX_LINE`]).
+    #[error("agent line of {len} bytes, more than the {max} accepted")]
+    LineTooLong {
+        /// The line's length (for a line still arriving: what had arrived).
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
     /// Not valid JSON for the expected message type.
     #[error("agent message: {0}")]
     Json(#[from] serde_json::Error),
 }
 
-/// Encodes one message as a line (JSON plus `\n`).
-pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
+/// Encodes one message as a line (JSON plus `\n`). Meant for messages whose size the
+/// sender controls; [`encode_line_checked`] for one that may exceed the bound.
+pub fn encode_line<T: Message>(msg: &T) -> Vec<u8> {
     // These types hold only strings and integers: serialisation cannot fail, and if it
     // ever did the peer would see an empty line and ignore it.
     let mut line = serde_json::to_vec(msg).unwrap_or_default();
@@ -139,57 +252,137 @@ pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
     line
 }
 
+/// Encodes one message as a line, refusing one longer than its receiver accepts.
+pub fn encode_line_checked<T: Message>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let line = encode_line(msg);
+    // Without the newline, as the receiver counts.
+    let len = line.len() - 1;
+    if len > T::MAX_LINE {
+        return Err(ProtocolError::LineTooLong {
+            len,
+            max: T::MAX_LINE,
+        });
+    }
+    Ok(line)
+}
+
 /// Decodes one line (with or without its `\n`).
-pub fn decode_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, ProtocolError> {
+pub fn decode_line<T: Message>(line: &[u8]) -> Result<T, ProtocolError> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.len() > MAX_LINE {
-        return Err(ProtocolError::LineTooLong);
+    if line.len() > T::MAX_LINE {
+        return Err(ProtocolError::LineTooLong {
+            len: line.len(),
+            max: T::MAX_LINE,
+        });
     }
     Ok(serde_json::from_slice(line)?)
 }
 
-/// Splits a byte stream into lines. Used by the guest, which reads a non-blocking port
-/// without a buffered reader.
-#[derive(Debug, Default)]
+/// Splits a byte stream into lines of at most `max` bytes. Used by the guest, which
+/// reads a non-blocking port without a buffered reader.
+///
+/// Memory is bounded by `max`: a longer line is dropped as it arrives, reported once,
+/// and the rest of it, up to its `\n`, skipped.
+#[derive(Debug)]
 pub struct LineSplitter {
     buf: Vec<u8>,
+    max: usize,
+    /// How much of `buf` is known to hold no `\n` (a large line arrives in many reads:
+    /// each is searched once).
+    scanned: usize,
+    /// Inside an oversized line: bytes are dropped up to the next `\n`.
+    skipping: bool,
 }
 
 impl LineSplitter {
+    /// A splitter for lines of at most `max` bytes.
+    pub fn new(max: usize) -> LineSplitter {
+        LineSplitter {
+            buf: Vec::new(),
+            max,
+            scanned: 0,
+            skipping: false,
+        }
+    }
+
+    /// A splitter for the lines of message type `T`.
+    pub fn for_messages<T: Message>() -> LineSplitter {
+        LineSplitter::new(T::MAX_LINE)
+    }
+
     /// Adds bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
+        let mut bytes = bytes;
+        if self.skipping {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.skipping = false;
+                    bytes = &bytes[i + 1..];
+                }
+                None => return,
+            }
+        }
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Takes the next complete line (without `\n`). A line over [`MAX_LINE`] is dropped
-    /// and reported once as an error.
+    /// Takes the next complete line (without `\n`). A line over the bound is dropped and
+    /// reported once as an error.
     pub fn next_line(&mut self) -> Option<Result<Vec<u8>, ProtocolError>> {
-        match self.buf.iter().position(|&b| b == b'\n') {
+        let found = self.buf[self.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| self.scanned + i);
+        match found {
             Some(i) => {
+                self.scanned = 0;
                 let mut line: Vec<u8> = self.buf.drain(..=i).collect();
                 line.pop();
-                if line.len() > MAX_LINE {
-                    return Some(Err(ProtocolError::LineTooLong));
+                if line.len() > self.max {
+                    return Some(Err(ProtocolError::LineTooLong {
+                        len: line.len(),
+                        max: self.max,
+                    }));
                 }
                 Some(Ok(line))
             }
-            None if self.buf.len() > MAX_LINE => {
-                self.buf.clear();
-                Some(Err(ProtocolError::LineTooLong))
+            None if self.buf.len() > self.max => {
+                let len = self.buf.len();
+                self.buf = Vec::new();
+                self.scanned = 0;
+                self.skipping = true;
+                Some(Err(ProtocolError::LineTooLong { len, max: self.max }))
             }
-            None => None,
+            None => {
+                self.scanned = self.buf.len();
+                None
+            }
         }
     }
 
     /// Forgets a partial line (the peer went away mid-line).
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.buf = Vec::new();
+        self.scanned = 0;
+        self.skipping = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claim() -> Claim {
+        Claim {
+            hostname: "web-1".into(),
+            command: vec!["httpd".into(), "-f".into()],
+            env: vec![("A".into(), "b c".into())],
+            workdir: Some("/srv".into()),
+            user: Some("app".into()),
+            ports: vec![80],
+            now_unix_ms: 1_700_000_000_123,
+            entropy: "00ff".into(),
+        }
+    }
 
     #[test]
     fn wire_format_is_stable() {
@@ -208,6 +401,18 @@ mod tests {
                 state: GuestState::Ready { boot_ms: 5 }
             }),
             b"{\"type\":\"status\",\"state\":{\"phase\":\"ready\",\"boot_ms\":5}}\n"
+        );
+        assert_eq!(
+            encode_line(&GuestMessage::Status {
+                state: GuestState::Idle
+            }),
+            b"{\"type\":\"status\",\"state\":{\"phase\":\"idle\"}}\n"
+        );
+        assert_eq!(
+            String::from_utf8(encode_line(&HostMessage::Claim(Box::new(claim())))).unwrap(),
+            "{\"type\":\"claim\",\"hostname\":\"web-1\",\"command\":[\"httpd\",\"-f\"],\
+             \"env\":[[\"A\",\"b c\"]],\"workdir\":\"/srv\",\"user\":\"app\",\"ports\":[80],\
+             \"now_unix_ms\":1700000000123,\"entropy\":\"00ff\"}\n"
         );
     }
 
@@ -231,6 +436,9 @@ mod tests {
                 state: GuestState::Starting,
             },
             GuestMessage::Status {
+                state: GuestState::Idle,
+            },
+            GuestMessage::Status {
                 state: GuestState::Exited {
                     boot_ms: None,
                     status: ExitStatus::Code(1),
@@ -244,14 +452,93 @@ mod tests {
         for m in msgs {
             assert_eq!(decode_line::<GuestMessage>(&encode_line(&m)).unwrap(), m);
         }
-        for m in [HostMessage::Status, HostMessage::Shutdown] {
+        for m in [
+            HostMessage::Status,
+            HostMessage::Shutdown,
+            HostMessage::Claim(Box::new(claim())),
+        ] {
             assert_eq!(decode_line::<HostMessage>(&encode_line(&m)).unwrap(), m);
         }
     }
 
     #[test]
+    fn a_claim_carries_the_workload_of_a_config_and_gives_it_back() {
+        let base = GuestConfig {
+            machine_id: "m-1".into(),
+            hostname: "prepared-placeholder".into(),
+            network: None,
+            command: vec![],
+            env: vec![],
+            workdir: None,
+            ports: vec![],
+            user: None,
+            prepared: true,
+        };
+        let wanted = GuestConfig {
+            hostname: "web-1".into(),
+            command: vec!["httpd".into(), "-f".into()],
+            env: vec![("A".into(), "b c".into())],
+            workdir: Some("/srv".into()),
+            ports: vec![80],
+            user: Some("app".into()),
+            prepared: false,
+            ..base.clone()
+        };
+        let c = Claim::from_config(&wanted, 1_700_000_000_123, "00ff".into());
+        assert_eq!(c, claim());
+        assert_eq!(c.workload_config(&base), wanted);
+    }
+
+    #[test]
+    fn claim_entropy_is_fresh_hex_of_the_declared_size() {
+        let a = claim_entropy().unwrap();
+        let b = claim_entropy().unwrap();
+        assert_eq!(hex::decode(&a).unwrap().len(), CLAIM_ENTROPY_BYTES);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn lines_are_bounded_per_direction() {
+        // A claim as large as a config disk may be goes through; the guest's lines stay
+        // small.
+        let mut big = claim();
+        big.env = vec![("BIG".into(), "x".repeat(MAX_CONFIG_JSON - 1024))];
+        let line = encode_line_checked(&HostMessage::Claim(Box::new(big.clone()))).unwrap();
+        assert!(line.len() > MAX_GUEST_LINE);
+        assert_eq!(
+            decode_line::<HostMessage>(&line).unwrap(),
+            HostMessage::Claim(Box::new(big.clone()))
+        );
+        assert!(matches!(
+            decode_line::<GuestMessage>(&line),
+            Err(ProtocolError::LineTooLong {
+                max: MAX_GUEST_LINE,
+                ..
+            })
+        ));
+
+        // One byte over the host bound is refused before sending, naming its size.
+        let overhead = encode_line(&HostMessage::Claim(Box::new(Claim {
+            env: vec![("BIG".into(), String::new())],
+            ..claim()
+        })))
+        .len()
+            - 1;
+        big.env = vec![("BIG".into(), "x".repeat(MAX_HOST_LINE - overhead + 1))];
+        let err = encode_line_checked(&HostMessage::Claim(Box::new(big))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtocolError::LineTooLong { len, max: MAX_HOST_LINE } if len == MAX_HOST_LINE + 1
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&(MAX_HOST_LINE + 1).to_string()));
+    }
+
+    #[test]
     fn splitter_handles_partial_and_oversized_lines() {
-        let mut s = LineSplitter::default();
+        let mut s = LineSplitter::for_messages::<HostMessage>();
         s.push(b"{\"type\":\"sta");
         assert!(s.next_line().is_none());
         s.push(b"tus\"}\n{\"type\":\"shutdown\"}\n");
@@ -263,17 +550,57 @@ mod tests {
             HostMessage::Shutdown
         );
         assert!(s.next_line().is_none());
-        s.push(&vec![b'x'; MAX_LINE + 1]);
+
+        // An oversized line is reported once; its tail, arriving later, is skipped up to
+        // its newline, and the next line comes through whole.
+        let mut s = LineSplitter::new(20);
+        s.push(&[b'x'; 21]);
         assert!(matches!(
             s.next_line(),
-            Some(Err(ProtocolError::LineTooLong))
+            Some(Err(ProtocolError::LineTooLong { len: 21, max: 20 }))
         ));
         assert!(s.next_line().is_none());
+        s.push(b"xxxx");
+        assert!(s.next_line().is_none());
+        s.push(b"xx\n{\"type\":\"status\"}\n");
+        assert_eq!(s.next_line().unwrap().unwrap(), b"{\"type\":\"status\"}");
+        assert!(s.next_line().is_none());
+
+        // A line that arrives whole but too long is an error too; what follows is kept.
+        s.push(b"0123456789abcdefghijk\nok\n");
+        assert!(matches!(
+            s.next_line(),
+            Some(Err(ProtocolError::LineTooLong { len: 21, max: 20 }))
+        ));
+        assert_eq!(s.next_line().unwrap().unwrap(), b"ok");
+    }
+
+    #[test]
+    fn a_large_line_arriving_in_pieces_is_searched_once() {
+        let mut s = LineSplitter::for_messages::<HostMessage>();
+        let line = encode_line(&HostMessage::Claim(Box::new(Claim {
+            env: vec![("BIG".into(), "y".repeat(MAX_CONFIG_JSON / 2))],
+            ..claim()
+        })));
+        for chunk in line.chunks(4096) {
+            s.push(chunk);
+            if chunk.last() != Some(&b'\n') {
+                assert!(s.next_line().is_none());
+                assert_eq!(s.scanned, s.buf.len());
+            }
+        }
+        let got = s.next_line().unwrap().unwrap();
+        assert_eq!(got.len() + 1, line.len());
+        assert!(matches!(
+            decode_line::<HostMessage>(&got).unwrap(),
+            HostMessage::Claim(_)
+        ));
     }
 
     #[test]
     fn garbage_is_an_error() {
         assert!(decode_line::<HostMessage>(b"hello").is_err());
         assert!(decode_line::<HostMessage>(b"{\"type\":\"reboot\"}").is_err());
+        assert!(decode_line::<HostMessage>(b"{\"type\":\"claim\"}").is_err());
     }
 }

@@ -9,6 +9,9 @@
 //! Either way there is one conversation at a time and the daemon may go away at any
 //! moment, so every operation opens its own connection, asks the guest for its state, and
 //! relies only on the answer (never on an event it may have missed while disconnected).
+//! A claim is asked the same way: the guest answers a `Claim` with its state, and starts
+//! the claim's workload only when it was `Idle`, so the claim is simply sent again on
+//! every (re)connect.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,7 +23,8 @@ use tokio::time::Instant;
 
 use super::{GuestReady, ReadyError, VmmProcess, pidfd};
 use crate::guest::protocol::{
-    GuestMessage, GuestState, HostMessage, MAX_LINE, decode_line, encode_line,
+    Claim, GuestMessage, GuestState, HostMessage, MAX_GUEST_LINE, ProtocolError, decode_line,
+    encode_line, encode_line_checked,
 };
 
 /// Pause between connection attempts while QEMU has not created the socket yet.
@@ -189,8 +193,13 @@ impl AgentConnection {
 
     /// Sends one message.
     pub async fn send(&mut self, msg: HostMessage) -> Result<(), AgentError> {
+        self.send_line(&encode_line(&msg)).await
+    }
+
+    /// Sends one encoded message (a claim is encoded, and its size checked, once).
+    async fn send_line(&mut self, line: &[u8]) -> Result<(), AgentError> {
         self.writer
-            .write_all(&encode_line(&msg))
+            .write_all(line)
             .await
             .map_err(|source| AgentError::Io {
                 path: self.path.clone(),
@@ -203,7 +212,7 @@ impl AgentConnection {
         loop {
             self.line.clear();
             let n = (&mut self.reader)
-                .take(MAX_LINE as u64 + 1)
+                .take(MAX_GUEST_LINE as u64 + 1)
                 .read_until(b'\n', &mut self.line)
                 .await
                 .map_err(|source| AgentError::Io {
@@ -273,8 +282,11 @@ pub async fn request_shutdown(mut link: AgentLink, timeout: Duration) -> Result<
         })?
 }
 
-/// What a state means for a readiness wait: done, failed, or keep waiting.
-fn judge(state: &GuestState) -> Option<Result<GuestReady, ReadyError>> {
+/// What a state means for a wait: done, failed, or keep waiting (`None`).
+type Judge<T> = fn(&GuestState) -> Option<Result<T, ReadyError>>;
+
+/// What a state means for a readiness wait.
+fn judge_ready(state: &GuestState) -> Option<Result<GuestReady, ReadyError>> {
     match state {
         GuestState::Ready { boot_ms } => Some(Ok(GuestReady {
             boot_ms: *boot_ms,
@@ -295,16 +307,86 @@ fn judge(state: &GuestState) -> Option<Result<GuestReady, ReadyError>> {
             error: error.clone(),
         })),
         GuestState::ShuttingDown => Some(Err(ReadyError::ShuttingDown)),
+        // Without a claim it never will be.
+        GuestState::Idle => Some(Err(ReadyError::Unclaimed)),
         GuestState::Starting => None,
+    }
+}
+
+/// What a state means for a claim's wait: as for readiness, except that `Idle` is the
+/// guest's word from before it read the claim (sent unasked on connect).
+fn judge_claimed(state: &GuestState) -> Option<Result<GuestReady, ReadyError>> {
+    match state {
+        GuestState::Idle => None,
+        other => judge_ready(other),
+    }
+}
+
+/// What a state means for a prepared guest's boot: `Idle` is done; a workload, claimed or
+/// not, means this is not an idle prepared guest.
+fn judge_idle(state: &GuestState) -> Option<Result<(), ReadyError>> {
+    match state {
+        GuestState::Idle => Some(Ok(())),
+        GuestState::Starting | GuestState::Ready { .. } | GuestState::Exited { .. } => {
+            Some(Err(ReadyError::NotIdle {
+                state: format!("{state:?}"),
+            }))
+        }
+        GuestState::Failed { error } => Some(Err(ReadyError::GuestFailed {
+            error: error.clone(),
+        })),
+        GuestState::ShuttingDown => Some(Err(ReadyError::ShuttingDown)),
     }
 }
 
 /// Waits for readiness; see [`super::VmmDriver::wait_ready`].
 pub async fn wait_ready(
     process: &VmmProcess,
-    mut link: AgentLink,
+    link: AgentLink,
     timeout: Duration,
 ) -> Result<GuestReady, ReadyError> {
+    let status = encode_line(&HostMessage::Status);
+    wait_for(process, link, timeout, &status, judge_ready).await
+}
+
+/// Waits for a prepared guest to be idle; see [`super::VmmDriver::wait_idle`].
+pub async fn wait_idle(
+    process: &VmmProcess,
+    link: AgentLink,
+    timeout: Duration,
+) -> Result<(), ReadyError> {
+    let status = encode_line(&HostMessage::Status);
+    wait_for(process, link, timeout, &status, judge_idle).await
+}
+
+/// Claims a prepared guest and waits for readiness; see [`super::VmmDriver::claim`].
+pub async fn claim(
+    process: &VmmProcess,
+    link: AgentLink,
+    claim: &Claim,
+    timeout: Duration,
+) -> Result<GuestReady, ReadyError> {
+    let line =
+        encode_line_checked(&HostMessage::Claim(Box::new(claim.clone()))).map_err(|e| match e {
+            ProtocolError::LineTooLong { len, max } => ReadyError::ClaimTooLarge { len, max },
+            // Encoding does not parse: only a too long line can be refused.
+            ProtocolError::Json(e) => ReadyError::GuestFailed {
+                error: format!("claim not encodable: {e}"),
+            },
+        })?;
+    wait_for(process, link, timeout, &line, judge_claimed).await
+}
+
+/// The wait shared by readiness, idleness and claims: sends `hello` on every connection
+/// and follows the guest's state until `judge` decides, the VMM exits, or `timeout`
+/// passes.
+async fn wait_for<T>(
+    process: &VmmProcess,
+    mut link: AgentLink,
+    timeout: Duration,
+    hello: &[u8],
+    judge: Judge<T>,
+) -> Result<T, ReadyError> {
     let deadline = Instant::now() + timeout;
     let exited = || ReadyError::VmmExited {
         pid: process.pid,
@@ -317,20 +399,23 @@ pub async fn wait_ready(
     let mut last_state = String::from("no answer from the guest agent");
     tokio::select! {
         _ = pidfd::wait_exit(&fd) => Err(exited()),
-        r = tokio::time::timeout_at(deadline, poll_ready(&mut link, deadline, &mut last_state)) => match r {
+        r = tokio::time::timeout_at(deadline, follow(&mut link, deadline, hello, judge, &mut last_state)) => match r {
             Ok(r) => r,
             Err(_) => Err(ReadyError::Timeout { after: timeout, last_state: last_state.clone() }),
         },
     }
 }
 
-/// The agent side of [`wait_ready`]: (re)connects, asks for the state, and follows the
-/// messages until the state decides the wait.
-async fn poll_ready(
+/// The agent side of [`wait_for`]: (re)connects, sends `hello` (a `Status`, or the
+/// claim, which the guest answers with its state too), and follows the messages until
+/// the state decides the wait.
+async fn follow<T>(
     link: &mut AgentLink,
     deadline: Instant,
+    hello: &[u8],
+    judge: Judge<T>,
     last_state: &mut String,
-) -> Result<GuestReady, ReadyError> {
+) -> Result<T, ReadyError> {
     loop {
         let mut conn = match link.open(deadline).await {
             Ok(conn) => conn,
@@ -341,7 +426,7 @@ async fn poll_ready(
                 return std::future::pending().await;
             }
         };
-        if conn.send(HostMessage::Status).await.is_err() {
+        if conn.send_line(hello).await.is_err() {
             tokio::time::sleep(RECONNECT).await;
             continue;
         }
@@ -387,4 +472,165 @@ pub fn tail(path: &Path, max: usize) -> String {
     };
     let start = bytes.len().saturating_sub(max);
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::protocol::{CLAIM_ENTROPY_BYTES, ExitStatus, MAX_HOST_LINE};
+    use crate::vmm::procfs;
+
+    /// This test process, recorded like a VMM: the waits watch its pidfd.
+    fn this_process(agent_socket: PathBuf) -> VmmProcess {
+        let pid = std::process::id() as i32;
+        VmmProcess {
+            driver: "qemu".into(),
+            pid,
+            start_time: procfs::stat(pid).unwrap().start_time,
+            boot_id: procfs::boot_id(),
+            control_socket: agent_socket.with_file_name("qmp.sock"),
+            agent_socket,
+        }
+    }
+
+    fn claim() -> Claim {
+        Claim {
+            hostname: "web-1".into(),
+            command: vec!["httpd".into()],
+            env: vec![],
+            workdir: None,
+            user: None,
+            ports: vec![80],
+            now_unix_ms: 1,
+            entropy: "00".repeat(CLAIM_ENTROPY_BYTES),
+        }
+    }
+
+    #[test]
+    fn idle_means_waiting_for_a_claim_and_done_for_a_prepared_boot() {
+        assert!(judge_claimed(&GuestState::Idle).is_none());
+        assert!(judge_claimed(&GuestState::Starting).is_none());
+        assert!(matches!(
+            judge_claimed(&GuestState::Ready { boot_ms: 3 }),
+            Some(Ok(GuestReady { boot_ms: 3, .. }))
+        ));
+        assert!(matches!(
+            judge_ready(&GuestState::Idle),
+            Some(Err(ReadyError::Unclaimed))
+        ));
+        assert!(matches!(judge_idle(&GuestState::Idle), Some(Ok(()))));
+        for busy in [
+            GuestState::Starting,
+            GuestState::Ready { boot_ms: 1 },
+            GuestState::Exited {
+                boot_ms: None,
+                status: ExitStatus::Code(0),
+            },
+        ] {
+            assert!(
+                matches!(judge_idle(&busy), Some(Err(ReadyError::NotIdle { .. }))),
+                "{busy:?}"
+            );
+        }
+        assert!(matches!(
+            judge_idle(&GuestState::ShuttingDown),
+            Some(Err(ReadyError::ShuttingDown))
+        ));
+        assert!(matches!(
+            judge_idle(&GuestState::Failed { error: "x".into() }),
+            Some(Err(ReadyError::GuestFailed { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_claim_is_refused_before_anything_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nobody listens there: a claim that tried to send would wait out its timeout.
+        let process = this_process(dir.path().join("agent.sock"));
+        let mut big = claim();
+        big.env = vec![("BIG".into(), "x".repeat(MAX_HOST_LINE))];
+        let t = std::time::Instant::now();
+        let err = super::claim(
+            &process,
+            AgentLink::for_process(&process),
+            &big,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        match err {
+            ReadyError::ClaimTooLarge { len, max } => {
+                assert!(len > MAX_HOST_LINE);
+                assert_eq!(max, MAX_HOST_LINE);
+                assert!(err.to_string().contains(&len.to_string()), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A stand-in for the guest init's side of a claim: greets with its state, starts a
+    /// workload only from Idle, answers every claim with its state, and becomes Ready.
+    /// The first connection breaks right after the claim arrives (before any answer).
+    /// Returns how many claims arrived and how many workloads started.
+    async fn fake_guest(listener: UnixListener, connections: usize) -> (usize, usize) {
+        let mut state = GuestState::Idle;
+        let (mut claims, mut starts) = (0, 0);
+        for n in 0..connections {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut r = BufReader::new(r);
+            let greet = GuestMessage::Status {
+                state: state.clone(),
+            };
+            w.write_all(&encode_line(&greet)).await.unwrap();
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).await.unwrap();
+            let HostMessage::Claim(_) = decode_line::<HostMessage>(&line).unwrap() else {
+                panic!("expected a claim");
+            };
+            claims += 1;
+            if state == GuestState::Idle {
+                starts += 1;
+                state = GuestState::Starting;
+            }
+            if n == 0 {
+                continue;
+            }
+            // A host that already knows (the greeting said Ready) may be gone: the
+            // answers are best effort, as the init's are.
+            let answer = GuestMessage::Status {
+                state: state.clone(),
+            };
+            let _ = w.write_all(&encode_line(&answer)).await;
+            state = GuestState::Ready { boot_ms: 42 };
+            let _ = w
+                .write_all(&encode_line(&GuestMessage::Ready { boot_ms: 42 }))
+                .await;
+            // Keep the connection until the host has read and gone.
+            let _ = r.read_until(b'\n', &mut line).await;
+        }
+        (claims, starts)
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_resent_on_reconnect_and_a_retry_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let process = this_process(sock);
+        let guest = tokio::spawn(fake_guest(listener, 3));
+        let link = || AgentLink::for_process(&process);
+        let first = super::claim(&process, link(), &claim(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(first.boot_ms, 42);
+        // A retry (a host that lost the first answer) finds the guest Ready.
+        let again = super::claim(&process, link(), &claim(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+        let (claims, starts) = guest.await.unwrap();
+        assert_eq!((claims, starts), (3, 1));
+    }
 }

@@ -15,7 +15,10 @@
 //! ```
 //!
 //! Beyond the life cycle, the contract has pause/resume and snapshots (written to files
-//! under the machine directory, loaded into a fresh process), for prepared capacity.
+//! under the machine directory, loaded into a fresh process), for prepared capacity, and
+//! the prepared guest's life: launched with a config that says `prepared`, it reports
+//! Idle (`wait_idle`) and may be paused; resumed, it is given its workload (`claim`) and
+//! reports Ready like any guest.
 //!
 //! **Architecture invariant:** the driver set is a closed enum ([`VmmDriver`]) matched
 //! exhaustively: every operation says what each driver does, including "unsupported".
@@ -38,7 +41,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::kit::GuestKit;
-use crate::guest::protocol::{ExitStatus, GuestState};
+use crate::guest::protocol::{Claim, ExitStatus, GuestState};
 
 pub use accel::Accel;
 pub use agent::{AgentError, AgentLink};
@@ -257,6 +260,23 @@ pub enum ReadyError {
     /// The guest is shutting down.
     #[error("the guest is shutting down")]
     ShuttingDown,
+    /// A prepared guest waits for a claim: it is not going to be ready by itself.
+    #[error("the guest is prepared and idle: it has not been claimed")]
+    Unclaimed,
+    /// A prepared guest was expected idle, but it runs (or ran) a workload.
+    #[error("the guest is not idle: {state}")]
+    NotIdle {
+        /// The state it reported.
+        state: String,
+    },
+    /// A claim larger than the guest accepts; refused before anything was sent.
+    #[error("the claim is {len} bytes encoded, more than the {max} a guest accepts")]
+    ClaimTooLarge {
+        /// Its encoded size.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
 }
 
 /// Why a VMM could not be stopped.
@@ -381,6 +401,44 @@ impl VmmDriver {
                 agent::wait_ready(process, AgentLink::for_process(process), timeout).await
             }
             VmmDriver::Firecracker(f) => f.wait_ready(process, timeout).await,
+        }
+    }
+
+    /// Waits until a prepared guest (its config says `prepared`) reports Idle: booted,
+    /// network up, waiting for a claim. Ends early when the VMM exits, and with an error
+    /// when the guest runs a workload (`NotIdle`), failed, or shuts down. Safe to call
+    /// again at any time, like [`VmmDriver::wait_ready`].
+    pub async fn wait_idle(
+        &self,
+        process: &VmmProcess,
+        timeout: Duration,
+    ) -> Result<(), ReadyError> {
+        agent::wait_idle(process, self.agent_link(process), timeout).await
+    }
+
+    /// Claims a prepared guest: sends it `claim` (hostname, workload, wall clock,
+    /// entropy) and waits for readiness as [`VmmDriver::wait_ready`] does. The guest must
+    /// run (resume a paused one first), or the wait runs into `timeout`.
+    ///
+    /// Idempotent: only an Idle guest starts the claim's workload; a guest already
+    /// claimed answers with its state, so a retry (after a daemon restart, say) just
+    /// waits for readiness again and never starts a second workload. A claim whose
+    /// encoding exceeds what the guest accepts is refused before sending
+    /// (`ClaimTooLarge`).
+    pub async fn claim(
+        &self,
+        process: &VmmProcess,
+        claim: &Claim,
+        timeout: Duration,
+    ) -> Result<GuestReady, ReadyError> {
+        agent::claim(process, self.agent_link(process), claim, timeout).await
+    }
+
+    /// The agent link of a process, as its driver reaches it.
+    fn agent_link(&self, process: &VmmProcess) -> AgentLink {
+        match self {
+            VmmDriver::Qemu(_) => AgentLink::for_process(process),
+            VmmDriver::Firecracker(f) => f.agent_link(process),
         }
     }
 

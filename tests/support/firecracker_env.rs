@@ -153,6 +153,7 @@ pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> 
             workdir: None,
             ports: vec![],
             user: None,
+            prepared: false,
         },
     )
     .expect("config disk");

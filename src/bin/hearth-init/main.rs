@@ -5,7 +5,9 @@
 //! agent channel the kernel command line names (virtio-serial port, or vsock), finds the
 //! config disk and the root disk, switches into the root disk, sets the hostname and the
 //! network, reports Ready to the host and runs the workload, then serves the agent
-//! protocol until the host asks it to shut down (or Ctrl-Alt-Del is pressed).
+//! protocol until the host asks it to shut down (or Ctrl-Alt-Del is pressed). A prepared
+//! guest (`GuestConfig::prepared`) stops after the network, reports Idle and runs the
+//! workload a host's claim brings ([`claim`], [`supervise`]).
 //!
 //! **Invariant: it never exits.** PID 1 exiting panics the kernel. Every error, and every
 //! panic, ends in [`fatal`]: the error goes to the agent channel (if open) and the
@@ -17,6 +19,7 @@
 
 mod agent;
 mod boot;
+mod claim;
 mod cmdline;
 mod console;
 mod disks;
@@ -31,6 +34,9 @@ use hearth::guest::{INITRAMFS_MODULE_DIR, PROBE_CMDLINE_FLAG, PROBE_READY_LINE};
 
 /// How long the devices the host attached may take to appear after their modules load.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// Most characters of a fatal error shown on the console and sent to the host (it may
+/// quote what the host sent).
+const MAX_ERROR_CHARS: usize = 4096;
 
 fn main() {
     let mut port: Option<agent::Agent> = None;
@@ -65,7 +71,7 @@ enum InitError {
     Net(#[from] net::NetError),
     #[error("supervisor: {0}")]
     Supervise(#[from] supervise::SuperviseError),
-    #[error("hostname {hostname:?}: {source}")]
+    #[error("hostname {hostname}: {source}")]
     Hostname {
         hostname: String,
         source: nix::errno::Errno,
@@ -88,8 +94,9 @@ fn run(port: &mut Option<agent::Agent>) -> Result<std::convert::Infallible, Init
     let found = disks::find(deadline)?;
     boot::switch_root(&found.root)?;
     let config = found.config;
+    // A prepared guest's is a placeholder until its claim names the machine.
     nix::unistd::sethostname(&config.hostname).map_err(|source| InitError::Hostname {
-        hostname: config.hostname.clone(),
+        hostname: console::shown(&config.hostname),
         source,
     })?;
     net::configure(config.network.as_ref(), deadline)?;
@@ -98,9 +105,10 @@ fn run(port: &mut Option<agent::Agent>) -> Result<std::convert::Infallible, Init
 
 /// Reports a fatal error wherever it can be seen, then halts the machine.
 fn fatal(port: Option<&mut agent::Agent>, error: &str) -> ! {
+    let error = console::bounded(error, MAX_ERROR_CHARS);
     console::line(&format!("hearth-init: fatal: {error}"));
     if let Some(port) = port {
-        port.report_fatal(error);
+        port.report_fatal(&error);
     }
     boot::halt()
 }

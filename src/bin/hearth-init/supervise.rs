@@ -1,6 +1,13 @@
 //! After boot: runs the workload, reaps every process that ends up as the init's child,
 //! serves the agent protocol, and carries out a shutdown.
 //!
+//! A prepared guest (`GuestConfig::prepared`) enters the same loop `Idle`, with no
+//! workload; the first `Claim` it receives while `Idle` sets the clock, the entropy and
+//! the hostname ([`crate::claim`]) and starts the claim's workload exactly as a normal boot
+//! starts the config's, and the guest goes on as `Starting`. A claim in any other state
+//! starts nothing and is answered with the state, so a retried claim never starts a
+//! second workload.
+//!
 //! One `poll` loop over a signalfd (`SIGCHLD`, `SIGIO`, `SIGINT`) and the agent channel.
 //! It never blocks on the host: the channel is non-blocking and only polled while a host
 //! is there (or, over vsock, while a connect is in flight); without one the loop wakes
@@ -24,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hearth::guest::config::GuestConfig;
-use hearth::guest::protocol::{ExitStatus, GuestMessage, GuestState, HostMessage};
+use hearth::guest::protocol::{Claim, ExitStatus, GuestMessage, GuestState, HostMessage};
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -35,6 +42,7 @@ use nix::unistd::Pid;
 
 use crate::agent::Agent;
 use crate::boot;
+use crate::claim::{self, ClaimError};
 
 /// Where the workload's stdout and stderr go (on the root disk, not the slow console).
 pub const WORKLOAD_LOG: &str = "/var/log/hearth-workload.log";
@@ -50,6 +58,8 @@ const KILL_REAP_LIMIT: Duration = Duration::from_secs(2);
 pub enum SuperviseError {
     #[error("signal setup: {0}")]
     Signals(Errno),
+    #[error("{0}")]
+    Claim(#[from] ClaimError),
 }
 
 /// Where a shutdown stands.
@@ -61,8 +71,9 @@ enum Shutdown {
     Killing(Instant),
 }
 
-/// Starts the workload, reports Ready once its declared ports listen, and serves until
-/// shutdown. Never returns except with a setup error.
+/// Starts the workload (a prepared guest: waits for a claim to bring one), reports Ready
+/// once its declared ports listen, and serves until shutdown. Never returns except with a
+/// setup error or a claim the guest cannot take.
 pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, SuperviseError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
@@ -75,19 +86,12 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
 
     // The host may have connected before the port was opened.
     port.refresh();
-    let mut state = GuestState::Starting;
-    let mut workload = None;
-    match spawn_workload(config) {
-        Ok(pid) => workload = pid,
-        Err(status) => {
-            state = GuestState::Exited {
-                boot_ms: None,
-                status,
-            };
-            port.send(&GuestMessage::Exited { status });
-        }
-    }
-    let mut readiness = Readiness::new(&config.ports);
+    let (mut state, mut workload, mut readiness) = if config.prepared {
+        (GuestState::Idle, None, Readiness::new(&[]))
+    } else {
+        let (state, workload) = start(port, config);
+        (state, workload, Readiness::new(&config.ports))
+    };
     let mut shutdown = Shutdown::None;
 
     loop {
@@ -130,6 +134,8 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
         if let Some(status) = exited {
             workload = None;
             state = match state {
+                // Not reached: an Idle guest has no workload whose exit this could be.
+                GuestState::Idle => GuestState::Idle,
                 GuestState::Starting => GuestState::Exited {
                     boot_ms: None,
                     status,
@@ -155,6 +161,15 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
             match msg {
                 HostMessage::Status => port.send_state(&state),
                 HostMessage::Shutdown => begin_shutdown(port, &mut state, &mut shutdown),
+                HostMessage::Claim(c) => {
+                    // Only an Idle guest takes a claim (a Shutdown has left Idle).
+                    if matches!(state, GuestState::Idle) {
+                        let config = take_claim(&c, config)?;
+                        (state, workload) = start(port, &config);
+                        readiness = Readiness::new(&config.ports);
+                    }
+                    port.send_state(&state);
+                }
             }
         }
         port.flush();
@@ -171,6 +186,39 @@ pub fn run(port: &mut Agent, config: &GuestConfig) -> Result<Infallible, Supervi
             other => other,
         };
     }
+}
+
+/// Starts `config`'s workload: `Starting` with its pid, or `Exited` (told to the host)
+/// when it cannot be started.
+fn start(port: &mut Agent, config: &GuestConfig) -> (GuestState, Option<Pid>) {
+    match spawn_workload(config) {
+        Ok(pid) => (GuestState::Starting, pid),
+        Err(status) => {
+            port.send(&GuestMessage::Exited { status });
+            (
+                GuestState::Exited {
+                    boot_ms: None,
+                    status,
+                },
+                None,
+            )
+        }
+    }
+}
+
+/// Makes the guest the claimed machine (clock, entropy, hostname) and returns the config
+/// it would have booted with for the claim's workload. What failed without stopping the
+/// claim goes to the workload log.
+fn take_claim(c: &Claim, prepared: &GuestConfig) -> Result<GuestConfig, ClaimError> {
+    let notes = claim::prepare(c)?;
+    if !notes.is_empty()
+        && let Some(mut log) = open_log()
+    {
+        for note in notes {
+            let _ = writeln!(log, "hearth-init: {note}");
+        }
+    }
+    Ok(c.workload_config(prepared))
 }
 
 /// A stop request (the host's `Shutdown`, or Ctrl-Alt-Del): acknowledged with
@@ -198,8 +246,12 @@ impl Readiness {
     const LONGEST: Duration = Duration::from_millis(250);
 
     fn new(ports: &[u16]) -> Readiness {
+        // Each port once: a claim's list is as long as the host made it.
+        let mut ports = ports.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
         Readiness {
-            ports: ports.to_vec(),
+            ports,
             interval: Self::FIRST,
         }
     }

@@ -80,7 +80,7 @@ impl Agent {
         Ok(Agent {
             link,
             greeted: false,
-            lines: LineSplitter::default(),
+            lines: LineSplitter::for_messages::<HostMessage>(),
             outbox: Vec::new(),
         })
     }
