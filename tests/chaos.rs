@@ -184,6 +184,7 @@ fn reachable_without_a_guest(point: &str) -> bool {
     match (parts.next(), parts.next()) {
         (Some("create" | "stop" | "destroy"), Some(step)) => UP_TO_READY.contains(&step),
         (Some("ip_pool" | "rootfs_cache" | "tap_allocator"), _) => true,
+        // A pool's machines wait for an idle guest, which needs a guest that boots.
         _ => false,
     }
 }
@@ -204,9 +205,177 @@ async fn wait_for_ready_step(client: &mut Client, id: &str) {
     }
 }
 
+/// The points a prepared-capacity pool crosses: building a prepared machine
+/// (`prepare.*`, `pools.refill.*`) and claiming one (`claim.*`, `pools.claim.*`).
+fn pool_point(point: &str) -> bool {
+    point.starts_with("prepare.") || point.starts_with("claim.") || point.starts_with("pools.")
+}
+
+/// A pool case: the daemon has a pool of one. A refill point is armed from the start and
+/// converges when the pool holds one ready machine; a claim point is armed after the pool
+/// is full and converges when the claiming create (retried with the same request id after
+/// a crash) is started. Either way a create then claims, nothing was claimed twice (one
+/// claimed record, one VMM per machine), and after the pool is drained nothing is left.
+async fn run_pool_case(point: String, mode: Mode) -> Row {
+    let mut row = Row {
+        point: point.clone(),
+        mode,
+        crashed: false,
+        converged: false,
+        leaks: Vec::new(),
+        seconds: 0.0,
+        error: None,
+    };
+    let refill = point.starts_with("prepare.") || point.starts_with("pools.refill");
+    let fail_env = format!("{point}={}", mode.action());
+    let env = [("FAILPOINTS", fail_env.as_str())];
+    let mut daemon = Daemon::prepare(&support::demo_pool("p", 1));
+    let clock = Instant::now();
+    let fill = Duration::from_secs(240);
+    if refill {
+        daemon.spawn_with_env(&env);
+        if mode == Mode::Kill {
+            row.crashed = daemon.wait_exit(Duration::from_secs(240)).await;
+            if !row.crashed {
+                row.error = Some("the fail point was never reached".into());
+                return row;
+            }
+            daemon.spawn();
+        }
+    } else {
+        daemon.spawn();
+        let mut client = daemon.client().await;
+        support::wait_pool(&mut client, "p", 1, fill).await;
+        daemon.kill();
+        daemon.spawn_with_env(&env);
+    }
+    let mut client = daemon.client().await;
+    if refill {
+        support::wait_pool(&mut client, "p", 1, fill).await;
+    }
+    let request = support::demo_request("chaos-claim", "claimed", &[]);
+    let answer = client.machines.create_machine(request.clone()).await;
+    let m = match answer {
+        Ok(m) => m.into_inner(),
+        Err(status) => {
+            // The claim is durable before the crash point; a retry finds it.
+            if mode == Mode::Kill {
+                assert!(
+                    daemon.wait_exit(Duration::from_secs(120)).await,
+                    "no answer and no crash: {status:?}"
+                );
+                daemon.spawn();
+                client = daemon.client().await;
+            }
+            row.crashed = true;
+            client
+                .machines
+                .create_machine(request)
+                .await
+                .expect("create retried after the crash")
+                .into_inner()
+        }
+    };
+    if mode == Mode::Kill && !row.crashed {
+        row.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
+        if !row.crashed {
+            row.error = Some("the fail point was never reached".into());
+            return row;
+        }
+        daemon.spawn();
+        client = daemon.client().await;
+    }
+    let reply = client
+        .machines
+        .wait_machine(pb::WaitMachineRequest {
+            id: m.id.clone(),
+            state: pb::MachineState::Started as i32,
+            timeout_ms: 180_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner();
+    row.converged = reply.reached;
+    row.seconds = clock.elapsed().as_secs_f64();
+    if !row.converged {
+        let now = support::get_machine(&mut client, &m.id).await;
+        row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
+    }
+    if mode == Mode::Panic && !row.crashed {
+        let restarts = support::node(&mut client).await.singleton_restarts;
+        let mut events = client
+            .machines
+            .watch_events(pb::WatchEventsRequest {
+                machine_id: String::new(),
+                after_seq: 0,
+            })
+            .await
+            .expect("events")
+            .into_inner();
+        row.crashed = restarts > 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !row.crashed
+            && let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, events.message()).await
+        {
+            row.crashed = event.message.contains("restarted after a crash");
+        }
+    }
+    // Never two claims of one prepared machine: one claimed record (the create's), and
+    // one VMM per machine that has one.
+    let records = support::all_machines(&mut client).await;
+    let claimed: Vec<&pb::Machine> = records.iter().filter(|r| r.claimed).collect();
+    if claimed.len() != 1 || claimed[0].id != m.id {
+        row.leaks.push(format!(
+            "claimed records: {:?}",
+            claimed.iter().map(|r| &r.id).collect::<Vec<_>>()
+        ));
+    }
+    let with_vmm = records.iter().filter(|r| r.vmm_pid != 0).count();
+    let running = daemon.processes().len();
+    if running != with_vmm {
+        row.leaks.push(format!(
+            "{running} VMM processes for {with_vmm} machines with a VMM"
+        ));
+    }
+    let audit = support::audit(&mut client).await;
+    row.leaks.extend(
+        audit
+            .leaks
+            .iter()
+            .map(|f| format!("leak {}: {}", f.name, f.why)),
+    );
+    row.leaks.extend(
+        audit
+            .missing
+            .iter()
+            .map(|f| format!("missing {}: {}", f.name, f.why)),
+    );
+    destroy(&mut client, &m.id).await;
+    // Drain: a daemon without the pool destroys its machines through their own runs.
+    daemon.kill();
+    daemon.rewrite_config(|text| {
+        text.split("[[pools]]")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    });
+    daemon.spawn();
+    client = daemon.client().await;
+    for r in support::all_machines(&mut client).await {
+        if r.state != pb::MachineState::Destroyed as i32 {
+            wait_for(&mut client, &r.id, pb::MachineState::Destroyed).await;
+        }
+    }
+    row.leaks.extend(leftovers(&daemon, &mut client).await);
+    row
+}
+
 /// Drives the operation of `point` so that the run crosses it, fails there, recovers,
 /// and converges; then destroys the machine and looks for leftovers.
 async fn run_case(point: String, mode: Mode, setup: Arc<Setup>) -> Row {
+    if pool_point(&point) {
+        return run_pool_case(point, mode).await;
+    }
     let operation = point.split('.').next().unwrap_or("create").to_string();
     let waiting = !setup.guest_boots && matches!(operation.as_str(), "stop" | "destroy");
     let mut daemon = Daemon::prepare(if waiting {

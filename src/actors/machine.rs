@@ -26,7 +26,7 @@
 //! exits, so a VMM that dies under a running machine is noticed at once (not at the next
 //! API call or daemon start): the decision then unpublishes it and starts it again.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
@@ -86,13 +86,7 @@ struct Running {
 /// The MachineActor.
 pub struct MachineActor;
 
-/// Wall clock in ms since the epoch (recorded for people, never used to decide).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::machine::now_ms;
 
 /// Delay before retrying a step that failed `failures` times in a row.
 fn backoff(failures: u32) -> Duration {

@@ -316,7 +316,10 @@ impl Actor for PoolManager {
         myself: ActorRef<Self::Msg>,
         services: Services,
     ) -> Result<PoolState, ActorProcessingErr> {
-        if !services.config().pools.is_empty() {
+        if services.config().pools.is_empty() {
+            // Once, for the machines of pools removed from the config.
+            myself.cast(PoolMsg::Tick)?;
+        } else {
             myself.send_interval(TICK, || PoolMsg::Tick);
         }
         Ok(PoolState {

@@ -27,3 +27,12 @@ pub mod spec;
 pub mod step;
 pub mod steps;
 pub mod workload;
+
+/// Wall clock in ms since the epoch: recorded for people and handed to a claimed guest as
+/// its time, never used to decide.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

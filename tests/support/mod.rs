@@ -85,6 +85,12 @@ impl Daemon {
         }
     }
 
+    /// Changes the config file (for the next start): `change` gets its text.
+    pub fn rewrite_config(&self, change: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(&self.config, change(text)).expect("write config");
+    }
+
     /// Starts the process (again).
     pub fn spawn(&mut self) {
         self.spawn_with_env(&[]);
@@ -323,4 +329,67 @@ pub async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
             Err(e) => return e,
         }
     }
+}
+
+/// A `[[pools]]` table for the demo image in [`demo_request`]'s shape.
+pub fn demo_pool(name: &str, size: u32) -> String {
+    format!(
+        "[[pools]]\nname = \"{name}\"\nimage = \"demo\"\nvcpus = 1\nmemory_mib = 128\nsize = {size}\n"
+    )
+}
+
+/// The status of pool `name`, as GetNode reports it.
+pub async fn pool_status(client: &mut Client, name: &str) -> pb::PoolStatus {
+    node(client)
+        .await
+        .pools
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no pool {name} in GetNode"))
+}
+
+/// Waits (up to `limit`) until pool `name` has `ready` prepared machines and none being
+/// built, re-reading its status after every machine event (a prepared machine settles
+/// with one); fails the test otherwise.
+pub async fn wait_pool(
+    client: &mut Client,
+    name: &str,
+    ready: u32,
+    limit: Duration,
+) -> pb::PoolStatus {
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: String::new(),
+            after_seq: 0,
+        })
+        .await
+        .expect("watch events")
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = pool_status(client, name).await;
+        if status.ready == ready && status.refilling == 0 {
+            return status;
+        }
+        match tokio::time::timeout_at(deadline, events.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(other) => panic!("event stream ended: {other:?}"),
+            Err(_) => panic!("pool {name} did not reach {ready} ready: {status:?}"),
+        }
+    }
+}
+
+/// Every machine record, prepared capacity and destroyed ones included.
+pub async fn all_machines(client: &mut Client) -> Vec<pb::Machine> {
+    client
+        .machines
+        .list_machines(pb::ListMachinesRequest {
+            include_destroyed: true,
+            include_prepared: true,
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .machines
 }

@@ -14,9 +14,29 @@ use crate::machine::workload::compose;
 pub const CONFIG_DISK: &str = "config.disk";
 
 /// What the guest is told. A workload the spec and the image cannot make (no command at
-/// all) is permanent.
+/// all) is permanent. A pool's prepared machine gets no workload: its guest boots, sets
+/// up its network and waits, idle, for the claim that brings one (its hostname until
+/// then is the machine id).
 pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestConfig, StepError> {
     let plan = super::network::leased_plan(cx, rec, "vm_config")?;
+    let network = Some(GuestNetwork {
+        address: plan.guest_addr,
+        prefix_len: plan.prefix_len,
+        gateway: plan.gateway,
+    });
+    if rec.pool_owner().is_some() {
+        return Ok(GuestConfig {
+            machine_id: rec.id.clone(),
+            hostname: rec.id.clone(),
+            network,
+            command: Vec::new(),
+            env: Vec::new(),
+            workdir: None,
+            ports: Vec::new(),
+            user: None,
+            prepared: true,
+        });
+    }
     // The image step records the image's own settings; a record from before that
     // (or an image kind without any) falls back to the kind's built-in defaults.
     let image = match &rec.resources.image_workload {
@@ -36,16 +56,13 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
     Ok(GuestConfig {
         machine_id: rec.id.clone(),
         hostname: rec.name.clone(),
-        network: Some(GuestNetwork {
-            address: plan.guest_addr,
-            prefix_len: plan.prefix_len,
-            gateway: plan.gateway,
-        }),
+        network,
         command: workload.argv,
         env: workload.env,
         workdir: workload.workdir,
         ports: rec.spec.ports.clone(),
         user: workload.user,
+        prepared: false,
     })
 }
 

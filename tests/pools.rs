@@ -1,0 +1,191 @@
+//! Prepared-capacity pools end to end (root, QEMU): a pool boots its machines ahead of
+//! time with idle guests in paused VMMs; creates that match it claim one, each running
+//! its own workload with its own environment; a create that finds the pool empty is a
+//! cold create counted as a miss; the pool refills; and a daemon killed with a full pool
+//! and a claimed machine re-adopts every VMM without restarting one.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use hearth::api::pb;
+use hearth::client::Client;
+use support::{Daemon, all_machines, demo_pool, demo_request, destroy, wait_for, wait_pool};
+
+/// How long a pool may take to boot its machines (TCG guests on 2 cores).
+const FILL: Duration = Duration::from_secs(240);
+
+/// A workload that serves a page naming what it was given (its env) and where it runs.
+fn serving_env(request_id: &str, who: &str) -> pb::CreateMachineRequest {
+    let script = "mkdir -p /srv/www && cd /srv/www && \
+        echo \"who=$WHO host=$(/bin/busybox hostname)\" > index.html && \
+        exec /bin/busybox httpd -f -p 80 -h /srv/www";
+    let mut request = demo_request(request_id, who, &[script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+        spec.env.insert("WHO".into(), who.into());
+    }
+    request
+}
+
+fn http_get(ip: &str, port: u16) -> String {
+    let ip: Ipv4Addr = ip.parse().expect("guest ip");
+    let mut stream =
+        TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(10))
+            .expect("connect to the guest");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+        .expect("send request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read reply");
+    reply
+}
+
+/// The pid of machine `id`'s VMM as the API reports it.
+async fn vmm_pid(client: &mut Client, id: &str) -> u32 {
+    support::get_machine(client, id).await.vmm_pid
+}
+
+/// Restarts the daemon without pools, so the pools' machines are destroyed by their own
+/// runs, and waits until every record is destroyed; then nothing may be left.
+async fn drain(daemon: &mut Daemon) {
+    daemon.kill();
+    daemon.rewrite_config(|text| {
+        text.split("[[pools]]")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    });
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    for m in all_machines(&mut client).await {
+        if m.pool.is_empty() || m.claimed {
+            continue;
+        }
+        wait_for(&mut client, &m.id, pb::MachineState::Destroyed).await;
+    }
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_claims_and_a_miss_each_serve_their_own_env_and_the_pool_refills() {
+    let mut daemon = Daemon::start_with(&demo_pool("web", 2));
+    let mut client = daemon.client().await;
+    let full = wait_pool(&mut client, "web", 2, FILL).await;
+    assert_eq!((full.claims, full.misses), (0, 0));
+    // Prepared capacity is not listed unless asked for, and its VMMs are paused.
+    let listed = client
+        .machines
+        .list_machines(pb::ListMachinesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.machines.is_empty(), "{:?}", listed.machines);
+    let prepared: Vec<pb::Machine> = all_machines(&mut client).await;
+    assert_eq!(prepared.len(), 2);
+    assert!(
+        prepared
+            .iter()
+            .all(|m| m.state == pb::MachineState::Prepared as i32 && m.pool == "web" && !m.claimed)
+    );
+
+    // Three at once: two claims, one miss (a cold create).
+    let mut creates = Vec::new();
+    for who in ["alpha", "bravo", "charlie"] {
+        let mut client = client.clone();
+        creates.push(tokio::spawn(async move {
+            client
+                .machines
+                .create_machine(serving_env(&format!("req-{who}"), who))
+                .await
+                .expect("create")
+                .into_inner()
+        }));
+    }
+    let mut machines = Vec::new();
+    for task in creates {
+        machines.push(task.await.expect("create task"));
+    }
+    let claimed: Vec<&pb::Machine> = machines.iter().filter(|m| m.claimed).collect();
+    assert_eq!(claimed.len(), 2, "{machines:#?}");
+    let prepared_ids: BTreeSet<&str> = prepared.iter().map(|m| m.id.as_str()).collect();
+    assert!(claimed.iter().all(|m| prepared_ids.contains(m.id.as_str())));
+    for m in &machines {
+        let started = wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+        let page = http_get(&started.guest_ip, 80);
+        assert!(
+            page.contains(&format!("who={} host={}", m.name, m.name)),
+            "{}: {page}",
+            m.name
+        );
+    }
+    // The pool refills behind the claims, and counts them.
+    let refilled = wait_pool(&mut client, "web", 2, FILL).await;
+    assert_eq!((refilled.claims, refilled.misses), (2, 1), "{refilled:?}");
+    assert!(refilled.last_error.is_empty(), "{refilled:?}");
+    // A claimed machine is like any other: destroying it does not return it to the pool.
+    for m in &machines {
+        destroy(&mut client, &m.id).await;
+    }
+    let after = support::pool_status(&mut client, "web").await;
+    assert_eq!(after.ready, 2, "{after:?}");
+    drain(&mut daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_keeps_its_full_pool_and_its_claimed_machine() {
+    let mut daemon = Daemon::start_with(&demo_pool("web", 2));
+    let mut client = daemon.client().await;
+    wait_pool(&mut client, "web", 2, FILL).await;
+    let claimed = client
+        .machines
+        .create_machine(serving_env("req-kept", "kept"))
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(claimed.claimed);
+    wait_for(&mut client, &claimed.id, pb::MachineState::Started).await;
+    wait_pool(&mut client, "web", 2, FILL).await;
+    let before: Vec<(String, u32, i32)> = {
+        let mut out = Vec::new();
+        for m in all_machines(&mut client).await {
+            out.push((m.id.clone(), vmm_pid(&mut client, &m.id).await, m.state));
+        }
+        out.sort();
+        out
+    };
+    assert_eq!(before.len(), 3);
+    assert!(before.iter().all(|(_, pid, _)| *pid > 0), "{before:?}");
+
+    daemon.kill();
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    wait_for(&mut client, &claimed.id, pb::MachineState::Started).await;
+    let status = wait_pool(&mut client, "web", 2, FILL).await;
+    assert_eq!(status.ready, 2);
+    let mut after = Vec::new();
+    for m in all_machines(&mut client).await {
+        after.push((m.id.clone(), vmm_pid(&mut client, &m.id).await, m.state));
+    }
+    after.sort();
+    assert_eq!(
+        before, after,
+        "the same machines, the same VMM pids, the same states"
+    );
+    let page = http_get(
+        &support::get_machine(&mut client, &claimed.id)
+            .await
+            .guest_ip,
+        80,
+    );
+    assert!(page.contains("who=kept"), "{page}");
+    destroy(&mut client, &claimed.id).await;
+    drain(&mut daemon).await;
+}
