@@ -189,3 +189,29 @@ async fn a_killed_daemon_keeps_its_full_pool_and_its_claimed_machine() {
     destroy(&mut client, &claimed.id).await;
     drain(&mut daemon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_image_cannot_be_built_reports_it_and_cold_creates_go_on() {
+    let broken = "[[pools]]\nname = \"broken\"\nimage = \"oci:/nonexistent/hearth-layout\"\nvcpus = 1\nmemory_mib = 128\nsize = 1\n";
+    let mut daemon = Daemon::start_with(broken);
+    let mut client = daemon.client().await;
+    let status =
+        support::wait_pool_until(&mut client, "broken", FILL, |s| !s.last_error.is_empty()).await;
+    assert!(
+        status.last_error.contains("nonexistent/hearth-layout"),
+        "{status:?}"
+    );
+    assert_eq!(status.ready, 0);
+    // A cold create of another image is not held up by the broken pool.
+    let cold = client
+        .machines
+        .create_machine(serving_env("req-cold", "cold"))
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(!cold.claimed);
+    let started = wait_for(&mut client, &cold.id, pb::MachineState::Started).await;
+    assert!(http_get(&started.guest_ip, 80).contains("who=cold"));
+    destroy(&mut client, &cold.id).await;
+    drain(&mut daemon).await;
+}

@@ -78,10 +78,23 @@ struct PoolMemory {
     misses: u64,
     last_refill_ms: u64,
     last_error: Option<String>,
+    /// When `last_error` was noted (ms since the epoch).
+    error_at_ms: u64,
     /// Consecutive failed refills, for the backoff.
     failures: u32,
     /// No new machine is recorded before this (ms since the epoch).
     paused_until_ms: u64,
+}
+
+impl PoolMemory {
+    /// A refill failed: remember why, and pause the pool's refills (1 s doubling to a
+    /// minute with every failure in a row).
+    fn note_error(&mut self, error: String, now_ms: u64) {
+        self.failures += 1;
+        self.paused_until_ms = now_ms + backoff(self.failures).as_millis() as u64;
+        self.last_error = Some(error);
+        self.error_at_ms = now_ms;
+    }
 }
 
 /// The manager's state.
@@ -174,11 +187,7 @@ impl PoolState {
             let seen = census(&records, &pool.name);
             for rec in &seen.failed {
                 let why = rec.failure.clone().unwrap_or_default();
-                let memory = self.memory(&pool.name);
-                memory.failures += 1;
-                let pause = backoff(memory.failures);
-                memory.paused_until_ms = now + pause.as_millis() as u64;
-                memory.last_error = Some(why.clone());
+                self.memory(&pool.name).note_error(why.clone(), now);
                 self.retire(rec, &format!("it failed: {why}"));
             }
             // The newest base the pool's image resolved to; older ones are recycled.
@@ -202,11 +211,14 @@ impl PoolState {
                     keep.push(rec);
                 }
             }
-            if let Some(rec) = keep.last() {
+            // A machine that became ready after the last error means refills work again.
+            if let Some(newest) = keep.iter().map(|r| r.updated_at_ms).max() {
                 let memory = self.memory(&pool.name);
-                memory.last_refill_ms = memory.last_refill_ms.max(rec.updated_at_ms);
-                memory.failures = 0;
-                memory.last_error = None;
+                memory.last_refill_ms = memory.last_refill_ms.max(newest);
+                if newest > memory.error_at_ms {
+                    memory.failures = 0;
+                    memory.last_error = None;
+                }
             }
             // Over the target (the pool shrank): the ones still booting go first.
             let mut have = keep.len() + seen.building.len();
@@ -227,10 +239,7 @@ impl PoolState {
                         building_total += 1;
                     }
                     Err(e) => {
-                        let memory = self.memory(&pool.name);
-                        memory.failures += 1;
-                        memory.paused_until_ms = now + backoff(memory.failures).as_millis() as u64;
-                        memory.last_error = Some(e);
+                        self.memory(&pool.name).note_error(e, now);
                         break;
                     }
                 }

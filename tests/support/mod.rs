@@ -349,13 +349,27 @@ pub async fn pool_status(client: &mut Client, name: &str) -> pb::PoolStatus {
 }
 
 /// Waits (up to `limit`) until pool `name` has `ready` prepared machines and none being
-/// built, re-reading its status after every machine event (a prepared machine settles
-/// with one); fails the test otherwise.
+/// built; fails the test otherwise.
 pub async fn wait_pool(
     client: &mut Client,
     name: &str,
     ready: u32,
     limit: Duration,
+) -> pb::PoolStatus {
+    wait_pool_until(client, name, limit, |s| {
+        s.ready == ready && s.refilling == 0
+    })
+    .await
+}
+
+/// Waits (up to `limit`) until pool `name`'s status satisfies `done`, re-reading it after
+/// every machine event (a pool's machines record each change with one); fails the test
+/// otherwise.
+pub async fn wait_pool_until(
+    client: &mut Client,
+    name: &str,
+    limit: Duration,
+    done: impl Fn(&pb::PoolStatus) -> bool,
 ) -> pb::PoolStatus {
     let mut events = client
         .machines
@@ -369,13 +383,13 @@ pub async fn wait_pool(
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let status = pool_status(client, name).await;
-        if status.ready == ready && status.refilling == 0 {
+        if done(&status) {
             return status;
         }
         match tokio::time::timeout_at(deadline, events.message()).await {
             Ok(Ok(Some(_))) => {}
             Ok(other) => panic!("event stream ended: {other:?}"),
-            Err(_) => panic!("pool {name} did not reach {ready} ready: {status:?}"),
+            Err(_) => panic!("pool {name} did not get there: {status:?}"),
         }
     }
 }
