@@ -645,6 +645,8 @@ mod tests {
         );
         assert_eq!(example.vmm.jailer.uid, defaults.vmm.jailer.uid);
         assert_eq!(example.vmm.jailer.enabled, defaults.vmm.jailer.enabled);
+        assert_eq!(example.pool_refill_parallel, defaults.pool_refill_parallel);
+        assert!(example.pools.is_empty());
     }
 
     #[test]

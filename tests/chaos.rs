@@ -69,6 +69,100 @@ struct Row {
 }
 
 impl Row {
+    fn new(point: &str, mode: Mode) -> Row {
+        Row {
+            point: point.to_string(),
+            mode,
+            crashed: false,
+            converged: false,
+            leaks: Vec::new(),
+            seconds: 0.0,
+            error: None,
+        }
+    }
+
+    /// A kill case whose crash has not been seen yet: waits for the daemon to kill itself
+    /// and starts it again, without fail points. False (and the row says why) when the
+    /// point was never reached.
+    async fn crash_and_restart(&mut self, daemon: &mut Daemon) -> bool {
+        if self.mode != Mode::Kill || self.crashed {
+            return true;
+        }
+        self.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
+        if !self.crashed {
+            self.error = Some("the fail point was never reached".into());
+            return false;
+        }
+        daemon.spawn();
+        true
+    }
+
+    /// Waits for machine `id` to reach `goal` (up to 180 s) and notes whether it did,
+    /// and where it is stuck if not.
+    async fn converge(&mut self, client: &mut Client, id: &str, goal: pb::MachineState) {
+        let reply = client
+            .machines
+            .wait_machine(pb::WaitMachineRequest {
+                id: id.to_string(),
+                state: goal as i32,
+                timeout_ms: 180_000,
+            })
+            .await
+            .expect("wait")
+            .into_inner();
+        self.converged = reply.reached;
+        if !self.converged {
+            let now = support::get_machine(client, id).await;
+            self.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
+        }
+    }
+
+    /// A panic case: whether the machine's events (of every machine when `id` is empty)
+    /// show a run restarted after a crash, or a singleton call that was dropped. The
+    /// evidence may land after the goal state (unwinding and reporting take a while), so
+    /// it is waited for up to a deadline.
+    async fn note_panic(&mut self, client: &mut Client, id: &str) {
+        if self.mode != Mode::Panic || self.crashed {
+            return;
+        }
+        let mut events = client
+            .machines
+            .watch_events(pb::WatchEventsRequest {
+                machine_id: id.to_string(),
+                after_seq: 0,
+            })
+            .await
+            .expect("events")
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, events.message()).await {
+            if event.message.contains("restarted after a crash")
+                || event.message.contains("stopped before answering")
+            {
+                self.crashed = true;
+                return;
+            }
+        }
+    }
+
+    /// The leak invariant at the converged state: what is on the host is exactly what
+    /// the surviving records own.
+    async fn note_audit(&mut self, client: &mut Client) {
+        let audit = support::audit(client).await;
+        self.leaks.extend(
+            audit
+                .leaks
+                .iter()
+                .map(|f| format!("leak {}: {}", f.name, f.why)),
+        );
+        self.leaks.extend(
+            audit
+                .missing
+                .iter()
+                .map(|f| format!("missing {}: {}", f.name, f.why)),
+        );
+    }
+
     /// The case as one table line.
     fn line(&self) -> String {
         format!(
@@ -217,15 +311,7 @@ fn pool_point(point: &str) -> bool {
 /// a crash) is started. Either way a create then claims, nothing was claimed twice (one
 /// claimed record, one VMM per machine), and after the pool is drained nothing is left.
 async fn run_pool_case(point: String, mode: Mode) -> Row {
-    let mut row = Row {
-        point: point.clone(),
-        mode,
-        crashed: false,
-        converged: false,
-        leaks: Vec::new(),
-        seconds: 0.0,
-        error: None,
-    };
+    let mut row = Row::new(&point, mode);
     let refill = point.starts_with("prepare.") || point.starts_with("pools.refill");
     let fail_env = format!("{point}={}", mode.action());
     let env = [("FAILPOINTS", fail_env.as_str())];
@@ -234,13 +320,8 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
     let fill = Duration::from_secs(240);
     if refill {
         daemon.spawn_with_env(&env);
-        if mode == Mode::Kill {
-            row.crashed = daemon.wait_exit(Duration::from_secs(240)).await;
-            if !row.crashed {
-                row.error = Some("the fail point was never reached".into());
-                return row;
-            }
-            daemon.spawn();
+        if !row.crash_and_restart(&mut daemon).await {
+            return row;
         }
     } else {
         daemon.spawn();
@@ -277,51 +358,23 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
         }
     };
     if mode == Mode::Kill && !row.crashed {
-        row.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
-        if !row.crashed {
-            row.error = Some("the fail point was never reached".into());
+        if !row.crash_and_restart(&mut daemon).await {
             return row;
         }
-        daemon.spawn();
         client = daemon.client().await;
     }
-    let reply = client
-        .machines
-        .wait_machine(pb::WaitMachineRequest {
-            id: m.id.clone(),
-            state: pb::MachineState::Started as i32,
-            timeout_ms: 180_000,
-        })
-        .await
-        .expect("wait")
-        .into_inner();
-    row.converged = reply.reached;
+    row.converge(&mut client, &m.id, pb::MachineState::Started)
+        .await;
     row.seconds = clock.elapsed().as_secs_f64();
-    if !row.converged {
-        let now = support::get_machine(&mut client, &m.id).await;
-        row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
+    // A panicked PoolManager is counted by the node; a panicked run shows in the events
+    // of whichever machine it ran.
+    if mode == Mode::Panic && support::node(&mut client).await.singleton_restarts > 0 {
+        row.crashed = true;
     }
-    if mode == Mode::Panic && !row.crashed {
-        let restarts = support::node(&mut client).await.singleton_restarts;
-        let mut events = client
-            .machines
-            .watch_events(pb::WatchEventsRequest {
-                machine_id: String::new(),
-                after_seq: 0,
-            })
-            .await
-            .expect("events")
-            .into_inner();
-        row.crashed = restarts > 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !row.crashed
-            && let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, events.message()).await
-        {
-            row.crashed = event.message.contains("restarted after a crash");
-        }
-    }
+    row.note_panic(&mut client, "").await;
     // Never two claims of one prepared machine: one claimed record (the create's), and
-    // one VMM per machine that has one.
+    // one VMM per machine that has one, once the pool has refilled behind the claim.
+    support::wait_pool(&mut client, "p", 1, fill).await;
     let records = support::all_machines(&mut client).await;
     let claimed: Vec<&pb::Machine> = records.iter().filter(|r| r.claimed).collect();
     if claimed.len() != 1 || claimed[0].id != m.id {
@@ -337,19 +390,7 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
             "{running} VMM processes for {with_vmm} machines with a VMM"
         ));
     }
-    let audit = support::audit(&mut client).await;
-    row.leaks.extend(
-        audit
-            .leaks
-            .iter()
-            .map(|f| format!("leak {}: {}", f.name, f.why)),
-    );
-    row.leaks.extend(
-        audit
-            .missing
-            .iter()
-            .map(|f| format!("missing {}: {}", f.name, f.why)),
-    );
+    row.note_audit(&mut client).await;
     destroy(&mut client, &m.id).await;
     // Drain: a daemon without the pool destroys its machines through their own runs.
     daemon.kill();
@@ -385,15 +426,7 @@ async fn run_case(point: String, mode: Mode, setup: Arc<Setup>) -> Row {
     });
     let fail_env = format!("{point}={}", mode.action());
     let env = [("FAILPOINTS", fail_env.as_str())];
-    let mut row = Row {
-        point: point.clone(),
-        mode,
-        crashed: false,
-        converged: false,
-        leaks: Vec::new(),
-        seconds: 0.0,
-        error: None,
-    };
+    let mut row = Row::new(&point, mode);
 
     // Bring the machine to where the operation starts, without fail points.
     let singleton = !matches!(operation.as_str(), "create" | "start" | "stop" | "destroy");
@@ -468,69 +501,17 @@ async fn run_case(point: String, mode: Mode, setup: Arc<Setup>) -> Row {
 
     let clock = Instant::now();
     if mode == Mode::Kill && !row.crashed {
-        row.crashed = daemon.wait_exit(Duration::from_secs(120)).await;
-        if !row.crashed {
-            row.error = Some("the fail point was never reached".into());
+        if !row.crash_and_restart(&mut daemon).await {
             return row;
         }
-        daemon.spawn();
         client = daemon.client().await;
     }
-    let reply = client
-        .machines
-        .wait_machine(pb::WaitMachineRequest {
-            id: m.id.clone(),
-            state: goal as i32,
-            timeout_ms: 180_000,
-        })
-        .await
-        .expect("wait")
-        .into_inner();
+    row.converge(&mut client, &m.id, goal).await;
     row.seconds = clock.elapsed().as_secs_f64();
-    row.converged = reply.reached;
-    if mode == Mode::Panic {
-        // A panic leaves the process up; the machine's events show the restarted run
-        // (or, for a singleton, the step whose call it dropped).
-        let mut events = client
-            .machines
-            .watch_events(pb::WatchEventsRequest {
-                machine_id: m.id.clone(),
-                after_seq: 0,
-            })
-            .await
-            .expect("events")
-            .into_inner();
-        // The panic's evidence may land after the goal state (unwinding and reporting take
-        // a while), so wait for it up to a deadline.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, events.message()).await {
-            if event.message.contains("restarted after a crash")
-                || event.message.contains("stopped before answering")
-            {
-                row.crashed = true;
-                break;
-            }
-        }
-    }
-    if !row.converged {
-        let now = support::get_machine(&mut client, &m.id).await;
-        row.error = Some(format!("stuck in {:?}: {}", now.state, now.failure));
-    }
-    // The leak invariant at the converged state: what is on the host is exactly what the
-    // surviving record owns.
-    let audit = support::audit(&mut client).await;
-    row.leaks.extend(
-        audit
-            .leaks
-            .iter()
-            .map(|f| format!("leak {}: {}", f.name, f.why)),
-    );
-    row.leaks.extend(
-        audit
-            .missing
-            .iter()
-            .map(|f| format!("missing {}: {}", f.name, f.why)),
-    );
+    // A panic leaves the process up; the machine's events show the restarted run (or,
+    // for a singleton, the step whose call it dropped).
+    row.note_panic(&mut client, &m.id).await;
+    row.note_audit(&mut client).await;
     if goal == pb::MachineState::Started {
         let running = daemon.processes().len();
         if running != 1 {

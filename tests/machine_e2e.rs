@@ -4,13 +4,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::client::Client;
-use support::{Daemon, demo_request, destroy, wait_for};
+use support::{Daemon, demo_request, destroy, http_get, wait_for};
 
 async fn create(
     client: &mut Client,
@@ -51,23 +49,6 @@ fn vmm_processes(id: &str) -> Vec<i32> {
         }
     }
     found
-}
-
-/// An HTTP GET to the guest from the host side of its network.
-fn http_get(ip: &str, port: u16) -> String {
-    let ip: Ipv4Addr = ip.parse().expect("guest ip");
-    let addr = SocketAddr::from((ip, port));
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect to the guest");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
-        .expect("send request");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("read reply");
-    reply
 }
 
 fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {

@@ -7,13 +7,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::client::Client;
-use support::{Daemon, all_machines, demo_pool, demo_request, destroy, wait_for, wait_pool};
+use support::{
+    Daemon, all_machines, demo_pool, demo_request, destroy, http_get, wait_for, wait_pool,
+};
 
 /// How long a pool may take to boot its machines (TCG guests on 2 cores).
 const FILL: Duration = Duration::from_secs(240);
@@ -29,22 +29,6 @@ fn serving_env(request_id: &str, who: &str) -> pb::CreateMachineRequest {
         spec.env.insert("WHO".into(), who.into());
     }
     request
-}
-
-fn http_get(ip: &str, port: u16) -> String {
-    let ip: Ipv4Addr = ip.parse().expect("guest ip");
-    let mut stream =
-        TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(10))
-            .expect("connect to the guest");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
-        .expect("send request");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("read reply");
-    reply
 }
 
 /// The pid of machine `id`'s VMM as the API reports it.

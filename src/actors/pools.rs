@@ -185,6 +185,15 @@ impl PoolState {
             .sum();
         for pool in &config.pools {
             let seen = census(&records, &pool.name);
+            // A record whose run never began (the manager crashed between recording it and
+            // waking it) is woken; a run that began moves it out of `created` itself.
+            for rec in seen
+                .building
+                .iter()
+                .filter(|r| r.state == MachineState::Created)
+            {
+                wake(&rec.id);
+            }
             for rec in &seen.failed {
                 let why = rec.failure.clone().unwrap_or_default();
                 self.memory(&pool.name).note_error(why.clone(), now);

@@ -57,8 +57,11 @@ impl Machines {
 
     fn create(&self, req: pb::CreateMachineRequest) -> Result<MachineRecord, ApiError> {
         spec::check_request_id(&req.request_id)?;
-        // A retry returns the first call's machine, whatever else it says.
+        // A retry returns the first call's machine, whatever else it says. It also wakes
+        // the machine's run: the first call may have crashed between its commit and its
+        // wake (a wake of a settled run costs one look at the record).
         if let Some(existing) = self.services.store().machine_by_request(&req.request_id)? {
+            self.wake(&existing.id)?;
             return Ok(existing);
         }
         spec::check_name(&req.name)?;
@@ -84,7 +87,10 @@ impl Machines {
                     tell_pools(PoolMsg::Claimed(pool));
                     return Ok(rec);
                 }
-                Claimed::Existing(rec) => return Ok(rec),
+                Claimed::Existing(rec) => {
+                    self.wake(&rec.id)?;
+                    return Ok(rec);
+                }
                 Claimed::Empty if !wanted_pool.is_empty() => {
                     tell_pools(PoolMsg::Missed(pool.clone()));
                     return Err(ApiError::Store(StoreError::Refused(format!(
@@ -122,7 +128,10 @@ impl Machines {
                 self.wake(&rec.id)?;
                 Ok(rec)
             }
-            Created::Existing(rec) => Ok(rec),
+            Created::Existing(rec) => {
+                self.wake(&rec.id)?;
+                Ok(rec)
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod firecracker_env;
+pub mod guest_fixture;
 pub mod guest_prereqs;
 pub mod host_tools;
 pub mod registry;
@@ -406,4 +407,22 @@ pub async fn all_machines(client: &mut Client) -> Vec<pb::Machine> {
         .expect("list")
         .into_inner()
         .machines
+}
+
+/// An HTTP GET to the guest from the host side of its network.
+pub fn http_get(ip: &str, port: u16) -> String {
+    use std::io::{Read, Write};
+    let ip: std::net::Ipv4Addr = ip.parse().expect("guest ip");
+    let addr = std::net::SocketAddr::from((ip, port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .expect("connect to the guest");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+        .expect("send request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read reply");
+    reply
 }
