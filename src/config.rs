@@ -83,7 +83,7 @@ pub struct PoolConfig {
     pub disk_mib: u32,
     /// How many prepared machines the pool keeps (0: none; the pool only reports).
     pub size: u32,
-    /// Prepared machines older than this are recycled (0: never).
+    /// Prepared machines idle (ready, unclaimed) longer than this are recycled (0: never).
     #[serde(default)]
     pub max_age_secs: u64,
 }

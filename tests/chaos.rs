@@ -404,7 +404,10 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
     client = daemon.client().await;
     for r in support::all_machines(&mut client).await {
         if r.state != pb::MachineState::Destroyed as i32 {
-            wait_for(&mut client, &r.id, pb::MachineState::Destroyed).await;
+            support::wait_machine_until(&mut client, &r.id, Duration::from_secs(240), |m| {
+                m.state == pb::MachineState::Destroyed as i32
+            })
+            .await;
         }
     }
     row.leaks.extend(leftovers(&daemon, &mut client).await);

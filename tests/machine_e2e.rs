@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hearth::api::pb;
 use hearth::client::Client;
-use support::{Daemon, demo_request, destroy, http_get, wait_for};
+use support::{Daemon, demo_request, destroy, events_until, http_get, wait_for};
 
 async fn create(
     client: &mut Client,
@@ -453,37 +453,6 @@ async fn route_changes(
         kinds.push(change.kind());
     }
     kinds
-}
-
-/// The machine's events after `after_seq`, up to and including the first in `state`.
-async fn events_until(
-    client: &mut Client,
-    id: &str,
-    after_seq: u64,
-    state: pb::MachineState,
-) -> Vec<pb::MachineEvent> {
-    let mut events = client
-        .machines
-        .watch_events(pb::WatchEventsRequest {
-            machine_id: id.into(),
-            after_seq,
-        })
-        .await
-        .expect("events")
-        .into_inner();
-    let mut log = Vec::new();
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
-            .await
-            .unwrap_or_else(|_| panic!("no {state:?} event in time: {log:?}"))
-            .expect("event stream")
-            .unwrap_or_else(|| panic!("the stream ended before {state:?}: {log:?}"));
-        let reached = event.state == state as i32;
-        log.push(event);
-        if reached {
-            return log;
-        }
-    }
 }
 
 /// The first of the machine's events after `after_seq` whose message starts with `prefix`.

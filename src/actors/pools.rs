@@ -209,11 +209,13 @@ impl PoolState {
                 .and_then(|r| r.resources.base_digest.clone());
             let mut keep = Vec::new();
             for rec in seen.ready {
+                // Age counts from when it became ready (its last commit): how long its
+                // guest has sat idle.
                 let too_old = pool.max_age_secs > 0
-                    && now.saturating_sub(rec.created_at_ms) > pool.max_age_secs * 1000;
+                    && now.saturating_sub(rec.updated_at_ms) > pool.max_age_secs * 1000;
                 let stale = newest_base.is_some() && rec.resources.base_digest != newest_base;
                 if too_old {
-                    self.retire(&rec, "older than max_age_secs");
+                    self.retire(&rec, "idle longer than max_age_secs");
                 } else if stale {
                     self.retire(&rec, "its image tag now names another manifest");
                 } else {

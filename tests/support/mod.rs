@@ -372,7 +372,39 @@ pub async fn wait_pool_until(
     limit: Duration,
     done: impl Fn(&pb::PoolStatus) -> bool,
 ) -> pb::PoolStatus {
-    let mut events = client
+    let mut events = watch_all(client).await;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = pool_status(client, name).await;
+        if done(&status) {
+            return status;
+        }
+        next_event(&mut events, deadline, &status).await;
+    }
+}
+
+/// Waits (up to `limit`) until machine `id` satisfies `done`, re-reading it after every
+/// machine event; fails the test otherwise. Unlike WaitMachine it does not stop at a state
+/// the machine cannot leave by itself (a pool's failed machine is retired by its pool).
+pub async fn wait_machine_until(
+    client: &mut Client,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&pb::Machine) -> bool,
+) -> pb::Machine {
+    let mut events = watch_all(client).await;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let machine = get_machine(client, id).await;
+        if done(&machine) {
+            return machine;
+        }
+        next_event(&mut events, deadline, &machine).await;
+    }
+}
+
+async fn watch_all(client: &mut Client) -> tonic::Streaming<pb::MachineEvent> {
+    client
         .machines
         .watch_events(pb::WatchEventsRequest {
             machine_id: String::new(),
@@ -380,18 +412,19 @@ pub async fn wait_pool_until(
         })
         .await
         .expect("watch events")
-        .into_inner();
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let status = pool_status(client, name).await;
-        if done(&status) {
-            return status;
-        }
-        match tokio::time::timeout_at(deadline, events.message()).await {
-            Ok(Ok(Some(_))) => {}
-            Ok(other) => panic!("event stream ended: {other:?}"),
-            Err(_) => panic!("pool {name} did not get there: {status:?}"),
-        }
+        .into_inner()
+}
+
+/// The next machine event, or the test fails at `deadline` showing `waiting_on`.
+async fn next_event(
+    events: &mut tonic::Streaming<pb::MachineEvent>,
+    deadline: tokio::time::Instant,
+    waiting_on: &(dyn std::fmt::Debug + Sync),
+) {
+    match tokio::time::timeout_at(deadline, events.message()).await {
+        Ok(Ok(Some(_))) => {}
+        Ok(other) => panic!("event stream ended: {other:?}"),
+        Err(_) => panic!("timed out waiting on {waiting_on:#?}"),
     }
 }
 
@@ -425,4 +458,35 @@ pub fn http_get(ip: &str, port: u16) -> String {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).expect("read reply");
     reply
+}
+
+/// The machine's events after `after_seq`, up to and including the first in `state`.
+pub async fn events_until(
+    client: &mut Client,
+    id: &str,
+    after_seq: u64,
+    state: pb::MachineState,
+) -> Vec<pb::MachineEvent> {
+    let mut events = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: id.into(),
+            after_seq,
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut log = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {state:?} event in time: {log:?}"))
+            .expect("event stream")
+            .unwrap_or_else(|| panic!("the stream ended before {state:?}: {log:?}"));
+        let reached = event.state == state as i32;
+        log.push(event);
+        if reached {
+            return log;
+        }
+    }
 }

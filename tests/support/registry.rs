@@ -585,3 +585,48 @@ pub fn write_layout(dir: &Path, tag: &str, image: &TestImage) -> PathBuf {
     .expect("write index.json");
     dir.to_path_buf()
 }
+
+/// A layer with the host's static busybox as `/bin/busybox`.
+pub fn busybox_layer() -> LayerSpec {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static");
+    LayerSpec {
+        gzip: true,
+        entries: vec![
+            Entry::Dir("bin".into()),
+            Entry::File(
+                "bin/busybox".into(),
+                0o755,
+                std::fs::read(busybox).expect("read busybox"),
+            ),
+            Entry::Symlink("bin/sh".into(), "busybox".into()),
+        ],
+    }
+}
+
+/// An image whose workload reports what it sees to its log, then serves on port 8080 (so
+/// that Ready, which waits for the port, comes after the report): the user, the working
+/// directory, the env, and what the layers left.
+pub fn bootable_image(marker: &str) -> TestImage {
+    let mut layers = vec![busybox_layer()];
+    layers.extend(sample_layers(marker));
+    let script = "echo \"seen $GREETING as $(/bin/busybox id -u):$(/bin/busybox id -g) in $(pwd); \
+        motd $(test -e /etc/motd && echo present || echo gone); \
+        data $(/bin/busybox ls /data | /bin/busybox tr '\\n' ' '); \
+        link $(/bin/busybox readlink /bin/app-link); \
+        inodes $(/bin/busybox stat -c %i /data/new /data/new-hard | /bin/busybox tr '\\n' ' ')\"; \
+        exec /bin/busybox httpd -f -p 8080 -h /srv";
+    build_image(
+        &layers,
+        &ConfigSpec {
+            entrypoint: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
+            cmd: vec![script.into()],
+            env: vec!["PATH=/bin".into(), format!("GREETING=hello-{marker}")],
+            working_dir: "/srv".into(),
+            user: "1000:1000".into(),
+            architecture: "amd64".into(),
+        },
+    )
+}
