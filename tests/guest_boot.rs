@@ -6,157 +6,26 @@
 //! returns. Host resources carry test-unique names (`hgt-<pid>-<n>`) and are removed by a
 //! drop guard even when a test fails.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hearth::guest::config::{GuestConfig, GuestNetwork, write_config_disk};
-use hearth::guest::kit::GuestKit;
+use hearth::guest::config::GuestConfig;
 use hearth::guest::protocol::{ExitStatus, GuestState};
-use hearth::vmm::{
-    Accel, LaunchSpec, Liveness, QemuDriver, TapSpec, VmmDriver, VmmProcess, find_processes,
+use hearth::vmm::{Accel, Liveness, VmmDriver, VmmProcess, find_processes};
+use support::guest_fixture::{
+    Cleanup, Fixture, PREFIX, assert_no_vmm, driver, http_get_in_netns, machine, read_from_image,
+    test_net, unique,
 };
-
-/// Marker prefix of every VMM these tests start (never the daemon's).
-const PREFIX: &str = "hearthtest-";
-const READY_TIMEOUT: Duration = Duration::from_secs(90);
 use support::guest_prereqs::QEMU;
 
-/// What every test needs, built once per test binary.
-struct Fixture {
-    kit: GuestKit,
-    /// A root image with busybox; each guest boots a copy.
-    root_template: PathBuf,
-    /// Accelerator cache for the driver.
-    cache_dir: PathBuf,
-    _dir: tempfile::TempDir,
-}
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The fixture, or `None` (after a loud message) when a prerequisite is missing.
 fn fixture() -> Option<&'static Fixture> {
-    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
-    FIXTURE.get_or_init(build_fixture).as_ref()
-}
-
-fn build_fixture() -> Option<Fixture> {
-    let prereqs = support::guest_prereqs::guest_prereqs("guest_boot")?;
-    let (kit, busybox) = (prereqs.kit, prereqs.busybox);
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Older kit entries (from earlier builds of the init in this target directory) are
-    // garbage.
-    if let Some(cache) = kit.vmlinux.parent().and_then(Path::parent) {
-        for ent in std::fs::read_dir(cache).into_iter().flatten().flatten() {
-            if ent.file_name() != kit.id.as_str() {
-                let _ = std::fs::remove_dir_all(ent.path());
-            }
-        }
-    }
-
-    let tree = dir.path().join("rootfs");
-    for d in ["bin", "etc", "var/log", "tmp", "www", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(tree.join(d)).expect("mkdir");
-    }
-    std::fs::copy(&busybox, tree.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "sleep", "echo", "cat", "httpd", "true"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("symlink");
-    }
-    std::fs::write(tree.join("www/index.html"), "hello from the guest\n").expect("index");
-    let root_template = dir.path().join("root.img");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&tree)
-        .arg(&root_template)
-        .arg("32M"));
-    Some(Fixture {
-        kit,
-        root_template,
-        cache_dir: dir.path().join("cache"),
-        _dir: dir,
-    })
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn unique(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "hgt-{}-{}{}",
-        std::process::id(),
-        tag,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn driver(fx: &Fixture) -> VmmDriver {
-    VmmDriver::Qemu(
-        QemuDriver::new(PathBuf::from(QEMU), fx.cache_dir.clone()).with_name_prefix(PREFIX),
-    )
-}
-
-/// Kills the test's VMMs and deletes its network namespaces, whatever happened.
-#[derive(Default)]
-struct Cleanup {
-    machines: Vec<String>,
-    netns: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for (id, pid) in find_processes(PREFIX) {
-            if self.machines.contains(&id) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// A machine directory with a fresh root disk and a config disk.
-struct Machine {
-    spec: LaunchSpec,
-    _dir: tempfile::TempDir,
-}
-
-fn machine(fx: &Fixture, cleanup: &mut Cleanup, config: GuestConfig) -> Machine {
-    let dir = tempfile::tempdir().expect("machine dir");
-    let root_disk = dir.path().join("root.img");
-    std::fs::copy(&fx.root_template, &root_disk).expect("root disk");
-    let config_disk = dir.path().join("config.img");
-    write_config_disk(&config_disk, &config).expect("config disk");
-    cleanup.machines.push(config.machine_id.clone());
-    Machine {
-        spec: LaunchSpec {
-            machine_id: config.machine_id.clone(),
-            workdir: dir.path().to_path_buf(),
-            netns: None,
-            tap: None,
-            vcpus: 1,
-            memory_mib: 128,
-            kit: fx.kit.clone(),
-            root_disk,
-            config_disk,
-        },
-        _dir: dir,
-    }
+    support::guest_fixture::fixture("guest_boot")
 }
 
 fn config(id: &str, command: &[&str]) -> GuestConfig {
@@ -193,27 +62,6 @@ async fn wait_state(
     }
 }
 
-/// A file from an ext4 image (read with debugfs, without mounting).
-fn read_from_image(image: &Path, path: &str) -> String {
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {path}"))
-        .arg(image))
-}
-
-fn assert_no_process(prefix_id: &str, pid: i32) {
-    assert!(
-        !find_processes(PREFIX).iter().any(|(id, _)| id == prefix_id),
-        "a VMM for {prefix_id} is still running"
-    );
-    // Reaped, not a zombie: the pid is gone from /proc (or reused by another process).
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(
-        !stat.contains(") Z "),
-        "VMM pid {pid} left as a zombie: {stat}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_reports_ready_and_exit_status_then_stops_gracefully() {
     let Some(fx) = fixture() else { return };
@@ -222,7 +70,7 @@ async fn guest_boots_reports_ready_and_exit_status_then_stops_gracefully() {
     let m = machine(
         fx,
         &mut cleanup,
-        config(&id, &["sh", "-c", "echo \"$GREETING from $(pwd)\"; exit 7"]),
+        &config(&id, &["sh", "-c", "echo \"$GREETING from $(pwd)\"; exit 7"]),
     );
     let driver = driver(fx);
 
@@ -259,7 +107,7 @@ async fn guest_boots_reports_ready_and_exit_status_then_stops_gracefully() {
         .expect("stop");
     assert!(outcome.graceful, "{outcome:?}");
     assert_eq!(driver.liveness(&process), Liveness::Gone);
-    assert_no_process(&id, process.pid);
+    assert_no_vmm(&id, process.pid);
     // Stopping again is fine.
     assert!(driver.stop(&process, Duration::from_secs(1)).await.is_ok());
 
@@ -286,7 +134,7 @@ async fn launch_twice_adopts_and_stop_forces_a_guest_that_will_not_stop() {
         ],
     );
     cfg.ports = vec![8081];
-    let m = machine(fx, &mut cleanup, cfg);
+    let m = machine(fx, &mut cleanup, &cfg);
     let driver = driver(fx);
 
     let first = driver.launch(&m.spec).await.expect("launch");
@@ -319,7 +167,7 @@ async fn launch_twice_adopts_and_stop_forces_a_guest_that_will_not_stop() {
         t.elapsed()
     );
     assert_eq!(driver.liveness(&first), Liveness::Gone);
-    assert_no_process(&id, first.pid);
+    assert_no_vmm(&id, first.pid);
 
     // Idempotent: stopping a gone VMM is Ok.
     let again = driver
@@ -334,7 +182,7 @@ async fn a_failing_guest_ends_the_ready_wait_early() {
     let Some(fx) = fixture() else { return };
     let mut cleanup = Cleanup::default();
     let id = unique("noroot");
-    let mut m = machine(fx, &mut cleanup, config(&id, &["true"]));
+    let mut m = machine(fx, &mut cleanup, &config(&id, &["true"]));
     // No root disk: a second copy of the config disk instead, so the init finds no root
     // disk and fails.
     let bad = m.spec.workdir.join("config2.img");
@@ -361,51 +209,7 @@ async fn a_failing_guest_ends_the_ready_wait_early() {
         .stop(&process, Duration::from_secs(1))
         .await
         .expect("stop");
-    assert_no_process(&id, process.pid);
-}
-
-/// A network namespace with a tap device whose host end has `host_ip`/30.
-struct TestNet {
-    name: String,
-    tap: String,
-}
-
-fn test_net(cleanup: &mut Cleanup, host_ip: Ipv4Addr) -> TestNet {
-    let name = unique("ns");
-    cleanup.netns.push(name.clone());
-    let tap = "tap0".to_string();
-    run(Command::new("ip").args(["netns", "add", &name]));
-    let ip = |args: &[&str]| {
-        run(Command::new("ip").args(["-n", name.as_str()]).args(args));
-    };
-    ip(&["link", "set", "lo", "up"]);
-    ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
-    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &tap]);
-    ip(&["link", "set", &tap, "up"]);
-    TestNet { name, tap }
-}
-
-/// Connects to `addr` from inside network namespace `ns` (on a thread of its own, since
-/// `setns` changes the calling thread) and returns the HTTP response and the connect time.
-fn http_get_in_netns(ns: &str, addr: SocketAddr) -> (String, Duration) {
-    let ns_path = Path::new("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let f = std::fs::File::open(&ns_path).expect("open netns");
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let t = Instant::now();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-        let connect = t.elapsed();
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
-            .expect("send");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("read");
-        (body, connect)
-    })
-    .join()
-    .expect("netns thread")
+    assert_no_vmm(&id, process.pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,18 +221,10 @@ async fn networked_guest_serves_tcp_to_its_namespace() {
     let net = test_net(&mut cleanup, host_ip);
     let id = unique("web");
     let mut cfg = config(&id, &["httpd", "-f", "-p", "8080", "-h", "/www"]);
-    cfg.network = Some(GuestNetwork {
-        address: guest_ip,
-        prefix_len: 30,
-        gateway: host_ip,
-    });
+    cfg.network = Some(net.guest_network(guest_ip));
     cfg.ports = vec![8080];
-    let mut m = machine(fx, &mut cleanup, cfg);
-    m.spec.netns = Some(net.name.clone());
-    m.spec.tap = Some(TapSpec {
-        name: net.tap.clone(),
-        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
-    });
+    let mut m = machine(fx, &mut cleanup, &cfg);
+    net.attach(&mut m.spec, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
     let driver = driver(fx);
     let process = driver.launch(&m.spec).await.expect("launch");
     // Ready means httpd listens on 8080.
@@ -447,7 +243,7 @@ async fn networked_guest_serves_tcp_to_its_namespace() {
         .await
         .expect("stop");
     assert!(outcome.graceful);
-    assert_no_process(&id, process.pid);
+    assert_no_vmm(&id, process.pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +254,7 @@ async fn ready_waits_for_declared_ports() {
     // Listens only after a while: Ready must not come before.
     let mut cfg = config(&id, &["sh", "-c", "sleep 2; exec httpd -f -p 9090 -h /www"]);
     cfg.ports = vec![9090];
-    let m = machine(fx, &mut cleanup, cfg);
+    let m = machine(fx, &mut cleanup, &cfg);
     let driver = driver(fx);
     let process = driver.launch(&m.spec).await.expect("launch");
     let early = driver
@@ -474,7 +270,7 @@ async fn ready_waits_for_declared_ports() {
         .stop(&process, Duration::from_secs(60))
         .await
         .expect("stop");
-    assert_no_process(&id, process.pid);
+    assert_no_vmm(&id, process.pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,7 +317,7 @@ async fn boot_time_median() {
     let mut guest = Vec::new();
     for _ in 0..3 {
         let id = unique("bench");
-        let m = machine(fx, &mut cleanup, config(&id, &["sleep", "600"]));
+        let m = machine(fx, &mut cleanup, &config(&id, &["sleep", "600"]));
         let t = Instant::now();
         let process = driver.launch(&m.spec).await.expect("launch");
         let ready = driver
@@ -562,7 +358,7 @@ async fn the_workload_runs_as_the_configured_user() {
     );
     // The fixture's root has no /etc/passwd: numeric ids need none.
     cfg.user = Some("1234:567".into());
-    let m = machine(fx, &mut cleanup, cfg);
+    let m = machine(fx, &mut cleanup, &cfg);
     let driver = driver(fx);
     let process = driver.launch(&m.spec).await.expect("launch");
     driver

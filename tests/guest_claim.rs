@@ -4,97 +4,31 @@
 //!
 //! Needs what `guest_boot` needs (the extracted guest kernel, the static init, busybox,
 //! QEMU); without it every test here says so loudly and returns. Host resources carry
-//! test-unique names (`hgc-<pid>-<n>`) and are removed by a drop guard even when a test
+//! test-unique names (`hgt-<pid>-<n>`) and are removed by a drop guard even when a test
 //! fails.
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hearth::guest::config::{GuestConfig, GuestNetwork, write_config_disk};
-use hearth::guest::kit::GuestKit;
+use hearth::guest::config::{GuestConfig, GuestNetwork};
 use hearth::guest::protocol::{Claim, GuestState, claim_entropy};
-use hearth::vmm::{
-    LaunchSpec, Liveness, QemuDriver, ReadyError, RunState, TapSpec, VmmDriver, find_processes,
+use hearth::vmm::{Liveness, ReadyError, RunState};
+use support::guest_fixture::{
+    Cleanup, Fixture, assert_no_vmm, driver, http_get_in_netns, machine, read_from_image, test_net,
+    unique,
 };
-use support::guest_prereqs::QEMU;
 
-/// Marker prefix of every VMM these tests start (never the daemon's).
-const PREFIX: &str = "hearthtest-";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the claimed workloads serve.
 const PORT: u16 = 8080;
 
-struct Fixture {
-    kit: GuestKit,
-    /// A root image with busybox; each guest boots a copy.
-    root_template: PathBuf,
-    cache_dir: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
 /// The fixture, or `None` (after a loud message) when a prerequisite is missing.
 fn fixture() -> Option<&'static Fixture> {
-    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
-    FIXTURE.get_or_init(build_fixture).as_ref()
-}
-
-fn build_fixture() -> Option<Fixture> {
-    let prereqs = support::guest_prereqs::guest_prereqs("guest_claim")?;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tree = dir.path().join("rootfs");
-    for d in ["bin", "etc", "var/log", "tmp", "www", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(tree.join(d)).expect("mkdir");
-    }
-    std::fs::copy(&prereqs.busybox, tree.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "sleep", "echo", "cat", "httpd", "date", "hostname"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("symlink");
-    }
-    let root_template = dir.path().join("root.img");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-d"])
-        .arg(&tree)
-        .arg(&root_template)
-        .arg("32M"));
-    Some(Fixture {
-        kit: prereqs.kit,
-        root_template,
-        cache_dir: dir.path().join("cache"),
-        _dir: dir,
-    })
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn unique(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "hgc-{}-{}{}",
-        std::process::id(),
-        tag,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn driver(fx: &Fixture) -> VmmDriver {
-    VmmDriver::Qemu(
-        QemuDriver::new(PathBuf::from(QEMU), fx.cache_dir.clone()).with_name_prefix(PREFIX),
-    )
+    support::guest_fixture::fixture("guest_claim")
 }
 
 fn now_unix_ms() -> u64 {
@@ -102,29 +36,6 @@ fn now_unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as u64
-}
-
-/// Kills the test's VMMs and deletes its network namespaces, whatever happened.
-#[derive(Default)]
-struct Cleanup {
-    machines: Vec<String>,
-    netns: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for (id, pid) in find_processes(PREFIX) {
-            if self.machines.contains(&id) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
 }
 
 /// What the host writes for a prepared machine: network and a placeholder hostname, no
@@ -154,93 +65,10 @@ fn claimed_config(prepared: &GuestConfig, hostname: &str, script: &str) -> Guest
     }
 }
 
-/// A machine directory with a fresh root disk and the config disk.
-struct Machine {
-    spec: LaunchSpec,
-    _dir: tempfile::TempDir,
-}
-
-fn machine(fx: &Fixture, cleanup: &mut Cleanup, config: &GuestConfig) -> Machine {
-    let dir = tempfile::tempdir().expect("machine dir");
-    let root_disk = dir.path().join("root.img");
-    std::fs::copy(&fx.root_template, &root_disk).expect("root disk");
-    let config_disk = dir.path().join("config.img");
-    write_config_disk(&config_disk, config).expect("config disk");
-    cleanup.machines.push(config.machine_id.clone());
-    Machine {
-        spec: LaunchSpec {
-            machine_id: config.machine_id.clone(),
-            workdir: dir.path().to_path_buf(),
-            netns: None,
-            tap: None,
-            vcpus: 1,
-            memory_mib: 128,
-            kit: fx.kit.clone(),
-            root_disk,
-            config_disk,
-        },
-        _dir: dir,
-    }
-}
-
-/// A network namespace with a tap device whose host end has `host_ip`/30.
-fn test_net(cleanup: &mut Cleanup, host_ip: Ipv4Addr) -> (String, String) {
-    let name = unique("ns");
-    cleanup.netns.push(name.clone());
-    let tap = "tap0".to_string();
-    run(Command::new("ip").args(["netns", "add", &name]));
-    let ip = |args: &[&str]| {
-        run(Command::new("ip").args(["-n", name.as_str()]).args(args));
-    };
-    ip(&["link", "set", "lo", "up"]);
-    ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
-    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &tap]);
-    ip(&["link", "set", &tap, "up"]);
-    (name, tap)
-}
-
-/// `GET /index.html` from inside network namespace `ns` (on a thread of its own, since
-/// `setns` changes the calling thread); the response body.
-fn http_get_in_netns(ns: &str, addr: SocketAddr) -> String {
-    let ns_path = Path::new("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let f = std::fs::File::open(&ns_path).expect("open netns");
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
-            .expect("send");
-        let mut response = String::new();
-        s.read_to_string(&mut response).expect("read");
-        response
-    })
-    .join()
-    .expect("netns thread")
-}
-
 /// The `key=value` words of a page or file.
 fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// A file from an ext4 image (read with debugfs, without mounting).
-fn read_from_image(image: &Path, path: &str) -> String {
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat {path}"))
-        .arg(image))
-}
-
-fn assert_no_vmm(id: &str, pid: i32) {
-    assert!(
-        !find_processes(PREFIX).iter().any(|(i, _)| i == id),
-        "a VMM for {id} is still running"
-    );
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(!stat.contains(") Z "), "VMM pid {pid} left as a zombie");
 }
 
 /// Serves a page made when the workload started: its env, the guest's hostname and clock.
@@ -252,22 +80,12 @@ async fn a_paused_prepared_guest_is_claimed_once() {
     let mut cleanup = Cleanup::default();
     let host_ip = Ipv4Addr::new(10, 251, 9, 1);
     let guest_ip = Ipv4Addr::new(10, 251, 9, 2);
-    let (ns, tap) = test_net(&mut cleanup, host_ip);
+    let net = test_net(&mut cleanup, host_ip);
+    let ns = net.name.clone();
     let id = unique("claim");
-    let prepared = prepared_config(
-        &id,
-        Some(GuestNetwork {
-            address: guest_ip,
-            prefix_len: 30,
-            gateway: host_ip,
-        }),
-    );
+    let prepared = prepared_config(&id, Some(net.guest_network(guest_ip)));
     let mut m = machine(fx, &mut cleanup, &prepared);
-    m.spec.netns = Some(ns.clone());
-    m.spec.tap = Some(TapSpec {
-        name: tap,
-        mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x57],
-    });
+    net.attach(&mut m.spec, [0x52, 0x54, 0x00, 0x12, 0x34, 0x57]);
     let driver = driver(fx);
 
     let t = Instant::now();
@@ -312,7 +130,7 @@ async fn a_paused_prepared_guest_is_claimed_once() {
         RunState::Running
     );
 
-    let page = http_get_in_netns(&ns, SocketAddr::from((guest_ip, PORT)));
+    let (page, _) = http_get_in_netns(&ns, SocketAddr::from((guest_ip, PORT)));
     assert_eq!(field(&page, "mark"), Some(mark.as_str()), "{page}");
     assert_eq!(field(&page, "host"), Some("claimed-web"), "{page}");
     let guest_now: u64 = field(&page, "now")
@@ -334,7 +152,7 @@ async fn a_paused_prepared_guest_is_claimed_once() {
         .await
         .expect("a repeated claim waits for the readiness that is there");
     assert_eq!(again.boot_ms, ready.boot_ms, "{again:?} vs {ready:?}");
-    let page = http_get_in_netns(&ns, SocketAddr::from((guest_ip, PORT)));
+    let (page, _) = http_get_in_netns(&ns, SocketAddr::from((guest_ip, PORT)));
     assert_eq!(field(&page, "mark"), Some(mark.as_str()), "{page}");
     assert_eq!(
         driver

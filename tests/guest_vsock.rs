@@ -34,7 +34,9 @@ use hearth::vmm::AgentLink;
 use hearth::vmm::agent::{AgentConnection, bind_fresh, tail};
 use hearth::vmm::qemu::{escape, kernel_cmdline, tsc_khz};
 
+use support::guest_fixture::busybox_root_image;
 use support::guest_prereqs::QEMU;
+
 const BACKEND: &str = "vhost-device-vsock";
 /// Marker prefix of every QEMU these tests start (`-name`), for telling them apart in `ps`.
 const NAME_PREFIX: &str = "hearthvsocktest-";
@@ -98,16 +100,6 @@ fn build_fixture() -> Option<Fixture> {
 /// each other down and the boot figures printed here would mean little.
 static ONE_GUEST_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// One guest: its directory (disks, sockets, logs), its backend and its QEMU. Dropping it
 /// kills both processes and removes the directory, whatever state the test left.
 struct Guest {
@@ -145,19 +137,7 @@ impl Guest {
             qemu: None,
             dir,
         };
-        let tree = guest.path("rootfs");
-        for d in ["bin", "etc", "var/log", "tmp", "proc", "sys", "dev"] {
-            std::fs::create_dir_all(tree.join(d)).expect("mkdir");
-        }
-        std::fs::copy(&fx.busybox, tree.join("bin/busybox")).expect("copy busybox");
-        for applet in ["sh", "sleep", "echo", "httpd"] {
-            std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).expect("symlink");
-        }
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-d"])
-            .arg(&tree)
-            .arg(guest.path("root.img"))
-            .arg("32M"));
+        busybox_root_image(&fx.busybox, &guest.path("rootfs"), &guest.path("root.img"));
         let config = GuestConfig {
             machine_id: name.clone(),
             hostname: tag.to_string(),
