@@ -168,7 +168,8 @@ impl PoolState {
     fn reconcile(&mut self) -> Result<(), ActorProcessingErr> {
         let records = self.services.store().machines()?;
         let now = super::machine::now_ms();
-        let config = self.services.config().clone();
+        let services = self.services.clone();
+        let config = services.config();
         // Machines of pools that are no longer configured go.
         for rec in &records {
             if let Some(pool) = rec.pool_owner()
@@ -178,13 +179,13 @@ impl PoolState {
                 self.retire(rec, "the pool is no longer configured");
             }
         }
-        let mut building_total: u32 = config
+        let censuses: Vec<Census> = config
             .pools
             .iter()
-            .map(|p| census(&records, &p.name).building.len() as u32)
-            .sum();
-        for pool in &config.pools {
-            let seen = census(&records, &pool.name);
+            .map(|p| census(&records, &p.name))
+            .collect();
+        let mut building_total: u32 = censuses.iter().map(|c| c.building.len() as u32).sum();
+        for (pool, seen) in config.pools.iter().zip(censuses) {
             // A record whose run never began (the manager crashed between recording it and
             // waking it) is woken; a run that began moves it out of `created` itself.
             for rec in seen

@@ -239,10 +239,16 @@ fn begin_shutdown(port: &mut Agent, state: &mut GuestState, shutdown: &mut Shutd
 struct Readiness {
     ports: Vec<u16>,
     interval: Duration,
+    since: Instant,
 }
 
 impl Readiness {
-    const FIRST: Duration = Duration::from_millis(2);
+    const FIRST: Duration = Duration::from_millis(1);
+    /// The longest pause between checks while the workload is young: most workloads
+    /// listen within their first second, and a claim's latency is mostly this wait.
+    const QUICK: Duration = Duration::from_millis(8);
+    /// How long the workload counts as young.
+    const YOUNG: Duration = Duration::from_secs(2);
     const LONGEST: Duration = Duration::from_millis(250);
 
     fn new(ports: &[u16]) -> Readiness {
@@ -253,6 +259,7 @@ impl Readiness {
         Readiness {
             ports,
             interval: Self::FIRST,
+            since: Instant::now(),
         }
     }
 
@@ -265,11 +272,17 @@ impl Readiness {
         self.ports.iter().all(|p| listening.contains(p))
     }
 
-    /// How long to wait before the next check; grows by half each time.
+    /// How long to wait before the next check; grows by half each time, up to
+    /// [`Self::QUICK`] while the workload is young and [`Self::LONGEST`] after.
     fn interval(&mut self) -> Duration {
         let now = self.interval;
-        self.interval = (self.interval * 3 / 2).min(Self::LONGEST);
-        now
+        let ceiling = if self.since.elapsed() < Self::YOUNG {
+            Self::QUICK
+        } else {
+            Self::LONGEST
+        };
+        self.interval = (self.interval * 3 / 2).min(ceiling);
+        now.min(ceiling)
     }
 }
 
@@ -466,6 +479,11 @@ mod tests {
             last = r.interval();
         }
         assert_eq!(first, Readiness::FIRST);
+        assert_eq!(last, Readiness::QUICK, "a young workload is checked often");
+        r.since = Instant::now() - Readiness::YOUNG;
+        for _ in 0..50 {
+            last = r.interval();
+        }
         assert_eq!(last, Readiness::LONGEST);
         assert!(Readiness::new(&[]).check());
     }
