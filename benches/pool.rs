@@ -4,8 +4,8 @@
 //! and its port listens), one at a time, each destroyed before the next. The pool refills
 //! in the background meanwhile, as it would in service.
 //!
-//! Reports claim and cold p50/p99 and their ratio, the claim's steps, the time to prepare
-//! one machine, and the host memory (RSS) of a paused prepared machine's VMM; its last
+//! Reports claim and cold p50/p99 and their ratio, the claim's steps, claims of a
+//! workload that declares no port (the claim's floor), the time to prepare one machine, and the host memory (RSS) of a paused prepared machine's VMM; its last
 //! line is for scripts:
 //! `pool: claim_p50_ms=<x> claim_p99_ms=<x> cold_p50_ms=<x> ratio=<x>`.
 //!
@@ -128,6 +128,24 @@ fn main() {
                 }
             }
         }
+        // The same claims with a workload that declares no port (`sleep`): the claim's
+        // floor here, without a server's start-up and the wait for its port.
+        let mut bare = Vec::new();
+        for run in 0..runs / 2 {
+            support::wait_pool(&mut client, "bench", POOL_SIZE, fill).await;
+            let mut request = support::demo_request(
+                &format!("bare-{run}"),
+                &format!("bare-{run}"),
+                &["/bin/busybox", "sleep", "3600"],
+            );
+            if let Some(spec) = request.spec.as_mut() {
+                spec.ports.clear();
+            }
+            let (ms, started) = create_started(&mut client, request).await;
+            if started.claimed {
+                bare.push(ms);
+            }
+        }
         // Refill times of the machines prepared during the claims.
         support::wait_pool(&mut client, "bench", POOL_SIZE, fill).await;
         for m in support::all_machines(&mut client).await {
@@ -149,7 +167,7 @@ fn main() {
             cold.push(ms);
         }
 
-        for samples in [&mut claims, &mut cold, &mut refill, &mut rss] {
+        for samples in [&mut claims, &mut bare, &mut cold, &mut refill, &mut rss] {
             samples.sort_by(f64::total_cmp);
         }
         println!(
@@ -160,6 +178,7 @@ fn main() {
         println!("{:<34} {:>9} {:>9}", "", "p50", "p99");
         for (name, samples) in [
             ("claim: create -> started", &claims),
+            ("claim, no port (sleep)", &bare),
             ("cold: create -> started", &cold),
             ("prepare one machine", &refill),
         ] {
