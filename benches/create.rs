@@ -13,14 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use hearth::api::pb;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank]
-}
+use support::percentile;
 
 fn main() {
     let runs: usize = std::env::var("HEARTH_BENCH_RUNS")

@@ -20,14 +20,7 @@ use std::time::{Duration, Instant};
 
 use hearth::api::pb;
 use hearth::client::Client;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[rank]
-}
+use support::percentile;
 
 /// The pool's size: enough that claims rarely find it empty while it refills.
 const POOL_SIZE: u32 = 4;

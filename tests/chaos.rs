@@ -393,23 +393,7 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
     row.note_audit(&mut client).await;
     destroy(&mut client, &m.id).await;
     // Drain: a daemon without the pool destroys its machines through their own runs.
-    daemon.kill();
-    daemon.rewrite_config(|text| {
-        text.split("[[pools]]")
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    });
-    daemon.spawn();
-    client = daemon.client().await;
-    for r in support::all_machines(&mut client).await {
-        if r.state != pb::MachineState::Destroyed as i32 {
-            support::wait_machine_until(&mut client, &r.id, Duration::from_secs(240), |m| {
-                m.state == pb::MachineState::Destroyed as i32
-            })
-            .await;
-        }
-    }
+    client = support::drain_pools(&mut daemon).await;
     row.leaks.extend(leftovers(&daemon, &mut client).await);
     row
 }

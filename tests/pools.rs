@@ -36,27 +36,9 @@ async fn vmm_pid(client: &mut Client, id: &str) -> u32 {
     support::get_machine(client, id).await.vmm_pid
 }
 
-/// Restarts the daemon without pools, so the pools' machines are destroyed by their own
-/// runs, and waits until every record is destroyed; then nothing may be left.
+/// Drains the pools (see `support::drain_pools`); then nothing may be left.
 async fn drain(daemon: &mut Daemon) {
-    daemon.kill();
-    daemon.rewrite_config(|text| {
-        text.split("[[pools]]")
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    });
-    daemon.spawn();
-    let mut client = daemon.client().await;
-    for m in all_machines(&mut client).await {
-        if m.pool.is_empty() || m.claimed {
-            continue;
-        }
-        support::wait_machine_until(&mut client, &m.id, Duration::from_secs(240), |m| {
-            m.state == pb::MachineState::Destroyed as i32
-        })
-        .await;
-    }
+    let mut client = support::drain_pools(daemon).await;
     support::assert_audit_clean(&mut client).await;
     daemon.assert_no_host_leftovers();
 }

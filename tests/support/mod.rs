@@ -490,3 +490,37 @@ pub async fn events_until(
         }
     }
 }
+
+/// Restarts the daemon without its pools, so their prepared machines are destroyed by
+/// their own runs, and waits (up to 240 s each) until every one is; returns the client of
+/// the restarted daemon.
+pub async fn drain_pools(daemon: &mut Daemon) -> Client {
+    daemon.kill();
+    daemon.rewrite_config(|text| {
+        text.split("[[pools]]")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    });
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    for m in all_machines(&mut client).await {
+        if m.pool.is_empty() || m.claimed {
+            continue;
+        }
+        wait_machine_until(&mut client, &m.id, Duration::from_secs(240), |m| {
+            m.state == pb::MachineState::Destroyed as i32
+        })
+        .await;
+    }
+    client
+}
+
+/// The `p` quantile (0..=1, nearest rank) of sorted samples; NaN when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank]
+}
