@@ -10,9 +10,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use hearth::api::pb;
 use support::percentile;
 
 fn main() {
@@ -30,34 +28,11 @@ fn main() {
         // One warm-up run builds the image base and the guest kit: the figures are for a
         // cached image.
         for run in 0..=runs {
-            let clock = Instant::now();
-            let machine = client
-                .machines
-                .create_machine(support::demo_request(
-                    &format!("bench-{run}"),
-                    &format!("bench-{run}"),
-                    &[],
-                ))
-                .await
-                .expect("create")
-                .into_inner();
-            let reply = client
-                .machines
-                .wait_machine(pb::WaitMachineRequest {
-                    id: machine.id.clone(),
-                    state: pb::MachineState::Started as i32,
-                    timeout_ms: 240_000,
-                })
-                .await
-                .expect("wait")
-                .into_inner();
-            let elapsed_ms = clock.elapsed().as_secs_f64() * 1000.0;
-            let started = reply.machine.expect("machine");
-            assert!(
-                reply.reached,
-                "run {run} did not start: {}",
-                started.failure
-            );
+            let (elapsed_ms, started) = support::create_started(
+                &mut client,
+                support::demo_request(&format!("bench-{run}"), &format!("bench-{run}"), &[]),
+            )
+            .await;
             if run > 0 {
                 let mut guest_ms = 0.0;
                 for t in started.timings.iter().filter(|t| t.direction == "acquire") {
@@ -70,22 +45,6 @@ fn main() {
                 total.push(elapsed_ms);
                 overhead.push(elapsed_ms - guest_ms);
             }
-            client
-                .machines
-                .destroy_machine(pb::MachineRef {
-                    id: machine.id.clone(),
-                })
-                .await
-                .expect("destroy");
-            client
-                .machines
-                .wait_machine(pb::WaitMachineRequest {
-                    id: machine.id,
-                    state: pb::MachineState::Destroyed as i32,
-                    timeout_ms: 60_000,
-                })
-                .await
-                .expect("wait destroyed");
         }
         println!("cold create, cached image, {runs} runs (ms)");
         println!("{:<28} {:>9} {:>9}", "step", "p50", "p90");

@@ -16,44 +16,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hearth::api::pb;
-use hearth::client::Client;
 use support::percentile;
 
 /// The pool's size: enough that claims rarely find it empty while it refills.
 const POOL_SIZE: u32 = 4;
-
-/// Creates `request`, waits for `started`, destroys it; returns the time to `started`
-/// and the machine as it started.
-async fn create_started(
-    client: &mut Client,
-    request: pb::CreateMachineRequest,
-) -> (f64, pb::Machine) {
-    let clock = Instant::now();
-    let machine = client
-        .machines
-        .create_machine(request)
-        .await
-        .expect("create")
-        .into_inner();
-    let reply = client
-        .machines
-        .wait_machine(pb::WaitMachineRequest {
-            id: machine.id.clone(),
-            state: pb::MachineState::Started as i32,
-            timeout_ms: 240_000,
-        })
-        .await
-        .expect("wait")
-        .into_inner();
-    let ms = clock.elapsed().as_secs_f64() * 1000.0;
-    let started = reply.machine.expect("machine");
-    assert!(reply.reached, "did not start: {}", started.failure);
-    support::destroy(client, &machine.id).await;
-    (ms, started)
-}
 
 /// Resident memory of a process in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -99,7 +68,7 @@ fn main() {
             // but on 2 cores a refill's booting guest competes with it for the CPU.
             support::wait_pool(&mut client, "bench", POOL_SIZE, fill).await;
             let request = support::demo_request(&format!("claim-{run}"), &format!("claim-{run}"), &[]);
-            let (ms, started) = create_started(&mut client, request).await;
+            let (ms, started) = support::create_started(&mut client, request).await;
             if !started.claimed {
                 missed += 1;
                 continue;
@@ -134,7 +103,7 @@ fn main() {
             if let Some(spec) = request.spec.as_mut() {
                 spec.ports.clear();
             }
-            let (ms, started) = create_started(&mut client, request).await;
+            let (ms, started) = support::create_started(&mut client, request).await;
             if started.claimed {
                 bare.push(ms);
             }
@@ -155,7 +124,7 @@ fn main() {
             if let Some(spec) = request.spec.as_mut() {
                 spec.memory_mib = 160;
             }
-            let (ms, started) = create_started(&mut client, request).await;
+            let (ms, started) = support::create_started(&mut client, request).await;
             assert!(!started.claimed);
             cold.push(ms);
         }

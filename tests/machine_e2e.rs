@@ -462,15 +462,7 @@ async fn wait_event(
     after_seq: u64,
     prefix: &str,
 ) -> pb::MachineEvent {
-    let mut events = client
-        .machines
-        .watch_events(pb::WatchEventsRequest {
-            machine_id: id.into(),
-            after_seq,
-        })
-        .await
-        .expect("events")
-        .into_inner();
+    let mut events = support::watch_machine(client, id, after_seq).await;
     loop {
         let event = tokio::time::timeout(Duration::from_secs(120), events.message())
             .await

@@ -404,11 +404,20 @@ pub async fn wait_machine_until(
 }
 
 async fn watch_all(client: &mut Client) -> tonic::Streaming<pb::MachineEvent> {
+    watch_machine(client, "", 0).await
+}
+
+/// The events of machine `id` (of every machine when empty) after `after_seq`, then live.
+pub async fn watch_machine(
+    client: &mut Client,
+    id: &str,
+    after_seq: u64,
+) -> tonic::Streaming<pb::MachineEvent> {
     client
         .machines
         .watch_events(pb::WatchEventsRequest {
-            machine_id: String::new(),
-            after_seq: 0,
+            machine_id: id.into(),
+            after_seq,
         })
         .await
         .expect("watch events")
@@ -467,15 +476,7 @@ pub async fn events_until(
     after_seq: u64,
     state: pb::MachineState,
 ) -> Vec<pb::MachineEvent> {
-    let mut events = client
-        .machines
-        .watch_events(pb::WatchEventsRequest {
-            machine_id: id.into(),
-            after_seq,
-        })
-        .await
-        .expect("events")
-        .into_inner();
+    let mut events = watch_machine(client, id, after_seq).await;
     let mut log = Vec::new();
     loop {
         let event = tokio::time::timeout(Duration::from_secs(120), events.message())
@@ -523,4 +524,34 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[rank]
+}
+
+/// Creates `request`, waits for `started`, destroys it; returns the time to `started`
+/// and the machine as it started.
+pub async fn create_started(
+    client: &mut Client,
+    request: pb::CreateMachineRequest,
+) -> (f64, pb::Machine) {
+    let clock = std::time::Instant::now();
+    let machine = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let reply = client
+        .machines
+        .wait_machine(pb::WaitMachineRequest {
+            id: machine.id.clone(),
+            state: pb::MachineState::Started as i32,
+            timeout_ms: 240_000,
+        })
+        .await
+        .expect("wait")
+        .into_inner();
+    let ms = clock.elapsed().as_secs_f64() * 1000.0;
+    let started = reply.machine.expect("machine");
+    assert!(reply.reached, "did not start: {}", started.failure);
+    destroy(client, &machine.id).await;
+    (ms, started)
 }
