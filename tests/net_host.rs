@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use hearth::net::policy::{self, Egress, HostPort, MachinePolicy, PolicyConfig};
 use hearth::net::{NetFabric, NetObservation, NetPlan, NetResource, PoolCidr, netns_path};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -67,6 +68,10 @@ impl Drop for Fixture {
         for name in root_links(&self.prefix) {
             let _ = Command::new("ip").args(["link", "del", &name]).status();
         }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &policy::table_name(&self.prefix)])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -671,4 +676,116 @@ async fn bench_ensure_and_remove() {
         );
     }
     assert!(fx.fabric.scan(&fx.prefix).await.expect("scan").is_empty());
+}
+
+fn policy_config(fx: &Fixture) -> PolicyConfig {
+    PolicyConfig {
+        prefix: fx.prefix.clone(),
+        pool: fx.pool,
+        egress: Egress::None,
+        machine_to_machine: false,
+        host_allow: vec![HostPort::parse("udp/53").expect("allow")],
+    }
+}
+
+fn nft_table(prefix: &str) -> String {
+    run(&["nft", "list", "table", "inet", &policy::table_name(prefix)])
+}
+
+/// The daemon's table and one machine's chains are written through netlink, read back by
+/// `nft` itself, rewritten idempotently, and removed to the last object.
+#[tokio::test]
+async fn a_machine_policy_is_written_and_removed_idempotently() {
+    let fx = Fixture::new();
+    let cfg = policy_config(&fx);
+    fx.fabric
+        .install_policy(cfg.clone())
+        .await
+        .expect("install");
+    fx.fabric
+        .install_policy(cfg.clone())
+        .await
+        .expect("install again");
+    let plan = fx.plan(1);
+    let id = plan.host_veth.trim_start_matches(&fx.prefix).to_string();
+    let machine = MachinePolicy {
+        id: id.clone(),
+        host_veth: plan.host_veth.clone(),
+        guest_ip: plan.guest_addr,
+        ports: vec![8080, 9090],
+    };
+    assert!(!NetFabric::policy_present(&fx.prefix, &id).expect("query"));
+    for _ in 0..2 {
+        fx.fabric
+            .ensure_policy(machine.clone())
+            .await
+            .expect("ensure");
+    }
+    let table = nft_table(&fx.prefix);
+    for needle in [
+        format!("chain m{id}_in"),
+        format!("chain m{id}_fwd"),
+        format!("chain m{id}_to"),
+        format!("\"{}\" : jump m{id}_in", plan.host_veth),
+        "tcp dport 8080 accept".to_string(),
+        "udp dport 53 accept".to_string(),
+        format!("ip saddr != {} drop", plan.guest_addr),
+        "iifname vmap @from_guest_in".to_string(),
+    ] {
+        assert!(table.contains(&needle), "{needle:?} missing from:\n{table}");
+    }
+    // Rewritten, not appended: one rule per port.
+    assert_eq!(table.matches("tcp dport 8080 accept").count(), 1, "{table}");
+    assert!(NetFabric::policy_present(&fx.prefix, &id).expect("query"));
+    assert_eq!(
+        fx.fabric.scan_policies(&fx.prefix).await.expect("scan"),
+        vec![id.clone()]
+    );
+
+    for _ in 0..2 {
+        fx.fabric
+            .remove_policy(&fx.prefix, &id)
+            .await
+            .expect("remove");
+    }
+    let table = nft_table(&fx.prefix);
+    assert!(!table.contains(&id), "{table}");
+    assert!(!NetFabric::policy_present(&fx.prefix, &id).expect("query"));
+    assert!(
+        fx.fabric
+            .scan_policies(&fx.prefix)
+            .await
+            .expect("scan")
+            .is_empty()
+    );
+}
+
+/// The namespace's anti-spoofing guard is made with the network and pins the guest's MAC
+/// and address on the tap.
+#[tokio::test]
+async fn the_network_carries_an_anti_spoofing_guard() {
+    let fx = Fixture::new();
+    let plan = fx.plan(2);
+    fx.fabric.ensure(&plan).await.expect("ensure");
+    fx.fabric.ensure(&plan).await.expect("ensure again");
+    let guard = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &plan.netns,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        policy::GUARD_TABLE,
+    ]);
+    for needle in [
+        format!("ether saddr != {}", plan.guest_mac_string()),
+        format!("ip saddr != {} drop", plan.guest_addr),
+        "iifname \"tap0\"".to_string(),
+    ] {
+        assert!(guard.contains(&needle), "{needle:?} missing from:\n{guard}");
+    }
+    assert_eq!(guard.matches("ether saddr").count(), 1, "{guard}");
+    fx.fabric.remove(&plan).await.expect("remove");
 }

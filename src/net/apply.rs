@@ -10,7 +10,9 @@
 //! 4. tap (ioctl on /dev/net/tun opened inside the namespace), then up;
 //! 5. addresses: host end, namespace end, tap;
 //! 6. routes: namespace default via the host end; root: guest network via the namespace
-//!    end (each needs the address that makes its gateway reachable).
+//!    end (each needs the address that makes its gateway reachable);
+//! 7. the anti-spoofing guard: an nftables table in the namespace that drops what the tap
+//!    receives from any MAC or IPv4 source but the guest's (`policy::guard_changes`).
 //!
 //! Undo is one step: delete the namespace. The kernel destroys what is inside, and
 //! destroying the namespace end of the veth takes the host end (and its route) along.
@@ -27,7 +29,9 @@ use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 use super::error::NetError;
 use super::links::{self, Side};
 use super::netlink::Rtnl;
+use super::nfnl::Nfnl;
 use super::plan::NetPlan;
+use super::policy;
 use super::watch::LinkWatch;
 use super::worker::Worker;
 use super::{netns, tap};
@@ -114,6 +118,15 @@ pub(crate) fn ensure(worker: &mut Worker, plan: &NetPlan) -> Result<(), NetError
             plan.host_veth
         ),
     )?;
+
+    // 7. The anti-spoofing guard on the tap (still inside the namespace).
+    let place = Some(plan.netns.as_str());
+    let mut nft = Nfnl::open().map_err(|source| NetError::Nftables {
+        place: super::error::place(place),
+        action: "open a netfilter socket".to_string(),
+        source,
+    })?;
+    nft.apply_in(place, &policy::guard_changes(plan))?;
     Ok(())
 }
 

@@ -47,6 +47,20 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
+    /// An nftables change or query was refused or failed.
+    #[error("nftables in {place}: {action}: {source}")]
+    Nftables {
+        /// `root namespace` or `namespace <name>`.
+        place: String,
+        /// The change or query, naming its table and chain.
+        action: String,
+        /// The kernel's answer or the transport failure.
+        #[source]
+        source: NlError,
+    },
+    /// The policy was used before the daemon installed its table.
+    #[error("the packet policy is not installed")]
+    PolicyNotInstalled,
     /// IPv4 forwarding could not be read or switched on inside the namespace.
     #[error("IPv4 forwarding in namespace {netns}: {source}")]
     Forwarding {

@@ -3,12 +3,14 @@
 //! (see `worker`), chosen by namespace name, so calls for one machine run in order and
 //! calls for different machines run side by side.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use super::error::NetError;
+use super::nfnl::Nfnl;
 use super::observe::NetObservation;
 use super::plan::NetPlan;
+use super::policy::{self, Egress, MachinePolicy, PolicyConfig};
 use super::scan::NetResource;
 use super::worker::Workers;
 use super::{apply, netns, observe, scan};
@@ -22,6 +24,7 @@ const WORKERS: usize = 2;
 #[derive(Clone)]
 pub struct NetFabric {
     workers: Arc<Workers>,
+    policy: Arc<OnceLock<PolicyConfig>>,
 }
 
 impl NetFabric {
@@ -32,7 +35,101 @@ impl NetFabric {
         netns::prepare_run_dir()?;
         Ok(NetFabric {
             workers: Arc::new(Workers::start(WORKERS)?),
+            policy: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Writes the daemon's part of the packet policy (its table, maps and shared
+    /// chains; machine chains are kept) and, with egress `nat`, switches IPv4 forwarding
+    /// on in the root namespace, logging that it did. Idempotent; called once at start,
+    /// before any machine's policy. See `policy`.
+    pub async fn install_policy(&self, cfg: PolicyConfig) -> Result<(), NetError> {
+        let job = cfg.clone();
+        self.workers
+            .run(&cfg.table(), move |_| {
+                let mut nft = open_nft(None)?;
+                nft.apply_in(None, &policy::daemon_changes(&job))
+            })
+            .await?;
+        if cfg.egress == Egress::Nat {
+            enable_root_forwarding()?;
+        }
+        // A second install (a test that restarts the fabric's user) keeps the first.
+        let _ = self.policy.set(cfg);
+        Ok(())
+    }
+
+    /// The installed daemon-wide policy.
+    pub fn policy(&self) -> Option<&PolicyConfig> {
+        self.policy.get()
+    }
+
+    /// Writes one machine's chains and map elements (rules replaced). Idempotent. Undo:
+    /// [`NetFabric::remove_policy`].
+    pub async fn ensure_policy(&self, machine: MachinePolicy) -> Result<(), NetError> {
+        let cfg = self
+            .policy
+            .get()
+            .cloned()
+            .ok_or(NetError::PolicyNotInstalled)?;
+        let key = machine.id.clone();
+        self.workers
+            .run(&key, move |_| {
+                let mut nft = open_nft(None)?;
+                nft.apply_in(None, &policy::machine_changes(&cfg, &machine))
+            })
+            .await
+    }
+
+    /// Removes whatever of machine `id`'s policy exists (its host veth is
+    /// `<prefix><id>`). Idempotent: nothing there is success.
+    pub async fn remove_policy(&self, prefix: &str, id: &str) -> Result<(), NetError> {
+        let prefix = prefix.to_string();
+        let id = id.to_string();
+        self.workers
+            .run(&id.clone(), move |_| {
+                let mut nft = open_nft(None)?;
+                let table = policy::table_name(&prefix);
+                let present = nft
+                    .has_chain(&table, &policy::marker_chain(&id))
+                    .map_err(nft_query(format!("look up the chains of machine {id}")))?;
+                if !present {
+                    return Ok(());
+                }
+                let host_veth = format!("{prefix}{id}");
+                nft.apply_in(None, &policy::release_changes(&prefix, &id, &host_veth))
+            })
+            .await
+    }
+
+    /// Whether machine `id`'s policy is on the host. Blocking but quick (one netlink
+    /// query, tens of microseconds): callable from the thread that observes a machine.
+    /// Runs on the calling thread, which must be in the root namespace (every thread but
+    /// the fabric's own workers is).
+    pub fn policy_present(prefix: &str, id: &str) -> Result<bool, NetError> {
+        let mut nft = open_nft(None)?;
+        nft.has_chain(&policy::table_name(prefix), &policy::marker_chain(id))
+            .map_err(nft_query(format!("look up the chains of machine {id}")))
+    }
+
+    /// The ids of every machine with policy chains in the table of `prefix`, sorted.
+    pub async fn scan_policies(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        let table = policy::table_name(prefix);
+        self.workers
+            .run(&table.clone(), move |_| {
+                let mut nft = open_nft(None)?;
+                let chains = nft
+                    .chains(&table)
+                    .map_err(nft_query(format!("list the chains of {table}")))?;
+                let mut ids: Vec<String> = chains
+                    .iter()
+                    .filter_map(|c| policy::machine_of_chain(c).map(str::to_string))
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                Ok(ids)
+            })
+            .await
     }
 
     /// Makes `plan` true on the host: namespace, veth pair, tap, addresses, forwarding,
@@ -94,4 +191,39 @@ impl NetFabric {
             .run(&prefix.clone(), move |w| scan::scan(w, &prefix))
             .await
     }
+}
+
+fn open_nft(netns: Option<&str>) -> Result<Nfnl, NetError> {
+    Nfnl::open().map_err(|source| NetError::Nftables {
+        place: super::error::place(netns),
+        action: "open a netfilter socket".to_string(),
+        source,
+    })
+}
+
+fn nft_query(action: String) -> impl FnOnce(super::NlError) -> NetError {
+    move |source| NetError::Nftables {
+        place: super::error::place(None),
+        action,
+        source,
+    }
+}
+
+const ROOT_IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Egress `nat` needs the root namespace to forward. Switched on only when off, and
+/// logged: it is a host-wide setting an operator must know about.
+fn enable_root_forwarding() -> Result<(), NetError> {
+    let forwarding = |source| NetError::Forwarding {
+        netns: "(root)".to_string(),
+        source,
+    };
+    let now = std::fs::read(ROOT_IP_FORWARD).map_err(forwarding)?;
+    if now.trim_ascii() != b"1" {
+        std::fs::write(ROOT_IP_FORWARD, b"1\n").map_err(forwarding)?;
+        tracing::warn!(
+            "network.egress = \"nat\": switched IPv4 forwarding on in the root namespace"
+        );
+    }
+    Ok(())
 }
