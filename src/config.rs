@@ -104,8 +104,53 @@ pub struct NetworkConfig {
     pub pool: String,
     /// Prefix of every host resource hearth names (network namespaces, links): 1 to 5
     /// characters of `[a-z0-9]`, starting with a letter. Two daemons on one host need
-    /// different prefixes and pools.
+    /// different prefixes and pools. Also names the daemon's nftables table
+    /// (`inet hearth_<prefix>`).
     pub prefix: String,
+    /// Where guests may go beyond the host's allow list and their peers: `none` (the
+    /// default) or `nat` (out through the host's routes, masqueraded; hearth then
+    /// switches IPv4 forwarding on in the root namespace, and logs that it did).
+    pub egress: EgressConfig,
+    /// Whether guests may reach each other's declared ports (default false).
+    pub machine_to_machine: bool,
+    /// Host ports guests may reach, as `tcp/<port>` or `udp/<port>`; nothing else on the
+    /// host answers them. Default: none.
+    pub host_allow: Vec<String>,
+}
+
+/// `network.egress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressConfig {
+    /// Guests reach only the host's allow list (and peers, when allowed).
+    None,
+    /// Guests also reach the outside, masqueraded.
+    Nat,
+}
+
+impl NetworkConfig {
+    /// The packet policy this section describes. Call after [`Config::validate`].
+    pub fn policy(&self) -> Result<crate::net::policy::PolicyConfig, ConfigError> {
+        use crate::net::policy::{Egress, HostPort, PolicyConfig};
+        let pool = crate::net::PoolCidr::parse(&self.pool)
+            .map_err(|e| invalid("network.pool", e.to_string()))?;
+        let mut host_allow = Vec::with_capacity(self.host_allow.len());
+        for (i, entry) in self.host_allow.iter().enumerate() {
+            host_allow.push(
+                HostPort::parse(entry).map_err(|e| invalid(format!("network.host_allow[{i}]"), e))?,
+            );
+        }
+        Ok(PolicyConfig {
+            prefix: self.prefix.clone(),
+            pool,
+            egress: match self.egress {
+                EgressConfig::None => Egress::None,
+                EgressConfig::Nat => Egress::Nat,
+            },
+            machine_to_machine: self.machine_to_machine,
+            host_allow,
+        })
+    }
 }
 
 /// Which VMM runs the machines.
@@ -274,6 +319,9 @@ impl Default for NetworkConfig {
         NetworkConfig {
             pool: "10.213.0.0/16".to_string(),
             prefix: "hth".to_string(),
+            egress: EgressConfig::None,
+            machine_to_machine: false,
+            host_allow: Vec::new(),
         }
     }
 }
@@ -411,6 +459,7 @@ impl Config {
                 format!("{prefix:?} must be 1-5 characters of [a-z0-9] starting with a letter"),
             ));
         }
+        self.network.policy()?;
         if self.guest.ready_timeout_secs == 0 {
             return Err(invalid(
                 "guest.ready_timeout_secs",
@@ -615,6 +664,9 @@ mod tests {
             ("[network]\npool = \"nonsense\"", "network.pool"),
             ("[network]\nprefix = \"toolong\"", "network.prefix"),
             ("[network]\nprefix = \"1ab\"", "network.prefix"),
+            ("[network]\nhost_allow = [\"udp/53\", \"icmp/1\"]", "network.host_allow[1]"),
+            ("[network]\nhost_allow = [\"tcp/0\"]", "network.host_allow[0]"),
+            ("[network]\negress = \"open\"", "egress"),
             ("data_dir = \"relative\"", "data_dir"),
             ("[guest]\nboot_attempts = 0", "guest.boot_attempts"),
         ];

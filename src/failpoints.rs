@@ -209,9 +209,11 @@ mod tests {
         assert!(all.contains(&"stop.vmm.before_effect".to_string()));
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
-        // create 8 steps, start 3, stop 3, destroy 8, prepare 7, claim 2; three boundaries
+        // create 9 steps, start 3, stop 3, destroy 9, prepare 7, claim 3; three boundaries
         // each; 6 singleton points.
-        assert_eq!(all.len(), (8 + 3 + 3 + 8 + 7 + 2) * 3 + 6);
+        assert_eq!(all.len(), (9 + 3 + 3 + 9 + 7 + 3) * 3 + 6);
+        assert!(all.contains(&"claim.policy.after_effect".to_string()));
+        assert!(!all.contains(&"prepare.policy.before_effect".to_string()));
         assert!(all.contains(&"claim.ready.before_effect".to_string()));
         assert!(all.contains(&"prepare.ready.after_commit".to_string()));
         assert!(!all.contains(&"prepare.publish.before_effect".to_string()));

@@ -1,7 +1,8 @@
 //! The steps' context (`machine::steps::StepContext`), implemented over the shared
 //! services: each handle is a call to the singleton that owns the resource, found by its
 //! registered name, so a restarted singleton is reached without a stale reference. A
-//! call nobody answers is transient ([`StepError::Retry`]).
+//! call nobody answers is transient ([`StepError::Retry`]). The packet policy is the
+//! exception: the network fabric is reached directly (see `ensure_policy`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::guest::kit::GuestKit;
 use crate::image::ImageRef;
 use crate::machine::steps::{BaseFound, StepContext, StepError};
 use crate::net::NetPlan;
+use crate::net::policy::MachinePolicy;
 use crate::route::Route;
 use crate::vmm::VmmDriver;
 
@@ -123,6 +125,22 @@ impl StepContext for Services {
         )
         .await??;
         Ok(())
+    }
+
+    // The policy is per machine and the fabric's workers order each machine's calls, so
+    // no singleton stands in between.
+    async fn ensure_policy(&self, machine: MachinePolicy) -> Result<(), StepError> {
+        self.net()
+            .ensure_policy(machine)
+            .await
+            .map_err(|e| StepError::Retry(e.to_string()))
+    }
+
+    async fn remove_policy(&self, machine: &str) -> Result<(), StepError> {
+        self.net()
+            .remove_policy(&self.config().network.prefix, machine)
+            .await
+            .map_err(|e| StepError::Retry(e.to_string()))
     }
 
     async fn publish(&self, route: Route) -> Result<(), StepError> {

@@ -103,7 +103,7 @@ impl MachineActor {
                 Liveness::Gone => VmmSeen::Gone,
             },
         };
-        // Only what a finished step made is looked for; both checks are a stat.
+        // Only what a finished step made is looked for; these two checks are a stat.
         let network_present = rec.mark(Step::Network) != Mark::Done
             || steps::network::plan(services, rec).is_ok_and(|plan| {
                 crate::net::netns_path(&plan.netns).exists()
@@ -115,10 +115,16 @@ impl MachineActor {
             || steps::machine_dir(services, rec)
                 .join(steps::disk::ROOT_DISK)
                 .exists();
+        // One netlink query, only for a finished policy. A query that fails says nothing
+        // was lost: the step is not redone on a guess.
+        let policy_present = rec.mark(Step::Policy) != Mark::Done
+            || crate::net::NetFabric::policy_present(&services.config().network.prefix, &rec.id)
+                .unwrap_or(true);
         Observed {
             vmm,
             network_present,
             disk_present,
+            policy_present,
         }
     }
 

@@ -178,6 +178,7 @@ fn resource_kind(kind: ResourceKind) -> pb::ResourceKind {
         ResourceKind::MachineDir => pb::ResourceKind::MachineDir,
         ResourceKind::Lease => pb::ResourceKind::Lease,
         ResourceKind::Route => pb::ResourceKind::Route,
+        ResourceKind::Policy => pb::ResourceKind::Policy,
     }
 }
 

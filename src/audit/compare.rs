@@ -17,6 +17,7 @@
 //! | `machine_dir` | `<data_dir>/machines/<id>`                    |
 //! | `lease`       | a `leases` row owned by the id                |
 //! | `route`       | the id's `routes` row                         |
+//! | `policy`      | chains `m<id>_*` in table `inet hearth_<prefix>` |
 
 use std::collections::HashMap;
 
@@ -58,6 +59,7 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
     };
     named(ResourceKind::Netns, &host.netns, &|n| n.to_string());
     named(ResourceKind::Link, &host.links, &|n| n.to_string());
+    named(ResourceKind::Policy, &host.policies, &|n| n.to_string());
     named(ResourceKind::MachineDir, &host.machine_dirs, &|n| {
         host.machines_dir.join(n).display().to_string()
     });
@@ -130,6 +132,15 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
             link,
             id,
             why(ResourceKind::Link),
+        ));
+    }
+    let policy = super::scan::policy_name(&host.prefix, id);
+    if done(ResourceKind::Policy) && !has(&host.policies, &policy) {
+        out.push(finding(
+            ResourceKind::Policy,
+            policy,
+            id,
+            why(ResourceKind::Policy),
         ));
     }
     if done(ResourceKind::Vmm) {
@@ -247,6 +258,8 @@ mod tests {
         };
         for id in ids {
             host.netns.push(Named::of(format!("tp-{id}"), Some(id)));
+            host.policies
+                .push(Named::of(super::super::scan::policy_name("tp", id), Some(id)));
             host.links.push(Named::of(format!("tp{id}"), Some(id)));
             host.vmms.push((id.to_string(), 100));
             host.machine_dirs.push(Named::of(*id, Some(id)));
@@ -298,6 +311,7 @@ mod tests {
                 key(ResourceKind::MachineDir, "/d/machines/bbbbbbbbbb", Some(B)),
                 key(ResourceKind::Lease, "slot 3", Some(B)),
                 key(ResourceKind::Route, B, Some(B)),
+                key(ResourceKind::Policy, "hearth_tp chains mbbbbbbbbbb_*", Some(B)),
             ]
         );
         assert!(
@@ -311,7 +325,7 @@ mod tests {
     #[test]
     fn everything_of_a_destroyed_tombstone_is_a_leak() {
         let report = compare(&[rec(B, MachineState::Destroyed, &[])], &host_of(&[B]));
-        assert_eq!(report.leaks.len(), 6, "{report:#?}");
+        assert_eq!(report.leaks.len(), 7, "{report:#?}");
         assert!(
             report
                 .leaks
@@ -323,8 +337,9 @@ mod tests {
 
     #[test]
     fn each_untouched_step_makes_its_resources_leaks() {
-        let table: [(Step, &[ResourceKind]); 5] = [
+        let table: [(Step, &[ResourceKind]); 6] = [
             (Step::Network, &[ResourceKind::Netns, ResourceKind::Link]),
+            (Step::Policy, &[ResourceKind::Policy]),
             (Step::Vmm, &[ResourceKind::Vmm]),
             (Step::Disk, &[ResourceKind::MachineDir]),
             (Step::Lease, &[ResourceKind::Lease]),
@@ -366,7 +381,12 @@ mod tests {
     #[test]
     fn each_done_step_without_its_resource_is_missing() {
         type Strip = fn(&mut HostScan);
-        let table: [(Strip, ResourceKind, &str); 6] = [
+        let table: [(Strip, ResourceKind, &str); 7] = [
+            (
+                |h| h.policies.clear(),
+                ResourceKind::Policy,
+                "hearth_tp chains maaaaaaaaaa_*",
+            ),
             (|h| h.netns.clear(), ResourceKind::Netns, "tp-aaaaaaaaaa"),
             (|h| h.links.clear(), ResourceKind::Link, "tpaaaaaaaaaa"),
             (|h| h.vmms.clear(), ResourceKind::Vmm, "pid 100"),
@@ -459,7 +479,7 @@ mod tests {
         host.leases = BTreeMap::from([(3, A.to_string()), (4, B.to_string())]);
         let report = compare(&[started(A)], &host);
         assert!(report.missing.is_empty(), "{report:#?}");
-        assert_eq!(report.leaks.len(), 6, "{report:#?}");
+        assert_eq!(report.leaks.len(), 7, "{report:#?}");
         assert!(
             report
                 .leaks

@@ -54,6 +54,17 @@ pub struct HostScan {
     pub leases: BTreeMap<u32, String>,
     /// Machine ids with a row in the `routes` table.
     pub routes: Vec<String>,
+    /// Machines' packet policies in the daemon's nftables table, named
+    /// [`policy_name`].
+    pub policies: Vec<Named>,
+}
+
+/// How a machine's packet policy is named in findings.
+pub fn policy_name(prefix: &str, id: &str) -> String {
+    format!(
+        "{} chains m{id}_*",
+        crate::net::policy::table_name(prefix)
+    )
 }
 
 /// True for hearth's machine id shape: 10 lowercase hex characters (the shape
@@ -83,6 +94,13 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
             }),
         }
     }
+    let policies = services
+        .net()
+        .scan_policies(&prefix)
+        .await?
+        .into_iter()
+        .map(|id| Named::of(policy_name(&prefix, &id), Some(&id)))
+        .collect();
     let marker = services.vmm().name_prefix().to_string();
     let dir = machines_dir.clone();
     let (vmms, machine_dirs) = tokio::task::spawn_blocking(move || {
@@ -102,6 +120,7 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
         machine_dirs,
         leases,
         routes,
+        policies,
     })
 }
 

@@ -70,6 +70,12 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
     let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
     let net = NetFabric::start().map_err(|e| e.to_string())?;
+    // The daemon's packet policy goes in before any machine is woken: a machine's own
+    // chains hang off it.
+    let policy = config.network.policy().map_err(|e| e.to_string())?;
+    net.install_policy(policy)
+        .await
+        .map_err(|e| format!("network policy: {e}"))?;
     let choice = hearth::vmm::select::choose(&config)
         .await
         .map_err(|e| e.to_string())?;

@@ -31,6 +31,8 @@ pub struct Observed {
     pub network_present: bool,
     /// Whether the machine's disk is there.
     pub disk_present: bool,
+    /// Whether the machine's packet policy is there.
+    pub policy_present: bool,
 }
 
 impl Observed {
@@ -42,6 +44,9 @@ impl Observed {
         }
         if rec.mark(Step::Network) == Mark::Done && !self.network_present {
             return Some(Step::Network);
+        }
+        if rec.mark(Step::Policy) == Mark::Done && !self.policy_present {
+            return Some(Step::Policy);
         }
         None
     }
@@ -166,18 +171,23 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             return decision(Next::Release(Step::Vmm), MachineState::Starting);
         }
         // A step is only acquired with nothing after it still on the host: what was built
-        // on top of a step being redone is released first, latest first.
-        let first_missing = order.iter().position(|s| rec.mark(*s) != Mark::Done);
-        let above = first_missing.map_or(order.len(), |i| i + 1);
-        if let Some(later) = CREATE_ORDER[above..]
-            .iter()
-            .rev()
-            .find(|s| rec.touched(**s))
-        {
-            return decision(Next::Release(*later), MachineState::Starting);
+        // on top of a step being redone is released first, latest first (and so is
+        // whatever this target does not want at all). A step redone in place (see
+        // `StepInfo::in_place`) is the exception: it is acquired where it stands.
+        let first_missing = order.iter().copied().find(|s| rec.mark(*s) != Mark::Done);
+        if !first_missing.is_some_and(|s| s.info().in_place) {
+            let above = first_missing.map_or(CREATE_ORDER.len(), |s| s.create_index() + 1);
+            if let Some(later) = CREATE_ORDER
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(i, s)| rec.touched(**s) && (*i >= above || !order.contains(s)))
+            {
+                return decision(Next::Release(*later.1), MachineState::Starting);
+            }
         }
         return match first_missing {
-            Some(index) => decision(Next::Acquire(order[index]), MachineState::Starting),
+            Some(step) => decision(Next::Acquire(step), MachineState::Starting),
             None => decision(Next::Settle, settled),
         };
     }
@@ -269,7 +279,12 @@ pub fn apply_outcome(
                     rec.resources.guest_ip = None;
                 }
                 Step::Vmm => rec.resources.vmm = None,
-                Step::Disk | Step::Network | Step::VmConfig | Step::Ready | Step::Publish => {}
+                Step::Disk
+                | Step::Network
+                | Step::Policy
+                | Step::VmConfig
+                | Step::Ready
+                | Step::Publish => {}
             }
         }
     }
@@ -335,16 +350,19 @@ mod tests {
         vmm: VmmSeen::Running,
         network_present: true,
         disk_present: true,
+        policy_present: true,
     };
     const GONE: Observed = Observed {
         vmm: VmmSeen::Gone,
         network_present: true,
         disk_present: true,
+        policy_present: true,
     };
     const NONE: Observed = Observed {
         vmm: VmmSeen::NotRecorded,
         network_present: true,
         disk_present: true,
+        policy_present: true,
     };
 
     fn record(desired: Desired, marks: &[(Step, Mark)]) -> MachineRecord {
@@ -429,7 +447,12 @@ mod tests {
                 Next::Acquire(Step::Network),
             ),
             (
-                with(done_through(Step::Network), Step::VmConfig, Mark::Begun),
+                done_through(Step::Network),
+                NONE,
+                Next::Acquire(Step::Policy),
+            ),
+            (
+                with(done_through(Step::Policy), Step::VmConfig, Mark::Begun),
                 NONE,
                 Next::Acquire(Step::VmConfig),
             ),
@@ -634,22 +657,37 @@ mod tests {
 
     #[test]
     fn prepared_capacity_stops_before_publish_and_a_claim_redoes_ready() {
-        let prepared = record(Desired::Prepared, &done_through(Step::Vmm));
+        // What a prepared machine acquires, through `last`.
+        let prepared_through = |last: Step| -> Vec<(Step, Mark)> {
+            done_through(last)
+                .into_iter()
+                .filter(|(s, _)| s.info().prepared)
+                .collect()
+        };
+        let prepared = record(Desired::Prepared, &prepared_through(Step::Vmm));
         check(
             &prepared,
             RUNNING,
             Next::Acquire(Step::Ready),
             MachineState::Starting,
         );
-        let idle = record(Desired::Prepared, &done_through(Step::Ready));
+        let idle = record(Desired::Prepared, &prepared_through(Step::Ready));
         check(&idle, RUNNING, Next::Settle, MachineState::Prepared);
         // Its guest died after it was idle: given up, so the pool replaces it.
         let got = decide(&idle, &GONE, &POLICY);
         assert!(matches!(got.next, Next::GiveUp(_)), "{got:?}");
-        // A claim wants it started with `ready` to do again (now with the workload).
+        // A claim wants it started with `ready` to do again (now with the workload):
+        // first its policy, in place, with the workload's ports.
         let mut claimed = idle.clone();
         claimed.desired = Desired::Started;
         claimed.set_mark(Step::Ready, Mark::Untouched);
+        check(
+            &claimed,
+            RUNNING,
+            Next::Acquire(Step::Policy),
+            MachineState::Starting,
+        );
+        apply_outcome(&mut claimed, Step::Policy, Direction::Acquire, None);
         check(
             &claimed,
             RUNNING,
@@ -697,7 +735,13 @@ mod tests {
         );
         apply_lost(&mut rec, Step::Network);
         // Everything built on the network goes first, latest first...
-        for later in [Step::Publish, Step::Ready, Step::Vmm, Step::VmConfig] {
+        for later in [
+            Step::Publish,
+            Step::Ready,
+            Step::Vmm,
+            Step::VmConfig,
+            Step::Policy,
+        ] {
             check(&rec, RUNNING, Next::Release(later), MachineState::Starting);
             apply_outcome(&mut rec, later, Direction::Release, None);
         }
@@ -712,10 +756,37 @@ mod tests {
         check(
             &rec,
             NONE,
-            Next::Acquire(Step::VmConfig),
+            Next::Acquire(Step::Policy),
             MachineState::Starting,
         );
     }
+
+    #[test]
+    fn a_lost_policy_is_written_again_in_place_with_the_vmm_left_running() {
+        let mut rec = record(Desired::Started, &all_done());
+        let no_policy = Observed {
+            policy_present: false,
+            ..RUNNING
+        };
+        check(&rec, no_policy, Next::Lost(Step::Policy), MachineState::Starting);
+        apply_lost(&mut rec, Step::Policy);
+        check(&rec, RUNNING, Next::Acquire(Step::Policy), MachineState::Starting);
+        apply_outcome(&mut rec, Step::Policy, Direction::Acquire, None);
+        check(&rec, RUNNING, Next::Settle, MachineState::Started);
+    }
+
+    #[test]
+    fn a_machine_from_before_the_policy_step_gets_it_without_a_restart() {
+        let marks: Vec<(Step, Mark)> = all_done()
+            .into_iter()
+            .filter(|(s, _)| *s != Step::Policy)
+            .collect();
+        let mut rec = record(Desired::Started, &marks);
+        check(&rec, RUNNING, Next::Acquire(Step::Policy), MachineState::Starting);
+        apply_outcome(&mut rec, Step::Policy, Direction::Acquire, None);
+        check(&rec, RUNNING, Next::Settle, MachineState::Started);
+    }
+
 
     #[test]
     fn a_lost_disk_is_noticed_first_and_only_towards_started() {
@@ -724,6 +795,7 @@ mod tests {
             vmm: VmmSeen::Running,
             network_present: false,
             disk_present: false,
+            policy_present: false,
         };
         check(
             &rec,

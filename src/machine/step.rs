@@ -32,6 +32,8 @@ pub enum Step {
     Ready,
     /// The machine's route is in the registry.
     Publish,
+    /// The machine's packet policy: its nftables chains in the daemon's table.
+    Policy,
 }
 
 /// The kinds of host resource a machine owns, each owned by exactly one step (see
@@ -51,17 +53,21 @@ pub enum ResourceKind {
     Lease,
     /// A row of the `routes` table (step `publish`).
     Route,
+    /// Chains `m<id>_*` (and their map elements) in the daemon's nftables table (step
+    /// `policy`).
+    Policy,
 }
 
 impl ResourceKind {
     /// Every kind.
-    pub const ALL: [ResourceKind; 6] = [
+    pub const ALL: [ResourceKind; 7] = [
         ResourceKind::Netns,
         ResourceKind::Link,
         ResourceKind::Vmm,
         ResourceKind::MachineDir,
         ResourceKind::Lease,
         ResourceKind::Route,
+        ResourceKind::Policy,
     ];
 
     /// Lower-case name, as the CLI prints it.
@@ -73,6 +79,7 @@ impl ResourceKind {
             ResourceKind::MachineDir => "machine_dir",
             ResourceKind::Lease => "lease",
             ResourceKind::Route => "route",
+            ResourceKind::Policy => "policy",
         }
     }
 
@@ -111,21 +118,28 @@ pub struct StepInfo {
     /// paused, for a claim. Only `publish` waits for the claim: nothing routes to a
     /// machine nobody has asked for.
     pub prepared: bool,
+    /// Whether the step may be acquired again where it stands, with the steps after it
+    /// still up: its effect is independent of theirs (a packet policy does not care
+    /// whether the VMM runs). Any other step that must be redone first has everything
+    /// built after it released. This is also what lets a daemon upgraded with a new
+    /// in-place step give it to running machines without restarting them.
+    pub in_place: bool,
     /// The host resources the step's acquire makes and its release removes.
     pub owns: &'static [ResourceKind],
 }
 
 /// Every step, in create order. Image first because everything after it is pointless for
 /// an image that cannot be built; the lease before the network because the network's
-/// addresses come from it; publish last because nothing may route to a guest that is
-/// not ready.
-pub const CATALOGUE: [StepInfo; 8] = [
+/// addresses come from it; the policy right after the network, before anything can send
+/// through it; publish last because nothing may route to a guest that is not ready.
+pub const CATALOGUE: [StepInfo; 9] = [
     StepInfo {
         step: Step::Image,
         name: "image",
         cancellable: true,
         stop_releases: false,
         prepared: true,
+        in_place: false,
         owns: &[],
     },
     StepInfo {
@@ -134,6 +148,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: false,
         prepared: true,
+        in_place: false,
         owns: &[ResourceKind::MachineDir],
     },
     StepInfo {
@@ -142,6 +157,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: false,
         prepared: true,
+        in_place: false,
         owns: &[ResourceKind::Lease],
     },
     StepInfo {
@@ -150,7 +166,19 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: false,
         prepared: true,
+        in_place: false,
         owns: &[ResourceKind::Netns, ResourceKind::Link],
+    },
+    StepInfo {
+        step: Step::Policy,
+        name: "policy",
+        cancellable: false,
+        stop_releases: false,
+        // A prepared machine runs only hearth's own init, paused; its policy is written
+        // at the claim, with the workload's ports.
+        prepared: false,
+        in_place: true,
+        owns: &[ResourceKind::Policy],
     },
     StepInfo {
         step: Step::VmConfig,
@@ -158,6 +186,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: false,
         prepared: true,
+        in_place: false,
         owns: &[],
     },
     StepInfo {
@@ -166,6 +195,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: true,
         prepared: true,
+        in_place: false,
         owns: &[ResourceKind::Vmm],
     },
     StepInfo {
@@ -174,6 +204,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: true,
         stop_releases: true,
         prepared: true,
+        in_place: false,
         owns: &[],
     },
     StepInfo {
@@ -182,6 +213,7 @@ pub const CATALOGUE: [StepInfo; 8] = [
         cancellable: false,
         stop_releases: true,
         prepared: false,
+        in_place: false,
         owns: &[ResourceKind::Route],
     },
 ];
@@ -254,7 +286,7 @@ pub const STOP_RELEASES: [Step; STOP_COUNT] = {
     let mut n = 0;
     let mut i = 0;
     while i < TEARDOWN_ORDER.len() {
-        if CATALOGUE[TEARDOWN_ORDER[i] as usize].stop_releases {
+        if TEARDOWN_ORDER[i].info().stop_releases {
             out[n] = TEARDOWN_ORDER[i];
             n += 1;
         }
@@ -266,9 +298,21 @@ pub const STOP_RELEASES: [Step; STOP_COUNT] = {
 impl Step {
     /// The step's catalogue entry.
     pub const fn info(self) -> &'static StepInfo {
-        // The catalogue is in declaration order (checked by a test), so the
-        // discriminant is the index.
-        &CATALOGUE[self as usize]
+        &CATALOGUE[self.create_index()]
+    }
+
+    /// The step's position in the create order. (Declaration order is storage order,
+    /// append-only; the catalogue's order is the create order.)
+    pub const fn create_index(self) -> usize {
+        let mut i = 0;
+        while i < CATALOGUE.len() {
+            if CATALOGUE[i].step as usize == self as usize {
+                return i;
+            }
+            i += 1;
+        }
+        // Not reached: a test proves every step has a catalogue row.
+        0
     }
 
     /// See [`StepInfo::cancellable`].
@@ -329,14 +373,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_catalogue_is_in_declaration_order_and_derives_the_orders() {
+    fn the_catalogue_has_every_step_once_and_derives_the_orders() {
         for (i, info) in CATALOGUE.iter().enumerate() {
-            assert_eq!(info.step as usize, i, "{} out of place", info.name);
+            assert_eq!(info.step.create_index(), i, "{} out of place", info.name);
+            assert_eq!(info.step.name(), info.name);
         }
+        let mut declared: Vec<usize> = CATALOGUE.iter().map(|i| i.step as usize).collect();
+        declared.sort_unstable();
+        assert_eq!(declared, (0..CATALOGUE.len()).collect::<Vec<_>>());
         assert_eq!(CREATE_ORDER[0], Step::Image);
         assert_eq!(TEARDOWN_ORDER[0], Step::Publish);
         assert_eq!(STOP_RELEASES, [Step::Publish, Step::Ready, Step::Vmm]);
-        assert_eq!(PREPARE_ORDER, CREATE_ORDER[..7]);
+        assert_eq!(
+            PREPARE_ORDER,
+            [
+                Step::Image,
+                Step::Disk,
+                Step::Lease,
+                Step::Network,
+                Step::VmConfig,
+                Step::Vmm,
+                Step::Ready
+            ]
+        );
         let names: Vec<&str> = CREATE_ORDER.iter().map(|s| s.name()).collect();
         assert_eq!(
             names,
@@ -345,6 +404,7 @@ mod tests {
                 "disk",
                 "lease",
                 "network",
+                "policy",
                 "vm_config",
                 "vmm",
                 "ready",

@@ -182,6 +182,21 @@ impl Daemon {
                 }
             }
         }
+        // A machine's packet policy: chains m<id>_* in the daemon's table.
+        let table = Command::new("nft")
+            .args(["list", "table", "inet", &format!("hearth_{}", self.prefix)])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for line in table.lines() {
+            if let Some(chain) = line.trim().strip_prefix("chain m")
+                && let Some((id, _)) = chain.split_once('_')
+            {
+                found.push(format!("policy m{id}_*"));
+            }
+        }
+        found.dedup();
         found
     }
 }
@@ -227,6 +242,12 @@ impl Drop for Daemon {
                 _ => {}
             }
         }
+        // The daemon's table outlives the daemon (machines that outlive it keep their
+        // policy); a test's daemon takes it along.
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &format!("hearth_{}", self.prefix)])
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

@@ -13,6 +13,7 @@ use crate::guest::kit::GuestKit;
 use crate::image::ImageRef;
 use crate::machine::record::ImageWorkload;
 use crate::net::NetPlan;
+use crate::net::policy::MachinePolicy;
 use crate::route::Route;
 use crate::vmm::VmmDriver;
 
@@ -66,6 +67,15 @@ pub trait StepContext: Send + Sync {
 
     /// Removes whatever of the plan's network exists.
     fn remove_network(&self, plan: NetPlan) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Writes the machine's packet policy (rules replaced).
+    fn ensure_policy(
+        &self,
+        machine: MachinePolicy,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Removes whatever of the machine's packet policy exists.
+    fn remove_policy(&self, machine: &str) -> impl Future<Output = Result<(), StepError>> + Send;
 
     /// Puts the route in the registry.
     fn publish(&self, route: Route) -> impl Future<Output = Result<(), StepError>> + Send;

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod image;
 pub mod lease;
 pub mod network;
+pub mod policy;
 pub mod publish;
 pub mod ready;
 pub mod vm_config;
@@ -94,6 +95,8 @@ pub async fn run<C: StepContext>(
         (Step::Lease, Release) => nothing(lease::release(cx, rec).await),
         (Step::Network, Acquire) => nothing(network::acquire(cx, rec).await),
         (Step::Network, Release) => nothing(network::release(cx, rec).await),
+        (Step::Policy, Acquire) => nothing(policy::acquire(cx, rec).await),
+        (Step::Policy, Release) => nothing(policy::release(cx, rec).await),
         (Step::VmConfig, Acquire) => nothing(vm_config::acquire(cx, rec).await),
         (Step::VmConfig, Release) => nothing(vm_config::release(cx, rec).await),
         (Step::Vmm, Acquire) => vmm::acquire(cx, rec).await,

@@ -1,0 +1,32 @@
+//! Step `policy`: the machine's packet policy (see `net::policy`): its three chains in
+//! the daemon's nftables table and the map elements that lead its host veth's packets
+//! into them. Deny by default: the host, other machines and (unless egress is `nat`)
+//! the outside are closed to the guest, and only its declared TCP ports are open towards
+//! it.
+//!
+//! Acquire is idempotent: the chains are rewritten whole in one atomic batch, so it also
+//! updates the ports and repairs a half-deleted policy. It runs in place (see
+//! `StepInfo::in_place`): redoing it never restarts the VMM. Release removes whatever of
+//! the machine's chains and elements exists, found by name from the id alone, so it works
+//! without a lease and after a crash at any point.
+
+use super::{StepContext, StepError, network};
+use crate::machine::record::MachineRecord;
+use crate::net::policy::MachinePolicy;
+
+/// Writes the machine's policy.
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    let plan = network::leased_plan(cx, rec, "policy")?;
+    cx.ensure_policy(MachinePolicy {
+        id: rec.id.clone(),
+        host_veth: plan.host_veth,
+        guest_ip: plan.guest_addr,
+        ports: rec.spec.ports.clone(),
+    })
+    .await
+}
+
+/// Removes the machine's policy.
+pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    cx.remove_policy(&rec.id).await
+}
