@@ -137,7 +137,8 @@ impl NetworkConfig {
         let mut host_allow = Vec::with_capacity(self.host_allow.len());
         for (i, entry) in self.host_allow.iter().enumerate() {
             host_allow.push(
-                HostPort::parse(entry).map_err(|e| invalid(format!("network.host_allow[{i}]"), e))?,
+                HostPort::parse(entry)
+                    .map_err(|e| invalid(format!("network.host_allow[{i}]"), e))?,
             );
         }
         Ok(PolicyConfig {
@@ -664,8 +665,14 @@ mod tests {
             ("[network]\npool = \"nonsense\"", "network.pool"),
             ("[network]\nprefix = \"toolong\"", "network.prefix"),
             ("[network]\nprefix = \"1ab\"", "network.prefix"),
-            ("[network]\nhost_allow = [\"udp/53\", \"icmp/1\"]", "network.host_allow[1]"),
-            ("[network]\nhost_allow = [\"tcp/0\"]", "network.host_allow[0]"),
+            (
+                "[network]\nhost_allow = [\"udp/53\", \"icmp/1\"]",
+                "network.host_allow[1]",
+            ),
+            (
+                "[network]\nhost_allow = [\"tcp/0\"]",
+                "network.host_allow[0]",
+            ),
             ("[network]\negress = \"open\"", "egress"),
             ("data_dir = \"relative\"", "data_dir"),
             ("[guest]\nboot_attempts = 0", "guest.boot_attempts"),

@@ -258,8 +258,10 @@ mod tests {
         };
         for id in ids {
             host.netns.push(Named::of(format!("tp-{id}"), Some(id)));
-            host.policies
-                .push(Named::of(super::super::scan::policy_name("tp", id), Some(id)));
+            host.policies.push(Named::of(
+                super::super::scan::policy_name("tp", id),
+                Some(id),
+            ));
             host.links.push(Named::of(format!("tp{id}"), Some(id)));
             host.vmms.push((id.to_string(), 100));
             host.machine_dirs.push(Named::of(*id, Some(id)));
@@ -311,7 +313,11 @@ mod tests {
                 key(ResourceKind::MachineDir, "/d/machines/bbbbbbbbbb", Some(B)),
                 key(ResourceKind::Lease, "slot 3", Some(B)),
                 key(ResourceKind::Route, B, Some(B)),
-                key(ResourceKind::Policy, "hearth_tp chains mbbbbbbbbbb_*", Some(B)),
+                key(
+                    ResourceKind::Policy,
+                    "hearth_tp chains mbbbbbbbbbb_*",
+                    Some(B)
+                ),
             ]
         );
         assert!(

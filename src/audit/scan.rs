@@ -61,10 +61,7 @@ pub struct HostScan {
 
 /// How a machine's packet policy is named in findings.
 pub fn policy_name(prefix: &str, id: &str) -> String {
-    format!(
-        "{} chains m{id}_*",
-        crate::net::policy::table_name(prefix)
-    )
+    format!("{} chains m{id}_*", crate::net::policy::table_name(prefix))
 }
 
 /// True for hearth's machine id shape: 10 lowercase hex characters (the shape

@@ -768,9 +768,19 @@ mod tests {
             policy_present: false,
             ..RUNNING
         };
-        check(&rec, no_policy, Next::Lost(Step::Policy), MachineState::Starting);
+        check(
+            &rec,
+            no_policy,
+            Next::Lost(Step::Policy),
+            MachineState::Starting,
+        );
         apply_lost(&mut rec, Step::Policy);
-        check(&rec, RUNNING, Next::Acquire(Step::Policy), MachineState::Starting);
+        check(
+            &rec,
+            RUNNING,
+            Next::Acquire(Step::Policy),
+            MachineState::Starting,
+        );
         apply_outcome(&mut rec, Step::Policy, Direction::Acquire, None);
         check(&rec, RUNNING, Next::Settle, MachineState::Started);
     }
@@ -782,11 +792,15 @@ mod tests {
             .filter(|(s, _)| *s != Step::Policy)
             .collect();
         let mut rec = record(Desired::Started, &marks);
-        check(&rec, RUNNING, Next::Acquire(Step::Policy), MachineState::Starting);
+        check(
+            &rec,
+            RUNNING,
+            Next::Acquire(Step::Policy),
+            MachineState::Starting,
+        );
         apply_outcome(&mut rec, Step::Policy, Direction::Acquire, None);
         check(&rec, RUNNING, Next::Settle, MachineState::Started);
     }
-
 
     #[test]
     fn a_lost_disk_is_noticed_first_and_only_towards_started() {

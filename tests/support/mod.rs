@@ -42,6 +42,18 @@ impl Daemon {
 
     /// A daemon's directory and config, not started yet.
     pub fn prepare(extra: &str) -> Daemon {
+        Daemon::prepare_with_network("", extra)
+    }
+
+    /// Starts a daemon with `network` TOML keys added to its `[network]` section and
+    /// `extra` appended to its config.
+    pub fn start_with_network(network: &str, extra: &str) -> Daemon {
+        let mut daemon = Daemon::prepare_with_network(network, extra);
+        daemon.spawn();
+        daemon
+    }
+
+    fn prepare_with_network(network: &str, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         // Daemons of one test binary run at the same time: a counter keeps their prefixes
         // and pools apart, a random start (drawn once per binary) keeps binaries run one
@@ -71,7 +83,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{extra}\n",
+                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{network}\n{extra}\n",
                 d = dir.path().display(),
                 net = raw[1],
                 extra = extra,
@@ -245,7 +257,12 @@ impl Drop for Daemon {
         // The daemon's table outlives the daemon (machines that outlive it keep their
         // policy); a test's daemon takes it along.
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &format!("hearth_{}", self.prefix)])
+            .args([
+                "delete",
+                "table",
+                "inet",
+                &format!("hearth_{}", self.prefix),
+            ])
             .stderr(std::process::Stdio::null())
             .status();
     }

@@ -1,0 +1,341 @@
+//! What a guest can reach, probed from inside real guests with busybox: the host's
+//! listeners (through the gateway, the host end of its link and every host address),
+//! another guest's declared port with the host forwarding, a spoofed-source UDP packet;
+//! and from the host, a guest's declared and undeclared ports. Then egress: a listener in
+//! a test-made "outside" namespace is reached with `egress = "nat"` and not with `none`.
+//!
+//! The tests of this file change the host's IPv4 forwarding, so they run one at a time
+//! (a lock) and put the setting back.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth::api::pb;
+use support::{Daemon, destroy, wait_for};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Puts the host's IPv4 forwarding back as it was.
+struct ForwardingRestored(String);
+
+impl ForwardingRestored {
+    fn switch_on() -> ForwardingRestored {
+        let before = std::fs::read_to_string(IP_FORWARD).expect("read ip_forward");
+        std::fs::write(IP_FORWARD, "1\n").expect("switch forwarding on");
+        ForwardingRestored(before)
+    }
+}
+
+impl Drop for ForwardingRestored {
+    fn drop(&mut self) {
+        let _ = std::fs::write(IP_FORWARD, &self.0);
+    }
+}
+
+/// A TCP listener on 0.0.0.0 that answers every connection with "pong".
+fn pong_listener() -> u16 {
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"pong\n");
+        }
+    });
+    port
+}
+
+/// A UDP socket on 0.0.0.0 that records the source address of every datagram.
+fn udp_recorder() -> (u16, Arc<Mutex<Vec<SocketAddr>>>) {
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind udp");
+    let port = socket.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            sink.lock().expect("lock").push(from);
+        }
+    });
+    (port, seen)
+}
+
+/// The host's own IPv4 addresses, but loopback and the daemons' links.
+fn host_addresses() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let dev = fields.nth(1)?;
+            let addr = fields.nth(1)?.split('/').next()?.to_string();
+            (dev != "lo" && !dev.starts_with("td")).then_some(addr)
+        })
+        .collect()
+}
+
+/// GET `/` of `ip:port`, or the connection error.
+fn try_http(ip: &str, port: u16, timeout: Duration) -> Result<String, String> {
+    let addr = SocketAddr::new(ip.parse().map_err(|e| format!("{e}"))?, port);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    Ok(reply)
+}
+
+/// Polls the guest's page until it says `done` (the probes run after it serves).
+async fn probe_report(ip: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(page) = try_http(ip, 80, Duration::from_secs(5))
+            && page.contains("done")
+        {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the probes of {ip} never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A machine of the demo image running `script` under busybox sh, serving /srv/probe on
+/// port 80 (its only declared port). `probe` and the derived addresses are defined
+/// first: `$gw` (its gateway), `$hv` (the host end of its link), `$dev`.
+async fn create_prober(
+    client: &mut hearth::client::Client,
+    name: &str,
+    script: &str,
+) -> pb::Machine {
+    let full = format!(
+        "mkdir -p /srv/probe; echo pending > /srv/probe/index.html; \
+         gw=$(ip route | awk '/default/ {{print $3}}'); \
+         dev=$(ip route | awk '/default/ {{print $5}}'); \
+         hv=$(echo $gw | awk -F. '{{print $1\".\"$2\".\"$3\".\"$4-4}}'); \
+         probe() {{ if echo ping | nc -w 2 $2 $3 2>/dev/null | grep -q pong; then echo \"$1 $2:$3 open\"; else echo \"$1 $2:$3 closed\"; fi; }}; \
+         ( {{ {script}; echo done; }} > /srv/probe/r.tmp 2>&1; mv /srv/probe/r.tmp /srv/probe/index.html ) & \
+         exec httpd -f -p 80 -h /srv/probe"
+    );
+    let mut request = support::demo_request(name, name, &[&full]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let created = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    wait_for(client, &created.id, pb::MachineState::Started).await
+}
+
+#[tokio::test]
+async fn a_guest_reaches_only_what_policy_allows() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let denied = pong_listener();
+    let allowed = pong_listener();
+    let (udp, datagrams) = udp_recorder();
+    let daemon = Daemon::start_with_network(
+        &format!("host_allow = [\"tcp/{allowed}\", \"udp/{udp}\"]"),
+        "",
+    );
+    let mut client = daemon.client().await;
+    let _forwarding = ForwardingRestored::switch_on();
+
+    // The peer: port 80 declared, port 81 served but undeclared; it checks 81 itself.
+    let peer_script = "mkdir -p /srv/peer; \
+        httpd -p 81 -h /srv/www; \
+        if echo x | nc -w 2 127.0.0.1 81 | grep -qi http; then echo self81-open; else echo self81-closed; fi > /srv/peer/index.html; \
+        exec httpd -f -p 80 -h /srv/peer";
+    let mut request = support::demo_request("peer", "peer", &[peer_script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let peer = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create peer")
+        .into_inner();
+    let peer = wait_for(&mut client, &peer.id, pb::MachineState::Started).await;
+
+    let hosts = host_addresses();
+    assert!(!hosts.is_empty(), "the host has no address but loopback");
+    let spoofed = "10.99.99.99";
+    let script = format!(
+        "probe gateway $gw {denied}; \
+         for a in $hv {hosts}; do probe host $a {denied}; done; \
+         probe allowed $hv {allowed}; \
+         probe peer {peer_ip} 80; \
+         traceroute -n -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
+         ip addr add {spoofed}/32 dev $dev; \
+         traceroute -n -s {spoofed} -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
+         echo udp-sent",
+        hosts = hosts.join(" "),
+        peer_ip = peer.guest_ip,
+        base = udp - 1,
+    );
+    let prober = create_prober(&mut client, "prober", &script).await;
+    let report = probe_report(&prober.guest_ip).await;
+    eprintln!("prober report:\n{report}");
+
+    // The probes themselves work: the allow-listed port is reached.
+    assert!(report.contains(&format!(":{allowed} open")), "{report}");
+    assert!(report.contains("udp-sent"), "{report}");
+    // Nothing else on the host, through any address, nor the peer.
+    let lines: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("gateway ") || l.starts_with("host ") || l.starts_with("peer "))
+        .collect();
+    assert_eq!(lines.len(), 3 + hosts.len(), "{report}");
+    for line in lines {
+        assert!(line.ends_with("closed"), "reached: {line}\n{report}");
+    }
+    // UDP: the genuine datagram arrived from the guest's address, the spoofed one not.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sources = loop {
+        let seen = datagrams.lock().expect("lock").clone();
+        if !seen.is_empty() || Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sources: Vec<String> = sources.iter().map(|a| a.ip().to_string()).collect();
+    assert!(sources.contains(&prober.guest_ip), "{sources:?}");
+    assert!(!sources.iter().any(|s| s == spoofed), "{sources:?}");
+
+    // From the host: the peer's declared port answers, its undeclared one does not,
+    // though the peer itself serves it.
+    let page = try_http(&peer.guest_ip, 80, Duration::from_secs(10)).expect("declared port");
+    assert!(page.contains("self81-open"), "{page}");
+    let undeclared = try_http(&peer.guest_ip, 81, Duration::from_secs(2));
+    assert!(undeclared.is_err(), "port 81 answered: {undeclared:?}");
+
+    destroy(&mut client, &prober.id).await;
+    destroy(&mut client, &peer.id).await;
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
+}
+
+/// A namespace standing for the outside world: a veth pair to the root namespace and
+/// busybox httpd on 10.250.<n>.2:7000. Removed on drop.
+struct Outside {
+    netns: String,
+    link: String,
+    addr: String,
+    server: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Outside {
+    fn start() -> Outside {
+        let mut raw = [0u8; 1];
+        getrandom::fill(&mut raw).expect("random");
+        let n = raw[0];
+        let netns = format!("hout{n:02x}");
+        let link = format!("hout{n:02x}r");
+        let run = |args: &[&str]| {
+            let status = Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .expect("run");
+            assert!(status.success(), "{args:?}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        let _ = Command::new("ip").args(["link", "del", &link]).status();
+        run(&["ip", "netns", "add", &netns]);
+        run(&[
+            "ip", "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ]);
+        let host = format!("10.250.{n}.1/30");
+        let addr = format!("10.250.{n}.2");
+        run(&["ip", "addr", "add", &host, "dev", &link]);
+        run(&["ip", "link", "set", &link, "up"]);
+        run(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            "eth0",
+        ]);
+        run(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("index.html"), "outside-pong\n").expect("page");
+        let server = Command::new("ip")
+            .args([
+                "netns", "exec", &netns, "busybox", "httpd", "-f", "-p", "7000", "-h",
+            ])
+            .arg(dir.path())
+            .spawn()
+            .expect("httpd");
+        Outside {
+            netns,
+            link,
+            addr,
+            server,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn egress_nat_reaches_the_outside_and_none_does_not() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let before = std::fs::read_to_string(IP_FORWARD).expect("read ip_forward");
+    let _restore = ForwardingRestored(before);
+    // Off to start with, so the `nat` daemon is seen switching it on; the `none` daemon
+    // runs after, with forwarding on: only its rules stop the guest.
+    std::fs::write(IP_FORWARD, "0\n").expect("switch forwarding off");
+    let outside = Outside::start();
+    let script = format!(
+        "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 7000 | grep -q outside-pong; then echo outside-open; else echo outside-closed; fi",
+        outside.addr
+    );
+    for (egress, expected) in [("nat", "outside-open"), ("none", "outside-closed")] {
+        let daemon = Daemon::start_with_network(&format!("egress = \"{egress}\""), "");
+        let mut client = daemon.client().await;
+        let forwarding = std::fs::read_to_string(IP_FORWARD).expect("read");
+        assert_eq!(forwarding.trim(), "1", "egress {egress}: forwarding");
+        let prober = create_prober(&mut client, &format!("egress-{egress}"), &script).await;
+        let report = probe_report(&prober.guest_ip).await;
+        assert!(report.contains(expected), "egress {egress}: {report}");
+        destroy(&mut client, &prober.id).await;
+        support::assert_audit_clean(&mut client).await;
+        daemon.assert_no_host_leftovers();
+    }
+}
