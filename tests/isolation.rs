@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hearth::api::pb;
 use support::{Daemon, destroy, wait_for};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -149,7 +149,7 @@ async fn create_prober(
 
 #[tokio::test]
 async fn a_guest_reaches_only_what_policy_allows() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let denied = pong_listener();
     let allowed = pong_listener();
     let (udp, datagrams) = udp_recorder();
@@ -315,7 +315,7 @@ impl Drop for Outside {
 
 #[tokio::test]
 async fn egress_nat_reaches_the_outside_and_none_does_not() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let before = std::fs::read_to_string(IP_FORWARD).expect("read ip_forward");
     let _restore = ForwardingRestored(before);
     // Off to start with, so the `nat` daemon is seen switching it on; the `none` daemon
