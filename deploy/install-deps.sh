@@ -24,6 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
   fi
 fi
+# The group every VMM runs as (`vmm.group`); each VMM has its own uid from `vmm.uid_base`,
+# which needs no account.
+if ! getent group hearth-vmm >/dev/null; then
+  groupadd --system hearth-vmm
+fi
 # The guest kernel: Debian's cloud kernel package, extracted (not installed).
 bash "$(dirname "$0")/install-guest-kernel.sh"
 if ! command -v cargo >/dev/null; then

@@ -179,6 +179,16 @@ pub struct VmmConfig {
     pub firecracker_binary: PathBuf,
     /// Start Firecracker through its jailer.
     pub jailer: JailerConfig,
+    /// Memory a VMM may use beyond its guest's, in MiB: the machine's cgroup limit is
+    /// the guest memory plus this (QEMU's own heap and TCG's code cache live here).
+    pub memory_overhead_mib: u32,
+    /// Run each QEMU unprivileged: as its own uid `uid_base + <lease slot>` and group
+    /// `group`, under a seccomp sandbox. Off only for debugging.
+    pub unprivileged: bool,
+    /// First uid of the per-machine range (no account is needed for these uids).
+    pub uid_base: u32,
+    /// The group every VMM runs as (`deploy/install-deps.sh` creates `hearth-vmm`).
+    pub group: String,
 }
 
 /// Jailer settings (Firecracker only).
@@ -334,6 +344,10 @@ impl Default for VmmConfig {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             firecracker_binary: PathBuf::new(),
             jailer: JailerConfig::default(),
+            memory_overhead_mib: 128,
+            unprivileged: true,
+            uid_base: 900_000,
+            group: "hearth-vmm".to_string(),
         }
     }
 }

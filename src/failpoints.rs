@@ -209,9 +209,10 @@ mod tests {
         assert!(all.contains(&"stop.vmm.before_effect".to_string()));
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
-        // create 9 steps, start 3, stop 3, destroy 9, prepare 7, claim 3; three boundaries
-        // each; 6 singleton points.
-        assert_eq!(all.len(), (9 + 3 + 3 + 9 + 7 + 3) * 3 + 6);
+        // create 10 steps, start 4, stop 4, destroy 10, prepare 8, claim 3; three
+        // boundaries each; 6 singleton points.
+        assert_eq!(all.len(), (10 + 4 + 4 + 10 + 8 + 3) * 3 + 6);
+        assert!(all.contains(&"stop.cgroup.before_effect".to_string()));
         assert!(all.contains(&"claim.policy.after_effect".to_string()));
         assert!(!all.contains(&"prepare.policy.before_effect".to_string()));
         assert!(all.contains(&"claim.ready.before_effect".to_string()));

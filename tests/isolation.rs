@@ -339,3 +339,85 @@ async fn egress_nat_reaches_the_outside_and_none_does_not() {
         daemon.assert_no_host_leftovers();
     }
 }
+
+/// The QEMU of a machine runs as its own non-root uid, under seccomp, inside the
+/// machine's cgroup with the CPU quota of its vCPUs and the memory limit of its memory
+/// plus the stated overhead; the cgroup goes with the machine.
+#[tokio::test]
+async fn the_vmm_runs_unprivileged_sandboxed_and_limited() {
+    use hearth::vmm::cgroup::{Cgroups, Hierarchy};
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start_with("[vmm]\nkind = \"qemu\"\nmemory_overhead_mib = 96\n");
+    let mut client = daemon.client().await;
+    let mut request = support::demo_request("limited", "limited", &[]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.vcpus = 2;
+        spec.memory_mib = 160;
+    }
+    let created = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let machine = wait_for(&mut client, &created.id, pb::MachineState::Started).await;
+    let pids = daemon.processes();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let uids = field("Uid:");
+    assert_eq!(uids.len(), 4, "{status}");
+    assert!(
+        uids.iter().all(|u| *u != "0"),
+        "QEMU runs as root: {uids:?}"
+    );
+    assert_eq!(field("Seccomp:"), vec!["2"], "{status}");
+    assert!(
+        field("CapEff:")
+            .iter()
+            .all(|c| c.trim_start_matches('0').is_empty()),
+        "{status}"
+    );
+
+    let cgroups = Cgroups::detect(&daemon.prefix).expect("cgroups");
+    let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).expect("cgroup");
+    let inside = format!("/hearth_{}/{}", daemon.prefix, machine.id);
+    assert!(membership.contains(&inside), "{membership}");
+    let read = |dir: &std::path::Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+            .trim()
+            .to_string()
+    };
+    let dirs = cgroups.dirs(&machine.id);
+    let memory = ((160 + 96) << 20).to_string();
+    match cgroups.hierarchy() {
+        Hierarchy::V2(_) => {
+            assert_eq!(read(&dirs[0], "cpu.max"), "200000 100000");
+            assert_eq!(read(&dirs[0], "memory.max"), memory);
+        }
+        Hierarchy::V1 { .. } => {
+            assert_eq!(read(&dirs[0], "cpu.cfs_quota_us"), "200000");
+            assert_eq!(read(&dirs[0], "cpu.cfs_period_us"), "100000");
+            assert_eq!(read(&dirs[1], "memory.limit_in_bytes"), memory);
+        }
+    }
+    assert!(
+        read(&dirs[0], "cgroup.procs").contains(&pids[0].to_string()),
+        "the VMM is not in its cgroup"
+    );
+    support::http_get(&machine.guest_ip, 80);
+
+    destroy(&mut client, &machine.id).await;
+    for dir in &dirs {
+        assert!(!dir.exists(), "{} left after destroy", dir.display());
+    }
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
+}

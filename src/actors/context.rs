@@ -19,7 +19,8 @@ use crate::machine::steps::{BaseFound, StepContext, StepError};
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
-use crate::vmm::VmmDriver;
+use crate::vmm::cgroup::{CgroupError, Limits};
+use crate::vmm::{Confinement, VmmDriver};
 
 /// Building a base can take a while (unpacking, mkfs).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -143,6 +144,43 @@ impl StepContext for Services {
             .map_err(|e| StepError::Retry(e.to_string()))
     }
 
+    async fn ensure_cgroup(
+        &self,
+        machine: &str,
+        vcpus: u32,
+        memory_mib: u32,
+        running: Option<i32>,
+    ) -> Result<(), StepError> {
+        let cgroups = self.vmm_host().cgroups.clone();
+        let overhead = u64::from(self.config().vmm.memory_overhead_mib);
+        let limits = Limits {
+            vcpus,
+            memory_bytes: (u64::from(memory_mib) + overhead) << 20,
+        };
+        let id = machine.to_string();
+        blocking(move || {
+            cgroups.ensure(&id, limits)?;
+            // A VMM that is gone has nothing to move; its step notices that itself.
+            if let Some(pid) = running
+                && std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                cgroups.add(&id, pid)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_cgroup(&self, machine: &str) -> Result<(), StepError> {
+        let cgroups = self.vmm_host().cgroups.clone();
+        let id = machine.to_string();
+        blocking(move || cgroups.remove(&id)).await
+    }
+
+    fn vmm_confinement(&self, machine: &str, slot: u32) -> Confinement {
+        self.vmm_host().confinement(machine, slot)
+    }
+
     async fn publish(&self, route: Route) -> Result<(), StepError> {
         ask(
             names::REGISTRY,
@@ -163,4 +201,15 @@ impl StepContext for Services {
         .await??;
         Ok(())
     }
+}
+
+/// Runs cgroup file work off the async threads (a removal may wait for killed
+/// processes to leave).
+async fn blocking(
+    work: impl FnOnce() -> Result<(), CgroupError> + Send + 'static,
+) -> Result<(), StepError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StepError::Retry(format!("cgroup task: {e}")))?
+        .map_err(|e| StepError::Retry(e.to_string()))
 }

@@ -120,11 +120,14 @@ impl MachineActor {
         let policy_present = rec.mark(Step::Policy) != Mark::Done
             || crate::net::NetFabric::policy_present(&services.config().network.prefix, &rec.id)
                 .unwrap_or(true);
+        let cgroup_present =
+            rec.mark(Step::Cgroup) != Mark::Done || services.vmm_host().cgroups.present(&rec.id);
         Observed {
             vmm,
             network_present,
             disk_present,
             policy_present,
+            cgroup_present,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::net::{NetFabric, PoolCidr};
 use crate::route::RouteChange;
 use crate::store::Store;
 use crate::vmm::VmmDriver;
+use crate::vmm::confine::VmmHost;
 
 /// Shared services. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
@@ -28,6 +29,7 @@ struct Inner {
     net: NetFabric,
     vmm: VmmDriver,
     kit: OnceCell<GuestKit>,
+    host: VmmHost,
     runs_observed: AtomicU64,
     singleton_restarts: AtomicU64,
     events: broadcast::Sender<MachineEvent>,
@@ -46,6 +48,7 @@ impl Services {
         pool: PoolCidr,
         net: NetFabric,
         vmm: VmmDriver,
+        host: VmmHost,
     ) -> Self {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (routes, _) = broadcast::channel(BROADCAST_CAPACITY);
@@ -57,12 +60,18 @@ impl Services {
                 net,
                 vmm,
                 kit: OnceCell::new(),
+                host,
                 runs_observed: AtomicU64::new(0),
                 singleton_restarts: AtomicU64::new(0),
                 events,
                 routes,
             }),
         }
+    }
+
+    /// What confines VMMs on this host (cgroups, identities).
+    pub fn vmm_host(&self) -> &VmmHost {
+        &self.inner.host
     }
 
     /// The configuration.

@@ -179,6 +179,7 @@ fn resource_kind(kind: ResourceKind) -> pb::ResourceKind {
         ResourceKind::Lease => pb::ResourceKind::Lease,
         ResourceKind::Route => pb::ResourceKind::Route,
         ResourceKind::Policy => pb::ResourceKind::Policy,
+        ResourceKind::Cgroup => pb::ResourceKind::Cgroup,
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `lease`       | a `leases` row owned by the id                |
 //! | `route`       | the id's `routes` row                         |
 //! | `policy`      | chains `m<id>_*` in table `inet hearth_<prefix>` |
+//! | `cgroup`      | `<hierarchy>/hearth_<prefix>/<id>`, per hierarchy |
 
 use std::collections::HashMap;
 
@@ -60,6 +61,7 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
     named(ResourceKind::Netns, &host.netns, &|n| n.to_string());
     named(ResourceKind::Link, &host.links, &|n| n.to_string());
     named(ResourceKind::Policy, &host.policies, &|n| n.to_string());
+    named(ResourceKind::Cgroup, &host.cgroups, &|n| n.to_string());
     named(ResourceKind::MachineDir, &host.machine_dirs, &|n| {
         host.machines_dir.join(n).display().to_string()
     });
@@ -132,6 +134,15 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
             link,
             id,
             why(ResourceKind::Link),
+        ));
+    }
+    let in_cgroup = |o: &Named| o.machine_id.as_deref() == Some(id);
+    if done(ResourceKind::Cgroup) && !host.cgroups.iter().any(in_cgroup) {
+        out.push(finding(
+            ResourceKind::Cgroup,
+            format!("hearth_{}/{id}", host.prefix),
+            id,
+            why(ResourceKind::Cgroup),
         ));
     }
     let policy = super::scan::policy_name(&host.prefix, id);
@@ -262,6 +273,8 @@ mod tests {
                 super::super::scan::policy_name("tp", id),
                 Some(id),
             ));
+            host.cgroups
+                .push(Named::of(format!("/cg/hearth_tp/{id}"), Some(id)));
             host.links.push(Named::of(format!("tp{id}"), Some(id)));
             host.vmms.push((id.to_string(), 100));
             host.machine_dirs.push(Named::of(*id, Some(id)));
@@ -318,6 +331,7 @@ mod tests {
                     "hearth_tp chains mbbbbbbbbbb_*",
                     Some(B)
                 ),
+                key(ResourceKind::Cgroup, "/cg/hearth_tp/bbbbbbbbbb", Some(B)),
             ]
         );
         assert!(
@@ -331,7 +345,7 @@ mod tests {
     #[test]
     fn everything_of_a_destroyed_tombstone_is_a_leak() {
         let report = compare(&[rec(B, MachineState::Destroyed, &[])], &host_of(&[B]));
-        assert_eq!(report.leaks.len(), 7, "{report:#?}");
+        assert_eq!(report.leaks.len(), 8, "{report:#?}");
         assert!(
             report
                 .leaks
@@ -343,9 +357,10 @@ mod tests {
 
     #[test]
     fn each_untouched_step_makes_its_resources_leaks() {
-        let table: [(Step, &[ResourceKind]); 6] = [
+        let table: [(Step, &[ResourceKind]); 7] = [
             (Step::Network, &[ResourceKind::Netns, ResourceKind::Link]),
             (Step::Policy, &[ResourceKind::Policy]),
+            (Step::Cgroup, &[ResourceKind::Cgroup]),
             (Step::Vmm, &[ResourceKind::Vmm]),
             (Step::Disk, &[ResourceKind::MachineDir]),
             (Step::Lease, &[ResourceKind::Lease]),
@@ -387,7 +402,12 @@ mod tests {
     #[test]
     fn each_done_step_without_its_resource_is_missing() {
         type Strip = fn(&mut HostScan);
-        let table: [(Strip, ResourceKind, &str); 7] = [
+        let table: [(Strip, ResourceKind, &str); 8] = [
+            (
+                |h| h.cgroups.clear(),
+                ResourceKind::Cgroup,
+                "hearth_tp/aaaaaaaaaa",
+            ),
             (
                 |h| h.policies.clear(),
                 ResourceKind::Policy,
@@ -458,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_machine_owns_disk_lease_and_network_only() {
+    fn a_stopped_machine_owns_disk_lease_network_and_policy_only() {
         let mut r = started(A);
         r.state = MachineState::Stopped;
         for step in crate::machine::step::STOP_RELEASES {
@@ -468,6 +488,7 @@ mod tests {
         let mut host = host_of(&[A]);
         host.vmms.clear();
         host.routes.clear();
+        host.cgroups.clear();
         assert!(compare(std::slice::from_ref(&r), &host).is_clean());
         let report = compare(&[r], &host_of(&[A]));
         assert_eq!(
@@ -475,6 +496,7 @@ mod tests {
             vec![
                 key(ResourceKind::Vmm, "pid 100", Some(A)),
                 key(ResourceKind::Route, A, Some(A)),
+                key(ResourceKind::Cgroup, "/cg/hearth_tp/aaaaaaaaaa", Some(A)),
             ]
         );
     }
@@ -485,7 +507,7 @@ mod tests {
         host.leases = BTreeMap::from([(3, A.to_string()), (4, B.to_string())]);
         let report = compare(&[started(A)], &host);
         assert!(report.missing.is_empty(), "{report:#?}");
-        assert_eq!(report.leaks.len(), 7, "{report:#?}");
+        assert_eq!(report.leaks.len(), 8, "{report:#?}");
         assert!(
             report
                 .leaks

@@ -23,6 +23,9 @@ pub enum AuditError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Listing the machines' cgroups failed.
+    #[error("audit: scan the cgroups: {0}")]
+    Cgroup(#[from] crate::vmm::cgroup::CgroupError),
     /// The blocking scan task did not finish.
     #[error("audit: scan task: {0}")]
     Task(String),

@@ -57,6 +57,9 @@ pub struct HostScan {
     /// Machines' packet policies in the daemon's nftables table, named
     /// [`policy_name`].
     pub policies: Vec<Named>,
+    /// Directories under the daemon's parent cgroup, in every hierarchy in use (one
+    /// entry per directory, named by its path).
+    pub cgroups: Vec<Named>,
 }
 
 /// How a machine's packet policy is named in findings.
@@ -98,6 +101,16 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
         .into_iter()
         .map(|id| Named::of(policy_name(&prefix, &id), Some(&id)))
         .collect();
+    let cgroups = services
+        .vmm_host()
+        .cgroups
+        .scan()?
+        .into_iter()
+        .map(|(path, name)| {
+            let id = is_machine_id(&name).then_some(name.as_str());
+            Named::of(path, id)
+        })
+        .collect();
     let marker = services.vmm().name_prefix().to_string();
     let dir = machines_dir.clone();
     let (vmms, machine_dirs) = tokio::task::spawn_blocking(move || {
@@ -118,6 +131,7 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
         leases,
         routes,
         policies,
+        cgroups,
     })
 }
 

@@ -86,7 +86,8 @@ async fn run(args: Args) -> Result<(), String> {
         BaseSettings::from(&config.images),
     )
     .map_err(|e| e.to_string())?;
-    let services = Services::new(config.clone(), store, pool, net, vmm);
+    let host = hearth::vmm::confine::VmmHost::detect(&config)?;
+    let services = Services::new(config.clone(), store, pool, net, vmm, host);
 
     let (supervisor, supervisor_done) = Supervisor::spawn(
         Some(names::SUPERVISOR.to_string()),

@@ -33,6 +33,8 @@ pub struct Observed {
     pub disk_present: bool,
     /// Whether the machine's packet policy is there.
     pub policy_present: bool,
+    /// Whether the machine's cgroup is there.
+    pub cgroup_present: bool,
 }
 
 impl Observed {
@@ -47,6 +49,9 @@ impl Observed {
         }
         if rec.mark(Step::Policy) == Mark::Done && !self.policy_present {
             return Some(Step::Policy);
+        }
+        if rec.mark(Step::Cgroup) == Mark::Done && !self.cgroup_present {
+            return Some(Step::Cgroup);
         }
         None
     }
@@ -282,6 +287,7 @@ pub fn apply_outcome(
                 Step::Disk
                 | Step::Network
                 | Step::Policy
+                | Step::Cgroup
                 | Step::VmConfig
                 | Step::Ready
                 | Step::Publish => {}
@@ -351,18 +357,21 @@ mod tests {
         network_present: true,
         disk_present: true,
         policy_present: true,
+        cgroup_present: true,
     };
     const GONE: Observed = Observed {
         vmm: VmmSeen::Gone,
         network_present: true,
         disk_present: true,
         policy_present: true,
+        cgroup_present: true,
     };
     const NONE: Observed = Observed {
         vmm: VmmSeen::NotRecorded,
         network_present: true,
         disk_present: true,
         policy_present: true,
+        cgroup_present: true,
     };
 
     fn record(desired: Desired, marks: &[(Step, Mark)]) -> MachineRecord {
@@ -456,7 +465,12 @@ mod tests {
                 NONE,
                 Next::Acquire(Step::VmConfig),
             ),
-            (done_through(Step::VmConfig), NONE, Next::Acquire(Step::Vmm)),
+            (
+                done_through(Step::VmConfig),
+                NONE,
+                Next::Acquire(Step::Cgroup),
+            ),
+            (done_through(Step::Cgroup), NONE, Next::Acquire(Step::Vmm)),
             (done_through(Step::Vmm), RUNNING, Next::Acquire(Step::Ready)),
             (
                 done_through(Step::Ready),
@@ -469,7 +483,7 @@ mod tests {
             (done_through(Step::Ready), GONE, Next::VmmLost),
             (done_through(Step::Vmm), GONE, Next::VmmLost),
             (
-                with(done_through(Step::VmConfig), Step::Vmm, Mark::Begun),
+                with(done_through(Step::Cgroup), Step::Vmm, Mark::Begun),
                 GONE,
                 Next::VmmLost,
             ),
@@ -611,7 +625,7 @@ mod tests {
         check(
             &rec,
             NONE,
-            Next::Release(Step::VmConfig),
+            Next::Release(Step::Cgroup),
             MachineState::Failed,
         );
     }
@@ -739,6 +753,7 @@ mod tests {
             Step::Publish,
             Step::Ready,
             Step::Vmm,
+            Step::Cgroup,
             Step::VmConfig,
             Step::Policy,
         ] {
@@ -810,6 +825,7 @@ mod tests {
             network_present: false,
             disk_present: false,
             policy_present: false,
+            cgroup_present: false,
         };
         check(
             &rec,

@@ -34,6 +34,8 @@ pub enum Step {
     Publish,
     /// The machine's packet policy: its nftables chains in the daemon's table.
     Policy,
+    /// The machine's cgroup, which its VMM joins: CPU quota and memory limit.
+    Cgroup,
 }
 
 /// The kinds of host resource a machine owns, each owned by exactly one step (see
@@ -56,11 +58,13 @@ pub enum ResourceKind {
     /// Chains `m<id>_*` (and their map elements) in the daemon's nftables table (step
     /// `policy`).
     Policy,
+    /// Directories `hearth_<prefix>/<id>` in the cgroup hierarchies (step `cgroup`).
+    Cgroup,
 }
 
 impl ResourceKind {
     /// Every kind.
-    pub const ALL: [ResourceKind; 7] = [
+    pub const ALL: [ResourceKind; 8] = [
         ResourceKind::Netns,
         ResourceKind::Link,
         ResourceKind::Vmm,
@@ -68,6 +72,7 @@ impl ResourceKind {
         ResourceKind::Lease,
         ResourceKind::Route,
         ResourceKind::Policy,
+        ResourceKind::Cgroup,
     ];
 
     /// Lower-case name, as the CLI prints it.
@@ -80,6 +85,7 @@ impl ResourceKind {
             ResourceKind::Lease => "lease",
             ResourceKind::Route => "route",
             ResourceKind::Policy => "policy",
+            ResourceKind::Cgroup => "cgroup",
         }
     }
 
@@ -132,7 +138,7 @@ pub struct StepInfo {
 /// an image that cannot be built; the lease before the network because the network's
 /// addresses come from it; the policy right after the network, before anything can send
 /// through it; publish last because nothing may route to a guest that is not ready.
-pub const CATALOGUE: [StepInfo; 9] = [
+pub const CATALOGUE: [StepInfo; 10] = [
     StepInfo {
         step: Step::Image,
         name: "image",
@@ -188,6 +194,17 @@ pub const CATALOGUE: [StepInfo; 9] = [
         prepared: true,
         in_place: false,
         owns: &[],
+    },
+    StepInfo {
+        step: Step::Cgroup,
+        name: "cgroup",
+        cancellable: false,
+        // Released with the VMM that runs in it.
+        stop_releases: true,
+        prepared: true,
+        // Limits apply to whatever runs inside; a redo moves the running VMM back in.
+        in_place: true,
+        owns: &[ResourceKind::Cgroup],
     },
     StepInfo {
         step: Step::Vmm,
@@ -383,7 +400,10 @@ mod tests {
         assert_eq!(declared, (0..CATALOGUE.len()).collect::<Vec<_>>());
         assert_eq!(CREATE_ORDER[0], Step::Image);
         assert_eq!(TEARDOWN_ORDER[0], Step::Publish);
-        assert_eq!(STOP_RELEASES, [Step::Publish, Step::Ready, Step::Vmm]);
+        assert_eq!(
+            STOP_RELEASES,
+            [Step::Publish, Step::Ready, Step::Vmm, Step::Cgroup]
+        );
         assert_eq!(
             PREPARE_ORDER,
             [
@@ -392,6 +412,7 @@ mod tests {
                 Step::Lease,
                 Step::Network,
                 Step::VmConfig,
+                Step::Cgroup,
                 Step::Vmm,
                 Step::Ready
             ]
@@ -406,6 +427,7 @@ mod tests {
                 "network",
                 "policy",
                 "vm_config",
+                "cgroup",
                 "vmm",
                 "ready",
                 "publish"

@@ -25,6 +25,8 @@
 
 pub mod accel;
 pub mod agent;
+pub mod cgroup;
+pub mod confine;
 pub mod firecracker;
 pub mod marked;
 mod pidfd;
@@ -79,6 +81,31 @@ pub struct LaunchSpec {
     pub root_disk: PathBuf,
     /// The config disk (see [`crate::guest::config::write_config_disk`]).
     pub config_disk: PathBuf,
+    /// How the process is confined before it runs.
+    pub confine: Confinement,
+}
+
+/// How a VMM process is confined: applied between fork and exec, so it holds from the
+/// VMM's first instruction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// The `cgroup.procs` files of the machine's cgroup (one per hierarchy); the process
+    /// joins each before it runs.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// The identity it runs as; none: the daemon's (root).
+    pub run_as: Option<RunAs>,
+}
+
+/// An unprivileged identity for a VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// Its own uid (no other machine's VMM shares it).
+    pub uid: u32,
+    /// The VMMs' group.
+    pub gid: u32,
+    /// The group of `/dev/kvm`, kept as a supplementary group so a KVM guest still
+    /// starts; none when the host has no `/dev/kvm`.
+    pub kvm_gid: Option<u32>,
 }
 
 /// A running (or once running) VMM, as the daemon stores it durably.
@@ -179,6 +206,16 @@ pub enum LaunchError {
         machine_id: String,
         /// The namespace name.
         netns: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The VMM could not be confined (its cgroup, its files' owner, its tap).
+    #[error("machine {machine_id}: confine the VMM: {what}: {source}")]
+    Confine {
+        /// The machine.
+        machine_id: String,
+        /// What failed, naming the file.
+        what: String,
         /// The cause.
         source: std::io::Error,
     },

@@ -143,6 +143,9 @@ impl QemuDriver {
         }
         let accel = self.accel_for(&spec.kit).await;
         let args = build_args(spec, accel, tsc_khz(), &self.name_prefix);
+        if let Some(id) = spec.confine.run_as {
+            spawn::hand_over(&spec.machine_id, workdir, id.uid, id.gid)?;
+        }
         let pid = self.children.spawn(DetachedCommand {
             machine_id: &spec.machine_id,
             binary: &self.binary,
@@ -150,6 +153,9 @@ impl QemuDriver {
             workdir,
             netns: spec.netns.as_deref(),
             log: workdir.join(VMM_LOG),
+            confine: &spec.confine,
+            // Handed over as a descriptor: an unprivileged QEMU cannot attach by name.
+            tap: spec.tap.as_ref().map(|t| t.name.as_str()),
         })?;
         let process = VmmProcess {
             driver: DRIVER_NAME.to_string(),
@@ -344,6 +350,9 @@ pub fn build_args(
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),
+        // seccomp: no spawning, no privilege changes, no obsolete or scheduling calls.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
         "-accel".into(),
         accel.qemu_name().into(),
         "-cpu".into(),
@@ -382,10 +391,7 @@ pub fn build_args(
         let m = tap.mac;
         a.extend([
             "-netdev".into(),
-            format!(
-                "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
-                tap.name
-            ),
+            format!("tap,id=net0,fd={},vhost=off", spawn::TAP_FD),
             "-device".into(),
             format!(
                 "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
@@ -440,6 +446,7 @@ mod tests {
             },
             root_disk: "/data/m1/root,1.img".into(),
             config_disk: "/data/m1/config.img".into(),
+            confine: Default::default(),
         }
     }
 
@@ -464,8 +471,11 @@ mod tests {
             line.contains("readonly=on,file=/data/m1/config.img"),
             "{line}"
         );
+        assert!(line.contains("tap,id=net0,fd=3,vhost=off"), "{line}");
         assert!(
-            line.contains("ifname=tap0,script=no,downscript=no,vhost=off"),
+            line.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
             "{line}"
         );
         assert!(line.contains("mac=52:54:00:ab:0c:01"), "{line}");

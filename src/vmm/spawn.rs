@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::LaunchError;
+use super::{Confinement, LaunchError};
 
 /// How long to wait for our reaper after the process has exited.
 const REAP_WAIT: Duration = Duration::from_secs(2);
@@ -38,7 +38,15 @@ pub struct DetachedCommand<'a> {
     pub netns: Option<&'a str>,
     /// File that receives stdout and stderr (appended).
     pub log: PathBuf,
+    /// Cgroups to join and identity to take, before exec.
+    pub confine: &'a Confinement,
+    /// A tap (inside `netns`) to attach and hand over as descriptor [`TAP_FD`]; for a
+    /// VMM that cannot open it itself once unprivileged.
+    pub tap: Option<&'a str>,
 }
+
+/// The descriptor number a handed-over tap has in the VMM.
+pub const TAP_FD: i32 = 3;
 
 /// The processes this daemon started and has not reaped yet: pid -> exit description
 /// (none while running).
@@ -84,19 +92,68 @@ impl Children {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: the closure runs in the forked child before exec and only makes two
-        // async-signal-safe system calls on a descriptor the parent keeps open until
-        // spawn returns.
+        // Everything the child needs is opened or built here, in the parent: between
+        // fork and exec only async-signal-safe system calls run, no allocation.
+        let cgroup_files = cmd
+            .confine
+            .cgroup_procs
+            .iter()
+            .map(|path| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|source| LaunchError::Confine {
+                        machine_id: cmd.machine_id.to_string(),
+                        what: format!("open {}", path.display()),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<fs::File>, LaunchError>>()?;
+        let cgroup_fds: Vec<i32> = cgroup_files.iter().map(|f| f.as_raw_fd()).collect();
+        let tap_request = cmd.tap.map(tap_request);
+        let run_as = cmd.confine.run_as;
+        let groups: Vec<libc::gid_t> = run_as.and_then(|r| r.kvm_gid).into_iter().collect();
+        // SAFETY: the closure runs in the forked child before exec, touches only memory
+        // prepared above, and makes only async-signal-safe system calls on descriptors
+        // the parent keeps open until spawn returns.
         unsafe {
             command.pre_exec(move || {
+                let check = |rc: libc::c_int| {
+                    if rc < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(rc)
+                    }
+                };
                 // Its own session: the VMM outlives the daemon and its signals.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
+                check(libc::setsid())?;
+                if let Some(fd) = netns_fd {
+                    check(libc::setns(fd, libc::CLONE_NEWNET))?;
                 }
-                if let Some(fd) = netns_fd
-                    && libc::setns(fd, libc::CLONE_NEWNET) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
+                // Into the machine's cgroup ("0" is the writer itself), before anything
+                // of the VMM runs.
+                for fd in &cgroup_fds {
+                    let n = libc::write(*fd, b"0".as_ptr().cast(), 1);
+                    if n != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(request) = &tap_request {
+                    let tun = check(libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR))?;
+                    check(libc::ioctl(
+                        tun,
+                        libc::TUNSETIFF as _,
+                        request as *const TapReq,
+                    ))?;
+                    if tun != TAP_FD {
+                        check(libc::dup2(tun, TAP_FD))?;
+                        libc::close(tun);
+                    }
+                }
+                if let Some(id) = run_as {
+                    check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                    check(libc::setresgid(id.gid, id.gid, id.gid))?;
+                    check(libc::setresuid(id.uid, id.uid, id.uid))?;
                 }
                 Ok(())
             });
@@ -107,6 +164,7 @@ impl Children {
             source,
         })?;
         drop(netns);
+        drop(cgroup_files);
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         self.reap_in_background(pid, child);
         Ok(pid)
@@ -138,6 +196,50 @@ impl Children {
             let _ = tokio::time::timeout(REAP_WAIT, rx.wait_for(|s| s.is_some())).await;
         }
     }
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags in the union.
+#[repr(C)]
+struct TapReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// The request that attaches to the persistent tap `name` (made by the network step
+/// with the same flags).
+fn tap_request(name: &str) -> TapReq {
+    let mut request = TapReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    let len = name.len().min(libc::IFNAMSIZ - 1);
+    request.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    request
+}
+
+/// Gives the machine's directory and the files in it to the VMM's uid, the directory
+/// private to it (0700): the VMM then writes its sockets and logs there and reaches its
+/// disks, and no other machine's VMM can. Idempotent.
+pub fn hand_over(machine_id: &str, dir: &Path, uid: u32, gid: u32) -> Result<(), LaunchError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |path: &Path, what: &str| {
+        let machine_id = machine_id.to_string();
+        let what = format!("{what} {}", path.display());
+        move |source| LaunchError::Confine {
+            machine_id,
+            what,
+            source,
+        }
+    };
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(failed(dir, "chown"))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(failed(dir, "chmod"))?;
+    for entry in fs::read_dir(dir).map_err(failed(dir, "list"))? {
+        let path = entry.map_err(failed(dir, "list"))?.path();
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(failed(&path, "chown"))?;
+    }
+    Ok(())
 }
 
 /// Removes `path` if it exists. Idempotent.

@@ -170,5 +170,6 @@ pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> 
         kit: env.kit.clone(),
         root_disk,
         config_disk,
+        confine: Default::default(),
     }
 }

@@ -162,6 +162,7 @@ pub fn machine(fx: &Fixture, cleanup: &mut Cleanup, config: &GuestConfig) -> Mac
             kit: fx.kit.clone(),
             root_disk,
             config_disk,
+            confine: Default::default(),
         },
         _dir: dir,
     }

@@ -209,6 +209,11 @@ impl Daemon {
             }
         }
         found.dedup();
+        if let Ok(cgroups) = hearth::vmm::cgroup::Cgroups::detect(&self.prefix) {
+            for (path, _) in cgroups.scan().unwrap_or_default() {
+                found.push(format!("cgroup {path}"));
+            }
+        }
         found
     }
 }
@@ -252,6 +257,15 @@ impl Drop for Daemon {
                     let _ = Command::new("ip").args(["link", "del", name]).status();
                 }
                 _ => {}
+            }
+        }
+        // The daemon's parent cgroups, and what a failed test left in them.
+        if let Ok(cgroups) = hearth::vmm::cgroup::Cgroups::detect(&self.prefix) {
+            for (_, name) in cgroups.scan().unwrap_or_default() {
+                let _ = cgroups.remove(&name);
+            }
+            for dir in cgroups.dirs("") {
+                let _ = std::fs::remove_dir(dir);
             }
         }
         // The daemon's table outlives the daemon (machines that outlive it keep their

@@ -15,7 +15,7 @@ use crate::machine::record::ImageWorkload;
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
-use crate::vmm::VmmDriver;
+use crate::vmm::{Confinement, VmmDriver};
 
 /// The base image a machine's disk is cloned from, as the image cache answers.
 #[derive(Debug, Clone)]
@@ -76,6 +76,23 @@ pub trait StepContext: Send + Sync {
 
     /// Removes whatever of the machine's packet policy exists.
     fn remove_policy(&self, machine: &str) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Creates the machine's cgroup (or keeps it), writes its limits, and moves
+    /// `running` (the recorded VMM) in when given.
+    fn ensure_cgroup(
+        &self,
+        machine: &str,
+        vcpus: u32,
+        memory_mib: u32,
+        running: Option<i32>,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Removes the machine's cgroup, ending whatever still runs inside.
+    fn remove_cgroup(&self, machine: &str) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// How the machine's VMM is confined: its cgroup, and the unprivileged identity of
+    /// lease slot `slot`.
+    fn vmm_confinement(&self, machine: &str, slot: u32) -> Confinement;
 
     /// Puts the route in the registry.
     fn publish(&self, route: Route) -> impl Future<Output = Result<(), StepError>> + Send;

@@ -7,6 +7,7 @@
 //! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot
 //! hold, an image that does not exist) and fails the machine at once, naming the cause.
 
+pub mod cgroup;
 pub mod context;
 pub mod disk;
 pub mod image;
@@ -99,6 +100,8 @@ pub async fn run<C: StepContext>(
         (Step::Policy, Release) => nothing(policy::release(cx, rec).await),
         (Step::VmConfig, Acquire) => nothing(vm_config::acquire(cx, rec).await),
         (Step::VmConfig, Release) => nothing(vm_config::release(cx, rec).await),
+        (Step::Cgroup, Acquire) => nothing(cgroup::acquire(cx, rec).await),
+        (Step::Cgroup, Release) => nothing(cgroup::release(cx, rec).await),
         (Step::Vmm, Acquire) => vmm::acquire(cx, rec).await,
         (Step::Vmm, Release) => nothing(vmm::release(cx, rec).await),
         (Step::Ready, Acquire) => nothing(ready::acquire(cx, rec).await),

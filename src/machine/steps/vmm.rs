@@ -42,6 +42,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         kit,
         root_disk: dir.join(ROOT_DISK),
         config_disk: dir.join(CONFIG_DISK),
+        confine: cx.vmm_confinement(&rec.id, rec.resources.lease_slot.unwrap_or(0)),
     };
     let process = cx
         .vmm()

@@ -281,6 +281,7 @@ mod tests {
             },
             root_disk: dir.join("root.img"),
             config_disk: dir.join("config.img"),
+            confine: Default::default(),
         }
     }
 

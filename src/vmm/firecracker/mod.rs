@@ -294,6 +294,13 @@ impl FirecrackerDriver {
                 j.give(&spec.machine_id, &path)?;
             }
         }
+        // The cgroup is joined before exec; the identity is the jailer's business (it
+        // drops to its uid after building the jail), and Firecracker opens its tap by
+        // name.
+        let confine = crate::vmm::Confinement {
+            cgroup_procs: spec.confine.cgroup_procs.clone(),
+            run_as: None,
+        };
         let pid = self.children.spawn(DetachedCommand {
             machine_id: &spec.machine_id,
             binary: &binary,
@@ -301,6 +308,8 @@ impl FirecrackerDriver {
             workdir: &spec.workdir,
             netns,
             log: spec.workdir.join(super::qemu::VMM_LOG),
+            confine: &confine,
+            tap: None,
         })?;
         Ok(VmmProcess {
             driver: DRIVER_NAME.to_string(),
@@ -698,6 +707,7 @@ mod tests {
             },
             root_disk: dir.join("root.img"),
             config_disk: dir.join("config.img"),
+            confine: Default::default(),
         }
     }
 

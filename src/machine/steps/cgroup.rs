@@ -1,0 +1,25 @@
+//! Step `cgroup`: the machine's cgroup (see `vmm::cgroup`), with a CPU quota of its
+//! vCPUs and a memory limit of its memory plus the VMM's stated overhead. The VMM step
+//! starts its process inside it.
+//!
+//! Acquire is idempotent: what is missing is created and the limits are written again;
+//! when the record holds a VMM (the step redone in place after the cgroup was lost, or a
+//! machine started by a daemon that had no such step) that process is moved in. Release
+//! ends whatever still runs inside (the VMM step is released first, so nothing should)
+//! and removes the directories; names come from the id alone, so it works after a crash
+//! at any point.
+
+use super::{StepContext, StepError};
+use crate::machine::record::MachineRecord;
+
+/// Creates the cgroup and writes its limits.
+pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    let running = rec.resources.vmm.as_ref().map(|v| v.pid);
+    cx.ensure_cgroup(&rec.id, rec.spec.vcpus, rec.spec.memory_mib, running)
+        .await
+}
+
+/// Removes the cgroup.
+pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
+    cx.remove_cgroup(&rec.id).await
+}
