@@ -189,6 +189,9 @@ pub struct VmmConfig {
     pub uid_base: u32,
     /// The group every VMM runs as (`deploy/install-deps.sh` creates `hearth-vmm`).
     pub group: String,
+    /// Cap of each VMM log file (the serial console, the VMM's own output), in MiB; one
+    /// rotated file (`<name>.1`) is kept beside it.
+    pub log_max_mib: u32,
 }
 
 /// Jailer settings (Firecracker only).
@@ -348,6 +351,7 @@ impl Default for VmmConfig {
             unprivileged: true,
             uid_base: 900_000,
             group: "hearth-vmm".to_string(),
+            log_max_mib: 8,
         }
     }
 }

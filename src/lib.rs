@@ -17,4 +17,5 @@ pub mod machine;
 pub mod net;
 pub mod route;
 pub mod store;
+pub mod text;
 pub mod vmm;

@@ -421,3 +421,114 @@ async fn the_vmm_runs_unprivileged_sandboxed_and_limited() {
     support::assert_audit_clean(&mut client).await;
     daemon.assert_no_host_leftovers();
 }
+
+/// A guest that writes to its console without end: its serial log stays under the cap
+/// (one rotated file beside it), while the daemon and another machine carry on.
+#[tokio::test]
+async fn a_console_flood_stays_under_the_log_cap() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start_with("[vmm]\nkind = \"qemu\"\nlog_max_mib = 1\n");
+    let mut client = daemon.client().await;
+    let flood = "yes 0123456789abcdef-flooding-the-console > /dev/ttyS0 & \
+                 exec httpd -f -p 80 -h /srv/www";
+    let mut request = support::demo_request("flood", "flood", &[flood]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let flooder = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let flooder = wait_for(&mut client, &flooder.id, pb::MachineState::Started).await;
+    let calm = client
+        .machines
+        .create_machine(support::demo_request("calm", "calm", &[]))
+        .await
+        .expect("create calm")
+        .into_inner();
+    let calm = wait_for(&mut client, &calm.id, pb::MachineState::Started).await;
+
+    let dir = daemon.dir.path().join("data/machines").join(&flooder.id);
+    let log = dir.join("serial.log");
+    let old = dir.join("serial.log.1");
+    let cap = 1u64 << 20;
+    // Until the log has rotated twice over (more than three caps written), every look
+    // finds both files within the cap.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut rotations = 0;
+    let mut last_old_len = 0;
+    let mut last_mtime = None;
+    while rotations < 3 {
+        let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let old_meta = std::fs::metadata(&old).ok();
+        let old_len = old_meta.as_ref().map_or(0, |m| m.len());
+        assert!(size <= cap, "serial.log is {size} bytes");
+        assert!(old_len <= cap, "serial.log.1 is {old_len} bytes");
+        let mtime = old_meta.and_then(|m| m.modified().ok());
+        if mtime.is_some() && mtime != last_mtime {
+            rotations += 1;
+            last_mtime = mtime;
+            last_old_len = old_len;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console wrote too little to rotate ({rotations} rotations, {size} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        last_old_len > cap / 2,
+        "rotated file of {last_old_len} bytes"
+    );
+    let text = support::http_get(&calm.guest_ip, 80);
+    assert!(text.contains("hearth demo"), "{text}");
+    assert_eq!(support::all_machines(&mut client).await.len(), 2);
+    destroy(&mut client, &flooder.id).await;
+    destroy(&mut client, &calm.id).await;
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
+}
+
+/// A guest that writes terminal escapes to its console and crashes: the failure quotes
+/// its console, and `hearth machine get` shows that text without a single control
+/// character reaching the terminal.
+#[tokio::test]
+async fn guest_text_reaches_the_operator_inert() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start_with("[vmm]\nkind = \"qemu\"\n[guest]\nboot_attempts = 1\n");
+    let mut client = daemon.client().await;
+    let hostile = "printf 'before\\033]0;owned\\007\\033[2J\\rafter\\n' > /dev/ttyS0; \
+                   sleep 1; echo o > /proc/sysrq-trigger";
+    let mut request = support::demo_request("hostile", "hostile", &[hostile]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let created = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let failed = wait_for(&mut client, &created.id, pb::MachineState::Failed).await;
+    assert!(failed.failure.len() <= 4096, "{}", failed.failure.len());
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("--socket")
+        .arg(daemon.dir.path().join("api.sock"))
+        .args(["machine", "get", &created.id])
+        .output()
+        .expect("run hearth");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        !shown
+            .bytes()
+            .any(|b| b.is_ascii_control() && b != b'\n' && b != b'\t'),
+        "a control character reached the terminal: {shown:?}"
+    );
+    // The guest's text is there, made visible.
+    assert!(shown.contains("\\u{1b}]0;owned"), "{shown}");
+    destroy(&mut client, &created.id).await;
+    daemon.assert_no_host_leftovers();
+}

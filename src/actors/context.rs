@@ -20,7 +20,7 @@ use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
 use crate::vmm::cgroup::{CgroupError, Limits};
-use crate::vmm::{Confinement, VmmDriver};
+use crate::vmm::{Confinement, VmmDriver, VmmProcess};
 
 /// Building a base can take a while (unpacking, mkfs).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -175,6 +175,10 @@ impl StepContext for Services {
         let cgroups = self.vmm_host().cgroups.clone();
         let id = machine.to_string();
         blocking(move || cgroups.remove(&id)).await
+    }
+
+    fn keep_logs(&self, machine: &str, process: &VmmProcess) {
+        Services::keep_logs(self, machine, process);
     }
 
     fn vmm_confinement(&self, machine: &str, slot: u32) -> Confinement {

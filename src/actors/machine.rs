@@ -98,10 +98,17 @@ impl MachineActor {
     fn observe(services: &Services, rec: &MachineRecord) -> Observed {
         let vmm = match &rec.resources.vmm {
             None => VmmSeen::NotRecorded,
-            Some(record) => match services.vmm().liveness(&steps::vmm::process_of(record)) {
-                Liveness::Running => VmmSeen::Running,
-                Liveness::Gone => VmmSeen::Gone,
-            },
+            Some(record) => {
+                let process = steps::vmm::process_of(record);
+                match services.vmm().liveness(&process) {
+                    Liveness::Running => {
+                        // A VMM adopted after a restart gets its log keeper back.
+                        services.keep_logs(&rec.id, &process);
+                        VmmSeen::Running
+                    }
+                    Liveness::Gone => VmmSeen::Gone,
+                }
+            }
         };
         // Only what a finished step made is looked for; these two checks are a stat.
         let network_present = rec.mark(Step::Network) != Mark::Done

@@ -13,8 +13,9 @@ use crate::machine::record::MachineEvent;
 use crate::net::{NetFabric, PoolCidr};
 use crate::route::RouteChange;
 use crate::store::Store;
-use crate::vmm::VmmDriver;
 use crate::vmm::confine::VmmHost;
+use crate::vmm::logs::{KeepSpec, LogKeepers};
+use crate::vmm::{VmmDriver, VmmProcess};
 
 /// Shared services. Cheap to clone (everything inside is shared).
 #[derive(Clone)]
@@ -30,6 +31,7 @@ struct Inner {
     vmm: VmmDriver,
     kit: OnceCell<GuestKit>,
     host: VmmHost,
+    logs: LogKeepers,
     runs_observed: AtomicU64,
     singleton_restarts: AtomicU64,
     events: broadcast::Sender<MachineEvent>,
@@ -61,12 +63,32 @@ impl Services {
                 vmm,
                 kit: OnceCell::new(),
                 host,
+                logs: LogKeepers::default(),
                 runs_observed: AtomicU64::new(0),
                 singleton_restarts: AtomicU64::new(0),
                 events,
                 routes,
             }),
         }
+    }
+
+    /// Makes sure the log keeper of machine `id`, whose VMM is `process`, runs (see
+    /// `vmm::logs`). Idempotent and cheap; it ends by itself with the VMM.
+    pub fn keep_logs(&self, id: &str, process: &VmmProcess) {
+        let (console, appended) = self
+            .vmm()
+            .log_files(process, &self.config().machine_dir(id));
+        let spec = KeepSpec {
+            machine_id: id.to_string(),
+            console,
+            appended,
+            cap: u64::from(self.config().vmm.log_max_mib.max(1)) << 20,
+        };
+        let services = self.clone();
+        let process = process.clone();
+        self.inner.logs.keep(spec, move || {
+            services.vmm().liveness(&process) == crate::vmm::Liveness::Running
+        });
     }
 
     /// What confines VMMs on this host (cgroups, identities).

@@ -643,7 +643,8 @@ fn append_event(
         machine_id: rec.id.clone(),
         at_ms: rec.updated_at_ms,
         state: rec.state,
-        message,
+        // Messages carry guest text (its errors, its console's tail): never unbounded.
+        message: crate::text::bounded(&message, crate::text::MAX_EVENT_MESSAGE),
     };
     let mut events = txn.open_table(EVENTS)?;
     events.insert((rec.id.as_str(), seq), encode(&event)?.as_slice())?;

@@ -436,9 +436,16 @@ async fn follow<T>(
                 Err(_) => break,
             };
             let state = match msg {
-                GuestMessage::Status { state } => state,
+                GuestMessage::Status { state } => match state {
+                    GuestState::Failed { error } => GuestState::Failed {
+                        error: crate::text::bounded_printable(&error, crate::text::MAX_GUEST_ERROR),
+                    },
+                    other => other,
+                },
                 GuestMessage::Ready { boot_ms } => GuestState::Ready { boot_ms },
-                GuestMessage::Fatal { error } => GuestState::Failed { error },
+                GuestMessage::Fatal { error } => GuestState::Failed {
+                    error: crate::text::bounded_printable(&error, crate::text::MAX_GUEST_ERROR),
+                },
                 // An exit may or may not follow readiness: ask for the full state.
                 GuestMessage::Exited { .. } => {
                     if conn.send(HostMessage::Status).await.is_err() {
@@ -462,16 +469,10 @@ pub fn console_tail(process: &VmmProcess) -> String {
     let Some(dir) = process.workdir() else {
         return String::new();
     };
-    tail(&dir.join(super::qemu::SERIAL_LOG), CONSOLE_TAIL)
-}
-
-/// The last `max` bytes of a file, lossily decoded; empty if unreadable.
-pub fn tail(path: &Path, max: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+    crate::text::printable(&super::logs::tail(
+        &dir.join(super::qemu::SERIAL_LOG),
+        CONSOLE_TAIL,
+    ))
 }
 
 #[cfg(test)]

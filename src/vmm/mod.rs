@@ -28,6 +28,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod confine;
 pub mod firecracker;
+pub mod logs;
 pub mod marked;
 mod pidfd;
 pub mod procfs;
@@ -393,6 +394,37 @@ pub enum VmmDriver {
 }
 
 impl VmmDriver {
+    /// What the log keeper of a machine whose VMM is `process` looks after: the console
+    /// socket to drain (QEMU) and the files the VMM appends to itself (see `logs`).
+    pub fn log_files(
+        &self,
+        process: &VmmProcess,
+        machine_dir: &std::path::Path,
+    ) -> (Option<(PathBuf, PathBuf)>, Vec<PathBuf>) {
+        let vmm_log = machine_dir.join(qemu::VMM_LOG);
+        match self {
+            VmmDriver::Qemu(_) => (
+                Some((
+                    machine_dir.join(qemu::SERIAL_SOCKET),
+                    machine_dir.join(qemu::SERIAL_LOG),
+                )),
+                vec![vmm_log],
+            ),
+            VmmDriver::Firecracker(_) => {
+                let host = process.workdir().unwrap_or(machine_dir);
+                (
+                    None,
+                    vec![
+                        host.join(qemu::SERIAL_LOG),
+                        host.join(firecracker::FC_LOG),
+                        host.join(firecracker::METRICS_FILE),
+                        vmm_log,
+                    ],
+                )
+            }
+        }
+    }
+
     /// Starts the machine's VMM, or adopts the one already running for it.
     ///
     /// Idempotent: a VMM carrying this machine's marker is adopted, not started twice; the

@@ -25,7 +25,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::accel::{Accel, probe_accel};
-use super::agent::{self, tail};
+use super::agent;
+use super::logs::tail;
 use super::qmp::Qmp;
 use super::spawn::{self, Children, DetachedCommand};
 use super::stopping::{self, VmmStage};
@@ -36,6 +37,9 @@ use super::{
 
 /// The guest's serial console log in the machine directory.
 pub const SERIAL_LOG: &str = "serial.log";
+/// The guest's serial console, as a socket the daemon drains into [`SERIAL_LOG`] (see
+/// `vmm::logs`).
+pub const SERIAL_SOCKET: &str = "serial.sock";
 /// QEMU's stdout/stderr in the machine directory.
 pub const VMM_LOG: &str = "vmm.log";
 /// The QMP socket in the machine directory.
@@ -138,7 +142,7 @@ impl QemuDriver {
         }
 
         fs::create_dir_all(workdir).map_err(workdir_err(workdir))?;
-        for stale in [QMP_SOCKET, AGENT_SOCKET] {
+        for stale in [QMP_SOCKET, AGENT_SOCKET, SERIAL_SOCKET] {
             spawn::remove_stale(&spec.machine_id, &workdir.join(stale))?;
         }
         let accel = self.accel_for(&spec.kit).await;
@@ -370,8 +374,15 @@ pub fn build_args(
         spec.kit.initramfs.to_string_lossy().into_owned(),
         "-append".into(),
         kernel_cmdline(tsc_khz),
+        // The console goes to a socket, drained by the daemon into a capped log; while
+        // nobody drains it, QEMU drops the output (see `vmm::logs`).
+        "-chardev".into(),
+        format!(
+            "socket,id=console,path={},server=on,wait=off",
+            escape(&workdir.join(SERIAL_SOCKET))
+        ),
         "-serial".into(),
-        format!("file:{}", escape(&workdir.join(SERIAL_LOG))),
+        "chardev:console".into(),
         "-drive".into(),
         format!(
             "if=none,id=root,format=raw,file={}",

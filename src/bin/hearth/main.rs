@@ -3,6 +3,7 @@
 
 mod image;
 
+use hearth::text::printable;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -177,10 +178,10 @@ fn print_machines(json_out: bool, machines: &[pb::Machine]) {
     table.set_header(["ID", "NAME", "STATE", "STEP", "IP", "PID"]);
     for m in machines {
         table.add_row([
-            m.id.clone(),
-            m.name.clone(),
+            printable(&m.id),
+            printable(&m.name),
             state_name(m.state),
-            m.current_step.clone(),
+            printable(&m.current_step),
             m.guest_ip.clone(),
             if m.vmm_pid == 0 {
                 String::new()
@@ -199,7 +200,8 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
     }
     print_machines(false, std::slice::from_ref(m));
     if !m.failure.is_empty() {
-        println!("failure: {}", m.failure);
+        // Failures can quote the guest (its error, its console): shown, never obeyed.
+        println!("failure: {}", printable(&m.failure));
     }
     let mut table = Table::new();
     table.set_header(["STEP", "DIRECTION", "MS", "OUTCOME"]);
@@ -208,7 +210,7 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
             t.step.clone(),
             t.direction.clone(),
             format!("{:.2}", t.duration_us as f64 / 1000.0),
-            t.outcome.clone(),
+            printable(&t.outcome),
         ]);
     }
     println!("{table}");
@@ -453,7 +455,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                             event.seq,
                             event.machine_id,
                             state_name(event.state),
-                            event.message
+                            printable(&event.message)
                         );
                     }
                 }
@@ -478,7 +480,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hearth: {e}");
+            eprintln!("hearth: {}", printable(&e));
             ExitCode::FAILURE
         }
     }

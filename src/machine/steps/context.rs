@@ -15,7 +15,7 @@ use crate::machine::record::ImageWorkload;
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
-use crate::vmm::{Confinement, VmmDriver};
+use crate::vmm::{Confinement, VmmDriver, VmmProcess};
 
 /// The base image a machine's disk is cloned from, as the image cache answers.
 #[derive(Debug, Clone)]
@@ -93,6 +93,9 @@ pub trait StepContext: Send + Sync {
     /// How the machine's VMM is confined: its cgroup, and the unprivileged identity of
     /// lease slot `slot`.
     fn vmm_confinement(&self, machine: &str, slot: u32) -> Confinement;
+
+    /// Makes sure the machine's VMM logs are drained and capped (see `vmm::logs`).
+    fn keep_logs(&self, machine: &str, process: &VmmProcess);
 
     /// Puts the route in the registry.
     fn publish(&self, route: Route) -> impl Future<Output = Result<(), StepError>> + Send;

@@ -49,6 +49,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         .launch(&spec)
         .await
         .map_err(|e| StepError::Retry(e.to_string()))?;
+    cx.keep_logs(&rec.id, &process);
     Ok(StepOutput::Vmm(VmmRecord {
         driver: process.driver,
         pid: process.pid,

@@ -47,7 +47,8 @@ use self::api::{
 };
 use self::client::{ApiClient, ApiError};
 use self::jailer::JailerSettings;
-use super::agent::{self, AgentLink, tail};
+use super::agent::{self, AgentLink};
+use super::logs::tail;
 use super::spawn::{self, Children, DetachedCommand};
 use super::stopping::{self, VmmStage};
 use super::{

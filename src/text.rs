@@ -1,0 +1,70 @@
+//! Text that came from somewhere untrusted (a guest's error, its console, host-given
+//! names echoed back) made safe to keep and to show: bounded in length, and with control
+//! characters made visible instead of acting on a terminal.
+
+/// Most bytes of an event message; guest text inside one is bounded tighter where it is
+/// read (the console tail, a guest's fatal error).
+pub const MAX_EVENT_MESSAGE: usize = 4096;
+
+/// Most bytes of a guest-reported error kept in a record.
+pub const MAX_GUEST_ERROR: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, with "…" marking a cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// `text` with every control character but newline and tab escaped (`\u{1b}`, `\r`), so
+/// printing it cannot move the cursor, clear the screen or retitle a terminal.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`bounded`] to `max` characters' worth, then [`printable`]: one call for text that is
+/// both kept and shown.
+pub fn bounded_printable(text: &str, max: usize) -> String {
+    printable(&bounded(text, max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_on_a_character_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        let cut = bounded(&"é".repeat(100), 11);
+        assert!(cut.len() <= 11, "{cut}");
+        assert!(cut.ends_with('…'));
+        assert_eq!(bounded("", 0), "");
+    }
+
+    #[test]
+    fn control_characters_become_visible() {
+        let hostile = "ok\x1b[2J\x1b]0;owned\x07\rline\nnext\tcol";
+        let shown = printable(hostile);
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t')
+        );
+        assert!(shown.contains("\\u{1b}[2J"), "{shown}");
+        assert!(shown.contains("\\r"), "{shown}");
+        assert!(shown.contains("line\nnext\tcol"), "{shown}");
+    }
+}

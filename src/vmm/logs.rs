@@ -1,0 +1,276 @@
+//! Bounded VMM logs: nothing a guest prints, however long, grows a file past the cap
+//! (`vmm.log_max_mib`, default 8 MiB), and one rotated file (`<name>.1`) is kept.
+//!
+//! - QEMU's serial console goes to a socket in the machine directory, not to a file. A
+//!   keeper task per machine reads it and appends to `serial.log`, rotating at the cap.
+//!   While no keeper is connected (the daemon is down) QEMU drops the output: bounded by
+//!   construction, never blocking the guest for long.
+//! - Files a VMM appends to itself (its stdout and stderr in `vmm.log`, opened for
+//!   append; Firecracker's own files) are checked by the same keeper every second and,
+//!   past the cap, copied to `<name>.1` and truncated; appends then carry on at the start.
+//!
+//! Reading a log back ([`tail`]) reads only its end, never the whole file.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+/// How often appended-to files are checked against the cap.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a keeper waits between attempts to reach a console that is not up yet.
+const RECONNECT: Duration = Duration::from_millis(100);
+
+/// The rotated copy of `path`: `<path>.1`.
+pub fn rotated(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// A file appended to by this process, rotated to `<path>.1` before a write would take it
+/// past `cap` bytes.
+pub struct CappedFile {
+    path: PathBuf,
+    file: fs::File,
+    size: u64,
+    cap: u64,
+}
+
+impl CappedFile {
+    /// Opens (creating) `path` for appending.
+    pub fn open(path: &Path, cap: u64) -> io::Result<CappedFile> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(CappedFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            cap: cap.max(1),
+        })
+    }
+
+    /// Appends `data`, rotating first when it would not fit. A single write larger than
+    /// the cap keeps only its last `cap` bytes.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let data = &data[data.len().saturating_sub(self.cap as usize)..];
+        if self.size + data.len() as u64 > self.cap {
+            fs::rename(&self.path, rotated(&self.path))?;
+            self.file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.size = 0;
+        }
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// For a file another process appends to: when it is past `cap`, copies it to
+/// `<path>.1` and truncates it (the writer's appends then go to the start). Returns
+/// whether it rotated. A missing file is fine.
+pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
+    let size = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if size <= cap {
+        return Ok(false);
+    }
+    let mut source = fs::File::open(path)?;
+    // Only the last `cap` bytes are worth keeping.
+    source.seek(SeekFrom::Start(size - cap))?;
+    let mut copy = fs::File::create(rotated(path))?;
+    io::copy(&mut source.take(cap), &mut copy)?;
+    fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+/// The last `max` bytes of a file, lossily decoded and trimmed; empty if unreadable.
+/// Reads only those bytes.
+pub fn tail(path: &Path, max: usize) -> String {
+    let Ok(mut file) = fs::File::open(path) else {
+        return String::new();
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = size.saturating_sub(max as u64);
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::with_capacity(max.min(size as usize));
+    let _ = file.take(max as u64).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+/// What a keeper looks after for one machine.
+#[derive(Debug, Clone)]
+pub struct KeepSpec {
+    /// The machine.
+    pub machine_id: String,
+    /// The console socket to drain into `serial_log`; none: the VMM writes the console
+    /// to a file itself (then listed in `appended`).
+    pub console: Option<(PathBuf, PathBuf)>,
+    /// Files the VMM appends to itself.
+    pub appended: Vec<PathBuf>,
+    /// The cap, in bytes.
+    pub cap: u64,
+}
+
+/// The keeper tasks of this daemon, one per machine whose VMM runs.
+#[derive(Clone, Default)]
+pub struct LogKeepers {
+    running: Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>,
+}
+
+impl LogKeepers {
+    /// Starts the machine's keeper unless one runs. It ends by itself when `alive`
+    /// says the VMM is gone. Idempotent; cheap when the keeper runs.
+    pub fn keep(&self, spec: KeepSpec, alive: impl Fn() -> bool + Send + 'static) {
+        let mut running = lock(&self.running);
+        if running
+            .get(&spec.machine_id)
+            .is_some_and(|task| !task.is_finished())
+        {
+            return;
+        }
+        let id = spec.machine_id.clone();
+        let task = tokio::spawn(keep(spec, alive));
+        running.insert(id, task);
+    }
+
+    /// How many keepers run (for tests and the node report).
+    pub fn running(&self) -> usize {
+        lock(&self.running)
+            .values()
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+}
+
+async fn keep(spec: KeepSpec, alive: impl Fn() -> bool) {
+    let mut console = None;
+    let mut serial = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    loop {
+        if console.is_none()
+            && let Some((socket, log)) = &spec.console
+        {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(stream) => {
+                    console = Some(stream);
+                    if serial.is_none() {
+                        serial = CappedFile::open(log, spec.cap)
+                            .map_err(|e| {
+                                tracing::warn!(machine = %spec.machine_id, error = %e, "open the serial log");
+                            })
+                            .ok();
+                    }
+                }
+                Err(_) if !alive() => break,
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            read = async {
+                match console.as_mut() {
+                    Some(stream) => stream.read(&mut buf).await,
+                    None => {
+                        tokio::time::sleep(RECONNECT).await;
+                        Err(io::Error::from(io::ErrorKind::NotConnected))
+                    }
+                }
+            } => match read {
+                Ok(0) | Err(_) => {
+                    if console.take().is_some() && !alive() {
+                        break;
+                    }
+                }
+                Ok(n) => {
+                    if let Some(file) = serial.as_mut()
+                        && let Err(e) = file.write(&buf[..n])
+                    {
+                        tracing::warn!(machine = %spec.machine_id, error = %e, "write the serial log");
+                    }
+                }
+            },
+            _ = check.tick() => {
+                for path in &spec.appended {
+                    if let Err(e) = rotate_if_over(path, spec.cap) {
+                        tracing::warn!(machine = %spec.machine_id, file = %path.display(), error = %e, "rotate a log");
+                    }
+                }
+                if spec.console.is_none() && !alive() {
+                    break;
+                }
+            }
+        }
+    }
+    for path in &spec.appended {
+        let _ = rotate_if_over(path, spec.cap);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_file_rotates_and_keeps_one_old_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("serial.log");
+        let mut file = CappedFile::open(&path, 100).expect("open");
+        for i in 0..50 {
+            file.write(format!("line {i:03}\n").as_bytes())
+                .expect("write");
+        }
+        let now = fs::metadata(&path).expect("log").len();
+        let old = fs::metadata(rotated(&path)).expect("rotated").len();
+        assert!(now <= 100 && old <= 100, "{now} {old}");
+        assert!(tail(&path, 1000).ends_with("line 049"));
+        // One huge write keeps only its end.
+        file.write(&[b'x'; 1000]).expect("big write");
+        assert_eq!(fs::metadata(&path).expect("log").len(), 100);
+    }
+
+    #[test]
+    fn an_appended_file_past_the_cap_is_copied_and_truncated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.log");
+        assert!(!rotate_if_over(&path, 10).expect("missing is fine"));
+        let mut writer = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("open");
+        writer.write_all(b"0123456789abcdef").expect("write");
+        assert!(rotate_if_over(&path, 10).expect("rotate"));
+        assert_eq!(fs::read(rotated(&path)).expect("rotated"), b"6789abcdef");
+        writer.write_all(b"next").expect("write after");
+        assert_eq!(fs::read(&path).expect("log"), b"next");
+    }
+
+    #[test]
+    fn tail_reads_only_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("big.log");
+        fs::write(&path, [b"head ".repeat(1000), b"the end".to_vec()].concat()).expect("write");
+        assert_eq!(tail(&path, 7), "the end");
+        assert_eq!(tail(&dir.path().join("missing"), 7), "");
+    }
+}
