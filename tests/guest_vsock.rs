@@ -31,7 +31,8 @@ use hearth::guest::kit::GuestKit;
 use hearth::guest::protocol::{GuestMessage, GuestState, HostMessage};
 use hearth::guest::{AGENT_CMDLINE_KEY, AGENT_VSOCK_PORT, HALT_BY_REBOOT_FLAG};
 use hearth::vmm::AgentLink;
-use hearth::vmm::agent::{AgentConnection, bind_fresh, tail};
+use hearth::vmm::agent::{AgentConnection, bind_fresh};
+use hearth::vmm::logs::tail;
 use hearth::vmm::qemu::{escape, kernel_cmdline, tsc_khz};
 
 use support::guest_fixture::busybox_root_image;
