@@ -198,7 +198,8 @@ pub struct VmmConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JailerConfig {
-    /// Jail every Firecracker.
+    /// Jail every Firecracker (the default: without the jailer Firecracker runs as root,
+    /// unconfined).
     pub enabled: bool,
     /// The jailer binary; empty: `jailer` beside the Firecracker binary.
     pub binary: PathBuf,
@@ -218,7 +219,7 @@ pub struct JailerConfig {
 impl Default for JailerConfig {
     fn default() -> Self {
         JailerConfig {
-            enabled: false,
+            enabled: true,
             binary: PathBuf::new(),
             uid: 65534,
             gid: 65534,

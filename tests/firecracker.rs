@@ -226,6 +226,7 @@ async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
         },
         cgroup_version: 1,
         parent_cgroup: "hearthtest".into(),
+        release_cgroup: true,
     };
     let instance = format!("{PREFIX}{}", spec.machine_id);
     let cgroups = settings.cgroup_dirs(&instance);
@@ -507,4 +508,77 @@ async fn a_daemon_restart_re_adopts_the_running_firecracker() {
         .expect("destroy");
     wait_for(&mut client, &created.id, pb::MachineState::Destroyed).await;
     assert!(daemon.processes().is_empty(), "{:?}", daemon.processes());
+}
+
+/// A jailed machine whose first boot attempt fails (its Firecracker killed) is launched
+/// again from a clean jail, and once destroyed leaves no jail and no cgroup, the
+/// jailer's own (nested in the machine's) included.
+#[tokio::test]
+async fn a_jailed_relaunch_starts_from_a_clean_jail_and_leaves_nothing() {
+    let Some(fx) = fixture() else { return };
+    if fx.jailer.is_none() {
+        eprintln!("*** SKIPPING jailed relaunch test: no jailer beside the firecracker binary ***");
+        return;
+    }
+    // The jailer's own cgroup too, as a v1 host configures it.
+    let jailer_cgroup = if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+        "cgroups = [\"cpu.shares=512\"]\ncgroup_version = 1\n"
+    } else {
+        ""
+    };
+    let config = daemon_config(fx).replace("boot_attempts = 1", "boot_attempts = 2")
+        + "[vmm.jailer]\n"
+        + jailer_cgroup;
+    let daemon = Daemon::start_with(&config);
+    let mut client = daemon.client().await;
+    let created = client
+        .machines
+        .create_machine(demo_request("fc-relaunch", "fc-relaunch", &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    let first = support::wait_event(&mut client, &created.id, 0, "acquire vmm: ok").await;
+    let pids: Vec<i32> = find_processes("hearth-")
+        .into_iter()
+        .filter(|(id, _)| *id == created.id)
+        .map(|(_, pid)| pid)
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status();
+    // The second launch succeeds: the jail of the first is no obstacle.
+    support::wait_event(&mut client, &created.id, first.seq, "acquire vmm: ok").await;
+    let machine = if fx.kvm_boots {
+        wait_for(&mut client, &created.id, pb::MachineState::Started).await
+    } else {
+        // KVM cannot boot the guest here: the second attempt fails at its readiness
+        // wait, and the machine fails for that, not for a launch that kept failing.
+        let failed = wait_for(&mut client, &created.id, pb::MachineState::Failed).await;
+        assert!(
+            failed
+                .failure
+                .contains("did not become ready in 2 boot attempts"),
+            "{}",
+            failed.failure
+        );
+        failed
+    };
+    let machine_dir = daemon.dir.path().join("data/machines").join(&machine.id);
+    client
+        .machines
+        .destroy_machine(pb::MachineRef {
+            id: machine.id.clone(),
+        })
+        .await
+        .expect("destroy");
+    wait_for(&mut client, &machine.id, pb::MachineState::Destroyed).await;
+    assert!(!machine_dir.exists(), "the jail outlived its machine");
+    let cgroups = hearth::vmm::cgroup::Cgroups::detect(&daemon.prefix).expect("cgroups");
+    assert!(
+        cgroups.dirs(&machine.id).iter().all(|d| !d.exists()),
+        "a cgroup outlived its machine"
+    );
+    assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
 }

@@ -532,3 +532,26 @@ async fn guest_text_reaches_the_operator_inert() {
     destroy(&mut client, &created.id).await;
     daemon.assert_no_host_leftovers();
 }
+
+/// Firecracker is jailed by default, and the jailer can only run a static binary: a
+/// dynamically linked one is refused when the daemon starts, naming the key, instead of
+/// failing every machine later.
+#[tokio::test]
+async fn a_dynamically_linked_firecracker_is_refused_at_start() {
+    let dynamic = ["/usr/bin/true", "/bin/true"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a true binary");
+    let daemon = Daemon::prepare(&format!(
+        "[vmm]\nkind = \"firecracker\"\nfirecracker_binary = \"{dynamic}\"\n"
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_hearthd"))
+        .arg("--config")
+        .arg(daemon.dir.path().join("hearthd.toml"))
+        .output()
+        .expect("run hearthd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "hearthd started: {stderr}");
+    assert!(stderr.contains("vmm.firecracker_binary"), "{stderr}");
+    assert!(stderr.contains("dynamically linked"), "{stderr}");
+}

@@ -456,25 +456,6 @@ async fn route_changes(
 }
 
 /// The first of the machine's events after `after_seq` whose message starts with `prefix`.
-async fn wait_event(
-    client: &mut Client,
-    id: &str,
-    after_seq: u64,
-    prefix: &str,
-) -> pb::MachineEvent {
-    let mut events = support::watch_machine(client, id, after_seq).await;
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
-            .await
-            .unwrap_or_else(|_| panic!("no {prefix:?} event in time"))
-            .expect("event stream")
-            .expect("stream open");
-        if event.message.starts_with(prefix) {
-            return event;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress() {
     // A long readiness deadline: the cancelled wait must not be what ends the step.
@@ -493,7 +474,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
         .await
         .expect("create")
         .into_inner();
-    wait_event(&mut client, &doomed.id, 0, "acquire vmm: ok").await;
+    support::wait_event(&mut client, &doomed.id, 0, "acquire vmm: ok").await;
     let clock = std::time::Instant::now();
     client
         .machines
@@ -515,7 +496,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
         "the ready wait ran to its end: {:?}",
         gone.timings
     );
-    wait_event(&mut client, &doomed.id, 0, "ready cancelled").await;
+    support::wait_event(&mut client, &doomed.id, 0, "ready cancelled").await;
 
     // Stop while a start is booting the guest again; repeating the stop changes nothing.
     let m = create(&mut client, "restless", "restless", &[]).await;

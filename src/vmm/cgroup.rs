@@ -108,6 +108,11 @@ impl Cgroups {
         }
     }
 
+    /// The machine's cgroup relative to a hierarchy's root: `hearth_<prefix>/<id>`.
+    pub fn relative(&self, id: &str) -> String {
+        format!("{}/{id}", self.parent)
+    }
+
     /// The machine's directories (one per hierarchy in use).
     pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
         self.parents().into_iter().map(|p| p.join(id)).collect()
@@ -183,30 +188,14 @@ impl Cgroups {
         out
     }
 
-    /// Removes the machine's cgroup. Whatever still runs inside is killed first: only
-    /// the machine's VMM ever joins it, and the VMM step is released before this one.
-    /// Idempotent: a missing directory is success.
+    /// Removes the machine's cgroup, with any cgroup nested in it (a jailer's).
+    /// Whatever still runs inside is killed first: only the machine's VMM ever joins it,
+    /// and the VMM step is released before this one. Idempotent: a missing directory is
+    /// success.
     pub fn remove(&self, id: &str) -> Result<(), CgroupError> {
         let deadline = Instant::now() + DRAIN_WAIT;
         for dir in self.dirs(id) {
-            loop {
-                match fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
-                    {
-                        for pid in read_pids(&dir.join("cgroup.procs")) {
-                            // SAFETY: kill(2) has no memory effects.
-                            unsafe {
-                                libc::kill(pid, libc::SIGKILL);
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(fail(&dir, "remove")(e)),
-                }
-            }
+            remove_tree(&dir, deadline)?;
         }
         Ok(())
     }
@@ -271,6 +260,39 @@ fn pick(mounts: &str) -> Result<Hierarchy, String> {
              cgroup2 with both nor cgroup v1 for each)"
                 .to_string(),
         ),
+    }
+}
+
+/// Removes `dir` and the cgroups nested in it, deepest first, killing what runs in each
+/// until `deadline`. A missing directory is success.
+fn remove_tree(dir: &Path, deadline: Instant) -> Result<(), CgroupError> {
+    let children = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect::<Vec<_>>(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(fail(dir, "list")(e)),
+    };
+    for child in children {
+        remove_tree(&child, deadline)?;
+    }
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                for pid in read_pids(&dir.join("cgroup.procs")) {
+                    // SAFETY: kill(2) has no memory effects.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(fail(dir, "remove")(e)),
+        }
     }
 }
 

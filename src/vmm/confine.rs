@@ -54,6 +54,7 @@ impl VmmHost {
     pub fn confinement(&self, id: &str, slot: u32) -> Confinement {
         Confinement {
             cgroup_procs: self.cgroups.procs_files(id),
+            cgroup_path: self.cgroups.relative(id),
             run_as: self.uid_base.map(|base| RunAs {
                 uid: base.saturating_add(slot),
                 gid: self.gid,

@@ -93,6 +93,9 @@ pub struct Confinement {
     /// The `cgroup.procs` files of the machine's cgroup (one per hierarchy); the process
     /// joins each before it runs.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The machine's cgroup relative to each hierarchy's root (`hearth_<prefix>/<id>`);
+    /// a jailer nests its own cgroup here. Empty: none.
+    pub cgroup_path: String,
     /// The identity it runs as; none: the daemon's (root).
     pub run_as: Option<RunAs>,
 }

@@ -111,6 +111,21 @@ pub fn firecracker(config: &Config) -> Result<FirecrackerDriver, SelectError> {
     check_binary("vmm.firecracker_binary", &vmm.firecracker_binary)?;
     let mut driver = FirecrackerDriver::new(vmm.firecracker_binary.clone());
     if vmm.jailer.enabled {
+        // The jailer execs Firecracker inside a jail with no loader or libraries: a
+        // dynamically linked binary could never start there.
+        let bytes = std::fs::read(&vmm.firecracker_binary).map_err(|e| SelectError::Binary {
+            key: "vmm.firecracker_binary",
+            path: vmm.firecracker_binary.clone(),
+            reason: e.to_string(),
+        })?;
+        crate::elf::check_static(&bytes).map_err(|e| SelectError::Binary {
+            key: "vmm.firecracker_binary",
+            path: vmm.firecracker_binary.clone(),
+            reason: format!(
+                "{e}; the jailer runs Firecracker in a jail without a loader or libraries, \
+                 so it must be statically linked (or set vmm.jailer.enabled = false)"
+            ),
+        })?;
         let binary = if vmm.jailer.binary.as_os_str().is_empty() {
             vmm.firecracker_binary
                 .parent()
@@ -133,6 +148,7 @@ pub fn firecracker(config: &Config) -> Result<FirecrackerDriver, SelectError> {
             cgroups: vmm.jailer.cgroups.clone(),
             cgroup_version: vmm.jailer.cgroup_version,
             parent_cgroup: vmm.jailer.parent_cgroup.clone(),
+            release_cgroup: false,
         });
     }
     Ok(driver)

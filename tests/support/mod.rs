@@ -544,6 +544,27 @@ pub async fn events_until(
     }
 }
 
+/// The machine's first event after `after_seq` whose message starts with `prefix`
+/// (waits up to 120 s).
+pub async fn wait_event(
+    client: &mut Client,
+    id: &str,
+    after_seq: u64,
+    prefix: &str,
+) -> pb::MachineEvent {
+    let mut events = watch_machine(client, id, after_seq).await;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {prefix:?} event in time"))
+            .expect("event stream")
+            .expect("stream open");
+        if event.message.starts_with(prefix) {
+            return event;
+        }
+    }
+}
+
 /// Restarts the daemon without its pools, so their prepared machines are destroyed by
 /// their own runs, and waits (up to 240 s each) until every one is; returns the client of
 /// the restarted daemon.

@@ -48,6 +48,10 @@ pub struct JailerSettings {
     pub cgroup_version: u8,
     /// The parent cgroup of every machine's cgroup.
     pub parent_cgroup: String,
+    /// Whether the driver removes the machine's cgroup when its process is gone. The
+    /// daemon sets false: there the cgroup is its `cgroup` step's, which the jailer
+    /// shares (same parent, same instance id).
+    pub release_cgroup: bool,
 }
 
 impl JailerSettings {
@@ -89,10 +93,17 @@ impl JailerSettings {
             a.push(Path::new("/run/netns").join(ns).into_os_string());
         }
         if !self.cgroups.is_empty() {
+            // Under the daemon the jailer's cgroup nests in the machine's own (whose
+            // limits hold first), so the machine's `cgroup` step removes both.
+            let parent = if spec.confine.cgroup_path.is_empty() {
+                self.parent_cgroup.clone()
+            } else {
+                spec.confine.cgroup_path.clone()
+            };
             a.push("--cgroup-version".into());
             a.push(self.cgroup_version.to_string().into());
             a.push("--parent-cgroup".into());
-            a.push(self.parent_cgroup.clone().into());
+            a.push(parent.into());
             for c in &self.cgroups {
                 a.push("--cgroup".into());
                 a.push(c.into());
@@ -104,16 +115,26 @@ impl JailerSettings {
         a
     }
 
+    /// The jail of one instance: `<chroot base>/<exec name>/<instance id>`, all the
+    /// jailer makes for it (the root, its device nodes, the copied binary).
+    pub fn instance_dir(&self, workdir: &Path, firecracker: &Path, instance_id: &str) -> PathBuf {
+        let root = self.chroot_root(workdir, firecracker, instance_id);
+        root.parent().map(Path::to_path_buf).unwrap_or(root)
+    }
+
     /// Fills the jail: the kit and the disks linked in, ownership handed over.
     ///
-    /// Idempotent: existing entries are replaced. Undo: removing the machine directory
-    /// (the jail lives inside it).
+    /// Starts from a clean jail: whatever an earlier launch of this instance left (its
+    /// device nodes, which the jailer refuses to make twice, its sockets) is removed
+    /// first, so a launch after a failed or released one behaves as the first. Only
+    /// called when no process of the instance runs (the driver adopts one first).
+    /// Undo: removing the machine directory (the jail lives inside it).
     pub fn prepare(
         &self,
         spec: &LaunchSpec,
         layout: &Layout,
-        _firecracker: &Path,
-        _instance_id: &str,
+        firecracker: &Path,
+        instance_id: &str,
     ) -> Result<(), LaunchError> {
         let root = &layout.host_dir;
         let err = |path: &Path| {
@@ -125,6 +146,12 @@ impl JailerSettings {
                 source,
             }
         };
+        let instance = self.instance_dir(&spec.workdir, firecracker, instance_id);
+        match fs::remove_dir_all(&instance) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&instance)(e)),
+        }
         fs::create_dir_all(root).map_err(err(root))?;
         self.give(&spec.machine_id, root)?;
         for (from, name, copy_ok) in [
@@ -176,8 +203,12 @@ impl JailerSettings {
         )
     }
 
-    /// Removes the machine's cgroups (empty once its process is gone). Idempotent.
+    /// Removes the machine's cgroups (empty once its process is gone), unless the
+    /// daemon's `cgroup` step owns them (see `release_cgroup`). Idempotent.
     pub fn remove_cgroup(&self, instance_id: &str) {
+        if !self.release_cgroup {
+            return;
+        }
         for dir in self.cgroup_dirs(instance_id) {
             let _ = fs::remove_dir(dir);
         }
@@ -262,6 +293,7 @@ mod tests {
             cgroups: vec!["cpu.max=50000 100000".into()],
             cgroup_version: 2,
             parent_cgroup: "hearth".into(),
+            release_cgroup: true,
         }
     }
 

@@ -300,6 +300,7 @@ impl FirecrackerDriver {
         // name.
         let confine = crate::vmm::Confinement {
             cgroup_procs: spec.confine.cgroup_procs.clone(),
+            cgroup_path: spec.confine.cgroup_path.clone(),
             run_as: None,
         };
         let pid = self.children.spawn(DetachedCommand {
@@ -754,6 +755,7 @@ mod tests {
             cgroups: vec![],
             cgroup_version: 2,
             parent_cgroup: "hearth".into(),
+            release_cgroup: true,
         });
         let sp = spec(Path::new("/m/abc"));
         let layout = d.layout(&sp);
