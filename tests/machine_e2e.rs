@@ -321,7 +321,7 @@ async fn kill_vmm_and_see_it_started_again(
 ) -> (pb::Machine, u64) {
     let pid = nix::unistd::Pid::from_raw(before.vmm_pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the VMM");
-    let gone = wait_event(client, id, after_seq, "the VMM is gone").await;
+    let gone = support::wait_event(client, id, after_seq, "the VMM is gone").await;
     let log = events_until(client, id, gone.seq, pb::MachineState::Started).await;
     let last_seq = log.last().map_or(gone.seq, |e| e.seq);
     let again = support::get_machine(client, id).await;
