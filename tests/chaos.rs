@@ -9,8 +9,8 @@
 //!   sends `Reconcile`.
 //!
 //! After convergence the machine is destroyed and the host is scanned: no namespace,
-//! link, VMM process, machine directory, lease or route may be left. The table of every
-//! case is printed.
+//! link, nftables chain, cgroup, VMM process, machine directory, lease or route may be
+//! left. The table of every case is printed.
 //!
 //! `CHAOS_VMM=firecracker` (with `HEARTH_FIRECRACKER`) runs the same cases on the
 //! Firecracker driver. Where KVM cannot boot the guest kernel, a machine cannot get past
