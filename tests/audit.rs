@@ -148,6 +148,29 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
             })
             .expect("route");
     }
+    // A cgroup and a policy chain of an id nobody knows.
+    let host_orphan = new_machine_id().expect("id");
+    let cgroups = hearth::vmm::cgroup::Cgroups::detect(&prefix).expect("cgroups");
+    cgroups
+        .ensure(
+            &host_orphan,
+            hearth::vmm::cgroup::Limits {
+                vcpus: 1,
+                memory_bytes: 64 << 20,
+            },
+        )
+        .expect("orphan cgroup");
+    let chain = Command::new("nft")
+        .args([
+            "add",
+            "chain",
+            "inet",
+            &format!("hearth_{prefix}"),
+            &format!("m{host_orphan}_in"),
+        ])
+        .status()
+        .expect("nft");
+    assert!(chain.success());
     // A process carrying the VMM marker with its files in this daemon's directory. `read`
     // is a shell builtin: the process waits on its stdin and has no child.
     let vmm_orphan = new_machine_id().expect("id");
@@ -185,13 +208,18 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     assert_eq!(status.signal(), Some(9), "{status:?}");
     let mut left = daemon.host_leftovers();
     left.sort();
-    assert_eq!(
-        left,
-        vec![
-            format!("link {prefix}{}", live.id),
-            format!("netns {prefix}-{}", live.id),
-        ]
-    );
+    let mut expected: Vec<String> = cgroups
+        .dirs(&live.id)
+        .iter()
+        .map(|d| format!("cgroup {}", d.display()))
+        .collect();
+    expected.extend([
+        format!("link {prefix}{}", live.id),
+        format!("netns {prefix}-{}", live.id),
+        format!("policy m{}_*", live.id),
+    ]);
+    expected.sort();
+    assert_eq!(left, expected);
     let mut dirs: Vec<String> = std::fs::read_dir(&machines)
         .expect("machines dir")
         .flatten()
