@@ -4,7 +4,8 @@
 //!
 //! Run as root: `bash deploy/build-guest-init.sh release && cargo bench --bench create`
 //! (HEARTH_BENCH_RUNS sets the sample count,
-//! default 7). Reports p50 and p90 per step.
+//! default 7). Reports p50 and p90 per step, then one line:
+//! `create: overhead_p50_ms=<x> overhead_p90_ms=<x> policy_p50_ms=<x> cgroup_p50_ms=<x> total_p50_ms=<x>`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -48,26 +49,26 @@ fn main() {
         }
         println!("cold create, cached image, {runs} runs (ms)");
         println!("{:<28} {:>9} {:>9}", "step", "p50", "p90");
-        for (step, mut samples) in per_step {
+        let mut p50 = BTreeMap::new();
+        let rows = per_step.into_iter().chain([
+            ("hearth overhead (no vmm/ready)".to_string(), overhead),
+            ("create -> started".to_string(), total),
+        ]);
+        for (name, mut samples) in rows {
             samples.sort_by(f64::total_cmp);
-            println!(
-                "{:<28} {:>9.2} {:>9.2}",
-                step,
-                percentile(&samples, 0.5),
-                percentile(&samples, 0.9)
-            );
+            let (mid, p90) = (percentile(&samples, 0.5), percentile(&samples, 0.9));
+            println!("{name:<28} {mid:>9.2} {p90:>9.2}");
+            p50.insert(name, (mid, p90));
         }
-        for (name, mut samples) in [
-            ("hearth overhead (no vmm/ready)", overhead),
-            ("create -> started", total),
-        ] {
-            samples.sort_by(f64::total_cmp);
-            println!(
-                "{:<28} {:>9.2} {:>9.2}",
-                name,
-                percentile(&samples, 0.5),
-                percentile(&samples, 0.9)
-            );
-        }
+        let get = |name: &str| p50.get(name).copied().unwrap_or((f64::NAN, f64::NAN));
+        let overhead = get("hearth overhead (no vmm/ready)");
+        println!(
+            "create: overhead_p50_ms={:.2} overhead_p90_ms={:.2} policy_p50_ms={:.2} cgroup_p50_ms={:.2} total_p50_ms={:.2}",
+            overhead.0,
+            overhead.1,
+            get("policy").0,
+            get("cgroup").0,
+            get("create -> started").0
+        );
     });
 }

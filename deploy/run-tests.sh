@@ -10,9 +10,12 @@ cargo clippy --all-targets --features failpoints -- -D warnings
 # The guest init must be static; the tests' daemons find it beside hearthd.
 bash deploy/build-guest-init.sh
 host_state() {
-  # What the suite must leave as it found it: namespaces, links, VMM processes.
+  # What the suite must leave as it found it: namespaces, links, nftables tables, hearth's
+  # cgroups, VMM processes.
   echo "netns: $(ls /run/netns 2>/dev/null | sort | tr '\n' ' ')"
   echo "links: $(ls /sys/class/net | sort | tr '\n' ' ')"
+  echo "nft: $(nft list tables 2>/dev/null | sort | tr '\n' ' ')"
+  echo "cgroups: $(ls -d /sys/fs/cgroup/*/hearth_* /sys/fs/cgroup/hearth_* 2>/dev/null | sort | tr '\n' ' ')"
   echo "vmms: $(pgrep -c -f 'qemu-system|--api-sock|vhost-device-vsock' || true)"
 }
 before=$(host_state)

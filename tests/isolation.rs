@@ -188,7 +188,9 @@ async fn a_guest_reaches_only_what_policy_allows() {
          traceroute -n -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
          ip addr add {spoofed}/32 dev $dev; \
          traceroute -n -s {spoofed} -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
-         echo udp-sent",
+         echo udp-sent; \
+         ip link set dev $dev address 02:00:00:00:00:01; \
+         probe macspoof $hv {allowed}",
         hosts = hosts.join(" "),
         peer_ip = peer.guest_ip,
         base = udp - 1,
@@ -209,6 +211,32 @@ async fn a_guest_reaches_only_what_policy_allows() {
     for line in lines {
         assert!(line.ends_with("closed"), "reached: {line}\n{report}");
     }
+    // With another MAC, even the allowed port is closed, and the namespace's guard says
+    // it dropped those frames (its MAC rule counted them).
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("macspoof ") && l.ends_with(&format!(":{allowed} closed"))),
+        "{report}"
+    );
+    let netns = format!("{}-{}", daemon.prefix, prober.id);
+    let guard = Command::new("ip")
+        .args(["netns", "exec", &netns, "nft", "list", "table", "inet", "hearth_guard"])
+        .output()
+        .expect("nft in the namespace");
+    let guard = String::from_utf8_lossy(&guard.stdout).into_owned();
+    let mac_rule = guard
+        .lines()
+        .find(|l| l.contains("ether saddr"))
+        .unwrap_or_default()
+        .to_string();
+    let dropped: u64 = mac_rule
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "the MAC guard dropped nothing: {guard}");
     // UDP: the genuine datagram arrived from the guest's address, the spoofed one not.
     let deadline = Instant::now() + Duration::from_secs(10);
     let sources = loop {

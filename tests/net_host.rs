@@ -780,8 +780,8 @@ async fn the_network_carries_an_anti_spoofing_guard() {
         policy::GUARD_TABLE,
     ]);
     for needle in [
-        format!("ether saddr != {}", plan.guest_mac_string()),
-        format!("ip saddr != {} drop", plan.guest_addr),
+        format!("ether saddr != {} counter", plan.guest_mac_string()),
+        format!("ip saddr != {} counter", plan.guest_addr),
         "iifname \"tap0\"".to_string(),
     ] {
         assert!(guard.contains(&needle), "{needle:?} missing from:\n{guard}");

@@ -385,6 +385,7 @@ pub(crate) fn guard_changes(plan: &NetPlan) -> Vec<Change> {
     )];
     let from_tap =
         || Rule::new().meta_is(MetaKey::Iifname, Operator::Equal, ifname_bytes(&plan.tap));
+    // Counted, so an operator (and a test) can see spoofing being dropped.
     let rules = vec![
         from_tap()
             .meta_is(
@@ -394,13 +395,16 @@ pub(crate) fn guard_changes(plan: &NetPlan) -> Vec<Change> {
             )
             .payload(LINK_HEADER, 6, 6)
             .cmp(Operator::NotEqual, plan.guest_mac.to_vec())
+            .counter()
             .verdict(DROP),
         from_tap()
             .meta_is(MetaKey::Nfproto, Operator::NotEqual, vec![NFPROTO_IPV4])
+            .counter()
             .verdict(DROP),
         from_tap()
             .ipv4()
             .source_is_not(plan.guest_addr)
+            .counter()
             .verdict(DROP),
     ];
     push_chain(
@@ -658,6 +662,11 @@ impl Rule {
             Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
         ]))
         .cmp(Operator::NotEqual, vec![0; 4])
+    }
+
+    /// `counter`.
+    fn counter(self) -> Rule {
+        self.raw("counter", Vec::new())
     }
 
     /// `iifname|oifname vmap @<map>`.
