@@ -221,7 +221,16 @@ async fn a_guest_reaches_only_what_policy_allows() {
     );
     let netns = format!("{}-{}", daemon.prefix, prober.id);
     let guard = Command::new("ip")
-        .args(["netns", "exec", &netns, "nft", "list", "table", "inet", "hearth_guard"])
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "hearth_guard",
+        ])
         .output()
         .expect("nft in the namespace");
     let guard = String::from_utf8_lossy(&guard.stdout).into_owned();

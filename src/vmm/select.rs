@@ -206,11 +206,20 @@ mod tests {
         c.vmm.firecracker_binary = PathBuf::from("relative/firecracker");
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("absolute"), "{err}");
-        // Any executable file passes the check (the binary is only run at launch).
+        // Jailed (the default), the binary must be static: a dynamic one is refused,
+        // naming the key.
         c.vmm.firecracker_binary = PathBuf::from("/bin/true");
+        let err = choose(&c).await.err().unwrap();
+        assert!(err.to_string().contains("vmm.firecracker_binary"), "{err}");
+        assert!(err.to_string().contains("dynamically linked"), "{err}");
+        // Unjailed, any executable file passes (the binary is only run at launch).
+        c.vmm.jailer.enabled = false;
         let choice = choose(&c).await.unwrap();
         assert_eq!(choice.driver.describe(), "firecracker");
+        // A static binary (busybox-static, which install-deps installs) without a jailer
+        // beside it: the jailer's key is named.
         c.vmm.jailer.enabled = true;
+        c.vmm.firecracker_binary = PathBuf::from("/bin/busybox");
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("vmm.jailer.binary"), "{err}");
     }
