@@ -189,8 +189,10 @@ async fn a_guest_reaches_only_what_policy_allows() {
          ip addr add {spoofed}/32 dev $dev; \
          traceroute -n -s {spoofed} -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
          echo udp-sent; \
+         mac=$(cat /sys/class/net/$dev/address); \
          ip link set dev $dev address 02:00:00:00:00:01; \
-         probe macspoof $hv {allowed}",
+         probe macspoof $hv {allowed}; \
+         ip link set dev $dev address $mac",
         hosts = hosts.join(" "),
         peer_ip = peer.guest_ip,
         base = udp - 1,
