@@ -265,18 +265,16 @@ fn setup() -> Option<Setup> {
 /// (failing) `ready` step, the singletons used on the way, and stop and destroy of a
 /// machine waiting for readiness (they release nothing beyond the `vmm` step's).
 fn reachable_without_a_guest(point: &str) -> bool {
-    const UP_TO_READY: [&str; 7] = [
-        "image",
-        "disk",
-        "lease",
-        "network",
-        "vm_config",
-        "vmm",
-        "ready",
-    ];
+    use hearth::machine::step::{CREATE_ORDER, Step};
+    let up_to_ready = |name: &str| {
+        CREATE_ORDER
+            .iter()
+            .take_while(|s| **s != Step::Publish)
+            .any(|s| s.name() == name)
+    };
     let mut parts = point.split('.');
     match (parts.next(), parts.next()) {
-        (Some("create" | "stop" | "destroy"), Some(step)) => UP_TO_READY.contains(&step),
+        (Some("create" | "stop" | "destroy"), Some(step)) => up_to_ready(step),
         (Some("ip_pool" | "rootfs_cache" | "tap_allocator"), _) => true,
         // A pool's machines wait for an idle guest, which needs a guest that boots.
         _ => false,
