@@ -118,8 +118,9 @@ async fn probe_report(ip: &str) -> String {
 }
 
 /// A machine of the demo image running `script` under busybox sh, serving /srv/probe on
-/// port 80 (its only declared port). `probe` and the derived addresses are defined
-/// first: `$gw` (its gateway), `$hv` (the host end of its link), `$dev`.
+/// port 80 (its only declared port). Defined first: `probe NAME IP PORT` (a TCP
+/// listener that answers "pong"), `web NAME IP PORT` (an HTTP server), and the derived
+/// addresses `$gw` (its gateway), `$hv` (the host end of its link), `$dev`.
 async fn create_prober(
     client: &mut hearth::client::Client,
     name: &str,
@@ -131,6 +132,7 @@ async fn create_prober(
          dev=$(ip route | awk '/default/ {{print $5}}'); \
          hv=$(echo $gw | awk -F. '{{print $1\".\"$2\".\"$3\".\"$4-4}}'); \
          probe() {{ if echo ping | nc -w 2 $2 $3 2>/dev/null | grep -q pong; then echo \"$1 $2:$3 open\"; else echo \"$1 $2:$3 closed\"; fi; }}; \
+         web() {{ if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 $2 $3 2>/dev/null | grep -q HTTP/1; then echo \"$1 $2:$3 open\"; else echo \"$1 $2:$3 closed\"; fi; }}; \
          ( {{ {script}; echo done; }} > /srv/probe/r.tmp 2>&1; mv /srv/probe/r.tmp /srv/probe/index.html ) & \
          exec httpd -f -p 80 -h /srv/probe"
     );
@@ -147,6 +149,26 @@ async fn create_prober(
     wait_for(client, &created.id, pb::MachineState::Started).await
 }
 
+/// A machine serving HTTP on port 80 (declared) and on port 81 (not declared); its page
+/// says whether it reaches its own port 81 (`self81-open`).
+async fn create_peer(client: &mut hearth::client::Client) -> pb::Machine {
+    let script = "mkdir -p /srv/peer; \
+        httpd -p 81 -h /srv/www; \
+        if echo x | nc -w 2 127.0.0.1 81 | grep -qi http; then echo self81-open; else echo self81-closed; fi > /srv/peer/index.html; \
+        exec httpd -f -p 80 -h /srv/peer";
+    let mut request = support::demo_request("peer", "peer", &[script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    let peer = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create peer")
+        .into_inner();
+    wait_for(client, &peer.id, pb::MachineState::Started).await
+}
+
 #[tokio::test]
 async fn a_guest_reaches_only_what_policy_allows() {
     let _serial = SERIAL.lock().await;
@@ -160,22 +182,7 @@ async fn a_guest_reaches_only_what_policy_allows() {
     let mut client = daemon.client().await;
     let _forwarding = ForwardingRestored::switch_on();
 
-    // The peer: port 80 declared, port 81 served but undeclared; it checks 81 itself.
-    let peer_script = "mkdir -p /srv/peer; \
-        httpd -p 81 -h /srv/www; \
-        if echo x | nc -w 2 127.0.0.1 81 | grep -qi http; then echo self81-open; else echo self81-closed; fi > /srv/peer/index.html; \
-        exec httpd -f -p 80 -h /srv/peer";
-    let mut request = support::demo_request("peer", "peer", &[peer_script]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
-    let peer = client
-        .machines
-        .create_machine(request)
-        .await
-        .expect("create peer")
-        .into_inner();
-    let peer = wait_for(&mut client, &peer.id, pb::MachineState::Started).await;
+    let peer = create_peer(&mut client).await;
 
     let hosts = host_addresses();
     assert!(!hosts.is_empty(), "the host has no address but loopback");
@@ -184,7 +191,7 @@ async fn a_guest_reaches_only_what_policy_allows() {
         "probe gateway $gw {denied}; \
          for a in $hv {hosts}; do probe host $a {denied}; done; \
          probe allowed $hv {allowed}; \
-         probe peer {peer_ip} 80; \
+         web peer {peer_ip} 80; \
          traceroute -n -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
          ip addr add {spoofed}/32 dev $dev; \
          traceroute -n -s {spoofed} -f 5 -m 5 -q 1 -w 1 -p {base} $hv >/dev/null 2>&1; \
@@ -350,6 +357,35 @@ impl Drop for Outside {
             .args(["netns", "del", &self.netns])
             .status();
     }
+}
+
+/// With `machine_to_machine = true` a guest reaches another guest's declared port, and
+/// still not its undeclared one nor the host.
+#[tokio::test]
+async fn machine_to_machine_opens_only_declared_ports() {
+    let _serial = SERIAL.lock().await;
+    let denied = pong_listener();
+    let daemon = Daemon::start_with_network("machine_to_machine = true", "");
+    let mut client = daemon.client().await;
+    let _forwarding = ForwardingRestored::switch_on();
+    let peer = create_peer(&mut client).await;
+    let script = format!(
+        "web declared {ip} 80; web undeclared {ip} 81; probe host $hv {denied}",
+        ip = peer.guest_ip
+    );
+    let prober = create_prober(&mut client, "m2m", &script).await;
+    let report = probe_report(&prober.guest_ip).await;
+    for expected in [
+        format!("declared {}:80 open", peer.guest_ip),
+        format!("undeclared {}:81 closed", peer.guest_ip),
+        format!(":{denied} closed"),
+    ] {
+        assert!(report.contains(&expected), "{expected:?} not in {report}");
+    }
+    destroy(&mut client, &prober.id).await;
+    destroy(&mut client, &peer.id).await;
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
 }
 
 #[tokio::test]
