@@ -74,9 +74,14 @@ fn main() {
                 continue;
             }
             claims.push(ms);
-            // The claim's own steps: the last `ready` (resume, workload, ports) and
-            // `publish` (the earlier `ready` waited for the idle guest at refill).
-            for step in ["ready", "publish"] {
+            // The claim's own steps (from the catalogue: what a prepared machine did not
+            // acquire, and `ready` again, now resume, workload and ports; the earlier
+            // `ready` waited for the idle guest at refill).
+            let claim_own = hearth::machine::step::CREATE_ORDER
+                .iter()
+                .filter(|s| **s == hearth::machine::step::Step::Ready || !s.info().prepared)
+                .map(|s| s.name());
+            for step in claim_own {
                 if let Some(t) = started
                     .timings
                     .iter()
