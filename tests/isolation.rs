@@ -489,6 +489,45 @@ async fn the_vmm_runs_unprivileged_sandboxed_and_limited() {
     );
     support::http_get(&machine.guest_ip, 80);
 
+    // As the VMM's own uid and gid: its machine directory is open to it, the daemon's
+    // store, the image bases and the other machines' directories are not.
+    let gids = field("Gid:");
+    let as_vmm = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                uids[0],
+                "--regid",
+                gids[0],
+                "--clear-groups",
+                "--",
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("setpriv")
+            .success()
+    };
+    let data = daemon.dir.path().join("data");
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    assert!(as_vmm(&[
+        "ls",
+        &path(data.join("machines").join(&machine.id))
+    ]));
+    assert!(
+        !as_vmm(&["cat", &path(data.join("hearth.redb"))]),
+        "the store is readable"
+    );
+    assert!(
+        !as_vmm(&["ls", &path(data.join("machines"))]),
+        "machines are listable"
+    );
+    assert!(
+        !as_vmm(&["ls", &path(data.join("images"))]),
+        "bases are listable"
+    );
+
     destroy(&mut client, &machine.id).await;
     for dir in &dirs {
         assert!(!dir.exists(), "{} left after destroy", dir.display());

@@ -87,6 +87,7 @@ async fn run(args: Args) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let host = hearth::vmm::confine::VmmHost::detect(&config)?;
+    hearth::vmm::confine::private_files(&config)?;
     let services = Services::new(config.clone(), store, pool, net, vmm, host);
 
     let (supervisor, supervisor_done) = Supervisor::spawn(

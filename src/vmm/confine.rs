@@ -2,7 +2,8 @@
 //! VMMs' group and the group of `/dev/kvm`. A machine's [`Confinement`] is derived from
 //! it and the machine's lease slot (its uid).
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use super::cgroup::Cgroups;
 use super::{Confinement, RunAs};
@@ -62,4 +63,29 @@ impl VmmHost {
             }),
         }
     }
+}
+
+/// Narrows what an unprivileged VMM can see of the daemon's files to the way to its own
+/// machine directory (mode 0700, its uid's) and the guest kit: the data and cache
+/// directories can be crossed but not listed (0711), and the store, the image bases and
+/// the pulled blobs are private to root. Idempotent; run at every start, after the
+/// store and the image store are opened.
+pub fn private_files(config: &Config) -> Result<(), String> {
+    let set = |path: &Path, mode: u32, create: bool| -> Result<(), String> {
+        if create {
+            std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+        }
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("chmod {:o} {}: {e}", mode, path.display())),
+        }
+    };
+    set(&config.data_dir, 0o711, false)?;
+    set(&config.store_path(), 0o600, false)?;
+    set(&config.data_dir.join("machines"), 0o711, true)?;
+    set(&config.data_dir.join("images"), 0o700, true)?;
+    set(&config.cache_dir, 0o711, false)?;
+    set(&config.cache_dir.join("blobs"), 0o700, true)?;
+    Ok(())
 }
