@@ -65,7 +65,9 @@ impl NetFabric {
     }
 
     /// Writes one machine's chains and map elements (rules replaced). Idempotent. Undo:
-    /// [`NetFabric::remove_policy`].
+    /// [`NetFabric::remove_policy`]. When the daemon's own part is gone (an operator's
+    /// `nft flush ruleset`), it is written again first, so machines are repaired rather
+    /// than failed.
     pub async fn ensure_policy(&self, machine: MachinePolicy) -> Result<(), NetError> {
         let cfg = self
             .policy
@@ -76,7 +78,14 @@ impl NetFabric {
         self.workers
             .run(&key, move |_| {
                 let mut nft = open_nft(None)?;
-                nft.apply_in(None, &policy::machine_changes(&cfg, &machine))
+                let changes = policy::machine_changes(&cfg, &machine);
+                match nft.apply_in(None, &changes) {
+                    Err(NetError::Nftables { source, .. }) if source.is(libc::ENOENT) => {
+                        nft.apply_in(None, &policy::daemon_changes(&cfg))?;
+                        nft.apply_in(None, &changes)
+                    }
+                    other => other,
+                }
             })
             .await
     }
