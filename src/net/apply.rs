@@ -132,12 +132,13 @@ pub(crate) fn ensure(worker: &mut Worker, plan: &NetPlan) -> Result<(), NetError
 
 /// Switches IPv4 forwarding on in the calling thread's namespace (the sysctl is per
 /// namespace and resolved through the thread's namespace). Written only when off: a write
-/// of the same value is harmless, but a read is cheaper.
-fn enable_forwarding() -> io::Result<()> {
-    if std::fs::read(IP_FORWARD)?.trim_ascii() != b"1" {
-        std::fs::write(IP_FORWARD, b"1\n")?;
+/// of the same value is harmless, but a read is cheaper. Returns whether it switched.
+pub(crate) fn enable_forwarding() -> io::Result<bool> {
+    if std::fs::read(IP_FORWARD)?.trim_ascii() == b"1" {
+        return Ok(false);
     }
-    Ok(())
+    std::fs::write(IP_FORWARD, b"1\n")?;
+    Ok(true)
 }
 
 /// The two ends are one pair: each names the other's index as its peer, and both are

@@ -218,18 +218,15 @@ fn nft_query(action: String) -> impl FnOnce(super::NlError) -> NetError {
     }
 }
 
-const ROOT_IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
 /// Egress `nat` needs the root namespace to forward. Switched on only when off, and
-/// logged: it is a host-wide setting an operator must know about.
+/// logged: it is a host-wide setting an operator must know about. Runs on the calling
+/// (root namespace) thread.
 fn enable_root_forwarding() -> Result<(), NetError> {
-    let forwarding = |source| NetError::Forwarding {
+    let switched = apply::enable_forwarding().map_err(|source| NetError::Forwarding {
         netns: "(root)".to_string(),
         source,
-    };
-    let now = std::fs::read(ROOT_IP_FORWARD).map_err(forwarding)?;
-    if now.trim_ascii() != b"1" {
-        std::fs::write(ROOT_IP_FORWARD, b"1\n").map_err(forwarding)?;
+    })?;
+    if switched {
         tracing::warn!(
             "network.egress = \"nat\": switched IPv4 forwarding on in the root namespace"
         );

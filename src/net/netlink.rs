@@ -89,38 +89,13 @@ impl Rtnl {
     /// another sequence number are the tail of an earlier request that failed half way;
     /// they are dropped.
     fn receive(&mut self, seq: u32) -> Result<Vec<NetlinkMessage<RouteNetlinkMessage>>, NlError> {
-        self.buf.clear();
-        let size = loop {
-            match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
-                Ok(size) => break size,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(NlError::Io(e)),
-            }
-        };
-        if size > self.buf.len() {
-            return Err(NlError::Protocol(format!(
-                "a {size}-byte datagram did not fit the {}-byte buffer",
-                self.buf.len()
-            )));
-        }
         let mut out = Vec::new();
-        let mut offset = 0;
-        while offset < size {
-            let rest = &self.buf[offset..size];
-            let header =
-                NetlinkBuffer::new_checked(rest).map_err(|e| NlError::Protocol(e.to_string()))?;
-            let length = header.length() as usize;
-            if length == 0 || length > rest.len() {
-                return Err(NlError::Protocol(format!(
-                    "message length {length} at offset {offset} of a {size}-byte datagram"
-                )));
-            }
-            if header.sequence_number() == seq {
-                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..length])
+        for (answer_seq, bytes) in recv_messages(&self.socket, &mut self.buf)? {
+            if answer_seq == seq {
+                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
                     .map_err(|e| NlError::Protocol(e.to_string()))?;
                 out.push(message);
             }
-            offset += (length + 3) & !3;
         }
         Ok(out)
     }
@@ -193,4 +168,42 @@ impl Rtnl {
             }
         }
     }
+}
+
+/// Reads one datagram from `socket` into `buf` and splits it into its messages: (sequence
+/// number, bytes of the whole message). Shared by the route and netfilter clients.
+pub(crate) fn recv_messages<'b>(
+    socket: &Socket,
+    buf: &'b mut Vec<u8>,
+) -> Result<Vec<(u32, &'b [u8])>, NlError> {
+    buf.clear();
+    let size = loop {
+        match socket.recv(buf, libc::MSG_TRUNC) {
+            Ok(size) => break size,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(NlError::Io(e)),
+        }
+    };
+    if size > buf.len() {
+        return Err(NlError::Protocol(format!(
+            "a {size}-byte datagram did not fit the {}-byte buffer",
+            buf.len()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let rest = &buf[offset..size];
+        let header =
+            NetlinkBuffer::new_checked(rest).map_err(|e| NlError::Protocol(e.to_string()))?;
+        let length = header.length() as usize;
+        if length == 0 || length > rest.len() {
+            return Err(NlError::Protocol(format!(
+                "message length {length} at offset {offset} of a {size}-byte datagram"
+            )));
+        }
+        out.push((header.sequence_number(), &rest[..length]));
+        offset += (length + 3) & !3;
+    }
+    Ok(out)
 }

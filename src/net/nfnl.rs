@@ -17,13 +17,13 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 use rtnetlink::sys::Socket;
 use rtnetlink::sys::protocols::NETLINK_NETFILTER;
 
 use super::error::NetError;
-use super::netlink::NlError;
+use super::netlink::{NlError, recv_messages};
 
 /// `NFNL_SUBSYS_NFTABLES`: the subsystem a batch is addressed to.
 const SUBSYS_NFTABLES: u16 = 10;
@@ -269,37 +269,11 @@ impl Nfnl {
 
     /// Reads one datagram and decodes every message in it, with its sequence number.
     fn receive(&mut self) -> Result<Vec<(u32, NetlinkPayload<NetfilterMessage>)>, NlError> {
-        self.buf.clear();
-        let size = loop {
-            match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
-                Ok(size) => break size,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(NlError::Io(e)),
-            }
-        };
-        if size > self.buf.len() {
-            return Err(NlError::Protocol(format!(
-                "a {size}-byte datagram did not fit the {}-byte buffer",
-                self.buf.len()
-            )));
-        }
         let mut out = Vec::new();
-        let mut offset = 0;
-        while offset < size {
-            let rest = &self.buf[offset..size];
-            let header =
-                NetlinkBuffer::new_checked(rest).map_err(|e| NlError::Protocol(e.to_string()))?;
-            let length = header.length() as usize;
-            if length == 0 || length > rest.len() {
-                return Err(NlError::Protocol(format!(
-                    "message length {length} at offset {offset} of a {size}-byte datagram"
-                )));
-            }
-            let seq = header.sequence_number();
-            let message = NetlinkMessage::<NetfilterMessage>::deserialize(&rest[..length])
+        for (seq, bytes) in recv_messages(&self.socket, &mut self.buf)? {
+            let message = NetlinkMessage::<NetfilterMessage>::deserialize(bytes)
                 .map_err(|e| NlError::Protocol(e.to_string()))?;
             out.push((seq, message.payload));
-            offset += (length + 3) & !3;
         }
         Ok(out)
     }

@@ -165,16 +165,7 @@ pub fn machine_of_chain(chain: &str) -> Option<&str> {
 /// chains and map elements are kept. Idempotent: it may run at every start.
 pub(crate) fn daemon_changes(cfg: &PolicyConfig) -> Vec<Change> {
     let table = cfg.table();
-    let mut out = vec![change(
-        NfTablesMessage::NewTable(TableMessage {
-            attributes: vec![
-                TableAttribute::Name(table.clone()),
-                TableAttribute::Flags(TableFlags::default()),
-            ],
-        }),
-        NLM_F_CREATE,
-        format!("create table inet {table}"),
-    )];
+    let mut out = vec![new_table(&table)];
     for (id, map) in [MAP_IN, MAP_FWD, MAP_TO].into_iter().enumerate() {
         out.push(change(
             NfTablesMessage::NewSet(SetMessage {
@@ -373,16 +364,7 @@ pub(crate) fn release_changes(prefix: &str, id: &str, host_veth: &str) -> Vec<Ch
 /// (ARP is not seen by this family and stays allowed). Idempotent (rules replaced).
 pub(crate) fn guard_changes(plan: &NetPlan) -> Vec<Change> {
     let table = GUARD_TABLE.to_string();
-    let mut out = vec![change(
-        NfTablesMessage::NewTable(TableMessage {
-            attributes: vec![
-                TableAttribute::Name(table.clone()),
-                TableAttribute::Flags(TableFlags::default()),
-            ],
-        }),
-        NLM_F_CREATE,
-        format!("create table inet {table}"),
-    )];
+    let mut out = vec![new_table(&table)];
     let from_tap =
         || Rule::new().meta_is(MetaKey::Iifname, Operator::Equal, ifname_bytes(&plan.tap));
     // Counted, so an operator (and a test) can see spoofing being dropped.
@@ -451,6 +433,20 @@ fn change(message: NfTablesMessage, flags: u16, what: String) -> Change {
         flags,
         what,
     }
+}
+
+/// Creates table `inet <name>`, or keeps it.
+fn new_table(name: &str) -> Change {
+    change(
+        NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name(name.to_string()),
+                TableAttribute::Flags(TableFlags::default()),
+            ],
+        }),
+        NLM_F_CREATE,
+        format!("create table inet {name}"),
+    )
 }
 
 fn new_chain(table: &str, name: &str, hook: Option<(&str, InetHookNumber, i32)>) -> Change {

@@ -196,7 +196,12 @@ impl Daemon {
         }
         // A machine's packet policy: chains m<id>_* in the daemon's table.
         let table = Command::new("nft")
-            .args(["list", "table", "inet", &format!("hearth_{}", self.prefix)])
+            .args([
+                "list",
+                "table",
+                "inet",
+                &hearth::net::policy::table_name(&self.prefix),
+            ])
             .stderr(std::process::Stdio::null())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -275,7 +280,7 @@ impl Drop for Daemon {
                 "delete",
                 "table",
                 "inet",
-                &format!("hearth_{}", self.prefix),
+                &hearth::net::policy::table_name(&self.prefix),
             ])
             .stderr(std::process::Stdio::null())
             .status();
