@@ -136,10 +136,7 @@ async fn create_prober(
          ( {{ {script}; echo done; }} > /srv/probe/r.tmp 2>&1; mv /srv/probe/r.tmp /srv/probe/index.html ) & \
          exec httpd -f -p 80 -h /srv/probe"
     );
-    let mut request = support::demo_request(name, name, &[&full]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
+    let request = support::shell_request(name, name, &full);
     let created = client
         .machines
         .create_machine(request)
@@ -156,10 +153,7 @@ async fn create_peer(client: &mut hearth::client::Client) -> pb::Machine {
         httpd -p 81 -h /srv/www; \
         if echo x | nc -w 2 127.0.0.1 81 | grep -qi http; then echo self81-open; else echo self81-closed; fi > /srv/peer/index.html; \
         exec httpd -f -p 80 -h /srv/peer";
-    let mut request = support::demo_request("peer", "peer", &[script]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
+    let request = support::shell_request("peer", "peer", script);
     let peer = client
         .machines
         .create_machine(request)
@@ -545,10 +539,7 @@ async fn a_console_flood_stays_under_the_log_cap() {
     let mut client = daemon.client().await;
     let flood = "yes 0123456789abcdef-flooding-the-console > /dev/ttyS0 & \
                  exec httpd -f -p 80 -h /srv/www";
-    let mut request = support::demo_request("flood", "flood", &[flood]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
+    let request = support::shell_request("flood", "flood", flood);
     let flooder = client
         .machines
         .create_machine(request)
@@ -615,10 +606,7 @@ async fn guest_text_reaches_the_operator_inert() {
     let mut client = daemon.client().await;
     let hostile = "printf 'before\\033]0;owned\\007\\033[2J\\rafter\\n' > /dev/ttyS0; \
                    sleep 1; echo o > /proc/sysrq-trigger";
-    let mut request = support::demo_request("hostile", "hostile", &[hostile]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
+    let request = support::shell_request("hostile", "hostile", hostile);
     let created = client
         .machines
         .create_machine(request)

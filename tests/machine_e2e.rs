@@ -464,10 +464,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
 
     // Destroy while the `ready` step is waiting: the workload never listens on its
     // port, so only the destroy can end the wait.
-    let mut request = demo_request("doomed", "doomed", &["sleep 600"]);
-    if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
-    }
+    let request = support::shell_request("doomed", "doomed", "sleep 600");
     let doomed = client
         .machines
         .create_machine(request)
@@ -573,9 +570,8 @@ async fn spec_overrides_reach_the_guest_entrypoint_env_workdir_user_and_disk_siz
     let script = "mkdir -p /srv/www && cd /srv/www && \
         echo \"seen $GREETING in $OLDPWD as $(/bin/busybox id -u) on $(/bin/busybox df -m / | /bin/busybox tail -1 | /bin/busybox awk '{print $2}') MiB\" > index.html && \
         exec /bin/busybox httpd -f -p 80 -h /srv/www";
-    let mut request = demo_request("ovr-1", "overrides", &[script]);
+    let mut request = support::shell_request("ovr-1", "overrides", script);
     if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
         spec.env.insert("GREETING".into(), "hello".into());
         spec.workdir = "/tmp".into();
         spec.user = "0:0".into();

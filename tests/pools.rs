@@ -23,9 +23,8 @@ fn serving_env(request_id: &str, who: &str) -> pb::CreateMachineRequest {
     let script = "mkdir -p /srv/www && cd /srv/www && \
         echo \"who=$WHO host=$(/bin/busybox hostname)\" > index.html && \
         exec /bin/busybox httpd -f -p 80 -h /srv/www";
-    let mut request = demo_request(request_id, who, &[script]);
+    let mut request = support::shell_request(request_id, who, script);
     if let Some(spec) = request.spec.as_mut() {
-        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
         spec.env.insert("WHO".into(), who.into());
     }
     request

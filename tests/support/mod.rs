@@ -331,6 +331,15 @@ pub fn demo_request(request_id: &str, name: &str, command: &[&str]) -> pb::Creat
     }
 }
 
+/// [`demo_request`] whose command is one busybox `sh -c` script.
+pub fn shell_request(request_id: &str, name: &str, script: &str) -> pb::CreateMachineRequest {
+    let mut request = demo_request(request_id, name, &[script]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.entrypoint = vec!["/bin/busybox".into(), "sh".into(), "-c".into()];
+    }
+    request
+}
+
 /// The daemon's node report (capacity, counters).
 pub async fn node(client: &mut Client) -> pb::Node {
     client
