@@ -140,7 +140,7 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
     if done(ResourceKind::Cgroup) && !host.cgroups.iter().any(in_cgroup) {
         out.push(finding(
             ResourceKind::Cgroup,
-            format!("hearth_{}/{id}", host.prefix),
+            crate::vmm::cgroup::Cgroups::relative_for(&host.prefix, id),
             id,
             why(ResourceKind::Cgroup),
         ));

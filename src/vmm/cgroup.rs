@@ -81,7 +81,7 @@ impl Cgroups {
             .map_err(|e| format!("read /proc/self/mounts: {e}"))?;
         Ok(Cgroups {
             hierarchy: pick(&mounts)?,
-            parent: format!("hearth_{prefix}"),
+            parent: parent_name(prefix),
         })
     }
 
@@ -89,7 +89,7 @@ impl Cgroups {
     pub fn with(hierarchy: Hierarchy, prefix: &str) -> Cgroups {
         Cgroups {
             hierarchy,
-            parent: format!("hearth_{prefix}"),
+            parent: parent_name(prefix),
         }
     }
 
@@ -111,6 +111,11 @@ impl Cgroups {
     /// The machine's cgroup relative to a hierarchy's root: `hearth_<prefix>/<id>`.
     pub fn relative(&self, id: &str) -> String {
         format!("{}/{id}", self.parent)
+    }
+
+    /// [`Cgroups::relative`] without a detected hierarchy (the audit's pure half).
+    pub fn relative_for(prefix: &str, id: &str) -> String {
+        format!("{}/{id}", parent_name(prefix))
     }
 
     /// The machine's directories (one per hierarchy in use).
@@ -220,6 +225,11 @@ impl Cgroups {
         out.sort();
         Ok(out)
     }
+}
+
+/// The daemon's parent cgroup in every hierarchy: `hearth_<prefix>`.
+fn parent_name(prefix: &str) -> String {
+    format!("hearth_{prefix}")
 }
 
 /// The hierarchy from the mount table (see the module header).
