@@ -61,6 +61,26 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// How many prepared machines are built at once, over every pool.
     pub pool_refill_parallel: u32,
+    /// How much history the store keeps.
+    pub store: StoreConfig,
+}
+
+/// The store's bounds (`[store]`): what is kept of a machine's history, and for how long
+/// a destroyed machine is remembered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A destroyed machine's record, events and request id are kept this long after it
+    /// was destroyed, in seconds; then they are compacted away and the request id may be
+    /// used again.
+    pub retention_secs: u64,
+    /// How often compaction runs, in seconds.
+    pub compact_interval_secs: u64,
+    /// Events kept from the start of a machine's history (its creation and first run).
+    pub events_first: u32,
+    /// Events kept from the end of a machine's history; those between the first and the
+    /// last are dropped as new ones come.
+    pub events_last: u32,
 }
 
 /// One prepared-capacity pool (`[[pools]]`): `size` machines of one image and shape,
@@ -244,6 +264,16 @@ pub struct GuestConfig {
     pub boot_attempts: u32,
     /// How long a graceful stop may take before the VMM is killed, in seconds.
     pub stop_grace_secs: u64,
+    /// Restarts of a guest that was ready and then stopped by itself (its VMM exited),
+    /// within `restart_window_secs`, before the machine fails. At most 63.
+    pub max_restarts: u32,
+    /// The window restarts are counted in, in seconds.
+    pub restart_window_secs: u64,
+    /// Delay before restarting a crashed guest, in ms; it doubles with each further crash
+    /// within the window.
+    pub restart_backoff_ms: u64,
+    /// Longest delay before a restart, in ms.
+    pub restart_backoff_max_ms: u64,
 }
 
 /// Admission limits.
@@ -260,6 +290,9 @@ pub struct CapacityConfig {
     pub max_memory_mib_per_machine: u64,
     /// Smallest memory one machine may ask for, in MiB (the guest kernel panics below ~96).
     pub min_memory_mib_per_machine: u64,
+    /// Space the data dir's filesystem keeps free, in MiB: a create whose root disk would
+    /// take the free space below it is refused.
+    pub min_free_mib: u64,
 }
 
 /// Image settings.
@@ -317,6 +350,18 @@ impl Default for Config {
             images: ImagesConfig::default(),
             pools: Vec::new(),
             pool_refill_parallel: 2,
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            retention_secs: 24 * 3600,
+            compact_interval_secs: 60,
+            events_first: 16,
+            events_last: 256,
         }
     }
 }
@@ -365,6 +410,10 @@ impl Default for GuestConfig {
             ready_timeout_secs: 60,
             boot_attempts: 3,
             stop_grace_secs: 10,
+            max_restarts: 10,
+            restart_window_secs: 600,
+            restart_backoff_ms: 1000,
+            restart_backoff_max_ms: 60_000,
         }
     }
 }
@@ -377,6 +426,7 @@ impl Default for CapacityConfig {
             max_vcpus_per_machine: 8,
             max_memory_mib_per_machine: 16 * 1024,
             min_memory_mib_per_machine: 96,
+            min_free_mib: 512,
         }
     }
 }
@@ -488,6 +538,30 @@ impl Config {
         }
         if self.guest.boot_attempts == 0 {
             return Err(invalid("guest.boot_attempts", "must be at least 1".into()));
+        }
+        if self.guest.max_restarts as usize >= crate::machine::record::CRASHES_KEPT {
+            return Err(invalid(
+                "guest.max_restarts",
+                format!("must be below {}", crate::machine::record::CRASHES_KEPT),
+            ));
+        }
+        if self.guest.restart_backoff_max_ms < self.guest.restart_backoff_ms {
+            return Err(invalid(
+                "guest.restart_backoff_max_ms",
+                "is smaller than guest.restart_backoff_ms".into(),
+            ));
+        }
+        if self.store.events_first + self.store.events_last < 2 {
+            return Err(invalid(
+                "store.events_last",
+                "with store.events_first, must keep at least 2 events".into(),
+            ));
+        }
+        if self.store.compact_interval_secs == 0 {
+            return Err(invalid(
+                "store.compact_interval_secs",
+                "must be at least 1".into(),
+            ));
         }
         let cap = &self.capacity;
         if cap.max_vcpus_per_machine == 0 {
@@ -695,6 +769,19 @@ mod tests {
             ("[network]\negress = \"open\"", "egress"),
             ("data_dir = \"relative\"", "data_dir"),
             ("[guest]\nboot_attempts = 0", "guest.boot_attempts"),
+            ("[guest]\nmax_restarts = 64", "guest.max_restarts"),
+            (
+                "[guest]\nrestart_backoff_ms = 5000\nrestart_backoff_max_ms = 10",
+                "guest.restart_backoff_max_ms",
+            ),
+            (
+                "[store]\nevents_first = 0\nevents_last = 1",
+                "store.events_last",
+            ),
+            (
+                "[store]\ncompact_interval_secs = 0",
+                "store.compact_interval_secs",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err();
@@ -724,6 +811,17 @@ mod tests {
         assert_eq!(example.vmm.jailer.uid, defaults.vmm.jailer.uid);
         assert_eq!(example.vmm.jailer.enabled, defaults.vmm.jailer.enabled);
         assert_eq!(example.pool_refill_parallel, defaults.pool_refill_parallel);
+        assert_eq!(example.guest.max_restarts, defaults.guest.max_restarts);
+        assert_eq!(
+            example.guest.restart_backoff_max_ms,
+            defaults.guest.restart_backoff_max_ms
+        );
+        assert_eq!(example.store.retention_secs, defaults.store.retention_secs);
+        assert_eq!(example.store.events_last, defaults.store.events_last);
+        assert_eq!(
+            example.capacity.min_free_mib,
+            defaults.capacity.min_free_mib
+        );
         assert!(example.pools.is_empty());
     }
 

@@ -135,6 +135,7 @@ impl MachineActor {
             disk_present,
             policy_present,
             cgroup_present,
+            now_ms: now_ms(),
         }
     }
 
@@ -259,6 +260,10 @@ impl MachineActor {
                     return Ok(());
                 }
                 Next::VmmLost | Next::Lost(_) | Next::GiveUp(_) => continue,
+                Next::Wait(until_ms) => {
+                    Self::wake_at(myself, until_ms);
+                    return Ok(());
+                }
                 Next::Acquire(step) => {
                     return Self::spawn_effect(myself, state, step, Direction::Acquire, rec);
                 }
@@ -308,13 +313,29 @@ impl MachineActor {
             state.services.note_run_observed();
         }
         let decision = decide::decide(&rec, &seen, &state.services.policy());
-        if decision.next == Next::Settle && rec.state == decision.state && rec.current.is_none() {
-            if decision.state == MachineState::Destroyed {
-                myself.stop(None);
+        if rec.state == decision.state && rec.current.is_none() {
+            match decision.next {
+                Next::Settle => {
+                    if decision.state == MachineState::Destroyed {
+                        myself.stop(None);
+                    }
+                    return Ok(());
+                }
+                Next::Wait(until_ms) => {
+                    Self::wake_at(myself, until_ms);
+                    return Ok(());
+                }
+                _ => {}
             }
-            return Ok(());
         }
         Self::drive(myself, state, None)
+    }
+
+    /// A Reconcile at `until_ms` (the decision waits until then). A Reconcile that comes
+    /// earlier decides again and finds the same wait, so extra wake-ups are harmless.
+    fn wake_at(myself: &ActorRef<MachineMsg>, until_ms: u64) {
+        let delay = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+        myself.send_after(delay, || MachineMsg::Reconcile);
     }
 
     fn spawn_effect(
@@ -381,9 +402,23 @@ fn apply_decision(rec: &mut MachineRecord, decision: &Decision) -> Vec<String> {
             rec.current = None;
         }
         Next::VmmLost => {
-            decide::apply_vmm_lost(rec);
+            let crashed = rec.mark(Step::Ready) == Mark::Done;
+            decide::apply_vmm_lost(rec, rec.updated_at_ms);
             rec.state = decision.state;
-            messages.push("the VMM is gone; it will be started again".to_string());
+            messages.push(if crashed {
+                format!(
+                    "the VMM of the ready guest is gone (crash {} on record); it will be \
+                     started again after a backoff",
+                    rec.crashes.len()
+                )
+            } else {
+                "the VMM is gone; it will be started again".to_string()
+            });
+        }
+        Next::Wait(until_ms) => {
+            rec.state = decision.state;
+            rec.current = None;
+            tracing::debug!(machine = %rec.id, until_ms, "waiting before a restart");
         }
         Next::Lost(step) => {
             decide::apply_lost(rec, *step);

@@ -166,9 +166,14 @@ impl Services {
 
     /// The retry bounds of every run.
     pub fn policy(&self) -> Policy {
+        let guest = &self.inner.config.guest;
         Policy {
-            max_boot_attempts: self.inner.config.guest.boot_attempts,
+            max_boot_attempts: guest.boot_attempts,
             max_step_failures: 5,
+            max_restarts: guest.max_restarts,
+            restart_window_ms: guest.restart_window_secs.saturating_mul(1000),
+            restart_backoff_ms: guest.restart_backoff_ms,
+            restart_backoff_max_ms: guest.restart_backoff_max_ms,
         }
     }
 

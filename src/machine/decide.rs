@@ -35,6 +35,9 @@ pub struct Observed {
     pub policy_present: bool,
     /// Whether the machine's cgroup is there.
     pub cgroup_present: bool,
+    /// The wall clock when the host was observed, ms since the epoch (restart backoff is
+    /// measured against it).
+    pub now_ms: u64,
 }
 
 impl Observed {
@@ -64,6 +67,39 @@ pub struct Policy {
     pub max_boot_attempts: u32,
     /// Consecutive failures of one acquire before the machine fails.
     pub max_step_failures: u32,
+    /// Restarts of a guest that was ready and then lost its VMM, within
+    /// `restart_window_ms`, before the machine fails.
+    pub max_restarts: u32,
+    /// The window the restarts are counted in, ms.
+    pub restart_window_ms: u64,
+    /// Delay before the first restart; each further one within the window doubles it.
+    pub restart_backoff_ms: u64,
+    /// Longest delay before a restart, ms.
+    pub restart_backoff_max_ms: u64,
+}
+
+impl Policy {
+    /// The crashes of `rec` that count at `now_ms` (those within the window).
+    pub fn recent_crashes(&self, rec: &MachineRecord, now_ms: u64) -> usize {
+        let since = now_ms.saturating_sub(self.restart_window_ms);
+        rec.crashes.iter().filter(|at| **at >= since).count()
+    }
+
+    /// When the VMM of a crashed guest may be started again: the last crash plus a delay
+    /// that doubles with each crash within the window, capped. None: no crash counts.
+    pub fn restart_at(&self, rec: &MachineRecord, now_ms: u64) -> Option<u64> {
+        let recent = self.recent_crashes(rec, now_ms);
+        let last = *rec.crashes.last()?;
+        if recent == 0 {
+            return None;
+        }
+        let doublings = (recent - 1).min(32) as u32;
+        let delay = self
+            .restart_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.restart_backoff_max_ms);
+        Some(last.saturating_add(delay))
+    }
 }
 
 /// The next thing the run does.
@@ -79,6 +115,9 @@ pub enum Next {
     Lost(Step),
     /// Stop trying: record the reason; the run then releases everything.
     GiveUp(String),
+    /// Nothing to do before this time (ms since the epoch): a crashed guest's restart
+    /// backoff. The run looks again then.
+    Wait(u64),
     /// Nothing to do until the desired state changes.
     Settle,
 }
@@ -154,6 +193,18 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
                 MachineState::Failed,
             );
         }
+        let crashes = policy.recent_crashes(rec, seen.now_ms);
+        if crashes > policy.max_restarts as usize {
+            return decision(
+                Next::GiveUp(format!(
+                    "the guest stopped {crashes} times within {} s after it was ready \
+                     (guest.max_restarts = {})",
+                    policy.restart_window_ms / 1000,
+                    policy.max_restarts
+                )),
+                MachineState::Failed,
+            );
+        }
         if rec.step_failures >= policy.max_step_failures {
             let last = rec.timings.last();
             let step = last.map_or("a step", |t| t.step.name());
@@ -190,6 +241,13 @@ pub fn decide(rec: &MachineRecord, seen: &Observed, policy: &Policy) -> Decision
             {
                 return decision(Next::Release(*later.1), MachineState::Starting);
             }
+        }
+        // A guest that crashed after it was ready is started again after its backoff.
+        if first_missing == Some(Step::Vmm)
+            && let Some(at) = policy.restart_at(rec, seen.now_ms)
+            && at > seen.now_ms
+        {
+            return decision(Next::Wait(at), MachineState::Starting);
         }
         return match first_missing {
             Some(step) => decision(Next::Acquire(step), MachineState::Starting),
@@ -297,8 +355,10 @@ pub fn apply_outcome(
 }
 
 /// The VMM died under a machine that should run: forget the VMM and the readiness that
-/// died with it. A guest that died before it was ready costs a boot attempt.
-pub fn apply_vmm_lost(rec: &mut MachineRecord) {
+/// died with it. A guest that died before it was ready costs a boot attempt; one that
+/// died after it was ready is a crash, recorded at `now_ms` (the restart backoff and
+/// give-up are decided from these, see [`Policy::restart_at`]).
+pub fn apply_vmm_lost(rec: &mut MachineRecord, now_ms: u64) {
     // A VMM from an attempt already counted as failed (its readiness wait failed first)
     // is not counted twice.
     let already_counted = rec
@@ -308,6 +368,13 @@ pub fn apply_vmm_lost(rec: &mut MachineRecord) {
         .is_some_and(|vmm| vmm.attempt < rec.boot_attempts);
     if rec.mark(Step::Ready) != Mark::Done && !already_counted {
         rec.boot_attempts += 1;
+    }
+    if rec.mark(Step::Ready) == Mark::Done {
+        rec.crashes.push(now_ms);
+        if rec.crashes.len() > super::record::CRASHES_KEPT {
+            let excess = rec.crashes.len() - super::record::CRASHES_KEPT;
+            rec.crashes.drain(..excess);
+        }
     }
     rec.set_mark(Step::Vmm, Mark::Untouched);
     rec.set_mark(Step::Ready, Mark::Untouched);
@@ -333,6 +400,7 @@ pub fn apply_desired(rec: &mut MachineRecord, desired: Desired) {
         rec.failure = None;
         rec.boot_attempts = 0;
         rec.step_failures = 0;
+        rec.crashes.clear();
     }
     rec.desired = desired;
 }
@@ -351,6 +419,10 @@ mod tests {
     const POLICY: Policy = Policy {
         max_boot_attempts: 3,
         max_step_failures: 5,
+        max_restarts: 3,
+        restart_window_ms: 60_000,
+        restart_backoff_ms: 1_000,
+        restart_backoff_max_ms: 3_000,
     };
     const RUNNING: Observed = Observed {
         vmm: VmmSeen::Running,
@@ -358,6 +430,7 @@ mod tests {
         disk_present: true,
         policy_present: true,
         cgroup_present: true,
+        now_ms: 0,
     };
     const GONE: Observed = Observed {
         vmm: VmmSeen::Gone,
@@ -365,6 +438,7 @@ mod tests {
         disk_present: true,
         policy_present: true,
         cgroup_present: true,
+        now_ms: 0,
     };
     const NONE: Observed = Observed {
         vmm: VmmSeen::NotRecorded,
@@ -372,6 +446,7 @@ mod tests {
         disk_present: true,
         policy_present: true,
         cgroup_present: true,
+        now_ms: 0,
     };
 
     fn record(desired: Desired, marks: &[(Step, Mark)]) -> MachineRecord {
@@ -713,14 +788,94 @@ mod tests {
     #[test]
     fn vmm_lost_before_ready_costs_an_attempt_after_ready_does_not() {
         let mut rec = record(Desired::Started, &done_through(Step::Vmm));
-        apply_vmm_lost(&mut rec);
+        apply_vmm_lost(&mut rec, 0);
         assert_eq!(rec.boot_attempts, 1);
         assert!(!rec.touched(Step::Vmm));
         let mut rec = record(Desired::Started, &done_through(Step::Ready));
-        apply_vmm_lost(&mut rec);
+        apply_vmm_lost(&mut rec, 0);
         assert_eq!(rec.boot_attempts, 0);
         assert!(!rec.touched(Step::Ready));
         assert!(rec.resources.vmm.is_none());
+    }
+
+    #[test]
+    fn a_crash_looping_guest_is_restarted_with_backoff_then_given_up() {
+        let at = |now_ms| Observed { now_ms, ..GONE };
+        let none_at = |now_ms| Observed { now_ms, ..NONE };
+        let mut rec = record(Desired::Started, &all_done());
+        let mut now = 100_000;
+        // Crashes 1..=3 are restarted after 1 s, 2 s, then 3 s (capped); the 4th within
+        // the window gives up.
+        for (crash, delay) in [(1, 1_000), (2, 2_000), (3, 3_000)] {
+            check(
+                &rec,
+                at(now),
+                Next::Release(Step::Publish),
+                MachineState::Starting,
+            );
+            apply_outcome(&mut rec, Step::Publish, Direction::Release, None);
+            check(&rec, at(now), Next::VmmLost, MachineState::Starting);
+            apply_vmm_lost(&mut rec, now);
+            assert_eq!(rec.crashes.len(), crash);
+            assert_eq!(
+                rec.boot_attempts, 0,
+                "a crash after ready is not a boot attempt"
+            );
+            // Waits until the backoff is over, then starts the VMM again.
+            check(
+                &rec,
+                none_at(now),
+                Next::Wait(now + delay),
+                MachineState::Starting,
+            );
+            check(
+                &rec,
+                none_at(now + delay - 1),
+                Next::Wait(now + delay),
+                MachineState::Starting,
+            );
+            check(
+                &rec,
+                none_at(now + delay),
+                Next::Acquire(Step::Vmm),
+                MachineState::Starting,
+            );
+            for step in [Step::Vmm, Step::Ready, Step::Publish] {
+                apply_outcome(&mut rec, step, Direction::Acquire, None);
+            }
+            check(
+                &rec,
+                none_at(now + delay),
+                Next::Settle,
+                MachineState::Started,
+            );
+            now += delay + 500;
+        }
+        check(
+            &rec,
+            at(now),
+            Next::Release(Step::Publish),
+            MachineState::Starting,
+        );
+        apply_outcome(&mut rec, Step::Publish, Direction::Release, None);
+        apply_vmm_lost(&mut rec, now);
+        let decided = decide(&rec, &none_at(now), &POLICY);
+        assert!(
+            matches!(&decided.next, Next::GiveUp(why) if why.contains("4 times") && why.contains("guest.max_restarts")),
+            "{decided:?}"
+        );
+        // Crashes older than the window no longer count: a restart, at once.
+        let later = now + POLICY.restart_window_ms + 1;
+        check(
+            &rec,
+            none_at(later),
+            Next::Acquire(Step::Vmm),
+            MachineState::Starting,
+        );
+        // Starting a failed machine again clears the history.
+        apply_give_up(&mut rec, "x".into());
+        apply_desired(&mut rec, Desired::Started);
+        assert!(rec.crashes.is_empty());
     }
 
     #[test]
@@ -730,7 +885,7 @@ mod tests {
         apply_outcome(&mut rec, Step::Ready, Direction::Acquire, Some(&retry()));
         // ...and the next decision sees the VMM gone.
         check(&rec, GONE, Next::VmmLost, MachineState::Starting);
-        apply_vmm_lost(&mut rec);
+        apply_vmm_lost(&mut rec, 0);
         assert_eq!(rec.boot_attempts, 1);
     }
 
@@ -826,6 +981,7 @@ mod tests {
             disk_present: false,
             policy_present: false,
             cgroup_present: false,
+            now_ms: 0,
         };
         check(
             &rec,
@@ -936,6 +1092,7 @@ mod tests {
                                 assert!(STOP_RELEASES.iter().all(|s| !rec.touched(*s)))
                             }
                             (Next::Settle, Desired::Destroyed) => assert!(rec.nothing_touched()),
+                            (Next::Wait(_), _) => panic!("no crash was recorded"),
                         }
                     }
                 }

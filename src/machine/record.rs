@@ -198,7 +198,15 @@ pub struct MachineRecord {
     /// (see `store::codec`), hence skipped here.
     #[serde(skip)]
     pub pooled: Option<Pooled>,
+    /// When the VMM of a ready guest was lost (ms since the epoch), oldest first, at most
+    /// [`CRASHES_KEPT`]: what the restart backoff and give-up are decided from. Stored in
+    /// the record's V4 extension (see `store::codec`), hence skipped here.
+    #[serde(skip)]
+    pub crashes: Vec<u64>,
 }
+
+/// How many crash times a record keeps (`guest.max_restarts` is below it).
+pub const CRASHES_KEPT: usize = 64;
 
 impl MachineRecord {
     /// A new record, as CreateMachine commits it.
@@ -226,6 +234,7 @@ impl MachineRecord {
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             pooled: None,
+            crashes: Vec::new(),
         }
     }
 

@@ -101,6 +101,7 @@ impl From<MachineRecordV1> for MachineRecord {
             created_at_ms: v1.created_at_ms,
             updated_at_ms: v1.updated_at_ms,
             pooled: None,
+            crashes: Vec::new(),
         }
     }
 }

@@ -56,15 +56,17 @@ macro_rules! versioned {
 }
 
 /// The machine record's envelope: V1 (frozen, see `machine::record_v1`) is converted on
-/// read; V2 is the record's own shape; V3, written now, is the V2 shape followed by an
-/// extension with what was added since (the pool tie). Fields added to the record later
-/// go into a new extension variant the same way, so the record's shape stays V2's and no
-/// frozen copy of it is needed.
+/// read; V2 is the record's own shape; V3 is the V2 shape followed by an extension with
+/// what was added since (the pool tie); V4, written now, has a larger extension (the pool
+/// tie and the crash history). Fields added to the record later go into a new extension
+/// variant the same way, so the record's shape stays V2's and no frozen copy of it is
+/// needed.
 #[derive(Deserialize)]
 enum StoredMachine {
     V1(crate::machine::record_v1::MachineRecordV1),
     V2(MachineRecord),
     V3(MachineRecord, RecordExtV3),
+    V4(MachineRecord, RecordExtV4),
 }
 
 #[derive(Serialize)]
@@ -73,7 +75,9 @@ enum StoredMachineRef<'a> {
     V1(std::marker::PhantomData<&'a ()>),
     #[allow(dead_code)]
     V2(&'a MachineRecord),
+    #[allow(dead_code)]
     V3(&'a MachineRecord, &'a RecordExtV3),
+    V4(&'a MachineRecord, &'a RecordExtV4),
 }
 
 /// What V3 adds to the record (the fields the record skips when serialised).
@@ -82,12 +86,20 @@ struct RecordExtV3 {
     pooled: Option<crate::machine::record::Pooled>,
 }
 
+/// What V4 adds to the record: V3's extension and the crash history.
+#[derive(Serialize, Deserialize)]
+struct RecordExtV4 {
+    pooled: Option<crate::machine::record::Pooled>,
+    crashes: Vec<u64>,
+}
+
 impl Persisted for MachineRecord {
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        let ext = RecordExtV3 {
+        let ext = RecordExtV4 {
             pooled: self.pooled.clone(),
+            crashes: self.crashes.clone(),
         };
-        postcard::to_stdvec(&StoredMachineRef::V3(self, &ext)).map_err(|source| CodecError {
+        postcard::to_stdvec(&StoredMachineRef::V4(self, &ext)).map_err(|source| CodecError {
             what: "machine record",
             source,
         })
@@ -101,6 +113,11 @@ impl Persisted for MachineRecord {
             StoredMachine::V2(rec) => Ok(rec),
             StoredMachine::V3(mut rec, ext) => {
                 rec.pooled = ext.pooled;
+                Ok(rec)
+            }
+            StoredMachine::V4(mut rec, ext) => {
+                rec.pooled = ext.pooled;
+                rec.crashes = ext.crashes;
                 Ok(rec)
             }
         }

@@ -316,3 +316,40 @@ fn a_record_written_before_pools_reads_with_no_pool() {
         codec::decode(&codec::encode(&pooled).expect("encode")).expect("decode");
     assert_eq!(again.pooled, pooled.pooled);
 }
+
+#[test]
+fn a_record_written_before_the_crash_history_reads_with_none() {
+    // The V3 envelope (the pool tie only) as an older daemon wrote it.
+    #[derive(serde::Serialize)]
+    struct ExtV3 {
+        pooled: Option<Pooled>,
+    }
+    #[derive(serde::Serialize)]
+    enum Envelope<'a> {
+        #[allow(dead_code)]
+        V1(()),
+        #[allow(dead_code)]
+        V2(()),
+        V3(&'a MachineRecord, ExtV3),
+    }
+    let old = rec("aaaaaaaaaa", "web", "r1");
+    let tie = Some(Pooled {
+        pool: "web".into(),
+        claimed: false,
+    });
+    let bytes = postcard::to_stdvec(&Envelope::V3(
+        &old,
+        ExtV3 {
+            pooled: tie.clone(),
+        },
+    ))
+    .expect("encode");
+    let read: MachineRecord = codec::decode(&bytes).expect("decode");
+    assert_eq!(read.pooled, tie);
+    assert!(read.crashes.is_empty());
+    let mut crashed = read.clone();
+    crashed.crashes = vec![5, 9];
+    let again: MachineRecord =
+        codec::decode(&codec::encode(&crashed).expect("encode")).expect("decode");
+    assert_eq!(again, crashed);
+}
