@@ -4,6 +4,7 @@
 //! Singletons are found by their registered name, not by a stored reference: after the
 //! Supervisor restarts one, the next call reaches the new actor.
 
+pub mod compactor;
 pub mod context;
 pub mod ip_pool;
 pub mod machine;
@@ -61,6 +62,8 @@ pub mod names {
     pub const REGISTRY: &str = "registry_publisher";
     /// The prepared-capacity pool manager.
     pub const POOLS: &str = "pools";
+    /// The store compactor.
+    pub const COMPACTOR: &str = "compactor";
     /// Prefix of MachineActor names; the machine id follows.
     pub const MACHINE_PREFIX: &str = "machine:";
 }

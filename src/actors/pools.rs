@@ -29,7 +29,6 @@ use super::supervisor::SupervisorMsg;
 use crate::config::PoolConfig;
 use crate::machine::record::{Desired, MachineRecord, MachineState, Pooled};
 use crate::machine::spec::{MachineSpec, new_machine_id};
-use crate::store::Room;
 
 /// How often the pools are looked at without being asked.
 const TICK: Duration = Duration::from_millis(500);
@@ -276,11 +275,10 @@ impl PoolState {
             pool: pool.name.clone(),
             claimed: false,
         });
-        let (vcpus, memory_mib) = self.services.config().capacity_totals();
         let (rec, event) = self
             .services
             .store()
-            .create_prepared(rec, Room { vcpus, memory_mib })
+            .create_prepared(rec, self.services.room())
             .map_err(|e| e.to_string())?;
         crate::failpoints::hit("pools.refill.after_commit");
         self.services.emit(event);

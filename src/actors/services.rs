@@ -177,6 +177,17 @@ impl Services {
         }
     }
 
+    /// What admission measures a new machine against: the configured vCPUs and memory,
+    /// and the address pool's blocks.
+    pub fn room(&self) -> crate::store::Room {
+        let (vcpus, memory_mib) = self.inner.config.capacity_totals();
+        crate::store::Room {
+            vcpus,
+            memory_mib,
+            slots: self.pool().slot_count(),
+        }
+    }
+
     /// Publishes machine events to watchers (after they were committed).
     pub fn emit(&self, event: MachineEvent) {
         // No receiver is not an error: nobody is watching.

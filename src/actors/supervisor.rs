@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use super::compactor::Compactor;
 use super::ip_pool::IpPool;
 use super::machine::{MachineActor, MachineMsg};
 use super::names;
@@ -63,15 +64,18 @@ pub enum Singleton {
     Registry,
     /// Prepared-capacity pools.
     Pools,
+    /// Forgets destroyed machines past their retention.
+    Compactor,
 }
 
 impl Singleton {
-    const ALL: [Singleton; 5] = [
+    const ALL: [Singleton; 6] = [
         Singleton::IpPool,
         Singleton::TapAllocator,
         Singleton::RootfsCache,
         Singleton::Registry,
         Singleton::Pools,
+        Singleton::Compactor,
     ];
 
     fn name(self) -> &'static str {
@@ -81,6 +85,7 @@ impl Singleton {
             Singleton::RootfsCache => names::ROOTFS_CACHE,
             Singleton::Registry => names::REGISTRY,
             Singleton::Pools => names::POOLS,
+            Singleton::Compactor => names::COMPACTOR,
         }
     }
 
@@ -142,6 +147,9 @@ impl Supervisor {
             }
             Singleton::Pools => {
                 PoolManager::spawn_linked(name, PoolManager, services, cell).await?;
+            }
+            Singleton::Compactor => {
+                Compactor::spawn_linked(name, Compactor, services, cell).await?;
             }
         }
         Ok(())

@@ -43,7 +43,9 @@ impl ImageService for Images {
         &self,
         request: Request<pb::PullImageRequest>,
     ) -> Result<Response<PullStream>, Status> {
-        let image = ImageRef::parse(&request.into_inner().image).map_err(ApiError::ImageField)?;
+        let field = request.into_inner().image;
+        crate::machine::spec::check_image_field("image", &field).map_err(ApiError::Spec)?;
+        let image = ImageRef::parse(&field).map_err(ApiError::ImageField)?;
         image.check_available().map_err(ApiError::ImageField)?;
         let stream = async_stream(move |tx| async move {
             let (progress, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -114,6 +116,7 @@ impl ImageService for Images {
                 "image: empty (give a name as ListImages shows it, or a base digest)",
             ));
         }
+        crate::machine::spec::check_image_field("image", &wanted).map_err(ApiError::Spec)?;
         let removed = ask(
             names::ROOTFS_CACHE,
             |reply| RootfsMsg::Remove { wanted, reply },

@@ -20,7 +20,7 @@ use crate::image::ImageRef;
 use crate::machine::decide::apply_desired;
 use crate::machine::record::{Desired, MachineRecord, MachineState};
 use crate::machine::spec::{self, Limits};
-use crate::store::{ClaimRequest, Claimed, Created, Room, StoreError};
+use crate::store::{ClaimRequest, Claimed, Created, RequestBody, StoreError};
 
 /// Longest wait a WaitMachine call may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -57,20 +57,32 @@ impl Machines {
 
     fn create(&self, req: pb::CreateMachineRequest) -> Result<MachineRecord, ApiError> {
         spec::check_request_id(&req.request_id)?;
-        // A retry returns the first call's machine, whatever else it says. It also wakes
-        // the machine's run: the first call may have crashed between its commit and its
-        // wake (a wake of a settled run costs one look at the record).
-        if let Some(existing) = self.services.store().machine_by_request(&req.request_id)? {
-            self.wake(&existing.id)?;
-            return Ok(existing);
-        }
         spec::check_name(&req.name)?;
         let wanted_pool = req
             .spec
             .as_ref()
             .map(|s| s.pool.clone())
             .unwrap_or_default();
+        if !wanted_pool.is_empty() {
+            spec::check_name(&wanted_pool).map_err(|e| spec::SpecError::Invalid {
+                field: "spec.pool",
+                reason: e.to_string(),
+            })?;
+        }
         let spec = spec::check_spec(convert::raw_spec(req.spec), &self.limits())?;
+        let body = request_body(&req.name, &spec, &wanted_pool);
+        // A retry returns the first call's machine, provided it asks for the same thing
+        // (another body under the same request id is refused, naming request_id). It also
+        // wakes the machine's run: the first call may have crashed between its commit and
+        // its wake (a wake of a settled run costs one look at the record).
+        if let Some(existing) = self
+            .services
+            .store()
+            .machine_by_request(&req.request_id, body)?
+        {
+            self.wake(&existing.id)?;
+            return Ok(existing);
+        }
         if let Some(pool) = self.pool_for(&spec, &wanted_pool)? {
             let claimed = self.services.store().claim_prepared(ClaimRequest {
                 pool: pool.clone(),
@@ -78,6 +90,7 @@ impl Machines {
                 name: req.name.clone(),
                 spec: spec.clone(),
                 now_ms: now_ms(),
+                body,
             })?;
             match claimed {
                 Claimed::New(rec, event) => {
@@ -114,14 +127,14 @@ impl Machines {
                 field: "spec.command",
             }));
         }
+        self.check_disk_room(&spec)?;
         let id =
             spec::new_machine_id().map_err(|e| ApiError::Wake(format!("no randomness: {e}")))?;
-        let (vcpus, memory_mib) = self.services.config().capacity_totals();
         let rec = MachineRecord::new(id, req.name, req.request_id, spec, now_ms());
         match self
             .services
             .store()
-            .create_machine(rec, Room { vcpus, memory_mib })?
+            .create_machine(rec, self.services.room(), body)?
         {
             Created::New(rec, event) => {
                 self.services.emit(event);
@@ -133,6 +146,26 @@ impl Machines {
                 Ok(rec)
             }
         }
+    }
+
+    /// Refuses a create whose root disk would take the data dir's filesystem below
+    /// `capacity.min_free_mib` (a disk of the image's size asks for nothing beyond it:
+    /// that size is only known once the image is there).
+    fn check_disk_room(&self, spec: &spec::MachineSpec) -> Result<(), ApiError> {
+        let config = self.services.config();
+        let keep = config.capacity.min_free_mib;
+        let Some(free) = free_mib(&config.data_dir) else {
+            // Not measurable (the directory is not there yet): the disk step finds out.
+            return Ok(());
+        };
+        let asked = u64::from(spec.disk_mib);
+        if free < asked.saturating_add(keep) {
+            return Err(ApiError::Store(StoreError::NoRoom(format!(
+                "spec.disk_mib: {free} MiB free on the data dir's filesystem; the root disk \
+                 asks up to {asked} MiB and {keep} MiB are kept free (capacity.min_free_mib)"
+            ))));
+        }
+        Ok(())
     }
 
     /// The pool a create claims from: the one it names (its image and shape must be the
@@ -224,6 +257,25 @@ impl Machines {
             .machine(id)?
             .ok_or_else(|| ApiError::Store(StoreError::NotFound(id.to_string())))
     }
+}
+
+/// The digest of what a create asks for: its name, its normalised spec and the pool it
+/// names. A retry under the same request id must have the same one.
+fn request_body(name: &str, spec: &spec::MachineSpec, pool: &str) -> RequestBody {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    // postcard of plain strings and a derived struct cannot fail; an empty encoding would
+    // only make every body alike, which the name below still separates.
+    let encoded = postcard::to_stdvec(&(name, spec, pool)).unwrap_or_default();
+    hash.update(&encoded);
+    hash.update(name.as_bytes());
+    RequestBody(hash.finalize().into())
+}
+
+/// MiB available to an unprivileged writer on the filesystem holding `path`.
+fn free_mib(path: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize) >> 20)
 }
 
 /// Tells the pool manager about a claim or a miss; it may be restarting, and its
@@ -356,33 +408,19 @@ impl MachineService for Machines {
             spec::check_machine_id(id).map_err(ApiError::from)?;
         }
         let mut live = self.services.subscribe_events();
-        let recorded = self
-            .services
-            .store()
-            .events(filter.as_deref(), req.after_seq)
-            .map_err(ApiError::from)?;
         let services = self.services.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = req.after_seq;
-            for event in recorded {
-                last = event.seq;
-                if tx.send(Ok(convert::event(&event))).await.is_err() {
-                    return;
-                }
+            if !replay(&services, filter.as_deref(), &mut last, &tx).await {
+                return;
             }
             loop {
                 let event = match live.recv().await {
                     Ok(event) => event,
                     Err(RecvError::Lagged(_)) => {
                         // Fell behind: catch up from the log, then go on live.
-                        let Ok(missed) = services.store().events(filter.as_deref(), last) else {
+                        if !replay(&services, filter.as_deref(), &mut last, &tx).await {
                             return;
-                        };
-                        for event in missed {
-                            last = event.seq;
-                            if tx.send(Ok(convert::event(&event))).await.is_err() {
-                                return;
-                            }
                         }
                         continue;
                     }
@@ -398,6 +436,40 @@ impl MachineService for Machines {
             }
         });
         Ok(Response::new(stream))
+    }
+}
+
+/// Events a stream replays per read of the log: history is sent page by page, never
+/// loaded whole.
+const REPLAY_PAGE: usize = 256;
+
+/// Sends the recorded events after `*last` (of one machine or all), page by page, and
+/// moves `*last` on. False when the stream is over (the client left, or the log could
+/// not be read: the client then gets the error).
+async fn replay(
+    services: &Services,
+    filter: Option<&str>,
+    last: &mut u64,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::MachineEvent, Status>>,
+) -> bool {
+    loop {
+        let page = match services.store().events_page(filter, *last, REPLAY_PAGE) {
+            Ok(page) => page,
+            Err(e) => {
+                let _ = tx.send(Err(ApiError::from(e).into())).await;
+                return false;
+            }
+        };
+        let full = page.len() == REPLAY_PAGE;
+        for event in page {
+            *last = event.seq;
+            if tx.send(Ok(convert::event(&event))).await.is_err() {
+                return false;
+            }
+        }
+        if !full {
+            return true;
+        }
     }
 }
 

@@ -48,7 +48,9 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::NotFound(_)) => Code::NotFound,
             ApiError::Store(StoreError::NameTaken { .. }) => Code::AlreadyExists,
             ApiError::Store(StoreError::NoRoom(_)) => Code::ResourceExhausted,
-            ApiError::Store(StoreError::Refused(_)) => Code::FailedPrecondition,
+            ApiError::Store(StoreError::Refused(_) | StoreError::RequestReused { .. }) => {
+                Code::FailedPrecondition
+            }
             ApiError::Store(
                 StoreError::Db(_)
                 | StoreError::Codec(_)

@@ -67,7 +67,11 @@ async fn run(args: Args) -> Result<(), String> {
     }
     // A crashed predecessor's lock can outlive it for a moment (see open_waiting).
     let store = Store::open_waiting(&config.store_path(), std::time::Duration::from_secs(5))
-        .map_err(|e| format!("{e} ({})", config.store_path().display()))?;
+        .map_err(|e| format!("{e} ({})", config.store_path().display()))?
+        .with_history(hearth::store::HistoryBounds {
+            first: config.store.events_first,
+            last: config.store.events_last,
+        });
     let pool = PoolCidr::parse(&config.network.pool).map_err(|e| format!("network.pool: {e}"))?;
     let net = NetFabric::start().map_err(|e| e.to_string())?;
     // The daemon's packet policy goes in before any machine is woken: a machine's own

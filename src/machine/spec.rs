@@ -137,7 +137,10 @@ pub fn check_machine_id(id: &str) -> Result<(), SpecError> {
     if !ok {
         return Err(invalid(
             FIELD,
-            format!("{id:?} is not a machine id ({MACHINE_ID_LEN} lowercase hex characters)"),
+            format!(
+                "{} is not a machine id ({MACHINE_ID_LEN} lowercase hex characters)",
+                quoted(id)
+            ),
         ));
     }
     Ok(())
@@ -181,14 +184,128 @@ pub struct RawSpec {
 /// Largest root disk a spec may ask for, in MiB (1 TiB).
 pub const MAX_DISK_MIB: u32 = 1 << 20;
 
+/// Bounds on what a create may carry. Each is far above what a workload needs and far
+/// below what would strain the daemon or the guest config (1 MiB of JSON, which the
+/// fields together can never reach: see [`check_config_size`]).
+pub mod bounds {
+    /// Bytes of `spec.image`.
+    pub const IMAGE_BYTES: usize = 1024;
+    /// Elements of `spec.command` and of `spec.entrypoint`, each.
+    pub const ARGS: usize = 256;
+    /// Bytes of all of `spec.command`'s elements together, and of `spec.entrypoint`'s.
+    pub const ARGS_BYTES: usize = 32 * 1024;
+    /// Entries of `spec.env`.
+    pub const ENV: usize = 256;
+    /// Bytes of all of `spec.env`'s names and values together.
+    pub const ENV_BYTES: usize = 32 * 1024;
+    /// Bytes of one variable name.
+    pub const ENV_NAME_BYTES: usize = 256;
+    /// Elements of `spec.ports`.
+    pub const PORTS: usize = 64;
+    /// Bytes of `spec.workdir` (PATH_MAX).
+    pub const WORKDIR_BYTES: usize = 4096;
+    /// Bytes of `spec.user`.
+    pub const USER_BYTES: usize = 256;
+    /// Characters of caller input quoted back in an error.
+    pub const QUOTED: usize = 64;
+}
+
+/// Caller input as an error quotes it: cut to [`bounds::QUOTED`] and with control
+/// characters escaped, so a hostile value can neither bloat an answer nor act on a
+/// terminal that prints it.
+pub fn quoted(input: &str) -> String {
+    format!("{:?}", crate::text::bounded(input, bounds::QUOTED))
+}
+
+/// Checks a list of arguments: count, total size, no NUL, a non-empty program.
+fn check_args(field: &'static str, args: &[String]) -> Result<(), SpecError> {
+    if args.len() > bounds::ARGS {
+        return Err(invalid(
+            field,
+            format!("{} arguments, more than {}", args.len(), bounds::ARGS),
+        ));
+    }
+    let total: usize = args.iter().map(String::len).sum();
+    if total > bounds::ARGS_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "{total} bytes of arguments, more than {}",
+                bounds::ARGS_BYTES
+            ),
+        ));
+    }
+    if args.iter().any(|arg| arg.contains('\0')) {
+        return Err(invalid(field, "an argument contains a NUL byte"));
+    }
+    if args.first().is_some_and(|program| program.is_empty()) {
+        return Err(invalid(field, "the program (first element) is empty"));
+    }
+    Ok(())
+}
+
+/// An image reference's shape before it is parsed: bounded and free of control
+/// characters (`field` names it: `spec.image`, or `image` in the image calls).
+pub fn check_image_field(field: &'static str, image: &str) -> Result<(), SpecError> {
+    if image.is_empty() {
+        return Err(SpecError::Missing { field });
+    }
+    if image.len() > bounds::IMAGE_BYTES {
+        return Err(invalid(
+            field,
+            format!("{} bytes, more than {}", image.len(), bounds::IMAGE_BYTES),
+        ));
+    }
+    if image.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{} contains a control character", quoted(image)),
+        ));
+    }
+    Ok(())
+}
+
+/// The part of the guest config a spec fills (its workload), encoded as the guest config
+/// encodes it, is refused at admission when it could not fit beside the image's own
+/// settings and the network's: half of [`crate::guest::config::MAX_CONFIG_JSON`] is the
+/// spec's. The field bounds keep every spec far below it; this is the backstop that
+/// names the largest field if they ever change.
+pub fn check_config_size(spec: &MachineSpec) -> Result<(), SpecError> {
+    let budget = crate::guest::config::MAX_CONFIG_JSON / 2;
+    let parts: [(&'static str, usize); 5] = [
+        ("spec.command", json_len(&spec.command)),
+        ("spec.entrypoint", json_len(&spec.entrypoint)),
+        ("spec.env", json_len(&spec.env)),
+        ("spec.workdir", json_len(&spec.workdir)),
+        ("spec.user", json_len(&spec.user)),
+    ];
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    if total > budget {
+        let (field, largest) = parts
+            .iter()
+            .copied()
+            .max_by_key(|(_, n)| *n)
+            .unwrap_or(("spec", 0));
+        return Err(invalid(
+            field,
+            format!(
+                "the workload takes {total} bytes of the guest config ({largest} of them \
+                 here), more than {budget}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a value's JSON encoding (0 when it cannot be encoded: it has no size then).
+fn json_len<T: Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(0, |v| v.len())
+}
+
 /// Checks a spec's shape against the limits. Whether the image exists is checked by the
 /// caller (it touches the file system).
 pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecError> {
-    if raw.image.is_empty() {
-        return Err(SpecError::Missing {
-            field: "spec.image",
-        });
-    }
+    check_image_field("spec.image", &raw.image)?;
     if raw.vcpus == 0 {
         return Err(invalid("spec.vcpus", "must be at least 1"));
     }
@@ -211,29 +328,34 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
             ),
         ));
     }
-    if raw.command.iter().any(|arg| arg.contains('\0')) {
-        return Err(invalid("spec.command", "an argument contains a NUL byte"));
-    }
-    if raw
-        .command
-        .first()
-        .is_some_and(|program| program.is_empty())
-    {
+    check_args("spec.command", &raw.command)?;
+    if raw.env.len() > bounds::ENV {
         return Err(invalid(
-            "spec.command",
-            "the program (first element) is empty",
+            "spec.env",
+            format!("{} entries, more than {}", raw.env.len(), bounds::ENV),
+        ));
+    }
+    let env_bytes: usize = raw.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if env_bytes > bounds::ENV_BYTES {
+        return Err(invalid(
+            "spec.env",
+            format!(
+                "{env_bytes} bytes of names and values, more than {}",
+                bounds::ENV_BYTES
+            ),
         ));
     }
     let mut env = raw.env;
     env.sort();
     for (key, value) in &env {
         let key_ok = !key.is_empty()
+            && key.len() <= bounds::ENV_NAME_BYTES
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !key_ok {
             return Err(invalid(
                 "spec.env",
-                format!("{key:?} is not a variable name"),
+                format!("{} is not a variable name", quoted(key)),
             ));
         }
         if value.contains('\0') {
@@ -242,6 +364,15 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
                 format!("the value of {key} contains a NUL byte"),
             ));
         }
+    }
+    if let Some(pair) = env.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(invalid("spec.env", format!("{} is set twice", pair[0].0)));
+    }
+    if raw.ports.len() > bounds::PORTS {
+        return Err(invalid(
+            "spec.ports",
+            format!("{} ports, more than {}", raw.ports.len(), bounds::PORTS),
+        ));
     }
     let mut ports = Vec::with_capacity(raw.ports.len());
     for port in raw.ports {
@@ -252,29 +383,33 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
     }
     ports.sort_unstable();
     ports.dedup();
-    if raw.entrypoint.iter().any(|arg| arg.contains('\0')) {
-        return Err(invalid(
-            "spec.entrypoint",
-            "an argument contains a NUL byte",
-        ));
-    }
-    if raw.entrypoint.first().is_some_and(|p| p.is_empty()) {
-        return Err(invalid(
-            "spec.entrypoint",
-            "the program (first element) is empty",
-        ));
-    }
+    check_args("spec.entrypoint", &raw.entrypoint)?;
     let workdir = (!raw.workdir.is_empty()).then_some(raw.workdir);
-    if let Some(w) = &workdir
-        && (!w.starts_with('/') || w.contains('\0'))
-    {
-        return Err(invalid(
-            "spec.workdir",
-            format!("{w:?} is not an absolute path"),
-        ));
+    if let Some(w) = &workdir {
+        if w.len() > bounds::WORKDIR_BYTES {
+            return Err(invalid(
+                "spec.workdir",
+                format!("{} bytes, more than {}", w.len(), bounds::WORKDIR_BYTES),
+            ));
+        }
+        if !w.starts_with('/') || w.chars().any(char::is_control) {
+            return Err(invalid(
+                "spec.workdir",
+                format!(
+                    "{} is not an absolute path without control characters",
+                    quoted(w)
+                ),
+            ));
+        }
     }
     let user = (!raw.user.is_empty()).then_some(raw.user);
     if let Some(u) = &user {
+        if u.len() > bounds::USER_BYTES {
+            return Err(invalid(
+                "spec.user",
+                format!("{} bytes, more than {}", u.len(), bounds::USER_BYTES),
+            ));
+        }
         let parts: Vec<&str> = u.split(':').collect();
         let part_ok = |p: &str| {
             !p.is_empty()
@@ -284,7 +419,7 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
         if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
             return Err(invalid(
                 "spec.user",
-                format!("{u:?} is not user[:group] (names or numeric ids)"),
+                format!("{} is not user[:group] (names or numeric ids)", quoted(u)),
             ));
         }
     }
@@ -294,7 +429,7 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
             format!("{} exceeds {MAX_DISK_MIB} MiB", raw.disk_mib),
         ));
     }
-    Ok(MachineSpec {
+    let spec = MachineSpec {
         image: raw.image,
         vcpus: raw.vcpus,
         memory_mib: raw.memory_mib,
@@ -305,7 +440,9 @@ pub fn check_spec(raw: RawSpec, limits: &Limits) -> Result<MachineSpec, SpecErro
         workdir,
         user,
         disk_mib: raw.disk_mib,
-    })
+    };
+    check_config_size(&spec)?;
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -492,6 +629,155 @@ mod tests {
             let err = check_spec(spec, &LIMITS).unwrap_err();
             assert_eq!(err.field(), field, "{err}");
         }
+    }
+
+    #[test]
+    fn every_list_and_string_is_bounded_naming_its_field() {
+        let many = |n: usize| (0..n).map(|i| format!("a{i}")).collect::<Vec<_>>();
+        let cases: Vec<(RawSpec, &str, &str)> = vec![
+            (
+                RawSpec {
+                    image: "x".repeat(bounds::IMAGE_BYTES + 1),
+                    ..raw()
+                },
+                "spec.image",
+                "bytes",
+            ),
+            (
+                RawSpec {
+                    image: "demo\x1b[2J".into(),
+                    ..raw()
+                },
+                "spec.image",
+                "control",
+            ),
+            (
+                RawSpec {
+                    command: many(bounds::ARGS + 1),
+                    ..raw()
+                },
+                "spec.command",
+                "arguments",
+            ),
+            (
+                RawSpec {
+                    command: vec!["x".repeat(bounds::ARGS_BYTES + 1)],
+                    ..raw()
+                },
+                "spec.command",
+                "bytes",
+            ),
+            (
+                RawSpec {
+                    entrypoint: many(bounds::ARGS + 1),
+                    ..raw()
+                },
+                "spec.entrypoint",
+                "arguments",
+            ),
+            (
+                RawSpec {
+                    env: (0..=bounds::ENV)
+                        .map(|i| (format!("K{i}"), String::new()))
+                        .collect(),
+                    ..raw()
+                },
+                "spec.env",
+                "entries",
+            ),
+            (
+                RawSpec {
+                    env: vec![("K".into(), "v".repeat(bounds::ENV_BYTES))],
+                    ..raw()
+                },
+                "spec.env",
+                "bytes",
+            ),
+            (
+                RawSpec {
+                    env: vec![("K".repeat(bounds::ENV_NAME_BYTES + 1), String::new())],
+                    ..raw()
+                },
+                "spec.env",
+                "not a variable name",
+            ),
+            (
+                RawSpec {
+                    env: vec![("K".into(), "1".into()), ("K".into(), "2".into())],
+                    ..raw()
+                },
+                "spec.env",
+                "twice",
+            ),
+            (
+                RawSpec {
+                    ports: vec![80; bounds::PORTS + 1],
+                    ..raw()
+                },
+                "spec.ports",
+                "ports",
+            ),
+            (
+                RawSpec {
+                    workdir: format!("/{}", "d".repeat(bounds::WORKDIR_BYTES)),
+                    ..raw()
+                },
+                "spec.workdir",
+                "bytes",
+            ),
+            (
+                RawSpec {
+                    workdir: "/srv\nx".into(),
+                    ..raw()
+                },
+                "spec.workdir",
+                "control",
+            ),
+            (
+                RawSpec {
+                    user: "u".repeat(bounds::USER_BYTES + 1),
+                    ..raw()
+                },
+                "spec.user",
+                "bytes",
+            ),
+        ];
+        for (spec, field, why) in cases {
+            let err = check_spec(spec, &LIMITS).unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+            // An error never quotes more than a bounded, escaped piece of the input.
+            assert!(
+                err.to_string().len() < 300,
+                "{} bytes",
+                err.to_string().len()
+            );
+            assert!(!err.to_string().chars().any(|c| c.is_control()), "{err:?}");
+        }
+        // At the bounds, a spec is accepted.
+        let full = RawSpec {
+            command: vec!["c".repeat(bounds::ARGS_BYTES / bounds::ARGS); bounds::ARGS],
+            entrypoint: vec!["e".repeat(bounds::ARGS_BYTES / bounds::ARGS); bounds::ARGS],
+            env: (0..bounds::ENV)
+                .map(|i| {
+                    (
+                        format!("K{i:03}"),
+                        "v".repeat(bounds::ENV_BYTES / bounds::ENV - 4),
+                    )
+                })
+                .collect(),
+            ..raw()
+        };
+        let spec = check_spec(full, &LIMITS).expect("at the bounds");
+        check_config_size(&spec).expect("fits the guest config");
+    }
+
+    #[test]
+    fn a_hostile_id_is_quoted_bounded_and_escaped() {
+        let err = check_machine_id(&format!("\x1b]0;x\x07{}", "a".repeat(1 << 20))).unwrap_err();
+        let text = err.to_string();
+        assert!(text.len() < 200, "{} bytes", text.len());
+        assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
     }
 
     #[test]

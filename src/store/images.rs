@@ -117,6 +117,7 @@ mod tests {
         let room = Room {
             vcpus: 8,
             memory_mib: 4096,
+            slots: 16,
         };
         for (id, name, base) in [
             ("aaaaaaaaaa", "web", Some("d1")),
@@ -140,7 +141,9 @@ mod tests {
             if name == "gone" {
                 rec.state = MachineState::Destroyed;
             }
-            store.create_machine(rec, room).expect("create");
+            store
+                .create_machine(rec, room, crate::store::RequestBody([0; 32]))
+                .expect("create");
         }
         let refs = store.base_references().expect("refs");
         assert_eq!(refs.len(), 1);

@@ -5,9 +5,14 @@
 //! hearth.redb
 //! ├── meta      &str -> u64            "schema" = SCHEMA_VERSION, "event_seq", "outbox_seq"
 //! ├── machines  &str id -> bytes       Stored::<MachineRecord>   (owner: that MachineActor)
-//! ├── requests  &str request_id -> id  idempotency of CreateMachine (kept after destroy)
+//! ├── requests  &str request_id -> id  idempotency of CreateMachine (kept after destroy,
+//! │                                    until the tombstone is compacted)
+//! ├── request_bodies &str request_id -> [u8; 32]  digest of the create that used it
 //! ├── names     &str name -> id        machines not destroyed (unique names)
-//! ├── events    (&str id, u64 seq) -> bytes  Stored::<MachineEvent>, append-only
+//! ├── live      &str id -> (vcpus, MiB) machines not destroyed: what admission counts
+//! ├── events    (&str id, u64 seq) -> bytes  Stored::<MachineEvent>; per machine the
+//! │                                    first and the last few are kept (see `history`)
+//! ├── event_order u64 seq -> &str id   the events in global order, for paged reads
 //! ├── leases    u32 slot -> &str id    the IP pool's /29 blocks     (owner: IpPool)
 //! ├── routes    &str id -> bytes       Stored::<Route>, the embedded registry (owner: RegistryPublisher)
 //! ├── outbox    u64 seq -> bytes       Stored::<RouteChange> not yet delivered to every sink
@@ -18,6 +23,7 @@
 //! self-describing, so a changed type gets a new variant and old records keep decoding.
 
 pub(crate) mod codec;
+mod history;
 mod images;
 
 use std::collections::BTreeMap;
@@ -32,14 +38,20 @@ use crate::machine::record::{Desired, MachineEvent, MachineRecord, MachineState,
 use crate::machine::step::{Mark, Step};
 use crate::route::{Route, RouteChange};
 
+pub use history::HistoryBounds;
+use history::append_event;
+
 /// Bumped when the layout above changes incompatibly.
 pub const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
 const REQUESTS: TableDefinition<&str, &str> = TableDefinition::new("requests");
+const REQUEST_BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("request_bodies");
 const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
+const LIVE: TableDefinition<&str, (u32, u64)> = TableDefinition::new("live");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const EVENT_ORDER: TableDefinition<u64, &str> = TableDefinition::new("event_order");
 const LEASES: TableDefinition<u32, &str> = TableDefinition::new("leases");
 const ROUTES: TableDefinition<&str, &[u8]> = TableDefinition::new("routes");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -81,6 +93,17 @@ pub enum StoreError {
     /// that lost); nothing was written. The caller reads again and recomputes.
     #[error("the record changed meanwhile")]
     Changed,
+    /// A request id already used by a create that asked for something else.
+    #[error(
+        "request_id: {request_id:?} was used by an earlier create with a different name or \
+         spec (machine {id}); use a new request id for a new machine"
+    )]
+    RequestReused {
+        /// The request id.
+        request_id: String,
+        /// The machine the first create made.
+        id: String,
+    },
 }
 
 macro_rules! db_error_from {
@@ -133,6 +156,8 @@ pub struct ClaimRequest {
     pub spec: crate::machine::spec::MachineSpec,
     /// ms since the epoch.
     pub now_ms: u64,
+    /// What the caller asked for (see [`RequestBody`]).
+    pub body: RequestBody,
 }
 
 /// Node-wide room, for admission.
@@ -142,7 +167,14 @@ pub struct Room {
     pub vcpus: u32,
     /// MiB the host admits in total.
     pub memory_mib: u64,
+    /// Address blocks in the pool: every machine not destroyed holds or will hold one.
+    pub slots: u32,
 }
+
+/// The digest of what a create asked for (its name and its normalised spec), kept with
+/// its request id: a retry with the same id must ask for the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBody(pub [u8; 32]);
 
 /// What machines not destroyed hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,6 +190,7 @@ pub struct Usage {
 /// The daemon's database.
 pub struct Store {
     db: Database,
+    history: HistoryBounds,
 }
 
 impl Store {
@@ -199,34 +232,85 @@ impl Store {
             }
             txn.open_table(MACHINES)?;
             txn.open_table(REQUESTS)?;
+            txn.open_table(REQUEST_BODIES)?;
             txn.open_table(NAMES)?;
             txn.open_table(EVENTS)?;
+            txn.open_table(EVENT_ORDER)?;
             txn.open_table(LEASES)?;
             txn.open_table(ROUTES)?;
             txn.open_table(OUTBOX)?;
             txn.open_table(IMAGES)?;
         }
+        // Derived tables are rebuilt at every open (one pass over the records and the
+        // events): a file written before they existed gets them, and they can never
+        // disagree with what they index.
+        history::rebuild_indexes(&txn)?;
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            history: HistoryBounds::default(),
+        })
+    }
+
+    /// The store with other bounds on each machine's event history.
+    pub fn with_history(mut self, history: HistoryBounds) -> Store {
+        self.history = history;
+        self
+    }
+
+    /// The machine a request id made, or `RequestReused` when that create asked for
+    /// something else. A request id recorded without a digest (by an older daemon)
+    /// matches any body.
+    fn earlier_request<R, B, M>(
+        requests: &R,
+        bodies: &B,
+        machines: &M,
+        request_id: &str,
+        body: RequestBody,
+    ) -> Result<Option<MachineRecord>, StoreError>
+    where
+        R: ReadableTable<&'static str, &'static str>,
+        B: ReadableTable<&'static str, &'static [u8]>,
+        M: ReadableTable<&'static str, &'static [u8]>,
+    {
+        let Some(id) = requests.get(request_id)?.map(|v| v.value().to_string()) else {
+            return Ok(None);
+        };
+        let same = bodies
+            .get(request_id)?
+            .is_none_or(|stored| stored.value() == body.0.as_slice());
+        if !same {
+            return Err(StoreError::RequestReused {
+                request_id: request_id.to_string(),
+                id,
+            });
+        }
+        let found = machines
+            .get(id.as_str())?
+            .map(|v| decode::<MachineRecord>(v.value()))
+            .transpose()?
+            .ok_or(StoreError::NotFound(id))?;
+        Ok(Some(found))
     }
 
     /// Records a new machine with its first event, in one commit: the request id, the
     /// name and the admission check are decided atomically with the insert.
-    pub fn create_machine(&self, rec: MachineRecord, room: Room) -> Result<Created, StoreError> {
+    pub fn create_machine(
+        &self,
+        rec: MachineRecord,
+        room: Room,
+        body: RequestBody,
+    ) -> Result<Created, StoreError> {
         let txn = self.db.begin_write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
+            let mut bodies = txn.open_table(REQUEST_BODIES)?;
             let mut names = txn.open_table(NAMES)?;
             let mut machines = txn.open_table(MACHINES)?;
-            let existing = requests
-                .get(rec.request_id.as_str())?
-                .map(|v| v.value().to_string());
-            if let Some(id) = existing {
-                let found = machines
-                    .get(id.as_str())?
-                    .map(|v| decode::<MachineRecord>(v.value()))
-                    .transpose()?
-                    .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+            let mut live = txn.open_table(LIVE)?;
+            if let Some(found) =
+                Self::earlier_request(&requests, &bodies, &machines, &rec.request_id, body)?
+            {
                 return Ok(Created::Existing(found));
             }
             if let Some(id) = names.get(rec.name.as_str())? {
@@ -235,11 +319,13 @@ impl Store {
                     id: id.value().to_string(),
                 });
             }
-            admit(&machines, &rec, room)?;
+            admit(&live, &rec, room)?;
             requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
+            bodies.insert(rec.request_id.as_str(), body.0.as_slice())?;
             names.insert(rec.name.as_str(), rec.id.as_str())?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
-            let event = append_event(&txn, &rec, "created".to_string())?;
+            live.insert(rec.id.as_str(), live_value(&rec))?;
+            let event = append_event(&txn, &rec, "created".to_string(), self.history)?;
             Created::New(rec, event)
         };
         txn.commit()?;
@@ -257,10 +343,17 @@ impl Store {
         let txn = self.db.begin_write()?;
         let event = {
             let mut machines = txn.open_table(MACHINES)?;
-            admit(&machines, &rec, room)?;
+            let mut live = txn.open_table(LIVE)?;
+            admit(&live, &rec, room)?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            live.insert(rec.id.as_str(), live_value(&rec))?;
             let pool = rec.pool_owner().unwrap_or_default();
-            append_event(&txn, &rec, format!("prepared for pool {pool}"))?
+            append_event(
+                &txn,
+                &rec,
+                format!("prepared for pool {pool}"),
+                self.history,
+            )?
         };
         txn.commit()?;
         Ok((rec, event))
@@ -275,17 +368,13 @@ impl Store {
         let txn = self.db.begin_write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
+            let mut bodies = txn.open_table(REQUEST_BODIES)?;
             let mut names = txn.open_table(NAMES)?;
             let mut machines = txn.open_table(MACHINES)?;
-            if let Some(id) = requests
-                .get(claim.request_id.as_str())?
-                .map(|v| v.value().to_string())
+            let mut live = txn.open_table(LIVE)?;
+            if let Some(found) =
+                Self::earlier_request(&requests, &bodies, &machines, &claim.request_id, claim.body)?
             {
-                let found = machines
-                    .get(id.as_str())?
-                    .map(|v| decode::<MachineRecord>(v.value()))
-                    .transpose()?
-                    .ok_or_else(|| StoreError::NotFound(id.clone()))?;
                 return Ok(Claimed::Existing(found));
             }
             if let Some(id) = names.get(claim.name.as_str())? {
@@ -295,8 +384,12 @@ impl Store {
                 });
             }
             let mut oldest: Option<MachineRecord> = None;
-            for entry in machines.iter()? {
-                let (_, value) = entry?;
+            // Only machines not destroyed are candidates: tombstones are not read.
+            for entry in live.iter()? {
+                let (id, _) = entry?;
+                let Some(value) = machines.get(id.value())? else {
+                    continue;
+                };
                 let rec: MachineRecord = decode(value.value())?;
                 let ready = rec.pool_owner() == Some(claim.pool.as_str())
                     && rec.state == MachineState::Prepared
@@ -329,8 +422,10 @@ impl Store {
             rec.set_mark(Step::Ready, Mark::Untouched);
             rec.updated_at_ms = claim.now_ms;
             requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
+            bodies.insert(rec.request_id.as_str(), claim.body.0.as_slice())?;
             names.insert(rec.name.as_str(), rec.id.as_str())?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
+            live.insert(rec.id.as_str(), live_value(&rec))?;
             let event = append_event(
                 &txn,
                 &rec,
@@ -338,6 +433,7 @@ impl Store {
                     "claimed from pool {} by request {}",
                     claim.pool, rec.request_id
                 ),
+                self.history,
             )?;
             Claimed::New(rec, event)
         };
@@ -353,22 +449,18 @@ impl Store {
         Ok(found)
     }
 
-    /// The machine a create with this request id made, if any.
+    /// The machine a create with this request id made, if any; `RequestReused` when
+    /// that create asked for something other than `body`.
     pub fn machine_by_request(
         &self,
         request_id: &str,
+        body: RequestBody,
     ) -> Result<Option<MachineRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let requests = txn.open_table(REQUESTS)?;
-        let Some(id) = requests.get(request_id)?.map(|v| v.value().to_string()) else {
-            return Ok(None);
-        };
+        let bodies = txn.open_table(REQUEST_BODIES)?;
         let machines = txn.open_table(MACHINES)?;
-        let found = machines
-            .get(id.as_str())?
-            .map(|v| decode(v.value()))
-            .transpose()?;
-        Ok(found)
+        Self::earlier_request(&requests, &bodies, &machines, request_id, body)
     }
 
     /// Every machine, by id.
@@ -405,6 +497,12 @@ impl Store {
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
             let messages = change(&mut rec)?;
             machines.insert(id, encode(&rec)?.as_slice())?;
+            let mut live = txn.open_table(LIVE)?;
+            if rec.state == MachineState::Destroyed {
+                live.remove(id)?;
+            } else {
+                live.insert(id, live_value(&rec))?;
+            }
             if rec.state == MachineState::Destroyed {
                 let mut names = txn.open_table(NAMES)?;
                 let owned_by_us = names
@@ -416,7 +514,7 @@ impl Store {
             }
             let mut events = Vec::new();
             for message in messages {
-                events.push(append_event(&txn, &rec, message)?);
+                events.push(append_event(&txn, &rec, message, self.history)?);
             }
             (rec, events)
         };
@@ -424,33 +522,10 @@ impl Store {
         Ok(outcome)
     }
 
-    /// Events with `seq > after`, of one machine or of all, in sequence order.
-    pub fn events(
-        &self,
-        machine: Option<&str>,
-        after: u64,
-    ) -> Result<Vec<MachineEvent>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        let range = match machine {
-            Some(id) => table.range((id, after.saturating_add(1))..=(id, u64::MAX))?,
-            None => table.iter()?,
-        };
-        for entry in range {
-            let (key, value) = entry?;
-            if key.value().1 > after {
-                out.push(decode::<MachineEvent>(value.value())?);
-            }
-        }
-        out.sort_by_key(|e| e.seq);
-        Ok(out)
-    }
-
     /// Usage by machines not destroyed.
     pub fn usage(&self) -> Result<Usage, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(MACHINES)?;
+        let table = txn.open_table(LIVE)?;
         usage_of(&table)
     }
 
@@ -588,28 +663,31 @@ impl Store {
     }
 }
 
-fn usage_of<T: ReadableTable<&'static str, &'static [u8]>>(table: &T) -> Result<Usage, StoreError> {
+/// What admission counts of a machine not destroyed.
+fn live_value(rec: &MachineRecord) -> (u32, u64) {
+    (rec.spec.vcpus, u64::from(rec.spec.memory_mib))
+}
+
+fn usage_of<T: ReadableTable<&'static str, (u32, u64)>>(live: &T) -> Result<Usage, StoreError> {
     let mut usage = Usage::default();
-    for entry in table.iter()? {
+    for entry in live.iter()? {
         let (_, value) = entry?;
-        let rec: MachineRecord = decode(value.value())?;
-        if rec.state != MachineState::Destroyed {
-            usage.vcpus += rec.spec.vcpus;
-            usage.memory_mib += u64::from(rec.spec.memory_mib);
-            usage.machines += 1;
-        }
+        let (vcpus, memory_mib) = value.value();
+        usage.vcpus += vcpus;
+        usage.memory_mib += memory_mib;
+        usage.machines += 1;
     }
     Ok(usage)
 }
 
 /// Refuses a new machine the host has no room for (every machine not destroyed counts,
-/// prepared capacity too).
-fn admit<T: ReadableTable<&'static str, &'static [u8]>>(
-    machines: &T,
+/// prepared capacity too): vCPUs, memory, and an address block.
+fn admit<T: ReadableTable<&'static str, (u32, u64)>>(
+    live: &T,
     rec: &MachineRecord,
     room: Room,
 ) -> Result<(), StoreError> {
-    let usage = usage_of(machines)?;
+    let usage = usage_of(live)?;
     if usage.vcpus + rec.spec.vcpus > room.vcpus {
         return Err(StoreError::NoRoom(format!(
             "{} vCPUs asked, {} of {} in use",
@@ -622,6 +700,12 @@ fn admit<T: ReadableTable<&'static str, &'static [u8]>>(
             rec.spec.memory_mib, usage.memory_mib, room.memory_mib
         )));
     }
+    if usage.machines >= room.slots {
+        return Err(StoreError::NoRoom(format!(
+            "network.pool: all {} address blocks are held by machines not destroyed",
+            room.slots
+        )));
+    }
     Ok(())
 }
 
@@ -630,25 +714,6 @@ fn next_seq(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> 
     let seq = meta.get(key)?.map_or(0, |v| v.value()) + 1;
     meta.insert(key, seq)?;
     Ok(seq)
-}
-
-fn append_event(
-    txn: &redb::WriteTransaction,
-    rec: &MachineRecord,
-    message: String,
-) -> Result<MachineEvent, StoreError> {
-    let seq = next_seq(txn, "event_seq")?;
-    let event = MachineEvent {
-        seq,
-        machine_id: rec.id.clone(),
-        at_ms: rec.updated_at_ms,
-        state: rec.state,
-        // Messages carry guest text (its errors, its console's tail): never unbounded.
-        message: crate::text::bounded(&message, crate::text::MAX_EVENT_MESSAGE),
-    };
-    let mut events = txn.open_table(EVENTS)?;
-    events.insert((rec.id.as_str(), seq), encode(&event)?.as_slice())?;
-    Ok(event)
 }
 
 fn enqueue(

@@ -8,7 +8,11 @@ use std::net::Ipv4Addr;
 const ROOM: Room = Room {
     vcpus: 8,
     memory_mib: 1024,
+    slots: 16,
 };
+
+/// The body of a create (any fixed digest will do for tests that retry nothing).
+const BODY: RequestBody = RequestBody([7; 32]);
 
 fn spec(vcpus: u32, memory_mib: u32) -> MachineSpec {
     MachineSpec {
@@ -36,18 +40,37 @@ fn open() -> (tempfile::TempDir, Store) {
 fn create_is_idempotent_by_request_id_and_names_are_unique() {
     let (_dir, store) = open();
     let first = store
-        .create_machine(rec("aaaaaaaaaa", "web", "r1"), ROOM)
+        .create_machine(rec("aaaaaaaaaa", "web", "r1"), ROOM, BODY)
         .expect("create");
     assert!(matches!(first, Created::New(..)));
     match store
-        .create_machine(rec("bbbbbbbbbb", "other", "r1"), ROOM)
+        .create_machine(rec("bbbbbbbbbb", "web", "r1"), ROOM, BODY)
         .expect("retry")
     {
         Created::Existing(found) => assert_eq!(found.id, "aaaaaaaaaa"),
         other => panic!("expected the first machine, got {other:?}"),
     }
+    // The same request id with another body is refused, naming the first machine.
     let err = store
-        .create_machine(rec("cccccccccc", "web", "r2"), ROOM)
+        .create_machine(rec("bbbbbbbbbb", "other", "r1"), ROOM, RequestBody([8; 32]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RequestReused { request_id, id } if request_id == "r1" && id == "aaaaaaaaaa"),
+        "{err}"
+    );
+    assert!(err.to_string().starts_with("request_id:"), "{err}");
+    assert!(matches!(
+        store.machine_by_request("r1", RequestBody([8; 32])),
+        Err(StoreError::RequestReused { .. })
+    ));
+    assert!(
+        store
+            .machine_by_request("r1", BODY)
+            .expect("same body")
+            .is_some()
+    );
+    let err = store
+        .create_machine(rec("cccccccccc", "web", "r2"), ROOM, BODY)
         .unwrap_err();
     assert!(matches!(err, StoreError::NameTaken { .. }), "{err}");
     assert!(store.machine("cccccccccc").expect("read").is_none());
@@ -58,10 +81,12 @@ fn admission_counts_machines_not_destroyed() {
     let (_dir, store) = open();
     let mut big = rec("aaaaaaaaaa", "a", "r1");
     big.spec = spec(6, 512);
-    store.create_machine(big, ROOM).expect("fits");
+    store.create_machine(big, ROOM, BODY).expect("fits");
     let mut second = rec("bbbbbbbbbb", "b", "r2");
     second.spec = spec(4, 128);
-    let err = store.create_machine(second.clone(), ROOM).unwrap_err();
+    let err = store
+        .create_machine(second.clone(), ROOM, BODY)
+        .unwrap_err();
     assert!(matches!(err, StoreError::NoRoom(_)), "{err}");
     store
         .update_machine("aaaaaaaaaa", |r| {
@@ -71,11 +96,11 @@ fn admission_counts_machines_not_destroyed() {
         })
         .expect("update");
     store
-        .create_machine(second, ROOM)
+        .create_machine(second, ROOM, BODY)
         .expect("room after destroy");
     // The destroyed machine's name is free again.
     store
-        .create_machine(rec("cccccccccc", "a", "r3"), ROOM)
+        .create_machine(rec("cccccccccc", "a", "r3"), ROOM, BODY)
         .expect("name reused");
 }
 
@@ -83,10 +108,10 @@ fn admission_counts_machines_not_destroyed() {
 fn events_are_appended_in_order_per_machine() {
     let (_dir, store) = open();
     store
-        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM, BODY)
         .expect("a");
     store
-        .create_machine(rec("bbbbbbbbbb", "b", "r2"), ROOM)
+        .create_machine(rec("bbbbbbbbbb", "b", "r2"), ROOM, BODY)
         .expect("b");
     for i in 0..3 {
         store
@@ -105,7 +130,7 @@ fn events_are_appended_in_order_per_machine() {
 fn refused_update_changes_nothing() {
     let (_dir, store) = open();
     store
-        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM, BODY)
         .expect("a");
     let err = store
         .update_machine("aaaaaaaaaa", |r| {
@@ -170,7 +195,7 @@ fn survives_reopen_and_refuses_a_second_open() {
     {
         let store = Store::open(&path).expect("open");
         store
-            .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM)
+            .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM, BODY)
             .expect("a");
         assert!(Store::open(&path).is_err(), "a second open must fail");
     }
@@ -223,6 +248,7 @@ fn claim(pool: &str, request_id: &str, name: &str) -> ClaimRequest {
         name: name.into(),
         spec: wanted,
         now_ms: 99,
+        body: BODY,
     }
 }
 
@@ -290,7 +316,12 @@ fn a_claim_takes_the_oldest_ready_machine_once_and_is_idempotent() {
             .expect("claim"),
         Claimed::Empty
     ));
-    assert!(store.machine_by_request("r4").expect("read").is_none());
+    assert!(
+        store
+            .machine_by_request("r4", BODY)
+            .expect("read")
+            .is_none()
+    );
 }
 
 #[test]
@@ -352,4 +383,160 @@ fn a_record_written_before_the_crash_history_reads_with_none() {
     let again: MachineRecord =
         codec::decode(&codec::encode(&crashed).expect("encode")).expect("decode");
     assert_eq!(again, crashed);
+}
+
+fn destroy(store: &Store, id: &str, at_ms: u64) {
+    store
+        .update_machine(id, |r| {
+            r.desired = Desired::Destroyed;
+            r.state = MachineState::Destroyed;
+            r.updated_at_ms = at_ms;
+            Ok(Some("destroyed".to_string()))
+        })
+        .expect("destroy");
+}
+
+#[test]
+fn a_machine_keeps_its_first_and_last_events_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("hearth.redb"))
+        .expect("open")
+        .with_history(HistoryBounds { first: 3, last: 5 });
+    store
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM, BODY)
+        .expect("a");
+    store
+        .create_machine(rec("bbbbbbbbbb", "b", "r2"), ROOM, BODY)
+        .expect("b");
+    for i in 0..100 {
+        store
+            .update_machine("aaaaaaaaaa", |_| Ok(Some(format!("step {i}"))))
+            .expect("update");
+    }
+    let kept: Vec<String> = store
+        .events(Some("aaaaaaaaaa"), 0)
+        .expect("events")
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "created", "step 0", "step 1", "step 95", "step 96", "step 97", "step 98", "step 99"
+        ]
+    );
+    // The other machine's history is its own, and the global order agrees.
+    assert_eq!(store.events(Some("bbbbbbbbbb"), 0).expect("b").len(), 1);
+    let all = store.events(None, 0).expect("all");
+    assert_eq!(all.len(), 9);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+#[test]
+fn events_are_read_in_pages_in_global_order() {
+    let (_dir, store) = open();
+    for (id, name, request) in [("aaaaaaaaaa", "a", "r1"), ("bbbbbbbbbb", "b", "r2")] {
+        store
+            .create_machine(rec(id, name, request), ROOM, BODY)
+            .expect("create");
+    }
+    for i in 0..10 {
+        let id = if i % 2 == 0 {
+            "aaaaaaaaaa"
+        } else {
+            "bbbbbbbbbb"
+        };
+        store
+            .update_machine(id, |_| Ok(Some(format!("e{i}"))))
+            .expect("update");
+    }
+    let whole = store.events(None, 0).expect("all");
+    let mut paged = Vec::new();
+    let mut last = 0;
+    loop {
+        let page = store.events_page(None, last, 3).expect("page");
+        assert!(page.len() <= 3);
+        let Some(end) = page.last() else { break };
+        last = end.seq;
+        paged.extend(page);
+    }
+    assert_eq!(paged, whole);
+    let one = store.events_page(Some("bbbbbbbbbb"), 0, 2).expect("page");
+    assert_eq!(one.len(), 2);
+    assert!(one.iter().all(|e| e.machine_id == "bbbbbbbbbb"));
+}
+
+#[test]
+fn compaction_forgets_old_tombstones_and_frees_their_request_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hearth.redb");
+    let store = Store::open(&path).expect("open");
+    store
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), ROOM, BODY)
+        .expect("a");
+    store
+        .create_machine(rec("bbbbbbbbbb", "b", "r2"), ROOM, BODY)
+        .expect("b");
+    store
+        .create_machine(rec("cccccccccc", "c", "r3"), ROOM, BODY)
+        .expect("c");
+    destroy(&store, "aaaaaaaaaa", 1_000);
+    destroy(&store, "bbbbbbbbbb", 5_000);
+    let done = store.compact(2_000).expect("compact");
+    assert_eq!(done.machines, ["aaaaaaaaaa"]);
+    assert!(!done.more);
+    assert!(store.machine("aaaaaaaaaa").expect("read").is_none());
+    assert!(
+        store
+            .events(Some("aaaaaaaaaa"), 0)
+            .expect("events")
+            .is_empty()
+    );
+    assert!(
+        store
+            .events(None, 0)
+            .expect("all")
+            .iter()
+            .all(|e| e.machine_id != "aaaaaaaaaa")
+    );
+    // The newer tombstone and the live machine stay; compacting again changes nothing.
+    assert!(store.machine("bbbbbbbbbb").expect("read").is_some());
+    assert!(store.compact(2_000).expect("again").machines.is_empty());
+    // r1 is free: a create with another body under it is new, not refused.
+    let again = store
+        .create_machine(rec("dddddddddd", "a", "r1"), ROOM, RequestBody([9; 32]))
+        .expect("reuse");
+    assert!(matches!(again, Created::New(..)));
+    // r2's tombstone is still there: its id is still taken.
+    assert!(matches!(
+        store.create_machine(rec("eeeeeeeeee", "e", "r2"), ROOM, RequestBody([9; 32])),
+        Err(StoreError::RequestReused { .. })
+    ));
+    // The derived index survives a reopen: usage counts what is alive.
+    drop(store);
+    let store = Store::open(&path).expect("reopen");
+    assert_eq!(store.usage().expect("usage").machines, 2);
+}
+
+#[test]
+fn admission_refuses_when_every_address_block_is_held() {
+    let (_dir, store) = open();
+    let room = Room { slots: 2, ..ROOM };
+    store
+        .create_machine(rec("aaaaaaaaaa", "a", "r1"), room, BODY)
+        .expect("a");
+    store
+        .create_machine(rec("bbbbbbbbbb", "b", "r2"), room, BODY)
+        .expect("b");
+    let err = store
+        .create_machine(rec("cccccccccc", "c", "r3"), room, BODY)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NoRoom(why) if why.contains("network.pool") && why.contains("2")),
+        "{err}"
+    );
+    destroy(&store, "aaaaaaaaaa", 1);
+    store
+        .create_machine(rec("cccccccccc", "c", "r3"), room, BODY)
+        .expect("room again");
 }
