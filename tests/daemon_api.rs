@@ -204,14 +204,30 @@ async fn creates_are_idempotent_names_unique_and_records_survive_sigkill() {
         .await
         .expect("create")
         .into_inner();
-    // The same request again returns the same machine; the same name is taken.
+    // The same request again returns the same machine; the same request id with another
+    // body is refused, naming request_id; the same name is taken.
     let again = client
         .machines
-        .create_machine(create("req-1", "other", "demo", 1, 128))
+        .create_machine(create("req-1", "web", "demo", 1, 128))
         .await
         .expect("retry")
         .into_inner();
     assert_eq!(again.id, first.id);
+    for other in [
+        create("req-1", "other", "demo", 1, 128),
+        create("req-1", "web", "demo", 2, 128),
+        with_spec(create("req-1", "web", "demo", 1, 128), |s| {
+            s.env.insert("A".into(), "1".into());
+        }),
+    ] {
+        let reused = client.machines.create_machine(other).await.unwrap_err();
+        assert_eq!(reused.code(), Code::FailedPrecondition, "{reused:?}");
+        assert!(
+            reused.message().starts_with("request_id:") && reused.message().contains(&first.id),
+            "{}",
+            reused.message()
+        );
+    }
     let taken = client
         .machines
         .create_machine(create("req-2", "web", "demo", 1, 128))
@@ -278,7 +294,7 @@ async fn creates_are_idempotent_names_unique_and_records_survive_sigkill() {
     assert_eq!(node.ip_slots_used, 0, "the lease was released");
     daemon.assert_no_host_leftovers();
     // The name is free again once the machine is destroyed, and the old request id still
-    // answers with the destroyed machine.
+    // answers with the destroyed machine (until its retention is over).
     let retry = client
         .machines
         .create_machine(create("req-1", "web", "demo", 1, 128))
@@ -300,4 +316,69 @@ async fn creates_are_idempotent_names_unique_and_records_survive_sigkill() {
         .await
         .expect("destroy");
     wait_for(&mut client, &reused.id, pb::MachineState::Destroyed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refuses_what_the_host_has_no_room_for_with_the_figures() {
+    // A /28 holds two /29 address blocks; the data dir's filesystem is asked to keep more
+    // free than any disk has.
+    let small_pool = |extra: &str| {
+        let mut daemon = Daemon::prepare(extra);
+        daemon.rewrite_config(|text| text.replace(".0/24\"", ".0/28\""));
+        daemon.spawn();
+        daemon
+    };
+    let daemon = small_pool("[capacity]\nmin_free_mib = 1099511627776");
+    let mut client = daemon.client().await;
+    let disk = client
+        .machines
+        .create_machine(create("disk-1", "big", "demo", 1, 128))
+        .await
+        .unwrap_err();
+    assert_eq!(disk.code(), Code::ResourceExhausted, "{disk:?}");
+    assert!(
+        disk.message().contains("MiB free") && disk.message().contains("capacity.min_free_mib"),
+        "{}",
+        disk.message()
+    );
+    assert!(support::all_machines(&mut client).await.is_empty(), "nothing recorded");
+    drop(client);
+    drop(daemon);
+
+    let daemon = small_pool("");
+    let mut client = daemon.client().await;
+    let mut ids = Vec::new();
+    for (request, name) in [("ip-1", "one"), ("ip-2", "two")] {
+        let machine = client
+            .machines
+            .create_machine(create(request, name, "demo", 1, 128))
+            .await
+            .expect("admitted")
+            .into_inner();
+        ids.push(machine.id);
+    }
+    let full = client
+        .machines
+        .create_machine(create("ip-3", "three", "demo", 1, 128))
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message().contains("network.pool") && full.message().contains("all 2 address blocks"),
+        "{}",
+        full.message()
+    );
+    for id in &ids {
+        support::destroy(&mut client, id).await;
+    }
+    // Destroyed machines give their blocks back.
+    let after = client
+        .machines
+        .create_machine(create("ip-3", "three", "demo", 1, 128))
+        .await
+        .expect("room again")
+        .into_inner();
+    support::destroy(&mut client, &after.id).await;
+    support::assert_audit_clean(&mut client).await;
+    daemon.assert_no_host_leftovers();
 }
