@@ -341,7 +341,10 @@ async fn admission_refuses_what_the_host_has_no_room_for_with_the_figures() {
         "{}",
         disk.message()
     );
-    assert!(support::all_machines(&mut client).await.is_empty(), "nothing recorded");
+    assert!(
+        support::all_machines(&mut client).await.is_empty(),
+        "nothing recorded"
+    );
     drop(client);
     drop(daemon);
 
