@@ -48,6 +48,8 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::NotFound(_)) => Code::NotFound,
             ApiError::Store(StoreError::NameTaken { .. }) => Code::AlreadyExists,
             ApiError::Store(StoreError::NoRoom(_)) => Code::ResourceExhausted,
+            ApiError::Store(e) if e.is_no_space() => Code::ResourceExhausted,
+            ApiError::Store(StoreError::Reopen(_)) => Code::Unavailable,
             ApiError::Store(StoreError::Refused(_) | StoreError::RequestReused { .. }) => {
                 Code::FailedPrecondition
             }

@@ -7,7 +7,7 @@
 //! The derived tables (`live`, `event_order`) are rebuilt from the records and the events
 //! at every open, so they can never disagree with what they index.
 
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use super::codec::{decode, encode};
 use super::{
@@ -123,7 +123,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<MachineEvent>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let events = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
         match machine {
@@ -169,7 +169,7 @@ impl Store {
         // Candidates are found in a read transaction, then removed in a write one that
         // checks each again (a record may have changed in between).
         let due = {
-            let txn = self.db.begin_read()?;
+            let txn = self.read()?;
             let machines = txn.open_table(MACHINES)?;
             let live = txn.open_table(LIVE)?;
             let mut due = Vec::new();
@@ -185,8 +185,12 @@ impl Store {
             }
             due
         };
+        if due.is_empty() {
+            // No write when nothing is due: a full file system is not touched for nothing.
+            return Ok(Compacted::default());
+        }
         let more = due.len() > COMPACT_BATCH;
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let mut removed = Vec::new();
         {
             let mut machines = txn.open_table(MACHINES)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 use super::codec::{decode, encode};
 use super::{IMAGES, MACHINES, Store, StoreError};
@@ -13,7 +13,7 @@ use crate::machine::record::{MachineRecord, MachineState};
 impl Store {
     /// Writes the entry of base `digest`. Idempotent: the same entry twice is one entry.
     pub fn put_image(&self, digest: &str, entry: &ImageEntry) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         txn.open_table(IMAGES)?
             .insert(digest, encode(entry)?.as_slice())?;
         txn.commit()?;
@@ -22,14 +22,14 @@ impl Store {
 
     /// The entry of base `digest`, if any.
     pub fn image(&self, digest: &str) -> Result<Option<ImageEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(IMAGES)?;
         Ok(table.get(digest)?.map(|v| decode(v.value())).transpose()?)
     }
 
     /// Every entry, by base digest.
     pub fn images(&self) -> Result<BTreeMap<String, ImageEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(IMAGES)?;
         let mut out = BTreeMap::new();
         for entry in table.iter()? {
@@ -41,7 +41,7 @@ impl Store {
 
     /// Removes the entries of `digests` in one commit. Idempotent.
     pub fn remove_images(&self, digests: &[String]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut table = txn.open_table(IMAGES)?;
             for digest in digests {
@@ -56,7 +56,7 @@ impl Store {
     /// names, sorted. A failed machine still counts: it can be started again, and its
     /// disk is then cloned from the base it names.
     pub fn base_references(&self) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(MACHINES)?;
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for entry in table.iter()? {

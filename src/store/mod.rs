@@ -93,6 +93,9 @@ pub enum StoreError {
     /// that lost); nothing was written. The caller reads again and recomputes.
     #[error("the record changed meanwhile")]
     Changed,
+    /// The file could not be opened again after a failed write.
+    #[error("store: could not be opened again after a failed write: {0}")]
+    Reopen(String),
     /// A request id already used by a create that asked for something else.
     #[error(
         "request_id: {request_id:?} was used by an earlier create with a different name or \
@@ -104,6 +107,21 @@ pub enum StoreError {
         /// The machine the first create made.
         id: String,
     },
+}
+
+impl StoreError {
+    /// True when the store failed because its file system is full.
+    pub fn is_no_space(&self) -> bool {
+        let StoreError::Db(e) = self else {
+            return false;
+        };
+        let io = match e {
+            redb::Error::Io(io) => Some(io),
+            _ => None,
+        };
+        io.is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+            || e.to_string().contains("No space left on device")
+    }
 }
 
 macro_rules! db_error_from {
@@ -188,10 +206,27 @@ pub struct Usage {
 }
 
 /// The daemon's database.
+///
+/// redb latches a failed write (a full file system, say): every later transaction fails
+/// with `PreviousIo` until the file is opened again. The store therefore reopens the file
+/// when a transaction cannot begin for that reason, so the daemon works again as soon as
+/// the cause is gone. What was committed stays committed; the failed commit is as if it
+/// never happened.
 pub struct Store {
-    db: Database,
+    /// The open database and its generation (bumped by each reopen); `None` while a
+    /// reopen failed (the next transaction tries again).
+    db: std::sync::RwLock<(Option<Database>, u64)>,
+    path: std::path::PathBuf,
     history: HistoryBounds,
 }
+
+/// Bumped when a derived table (see `history`) changes how it is built: a file whose
+/// indexes were built by another version has them rebuilt at open.
+const INDEX_VERSION: u64 = 1;
+
+/// How long a reopen waits for the old handle's lock to be released (a transaction still
+/// running on it when the reopen began holds it).
+const REOPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Store {
     /// Opens (or creates) the file, creates missing tables and checks the schema version.
@@ -207,49 +242,67 @@ impl Store {
     /// fork); a restart right after the crash must not fail on that. A second daemon
     /// really running on the same file still keeps this one out, after `patience`.
     pub fn open_waiting(path: &Path, patience: std::time::Duration) -> Result<Store, StoreError> {
-        let deadline = std::time::Instant::now() + patience;
-        let db = loop {
-            match Database::create(path) {
-                Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let found = meta.get("schema")?.map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema", SCHEMA_VERSION)?;
-                }
-                Some(SCHEMA_VERSION) => {}
-                Some(found) => return Err(StoreError::Schema { found }),
-            }
-            txn.open_table(MACHINES)?;
-            txn.open_table(REQUESTS)?;
-            txn.open_table(REQUEST_BODIES)?;
-            txn.open_table(NAMES)?;
-            txn.open_table(EVENTS)?;
-            txn.open_table(EVENT_ORDER)?;
-            txn.open_table(LEASES)?;
-            txn.open_table(ROUTES)?;
-            txn.open_table(OUTBOX)?;
-            txn.open_table(IMAGES)?;
-        }
-        // Derived tables are rebuilt at every open (one pass over the records and the
-        // events): a file written before they existed gets them, and they can never
-        // disagree with what they index.
-        history::rebuild_indexes(&txn)?;
-        txn.commit()?;
+        let db = open_db(path, patience)?;
         Ok(Store {
-            db,
+            db: std::sync::RwLock::new((Some(db), 0)),
+            path: path.to_path_buf(),
             history: HistoryBounds::default(),
         })
+    }
+
+    /// Begins a transaction with `begin`; when the database refuses because an earlier
+    /// write failed, reopens the file once and tries again.
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, redb::TransactionError>,
+    ) -> Result<T, StoreError> {
+        let generation = {
+            let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &guard.0 {
+                Some(db) => match begin(db) {
+                    Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
+                    other => return other.map_err(StoreError::from),
+                },
+                None => {}
+            }
+            guard.1
+        };
+        self.reopen(generation)?;
+        let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &guard.0 {
+            Some(db) => begin(db).map_err(StoreError::from),
+            None => Err(StoreError::Reopen("the store is not open".to_string())),
+        }
+    }
+
+    /// Opens the file again unless another caller already did since `generation`.
+    fn reopen(&self, generation: u64) -> Result<(), StoreError> {
+        let mut guard = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.1 != generation && guard.0.is_some() {
+            return Ok(());
+        }
+        tracing::warn!(path = %self.path.display(), "a store write failed earlier; opening the store again");
+        // The old handle goes first: it holds the file's lock.
+        guard.0 = None;
+        guard.1 = generation.wrapping_add(1);
+        match open_db(&self.path, REOPEN_PATIENCE) {
+            Ok(db) => {
+                guard.0 = Some(db);
+                Ok(())
+            }
+            Err(e) => Err(StoreError::Reopen(e.to_string())),
+        }
+    }
+
+    fn write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.begin(Database::begin_write)
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.begin(|db| db.begin_read())
     }
 
     /// The store with other bounds on each machine's event history.
@@ -301,7 +354,7 @@ impl Store {
         room: Room,
         body: RequestBody,
     ) -> Result<Created, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
             let mut bodies = txn.open_table(REQUEST_BODIES)?;
@@ -340,7 +393,7 @@ impl Store {
         rec: MachineRecord,
         room: Room,
     ) -> Result<(MachineRecord, MachineEvent), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let event = {
             let mut machines = txn.open_table(MACHINES)?;
             let mut live = txn.open_table(LIVE)?;
@@ -365,7 +418,7 @@ impl Store {
     /// with the workload. The oldest ready machine is taken. A request id seen before
     /// answers with its machine, as a create does.
     pub fn claim_prepared(&self, claim: ClaimRequest) -> Result<Claimed, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
             let mut bodies = txn.open_table(REQUEST_BODIES)?;
@@ -443,7 +496,7 @@ impl Store {
 
     /// One machine.
     pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(MACHINES)?;
         let found = table.get(id)?.map(|v| decode(v.value())).transpose()?;
         Ok(found)
@@ -456,7 +509,7 @@ impl Store {
         request_id: &str,
         body: RequestBody,
     ) -> Result<Option<MachineRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let requests = txn.open_table(REQUESTS)?;
         let bodies = txn.open_table(REQUEST_BODIES)?;
         let machines = txn.open_table(MACHINES)?;
@@ -465,7 +518,7 @@ impl Store {
 
     /// Every machine, by id.
     pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(MACHINES)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
@@ -487,7 +540,7 @@ impl Store {
         F: FnOnce(&mut MachineRecord) -> Result<M, StoreError>,
         M: IntoIterator<Item = String>,
     {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let outcome = {
             let mut machines = txn.open_table(MACHINES)?;
             let mut rec: MachineRecord = machines
@@ -524,7 +577,7 @@ impl Store {
 
     /// Usage by machines not destroyed.
     pub fn usage(&self) -> Result<Usage, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(LIVE)?;
         usage_of(&table)
     }
@@ -532,7 +585,7 @@ impl Store {
     /// The lease of `machine`, allocating the lowest free slot below `slots` when it has
     /// none. Idempotent: a machine always gets back the slot it holds.
     pub fn lease(&self, machine: &str, slots: u32) -> Result<u32, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let slot = {
             let mut leases = txn.open_table(LEASES)?;
             let mut held = None;
@@ -567,7 +620,7 @@ impl Store {
 
     /// Releases every lease `machine` holds. Idempotent.
     pub fn release_lease(&self, machine: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut leases = txn.open_table(LEASES)?;
             leases.retain(|_, owner| owner != machine)?;
@@ -578,7 +631,7 @@ impl Store {
 
     /// Every lease: slot -> machine.
     pub fn leases(&self) -> Result<BTreeMap<u32, String>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(LEASES)?;
         let mut out = BTreeMap::new();
         for entry in table.iter()? {
@@ -591,7 +644,7 @@ impl Store {
     /// Puts the route in the embedded registry and queues the change for the sinks, in one
     /// commit. Idempotent: an identical route already published changes nothing.
     pub fn publish_route(&self, route: &Route) -> Result<Option<(u64, RouteChange)>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let queued = {
             let mut routes = txn.open_table(ROUTES)?;
             let current: Option<Route> = routes
@@ -611,7 +664,7 @@ impl Store {
 
     /// Removes the machine's route and queues the change, in one commit. Idempotent.
     pub fn unpublish_route(&self, machine: &str) -> Result<Option<(u64, RouteChange)>, StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         let queued = {
             let mut routes = txn.open_table(ROUTES)?;
             let removed: Option<Route> = routes
@@ -629,7 +682,7 @@ impl Store {
 
     /// The embedded registry's routes.
     pub fn routes(&self) -> Result<Vec<Route>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(ROUTES)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
@@ -641,7 +694,7 @@ impl Store {
 
     /// Changes not yet delivered to every sink, oldest first.
     pub fn outbox(&self) -> Result<Vec<(u64, RouteChange)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read()?;
         let table = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
@@ -653,7 +706,7 @@ impl Store {
 
     /// Drops delivered changes up to and including `seq`. Idempotent.
     pub fn ack_outbox(&self, seq: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write()?;
         {
             let mut table = txn.open_table(OUTBOX)?;
             table.retain(|key, _| key > seq)?;
@@ -661,6 +714,54 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Opens (or creates) the file, creates missing tables, checks the schema version and
+/// builds the derived tables when the file's are missing or from another version.
+fn open_db(path: &Path, patience: std::time::Duration) -> Result<Database, StoreError> {
+    let deadline = std::time::Instant::now() + patience;
+    let db = loop {
+        match Database::create(path) {
+            Ok(db) => break db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get("schema")?.map(|v| v.value());
+        match found {
+            None => {
+                meta.insert("schema", SCHEMA_VERSION)?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(found) => return Err(StoreError::Schema { found }),
+        }
+        txn.open_table(MACHINES)?;
+        txn.open_table(REQUESTS)?;
+        txn.open_table(REQUEST_BODIES)?;
+        txn.open_table(NAMES)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(EVENT_ORDER)?;
+        txn.open_table(LIVE)?;
+        txn.open_table(LEASES)?;
+        txn.open_table(ROUTES)?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(IMAGES)?;
+        // Derived tables are kept in step by every commit that changes what they index;
+        // a file written before they existed (or by another build of them) gets them
+        // rebuilt, once.
+        if meta.get("index_version")?.map(|v| v.value()) != Some(INDEX_VERSION) {
+            meta.insert("index_version", INDEX_VERSION)?;
+            drop(meta);
+            history::rebuild_indexes(&txn)?;
+        }
+    }
+    txn.commit()?;
+    Ok(db)
 }
 
 /// What admission counts of a machine not destroyed.
