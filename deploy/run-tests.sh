@@ -19,6 +19,17 @@ host_state() {
   echo "vmms: $(pgrep -c -f 'qemu-system|--api-sock|vhost-device-vsock' || true)"
 }
 before=$(host_state)
+# Tests that cannot run here write why to this file; the summary at the end lists them.
+HEARTH_SKIP_LOG="$(mktemp)"
+export HEARTH_SKIP_LOG
+skip_summary() {
+  echo "run-tests: skipped tests:"
+  if [ -s "$HEARTH_SKIP_LOG" ]; then
+    sort -u "$HEARTH_SKIP_LOG" | sed 's/^/  - /'
+  else
+    echo "  none"
+  fi
+}
 cargo test --lib --bins --tests -- --test-threads=2
 # The chaos harness needs the fail points compiled in (a separate build of the daemon).
 cargo test --features failpoints --test chaos -- --nocapture
@@ -29,6 +40,7 @@ if [ -n "${HEARTH_FIRECRACKER:-}" ]; then
   CHAOS_VMM=firecracker cargo test --features failpoints --test chaos every_fail_point -- --nocapture
 else
   echo "run-tests: Firecracker tests SKIPPED: HEARTH_FIRECRACKER is not set"
+  echo "tests/firecracker.rs and the Firecracker chaos cases: HEARTH_FIRECRACKER is not set (no registry here packages a Firecracker binary)" >> "$HEARTH_SKIP_LOG"
 fi
 # A VMM killed at the end of the last test may take a moment to go away.
 for _ in $(seq 150); do
@@ -40,6 +52,8 @@ if [ "$before" != "$after" ]; then
   pgrep -af 'qemu-system|--api-sock|vhost-device-vsock' >&2 || true
   echo "run-tests: the suite left host resources behind" >&2
   diff <(echo "$before") <(echo "$after") >&2 || true
+  skip_summary
   exit 1
 fi
 echo "run-tests: the host is as the suite found it"
+skip_summary

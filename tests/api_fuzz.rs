@@ -27,7 +27,7 @@ enum Op {
     Create {
         request_id: String,
         name: String,
-        spec: Option<pb::MachineSpec>,
+        spec: Option<Box<pb::MachineSpec>>,
     },
     Get(Target),
     Start(Target),
@@ -111,7 +111,7 @@ fn list(item: impl Strategy<Value = String>, max: usize) -> impl Strategy<Value 
 
 /// A spec: most are valid demo machines (one vCPU, 128 MiB, the image's default
 /// workload), the rest have any field hostile.
-fn spec() -> impl Strategy<Value = Option<pb::MachineSpec>> {
+fn spec() -> impl Strategy<Value = Option<Box<pb::MachineSpec>>> {
     let valid = Just(pb::MachineSpec {
         image: "demo".into(),
         vcpus: 1,
@@ -161,7 +161,11 @@ fn spec() -> impl Strategy<Value = Option<pb::MachineSpec>> {
                 }
             },
         );
-    prop_oneof![3 => valid.prop_map(Some), 6 => hostile.prop_map(Some), 1 => Just(None)]
+    prop_oneof![
+        3 => valid.prop_map(|s| Some(Box::new(s))),
+        6 => hostile.prop_map(|s| Some(Box::new(s))),
+        1 => Just(None),
+    ]
 }
 
 fn target() -> impl Strategy<Value = Target> {
@@ -389,7 +393,8 @@ async fn run(client: &mut Client, op: Op, known: &mut Vec<String>, tally: &mut T
             name,
             spec,
         } => {
-            let spec = spec.map(|mut s| {
+            let spec = spec.map(|s| {
+                let mut s = *s;
                 s.image = contained(std::mem::take(&mut s.image));
                 s
             });
@@ -487,7 +492,6 @@ async fn run(client: &mut Client, op: Op, known: &mut Vec<String>, tally: &mut T
                 .images
                 .pull_image(pb::PullImageRequest {
                     image: contained(image),
-                    ..Default::default()
                 })
                 .await;
             drain("pull", r, Duration::from_secs(30), tally).await;

@@ -207,7 +207,10 @@ async fn a_refused_configuration_carries_firecrackers_fault_and_leaves_no_proces
 async fn jailer_mode_runs_firecracker_chrooted_as_another_user() {
     let Some(fx) = fixture() else { return };
     let Some(jailer) = fx.jailer.clone() else {
-        eprintln!("*** SKIPPING jailer test: no jailer beside the firecracker binary ***");
+        support::skipped(
+            "firecracker jailer test",
+            "no jailer beside the firecracker binary",
+        );
         return;
     };
     let dir = tempfile::tempdir().expect("machine dir");
@@ -356,7 +359,10 @@ async fn auto_picks_firecracker_only_where_kvm_boots_the_guest_kernel() {
 async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
     let Some(fx) = fixture() else { return };
     if fx.jailer.is_none() {
-        eprintln!("*** SKIPPING jailed daemon test: no jailer beside the firecracker binary ***");
+        support::skipped(
+            "firecracker jailed daemon test",
+            "no jailer beside the firecracker binary",
+        );
         return;
     }
     // A long readiness deadline keeps the machine in its readiness wait with the jailed
@@ -517,7 +523,10 @@ async fn a_daemon_restart_re_adopts_the_running_firecracker() {
 async fn a_jailed_relaunch_starts_from_a_clean_jail_and_leaves_nothing() {
     let Some(fx) = fixture() else { return };
     if fx.jailer.is_none() {
-        eprintln!("*** SKIPPING jailed relaunch test: no jailer beside the firecracker binary ***");
+        support::skipped(
+            "firecracker jailed relaunch test",
+            "no jailer beside the firecracker binary",
+        );
         return;
     }
     // The jailer's own cgroup too, as a v1 host configures it.

@@ -81,7 +81,7 @@ fn fixture() -> Option<&'static Fixture> {
 
 fn build_fixture() -> Option<Fixture> {
     let skip = |why: String| {
-        eprintln!("\n*** SKIPPING guest_vsock tests: {why} ***\n");
+        support::skipped("guest_vsock tests", &why);
         None
     };
     let prereqs = support::guest_prereqs::guest_prereqs("guest_vsock")?;

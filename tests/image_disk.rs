@@ -358,8 +358,7 @@ fn sparse_clone_of_a_1gib_base_keeps_content_and_holes() {
 
 #[test]
 fn reflink_clone_on_a_loop_mounted_xfs() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root for a loop device and a mount");
+    if !support::loop_devices("reflink_clone_on_a_loop_mounted_xfs") {
         return;
     }
     let xfs = LoopXfs::new(3 << 30);

@@ -257,18 +257,23 @@ impl Store {
         begin: impl Fn(&Database) -> Result<T, redb::TransactionError>,
     ) -> Result<T, StoreError> {
         let generation = {
-            let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match &guard.0 {
-                Some(db) => match begin(db) {
+            let guard = self
+                .db
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(db) = &guard.0 {
+                match begin(db) {
                     Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => {}
                     other => return other.map_err(StoreError::from),
-                },
-                None => {}
+                }
             }
             guard.1
         };
         self.reopen(generation)?;
-        let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &guard.0 {
             Some(db) => begin(db).map_err(StoreError::from),
             None => Err(StoreError::Reopen("the store is not open".to_string())),
@@ -723,7 +728,9 @@ fn open_db(path: &Path, patience: std::time::Duration) -> Result<Database, Store
     let db = loop {
         match Database::create(path) {
             Ok(db) => break db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => return Err(e.into()),

@@ -29,7 +29,7 @@ pub fn firecracker_env() -> Option<&'static FirecrackerEnv> {
 
 fn build() -> Option<FirecrackerEnv> {
     let skip = |why: String| {
-        eprintln!("\n*** SKIPPING firecracker tests: {why} ***\n");
+        super::skipped("firecracker tests", &why);
         None
     };
     let Some(firecracker) = std::env::var_os("HEARTH_FIRECRACKER").map(PathBuf::from) else {

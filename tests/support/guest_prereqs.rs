@@ -37,7 +37,7 @@ pub fn static_init() -> PathBuf {
 /// Checks the host for `suite` and builds the kit; `None` after a loud skip message.
 pub fn guest_prereqs(suite: &str) -> Option<GuestPrereqs> {
     let skip = |why: String| {
-        eprintln!("\n*** SKIPPING {suite} tests: {why} ***\n");
+        super::skipped(&format!("{suite} tests"), &why);
         None
     };
     if !nix::unistd::geteuid().is_root() {

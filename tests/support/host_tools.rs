@@ -1,5 +1,6 @@
 //! Host tools the image tests and benchmarks drive: a runner for e2fsprogs and friends,
-//! and a loop-mounted XFS with reflink (root only) that is unmounted and detached on drop.
+//! and loop-mounted file systems (root only: an XFS with reflink, a small ext4 to fill)
+//! that are unmounted and detached on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,39 +26,54 @@ pub fn run(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A loop-mounted XFS with reflink, unmounted and detached on drop, pass or fail.
-pub struct LoopXfs {
+/// A file system on a loop device, unmounted and detached on drop, pass or fail.
+pub struct LoopFs {
+    /// Holds the image file (and the mount point, unless one was given).
     dir: tempfile::TempDir,
+    mount: PathBuf,
     device: Option<String>,
     mounted: bool,
 }
 
-impl LoopXfs {
+/// The XFS the image tests clone onto: [`LoopFs`] made with reflink.
+pub type LoopXfs = LoopFs;
+
+impl LoopFs {
     /// Makes, attaches and mounts an XFS of `size` bytes with reflink.
-    pub fn new(size: u64) -> LoopXfs {
+    pub fn new(size: u64) -> LoopFs {
+        LoopFs::make("xfs", &["mkfs.xfs", "-q", "-m", "reflink=1"], size, None)
+    }
+
+    /// Makes, attaches and mounts an ext4 of `size` bytes at `mount` (created if missing).
+    pub fn ext4_at(size: u64, mount: &Path) -> LoopFs {
+        LoopFs::make("ext4", &["mkfs.ext4", "-q", "-F"], size, Some(mount))
+    }
+
+    fn make(kind: &str, mkfs: &[&str], size: u64, mount: Option<&Path>) -> LoopFs {
         let dir = tempfile::Builder::new()
-            .prefix("hearth-test-xfs-")
+            .prefix(&format!("hearth-test-{kind}-"))
             .tempdir()
             .unwrap();
-        let mut guard = LoopXfs {
+        let mount = mount.map_or_else(|| dir.path().join("mnt"), Path::to_path_buf);
+        let mut guard = LoopFs {
             dir,
+            mount,
             device: None,
             mounted: false,
         };
-        let file = guard.dir.path().join("xfs.img");
+        let file = guard.dir.path().join(format!("{kind}.img"));
         std::fs::File::create(&file).unwrap().set_len(size).unwrap();
-        run(
-            "mkfs.xfs",
-            &["-q", "-m", "reflink=1", file.to_str().unwrap()],
-        );
+        let mut args: Vec<&str> = mkfs[1..].to_vec();
+        args.push(file.to_str().unwrap());
+        run(mkfs[0], &args);
         let device = run("losetup", &["--find", "--show", file.to_str().unwrap()])
             .trim()
             .to_string();
         guard.device = Some(device.clone());
-        std::fs::create_dir(guard.mount_point()).unwrap();
+        std::fs::create_dir_all(&guard.mount).unwrap();
         run(
             "mount",
-            &["-t", "xfs", &device, guard.mount_point().to_str().unwrap()],
+            &["-t", kind, &device, guard.mount.to_str().unwrap()],
         );
         guard.mounted = true;
         guard
@@ -65,11 +81,17 @@ impl LoopXfs {
 
     /// Where it is mounted.
     pub fn mount_point(&self) -> PathBuf {
-        self.dir.path().join("mnt")
+        self.mount.clone()
+    }
+
+    /// MiB an unprivileged writer may still use on it.
+    pub fn free_mib(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.mount).unwrap();
+        st.f_bavail.saturating_mul(st.f_frsize) >> 20
     }
 }
 
-impl Drop for LoopXfs {
+impl Drop for LoopFs {
     fn drop(&mut self) {
         if self.mounted {
             let mnt = self.mount_point();

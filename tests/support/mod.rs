@@ -354,6 +354,37 @@ pub fn shell_request(request_id: &str, name: &str, script: &str) -> pb::CreateMa
     request
 }
 
+/// Reports a test that cannot run here: loudly on stderr (seen with `--nocapture` or when
+/// it fails) and in the file `HEARTH_SKIP_LOG` names, which the test command lists at
+/// its end.
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("\n*** SKIPPING {test}: {why} ***\n");
+    if let Some(log) = std::env::var_os("HEARTH_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(file, "{test}: {why}");
+        }
+    }
+}
+
+/// True when this host can attach and mount loop devices (root, `/dev/loop-control`);
+/// otherwise reports `test` skipped.
+pub fn loop_devices(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        skipped(test, "needs root for a loop device and a mount");
+        return false;
+    }
+    if !std::path::Path::new("/dev/loop-control").exists() {
+        skipped(test, "no /dev/loop-control on this host");
+        return false;
+    }
+    true
+}
+
 /// The daemon's node report (capacity, counters).
 pub async fn node(client: &mut Client) -> pb::Node {
     client

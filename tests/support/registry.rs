@@ -42,8 +42,9 @@ pub struct Registry {
 /// not installed.
 pub fn start_or_skip(test: &str) -> Option<Registry> {
     if !Path::new(REGISTRY_BINARY).is_file() {
-        eprintln!(
-            "\n*** SKIPPING {test}: {REGISTRY_BINARY} is missing (apt-get install docker-registry) ***\n"
+        super::skipped(
+            test,
+            &format!("{REGISTRY_BINARY} is missing (apt-get install docker-registry)"),
         );
         return None;
     }
@@ -53,8 +54,9 @@ pub fn start_or_skip(test: &str) -> Option<Registry> {
 /// Like [`start_or_skip`], with basic auth required for every request.
 pub fn start_with_auth_or_skip(test: &str, user: &str, password: &str) -> Option<Registry> {
     if !Path::new(REGISTRY_BINARY).is_file() {
-        eprintln!(
-            "\n*** SKIPPING {test}: {REGISTRY_BINARY} is missing (apt-get install docker-registry) ***\n"
+        super::skipped(
+            test,
+            &format!("{REGISTRY_BINARY} is missing (apt-get install docker-registry)"),
         );
         return None;
     }
