@@ -54,7 +54,7 @@ async fn a_guest_rebooting_in_a_loop_is_backed_off_then_failed_with_its_events_c
     let crashes: Vec<usize> = seen
         .iter()
         .enumerate()
-        .filter(|(_, (_, m, _))| m.contains("VMM of the ready guest is gone"))
+        .filter(|(_, (_, m, _))| m.contains("after the guest was ready"))
         .map(|(i, _)| i)
         .collect();
     assert_eq!(

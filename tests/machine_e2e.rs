@@ -238,13 +238,33 @@ async fn a_guest_that_never_gets_ready_fails_after_bounded_boots_and_leaves_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_step_failure_fails_the_machine_at_the_first_attempt_naming_the_cause() {
-    // An environment larger than the guest's config disk holds (1 MiB of JSON): no retry
-    // can make it fit, so the vm_config step fails permanently, once.
-    let daemon = Daemon::start_with("");
+    let Some(registry) = support::registry::start_or_skip("permanent step failure") else {
+        return;
+    };
+    let daemon = Daemon::start_with(&format!(
+        "[images]\ninsecure_registries = [\"{}\"]\n",
+        registry.addr
+    ));
     let mut client = daemon.client().await;
-    let mut request = demo_request("too-big", "too-big", &["/bin/busybox", "sleep", "1"]);
-    if let Some(spec) = request.spec.as_mut() {
+    // A workload larger than the guest's config could ever hold is refused at admission,
+    // naming the field; nothing is recorded.
+    let mut huge = demo_request("too-big", "too-big", &["/bin/busybox", "sleep", "1"]);
+    if let Some(spec) = huge.spec.as_mut() {
         spec.env.insert("HUGE".into(), "x".repeat(1_200_000));
+    }
+    let refused = client.machines.create_machine(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("spec.env:"),
+        "{}",
+        refused.message()
+    );
+    assert!(support::all_machines(&mut client).await.is_empty());
+    // An image the registry says it does not have can never be pulled: the image step
+    // fails permanently, once, and the machine fails naming it.
+    let mut request = demo_request("missing", "missing", &["/bin/app"]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.image = registry.reference("nothing", "here");
     }
     let machine = client
         .machines
@@ -253,20 +273,16 @@ async fn a_permanent_step_failure_fails_the_machine_at_the_first_attempt_naming_
         .expect("create")
         .into_inner();
     let failed = wait_for(&mut client, &machine.id, pb::MachineState::Failed).await;
-    assert!(
-        failed.failure.contains("vm_config") && failed.failure.contains("does not fit"),
-        "{}",
-        failed.failure
-    );
+    assert!(failed.failure.starts_with("image:"), "{}", failed.failure);
     let attempts = failed
         .timings
         .iter()
-        .filter(|t| t.step == "vm_config" && t.direction == "acquire")
+        .filter(|t| t.step == "image" && t.direction == "acquire")
         .count();
     assert_eq!(attempts, 1, "{:?}", failed.timings);
     assert!(
         !failed.timings.iter().any(|t| t.step == "vmm"),
-        "no VMM for a machine that cannot be configured: {:?}",
+        "no VMM for a machine without an image: {:?}",
         failed.timings
     );
     assert_nothing_left(&daemon, std::slice::from_ref(&machine.id));
