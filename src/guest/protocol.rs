@@ -886,7 +886,7 @@ pub(crate) mod fuzz {
             // kinds and the good lines.
             let shape = |v: &[Result<Vec<u8>, usize>]| {
                 v.iter()
-                    .map(|r| r.as_ref().map(|l| l.clone()).map_err(|_| ()))
+                    .map(|r| r.clone().map_err(|_| ()))
                     .collect::<Vec<_>>()
             };
             prop_assert_eq!(shape(&got), shape(&want));

@@ -235,7 +235,7 @@ impl std::fmt::Display for Rejected {
             self.lines, self.too_long, MAX_GUEST_LINE, self.bytes
         )?;
         if let Some(first) = &self.first {
-            write!(f, "; the first began {first:?}")?;
+            write!(f, "; the first began: {first}")?;
         }
         Ok(())
     }
