@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the guest init (`hearth-init`) as a static binary and places it where the daemon
 # looks for it by default: `<target dir>/<profile>/hearth-init-static`, beside `hearthd`.
+# Also builds the deliberately hostile init the hostile-guest tests boot
+# (`<target dir>/<profile>/examples/hostile_guest-static`).
 #
 # Why static: it runs as PID 1 from the initramfs, where no dynamic loader or libc exists.
 # Why `cargo rustc` with the flag after `--`: the flag then reaches only the final link of
@@ -24,29 +26,36 @@ if [[ "${1:-}" == "release" ]]; then
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
+# Checks that $1 is a static executable and copies it to $2.
+install_static() {
+    local bin="$1" out="$2" desc ldd_out
+    # A static executable has no program interpreter (PT_INTERP); `file` says so in words.
+    desc="$(file -b "$bin")"
+    case "$desc" in
+        *"dynamically linked"*|*"interpreter"*)
+            echo "build-guest-init: $bin is not static: $desc" >&2
+            exit 1
+            ;;
+    esac
+    # ldd exits 0 on a static-pie too, so read what it says rather than its status.
+    ldd_out="$(ldd "$bin" 2>&1 || true)"
+    case "$ldd_out" in
+        *"statically linked"*|*"not a dynamic executable"*) ;;
+        *)
+            echo "build-guest-init: ldd lists shared libraries for $bin: $ldd_out" >&2
+            exit 1
+            ;;
+    esac
+    cp "$bin" "$out.tmp"
+    mv "$out.tmp" "$out"
+    echo "build-guest-init: $out ($desc)"
+}
+
 cargo rustc --bin hearth-init "${ARGS[@]}" -- -C target-feature=+crt-static -C strip=symbols
+install_static "$TARGET_DIR/$PROFILE/hearth-init" "$TARGET_DIR/$PROFILE/hearth-init-static"
 
-BIN="$TARGET_DIR/$PROFILE/hearth-init"
-OUT="$TARGET_DIR/$PROFILE/hearth-init-static"
-
-# A static executable has no program interpreter (PT_INTERP); `file` says so in words.
-DESC="$(file -b "$BIN")"
-case "$DESC" in
-    *"dynamically linked"*|*"interpreter"*)
-        echo "build-guest-init: $BIN is not static: $DESC" >&2
-        exit 1
-        ;;
-esac
-# ldd exits 0 on a static-pie too, so read what it says rather than its status.
-LDD="$(ldd "$BIN" 2>&1 || true)"
-case "$LDD" in
-    *"statically linked"*|*"not a dynamic executable"*) ;;
-    *)
-        echo "build-guest-init: ldd lists shared libraries for $BIN: $LDD" >&2
-        exit 1
-        ;;
-esac
-
-cp "$BIN" "$OUT.tmp"
-mv "$OUT.tmp" "$OUT"
-echo "build-guest-init: $OUT ($DESC)"
+# The hostile guest init of tests/hostile_guest.rs (examples/hostile_guest.rs), static for
+# the same reason; the tests find it beside their own binaries' directory.
+cargo rustc --example hostile_guest "${ARGS[@]}" -- -C target-feature=+crt-static -C strip=symbols
+install_static "$TARGET_DIR/$PROFILE/examples/hostile_guest" \
+    "$TARGET_DIR/$PROFILE/examples/hostile_guest-static"

@@ -185,6 +185,18 @@ impl StepContext for Services {
         self.vmm_host().confinement(machine, slot)
     }
 
+    async fn tcp_connect(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_stream)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
     async fn publish(&self, route: Route) -> Result<(), StepError> {
         ask(
             names::REGISTRY,

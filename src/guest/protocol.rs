@@ -604,3 +604,297 @@ mod tests {
         assert!(decode_line::<HostMessage>(b"{\"type\":\"claim\"}").is_err());
     }
 }
+
+/// Property tests of the decoders ("fuzzing" on the stable toolchain): arbitrary bytes,
+/// arbitrary splits of a stream, huge lines, invalid UTF-8, and valid messages with
+/// mutated bytes. `HEARTH_FUZZ_CASES` sets the cases per property (a small default keeps
+/// CI fast; a long local run sets it high).
+#[cfg(test)]
+pub(crate) mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Cases per property: `HEARTH_FUZZ_CASES`, else 256.
+    pub(crate) fn cases() -> u32 {
+        std::env::var("HEARTH_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    pub(crate) fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: cases(),
+            // A failure is worth shrinking, but not for minutes.
+            max_shrink_iters: 2048,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn exit_status() -> impl Strategy<Value = ExitStatus> {
+        prop_oneof![
+            any::<i32>().prop_map(ExitStatus::Code),
+            any::<i32>().prop_map(ExitStatus::Signal),
+        ]
+    }
+
+    fn guest_state() -> impl Strategy<Value = GuestState> {
+        prop_oneof![
+            Just(GuestState::Idle),
+            Just(GuestState::Starting),
+            any::<u64>().prop_map(|boot_ms| GuestState::Ready { boot_ms }),
+            (proptest::option::of(any::<u64>()), exit_status())
+                .prop_map(|(boot_ms, status)| GuestState::Exited { boot_ms, status }),
+            Just(GuestState::ShuttingDown),
+            any::<String>().prop_map(|error| GuestState::Failed { error }),
+        ]
+    }
+
+    /// Any guest message, with any field values.
+    pub(crate) fn guest_message() -> impl Strategy<Value = GuestMessage> {
+        prop_oneof![
+            any::<u64>().prop_map(|boot_ms| GuestMessage::Ready { boot_ms }),
+            exit_status().prop_map(|status| GuestMessage::Exited { status }),
+            guest_state().prop_map(|state| GuestMessage::Status { state }),
+            Just(GuestMessage::ShuttingDown),
+            any::<String>().prop_map(|error| GuestMessage::Fatal { error }),
+        ]
+    }
+
+    fn claim() -> impl Strategy<Value = Claim> {
+        (
+            any::<String>(),
+            vec(any::<String>(), 0..4),
+            vec((any::<String>(), any::<String>()), 0..4),
+            proptest::option::of(any::<String>()),
+            proptest::option::of(any::<String>()),
+            vec(any::<u16>(), 0..4),
+            any::<u64>(),
+            "[0-9a-f]{0,128}",
+        )
+            .prop_map(
+                |(hostname, command, env, workdir, user, ports, now_unix_ms, entropy)| Claim {
+                    hostname,
+                    command,
+                    env,
+                    workdir,
+                    user,
+                    ports,
+                    now_unix_ms,
+                    entropy,
+                },
+            )
+    }
+
+    fn host_message() -> impl Strategy<Value = HostMessage> {
+        prop_oneof![
+            Just(HostMessage::Status),
+            Just(HostMessage::Shutdown),
+            claim().prop_map(|c| HostMessage::Claim(Box::new(c))),
+        ]
+    }
+
+    /// One change to an encoded line: a byte replaced, inserted or removed.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Replace(usize, u8),
+        Insert(usize, u8),
+        Remove(usize),
+    }
+
+    fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
+        vec(
+            prop_oneof![
+                (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Replace(i, b)),
+                (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+                any::<usize>().prop_map(Mutation::Remove),
+            ],
+            1..6,
+        )
+    }
+
+    fn mutate(mut line: Vec<u8>, changes: &[Mutation]) -> Vec<u8> {
+        for m in changes {
+            match *m {
+                Mutation::Replace(i, b) if !line.is_empty() => {
+                    let i = i % line.len();
+                    line[i] = b;
+                }
+                Mutation::Insert(i, b) => {
+                    let i = i % (line.len() + 1);
+                    line.insert(i, b);
+                }
+                Mutation::Remove(i) if !line.is_empty() => {
+                    let i = i % line.len();
+                    line.remove(i);
+                }
+                _ => {}
+            }
+        }
+        line
+    }
+
+    /// A decoded message is one the encoder gives back: whatever the decoder accepts
+    /// means one thing.
+    fn decodes_consistently<T: Message + PartialEq + std::fmt::Debug>(line: &[u8]) {
+        if let Ok(msg) = decode_line::<T>(line) {
+            let again = encode_line(&msg);
+            assert_eq!(decode_line::<T>(&again).ok().as_ref(), Some(&msg));
+        }
+    }
+
+    /// Pieces of a hostile stream: messages, garbage, over-long lines hiding a message.
+    #[derive(Debug, Clone)]
+    pub(crate) enum Piece {
+        Message(GuestMessage),
+        Bytes(Vec<u8>),
+        /// `n` spaces then a Ready, with no newline between: one line over the bound
+        /// when `n` is large.
+        Padded(usize),
+    }
+
+    pub(crate) fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            4 => guest_message().prop_map(Piece::Message),
+            4 => vec(any::<u8>(), 0..300).prop_map(Piece::Bytes),
+            1 => (MAX_GUEST_LINE - 40..MAX_GUEST_LINE * 3).prop_map(Piece::Padded),
+        ]
+    }
+
+    impl Piece {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
+            match self {
+                Piece::Message(m) => encode_line(m),
+                Piece::Bytes(b) => b.clone(),
+                Piece::Padded(n) => {
+                    let mut line = vec![b' '; *n];
+                    line.extend(encode_line(&GuestMessage::Ready { boot_ms: 1 }));
+                    line
+                }
+            }
+        }
+    }
+
+    /// What a correct receiver makes of a stream: every complete line within the bound
+    /// that decodes, in order; nothing from a longer line, nor from an unfinished one.
+    pub(crate) fn expected_messages(stream: &[u8]) -> Vec<GuestMessage> {
+        let mut lines: Vec<&[u8]> = stream.split(|&b| b == b'\n').collect();
+        // The last piece has no newline after it: an unfinished line.
+        lines.pop();
+        lines
+            .into_iter()
+            .filter(|l| l.len() <= MAX_GUEST_LINE)
+            .filter_map(|l| decode_line::<GuestMessage>(l).ok())
+            .collect()
+    }
+
+    /// Cuts `stream` into chunks at the given (arbitrary) offsets.
+    pub(crate) fn chunks(stream: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        at.push(0);
+        at.push(stream.len());
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2).map(|w| stream[w[0]..w[1]].to_vec()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(bytes in vec(any::<u8>(), 0..2048)) {
+            decodes_consistently::<GuestMessage>(&bytes);
+            decodes_consistently::<HostMessage>(&bytes);
+        }
+
+        #[test]
+        fn text_that_looks_like_json_never_panics_the_decoders(
+            text in r#"[{}\[\]":,0-9a-z_ \\-]{0,200}"#,
+        ) {
+            decodes_consistently::<GuestMessage>(text.as_bytes());
+            decodes_consistently::<HostMessage>(text.as_bytes());
+        }
+
+        #[test]
+        fn every_message_round_trips(g in guest_message(), h in host_message()) {
+            prop_assert_eq!(decode_line::<GuestMessage>(&encode_line(&g)).ok(), Some(g));
+            prop_assert_eq!(decode_line::<HostMessage>(&encode_line(&h)).ok(), Some(h));
+        }
+
+        #[test]
+        fn mutated_messages_never_panic_the_decoders(
+            g in guest_message(),
+            h in host_message(),
+            changes in mutations(),
+        ) {
+            decodes_consistently::<GuestMessage>(&mutate(encode_line(&g), &changes));
+            decodes_consistently::<HostMessage>(&mutate(encode_line(&h), &changes));
+        }
+
+        #[test]
+        fn a_line_over_the_bound_is_refused_whatever_it_holds(
+            pad in 1..4096usize,
+            g in guest_message(),
+        ) {
+            let mut line = vec![b' '; MAX_GUEST_LINE + pad];
+            line.extend(encode_line(&g));
+            let refused = matches!(
+                decode_line::<GuestMessage>(&line),
+                Err(ProtocolError::LineTooLong { max: MAX_GUEST_LINE, .. })
+            );
+            prop_assert!(refused);
+        }
+
+        /// The guest's splitter (for host lines, and any bound): any stream cut anywhere
+        /// gives the lines a whole read would, over-long ones reported once each as
+        /// errors, and never holds more than the bound between reads.
+        #[test]
+        fn the_splitter_is_bounded_and_agrees_with_a_whole_read(
+            max in 1..400usize,
+            pieces in vec(prop_oneof![
+                vec(any::<u8>(), 0..100),
+                (0..1000usize).prop_map(|n| vec![b'x'; n]),
+                Just(b"\n".to_vec()),
+            ], 0..30),
+            cuts in vec(any::<usize>(), 0..40),
+        ) {
+            let stream: Vec<u8> = pieces.concat();
+            let mut want: Vec<Result<Vec<u8>, usize>> = Vec::new();
+            let mut parts: Vec<&[u8]> = stream.split(|&b| b == b'\n').collect();
+            let unfinished = parts.pop().unwrap_or_default();
+            for l in parts {
+                want.push(if l.len() <= max { Ok(l.to_vec()) } else { Err(l.len()) });
+            }
+            if unfinished.len() > max {
+                want.push(Err(unfinished.len()));
+            }
+            let mut s = LineSplitter::new(max);
+            let mut got: Vec<Result<Vec<u8>, usize>> = Vec::new();
+            for chunk in chunks(&stream, &cuts) {
+                s.push(&chunk);
+                while let Some(line) = s.next_line() {
+                    got.push(line.map_err(|e| match e {
+                        ProtocolError::LineTooLong { len, .. } => len,
+                        ProtocolError::Json(_) => usize::MAX,
+                    }));
+                }
+                prop_assert!(s.buf.len() <= max, "{} buffered, bound {}", s.buf.len(), max);
+            }
+            // Lengths of over-long lines are what had arrived when refused: compare the
+            // kinds and the good lines.
+            let shape = |v: &[Result<Vec<u8>, usize>]| {
+                v.iter()
+                    .map(|r| r.clone().map_err(|_| ()))
+                    .collect::<Vec<_>>()
+            };
+            prop_assert_eq!(shape(&got), shape(&want));
+            for (g, w) in got.iter().zip(&want) {
+                if let (Err(g), Err(_)) = (g, w) {
+                    prop_assert!(*g > max);
+                }
+            }
+        }
+    }
+}

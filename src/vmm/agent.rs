@@ -12,6 +12,13 @@
 //! A claim is asked the same way: the guest answers a `Claim` with its state, and starts
 //! the claim's workload only when it was `Idle`, so the claim is simply sent again on
 //! every (re)connect.
+//!
+//! The guest is untrusted, and so is every byte it sends. A line is read up to
+//! [`MAX_GUEST_LINE`] and the rest of a longer one discarded as it arrives; lines that
+//! are not messages are counted ([`Rejected`]) and shown only as a short escaped sample;
+//! a wait follows states, never events alone, and asks for the state at most once while
+//! a question is open, so no sequence of messages makes the host buffer or write without
+//! bound.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +36,9 @@ use crate::guest::protocol::{
 
 /// Pause between connection attempts while QEMU has not created the socket yet.
 const RECONNECT: Duration = Duration::from_millis(5);
+/// Most characters of a rejected guest line kept as its sample (escaped) for logs and
+/// errors.
+const REJECT_SAMPLE: usize = 120;
 /// How much of the serial console log an error carries.
 const CONSOLE_TAIL: usize = 2048;
 
@@ -160,6 +170,89 @@ pub struct AgentConnection {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     line: Vec<u8>,
+    rejected: Rejected,
+}
+
+/// What the guest sent that was not a message: counted, with the first one kept as a
+/// short escaped sample. A guest is untrusted; its noise must cost the host a bounded
+/// amount of memory and log, and still be visible when a wait fails.
+#[derive(Debug, Default, Clone)]
+pub struct Rejected {
+    /// Lines that did not decode (garbage, unknown messages).
+    pub lines: u64,
+    /// Lines longer than [`MAX_GUEST_LINE`], dropped unread past the bound.
+    pub too_long: u64,
+    /// Bytes in all rejected lines.
+    pub bytes: u64,
+    /// The first rejected line (its start), bounded and with control characters escaped.
+    pub first: Option<String>,
+}
+
+impl Rejected {
+    /// Nothing was rejected.
+    pub fn is_empty(&self) -> bool {
+        self.lines == 0 && self.too_long == 0
+    }
+
+    /// Counts one rejected line of `len` bytes starting with `start`; logs the first one
+    /// and then each time the count reaches a power of ten, so a flood writes a handful
+    /// of log lines.
+    fn note(&mut self, path: &Path, start: &[u8], len: u64, too_long: bool, why: &str) {
+        if too_long {
+            self.too_long += 1;
+        } else {
+            self.lines += 1;
+        }
+        self.bytes += len;
+        let count = self.lines + self.too_long;
+        let log = is_power_of_ten(count);
+        if !log && self.first.is_some() {
+            return;
+        }
+        let sample = sample(start);
+        if log {
+            tracing::warn!(
+                socket = %path.display(),
+                rejected = count,
+                bytes = self.bytes,
+                len,
+                why,
+                sample = %sample,
+                "the guest sent lines that are not agent messages"
+            );
+        }
+        if self.first.is_none() {
+            self.first = Some(sample);
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} lines from the guest were not agent messages and {} were longer than {} bytes ({} bytes in all)",
+            self.lines, self.too_long, MAX_GUEST_LINE, self.bytes
+        )?;
+        if let Some(first) = &self.first {
+            write!(f, "; the first began: {first}")?;
+        }
+        Ok(())
+    }
+}
+
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n % 10 == 0 {
+        n /= 10;
+    }
+    n == 1
+}
+
+/// The start of an untrusted line as inert text: at most [`REJECT_SAMPLE`] bytes, invalid
+/// UTF-8 replaced, control characters escaped.
+fn sample(line: &[u8]) -> String {
+    let start = &line[..line.len().min(REJECT_SAMPLE)];
+    crate::text::bounded_printable(&String::from_utf8_lossy(start), REJECT_SAMPLE)
 }
 
 impl AgentConnection {
@@ -188,7 +281,13 @@ impl AgentConnection {
             reader: BufReader::new(r),
             writer: w,
             line: Vec::new(),
+            rejected: Rejected::default(),
         }
+    }
+
+    /// What this connection rejected so far.
+    pub fn rejected(&self) -> &Rejected {
+        &self.rejected
     }
 
     /// Sends one message.
@@ -207,25 +306,75 @@ impl AgentConnection {
             })
     }
 
-    /// Receives the next message; lines that are not messages are skipped.
+    /// Receives the next message. Lines that are not messages are skipped and counted
+    /// ([`AgentConnection::rejected`]). A line longer than [`MAX_GUEST_LINE`] is never
+    /// held whole: its first bytes are read, the rest is discarded as it arrives up to its
+    /// newline, and nothing in it counts as a message (a message hidden at its end is not
+    /// believed).
     pub async fn recv(&mut self) -> Result<GuestMessage, AgentError> {
+        let mut rejected = std::mem::take(&mut self.rejected);
+        let got = self.recv_noting(&mut rejected).await;
+        self.rejected = rejected;
+        got
+    }
+
+    /// [`AgentConnection::recv`], counting rejected lines in `rejected` (which outlives
+    /// the connection, and a cancelled receive).
+    async fn recv_noting(&mut self, rejected: &mut Rejected) -> Result<GuestMessage, AgentError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AgentError::Io { path, source }
+        };
         loop {
             self.line.clear();
             let n = (&mut self.reader)
                 .take(MAX_GUEST_LINE as u64 + 1)
                 .read_until(b'\n', &mut self.line)
                 .await
-                .map_err(|source| AgentError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(io(&self.path))?;
             if n == 0 {
                 return Err(AgentError::Closed {
                     path: self.path.clone(),
                 });
             }
-            if let Ok(msg) = decode_line::<GuestMessage>(&self.line) {
-                return Ok(msg);
+            if self.line.last() != Some(&b'\n') && n > MAX_GUEST_LINE {
+                // Counted now, not at its end: a line that never ends must show too.
+                rejected.note(&self.path, &self.line, n as u64, true, "line too long");
+                self.line = Vec::new();
+                self.skip_line(rejected).await.map_err(io(&self.path))?;
+                continue;
+            }
+            match decode_line::<GuestMessage>(&self.line) {
+                Ok(msg) => return Ok(msg),
+                Err(e) => {
+                    let why = e.to_string();
+                    rejected.note(&self.path, &self.line, n as u64, false, &why);
+                    // A flood of long garbage lines must not keep the largest buffer.
+                    if self.line.capacity() > 4096 {
+                        self.line = Vec::new();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Discards what is buffered and arrives up to and including the next newline (or the
+    /// end of the stream), adding its length to `rejected`. Holds no more than the
+    /// reader's buffer.
+    async fn skip_line(&mut self, rejected: &mut Rejected) -> std::io::Result<()> {
+        loop {
+            let buf = self.reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let (used, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            self.reader.consume(used);
+            rejected.bytes += used as u64;
+            if done {
+                return Ok(());
             }
         }
     }
@@ -397,24 +546,47 @@ async fn wait_for<T>(
     };
     let fd = pidfd::watch(fd).map_err(|_| exited())?;
     let mut last_state = String::from("no answer from the guest agent");
-    tokio::select! {
+    let mut rejected = Rejected::default();
+    let follow = follow(
+        &mut link,
+        deadline,
+        hello,
+        judge,
+        &mut last_state,
+        &mut rejected,
+    );
+    let outcome = tokio::select! {
         _ = pidfd::wait_exit(&fd) => Err(exited()),
-        r = tokio::time::timeout_at(deadline, follow(&mut link, deadline, hello, judge, &mut last_state)) => match r {
+        r = tokio::time::timeout_at(deadline, follow) => match r {
             Ok(r) => r,
-            Err(_) => Err(ReadyError::Timeout { after: timeout, last_state: last_state.clone() }),
+            Err(_) => Err(ReadyError::Timeout { after: timeout, last_state: String::new() }),
         },
+    };
+    match outcome {
+        Err(ReadyError::Timeout { after, .. }) => Err(ReadyError::Timeout {
+            after,
+            last_state: if rejected.is_empty() {
+                last_state
+            } else {
+                format!("{last_state}; {rejected}")
+            },
+        }),
+        other => other,
     }
 }
 
 /// The agent side of [`wait_for`]: (re)connects, sends `hello` (a `Status`, or the
 /// claim, which the guest answers with its state too), and follows the messages until
-/// the state decides the wait.
+/// the state decides the wait. Only a state decides: an `Exited` event is a hint to ask
+/// for the state, asked at most once until a state arrives, so a guest repeating it
+/// cannot make the host write without bound.
 async fn follow<T>(
     link: &mut AgentLink,
     deadline: Instant,
     hello: &[u8],
     judge: Judge<T>,
     last_state: &mut String,
+    rejected: &mut Rejected,
 ) -> Result<T, ReadyError> {
     loop {
         let mut conn = match link.open(deadline).await {
@@ -430,11 +602,16 @@ async fn follow<T>(
             tokio::time::sleep(RECONNECT).await;
             continue;
         }
+        // Whether a state has been asked for and not heard since.
+        let mut asked = true;
         loop {
-            let msg = match conn.recv().await {
+            let msg = match conn.recv_noting(rejected).await {
                 Ok(m) => m,
                 Err(_) => break,
             };
+            if matches!(msg, GuestMessage::Status { .. }) {
+                asked = false;
+            }
             let state = match msg {
                 GuestMessage::Status { state } => match state {
                     GuestState::Failed { error } => GuestState::Failed {
@@ -448,8 +625,11 @@ async fn follow<T>(
                 },
                 // An exit may or may not follow readiness: ask for the full state.
                 GuestMessage::Exited { .. } => {
-                    if conn.send(HostMessage::Status).await.is_err() {
-                        break;
+                    if !asked {
+                        if conn.send(HostMessage::Status).await.is_err() {
+                            break;
+                        }
+                        asked = true;
                     }
                     continue;
                 }
@@ -478,6 +658,7 @@ pub fn console_tail(process: &VmmProcess) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest::protocol::fuzz;
     use crate::guest::protocol::{CLAIM_ENTROPY_BYTES, ExitStatus, MAX_HOST_LINE};
     use crate::vmm::procfs;
 
@@ -633,5 +814,130 @@ mod tests {
         assert_eq!(again, first);
         let (claims, starts) = guest.await.unwrap();
         assert_eq!((claims, starts), (3, 1));
+    }
+
+    #[test]
+    fn rejected_lines_are_logged_a_handful_of_times() {
+        let logged: Vec<u64> = (1..=100_000u64).filter(|&n| is_power_of_ten(n)).collect();
+        assert_eq!(logged, vec![1, 10, 100, 1000, 10_000, 100_000]);
+        assert!(!is_power_of_ten(0) && !is_power_of_ten(20) && !is_power_of_ten(11));
+    }
+
+    #[tokio::test]
+    async fn a_message_hidden_at_the_end_of_an_over_long_line_is_not_believed() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut conn = AgentConnection::from_stream(Path::new("test"), a);
+        let guest = tokio::spawn(async move {
+            let mut line = vec![b' '; 3 * MAX_GUEST_LINE + 17];
+            line.extend(encode_line(&GuestMessage::Ready { boot_ms: 1 }));
+            b.write_all(&line).await.unwrap();
+            b.write_all(b"\x1b[2Jnot json\n").await.unwrap();
+            let honest = GuestMessage::Status {
+                state: GuestState::Starting,
+            };
+            b.write_all(&encode_line(&honest)).await.unwrap();
+            honest
+        });
+        let got = conn.recv().await.unwrap();
+        assert_eq!(got, guest.await.unwrap());
+        let r = conn.rejected();
+        assert_eq!((r.too_long, r.lines), (1, 1), "{r:?}");
+        let shown = r.to_string();
+        assert!(
+            shown.contains("1 lines from the guest were not agent messages"),
+            "{shown}"
+        );
+        assert!(!shown.contains('\x1b'), "{shown}");
+        assert!(conn.line.capacity() <= 2 * (MAX_GUEST_LINE + 1));
+    }
+
+    /// A guest that sends Exited events and never answers: the host asks for the state
+    /// once (the hello), not once per event.
+    #[tokio::test]
+    async fn exit_events_do_not_make_the_host_ask_again_while_a_question_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let process = this_process(sock);
+        let guest = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            for code in 0..500 {
+                let hint = GuestMessage::Exited {
+                    status: ExitStatus::Code(code),
+                };
+                w.write_all(&encode_line(&hint)).await.unwrap();
+            }
+            // Then answers: one Status, read what the host sent meanwhile.
+            let ready = GuestMessage::Status {
+                state: GuestState::Ready { boot_ms: 9 },
+            };
+            w.write_all(&encode_line(&ready)).await.unwrap();
+            let mut asked = 0;
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if decode_line::<HostMessage>(line.as_bytes()).ok() == Some(HostMessage::Status) {
+                    asked += 1;
+                }
+            }
+            asked
+        });
+        let ready = super::wait_ready(
+            &process,
+            AgentLink::for_process(&process),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ready.boot_ms, 9);
+        assert_eq!(guest.await.unwrap(), 1);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: (fuzz::cases() / 4).max(8),
+            ..fuzz::config()
+        })]
+
+        /// The host's decoder over a real socket, fed a hostile stream cut anywhere:
+        /// it hears exactly the whole lines within the bound that are messages, in
+        /// order, never one from inside an over-long line, and holds a bounded buffer.
+        #[test]
+        fn the_host_hears_exactly_the_whole_messages_within_the_bound(
+            pieces in proptest::collection::vec(fuzz::piece(), 0..12),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..20),
+        ) {
+            let stream: Vec<u8> = pieces.iter().flat_map(|p| p.bytes()).collect();
+            let want = fuzz::expected_messages(&stream);
+            let chunks = fuzz::chunks(&stream, &cuts);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (got, biggest) = rt.block_on(async move {
+                let (a, mut b) = UnixStream::pair().unwrap();
+                let writer = tokio::spawn(async move {
+                    for c in chunks {
+                        b.write_all(&c).await.unwrap();
+                    }
+                });
+                let mut conn = AgentConnection::from_stream(Path::new("test"), a);
+                let mut got = Vec::new();
+                let mut biggest = 0;
+                loop {
+                    let next = conn.recv().await;
+                    biggest = biggest.max(conn.line.capacity());
+                    match next {
+                        Ok(m) => got.push(m),
+                        Err(AgentError::Closed { .. }) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                writer.await.unwrap();
+                (got, biggest)
+            });
+            proptest::prop_assert_eq!(got, want);
+            proptest::prop_assert!(biggest <= 2 * (MAX_GUEST_LINE + 1), "{}", biggest);
+        }
     }
 }

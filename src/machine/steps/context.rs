@@ -5,6 +5,7 @@
 //! reach is written in one place.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -96,6 +97,15 @@ pub trait StepContext: Send + Sync {
 
     /// Makes sure the machine's VMM logs are drained and capped (see `vmm::logs`).
     fn keep_logs(&self, machine: &str, process: &VmmProcess);
+
+    /// Opens a TCP connection from the host to `addr` (as a route to the guest reaches
+    /// it) and closes it at once; an error says why none was established within
+    /// `timeout`.
+    fn tcp_connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 
     /// Puts the route in the registry.
     fn publish(&self, route: Route) -> impl Future<Output = Result<(), StepError>> + Send;

@@ -1,7 +1,9 @@
 //! Step `ready`: the guest is where its record wants it, within the readiness deadline.
 //!
 //! - An ordinary machine: the guest init said it is ready (the workload runs and listens
-//!   on every port the spec declares).
+//!   on every port the spec declares), and the host has seen each declared port accept a
+//!   TCP connection at the guest's address. The guest's word alone is not enough: a
+//!   guest is untrusted, and its route must not be published to a port nobody serves.
 //! - A pool's prepared machine: the guest init said it is idle (booted, network up, no
 //!   workload), and the VMM is then paused, so prepared capacity costs no CPU.
 //! - A machine claimed from a pool: the VMM is resumed and the workload — composed from
@@ -13,12 +15,26 @@
 //! ask the guest for its state; a pause or a resume of a VMM already so is a no-op; and
 //! a guest starts a workload only from `Idle`, so a claim sent again starts nothing
 //! twice (a claimed guest that rebooted is idle again and gets it anew). When the guest
-//! stays silent past the deadline, or the VMM exits early, the step fails and the run
-//! counts a boot attempt. Release has no host effect.
+//! stays silent past the deadline, or the VMM exits early, or a declared port does not
+//! accept a connection by the deadline, the step fails and the run counts a boot attempt.
+//! The port check opens and at once closes one connection per port (retried while
+//! refused), as a health check would. Release has no host effect.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{StepContext, StepError};
 use crate::guest::protocol::{Claim, claim_entropy};
 use crate::machine::record::MachineRecord;
+
+/// Longest single connection attempt of the port check (a dropped packet, not a refusal).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+/// First pause between refused attempts; it doubles up to [`PORT_RETRY_MAX`].
+const PORT_RETRY_MIN: Duration = Duration::from_millis(20);
+/// Longest pause between refused attempts.
+const PORT_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Waits for the guest to be where the record wants it (see the module doc).
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
@@ -28,6 +44,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         .as_ref()
         .ok_or_else(|| StepError::Retry("ready: no VMM recorded".into()))?;
     let process = super::vmm::process_of(record);
+    let deadline = Instant::now() + cx.ready_timeout();
     let failed = |e: crate::vmm::ReadyError| StepError::Retry(format!("ready: {e}"));
     if rec.pool_owner().is_some() {
         // Run again after a crash between the pause and its record, the guest would be
@@ -64,13 +81,66 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
                 }
                 other => failed(other),
             })?;
-        return Ok(());
+        return ports_accept(cx, rec, deadline).await;
     }
     cx.vmm()
         .wait_ready(&process, cx.ready_timeout())
         .await
         .map_err(failed)?;
+    ports_accept(cx, rec, deadline).await
+}
+
+/// Waits until every port the spec declares accepts a TCP connection at the guest's
+/// address, trying each again while it refuses, until `deadline`.
+async fn ports_accept(
+    cx: &impl StepContext,
+    rec: &MachineRecord,
+    deadline: Instant,
+) -> Result<(), StepError> {
+    let mut ports = rec.spec.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let ip = rec
+        .resources
+        .guest_ip
+        .ok_or_else(|| StepError::Retry("ready: no guest address recorded".into()))?;
+    for port in ports {
+        port_accepts(cx, ip, port, deadline).await?;
+    }
     Ok(())
+}
+
+/// One declared port: connects until one connection is accepted or `deadline` passes.
+async fn port_accepts(
+    cx: &impl StepContext,
+    ip: Ipv4Addr,
+    port: u16,
+    deadline: Instant,
+) -> Result<(), StepError> {
+    let addr = SocketAddr::from((ip, port));
+    let started = Instant::now();
+    let mut pause = PORT_RETRY_MIN;
+    let mut attempts = 0u32;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        attempts += 1;
+        let last = match cx.tcp_connect(addr, left.min(CONNECT_ATTEMPT)).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() + pause >= deadline {
+            return Err(StepError::Retry(format!(
+                "ready: the guest said it is ready, but port {port} at {ip} did not accept a \
+                 connection within {:.1} s ({attempts} attempts; last: {last})",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(PORT_RETRY_MAX);
+    }
 }
 
 /// Nothing to undo.
