@@ -310,8 +310,20 @@ pub struct ImagesConfig {
     /// Largest compressed layer a pull accepts, in MiB.
     pub max_layer_mib: u64,
     /// Most bytes all layers of one image may unpack to, in MiB (a decompression bomb
-    /// stops there).
+    /// stops there). A pull whose manifest declares more compressed bytes than this is
+    /// refused before any download: a compressed layer does not unpack to less.
     pub max_image_mib: u64,
+    /// Most layers one image may have; checked on the manifest before any download.
+    pub max_layers: u64,
+    /// Most entries (files, directories, links, whiteouts) all layers of one image, or a
+    /// tar archive, may hold. Unpacking keeps each entry's path in memory (at most 4 KiB)
+    /// and mkfs makes an inode for each, so this bounds both; a million is several times
+    /// the largest distribution images.
+    pub max_entries: u64,
+    /// Free space (MiB) pulls and builds must leave on the file systems of the blob
+    /// cache and the bases; one that would leave less is refused before it starts, and
+    /// retried later (space may be freed).
+    pub min_free_mib: u64,
     /// Bytes (MiB) bases and pulled blobs may take together; the least recently used
     /// bases no machine names are collected first. 0: no budget.
     pub cache_budget_mib: u64,
@@ -440,6 +452,9 @@ impl Default for ImagesConfig {
             registry_auth: Vec::new(),
             max_layer_mib: 4096,
             max_image_mib: 16384,
+            max_layers: 128,
+            max_entries: crate::image::DEFAULT_MAX_ENTRIES,
+            min_free_mib: 256,
             cache_budget_mib: 0,
             max_unused_hours: 168,
             collect_interval_secs: 300,
@@ -459,6 +474,17 @@ impl ImagesConfig {
                 .map(|a| (a.registry.clone(), a.username.clone(), a.password.clone()))
                 .collect(),
             max_layer_bytes: self.max_layer_mib << 20,
+            max_layers: self.max_layers,
+            max_image_bytes: self.max_image_mib.saturating_mul(1 << 20),
+            space: self.space_policy(),
+        }
+    }
+
+    /// How much free space pulls and builds leave.
+    pub fn space_policy(&self) -> crate::image::space::SpacePolicy {
+        crate::image::space::SpacePolicy {
+            reserve_bytes: self.min_free_mib.saturating_mul(1 << 20),
+            free: crate::image::space::FreeSpace::Statvfs,
         }
     }
 
@@ -575,6 +601,16 @@ impl Config {
                 "capacity.min_memory_mib_per_machine",
                 "is larger than capacity.max_memory_mib_per_machine".into(),
             ));
+        }
+        for (key, value) in [
+            ("images.max_layers", self.images.max_layers),
+            ("images.max_entries", self.images.max_entries),
+            ("images.max_layer_mib", self.images.max_layer_mib),
+            ("images.max_image_mib", self.images.max_image_mib),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         if self.pool_refill_parallel == 0 {
             return Err(invalid("pool_refill_parallel", "must be at least 1".into()));
@@ -782,6 +818,8 @@ mod tests {
                 "[store]\ncompact_interval_secs = 0",
                 "store.compact_interval_secs",
             ),
+            ("[images]\nmax_layers = 0", "images.max_layers"),
+            ("[images]\nmax_entries = 0", "images.max_entries"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err();
@@ -823,6 +861,12 @@ mod tests {
             defaults.capacity.min_free_mib
         );
         assert!(example.pools.is_empty());
+        let (example, defaults) = (&example.images, &defaults.images);
+        assert_eq!(example.max_layer_mib, defaults.max_layer_mib);
+        assert_eq!(example.max_image_mib, defaults.max_image_mib);
+        assert_eq!(example.max_layers, defaults.max_layers);
+        assert_eq!(example.max_entries, defaults.max_entries);
+        assert_eq!(example.min_free_mib, defaults.min_free_mib);
     }
 
     #[test]

@@ -51,10 +51,13 @@ fn hostile_daemon(case: &str) -> Option<Daemon> {
     support::guest_prereqs::guest_prereqs("hostile_guest")?;
     let init = hostile_init();
     if !init.is_file() {
-        eprintln!(
-            "\n*** hostile_guest tests SKIPPED ({case}): no hostile guest init at {} \
-             (run deploy/build-guest-init.sh, which builds examples/hostile_guest.rs static) ***\n",
-            init.display()
+        support::skipped(
+            &format!("hostile_guest ({case})"),
+            &format!(
+                "no hostile guest init at {} (run deploy/build-guest-init.sh, which builds \
+                 examples/hostile_guest.rs static)",
+                init.display()
+            ),
         );
         return None;
     }

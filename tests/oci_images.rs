@@ -292,3 +292,58 @@ async fn an_oci_layout_directory_boots_like_a_pushed_image() {
     destroy(&mut client, &m.id).await;
     support::assert_audit_clean(&mut client).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_over_the_entry_limit_fails_the_machine_at_the_first_attempt() {
+    let Some(registry) = support::registry::start_or_skip("oci_images") else {
+        return;
+    };
+    let files = LayerSpec {
+        gzip: true,
+        entries: (0..12)
+            .map(|i| Entry::File(format!("f{i}"), 0o644, vec![b'x']))
+            .collect(),
+    };
+    let image = build_image(&[files], &ConfigSpec::running(&["/bin/true"]));
+    registry.push("many", "v1", &image).await;
+    let daemon = Daemon::start_with(&format!(
+        "[images]\ninsecure_registries = [\"{}\"]\nmax_entries = 10\n",
+        registry
+            .reference("x", "y")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+    ));
+    let mut client = daemon.client().await;
+    let m = client
+        .machines
+        .create_machine(request("many-1", "many", &registry.reference("many", "v1")))
+        .await
+        .expect("create")
+        .into_inner();
+    // A limit cannot be met by trying again: the machine fails on the first attempt,
+    // with the key and the limit in its failure.
+    let failed = wait_for(&mut client, &m.id, pb::MachineState::Failed).await;
+    assert!(
+        failed.failure.contains("images.max_entries") && failed.failure.contains("10"),
+        "{failed:#?}"
+    );
+    let attempts: Vec<_> = failed
+        .timings
+        .iter()
+        .filter(|t| t.step == "image" && t.direction == "acquire")
+        .collect();
+    assert_eq!(attempts.len(), 1, "{attempts:#?}");
+    assert!(
+        attempts[0].outcome.contains("images.max_entries"),
+        "{attempts:#?}"
+    );
+    // The image service says the same, as a failed precondition.
+    let status = pull_error(&mut client, &registry.reference("many", "v1")).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("images.max_entries"),
+        "{status:?}"
+    );
+    destroy(&mut client, &m.id).await;
+}

@@ -1,8 +1,9 @@
 //! OCI pulls against a real registry: Debian's `docker-registry` on loopback, fed with
 //! images these tests build and push themselves. Covers tag and digest pulls, the config
 //! fields, blob reuse, platform choice from an index, the insecure-registry rule, the
-//! layer size limit, basic auth, and OCI layout directories. Skips loudly when the
-//! registry binary is not installed.
+//! limits checked on the manifest before any download (each layer's size, the layer
+//! count, their sum, free space), the entry limit of the built image, basic auth, and OCI
+//! layout directories. Skips loudly when the registry binary is not installed.
 
 mod support;
 
@@ -12,7 +13,11 @@ use std::sync::{Arc, Mutex};
 use hearth::image::oci::{
     self, LayoutError, OciRef, Progress, PullError, PulledImage, RegistrySettings,
 };
-use support::registry::{self, TestImage, build_image, sample_config, sample_image, sample_layers};
+use hearth::image::space::{FreeSpace, SpacePolicy};
+use hearth::image::{BaseError, BaseSettings, BaseStore};
+use support::registry::{
+    self, Entry, LayerSpec, TestImage, build_image, sample_config, sample_image, sample_layers,
+};
 
 /// Pulls `reference` into `blob_dir`, collecting the progress events.
 async fn pull(
@@ -406,4 +411,214 @@ fn layout_directory_round_trip() {
     std::fs::remove_file(victim).unwrap();
     let err = oci::layout::open(dir.path(), "v1").unwrap_err();
     assert!(matches!(err, LayoutError::BlobMissing { .. }), "{err}");
+}
+
+/// Pushes `image` as `<repo>:v1`, then deletes every blob it has from the registry, so
+/// that only its manifest can be fetched: a pull refused for what the manifest says
+/// proves, by failing any other way, that nothing was downloaded first. Returns the
+/// reference.
+async fn push_manifest_only(reg: &registry::Registry, repo: &str, image: &TestImage) -> String {
+    reg.push(repo, "v1", image).await;
+    for blob in image.layers.iter().chain(std::iter::once(&image.config)) {
+        assert_eq!(
+            reg.delete_blob(repo, &blob.digest),
+            Some(202),
+            "delete {}: {}",
+            blob.digest,
+            reg.log()
+        );
+    }
+    let reference = reg.reference(repo, "v1");
+    // With nothing refused on the manifest, the pull must fail on a missing blob.
+    let blobs = tempfile::tempdir().unwrap();
+    let (result, _) = pull(&reference, &reg.settings(), blobs.path()).await;
+    let err = result.expect_err("the blobs are gone");
+    assert!(
+        matches!(err, PullError::Registry { .. }) && !err.is_over_limit(),
+        "{err}"
+    );
+    reference
+}
+
+fn assert_nothing_downloaded(events: &[Progress], blob_dir: &Path) {
+    assert!(events.is_empty(), "nothing downloaded: {events:?}");
+    let stored = std::fs::read_dir(blob_dir.join("sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn a_manifest_with_too_many_layers_is_refused_before_any_download() {
+    let Some(reg) =
+        registry::start_or_skip("a_manifest_with_too_many_layers_is_refused_before_any_download")
+    else {
+        return;
+    };
+    let image = sample_image("many-layers");
+    let layers = image.layers.len() as u64;
+    assert!(layers >= 2);
+    let reference = push_manifest_only(&reg, "layers", &image).await;
+    let settings = RegistrySettings {
+        max_layers: layers - 1,
+        ..reg.settings()
+    };
+    let blobs = tempfile::tempdir().unwrap();
+    let (result, events) = pull(&reference, &settings, blobs.path()).await;
+    let err = result.unwrap_err();
+    match &err {
+        PullError::TooManyLayers {
+            manifest,
+            layers: got,
+            max,
+            ..
+        } => {
+            assert_eq!(manifest, &image.manifest.digest);
+            assert_eq!((*got, *max), (layers, layers - 1));
+        }
+        other => panic!("expected TooManyLayers, got {other}"),
+    }
+    assert!(err.is_over_limit() && !err.is_unreachable() && !err.is_missing());
+    assert!(err.to_string().contains("images.max_layers"), "{err}");
+    assert_nothing_downloaded(&events, blobs.path());
+}
+
+#[tokio::test]
+async fn a_manifest_over_the_image_size_is_refused_before_any_download() {
+    let Some(reg) =
+        registry::start_or_skip("a_manifest_over_the_image_size_is_refused_before_any_download")
+    else {
+        return;
+    };
+    let image = sample_image("image-size");
+    let total: u64 = image.layers.iter().map(|l| l.data.len() as u64).sum();
+    let reference = push_manifest_only(&reg, "sized", &image).await;
+    let settings = RegistrySettings {
+        max_image_bytes: total - 1,
+        ..reg.settings()
+    };
+    let blobs = tempfile::tempdir().unwrap();
+    let (result, events) = pull(&reference, &settings, blobs.path()).await;
+    let err = result.unwrap_err();
+    match &err {
+        PullError::ImageTooLarge {
+            total: got, max, ..
+        } => assert_eq!((*got, *max), (total, total - 1)),
+        other => panic!("expected ImageTooLarge, got {other}"),
+    }
+    assert!(err.is_over_limit());
+    assert!(err.to_string().contains("images.max_image_mib"), "{err}");
+    assert_nothing_downloaded(&events, blobs.path());
+}
+
+#[tokio::test]
+async fn too_little_free_space_refuses_a_pull_before_any_download() {
+    let Some(reg) =
+        registry::start_or_skip("too_little_free_space_refuses_a_pull_before_any_download")
+    else {
+        return;
+    };
+    let image = sample_image("space");
+    let needed: u64 = image
+        .layers
+        .iter()
+        .chain(std::iter::once(&image.config))
+        .map(|b| b.data.len() as u64)
+        .sum();
+    reg.push("space", "v1", &image).await;
+    let reference = reg.reference("space", "v1");
+    let blobs = tempfile::tempdir().unwrap();
+    let with_free = |free: u64, reserve: u64| RegistrySettings {
+        space: SpacePolicy {
+            reserve_bytes: reserve,
+            free: FreeSpace::Fixed(free),
+        },
+        ..reg.settings()
+    };
+    // One byte short of the blobs plus the reserve.
+    let (result, events) = pull(&reference, &with_free(needed + 99, 100), blobs.path()).await;
+    let err = result.unwrap_err();
+    match &err {
+        PullError::NoSpace { source, .. } => {
+            let message = source.to_string();
+            assert!(message.contains("images.min_free_mib"), "{message}");
+        }
+        other => panic!("expected NoSpace, got {other}"),
+    }
+    assert!(err.is_no_space() && !err.is_over_limit());
+    assert_nothing_downloaded(&events, blobs.path());
+    // Exactly enough is enough.
+    let (result, _) = pull(&reference, &with_free(needed + 100, 100), blobs.path()).await;
+    assert_matches_image(&result.unwrap(), &image, blobs.path());
+    // Blobs already in the cache need no space: nothing is left to download.
+    let (result, events) = pull(&reference, &with_free(100, 100), blobs.path()).await;
+    assert_matches_image(&result.unwrap(), &image, blobs.path());
+    assert!(events.iter().all(|e| e.cached), "{events:?}");
+}
+
+#[tokio::test]
+async fn an_image_over_the_entry_limit_fails_its_build_naming_the_key() {
+    let Some(reg) =
+        registry::start_or_skip("an_image_over_the_entry_limit_fails_its_build_naming_the_key")
+    else {
+        return;
+    };
+    // 3 directories + 40 files over two layers.
+    let files = |dir: &str| LayerSpec {
+        gzip: true,
+        entries: std::iter::once(Entry::Dir(dir.into()))
+            .chain((0..20).map(|i| Entry::File(format!("{dir}/f{i}"), 0o644, vec![b'x'; i])))
+            .collect(),
+    };
+    let image = build_image(
+        &[
+            files("a"),
+            files("b"),
+            LayerSpec {
+                gzip: false,
+                entries: vec![Entry::Dir("c".into())],
+            },
+        ],
+        &sample_config("amd64"),
+    );
+    reg.push("entries", "v1", &image).await;
+    let blobs = tempfile::tempdir().unwrap();
+    let (pulled, _) = pull(
+        &reg.reference("entries", "v1"),
+        &reg.settings(),
+        blobs.path(),
+    )
+    .await;
+    let pulled = pulled.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bases = |max_entries: u64| {
+        BaseStore::open(
+            &dir.path().join("images"),
+            BaseSettings {
+                max_entries,
+                ..BaseSettings::default()
+            },
+        )
+        .unwrap()
+    };
+    let err = bases(30)
+        .ensure_oci_base("entries:v1", &pulled, 1 << 30, &|_| {})
+        .unwrap_err();
+    assert!(err.is_over_limit(), "{err}");
+    assert!(matches!(err, BaseError::OverLimit { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("images.max_entries") && message.contains("30"),
+        "{message}"
+    );
+    // Nothing of the failed build is left.
+    let left = std::fs::read_dir(dir.path().join("images/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0);
+    // At its exact size the image builds.
+    let (base, made) = bases(43)
+        .ensure_oci_base("entries:v1", &pulled, 1 << 30, &|_| {})
+        .unwrap();
+    assert!(made && base.path.is_file());
 }

@@ -64,9 +64,10 @@ impl From<ApiError> for Status {
             ApiError::ImageField(e) if e.is_not_found() => Code::NotFound,
             ApiError::ImageField(_) => Code::InvalidArgument,
             ApiError::Cache(ImageError::NotFound(_)) => Code::NotFound,
-            ApiError::Cache(ImageError::Build { .. } | ImageError::InUse { .. }) => {
-                Code::FailedPrecondition
-            }
+            ApiError::Cache(
+                ImageError::Build { .. } | ImageError::InUse { .. } | ImageError::Refused { .. },
+            ) => Code::FailedPrecondition,
+            ApiError::Cache(ImageError::NoSpace { .. }) => Code::ResourceExhausted,
             ApiError::Cache(ImageError::Busy(_)) | ApiError::Ask(_) => Code::Unavailable,
             ApiError::Cache(ImageError::Host(_)) => Code::Internal,
         };

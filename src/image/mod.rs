@@ -14,6 +14,7 @@
 //!    BaseStore::ensure_oci_base                    layers applied, keyed by manifest digest
 //! ImageEntry                                      what redb remembers of a base
 //! collect::plan (pure)                            which unreferenced bases to collect
+//! space::SpacePolicy                              free space checked before pulls and builds
 //! ```
 //!
 //! Architecture invariant: nothing here mounts a file system or needs a loop device;
@@ -31,6 +32,7 @@ mod layer;
 mod mkfs;
 pub mod oci;
 mod reference;
+pub mod space;
 mod store;
 mod tarball;
 
@@ -43,5 +45,5 @@ pub use layer::{
 };
 pub use mkfs::{LABEL, MkfsError};
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
-pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore};
+pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore, DEFAULT_MAX_ENTRIES};
 pub use tarball::TarballError;

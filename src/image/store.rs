@@ -26,6 +26,7 @@ use super::demo::{self, DemoError};
 use super::digest::{Hasher, TreeStats, WalkError, hash_file, is_valid_digest, walk_tree};
 use super::mkfs::{self, MkfsError};
 use super::reference::{ImageRef, ImageRefError};
+use super::space::{SpaceError, SpacePolicy};
 use super::tarball::{self, TarballError};
 
 /// Version of the way bases are built. Bump it when the mkfs options, the sizing or the
@@ -41,7 +42,14 @@ pub struct BaseSettings {
     pub min_size_mib: u64,
     /// The static busybox the `demo` image is made from.
     pub busybox: PathBuf,
+    /// Most entries an unpacked image (all its layers, or an archive) may have.
+    pub max_entries: u64,
+    /// The free space a build must leave on the store's file system.
+    pub space: SpacePolicy,
 }
+
+/// The entry limit when nothing else is configured (see `images.max_entries`).
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
 
 impl Default for BaseSettings {
     fn default() -> Self {
@@ -49,6 +57,8 @@ impl Default for BaseSettings {
             headroom_mib: 64,
             min_size_mib: 32,
             busybox: PathBuf::from("/bin/busybox"),
+            max_entries: DEFAULT_MAX_ENTRIES,
+            space: SpacePolicy::default(),
         }
     }
 }
@@ -58,6 +68,8 @@ impl From<&crate::config::ImagesConfig> for BaseSettings {
         BaseSettings {
             headroom_mib: config.headroom_mib,
             busybox: config.busybox.clone(),
+            max_entries: config.max_entries,
+            space: config.space_policy(),
             ..BaseSettings::default()
         }
     }
@@ -128,6 +140,23 @@ pub enum BaseError {
         /// What went wrong.
         message: String,
     },
+    /// The image breaks a configured limit (`images.max_entries`, `images.max_image_mib`;
+    /// the message names it and the figures): it can never be built with these settings.
+    #[error("image {image}: {message}")]
+    OverLimit {
+        /// The image.
+        image: String,
+        /// Which limit, at which entry.
+        message: String,
+    },
+    /// The store's file system has too little free space for the build (it may be freed).
+    #[error("image {image}: {source}")]
+    NoSpace {
+        /// The image.
+        image: String,
+        /// The figures.
+        source: SpaceError,
+    },
 }
 
 impl BaseError {
@@ -135,6 +164,48 @@ impl BaseError {
     /// is a bad reference, a bad image or a host problem.
     pub fn is_not_found(&self) -> bool {
         matches!(self, BaseError::Image(e) if e.is_not_found())
+    }
+
+    /// Whether the image breaks a configured limit: building it again cannot succeed
+    /// until the configuration changes.
+    pub fn is_over_limit(&self) -> bool {
+        matches!(self, BaseError::OverLimit { .. })
+    }
+
+    /// Whether the build was refused for want of free space, which may be freed later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            BaseError::NoSpace {
+                source: SpaceError::TooLittle { .. },
+                ..
+            }
+        )
+    }
+}
+
+/// A layer that could not be applied: over a limit, or anything else.
+fn layer_error(image: &str, e: super::layer::LayerError) -> BaseError {
+    let image = image.to_string();
+    let message = e.to_string();
+    if e.is_over_limit() {
+        BaseError::OverLimit { image, message }
+    } else {
+        BaseError::Layer { image, message }
+    }
+}
+
+/// A free-space refusal of a build of `image`; a failure to read the figure is a host
+/// error like any other file operation.
+fn space_err(image: &str) -> impl FnOnce(SpaceError) -> BaseError {
+    let image = image.to_string();
+    move |source| match source {
+        SpaceError::Statvfs { path, source } => BaseError::Io {
+            path,
+            what: "statvfs",
+            source,
+        },
+        source @ SpaceError::TooLittle { .. } => BaseError::NoSpace { image, source },
     }
 }
 
@@ -399,10 +470,23 @@ impl BaseStore {
                     .map_err(io_err(temp.path(), "create directory"))?;
                 let tree = temp.path().to_path_buf();
                 tree_temp = Some(temp);
-                tarball::unpack(file, ImageRef::is_gzip(file), &tree).map_err(|source| {
-                    BaseError::Unpack {
-                        image: name.clone(),
-                        source,
+                tarball::unpack(
+                    file,
+                    ImageRef::is_gzip(file),
+                    &tree,
+                    self.settings.max_entries,
+                )
+                .map_err(|source| {
+                    if source.is_over_limit() {
+                        BaseError::OverLimit {
+                            image: name.clone(),
+                            message: source.to_string(),
+                        }
+                    } else {
+                        BaseError::Unpack {
+                            image: name.clone(),
+                            source,
+                        }
                     }
                 })?;
                 let stats = self.measure(&name, &tree)?;
@@ -427,7 +511,11 @@ impl BaseStore {
     /// The base for a pulled OCI image, keyed by its manifest digest (and the builder's
     /// settings): its layers applied in order onto a scratch tree, each checked against
     /// the config's `diff_ids`, then mkfs. `max_bytes` bounds what all layers together
-    /// may write. Returns the base and whether it was built now (false: cached).
+    /// may write, the settings' `max_entries` how many entries they may hold. The store's
+    /// file system must have the layers' compressed size free before unpacking starts (a
+    /// floor: unpacked layers are rarely smaller) and the planned image size before mkfs,
+    /// each with the reserve on top. Returns the base and whether it was built now
+    /// (false: cached).
     ///
     /// `phase` hears what the build is doing (`unpacking layer 2/3`, `building ext4`),
     /// for a progress display.
@@ -456,10 +544,21 @@ impl BaseStore {
                 ),
             });
         }
+        let compressed = pulled
+            .layers
+            .iter()
+            .fold(0u64, |sum, layer| sum.saturating_add(layer.size));
+        self.settings
+            .space
+            .require(&self.root, "unpacking the layers", compressed)
+            .map_err(space_err(name))?;
         let temp = self.temp(&digest, "tree");
         std::fs::create_dir(temp.path()).map_err(io_err(temp.path(), "create directory"))?;
         let tree = temp.path().to_path_buf();
-        let mut budget = super::layer::LayerBudget::new(super::layer::LayerLimits { max_bytes });
+        let mut budget = super::layer::LayerBudget::new(super::layer::LayerLimits {
+            max_bytes,
+            max_entries: self.settings.max_entries,
+        });
         for (i, layer) in pulled.layers.iter().enumerate() {
             phase(format!("unpacking layer {}/{}", i + 1, pulled.layers.len()));
             let compression = super::layer::Compression::from_media_type(&layer.media_type)
@@ -477,10 +576,7 @@ impl BaseStore {
                 &tree,
                 &mut budget,
             )
-            .map_err(|e| BaseError::Layer {
-                image: name.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| layer_error(name, e))?;
             if let Some(want) = pulled.config.diff_ids.get(i)
                 && *want != stats.diff_id
             {
@@ -533,6 +629,12 @@ impl BaseStore {
             self.settings.headroom_mib,
             self.settings.min_size_mib,
         );
+        // The image file is sparse, but mkfs writes the content, the inode tables and the
+        // journal: the planned size is what it may take.
+        self.settings
+            .space
+            .require(&self.root, "building the ext4 base", plan.size_bytes)
+            .map_err(space_err(name))?;
         let image_temp = self.temp(&digest, "ext4");
         mkfs::make(tree, image_temp.path(), plan).map_err(|source| BaseError::Mkfs {
             image: name.to_string(),
@@ -764,6 +866,71 @@ mod tests {
         assert_eq!(Owner::parse(&format!("{}.{}", me.pid, me.start)), Some(me));
         assert_eq!(Owner::parse("12"), None);
         assert!(me.is_alive());
+    }
+
+    #[test]
+    fn a_build_without_room_is_refused_with_the_figures_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("f"), b"x").unwrap();
+        let s = store(
+            dir.path(),
+            BaseSettings {
+                headroom_mib: 0,
+                space: SpacePolicy {
+                    reserve_bytes: 1 << 20,
+                    free: super::super::space::FreeSpace::Fixed(20 << 20),
+                },
+                ..BaseSettings::default()
+            },
+        );
+        let err = s.ensure_base(&ImageRef::Directory(tree)).unwrap_err();
+        assert!(err.is_no_space() && !err.is_over_limit(), "{err}");
+        let message = err.to_string();
+        for part in [
+            "building the ext4 base needs 32 MiB",
+            "1 MiB are kept free (images.min_free_mib)",
+            "only 20 MiB are free",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        assert!(s.list().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_archive_over_the_entry_limit_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("root.tar");
+        let mut builder = tar::Builder::new(Vec::new());
+        for i in 0..5 {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(1);
+            builder
+                .append_data(&mut h, format!("f{i}"), &b"x"[..])
+                .unwrap();
+        }
+        std::fs::write(&archive, builder.into_inner().unwrap()).unwrap();
+        let s = store(
+            dir.path(),
+            BaseSettings {
+                max_entries: 4,
+                ..BaseSettings::default()
+            },
+        );
+        let err = s.ensure_base(&ImageRef::Tarball(archive)).unwrap_err();
+        assert!(err.is_over_limit() && !err.is_no_space(), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("images.max_entries") && message.contains("`f4`"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! a symlink while unpacking (so an archive cannot plant `lib -> /etc` and then write
 //! `lib/passwd`), relative symlink targets that climb above the root are refused, absolute
 //! ones are resolved by the guest against its own root. Unlike a layer, `.wh.` names are
-//! ordinary files here, and there is no size limit beyond the disk.
+//! ordinary files here, and there is no size limit beyond the disk; the entry limit of
+//! images (`images.max_entries`) holds for archives too, since unpacking keeps a path per
+//! entry in memory.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use super::layer::{self, Failure, Kind, Meter};
+use super::layer::{self, EntryBudget, Failure, Kind, Meter};
 #[cfg(test)]
 use super::layer::{check_symlink_target, ensure_parent, existing_inside, relative_path};
 
@@ -63,12 +65,46 @@ pub enum TarballError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The archive holds more entries than `max_entries` allows.
+    #[error(
+        "archive {archive}: entry `{entry}` refused: the image has more than {limit} entries (images.max_entries)"
+    )]
+    TooManyEntries {
+        /// The archive.
+        archive: PathBuf,
+        /// The entry that went over.
+        entry: String,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+impl TarballError {
+    /// Whether the archive breaks a configured limit: it can never be unpacked with these
+    /// settings.
+    pub fn is_over_limit(&self) -> bool {
+        match self {
+            TarballError::TooManyEntries { .. } => true,
+            TarballError::Open { .. }
+            | TarballError::Read { .. }
+            | TarballError::Escapes { .. }
+            | TarballError::Unsupported { .. }
+            | TarballError::Write { .. } => false,
+        }
+    }
 }
 
 /// Unpacks `archive` (gzip-compressed when `gzip`) into the existing empty directory
-/// `root`, keeping modes, owners, device numbers, xattrs and modification times. On error
-/// `root` holds a partial tree; the caller removes it.
-pub fn unpack(archive: &Path, gzip: bool, root: &Path) -> Result<(), TarballError> {
+/// `root`, keeping modes, owners, device numbers, xattrs and modification times, and
+/// refusing it once it has more than `max_entries` entries (directories made for entries
+/// whose parent is missing count too). On error `root` holds a partial tree; the caller
+/// removes it.
+pub fn unpack(
+    archive: &Path,
+    gzip: bool,
+    root: &Path,
+    max_entries: u64,
+) -> Result<(), TarballError> {
     let file = File::open(archive).map_err(|source| TarballError::Open {
         archive: archive.to_path_buf(),
         source,
@@ -76,15 +112,17 @@ pub fn unpack(archive: &Path, gzip: bool, root: &Path) -> Result<(), TarballErro
     let reader = BufReader::with_capacity(1 << 20, file);
     // No budget: the archive is the operator's own file, and the disk is the limit.
     let meter = Meter::new(0, u64::MAX);
+    let mut entries = EntryBudget::new(0, max_entries);
     let result = if gzip {
         layer::unpack(
             flate2::read::MultiGzDecoder::new(reader),
             root,
             Kind::Archive,
             &meter,
+            &mut entries,
         )
     } else {
-        layer::unpack(reader, root, Kind::Archive, &meter)
+        layer::unpack(reader, root, Kind::Archive, &meter, &mut entries)
     };
     result
         .map(|_| ())
@@ -116,6 +154,11 @@ fn tarball_error(archive: &Path, failure: Failure) -> TarballError {
             source: std::io::Error::other(format!(
                 "entry `{entry}` goes over {limit} uncompressed bytes"
             )),
+        },
+        Failure::TooManyEntries { entry, limit } => TarballError::TooManyEntries {
+            archive: archive.to_path_buf(),
+            entry,
+            limit,
         },
     }
 }
@@ -186,13 +229,29 @@ mod tests {
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(dir.path(), root.join("lib")).unwrap();
-        let err = ensure_parent(&root, Path::new("lib/evil"), "lib/evil").unwrap_err();
+        let mut budget = EntryBudget::unlimited();
+        let err = ensure_parent(&root, Path::new("lib/evil"), "lib/evil", &mut budget).unwrap_err();
         assert!(
             err.to_string().contains("lib/evil") && err.to_string().contains("symlink"),
             "{err}"
         );
-        ensure_parent(&root, Path::new("usr/share/doc/x"), "usr/share/doc/x").unwrap();
+        ensure_parent(
+            &root,
+            Path::new("usr/share/doc/x"),
+            "usr/share/doc/x",
+            &mut budget,
+        )
+        .unwrap();
         assert!(root.join("usr/share/doc").is_dir());
+        assert_eq!(budget.used(), 3, "usr, usr/share, usr/share/doc");
+        // Directories made for a missing parent count against the limit.
+        let mut tight = EntryBudget::new(0, 2);
+        let err = ensure_parent(&root, Path::new("a/b/c/d"), "a/b/c/d", &mut tight).unwrap_err();
+        assert!(
+            matches!(&err, Failure::TooManyEntries { limit: 2, .. }),
+            "{err}"
+        );
+        assert!(root.join("a/b").is_dir() && !root.join("a/b/c").exists());
         assert!(existing_inside(&root, Path::new("lib/x")).is_err());
     }
 }

@@ -161,7 +161,15 @@ impl Registry {
                 .map(|(u, p)| (self.addr.clone(), u.clone(), p.clone()))
                 .collect(),
             max_layer_bytes: 1 << 30,
+            ..RegistrySettings::default()
         }
+    }
+
+    /// Deletes blob `digest` from `repo` (the registry is started with deletes enabled);
+    /// the HTTP status. A pull that then asks for the blob fails, which is how tests
+    /// prove that a refusal came before any download.
+    pub fn delete_blob(&self, repo: &str, digest: &str) -> Option<u16> {
+        request_status(&self.addr, "DELETE", &format!("/v2/{repo}/blobs/{digest}"))
     }
 
     /// `127.0.0.1:<port>/<repo>:<tag>`.
@@ -266,9 +274,14 @@ fn registry_config(dir: &Path, port: u16, auth: bool) -> String {
 /// The status code of a plain `GET path` (a readiness probe; pushes and pulls go through
 /// oci-client).
 fn http_status(addr: &str, path: &str) -> Option<u16> {
+    request_status(addr, "GET", path)
+}
+
+/// The status code of a bodiless `method path` request.
+fn request_status(addr: &str, method: &str, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()

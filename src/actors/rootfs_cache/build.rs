@@ -68,6 +68,36 @@ fn failed(image: &ImageRef, cause: impl std::fmt::Display) -> ImageError {
     ImageError::Build { image, message }
 }
 
+/// A base store error, classed: a broken limit is refused for good, a full disk may be
+/// freed, anything else is a build failure.
+fn base_failed(image: &ImageRef, e: crate::image::BaseError) -> ImageError {
+    if e.is_not_found() {
+        return ImageError::NotFound(e.to_string());
+    }
+    let over_limit = e.is_over_limit();
+    let no_space = e.is_no_space();
+    match failed(image, e) {
+        ImageError::Build { image, message } if over_limit => {
+            ImageError::Refused { image, message }
+        }
+        ImageError::Build { image, message } if no_space => ImageError::NoSpace { image, message },
+        other => other,
+    }
+}
+
+/// A pull error, classed like [`base_failed`]; a missing image is not found.
+fn pull_failed(image: &ImageRef, e: crate::image::oci::PullError) -> ImageError {
+    let (over_limit, no_space, missing) = (e.is_over_limit(), e.is_no_space(), e.is_missing());
+    match failed(image, e) {
+        ImageError::Build { image, message } if over_limit => {
+            ImageError::Refused { image, message }
+        }
+        ImageError::Build { image, message } if no_space => ImageError::NoSpace { image, message },
+        ImageError::Build { message, .. } if missing => ImageError::NotFound(message),
+        other => other,
+    }
+}
+
 /// Builds (or finds) the base of a local image on a blocking thread.
 async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers) -> BuildOutcome {
     watchers.emit(PullEvent::Phase("building ext4".into()));
@@ -81,13 +111,7 @@ async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers)
     })
     .await
     .map_err(|e| failed(&image, format!("base build task: {e}")))?
-    .map_err(|e| {
-        if e.is_not_found() {
-            ImageError::NotFound(e.to_string())
-        } else {
-            failed(&image, e)
-        }
-    })
+    .map_err(|e| base_failed(&image, e))
     .map(|(identity, base)| Built {
         image,
         identity,
@@ -140,10 +164,7 @@ async fn build_registry(
             ));
             return Ok(built);
         }
-        Err(e) if e.is_missing() => {
-            return Err(ImageError::NotFound(failed(&image, e).to_string()));
-        }
-        Err(e) => return Err(failed(&image, e)),
+        Err(e) => return Err(pull_failed(&image, e)),
     };
     let layers_fetched = pulled.layers_verified;
     if !layers_fetched {
@@ -242,7 +263,7 @@ async fn build_pulled(
     })
     .await
     .map_err(|e| failed(&image, format!("base build task: {e}")))?
-    .map_err(|e| failed(&image, e))?;
+    .map_err(|e| base_failed(&image, e))?;
     Ok(Built {
         image,
         identity: None,
@@ -256,4 +277,46 @@ async fn build_pulled(
         registry: RegistryUse::None,
         made,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::BaseError;
+    use crate::image::space::SpaceError;
+
+    #[test]
+    fn limits_are_refused_for_good_and_a_full_disk_may_be_retried() {
+        let image = ImageRef::Demo;
+        let over = BaseError::OverLimit {
+            image: "demo".into(),
+            message: "more than 10 entries (images.max_entries)".into(),
+        };
+        let refused = base_failed(&image, over);
+        assert!(matches!(refused, ImageError::Refused { .. }), "{refused}");
+        assert!(refused.is_permanent());
+        assert!(refused.to_string().contains("images.max_entries"));
+
+        let full = BaseError::NoSpace {
+            image: "demo".into(),
+            source: SpaceError::TooLittle {
+                path: "/data/images".into(),
+                what: "building the ext4 base",
+                free_bytes: 1 << 20,
+                needed_bytes: 40 << 20,
+                reserve_bytes: 256 << 20,
+            },
+        };
+        let no_space = base_failed(&image, full);
+        assert!(matches!(no_space, ImageError::NoSpace { .. }), "{no_space}");
+        assert!(!no_space.is_permanent());
+        assert!(no_space.to_string().contains("only 1 MiB are free"));
+
+        let other = BaseError::Layer {
+            image: "demo".into(),
+            message: "layer x: corrupt".into(),
+        };
+        let build = base_failed(&image, other);
+        assert!(matches!(build, ImageError::Build { .. }) && !build.is_permanent());
+    }
 }

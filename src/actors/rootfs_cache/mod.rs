@@ -94,6 +94,25 @@ pub enum ImageError {
         /// What went wrong.
         message: String,
     },
+    /// The image breaks a configured limit (its layers, their size, its entries); the
+    /// message names the key and the figures. Asking again cannot help until the
+    /// configuration changes.
+    #[error("{message}")]
+    Refused {
+        /// The image.
+        image: String,
+        /// Which limit, and by how much.
+        message: String,
+    },
+    /// The disk has too little free space for the pull or the build; the message gives
+    /// the figures. It may succeed once space is freed.
+    #[error("{message}")]
+    NoSpace {
+        /// The image.
+        image: String,
+        /// Free, needed and kept free.
+        message: String,
+    },
     /// The image's source, or the image asked to be removed, does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -114,12 +133,14 @@ pub enum ImageError {
 }
 
 impl ImageError {
-    /// True when asking again cannot help a machine: the image does not exist. A build
-    /// that failed for any other reason (a registry outage, a full disk) may succeed later.
+    /// True when asking again cannot help a machine: the image does not exist, or breaks
+    /// a configured limit. A build that failed for any other reason (a registry outage, a
+    /// full disk) may succeed later.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ImageError::NotFound(_) => true,
-            ImageError::Build { .. }
+            ImageError::NotFound(_) | ImageError::Refused { .. } => true,
+            ImageError::NoSpace { .. }
+            | ImageError::Build { .. }
             | ImageError::InUse { .. }
             | ImageError::Busy(_)
             | ImageError::Host(_) => false,

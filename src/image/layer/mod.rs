@@ -14,9 +14,11 @@
 //! path (a directory over a directory merges), and whiteouts delete from lower layers. The
 //! rules that keep every write inside the root are the ones plain root file system
 //! archives follow (see `place`), which is why `tarball` unpacks through the same loop.
-//! Limits are on the uncompressed stream, summed over all the layers of one image through
-//! a [`LayerBudget`], so a compression bomb stops at the configured size, naming the entry
-//! it was in.
+//! Limits are on the uncompressed stream and on the number of entries, summed over all the
+//! layers of one image through a [`LayerBudget`], so a compression bomb stops at the
+//! configured size and a flood of tiny files at the configured count, naming the entry it
+//! was in. What unpacking keeps in memory per entry (its path, for whiteouts and directory
+//! times) is bounded by `place::MAX_PATH`, so the entry limit bounds the memory too.
 
 mod meter;
 mod place;
@@ -33,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 #[cfg(test)]
 pub(crate) use place::{check_symlink_target, ensure_parent, existing_inside, relative_path};
-pub(crate) use unpack::{Failure, Kind, unpack};
+pub(crate) use unpack::{EntryBudget, Failure, Kind, unpack};
 
 pub(crate) use meter::Meter;
 
@@ -76,25 +78,39 @@ pub struct LayerLimits {
     /// Uncompressed bytes all the layers of one image may hold in total: the tar streams
     /// as they come out of decompression (file contents, headers and padding).
     pub max_bytes: u64,
+    /// Entries all the layers of one image may hold in total: every tar entry read
+    /// (whiteouts included) and every directory created because an entry's parent was
+    /// missing. The tree built therefore never has more files than this.
+    pub max_entries: u64,
 }
 
-/// The running total of uncompressed bytes for one image, carried from one layer to the
-/// next so the limit holds for the image rather than for each layer.
+/// The running totals of uncompressed bytes and entries for one image, carried from one
+/// layer to the next so the limits hold for the image rather than for each layer.
 #[derive(Debug, Clone)]
 pub struct LayerBudget {
     limits: LayerLimits,
     used: u64,
+    entries: u64,
 }
 
 impl LayerBudget {
     /// A budget with nothing used yet.
     pub fn new(limits: LayerLimits) -> LayerBudget {
-        LayerBudget { limits, used: 0 }
+        LayerBudget {
+            limits,
+            used: 0,
+            entries: 0,
+        }
     }
 
     /// Uncompressed bytes read so far, over every layer applied with this budget.
     pub fn used(&self) -> u64 {
         self.used
+    }
+
+    /// Entries counted so far, over every layer applied with this budget.
+    pub fn entries(&self) -> u64 {
+        self.entries
     }
 
     /// The limits this budget enforces.
@@ -183,7 +199,7 @@ pub enum LayerError {
     /// The image's uncompressed bytes went over [`LayerLimits::max_bytes`] while this entry
     /// was being read: a compression bomb, or an image larger than allowed.
     #[error(
-        "layer {layer}: entry `{entry}` refused: the image goes over its limit of {limit} uncompressed bytes"
+        "layer {layer}: entry `{entry}` refused: the image goes over its limit of {limit} uncompressed bytes (images.max_image_mib)"
     )]
     TooLarge {
         /// The layer.
@@ -193,9 +209,35 @@ pub enum LayerError {
         /// The limit, in bytes.
         limit: u64,
     },
+    /// The image's entries went over [`LayerLimits::max_entries`] at this entry: millions
+    /// of tiny files, or an image larger than allowed.
+    #[error(
+        "layer {layer}: entry `{entry}` refused: the image has more than {limit} entries (images.max_entries)"
+    )]
+    TooManyEntries {
+        /// The layer.
+        layer: String,
+        /// The entry that went over.
+        entry: String,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl LayerError {
+    /// Whether the image breaks one of the configured limits ([`LayerLimits`]): it can
+    /// never be applied with these settings, however often it is tried.
+    pub fn is_over_limit(&self) -> bool {
+        match self {
+            LayerError::TooLarge { .. } | LayerError::TooManyEntries { .. } => true,
+            LayerError::Open { .. }
+            | LayerError::Read { .. }
+            | LayerError::Refused { .. }
+            | LayerError::Unsupported { .. }
+            | LayerError::Write { .. } => false,
+        }
+    }
+
     fn from_failure(layer: &str, failure: Failure) -> LayerError {
         let layer = layer.to_string();
         match failure {
@@ -227,12 +269,18 @@ impl LayerError {
                 entry,
                 limit,
             },
+            Failure::TooManyEntries { entry, limit } => LayerError::TooManyEntries {
+                layer,
+                entry,
+                limit,
+            },
         }
     }
 }
 
 /// Applies the layer blob at `layer` (labelled `label` in errors) onto `root`, over the
-/// layers applied there before it, counting its uncompressed bytes against `budget`.
+/// layers applied there before it, counting its uncompressed bytes and its entries against
+/// `budget`.
 /// Layers must be applied in the order the manifest lists them, onto the same root, with
 /// the same budget.
 ///
@@ -273,19 +321,28 @@ pub fn apply_layer_from(
     budget: &mut LayerBudget,
 ) -> Result<LayerStats, LayerError> {
     let meter = Meter::new(budget.used, budget.limits.max_bytes);
+    let mut entries = EntryBudget::new(budget.entries, budget.limits.max_entries);
     let before = budget.used;
     let reader = BufReader::with_capacity(1 << 20, blob);
     let result = match compression {
-        Compression::None => unpack(reader, root, Kind::Layer, &meter),
+        Compression::None => unpack(reader, root, Kind::Layer, &meter, &mut entries),
         Compression::Gzip => unpack(
             flate2::read::MultiGzDecoder::new(reader),
             root,
             Kind::Layer,
             &meter,
+            &mut entries,
         ),
-        Compression::Zstd => unpack(zstd::ZstdReader::new(reader), root, Kind::Layer, &meter),
+        Compression::Zstd => unpack(
+            zstd::ZstdReader::new(reader),
+            root,
+            Kind::Layer,
+            &meter,
+            &mut entries,
+        ),
     };
     budget.used = meter.used();
+    budget.entries = entries.used();
     let counts = result.map_err(|failure| LayerError::from_failure(label, failure))?;
     Ok(LayerStats {
         entries: counts.entries,

@@ -13,15 +13,39 @@ use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, CWD, Mode, Timespec, Timestamps, XattrFlags};
 
-use super::unpack::Failure;
+use super::unpack::{EntryBudget, Failure};
+
+/// Longest entry path or hard link target accepted, in bytes (Linux's `PATH_MAX`). The
+/// tar format lets a name run to megabytes (GNU long names, PAX records), and unpacking
+/// keeps the path of every entry of a layer in memory, so this bound times the entry
+/// limit bounds that memory. No real root file system has a path this long.
+pub(crate) const MAX_PATH: usize = 4096;
+
+/// Longest single name in a path, in bytes (`NAME_MAX`: no Linux file system stores more).
+pub(crate) const MAX_NAME: usize = 255;
+
+/// Longest symlink target accepted, in bytes: what ext4 (and the kernel, `PATH_MAX` less
+/// its terminating NUL) can store.
+pub(crate) const MAX_LINK_TARGET: usize = MAX_PATH - 1;
 
 /// The entry path as a relative path of plain names; `None` for the root itself (`./`).
 /// Absolute paths and `..` are refused rather than rewritten: an archive that has them
 /// was not made as a root file system, and guessing what it meant is worse than saying so.
+/// Paths over [`MAX_PATH`] bytes, or with a name over [`MAX_NAME`], are refused too.
 pub(crate) fn relative_path(raw: &Path) -> Result<Option<PathBuf>, String> {
+    let len = raw.as_os_str().len();
+    if len > MAX_PATH {
+        return Err(format!("path is {len} bytes, over the limit of {MAX_PATH}"));
+    }
     let mut rel = PathBuf::new();
     for part in raw.components() {
         match part {
+            Component::Normal(name) if name.len() > MAX_NAME => {
+                return Err(format!(
+                    "a name in the path is {} bytes, over the limit of {MAX_NAME}",
+                    name.len()
+                ));
+            }
             Component::Normal(name) => rel.push(name),
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
@@ -36,6 +60,12 @@ pub(crate) fn relative_path(raw: &Path) -> Result<Option<PathBuf>, String> {
 pub(crate) fn check_symlink_target(link: &Path, target: &Path) -> Result<(), String> {
     if target.as_os_str().is_empty() {
         return Err("symlink with an empty target".into());
+    }
+    let len = target.as_os_str().len();
+    if len > MAX_LINK_TARGET {
+        return Err(format!(
+            "symlink target is {len} bytes, over the limit of {MAX_LINK_TARGET}"
+        ));
     }
     if target.is_absolute() {
         return Ok(());
@@ -89,8 +119,14 @@ pub(crate) fn check_parents(root: &Path, rel: &Path, entry: &str) -> Result<Pare
 }
 
 /// Makes sure every parent of `rel` under `root` is a real directory, creating missing
-/// ones. A parent that is a symlink or a file is refused: following it could leave the root.
-pub(crate) fn ensure_parent(root: &Path, rel: &Path, entry: &str) -> Result<(), Failure> {
+/// ones, each taken from `budget` first. A parent that is a symlink or a file is refused:
+/// following it could leave the root.
+pub(crate) fn ensure_parent(
+    root: &Path,
+    rel: &Path,
+    entry: &str,
+    budget: &mut EntryBudget,
+) -> Result<(), Failure> {
     let mut at = root.to_path_buf();
     let Some(parent) = rel.parent() else {
         return Ok(());
@@ -112,6 +148,7 @@ pub(crate) fn ensure_parent(root: &Path, rel: &Path, entry: &str) -> Result<(), 
                 ));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                budget.take(entry)?;
                 std::fs::create_dir(&at)
                     .map_err(|source| Failure::write(entry, "create directory", &at, source))?;
             }

@@ -138,6 +138,13 @@ impl Scratch {
     }
 
     fn with_limit(max_bytes: u64) -> Scratch {
+        Self::with_limits(LayerLimits {
+            max_bytes,
+            max_entries: 1_000_000,
+        })
+    }
+
+    fn with_limits(limits: LayerLimits) -> Scratch {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let outside = dir.path().join("outside");
@@ -151,7 +158,7 @@ impl Scratch {
             root,
             outside,
             blobs,
-            budget: LayerBudget::new(LayerLimits { max_bytes }),
+            budget: LayerBudget::new(limits),
             applied: 0,
         }
     }
@@ -685,4 +692,122 @@ fn corrupt_or_mislabelled_layers_are_read_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("sha256:missing"), "{err}");
+}
+
+/// Every name under `root` (the root itself not included), never following a symlink.
+fn count_names(root: &Path) -> u64 {
+    let mut count = 0;
+    for entry in std::fs::read_dir(root).unwrap() {
+        let entry = entry.unwrap();
+        count += 1;
+        if entry.file_type().unwrap().is_dir() {
+            count += count_names(&entry.path());
+        }
+    }
+    count
+}
+
+#[test]
+fn the_entry_limit_holds_over_all_the_layers_of_an_image() {
+    let mut s = Scratch::with_limits(LayerLimits {
+        max_bytes: GIB,
+        max_entries: 10,
+    });
+    let mut first = Layer::new().dir("d");
+    for i in 0..5 {
+        first = first.file(&format!("d/f{i}"), "x");
+    }
+    let stats = s.apply(&first.tar(), Compression::None).unwrap();
+    assert_eq!((stats.entries, s.budget.entries()), (6, 6));
+    // Four more fit exactly (a whiteout counts like any entry)...
+    let second = Layer::new()
+        .file("g0", "x")
+        .file("g1", "x")
+        .file("g2", "x")
+        .raw(tar::EntryType::Regular, "d/.wh.f0", "");
+    s.apply(&second.tar(), Compression::None).unwrap();
+    assert_eq!(s.budget.entries(), 10);
+    // ...and the next one, in any later layer, goes over, named with the key and limit.
+    let err = s
+        .apply(&Layer::new().file("h", "x").gzip(), Compression::Gzip)
+        .unwrap_err();
+    assert!(
+        matches!(&err, LayerError::TooManyEntries { entry, limit: 10, .. } if entry == "h"),
+        "{err:?}"
+    );
+    assert!(err.is_over_limit());
+    let message = err.to_string();
+    assert!(
+        message.contains("images.max_entries") && message.contains("10"),
+        "{message}"
+    );
+    assert!(!s.exists("h"), "the entry over the limit is not created");
+    assert!(count_names(&s.root) <= 10);
+}
+
+#[test]
+fn directories_made_for_missing_parents_count_as_entries() {
+    let mut s = Scratch::with_limits(LayerLimits {
+        max_bytes: GIB,
+        max_entries: 20,
+    });
+    // One entry two hundred directories deep: the tree would have 201 names for 1 entry.
+    let deep = vec!["d"; 200].join("/") + "/f";
+    let h = Layer::header(tar::EntryType::Regular, 0o644);
+    let layer = Layer::new().with(h, &deep, b"x");
+    let err = s.apply(&layer.tar(), Compression::None).unwrap_err();
+    assert!(
+        matches!(&err, LayerError::TooManyEntries { limit: 20, .. }),
+        "{err:?}"
+    );
+    assert!(count_names(&s.root) <= 20, "{}", count_names(&s.root));
+}
+
+#[test]
+fn overlong_paths_names_and_link_targets_are_refused() {
+    let long_name = "n".repeat(place::MAX_NAME + 1);
+    let long_path = vec!["p"; place::MAX_PATH / 2 + 1].join("/");
+    let long_target = "t/".repeat(place::MAX_LINK_TARGET / 2 + 1);
+    let cases: Vec<(Layer, &str)> = vec![
+        (Layer::new().file(&long_name, "x"), "255"),
+        (Layer::new().file(&long_path, "x"), "4096"),
+        (Layer::new().symlink("link", &long_target), "4095"),
+        (
+            Layer::new().file("a", "x").hard_link("b", &long_path),
+            "4096",
+        ),
+    ];
+    for (layer, limit) in cases {
+        let mut s = Scratch::new();
+        let err = s.apply(&layer.tar(), Compression::None).unwrap_err();
+        let (entry, reason) = refused(&err);
+        assert!(reason.contains(limit), "{reason}");
+        assert!(
+            entry.len() <= 512,
+            "the quoted name is bounded: {} bytes",
+            entry.len()
+        );
+        assert!(err.to_string().len() < 2048, "{err}");
+        s.assert_outside_untouched();
+    }
+    // At the limits exactly, all is well.
+    let mut s = Scratch::new();
+    let name = "n".repeat(place::MAX_NAME);
+    s.apply(&Layer::new().file(&name, "x").tar(), Compression::None)
+        .unwrap();
+    assert!(s.exists(&name));
+}
+
+#[test]
+fn a_megabyte_name_is_quoted_short_and_inert_in_errors() {
+    // A GNU long name of 1 MiB with a terminal escape in it, on an entry refused for its
+    // length: the error must not carry the megabyte, nor the escape as is.
+    let name = format!("\x1b]0;owned\x07{}", "a".repeat(1 << 20));
+    let mut s = Scratch::new();
+    let err = s
+        .apply(&Layer::new().file(&name, "x").tar(), Compression::None)
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.len() < 2048, "{} bytes", message.len());
+    assert!(!message.contains('\x1b'), "{message}");
 }

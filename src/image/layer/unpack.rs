@@ -71,7 +71,58 @@ pub(crate) enum Failure {
         /// The budget, in bytes.
         limit: u64,
     },
+    /// The entries (and the directories made for them) went over the budget at this entry.
+    #[error("entry `{entry}` goes over the limit of {limit} entries")]
+    TooManyEntries {
+        /// The entry that went over.
+        entry: String,
+        /// The budget, in entries.
+        limit: u64,
+    },
 }
+
+/// The running count of entries of one image against its limit: every entry read and
+/// every directory created for an entry whose parent was missing, so the tree never has
+/// more files than the limit and what unpacking remembers per file stays bounded.
+#[derive(Debug)]
+pub(crate) struct EntryBudget {
+    used: u64,
+    limit: u64,
+}
+
+impl EntryBudget {
+    /// A budget of `limit` entries of which `used` are taken already (earlier layers).
+    pub(crate) fn new(used: u64, limit: u64) -> EntryBudget {
+        EntryBudget { used, limit }
+    }
+
+    /// No limit.
+    #[cfg(test)]
+    pub(crate) fn unlimited() -> EntryBudget {
+        EntryBudget::new(0, u64::MAX)
+    }
+
+    /// Entries taken so far, those before this budget was made included.
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Takes one entry for `entry`, refused once the limit is reached.
+    pub(crate) fn take(&mut self, entry: &str) -> Result<(), Failure> {
+        if self.used >= self.limit {
+            return Err(Failure::TooManyEntries {
+                entry: entry.to_string(),
+                limit: self.limit,
+            });
+        }
+        self.used += 1;
+        Ok(())
+    }
+}
+
+/// Most bytes of an entry name quoted in an error: a name may be megabytes long (a GNU
+/// long name) and hold control characters, and errors end up in records and terminals.
+const MAX_QUOTED_NAME: usize = 512;
 
 impl Failure {
     pub(crate) fn refused(entry: &str, reason: String) -> Failure {
@@ -116,18 +167,26 @@ struct PendingDir {
 }
 
 /// Unpacks the (decompressed) tar stream `reader` into `root`, counting every byte read
-/// through `meter`, whose limit stops a bomb. Reads the stream to its end so the meter's
-/// digest covers all of it. On error `root` holds a partial tree.
+/// through `meter`, whose limit stops a bomb, and every entry against `budget`, whose
+/// limit stops a flood of tiny files. Reads the stream to its end so the meter's digest
+/// covers all of it. On error `root` holds a partial tree.
 pub(crate) fn unpack(
     reader: impl Read,
     root: &Path,
     kind: Kind,
     meter: &Meter,
+    budget: &mut EntryBudget,
 ) -> Result<Counts, Failure> {
     let mut archive = tar::Archive::new(Metered::new(reader, meter));
     let mut counts = Counts::default();
-    let mut written = Written::default();
-    let mut dirs: Vec<PendingDir> = Vec::new();
+    let mut cx = Placing {
+        root,
+        kind,
+        meter,
+        budget,
+        written: Written::default(),
+        dirs: Vec::new(),
+    };
     let mut previous: Option<String> = None;
     // Where a failure in the parser's own reads happened: between entries.
     let between = |previous: &Option<String>| match previous {
@@ -143,21 +202,16 @@ pub(crate) fn unpack(
         meter.reading_header(false);
         let Some(entry) = next else { break };
         let mut entry = entry.map_err(|e| read_failure(meter, between(&previous), e))?;
-        let name = entry
-            .path()
-            .map_err(|e| read_failure(meter, between(&previous), e))?
-            .display()
-            .to_string();
-        let placed = place_entry(
-            &mut entry,
-            &name,
-            root,
-            kind,
-            &mut written,
-            &mut dirs,
-            meter,
-        )
-        .map_err(|e| match e {
+        let name = crate::text::bounded_printable(
+            &entry
+                .path()
+                .map_err(|e| read_failure(meter, between(&previous), e))?
+                .display()
+                .to_string(),
+            MAX_QUOTED_NAME,
+        );
+        cx.budget.take(&name)?;
+        let placed = place_entry(&mut entry, &name, &mut cx).map_err(|e| match e {
             Step::Read(source) => read_failure(meter, name.clone(), source),
             Step::Failed(failure) => failure,
         })?;
@@ -174,7 +228,7 @@ pub(crate) fn unpack(
         previous = Some(name);
     }
     // Children first, so setting a parent's time is the last change inside it.
-    for dir in dirs.into_iter().rev() {
+    for dir in cx.dirs.into_iter().rev() {
         // A later entry of the same archive may have replaced the directory.
         match std::fs::symlink_metadata(&dir.path) {
             Ok(meta) if meta.is_dir() => {}
@@ -233,15 +287,23 @@ impl From<Failure> for Step {
     }
 }
 
+/// What placing an entry needs besides the entry: where and how, and what the archive
+/// has done so far.
+struct Placing<'a> {
+    root: &'a Path,
+    kind: Kind,
+    meter: &'a Meter,
+    budget: &'a mut EntryBudget,
+    written: Written,
+    dirs: Vec<PendingDir>,
+}
+
 fn place_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     name: &str,
-    root: &Path,
-    kind: Kind,
-    written: &mut Written,
-    dirs: &mut Vec<PendingDir>,
-    meter: &Meter,
+    cx: &mut Placing<'_>,
 ) -> Result<Placed, Step> {
+    let (root, kind, meter) = (cx.root, cx.kind, cx.meter);
     let tar_kind = entry.header().entry_type();
     if tar_kind.is_pax_global_extensions() || tar_kind.is_pax_local_extensions() {
         return Ok(Placed::Other);
@@ -256,11 +318,11 @@ fn place_entry<R: Read>(
         match whiteout::classify(&rel).map_err(|reason| Failure::refused(name, reason))? {
             None => {}
             Some(Whiteout::Remove(target)) => {
-                whiteout::remove(root, &target, written, name)?;
+                whiteout::remove(root, &target, &cx.written, name)?;
                 return Ok(Placed::Whiteout);
             }
             Some(Whiteout::Opaque(dir)) => {
-                whiteout::make_opaque(root, &dir, written, name)?;
+                whiteout::make_opaque(root, &dir, &mut cx.written, name, cx.budget)?;
                 return Ok(Placed::Opaque);
             }
             Some(Whiteout::Reserved) => return Ok(Placed::Other),
@@ -276,8 +338,8 @@ fn place_entry<R: Read>(
         .map_err(Step::Read)?
         .map(|l| l.into_owned());
     let xattrs = xattrs(entry).map_err(Step::Read)?;
-    place::ensure_parent(root, &rel, name)?;
-    written.insert(&rel);
+    place::ensure_parent(root, &rel, name, cx.budget)?;
+    cx.written.insert(&rel);
     let dst = root.join(&rel);
     let w = |what: &'static str| {
         let dst = dst.clone();
@@ -292,7 +354,7 @@ fn place_entry<R: Read>(
             }
             place::set_owner(&dst, uid, gid).map_err(w("chown"))?;
             place::set_xattrs(&dst, &xattrs).map_err(w("set xattr"))?;
-            dirs.push(PendingDir {
+            cx.dirs.push(PendingDir {
                 path: dst,
                 entry: name.to_string(),
                 mode,
@@ -326,7 +388,13 @@ fn place_entry<R: Read>(
             let src = place::existing_inside(root, &target).map_err(|reason| {
                 Failure::refused(
                     name,
-                    format!("hard link target `{}`: {reason}", target.display()),
+                    format!(
+                        "hard link target `{}`: {reason}",
+                        crate::text::bounded_printable(
+                            &target.display().to_string(),
+                            MAX_QUOTED_NAME
+                        )
+                    ),
                 )
             })?;
             std::fs::hard_link(&src, &dst).map_err(w("hard link"))?;

@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::place::{self, Parents};
-use super::unpack::Failure;
+use super::unpack::{EntryBudget, Failure};
 
 const PREFIX: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
@@ -107,9 +107,10 @@ pub(crate) fn make_opaque(
     rel: &Path,
     written: &mut Written,
     entry: &str,
+    budget: &mut EntryBudget,
 ) -> Result<(), Failure> {
     // The marker's own path: its parents are exactly the directory and those above it.
-    place::ensure_parent(root, &rel.join(OsStr::from_bytes(OPAQUE)), entry)?;
+    place::ensure_parent(root, &rel.join(OsStr::from_bytes(OPAQUE)), entry, budget)?;
     written.insert(rel);
     prune(root, rel, written, entry)
 }

@@ -6,6 +6,7 @@
 //!    |  pull (async, oci-client)                  https unless the registry is listed insecure
 //!    v
 //! manifest (index -> linux/amd64) -> layers + config blobs
+//!    |  limits (layer count, each layer, their sum) and free space, before any download
 //!    |  each blob: reuse <blob_dir>/sha256/<hex> if its digest verifies,
 //!    |  else download -> temp name -> verify size + sha256 -> rename
 //!    v
@@ -32,4 +33,6 @@ pub use layout::LayoutError;
 pub use pull::{MAX_CONFIG_BYTES, PullError, pull, pull_unless_built};
 pub use pulled::{BuiltFor, FetchStats, Layer, LayerCompression, Progress, PulledImage};
 pub use reference::{OciRef, OciRefError};
-pub use settings::{DEFAULT_MAX_LAYER_BYTES, RegistrySettings};
+pub use settings::{
+    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_LAYER_BYTES, DEFAULT_MAX_LAYERS, RegistrySettings,
+};

@@ -1,7 +1,8 @@
 //! Pulling an image from an OCI distribution registry into the blob directory with
-//! `oci-client`: resolve the manifest (an index picks linux/amd64), check every layer
-//! against policy before downloading anything, then fetch the blobs that are not
-//! already present, verifying size and sha256 before they get their final name.
+//! `oci-client`: resolve the manifest (an index picks linux/amd64), check the layers
+//! against policy (their count, each one's size, their sum) and the blob directory's free
+//! space before downloading anything, then fetch the blobs that are not already present,
+//! verifying size and sha256 before they get their final name.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use super::config::{ConfigError, ImageConfig};
 use super::pulled::{BuiltFor, FetchStats, Layer, Progress, PulledImage, compression_of};
 use super::reference::OciRef;
 use super::settings::RegistrySettings;
+use crate::image::space::SpaceError;
 
 /// Largest config blob accepted. Real configs are a few KiB (history included); the
 /// limit only stops a hostile registry from filling memory, since configs are parsed
@@ -138,7 +140,7 @@ pub enum PullError {
     },
     /// A layer larger than `max_layer_bytes`, refused before download.
     #[error(
-        "pulling {reference}: layer {digest} is {size} bytes, over the limit of {max} bytes (max_layer_bytes)"
+        "pulling {reference}: layer {digest} is {size} bytes, over the limit of {max} bytes (images.max_layer_mib)"
     )]
     LayerTooLarge {
         /// The image being pulled.
@@ -149,6 +151,44 @@ pub enum PullError {
         size: u64,
         /// The configured limit.
         max: u64,
+    },
+    /// A manifest with more layers than `max_layers`, refused before download.
+    #[error(
+        "pulling {reference}: manifest {manifest} has {layers} layers, over the limit of {max} (images.max_layers)"
+    )]
+    TooManyLayers {
+        /// The image being pulled.
+        reference: String,
+        /// The manifest digest.
+        manifest: String,
+        /// How many layers it lists.
+        layers: u64,
+        /// The configured limit.
+        max: u64,
+    },
+    /// A manifest whose layers declare more bytes together than `max_image_bytes`,
+    /// refused before download.
+    #[error(
+        "pulling {reference}: manifest {manifest} declares {total} bytes of compressed layers, over the image limit of {max} bytes (images.max_image_mib)"
+    )]
+    ImageTooLarge {
+        /// The image being pulled.
+        reference: String,
+        /// The manifest digest.
+        manifest: String,
+        /// The sum of the layers' declared sizes.
+        total: u64,
+        /// The configured limit.
+        max: u64,
+    },
+    /// The blob directory's file system has too little free space for the blobs still to
+    /// be downloaded (plus the reserve), checked before any download.
+    #[error("pulling {reference}: {source}")]
+    NoSpace {
+        /// The image being pulled.
+        reference: String,
+        /// The figures.
+        source: SpaceError,
     },
     /// A config blob larger than [`MAX_CONFIG_BYTES`].
     #[error(
@@ -243,6 +283,29 @@ pub enum PullError {
 }
 
 impl PullError {
+    /// Whether the image breaks a configured (or built-in) limit, found on its manifest
+    /// before any download: pulling it again cannot succeed with the same settings.
+    pub fn is_over_limit(&self) -> bool {
+        matches!(
+            self,
+            PullError::LayerTooLarge { .. }
+                | PullError::TooManyLayers { .. }
+                | PullError::ImageTooLarge { .. }
+                | PullError::ConfigTooLarge { .. }
+        )
+    }
+
+    /// Whether the pull was refused for want of free space, which may be freed later.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            PullError::NoSpace {
+                source: SpaceError::TooLittle { .. },
+                ..
+            }
+        )
+    }
+
     /// Whether the registry could not be reached (connection, TLS, timeout, a broken
     /// transfer), as opposed to a registry that answered with a refusal or a bad image.
     pub fn is_unreachable(&self) -> bool {
@@ -301,8 +364,11 @@ enum Fetched {
 /// layer (see [`Progress`]); it must be cheap, as it runs on the download task.
 ///
 /// Plain HTTP is used only when the registry is listed in `settings.insecure`; basic
-/// auth only when `settings.auth` names the registry. Every layer is checked against
-/// `settings.max_layer_bytes` and the supported media types before any download starts.
+/// auth only when `settings.auth` names the registry. Before any download starts, the
+/// manifest is checked against `settings.max_layers`, every layer against
+/// `settings.max_layer_bytes` and the supported media types, the layers' declared sum
+/// against `settings.max_image_bytes`, and the blob directory's file system must have
+/// the blobs still missing there free, plus `settings.space`'s reserve.
 ///
 /// Idempotent: a blob already present under its final name is verified (size, then
 /// sha256) and reused; a corrupt one is replaced. A file only gets its final name after
@@ -358,10 +424,31 @@ pub async fn pull_unless_built(
             max: MAX_CONFIG_BYTES,
         });
     }
+    let skip_layers = built(&manifest_digest);
+    let mut wanted = vec![(&manifest.config, config_size)];
+    if !skip_layers {
+        wanted.extend(manifest.layers.iter().zip(layer_sizes.iter().copied()));
+    }
+    let to_download = missing_bytes(&ctx, &wanted).await?;
+    settings
+        .space
+        .require(&dir, "downloading the image's blobs", to_download)
+        .map_err(|source| match source {
+            SpaceError::Statvfs { path, source } => PullError::Io {
+                reference: ctx.reference.clone(),
+                digest: "-".to_string(),
+                path,
+                source,
+            },
+            source @ SpaceError::TooLittle { .. } => PullError::NoSpace {
+                reference: ctx.reference.clone(),
+                source,
+            },
+        })?;
     let (config_path, fetched) = fetch_blob(&ctx, &manifest.config, config_size, false).await?;
     count(&mut stats, &fetched);
     let config = read_config(&ctx, &manifest.config.digest, &config_path).await?;
-    if built(&manifest_digest) {
+    if skip_layers {
         let layers = manifest
             .layers
             .iter()
@@ -579,6 +666,15 @@ fn check_manifest(
         reference: ctx.reference.clone(),
         source,
     })?;
+    let layers = u64::try_from(manifest.layers.len()).unwrap_or(u64::MAX);
+    if layers > settings.max_layers {
+        return Err(PullError::TooManyLayers {
+            reference: ctx.reference.clone(),
+            manifest: manifest_digest.to_string(),
+            layers,
+            max: settings.max_layers,
+        });
+    }
     let mut sizes = Vec::with_capacity(manifest.layers.len());
     for layer in &manifest.layers {
         sha256_hex(&layer.digest).map_err(|source| PullError::BlobName {
@@ -603,7 +699,38 @@ fn check_manifest(
         }
         sizes.push(size);
     }
+    let total = sizes
+        .iter()
+        .fold(0u64, |sum, &size| sum.saturating_add(size));
+    if total > settings.max_image_bytes {
+        return Err(PullError::ImageTooLarge {
+            reference: ctx.reference.clone(),
+            manifest: manifest_digest.to_string(),
+            total,
+            max: settings.max_image_bytes,
+        });
+    }
     Ok(sizes)
+}
+
+/// The bytes of `wanted` blobs (descriptor, declared size) not in the blob directory at
+/// their declared size: what the pull will download. A blob present at the right size
+/// may still fail its digest check and be fetched again; the reserve covers that.
+async fn missing_bytes(ctx: &Ctx<'_>, wanted: &[(&OciDescriptor, u64)]) -> Result<u64, PullError> {
+    let mut total = 0u64;
+    for (desc, size) in wanted {
+        let path = blob_path(ctx.blob_dir, &desc.digest).map_err(|source| PullError::BlobName {
+            reference: ctx.reference.clone(),
+            source,
+        })?;
+        let present = tokio::fs::metadata(&path)
+            .await
+            .is_ok_and(|meta| meta.is_file() && meta.len() == *size);
+        if !present {
+            total = total.saturating_add(*size);
+        }
+    }
+    Ok(total)
 }
 
 fn declared_size(ctx: &Ctx<'_>, desc: &OciDescriptor) -> Result<u64, PullError> {
