@@ -15,6 +15,8 @@
 //! exit-hints           sends thousands of Exited events unasked, without reading, then
 //!                      counts the host's Status requests, then listens and says Ready
 //! claims-exited        says its workload exited before it was ready
+//! reboot-after SECS    listens, says Ready, and SECS seconds later reboots the machine
+//!                      (as `echo b > /proc/sysrq-trigger` would): each boot does it again
 //! ```
 //!
 //! The console (the serial log the host keeps) gets a few `hostile-guest:` lines the test
@@ -72,6 +74,7 @@ enum Mode {
     ReadyEarly { listen_after: Option<Duration> },
     ExitHints,
     ClaimsExited,
+    RebootAfter(Duration),
 }
 
 impl Mode {
@@ -92,6 +95,13 @@ impl Mode {
             }
             "exit-hints" => Ok(Mode::ExitHints),
             "claims-exited" => Ok(Mode::ClaimsExited),
+            "reboot-after" => {
+                let secs = word(2);
+                Ok(Mode::RebootAfter(Duration::from_secs(
+                    secs.parse()
+                        .map_err(|_| format!("reboot-after: {secs:?}"))?,
+                )))
+            }
             other => Err(format!("unknown mode {other:?}")),
         }
     }
@@ -130,6 +140,19 @@ fn run() -> Result<Infallible, String> {
             let ports = config.ports.clone();
             std::thread::spawn(move || listen(&ports));
             exit_hints(&mut port)?;
+            say_ready(&mut port)?;
+            serve(&mut port, ready())
+        }
+        Mode::RebootAfter(after) => {
+            let ports = config.ports.clone();
+            std::thread::spawn(move || listen(&ports));
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                say("rebooting");
+                // No sync, no goodbye: the machine just goes, as a kernel panic or a
+                // sysrq reboot would have it.
+                let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            });
             say_ready(&mut port)?;
             serve(&mut port, ready())
         }

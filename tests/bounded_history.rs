@@ -76,7 +76,12 @@ async fn a_guest_rebooting_in_a_loop_is_backed_off_then_failed_with_its_events_c
     println!("restart waits after crashes 1 and 2: {waits:?}");
     assert!(waits[0] >= Duration::from_millis(400), "{waits:?}");
     assert!(waits[1] >= Duration::from_millis(800), "{waits:?}");
-    let machine = wait_for(&mut client, &created.id, pb::MachineState::Failed).await;
+    // Failed, and done releasing what it held (its last events are those releases).
+    let machine =
+        support::wait_machine_until(&mut client, &created.id, Duration::from_secs(60), |m| {
+            m.state == pb::MachineState::Failed as i32 && m.current_step.is_empty()
+        })
+        .await;
     assert!(
         machine.failure.contains("3 times") && machine.failure.contains("guest.max_restarts"),
         "{}",

@@ -48,6 +48,11 @@ fn hostile_init() -> PathBuf {
 /// A daemon booting the hostile init, one boot attempt per machine; `None` after a loud
 /// skip message when the host cannot run the case.
 fn hostile_daemon(case: &str) -> Option<Daemon> {
+    hostile_daemon_with(case, "", "")
+}
+
+/// [`hostile_daemon`] with `guest` added to its `[guest]` table and `rest` after it.
+fn hostile_daemon_with(case: &str, guest: &str, rest: &str) -> Option<Daemon> {
     support::guest_prereqs::guest_prereqs("hostile_guest")?;
     let init = hostile_init();
     if !init.is_file() {
@@ -62,7 +67,7 @@ fn hostile_daemon(case: &str) -> Option<Daemon> {
         return None;
     }
     Some(Daemon::start_with(&format!(
-        "[guest]\ninit_binary = \"{}\"\nready_timeout_secs = {READY_TIMEOUT_SECS}\nboot_attempts = 1\nstop_grace_secs = 2\n",
+        "[guest]\ninit_binary = \"{}\"\nready_timeout_secs = {READY_TIMEOUT_SECS}\nboot_attempts = 1\nstop_grace_secs = 2\n{guest}{rest}",
         init.display()
     )))
 }
@@ -117,8 +122,8 @@ struct Watcher {
 
 impl Watcher {
     async fn start(daemon: &Daemon) -> Watcher {
-        let pid = daemon_pid(daemon).expect("the daemon's pid");
-        let rss_start_kib = rss_kib(pid).expect("the daemon's RSS");
+        let pid = daemon.pid().expect("the daemon's pid");
+        let rss_start_kib = support::rss_kib(pid).expect("the daemon's RSS");
         let mut client = daemon.client().await;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
@@ -139,7 +144,7 @@ impl Watcher {
                         .push(clock.elapsed().as_secs_f64() * 1000.0),
                     Err(_) => samples.failures += 1,
                 }
-                if let Some(kib) = rss_kib(pid) {
+                if let Some(kib) = support::rss_kib(pid) {
                     samples.rss_kib.push((std::time::Instant::now(), kib));
                 }
             }
@@ -164,7 +169,7 @@ impl Watcher {
             })
             .await;
         }
-        self.rss_booted_kib = rss_kib(self.pid).expect("the daemon's RSS");
+        self.rss_booted_kib = support::rss_kib(self.pid).expect("the daemon's RSS");
         self.booted_at = std::time::Instant::now();
     }
 
@@ -213,36 +218,6 @@ impl Watcher {
             self.rss_booted_kib
         );
     }
-}
-
-/// The daemon's own pid: the hearthd process started with this daemon's config.
-fn daemon_pid(daemon: &Daemon) -> Option<i32> {
-    let config = daemon.dir.path().join("hearthd.toml");
-    let needle = config.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|b| *b == 0);
-            let program = String::from_utf8_lossy(args.next()?).into_owned();
-            let has_config = args.any(|a| a == needle.as_bytes());
-            (program.ends_with("hearthd") && has_config).then_some(pid)
-        })
-}
-
-/// VmRSS of `pid`, in KiB.
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The error of the machine's last `ready` acquire.
@@ -499,4 +474,78 @@ async fn fake_exits_are_only_hints_and_a_claimed_exit_fails_the_boot() {
 
     watcher.finish("fake-exited").await;
     clean_up(&daemon, &mut client, &[&hints.id, &exited.id]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_rebooting_itself_in_a_loop_is_backed_off_then_failed_with_its_events_capped() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(daemon) = hostile_daemon_with(
+        "reboot-loop",
+        "max_restarts = 2\nrestart_backoff_ms = 400\nrestart_backoff_max_ms = 800\n",
+        "[store]\nevents_first = 4\nevents_last = 8\n",
+    ) else {
+        return;
+    };
+    let mut client = daemon.client().await;
+    let mut watcher = Watcher::start(&daemon).await;
+    // Ready, serving its port, and one second later the machine reboots itself; every
+    // boot after the backoff does the same.
+    let looper = create(
+        &mut client,
+        hostile_request("looper", &["reboot-after", "1"], &[80]),
+    )
+    .await;
+    watcher.booting(&mut client, &[&looper.id]).await;
+    let failed =
+        support::wait_machine_until(&mut client, &looper.id, Duration::from_secs(180), |m| {
+            // Failed, and done releasing what it held.
+            m.state == pb::MachineState::Failed as i32 && m.current_step.is_empty()
+        })
+        .await;
+    println!("reboot-loop: {}", failed.failure);
+    assert!(
+        failed.failure.contains("3 times") && failed.failure.contains("guest.max_restarts"),
+        "{}",
+        failed.failure
+    );
+    assert_inert(&failed.failure);
+    assert_eq!(failed.vmm_pid, 0, "a failed machine keeps no VMM");
+    // The history kept its first 4 and last 8 events of the many the loop made.
+    let mut replay = support::watch_machine(&mut client, &looper.id, 0).await;
+    support::destroy(&mut client, &looper.id).await;
+    let mut kept = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), replay.message())
+            .await
+            .unwrap_or_else(|_| panic!("no destroy in the history: {kept:#?}"))
+            .expect("event stream")
+            .expect("stream open");
+        if event.message.starts_with("desired state: destroyed") {
+            break;
+        }
+        kept.push(event);
+    }
+    let seqs: Vec<u64> = kept.iter().map(|e| e.seq).collect();
+    println!(
+        "reboot-loop: {} events kept of {}",
+        kept.len(),
+        seqs.last().copied().unwrap_or(0)
+    );
+    assert_eq!(kept.len(), 12, "{kept:#?}");
+    assert_eq!(kept[0].message, "created");
+    assert!(seqs[4] > seqs[3] + 1, "the middle was dropped: {seqs:?}");
+    // The end is kept: the failure and the releases after it.
+    assert!(
+        kept.iter()
+            .any(|e| e.message.starts_with("failed: the guest stopped 3 times")),
+        "{kept:#?}"
+    );
+    assert!(
+        kept.last()
+            .is_some_and(|e| e.message.starts_with("release ")),
+        "{kept:#?}"
+    );
+
+    watcher.finish("reboot-loop").await;
+    clean_up(&daemon, &mut client, &[]).await;
 }

@@ -407,8 +407,7 @@ fn apply_decision(rec: &mut MachineRecord, decision: &Decision) -> Vec<String> {
             rec.state = decision.state;
             messages.push(if crashed {
                 format!(
-                    "the VMM is gone after the guest was ready (crash {} on record); it \
-                     will be started again after a backoff",
+                    "the VMM is gone after the guest was ready (crash {} on record)",
                     rec.crashes.len()
                 )
             } else {

@@ -148,11 +148,7 @@ impl Daemon {
 
     /// The daemon's resident memory in KiB (`VmRSS`), while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        rss_kib(self.pid()?)
     }
 
     /// SIGKILLs the process.
@@ -686,4 +682,14 @@ pub async fn create_started(
     assert!(reply.reached, "did not start: {}", started.failure);
     destroy(client, &machine.id).await;
     (ms, started)
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS`), while it runs.
+#[allow(dead_code)]
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
