@@ -12,6 +12,7 @@ pub mod config;
 pub mod elf;
 pub mod failpoints;
 pub mod guest;
+pub mod heap;
 pub mod image;
 pub mod machine;
 pub mod net;

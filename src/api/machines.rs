@@ -473,7 +473,10 @@ async fn replay(
     }
 }
 
-/// A stream fed by a task through a bounded channel; the task ends when the client goes.
+/// A stream fed by a task through a bounded channel; the task ends when the client goes,
+/// at once, even while it waits for something else (a quiet machine's next event may
+/// never come: a task that learnt of the client's leaving only by sending would be kept
+/// forever, and a caller opening and dropping streams would pile them up).
 pub fn async_stream<T, F, Fut>(producer: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
 where
     T: Send + 'static,
@@ -481,6 +484,55 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(producer(tx));
+    let watch = tx.clone();
+    let produce = producer(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = produce => {}
+            () = watch.closed() => {}
+        }
+    });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// Tells when it is dropped, with the producer holding it.
+    struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_producer_waiting_on_nothing_ends_when_the_client_goes() {
+        let (told, dropped) = tokio::sync::oneshot::channel();
+        let guard = Dropped(Some(told));
+        let stream = async_stream(move |_tx: tokio::sync::mpsc::Sender<u32>| async move {
+            let _guard = guard;
+            // Waits for an event that never comes, never sending.
+            std::future::pending::<()>().await;
+        });
+        drop(stream);
+        tokio::time::timeout(std::time::Duration::from_secs(10), dropped)
+            .await
+            .expect("the producer ended")
+            .expect("dropped, not leaked");
+    }
+
+    #[tokio::test]
+    async fn a_finished_producer_ends_the_stream() {
+        use tokio_stream::StreamExt;
+        let stream = async_stream(|tx| async move {
+            let _ = tx.send(7u32).await;
+        });
+        let items: Vec<u32> = stream.collect().await;
+        assert_eq!(items, vec![7]);
+    }
 }

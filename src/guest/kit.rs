@@ -161,7 +161,10 @@ impl GuestKit {
         if kit.vmlinux.is_file() && kit.initramfs.is_file() {
             return Ok(kit);
         }
-        build_entry(source, &vmlinuz, &kit, cache_dir)?;
+        let built = build_entry(source, &vmlinuz, &kit, cache_dir);
+        // The decompressed kernel was tens of MiB, now free.
+        crate::heap::give_back();
+        built?;
         Ok(kit)
     }
 }

@@ -721,12 +721,20 @@ impl Store {
     }
 }
 
+/// The most memory redb may use to cache the file's pages (its default is 1 GiB, which
+/// a long-running daemon's RSS would grow towards). Holds the hot set of thousands of
+/// records; colder pages are read from the page cache of the kernel.
+const CACHE_BYTES: usize = 8 << 20;
+
 /// Opens (or creates) the file, creates missing tables, checks the schema version and
 /// builds the derived tables when the file's are missing or from another version.
 fn open_db(path: &Path, patience: std::time::Duration) -> Result<Database, StoreError> {
     let deadline = std::time::Instant::now() + patience;
     let db = loop {
-        match Database::create(path) {
+        match redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+        {
             Ok(db) => break db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen)
                 if std::time::Instant::now() < deadline =>

@@ -144,6 +144,9 @@ impl LogKeepers {
         {
             return;
         }
+        // Forget the keepers that ended, so the map holds the machines running now, not
+        // every machine this daemon ever ran.
+        running.retain(|_, task| !task.is_finished());
         let id = spec.machine_id.clone();
         let task = tokio::spawn(keep(spec, alive));
         running.insert(id, task);

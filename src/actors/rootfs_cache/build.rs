@@ -106,8 +106,9 @@ async fn build_local(args: Arc<RootfsArgs>, image: ImageRef, watchers: Watchers)
         // The identity is taken before hashing: a source changed while it is hashed is
         // seen as changed next time.
         let identity = super::source_identity(&args.bases, &task_image);
-        let base = args.bases.ensure_base(&task_image)?;
-        Ok::<_, crate::image::BaseError>((identity, base))
+        let base = args.bases.ensure_base(&task_image);
+        crate::heap::give_back();
+        Ok::<_, crate::image::BaseError>((identity, base?))
     })
     .await
     .map_err(|e| failed(&image, format!("base build task: {e}")))?
@@ -256,10 +257,13 @@ async fn build_pulled(
     let manifest_digest = pulled.manifest_digest.clone();
     let (base, made, config) = tokio::task::spawn_blocking(move || {
         let phase = |p: String| watchers.emit(PullEvent::Phase(p));
-        task_args
-            .bases
-            .ensure_oci_base(&name, &pulled, task_args.max_image_bytes, &phase)
-            .map(|(base, made): (Base, bool)| (base, made, pulled.config))
+        let base =
+            task_args
+                .bases
+                .ensure_oci_base(&name, &pulled, task_args.max_image_bytes, &phase);
+        // Unpacking held layer buffers and the tree's entries, now free.
+        crate::heap::give_back();
+        base.map(|(base, made): (Base, bool)| (base, made, pulled.config))
     })
     .await
     .map_err(|e| failed(&image, format!("base build task: {e}")))?

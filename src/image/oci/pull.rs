@@ -538,6 +538,9 @@ fn connect<'a>(
 /// remembers the first authentication it made for a registry).
 type ClientKey = (String, bool, Option<(String, String)>);
 
+/// Registry clients kept at once (a host pulls from a handful).
+const MAX_CLIENTS: usize = 32;
+
 /// One client per registry, scheme and credentials for the life of the process:
 /// building one loads the TLS roots (about 10 ms here, more than resolving a manifest on
 /// loopback), and a kept client also keeps its connections and tokens.
@@ -569,6 +572,11 @@ fn client_for(
     };
     let client = Client::try_from(config)?;
     if let Ok(mut clients) = clients.lock() {
+        // Callers name the registries: past the bound, start over rather than keep one
+        // client (and its connections) for every registry ever named.
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
         clients.insert(key, client.clone());
     }
     Ok(client)
