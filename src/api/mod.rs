@@ -2,6 +2,7 @@
 //! validate, record the desired change in one commit, wake the machine's run and return;
 //! they never do host work.
 
+pub mod authority;
 pub mod convert;
 pub mod images;
 pub mod machines;

@@ -1,11 +1,16 @@
 //! Serving the API on a Unix socket (mode 0600: only the daemon's user may call it).
+//! Each connection is read through [`super::authority::Normalised`], so clients that send
+//! the socket's path as `:authority` (gRPC's C core, Java) work with default settings.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ractor::ActorRef;
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use super::authority::Normalised;
 
 use super::images::Images;
 use super::machines::Machines;
@@ -47,6 +52,9 @@ pub async fn serve(
         .add_service(NodeServiceServer::new(Node::new(services.clone())))
         .add_service(ImageServiceServer::new(Images))
         .add_service(RegistryServiceServer::new(Registry::new(services)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|conn| conn.map(Normalised::new)),
+            shutdown,
+        )
         .await
 }
