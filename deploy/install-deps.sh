@@ -6,7 +6,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (hearthd manages network namespaces, taps and VMMs)" >&2
   exit 1
 fi
-packages=(e2fsprogs busybox-static docker-registry iproute2 nftables qemu-system-x86 xfsprogs)
+packages=(e2fsprogs busybox-static docker-registry iproute2 nftables qemu-system-x86 xfsprogs python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,4 +41,11 @@ fi
 # kernel where Firecracker itself cannot boot guests. Built from crates.io (~1 min).
 if ! command -v vhost-device-vsock >/dev/null && [ ! -x /usr/local/bin/vhost-device-vsock ]; then
   cargo install vhost-device-vsock --version 0.3.0 --locked --root /usr/local
+fi
+# A control plane that is not Rust: Python's grpcio (gRPC's C core) and grpcio-tools from
+# PyPI, in a venv of their own, for tests/python_client.rs (HEARTH_PY_VENV puts it elsewhere).
+py_venv=${HEARTH_PY_VENV:-/opt/hearth/python}
+if ! "$py_venv/bin/python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  python3 -m venv "$py_venv"
+  "$py_venv/bin/pip" install -q grpcio grpcio-tools
 fi
