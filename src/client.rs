@@ -25,6 +25,18 @@ pub struct Client {
 
 /// Connects to the daemon listening on `socket`.
 pub async fn connect(socket: impl Into<PathBuf>) -> Result<Client, tonic::transport::Error> {
+    let channel = channel(socket).await?;
+    Ok(Client {
+        machines: MachineServiceClient::new(channel.clone()),
+        node: NodeServiceClient::new(channel.clone()),
+        registry: RegistryServiceClient::new(channel.clone()),
+        images: ImageServiceClient::new(channel),
+    })
+}
+
+/// A channel to the daemon listening on `socket`, for any service it serves (health and
+/// reflection too).
+pub async fn channel(socket: impl Into<PathBuf>) -> Result<Channel, tonic::transport::Error> {
     let socket = socket.into();
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = Endpoint::from_static("http://hearthd.local")
@@ -36,10 +48,5 @@ pub async fn connect(socket: impl Into<PathBuf>) -> Result<Client, tonic::transp
             }
         }))
         .await?;
-    Ok(Client {
-        machines: MachineServiceClient::new(channel.clone()),
-        node: NodeServiceClient::new(channel.clone()),
-        registry: RegistryServiceClient::new(channel.clone()),
-        images: ImageServiceClient::new(channel),
-    })
+    Ok(channel)
 }

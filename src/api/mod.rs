@@ -11,6 +11,10 @@ pub mod registry;
 pub mod server;
 pub mod status;
 
+/// The API's encoded protobuf descriptors, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
+
 /// Generated protobuf and gRPC code.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {

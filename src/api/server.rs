@@ -37,14 +37,45 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Why the API could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service could not read the descriptors built in.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     services: Services,
     supervisor: ActorRef<SupervisorMsg>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
+    // grpc.health.v1: the daemon and each service SERVING while it listens.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MachineServiceServer<Machines>>().await;
+    health.set_serving::<NodeServiceServer<Node>>().await;
+    health.set_serving::<ImageServiceServer<Images>>().await;
+    health
+        .set_serving::<RegistryServiceServer<Registry>>()
+        .await;
+    // Server reflection (v1 and the older v1alpha that some tools still ask), so
+    // grpcurl-style tools can list and call the services without the .proto files.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(super::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(MachineServiceServer::new(Machines::new(
             services.clone(),
             supervisor,
@@ -56,5 +87,6 @@ pub async fn serve(
             UnixListenerStream::new(listener).map(|conn| conn.map(Normalised::new)),
             shutdown,
         )
-        .await
+        .await?;
+    Ok(())
 }
