@@ -258,3 +258,28 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     assert_clean(&support::audit(&mut client).await);
     daemon.assert_no_host_leftovers();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_stops_quietly_when_its_output_pipe_closes() {
+    let daemon = Daemon::start_with("");
+    let _ = daemon.client().await;
+    // `hearth node audit | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("--socket")
+        .arg(daemon.dir.path().join("api.sock"))
+        .args(["node", "audit"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run hearth");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{:?} {:?}: {stderr}",
+        out.status.code(),
+        out.status.signal()
+    );
+    assert!(stderr.is_empty(), "quiet, not a panic: {stderr}");
+}

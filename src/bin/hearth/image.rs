@@ -66,7 +66,7 @@ fn ago(unix: u64) -> String {
 fn print_images(json_out: bool, images: &[pb::Image]) {
     if json_out {
         let all: Vec<_> = images.iter().map(image_json).collect();
-        println!("{}", serde_json::Value::Array(all));
+        outln!("{}", serde_json::Value::Array(all));
         return;
     }
     let mut table = Table::new();
@@ -88,7 +88,7 @@ fn print_images(json_out: bool, images: &[pb::Image]) {
             i.machines.join(", "),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
 }
 
 /// The terminal display of one pull: a bar per layer under a phase spinner.
@@ -163,13 +163,13 @@ async fn pull(client: &mut Client, json_out: bool, image: String) -> Result<(), 
                 };
                 if json_out {
                     match &event {
-                        Event::Phase(p) => println!("{}", json!({"phase": p})),
-                        Event::Layer(l) => println!(
+                        Event::Phase(p) => outln!("{}", json!({"phase": p})),
+                        Event::Layer(l) => outln!(
                             "{}",
                             json!({"layer": l.digest, "done_bytes": l.done_bytes,
                                 "total_bytes": l.total_bytes, "cached": l.cached})
                         ),
-                        Event::Image(i) => println!("{}", json!({"image": image_json(i)})),
+                        Event::Image(i) => outln!("{}", json!({"image": image_json(i)})),
                     }
                 }
                 if let Some(display) = display.as_mut() {
@@ -229,7 +229,7 @@ pub async fn run(
                 .map_err(status)?
                 .into_inner();
             if json_out {
-                println!(
+                outln!(
                     "{}",
                     json!({
                         "removed": pruned.removed.iter().map(image_json).collect::<Vec<_>>(),
@@ -242,7 +242,7 @@ pub async fn run(
                 if !pruned.removed.is_empty() {
                     print_images(false, &pruned.removed);
                 }
-                println!(
+                outln!(
                     "{} bases and {} blobs removed, {} MiB freed{}",
                     pruned.removed.len(),
                     pruned.blobs_removed,

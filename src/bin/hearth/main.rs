@@ -1,6 +1,18 @@
 //! hearth: the operator's CLI. Talks to hearthd over its Unix socket; prints tables for
 //! people and `--json` for scripts.
 
+/// `println!` for the CLI's output: when the reader of stdout has gone (`hearth node
+/// audit | head -2`), the CLI stops quietly with success instead of panicking; any other
+/// failure to write is reported and exits 1.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output_failed(e);
+        }
+    }};
+}
+
 mod image;
 
 use hearth::text::printable;
@@ -171,7 +183,7 @@ fn machine_json(m: &pb::Machine) -> serde_json::Value {
 fn print_machines(json_out: bool, machines: &[pb::Machine]) {
     if json_out {
         let all: Vec<_> = machines.iter().map(machine_json).collect();
-        println!("{}", serde_json::Value::Array(all));
+        outln!("{}", serde_json::Value::Array(all));
         return;
     }
     let mut table = Table::new();
@@ -190,18 +202,18 @@ fn print_machines(json_out: bool, machines: &[pb::Machine]) {
             },
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
 }
 
 fn print_machine(json_out: bool, m: &pb::Machine) {
     if json_out {
-        println!("{}", machine_json(m));
+        outln!("{}", machine_json(m));
         return;
     }
     print_machines(false, std::slice::from_ref(m));
     if !m.failure.is_empty() {
         // Failures can quote the guest (its error, its console): shown, never obeyed.
-        println!("failure: {}", printable(&m.failure));
+        outln!("failure: {}", printable(&m.failure));
     }
     let mut table = Table::new();
     table.set_header(["STEP", "DIRECTION", "MS", "OUTCOME"]);
@@ -213,7 +225,7 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
             printable(&t.outcome),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
 }
 
 fn kind_name(value: i32) -> String {
@@ -232,7 +244,7 @@ fn finding_json(f: &pb::AuditFinding) -> serde_json::Value {
 
 fn print_audit(json_out: bool, report: &pb::AuditReport) {
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({
                 "leaks": report.leaks.iter().map(finding_json).collect::<Vec<_>>(),
@@ -244,10 +256,10 @@ fn print_audit(json_out: bool, report: &pb::AuditReport) {
     }
     for (title, findings) in [("leaks", &report.leaks), ("missing", &report.missing)] {
         if findings.is_empty() {
-            println!("{title}: none");
+            outln!("{title}: none");
             continue;
         }
-        println!("{title}: {}", findings.len());
+        outln!("{title}: {}", findings.len());
         let mut table = Table::new();
         table.set_header(["KIND", "NAME", "MACHINE", "WHY"]);
         for f in findings.iter() {
@@ -258,9 +270,9 @@ fn print_audit(json_out: bool, report: &pb::AuditReport) {
                 f.why.clone(),
             ]);
         }
-        println!("{table}");
+        outln!("{table}");
     }
-    println!(
+    outln!(
         "{} machine records compared in {:.1} ms",
         report.machines,
         report.duration_us as f64 / 1000.0
@@ -295,7 +307,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!(
+            outln!(
                 "{}",
                 json!({"version": n.version, "vcpus_total": n.vcpus_total, "vcpus_used": n.vcpus_used,
                     "memory_mib_total": n.memory_mib_total, "memory_mib_used": n.memory_mib_used,
@@ -444,13 +456,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     .into_inner();
                 while let Some(event) = stream.message().await.map_err(status)? {
                     if cli.json {
-                        println!(
+                        outln!(
                             "{}",
                             json!({"seq": event.seq, "machine_id": event.machine_id, "at_ms": event.at_ms,
                                 "state": state_name(event.state), "message": event.message})
                         );
                     } else {
-                        println!(
+                        outln!(
                             "{:>6} {} {:<10} {}",
                             event.seq,
                             event.machine_id,
@@ -484,4 +496,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ends the CLI after a write to stdout failed (see `outln!`).
+fn output_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("hearth: writing the output: {e}");
+    std::process::exit(1);
 }
