@@ -36,6 +36,8 @@ struct Inner {
     singleton_restarts: AtomicU64,
     events: broadcast::Sender<MachineEvent>,
     routes: broadcast::Sender<RouteChange>,
+    /// True once the daemon is stopping: streams and waits end, so the API can close.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Capacity of the broadcast channels: a watcher that falls this far behind is told it
@@ -68,8 +70,20 @@ impl Services {
                 singleton_restarts: AtomicU64::new(0),
                 events,
                 routes,
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
         }
+    }
+
+    /// Marks the daemon as stopping: open streams and waits of the API end with
+    /// UNAVAILABLE (machines are untouched). Idempotent.
+    pub fn begin_shutdown(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    /// Watches for [`Services::begin_shutdown`].
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.stopping.subscribe()
     }
 
     /// Makes sure the log keeper of machine `id`, whose VMM is `process`, runs (see

@@ -21,7 +21,16 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(3600);
 const CATALOG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The image API.
-pub struct Images;
+pub struct Images {
+    /// Turns true when the daemon stops (ends pull progress streams).
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Images {
+    pub fn new(stopping: tokio::sync::watch::Receiver<bool>) -> Images {
+        Images { stopping }
+    }
+}
 
 type PullStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PullImageProgress, Status>> + Send>>;
@@ -47,7 +56,7 @@ impl ImageService for Images {
         crate::machine::spec::check_image_field("image", &field).map_err(ApiError::Spec)?;
         let image = ImageRef::parse(&field).map_err(ApiError::ImageField)?;
         image.check_available().map_err(ApiError::ImageField)?;
-        let stream = async_stream(move |tx| async move {
+        let stream = async_stream(self.stopping.clone(), move |tx| async move {
             let (progress, mut events) = tokio::sync::mpsc::unbounded_channel();
             let build = tokio::spawn(ask(
                 names::ROOTFS_CACHE,

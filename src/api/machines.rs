@@ -361,6 +361,8 @@ impl MachineService for Machines {
         let timeout = Duration::from_millis(u64::from(req.timeout_ms)).min(MAX_WAIT);
         // Subscribe before reading, so no change between the read and the wait is missed.
         let mut events = self.services.subscribe_events();
+        // A stopping daemon answers at once rather than hold its shutdown for the wait.
+        let mut stopping = self.services.stopping();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let rec = self.get(&req.id)?;
@@ -378,7 +380,13 @@ impl MachineService for Machines {
                 }));
             }
             loop {
-                match tokio::time::timeout_at(deadline, events.recv()).await {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, events.recv()) => next,
+                    _ = stopping.wait_for(|stopping| *stopping) => {
+                        return Err(Status::unavailable(SHUTTING_DOWN));
+                    }
+                };
+                match next {
                     Err(_) => {
                         let rec = self.get(&req.id)?;
                         return Ok(Response::new(pb::WaitMachineResponse {
@@ -389,7 +397,7 @@ impl MachineService for Machines {
                     Ok(Ok(event)) if event.machine_id != req.id => continue,
                     Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => break,
                     Ok(Err(RecvError::Closed)) => {
-                        return Err(Status::unavailable("the daemon is shutting down"));
+                        return Err(Status::unavailable(SHUTTING_DOWN));
                     }
                 }
             }
@@ -409,7 +417,7 @@ impl MachineService for Machines {
         }
         let mut live = self.services.subscribe_events();
         let services = self.services.clone();
-        let stream = async_stream(move |tx| async move {
+        let stream = async_stream(self.services.stopping(), move |tx| async move {
             let mut last = req.after_seq;
             if !replay(&services, filter.as_deref(), &mut last, &tx).await {
                 return;
@@ -473,14 +481,19 @@ async fn replay(
     }
 }
 
-/// A stream fed by a task through a bounded channel; the task ends when the client goes,
+/// A stream fed by a task through a bounded channel. The task ends when the client goes,
 /// at once, even while it waits for something else (a quiet machine's next event may
 /// never come: a task that learnt of the client's leaving only by sending would be kept
-/// forever, and a caller opening and dropping streams would pile them up).
-pub fn async_stream<T, F, Fut>(producer: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+/// forever, and a caller opening and dropping streams would pile them up). When the
+/// daemon stops (`stop` turns true), the caller is told so with UNAVAILABLE and the
+/// stream ends, so the server can close without waiting for every watcher to leave.
+pub fn async_stream<U, F, Fut>(
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    producer: F,
+) -> Pin<Box<dyn Stream<Item = Result<U, Status>> + Send>>
 where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    U: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<U, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -490,10 +503,23 @@ where
         tokio::select! {
             () = produce => {}
             () = watch.closed() => {}
+            () = async {
+                // (Or the sender is gone: the daemon is going too.)
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            } => {
+                let goodbye = Status::unavailable(SHUTTING_DOWN);
+                let _ = tokio::time::timeout(GOODBYE_WAIT, watch.send(Err(goodbye))).await;
+            }
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
+
+/// What a stream or a wait hears when the daemon stops.
+pub const SHUTTING_DOWN: &str =
+    "the daemon is shutting down (machines keep running); call again once it is back";
+/// How long a stopping daemon tries to tell a slow reader why its stream ends.
+const GOODBYE_WAIT: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod stream_tests {
@@ -514,11 +540,15 @@ mod stream_tests {
     async fn a_producer_waiting_on_nothing_ends_when_the_client_goes() {
         let (told, dropped) = tokio::sync::oneshot::channel();
         let guard = Dropped(Some(told));
-        let stream = async_stream(move |_tx: tokio::sync::mpsc::Sender<u32>| async move {
-            let _guard = guard;
-            // Waits for an event that never comes, never sending.
-            std::future::pending::<()>().await;
-        });
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let stream = async_stream(
+            stopping,
+            move |_tx: tokio::sync::mpsc::Sender<Result<u32, Status>>| async move {
+                let _guard = guard;
+                // Waits for an event that never comes, never sending.
+                std::future::pending::<()>().await;
+            },
+        );
         drop(stream);
         tokio::time::timeout(std::time::Duration::from_secs(10), dropped)
             .await
@@ -529,10 +559,30 @@ mod stream_tests {
     #[tokio::test]
     async fn a_finished_producer_ends_the_stream() {
         use tokio_stream::StreamExt;
-        let stream = async_stream(|tx| async move {
-            let _ = tx.send(7u32).await;
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let stream = async_stream(stopping, |tx| async move {
+            let _ = tx.send(Ok(7u32)).await;
         });
-        let items: Vec<u32> = stream.collect().await;
+        let items: Vec<u32> = stream.map(|i| i.expect("an item")).collect().await;
         assert_eq!(items, vec![7]);
+    }
+
+    #[tokio::test]
+    async fn a_stopping_daemon_ends_a_waiting_stream_with_unavailable() {
+        use tokio_stream::StreamExt;
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut stream = async_stream(stopping, |tx| async move {
+            let _ = tx.send(Ok(1u32)).await;
+            std::future::pending::<()>().await;
+        });
+        assert_eq!(stream.next().await.map(|i| i.expect("ok")), Some(1));
+        stop.send_replace(true);
+        let last = stream
+            .next()
+            .await
+            .expect("a goodbye")
+            .expect_err("an error");
+        assert_eq!(last.code(), tonic::Code::Unavailable);
+        assert!(stream.next().await.is_none(), "the stream ends");
     }
 }

@@ -46,7 +46,7 @@ impl RegistryService for Registry {
         // Subscribe first, then snapshot: a change in between is seen twice, never lost.
         let mut live = self.services.subscribe_routes();
         let snapshot = self.services.store().routes().map_err(ApiError::from)?;
-        let stream = async_stream(move |tx| async move {
+        let stream = async_stream(self.services.stopping(), move |tx| async move {
             for route in snapshot {
                 let change = convert::route_change(&RouteChange::Published(route));
                 if tx.send(Ok(change)).await.is_err() {

@@ -81,7 +81,7 @@ pub async fn serve(
             supervisor,
         )))
         .add_service(NodeServiceServer::new(Node::new(services.clone())))
-        .add_service(ImageServiceServer::new(Images))
+        .add_service(ImageServiceServer::new(Images::new(services.stopping())))
         .add_service(RegistryServiceServer::new(Registry::new(services)))
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener).map(|conn| conn.map(Normalised::new)),

@@ -20,6 +20,10 @@ use hearth::store::Store;
 use ractor::Actor;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// How long a stopping daemon waits for its API connections to close by themselves
+/// (streams and waits are told to end at once; this bounds a slow or stuck client).
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The hearth worker daemon.
 #[derive(Parser)]
 #[command(version, about)]
@@ -140,16 +144,31 @@ async fn run(args: Args) -> Result<(), String> {
     });
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let shutdown = async move {
+    let stopper = services.clone();
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down; machines keep running");
+        stopper.begin_shutdown();
+    });
+    // The server stops accepting at once; open streams and waits end with UNAVAILABLE
+    // (see `api::machines::async_stream`); a connection still open after the drain is
+    // dropped with the process.
+    let mut stopping = services.stopping();
+    let mut drained = services.stopping();
+    let shutdown = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
     };
-    server::serve(listener, services, supervisor.clone(), shutdown)
-        .await
-        .map_err(|e| format!("api: {e}"))?;
+    let serving = server::serve(listener, services, supervisor.clone(), shutdown);
+    tokio::select! {
+        served = serving => served.map_err(|e| format!("api: {e}"))?,
+        () = async {
+            let _ = drained.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(DRAIN).await;
+        } => tracing::warn!(drain_secs = DRAIN.as_secs_f64(), "connections still open after the drain; closing them"),
+    }
     supervisor.stop(None);
     let _ = supervisor_done.await;
     let _ = std::fs::remove_file(&config.api.socket);
