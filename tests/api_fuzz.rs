@@ -414,6 +414,7 @@ async fn run(client: &mut Client, op: Op, known: &mut Vec<String>, tally: &mut T
                 request_id,
                 name,
                 spec,
+                start: None,
             };
             let made = client.machines.create_machine(request).await;
             if let Some(machine) = tally.answer("create", made) {

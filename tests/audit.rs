@@ -27,6 +27,7 @@ async fn create(client: &mut Client, request_id: &str, name: &str) -> pb::Machin
                 ports: vec![80],
                 ..Default::default()
             }),
+            start: None,
         })
         .await
         .expect("create")

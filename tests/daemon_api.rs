@@ -26,6 +26,7 @@ fn create(
             ports: vec![80],
             ..Default::default()
         }),
+        start: None,
     }
 }
 
@@ -110,6 +111,7 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
                 request_id: "r1".into(),
                 name: "web".into(),
                 spec: None,
+                start: None,
             },
             Code::InvalidArgument,
             "spec.image",

@@ -87,6 +87,7 @@ fn hostile_request(name: &str, mode: &[&str], ports: &[u32]) -> pb::CreateMachin
             command: mode.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }),
+        start: None,
     }
 }
 

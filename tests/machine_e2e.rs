@@ -612,3 +612,56 @@ async fn spec_overrides_reach_the_guest_entrypoint_env_workdir_user_and_disk_siz
     destroy(&mut client, &m.id).await;
     assert_nothing_left(&daemon, std::slice::from_ref(&m.id));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_created_stopped_settles_without_booting_and_starts_later() {
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let mut request = demo_request("cold-1", "later", &[]);
+    request.start = Some(false);
+    let created = client
+        .machines
+        .create_machine(request.clone())
+        .await
+        .expect("create stopped")
+        .into_inner();
+    let stopped = wait_for(&mut client, &created.id, pb::MachineState::Stopped).await;
+    assert_eq!(stopped.vmm_pid, 0, "no VMM for a machine created stopped");
+    assert!(vmm_processes(&created.id).is_empty());
+    assert!(
+        stopped.timings.iter().all(|t| t.step != "vmm"),
+        "the vmm step never ran: {:?}",
+        stopped.timings
+    );
+    // The same request again is the same machine; the same id asking to start is
+    // another request, refused.
+    let again = client
+        .machines
+        .create_machine(request.clone())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(again.id, created.id);
+    let mut started_body = request;
+    started_body.start = None;
+    let refused = client
+        .machines
+        .create_machine(started_body)
+        .await
+        .expect_err("same request id, another body");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("request_id"), "{refused:?}");
+
+    client
+        .machines
+        .start_machine(pb::MachineRef {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("start");
+    let started = wait_for(&mut client, &created.id, pb::MachineState::Started).await;
+    let page = http_get(&started.guest_ip, 80);
+    assert!(page.contains("hearth demo"), "{page}");
+    destroy(&mut client, &created.id).await;
+    assert_nothing_left(&daemon, &[created.id]);
+}

@@ -41,6 +41,7 @@ fn request(request_id: &str, name: &str, image: &str) -> pb::CreateMachineReques
             ports: vec![8080],
             ..Default::default()
         }),
+        start: None,
     }
 }
 

@@ -331,6 +331,7 @@ async fn a_pool_recycles_machines_built_before_its_tag_moved() {
             user: "0:0".into(),
             ..Default::default()
         }),
+        start: None,
     };
     // The tag moves; the pool finds out at its next refill (after a claim), and the
     // machine left from the old manifest is retired, not handed out.

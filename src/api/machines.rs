@@ -70,7 +70,8 @@ impl Machines {
             })?;
         }
         let spec = spec::check_spec(convert::raw_spec(req.spec), &self.limits())?;
-        let body = request_body(&req.name, &spec, &wanted_pool);
+        let start = req.start.unwrap_or(true);
+        let body = request_body(&req.name, &spec, &wanted_pool, start);
         // A retry returns the first call's machine, provided it asks for the same thing
         // (another body under the same request id is refused, naming request_id). It also
         // wakes the machine's run: the first call may have crashed between its commit and
@@ -83,7 +84,12 @@ impl Machines {
             self.wake(&existing.id)?;
             return Ok(existing);
         }
-        if let Some(pool) = self.pool_for(&spec, &wanted_pool)? {
+        // A machine created stopped claims nothing: prepared capacity is booted already.
+        let pool = match start {
+            true => self.pool_for(&spec, &wanted_pool)?,
+            false => None,
+        };
+        if let Some(pool) = pool {
             let claimed = self.services.store().claim_prepared(ClaimRequest {
                 pool: pool.clone(),
                 request_id: req.request_id.clone(),
@@ -130,7 +136,10 @@ impl Machines {
         self.check_disk_room(&spec)?;
         let id =
             spec::new_machine_id().map_err(|e| ApiError::Wake(format!("no randomness: {e}")))?;
-        let rec = MachineRecord::new(id, req.name, req.request_id, spec, now_ms());
+        let mut rec = MachineRecord::new(id, req.name, req.request_id, spec, now_ms());
+        if !start {
+            rec.desired = Desired::Stopped;
+        }
         match self
             .services
             .store()
@@ -261,7 +270,7 @@ impl Machines {
 
 /// The digest of what a create asks for: its name, its normalised spec and the pool it
 /// names. A retry under the same request id must have the same one.
-fn request_body(name: &str, spec: &spec::MachineSpec, pool: &str) -> RequestBody {
+fn request_body(name: &str, spec: &spec::MachineSpec, pool: &str, start: bool) -> RequestBody {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
     // postcard of plain strings and a derived struct cannot fail; an empty encoding would
@@ -269,6 +278,10 @@ fn request_body(name: &str, spec: &spec::MachineSpec, pool: &str) -> RequestBody
     let encoded = postcard::to_stdvec(&(name, spec, pool)).unwrap_or_default();
     hash.update(&encoded);
     hash.update(name.as_bytes());
+    // Only a stopped create adds to it, so bodies recorded before `start` existed match.
+    if !start {
+        hash.update(b"\0start=false");
+    }
     RequestBody(hash.finalize().into())
 }
 

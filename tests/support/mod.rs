@@ -338,6 +338,7 @@ pub fn demo_request(request_id: &str, name: &str, command: &[&str]) -> pb::Creat
             command: command.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }),
+        start: None,
     }
 }
 

@@ -109,6 +109,9 @@ enum MachineCommand {
         /// without it, a create matching a pool's image and shape claims when it can.
         #[arg(long, default_value = "")]
         pool: String,
+        /// Record the machine stopped, without booting it (`machine start` boots it).
+        #[arg(long)]
+        stopped: bool,
         /// The workload (after `--`); empty means the image's default.
         #[arg(last = true)]
         command: Vec<String>,
@@ -336,6 +339,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 user,
                 disk_mib,
                 pool,
+                stopped,
                 command,
             } => {
                 let env = env
@@ -371,6 +375,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         request_id,
                         name,
                         spec: Some(spec),
+                        start: stopped.then_some(false),
                     })
                     .await
                     .map_err(status)?
