@@ -66,6 +66,8 @@ enum NodeCommand {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the biggest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum MachineCommand {
     /// Create and start a machine.
     Create {
