@@ -284,3 +284,90 @@ async fn the_cli_stops_quietly_when_its_output_pipe_closes() {
     );
     assert!(stderr.is_empty(), "quiet, not a panic: {stderr}");
 }
+
+/// Runs `hearth --json doctor --config <config>`: (exit code, verdict and fix by check).
+fn doctor(config: &std::path::Path) -> (i32, Vec<(String, String, String)>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["--json", "doctor", "--config"])
+        .arg(config)
+        .output()
+        .expect("run hearth doctor");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let checks = json
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            let field = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (field("check"), field("verdict"), field("fix"))
+        })
+        .collect();
+    (out.status.code().unwrap_or(-1), checks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_gives_each_prerequisite_a_verdict_and_a_fix() {
+    let daemon = Daemon::start_with("");
+    let _ = daemon.client().await;
+    let config = daemon.dir.path().join("hearthd.toml");
+    let (code, checks) = doctor(&config);
+    let names: Vec<&str> = checks.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "root",
+            "kvm",
+            "vmm",
+            "nftables",
+            "cgroups",
+            "guest kernel",
+            "guest init",
+            "free space",
+            "socket"
+        ]
+    );
+    let verdict = |name: &str| {
+        checks
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, f)| (v.clone(), f.clone()))
+            .expect("the check")
+    };
+    // The daemon this test started answers on the config's socket.
+    assert_eq!(verdict("socket").0, "ok", "{checks:?}");
+    assert_eq!(verdict("nftables").0, "ok", "{checks:?}");
+    assert_eq!(code, 0, "{checks:?}");
+
+    // A kernel directory with no kernel: that check fails, naming the fix, and so does
+    // the command.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let broken = daemon.dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = if text.contains("[guest]") {
+        text.replace(
+            "[guest]",
+            &format!("[guest]\nkernel_dir = \"{}\"", empty.path().display()),
+        )
+    } else {
+        format!(
+            "{text}\n[guest]\nkernel_dir = \"{}\"\n",
+            empty.path().display()
+        )
+    };
+    std::fs::write(&broken, text).expect("write");
+    let (code, checks) = doctor(&broken);
+    let (kernel, fix) = checks
+        .iter()
+        .find(|(n, _, _)| n == "guest kernel")
+        .map(|(_, v, f)| (v.clone(), f.clone()))
+        .expect("the kernel check");
+    assert_eq!(kernel, "FAIL", "{checks:?}");
+    assert!(fix.contains("install-guest-kernel.sh"), "{fix}");
+    assert_eq!(code, 1);
+}

@@ -13,6 +13,7 @@ macro_rules! outln {
     }};
 }
 
+mod doctor;
 mod image;
 
 use hearth::text::printable;
@@ -25,16 +26,15 @@ use hearth::api::pb;
 use hearth::client::{Client, connect};
 use serde_json::json;
 
+/// The socket the CLI calls unless told otherwise (`doctor` reads the config's instead).
+const DEFAULT_SOCKET: &str = "/run/hearth/hearthd.sock";
+
 /// Operate a hearthd.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     /// hearthd's API socket.
-    #[arg(
-        long,
-        env = "HEARTH_SOCKET",
-        default_value = "/run/hearth/hearthd.sock"
-    )]
+    #[arg(long, env = "HEARTH_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -51,6 +51,15 @@ enum Command {
     /// The image cache: pull ahead, list, remove, prune.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Checks what this host needs to run hearthd (KVM or TCG, the VMM, nftables,
+    /// cgroups, the guest kernel and init, free space, the socket), each with a verdict
+    /// and a fix; exits 1 when one fails. Needs no running daemon.
+    Doctor {
+        /// The daemon's config (default: /etc/hearth/hearthd.toml when present, else the
+        /// defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// The host's capacity and usage (and `node audit`).
     Node {
         #[command(subcommand)]
@@ -285,11 +294,16 @@ fn print_audit(json_out: bool, report: &pb::AuditReport) {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Doctor { config } = &cli.command {
+        return doctor::run(&cli.socket, config.as_deref(), cli.json).await;
+    }
     let mut client: Client = connect(&cli.socket)
         .await
         .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?;
     let status = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
     match cli.command {
+        // Answered above, without a connection.
+        Command::Doctor { .. } => {}
         Command::Image(command) => return image::run(&mut client, cli.json, command).await,
         Command::Node {
             command: Some(NodeCommand::Audit),
