@@ -477,6 +477,7 @@ async fn run(client: &mut Client, op: Op, known: &mut Vec<String>, tally: &mut T
                 .watch_events(pb::WatchEventsRequest {
                     machine_id: id_of(&target, known),
                     after_seq,
+                    history_only: false,
                 })
                 .await;
             drain("watch", r, Duration::from_millis(20), tally).await;

@@ -371,3 +371,54 @@ async fn doctor_gives_each_prerequisite_a_verdict_and_a_fix() {
     assert!(fix.contains("install-guest-kernel.sh"), "{fix}");
     assert_eq!(code, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_without_follow_print_the_history_and_end() {
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    // Created stopped: its history is short and settles without a guest.
+    let created = client
+        .machines
+        .create_machine(pb::CreateMachineRequest {
+            start: Some(false),
+            ..support::demo_request("hist-1", "hist", &[])
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    wait_for(&mut client, &created.id, pb::MachineState::Stopped).await;
+    let mut history = client
+        .machines
+        .watch_events(pb::WatchEventsRequest {
+            machine_id: created.id.clone(),
+            after_seq: 0,
+            history_only: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(30), history.message())
+        .await
+        .expect("the history ends by itself")
+        .expect("stream")
+    {
+        seen.push(event.message);
+    }
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("created"),
+        "{seen:?}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("--socket")
+        .arg(daemon.dir.path().join("api.sock"))
+        .args(["machine", "events", &created.id])
+        .output()
+        .expect("run hearth");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("created"), "{printed}");
+    destroy(&mut client, &created.id).await;
+}

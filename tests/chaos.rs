@@ -130,6 +130,7 @@ impl Row {
             .watch_events(pb::WatchEventsRequest {
                 machine_id: id.to_string(),
                 after_seq: 0,
+                history_only: false,
             })
             .await
             .expect("events")

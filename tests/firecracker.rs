@@ -429,6 +429,7 @@ async fn firecrackers_fault_message_reaches_the_machines_events() {
         .watch_events(pb::WatchEventsRequest {
             machine_id: created.id.clone(),
             after_seq: 0,
+            history_only: false,
         })
         .await
         .expect("events")

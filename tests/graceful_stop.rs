@@ -36,6 +36,7 @@ async fn sigterm_with_a_watch_open_exits_and_the_machines_run_on() {
         .watch_events(pb::WatchEventsRequest {
             machine_id: String::new(),
             after_seq: 0,
+            history_only: false,
         })
         .await
         .expect("watch")

@@ -412,6 +412,7 @@ async fn drift_found_at_restart_is_repaired_through_the_normal_steps() {
         .watch_events(pb::WatchEventsRequest {
             machine_id: machine.id.clone(),
             after_seq: 0,
+            history_only: false,
         })
         .await
         .expect("events")
@@ -532,6 +533,7 @@ async fn destroy_during_create_and_stop_during_start_cancel_the_step_in_progress
             .watch_events(pb::WatchEventsRequest {
                 machine_id: m.id.clone(),
                 after_seq: 0,
+                history_only: false,
             })
             .await
             .expect("events")

@@ -432,7 +432,7 @@ impl MachineService for Machines {
         let services = self.services.clone();
         let stream = async_stream(self.services.stopping(), move |tx| async move {
             let mut last = req.after_seq;
-            if !replay(&services, filter.as_deref(), &mut last, &tx).await {
+            if !replay(&services, filter.as_deref(), &mut last, &tx).await || req.history_only {
                 return;
             }
             loop {

@@ -526,6 +526,7 @@ pub async fn watch_machine(
         .watch_events(pb::WatchEventsRequest {
             machine_id: id.into(),
             after_seq,
+            history_only: false,
         })
         .await
         .expect("watch events")

@@ -166,10 +166,14 @@ enum MachineCommand {
         #[arg(long, default_value_t = 120)]
         timeout: u32,
     },
-    /// Follow lifecycle events (of one machine, or all).
+    /// Lifecycle events (of one machine, or all): the recorded history, and with
+    /// `--follow` live events after it.
     Events {
         /// Machine id.
         id: Option<String>,
+        /// Go on with live events after the history, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -465,12 +469,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     return Err(format!("the machine did not reach {state}"));
                 }
             }
-            MachineCommand::Events { id } => {
+            MachineCommand::Events { id, follow } => {
                 let mut stream = client
                     .machines
                     .watch_events(pb::WatchEventsRequest {
                         machine_id: id.unwrap_or_default(),
                         after_seq: 0,
+                        history_only: !follow,
                     })
                     .await
                     .map_err(status)?
