@@ -287,8 +287,10 @@ fn request_body(name: &str, spec: &spec::MachineSpec, pool: &str, start: bool) -
 
 /// MiB available to an unprivileged writer on the filesystem holding `path`.
 fn free_mib(path: &std::path::Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(path).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize) >> 20)
+    let bytes = crate::image::space::FreeSpace::Statvfs
+        .available(path)
+        .ok()?;
+    Some(bytes >> 20)
 }
 
 /// Tells the pool manager about a claim or a miss; it may be restarting, and its

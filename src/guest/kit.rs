@@ -169,8 +169,9 @@ impl GuestKit {
     }
 }
 
-/// The single `boot/vmlinuz-<release>` of the package and its release.
-fn find_kernel_image(kernel_dir: &Path) -> Result<(PathBuf, String), KitError> {
+/// The single `boot/vmlinuz-<release>` of the package and its release (also what `hearth
+/// doctor` looks for).
+pub fn find_kernel_image(kernel_dir: &Path) -> Result<(PathBuf, String), KitError> {
     let boot = kernel_dir.join("boot");
     let rd = fs::read_dir(&boot).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => KitError::NoKernel {

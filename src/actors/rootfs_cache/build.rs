@@ -261,8 +261,10 @@ async fn build_pulled(
             task_args
                 .bases
                 .ensure_oci_base(&name, &pulled, task_args.max_image_bytes, &phase);
-        // Unpacking held layer buffers and the tree's entries, now free.
-        crate::heap::give_back();
+        if matches!(base, Ok((_, true))) {
+            // Unpacking held layer buffers and the tree's entries, now free.
+            crate::heap::give_back();
+        }
         base.map(|(base, made): (Base, bool)| (base, made, pulled.config))
     })
     .await

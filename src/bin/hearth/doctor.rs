@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 use comfy_table::Table;
 use hearth::config::{Config, VmmKind};
+use hearth::image::space::FreeSpace;
 use serde_json::json;
 
 /// A check's outcome.
@@ -20,6 +21,11 @@ enum Verdict {
 }
 
 impl Verdict {
+    /// Ok when `ok`, else `otherwise`.
+    fn of(ok: bool, otherwise: Verdict) -> Verdict {
+        if ok { Verdict::Ok } else { otherwise }
+    }
+
     fn word(self) -> &'static str {
         match self {
             Verdict::Ok => "ok",
@@ -70,7 +76,7 @@ fn root() -> Check {
     let is_root = nix::unistd::geteuid().is_root();
     check(
         "root",
-        if is_root { Verdict::Ok } else { Verdict::Warn },
+        Verdict::of(is_root, Verdict::Warn),
         if is_root {
             "running as root"
         } else {
@@ -88,7 +94,7 @@ fn kvm() -> Check {
         .is_ok();
     check(
         "kvm",
-        if usable { Verdict::Ok } else { Verdict::Warn },
+        Verdict::of(usable, Verdict::Warn),
         if usable {
             "/dev/kvm is usable: guests run with hardware virtualisation"
         } else {
@@ -115,11 +121,7 @@ fn vmm(config: &Config) -> Check {
         let found = find_program(&config.vmm.firecracker_binary);
         return check(
             "vmm",
-            if found.is_some() {
-                Verdict::Ok
-            } else {
-                Verdict::Fail
-            },
+            Verdict::of(found.is_some(), Verdict::Fail),
             match &found {
                 Some(p) => format!("Firecracker at {}", p.display()),
                 None => format!(
@@ -133,11 +135,7 @@ fn vmm(config: &Config) -> Check {
     let found = find_program(&config.vmm.qemu_binary);
     check(
         "vmm",
-        if found.is_some() {
-            Verdict::Ok
-        } else {
-            Verdict::Fail
-        },
+        Verdict::of(found.is_some(), Verdict::Fail),
         match &found {
             Some(p) => format!("QEMU at {}", p.display()),
             None => format!("vmm.qemu_binary {:?} not found", config.vmm.qemu_binary),
@@ -203,23 +201,14 @@ fn cgroups() -> Check {
 }
 
 fn guest_kernel(config: &Config) -> Check {
-    let boot = config.guest.kernel_dir.join("boot");
-    let kernel = std::fs::read_dir(&boot).ok().and_then(|rd| {
-        rd.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-    });
+    // The very lookup the guest kit makes: one vmlinuz-* under boot/.
+    let found = hearth::guest::kit::find_kernel_image(&config.guest.kernel_dir);
     check(
         "guest kernel",
-        if kernel.is_some() {
-            Verdict::Ok
-        } else {
-            Verdict::Fail
-        },
-        match &kernel {
-            Some(p) => p.display().to_string(),
-            None => format!("no vmlinuz-* in {}", boot.display()),
+        Verdict::of(found.is_ok(), Verdict::Fail),
+        match &found {
+            Ok((path, _)) => path.display().to_string(),
+            Err(e) => e.to_string(),
         },
         "bash deploy/install-guest-kernel.sh (or set guest.kernel_dir)",
     )
@@ -249,14 +238,10 @@ fn free_space(config: &Config) -> Check {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let keep = config.capacity.min_free_mib;
-    let (verdict, detail) = match rustix::fs::statvfs(existing) {
-        Ok(st) => {
-            let free = st.f_bavail.saturating_mul(st.f_frsize) >> 20;
-            let verdict = if free > keep {
-                Verdict::Ok
-            } else {
-                Verdict::Fail
-            };
+    let (verdict, detail) = match FreeSpace::Statvfs.available(existing) {
+        Ok(bytes) => {
+            let free = bytes >> 20;
+            let verdict = Verdict::of(free > keep, Verdict::Fail);
             (
                 verdict,
                 format!(
@@ -265,7 +250,7 @@ fn free_space(config: &Config) -> Check {
                 ),
             )
         }
-        Err(e) => (Verdict::Fail, format!("{}: {e}", existing.display())),
+        Err(e) => (Verdict::Fail, e.to_string()),
     };
     check(
         "free space",
