@@ -63,6 +63,39 @@ pub struct Config {
     pub pool_refill_parallel: u32,
     /// How much history the store keeps.
     pub store: StoreConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// The daemon's own log.
+    pub log: LogConfig,
+}
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` serving `GET /metrics` in the text exposition format; empty turns it
+    /// off. Loopback by default: the figures name machines and images.
+    pub listen: String,
+}
+
+/// How the daemon logs (`[log]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (for a terminal) or `json` (one object per line, for a log pipeline). Either
+    /// way, every line of a machine's run names the machine and the step.
+    pub format: LogFormat,
+}
+
+/// The log's line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the spans' fields.
+    Json,
 }
 
 /// The store's bounds (`[store]`): what is kept of a machine's history, and for how long
@@ -114,6 +147,16 @@ pub struct PoolConfig {
 pub struct ApiConfig {
     /// Unix socket path; created with mode 0600.
     pub socket: PathBuf,
+    /// `host:port` of a TCP listener for remote control planes, always with mutual TLS;
+    /// empty (the default) serves the socket only.
+    pub listen: String,
+    /// The server's certificate chain (PEM), for `listen`.
+    pub tls_cert: PathBuf,
+    /// The server's private key (PEM), for `listen`.
+    pub tls_key: PathBuf,
+    /// The CA (PEM) that client certificates must chain to; a client without one is
+    /// refused during the handshake.
+    pub tls_client_ca: PathBuf,
 }
 
 /// Network settings.
@@ -363,6 +406,24 @@ impl Default for Config {
             pools: Vec::new(),
             pool_refill_parallel: 2,
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".to_string(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
         }
     }
 }
@@ -382,6 +443,10 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             socket: PathBuf::from("/run/hearth/hearthd.sock"),
+            listen: String::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
         }
     }
 }
@@ -541,6 +606,7 @@ impl Config {
                 "must be an absolute path".to_string(),
             ));
         }
+        self.validate_listeners()?;
         crate::net::PoolCidr::parse(&self.network.pool)
             .map_err(|e| invalid("network.pool", e.to_string()))?;
         let prefix = &self.network.prefix;
@@ -651,6 +717,41 @@ impl Config {
                 let field = e.field().trim_start_matches("spec.");
                 invalid(key(field), e.to_string())
             })?;
+        }
+        Ok(())
+    }
+
+    /// The TCP listener needs all three TLS files; both addresses must parse.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let address = |key: &str, text: &str| {
+            text.parse::<std::net::SocketAddr>()
+                .map(|_| ())
+                .map_err(|e| invalid(key, format!("{text:?} is not host:port ({e})")))
+        };
+        if !self.metrics.listen.is_empty() {
+            address("metrics.listen", &self.metrics.listen)?;
+        }
+        if self.api.listen.is_empty() {
+            return Ok(());
+        }
+        address("api.listen", &self.api.listen)?;
+        for (key, path) in [
+            ("api.tls_cert", &self.api.tls_cert),
+            ("api.tls_key", &self.api.tls_key),
+            ("api.tls_client_ca", &self.api.tls_client_ca),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "is required with api.listen (TCP is served only with mutual TLS)".into(),
+                ));
+            }
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
         }
         Ok(())
     }
@@ -785,6 +886,38 @@ mod tests {
         let ok = parse(&pool("disk_mib = 512\nmax_age_secs = 60")).expect("valid pool");
         assert_eq!(ok.pools[0].size, 2);
         assert_eq!(ok.pool("web").map(|p| p.disk_mib), Some(512));
+    }
+
+    #[test]
+    fn listeners_name_their_key() {
+        let cases = [
+            ("[api]\nlisten = \"7443\"", "api.listen"),
+            ("[api]\nlisten = \"127.0.0.1:7443\"", "api.tls_cert"),
+            (
+                "[api]\nlisten = \"127.0.0.1:7443\"\ntls_cert = \"/c\"\ntls_key = \"k\"",
+                "api.tls_key",
+            ),
+            (
+                "[api]\nlisten = \"127.0.0.1:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"",
+                "api.tls_client_ca",
+            ),
+            ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("[log]\nformat = \"xml\"", "format"),
+        ];
+        for (text, key) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let ok = parse(
+            "[api]\nlisten = \"[::1]:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_client_ca = \"/ca\"\n[metrics]\nlisten = \"\"\n[log]\nformat = \"json\"",
+        )
+        .expect("valid listeners");
+        assert_eq!(ok.log.format, LogFormat::Json);
+        assert!(ok.metrics.listen.is_empty());
+        assert_eq!(
+            parse("").expect("defaults").metrics.listen,
+            "127.0.0.1:9464"
+        );
     }
 
     #[test]

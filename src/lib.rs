@@ -15,6 +15,7 @@ pub mod guest;
 pub mod heap;
 pub mod image;
 pub mod machine;
+pub mod metrics;
 pub mod net;
 pub mod route;
 pub mod store;

@@ -1,9 +1,12 @@
-//! What a generic gRPC tool sees on hearthd's socket: `grpc.health.v1` answers SERVING for
-//! the daemon and each service, and server reflection lists the four services (and
-//! describes them), so grpcurl-style tools work without the `.proto` files.
+//! What a generic gRPC tool sees on hearthd's socket and on its TCP listener (mutual
+//! TLS): `grpc.health.v1` answers SERVING for the daemon and each service, and server
+//! reflection lists the four services (and describes them), so grpcurl-style tools work
+//! without the `.proto` files. On TCP, a client without a certificate, with one from
+//! another CA, or without TLS at all is refused.
 
 mod support;
 
+use hearth::api::pb;
 use support::Daemon;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -28,7 +31,102 @@ async fn health_serves_and_reflection_lists_the_services() {
     let channel = hearth::client::channel(daemon.dir.path().join("api.sock"))
         .await
         .expect("channel");
+    discover(channel).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_with_mutual_tls_serves_the_same_and_refuses_strangers() {
+    let mut daemon = Daemon::prepare("");
+    let pki = support::tls::Pki::make(&daemon.dir.path().join("pki"));
+    daemon.rewrite_config(|text| support::tls::with_api_keys(text, &pki.api_keys()));
+    daemon.spawn();
+    let mut local = daemon.client().await;
+    let node = support::node(&mut local).await;
+    let port = node
+        .api_address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("GetNode names the TCP listener: {:?}", node.api_address));
+    println!("TCP listener at {}", node.api_address);
+
+    // By name (localhost) and by address (127.0.0.1): both are in the certificate.
+    for url in [
+        format!("https://localhost:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        let channel = hearth::client::channel_tls(&url, &pki.client(false))
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+        let mut remote = hearth::client::Client::over(channel.clone());
+        let answer = support::node(&mut remote).await;
+        assert_eq!(answer.version, node.version);
+        discover(channel).await;
+    }
+
+    let url = format!("https://127.0.0.1:{port}");
+    // A certificate from another CA: the handshake fails, so no call gets through.
+    let refused = |what: &str, outcome: Result<pb::Node, String>| match outcome {
+        Ok(node) => panic!("{what}: answered {node:?}"),
+        Err(e) => println!("{what}: refused: {e}"),
+    };
+    let stranger = call_node(&url, Some(pki.client(true))).await;
+    refused("a client of another CA", stranger);
+    // No certificate at all (the server's CA trusted, TLS otherwise fine).
+    let mut anonymous = pki.client(false);
+    anonymous.cert.clear();
+    anonymous.key.clear();
+    refused(
+        "a client without a certificate",
+        call_node(&url, Some(anonymous)).await,
+    );
+    // Plain HTTP/2 without TLS.
+    refused(
+        "a client without TLS",
+        call_node(&format!("http://127.0.0.1:{port}"), None).await,
+    );
+    // The daemon is still there for its rightful clients.
+    let channel = hearth::client::channel_tls(&url, &pki.client(false))
+        .await
+        .expect("a valid client after the refusals");
+    let _ = support::node(&mut hearth::client::Client::over(channel)).await;
+}
+
+/// GetNode over a fresh connection to `url`, with `tls` (or in the clear).
+async fn call_node(url: &str, tls: Option<hearth::client::TlsClient>) -> Result<pb::Node, String> {
+    let channel = match tls {
+        Some(tls) if tls.cert.is_empty() => {
+            let config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca));
+            tonic::transport::Endpoint::from_shared(url.to_string())
+                .map_err(|e| e.to_string())?
+                .tls_config(config)
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+        }
+        Some(tls) => hearth::client::channel_tls(url, &tls).await,
+        None => {
+            tonic::transport::Endpoint::from_shared(url.to_string())
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+        }
+    };
+    let channel = channel.map_err(|e| format!("connect: {e:?}"))?;
+    let mut client = hearth::client::Client::over(channel);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.node.get_node(pb::GetNodeRequest {}),
+    )
+    .await
+    .map_err(|_| "no answer in 10 s".to_string())?
+    .map(|r| r.into_inner())
+    .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+}
+
+/// Health and reflection over `channel`.
+async fn discover(channel: tonic::transport::Channel) {
     let mut health = HealthClient::new(channel.clone());
     for service in std::iter::once("").chain(SERVICES) {
         let status = health

@@ -2,7 +2,8 @@
 //! PHP clients use too), with stubs generated from `proto/` at test time, drives a real
 //! machine's life through hearthd's Unix socket with the client's default settings:
 //! idempotent create, wait, the guest's page over HTTP, ListRoutes, bad input naming the
-//! field, destroy (`tests/python/lifecycle.py`).
+//! field, destroy (`tests/python/lifecycle.py`); once over the socket, once over the TCP
+//! listener with mutual TLS (where a client without a certificate is refused first).
 //!
 //! The venv comes from `deploy/install-deps.sh` (`HEARTH_PY_VENV`, default
 //! `/opt/hearth/python`).
@@ -65,33 +66,55 @@ async fn a_python_grpcio_client_drives_a_machine_with_default_settings() {
         String::from_utf8_lossy(&generated.stderr)
     );
 
-    let daemon = Daemon::start_with("[vmm]\nkind = \"qemu\"\n");
+    let mut daemon = Daemon::prepare("[vmm]\nkind = \"qemu\"\n");
+    let pki = support::tls::Pki::make(&daemon.dir.path().join("pki"));
+    daemon.rewrite_config(|text| support::tls::with_api_keys(text, &pki.api_keys()));
+    daemon.spawn();
     let mut client = daemon.client().await;
+    let address = support::node(&mut client).await.api_address;
+    assert!(!address.is_empty(), "the daemon serves TCP");
     let socket = daemon.dir.path().join("api.sock");
     let script = repo.join("tests/python/lifecycle.py");
-    let run = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(&socket)
-        .arg(stubs.path())
-        .output()
-        .await
-        .expect("run the python client");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    println!("{stdout}");
-    assert!(
-        run.status.success() && stdout.contains("python-client: ok"),
-        "the python client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    for step in [
-        "one machine",
-        "WaitMachine: started",
-        "the guest's page over HTTP",
-        "ListRoutes has",
-        "INVALID_ARGUMENT naming the field",
-        "DestroyMachine: destroyed",
+    let over_socket = vec![
+        format!("unix:{}", socket.display()),
+        stubs.path().display().to_string(),
+        "py-unix".to_string(),
+    ];
+    let mut over_tls = vec![
+        address,
+        stubs.path().display().to_string(),
+        "py-tls".to_string(),
+    ];
+    for file in ["ca.pem", "client.pem", "client.key"] {
+        over_tls.push(pki.path(file).display().to_string());
+    }
+    for (name, args) in [
+        ("Unix socket", over_socket),
+        ("TCP with mutual TLS", over_tls),
     ] {
-        assert!(stdout.contains(step), "no {step:?} in {stdout}");
+        let run = tokio::process::Command::new(&python)
+            .arg(&script)
+            .args(&args)
+            .output()
+            .await
+            .expect("run the python client");
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        println!("{name}:\n{stdout}");
+        assert!(
+            run.status.success() && stdout.contains("python-client: ok"),
+            "the python client failed over the {name}: {stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        for step in [
+            "one machine",
+            "WaitMachine: started",
+            "the guest's page over HTTP",
+            "ListRoutes has",
+            "INVALID_ARGUMENT naming the field",
+            "DestroyMachine: destroyed",
+        ] {
+            assert!(stdout.contains(step), "{name}: no {step:?} in {stdout}");
+        }
     }
     support::assert_audit_clean(&mut client).await;
     daemon.assert_no_host_leftovers();

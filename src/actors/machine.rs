@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
@@ -349,10 +350,38 @@ impl MachineActor {
         failpoints::hit_step(operation, step, Boundary::BeforeEffect);
         let services = state.services.clone();
         let me = myself.clone();
+        // Every line the effect logs names the machine and the step (the `log.format`
+        // either way).
+        let span = tracing::info_span!(
+            "step",
+            machine = %rec.id,
+            step = step.name(),
+            direction = direction.name()
+        );
         let task = tokio::spawn(async move {
             let started_at_ms = now_ms();
             let clock = Instant::now();
-            let result = steps::run(step, direction, &services, &rec).await;
+            let result = steps::run(step, direction, &services, &rec)
+                .instrument(span.clone())
+                .await;
+            let took = clock.elapsed();
+            let took_ms = took.as_secs_f64() * 1000.0;
+            match &result {
+                Ok(_) => tracing::info!(parent: &span, took_ms, "step done"),
+                Err(e) => tracing::warn!(
+                    parent: &span,
+                    took_ms,
+                    permanent = e.is_permanent(),
+                    error = %e,
+                    "step failed"
+                ),
+            }
+            crate::metrics::step_finished(
+                step,
+                direction,
+                took,
+                result.as_ref().err().map(StepError::is_permanent),
+            );
             let report = StepReport {
                 step,
                 direction,
@@ -509,9 +538,15 @@ impl Actor for MachineActor {
         message: Self::Msg,
         state: &mut RunState,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
-            MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
+        // Every line of the run names the machine.
+        let span = tracing::info_span!("machine", machine = %state.id);
+        async {
+            match message {
+                MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
+                MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
+            }
         }
+        .instrument(span)
+        .await
     }
 }

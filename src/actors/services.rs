@@ -38,6 +38,18 @@ struct Inner {
     routes: broadcast::Sender<RouteChange>,
     /// True once the daemon is stopping: streams and waits end, so the API can close.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Where the daemon listens besides its socket, once bound.
+    listening: std::sync::OnceLock<Listening>,
+}
+
+/// The addresses the daemon bound besides its Unix socket (the configured ones may say
+/// port 0).
+#[derive(Clone, Debug, Default)]
+pub struct Listening {
+    /// The TCP API (mutual TLS).
+    pub api: Option<std::net::SocketAddr>,
+    /// The Prometheus endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Capacity of the broadcast channels: a watcher that falls this far behind is told it
@@ -71,6 +83,7 @@ impl Services {
                 events,
                 routes,
                 stopping: tokio::sync::watch::Sender::new(false),
+                listening: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -79,6 +92,16 @@ impl Services {
     /// UNAVAILABLE (machines are untouched). Idempotent.
     pub fn begin_shutdown(&self) {
         self.inner.stopping.send_replace(true);
+    }
+
+    /// Records where the daemon listens (once, at start).
+    pub fn set_listening(&self, listening: Listening) {
+        let _ = self.inner.listening.set(listening);
+    }
+
+    /// Where the daemon listens besides its socket.
+    pub fn listening(&self) -> Listening {
+        self.inner.listening.get().cloned().unwrap_or_default()
     }
 
     /// Watches for [`Services::begin_shutdown`].

@@ -231,6 +231,7 @@ impl Supervisor {
                 return Ok(());
             };
             tracing::warn!(machine = %id, %reason, "machine actor failed; restarting");
+            crate::metrics::actor_restarted("machine");
             let now = super::machine::now_ms();
             let noted = state.services.store().update_machine(&id, |rec| {
                 rec.updated_at_ms = now;
@@ -268,6 +269,7 @@ impl Supervisor {
             tracing::warn!(actor = %name, reason = ?failure, "singleton exited; restarting");
             if failure.is_some() {
                 state.services.note_singleton_restart();
+                crate::metrics::actor_restarted(&name);
             }
             if Self::within_intensity(state, &name) {
                 myself.cast(SupervisorMsg::RestartSingleton(which))?;

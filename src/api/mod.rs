@@ -6,10 +6,12 @@ pub mod authority;
 pub mod convert;
 pub mod images;
 pub mod machines;
+pub mod metrics;
 pub mod node;
 pub mod registry;
 pub mod server;
 pub mod status;
+pub mod timing;
 
 /// The API's encoded protobuf descriptors, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

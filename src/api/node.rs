@@ -42,6 +42,7 @@ impl NodeService for Node {
         )
         .await
         .unwrap_or_default();
+        let listening = self.services.listening();
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,
@@ -58,6 +59,8 @@ impl NodeService for Node {
             image_checks: images.map(|s| s.checks),
             pools: pools.iter().map(convert::pool).collect(),
             singleton_restarts: self.services.singleton_restarts(),
+            api_address: listening.api.map(|a| a.to_string()).unwrap_or_default(),
+            metrics_address: listening.metrics.map(|a| a.to_string()).unwrap_or_default(),
         }))
     }
 

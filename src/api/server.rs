@@ -1,14 +1,17 @@
-//! Serving the API on a Unix socket (mode 0600: only the daemon's user may call it).
-//! Each connection is read through [`super::authority::Normalised`], so clients that send
-//! the socket's path as `:authority` (gRPC's C core, Java) work with default settings.
+//! Serving the API: on a Unix socket (mode 0600: only the daemon's user may call it), and,
+//! for remote control planes, on TCP with mutual TLS (rustls through tonic). Both serve
+//! the same services, health and reflection. Each socket connection is read through
+//! [`super::authority::Normalised`], so clients that send the socket's path as
+//! `:authority` (gRPC's C core, Java) work with default settings.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ractor::ActorRef;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::authority::Normalised;
 
@@ -20,6 +23,7 @@ use super::pb::machine_service_server::MachineServiceServer;
 use super::pb::node_service_server::NodeServiceServer;
 use super::pb::registry_service_server::RegistryServiceServer;
 use super::registry::Registry;
+use super::timing::TimingLayer;
 use crate::actors::services::Services;
 use crate::actors::supervisor::SupervisorMsg;
 
@@ -43,17 +47,90 @@ pub enum ServeError {
     /// The reflection service could not read the descriptors built in.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The server failed.
+    /// A TLS file could not be read.
+    #[error("{key} {path}: {source}")]
+    TlsFile {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The server failed (a TLS setting included).
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves until `shutdown` resolves.
+/// Where the API listens: the Unix socket always, and TCP with mutual TLS when
+/// `api.listen` is set.
+pub struct Listeners {
+    /// The local socket (mode 0600).
+    pub unix: UnixListener,
+    /// The remote listener and its TLS settings.
+    pub tcp: Option<(TcpListener, ServerTlsConfig)>,
+}
+
+/// Reads `api.tls_cert`, `api.tls_key` and `api.tls_client_ca`: the server's identity,
+/// and the CA every client certificate must chain to (a client without one is refused
+/// during the handshake).
+pub fn tls_settings(api: &crate::config::ApiConfig) -> Result<ServerTlsConfig, ServeError> {
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| ServeError::TlsFile {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert = read("api.tls_cert", &api.tls_cert)?;
+    let key = read("api.tls_key", &api.tls_key)?;
+    let ca = read("api.tls_client_ca", &api.tls_client_ca)?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
+/// Binds `api.listen`; the bound address is what `GetNode` reports.
+pub async fn bind_tcp(address: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
+
+/// The services every listener serves: the four of the API, health and reflection.
+fn routes(
+    services: &Services,
+    supervisor: &ActorRef<SupervisorMsg>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::service::Routes, ServeError> {
+    // Server reflection (v1 and the older v1alpha that some tools still ask), so
+    // grpcurl-style tools can list and call the services without the .proto files.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(super::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(MachineServiceServer::new(Machines::new(
+            services.clone(),
+            supervisor.clone(),
+        )))
+        .add_service(NodeServiceServer::new(Node::new(services.clone())))
+        .add_service(ImageServiceServer::new(Images::new(services.stopping())))
+        .add_service(RegistryServiceServer::new(Registry::new(services.clone())));
+    Ok(routes.routes())
+}
+
+/// Serves every listener until the daemon begins to stop (`Services::begin_shutdown`).
 pub async fn serve(
-    listener: UnixListener,
+    listeners: Listeners,
     services: Services,
     supervisor: ActorRef<SupervisorMsg>,
-    shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     // grpc.health.v1: the daemon and each service SERVING while it listens.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -63,30 +140,35 @@ pub async fn serve(
     health
         .set_serving::<RegistryServiceServer<Registry>>()
         .await;
-    // Server reflection (v1 and the older v1alpha that some tools still ask), so
-    // grpcurl-style tools can list and call the services without the .proto files.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(super::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let until_stopping = |services: &Services| {
+        let mut stopping = services.stopping();
+        async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(MachineServiceServer::new(Machines::new(
-            services.clone(),
-            supervisor,
-        )))
-        .add_service(NodeServiceServer::new(Node::new(services.clone())))
-        .add_service(ImageServiceServer::new(Images::new(services.stopping())))
-        .add_service(RegistryServiceServer::new(Registry::new(services)))
+    let local = tonic::transport::Server::builder()
+        .layer(TimingLayer)
+        .add_routes(routes(&services, &supervisor, health_service.clone())?)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener).map(|conn| conn.map(Normalised::new)),
-            shutdown,
-        )
-        .await?;
+            UnixListenerStream::new(listeners.unix).map(|conn| conn.map(Normalised::new)),
+            until_stopping(&services),
+        );
+    let Some((tcp, tls)) = listeners.tcp else {
+        local.await?;
+        return Ok(());
+    };
+    let remote = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .layer(TimingLayer)
+        .add_routes(routes(&services, &supervisor, health_service)?)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(tcp).map(|conn| {
+                conn.inspect(|stream| {
+                    let _ = stream.set_nodelay(true);
+                })
+            }),
+            until_stopping(&services),
+        );
+    tokio::try_join!(local, remote)?;
     Ok(())
 }

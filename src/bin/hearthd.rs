@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use clap::Parser;
 use hearth::actors::names;
+use hearth::actors::services::Listening;
 use hearth::actors::services::Services;
 use hearth::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
-use hearth::api::server;
-use hearth::config::Config;
+use hearth::api::{metrics, server};
+use hearth::config::{Config, LogFormat};
 use hearth::image::{BaseSettings, BaseStore};
 use hearth::net::{NetFabric, PoolCidr};
 use hearth::store::Store;
@@ -34,14 +35,19 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("hearthd: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    init_log(config.log.format);
     // Chaos-test builds only: fail points from FAILPOINTS, kept for the process's life.
     #[cfg(feature = "failpoints")]
     let _failpoints = hearth::failpoints::setup();
@@ -52,20 +58,35 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hearthd: {e}");
+            tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let config = match &args.config {
-        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
-        None => Config::default(),
-    };
+/// The log on stderr (the journal under systemd), filtered by `HEARTH_LOG` (default
+/// `info`). In JSON each line carries its spans' fields, so a machine's lines name the
+/// machine and the step.
+fn init_log(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
     for dir in [&config.data_dir, &config.cache_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -109,9 +130,42 @@ async fn run(args: Args) -> Result<(), String> {
     .await
     .map_err(|e| format!("start the supervisor: {e}"))?;
 
-    let listener = server::bind(&config.api.socket)
+    // Every listener is bound before any machine is woken: a bad address or TLS file
+    // stops the start here, naming its key.
+    let unix = server::bind(&config.api.socket)
         .map_err(|e| format!("api.socket {}: {e}", config.api.socket.display()))?;
-    tracing::info!(socket = %config.api.socket.display(), "serving");
+    let tcp = if config.api.listen.is_empty() {
+        None
+    } else {
+        let tls = server::tls_settings(&config.api).map_err(|e| e.to_string())?;
+        let listener = server::bind_tcp(&config.api.listen)
+            .await
+            .map_err(|e| format!("api.listen {}: {e}", config.api.listen))?;
+        Some((listener, tls))
+    };
+    let metrics = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let handle = metrics::install().map_err(|e| e.to_string())?;
+        let listener = metrics::bind(&config.metrics.listen)
+            .await
+            .map_err(|e| e.to_string())?;
+        Some((listener, handle))
+    };
+    let listening = Listening {
+        api: tcp.as_ref().and_then(|(l, _)| l.local_addr().ok()),
+        metrics: metrics.as_ref().and_then(|(l, _)| metrics::local(l)),
+    };
+    services.set_listening(listening.clone());
+    tracing::info!(
+        socket = %config.api.socket.display(),
+        tcp = ?listening.api,
+        metrics = ?listening.metrics,
+        "serving"
+    );
+    if let Some((listener, handle)) = metrics {
+        tokio::spawn(metrics::serve(listener, handle, services.clone()));
+    }
     // Recovery runs after the API serves: every recorded machine gets `Reconcile`.
     supervisor
         .cast(SupervisorMsg::WakeAll)
@@ -156,12 +210,12 @@ async fn run(args: Args) -> Result<(), String> {
     // The server stops accepting at once; open streams and waits end with UNAVAILABLE
     // (see `api::machines::async_stream`); a connection still open after the drain is
     // dropped with the process.
-    let mut stopping = services.stopping();
     let mut drained = services.stopping();
-    let shutdown = async move {
-        let _ = stopping.wait_for(|stopping| *stopping).await;
-    };
-    let serving = server::serve(listener, services, supervisor.clone(), shutdown);
+    let serving = server::serve(
+        server::Listeners { unix, tcp },
+        services,
+        supervisor.clone(),
+    );
     tokio::select! {
         served = serving => served.map_err(|e| format!("api: {e}"))?,
         () = async {

@@ -49,6 +49,19 @@ pub enum MachineState {
 }
 
 impl MachineState {
+    /// Every state, in the order of the enum.
+    pub const ALL: [MachineState; 9] = [
+        MachineState::Created,
+        MachineState::Starting,
+        MachineState::Started,
+        MachineState::Stopping,
+        MachineState::Stopped,
+        MachineState::Destroying,
+        MachineState::Destroyed,
+        MachineState::Failed,
+        MachineState::Prepared,
+    ];
+
     /// Lower-case name, as the CLI prints it.
     pub fn name(self) -> &'static str {
         match self {

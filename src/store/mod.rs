@@ -29,7 +29,7 @@ mod images;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 pub use codec::CodecError;
 use codec::{decode, encode};
@@ -707,6 +707,12 @@ impl Store {
             out.push((seq.value(), decode(value.value())?));
         }
         Ok(out)
+    }
+
+    /// How many changes wait in the outbox.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let txn = self.read()?;
+        Ok(txn.open_table(OUTBOX)?.len()?)
     }
 
     /// Drops delivered changes up to and including `seq`. Idempotent.

@@ -9,6 +9,7 @@ pub mod guest_fixture;
 pub mod guest_prereqs;
 pub mod host_tools;
 pub mod registry;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -83,7 +84,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{network}\n{extra}\n",
+                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{network}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
                 d = dir.path().display(),
                 net = raw[1],
                 extra = extra,
