@@ -43,9 +43,11 @@ if ! command -v vhost-device-vsock >/dev/null && [ ! -x /usr/local/bin/vhost-dev
   cargo install vhost-device-vsock --version 0.3.0 --locked --root /usr/local
 fi
 # A control plane that is not Rust: Python's grpcio (gRPC's C core) and grpcio-tools from
-# PyPI, in a venv of their own, for tests/python_client.rs (HEARTH_PY_VENV puts it elsewhere).
+# PyPI, in a venv of their own, for tests/python_client.rs (HEARTH_PY_VENV puts it
+# elsewhere); and Prometheus's own Python client, whose exposition parser tests/metrics.rs
+# reads the daemon's scrape with.
 py_venv=${HEARTH_PY_VENV:-/opt/hearth/python}
-if ! "$py_venv/bin/python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+if ! "$py_venv/bin/python" -c 'import grpc, grpc_tools, prometheus_client' >/dev/null 2>&1; then
   python3 -m venv "$py_venv"
-  "$py_venv/bin/pip" install -q grpcio grpcio-tools
+  "$py_venv/bin/pip" install -q grpcio grpcio-tools prometheus-client
 fi

@@ -129,8 +129,9 @@ pub const CATALOGUE: &[Metric] = &[
     RESIDENT_MEMORY,
 ];
 
-/// Registers every metric's help text with the installed recorder, so each appears
-/// (with its help) from the first scrape.
+/// Registers every metric's help text with the installed recorder, and every failure
+/// counter at zero (each step, direction and class), so a query sees a series that has
+/// not happened yet as 0 rather than as missing.
 pub fn describe() {
     for metric in CATALOGUE {
         match metric.kind {
@@ -139,6 +140,24 @@ pub fn describe() {
             Kind::Histogram(_) => metrics::describe_histogram!(metric.name, metric.help),
         }
     }
+    for info in crate::machine::step::CATALOGUE {
+        for direction in [Direction::Acquire, Direction::Release] {
+            for class in ["retry", "permanent"] {
+                metrics::counter!(
+                    STEP_FAILURES.name,
+                    "step" => info.name,
+                    "direction" => direction.name(),
+                    "class" => class
+                )
+                .increment(0);
+            }
+        }
+    }
+}
+
+/// Registers `actor`'s restart counter at zero (the supervisor names its children).
+pub fn restarts_known(actor: &str) {
+    metrics::counter!(ACTOR_RESTARTS.name, "actor" => actor.to_string()).increment(0);
 }
 
 /// A step's effect finished: its duration, and its failure class when it failed.

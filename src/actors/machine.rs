@@ -361,21 +361,23 @@ impl MachineActor {
         let task = tokio::spawn(async move {
             let started_at_ms = now_ms();
             let clock = Instant::now();
-            let result = steps::run(step, direction, &services, &rec)
-                .instrument(span.clone())
-                .await;
-            let took = clock.elapsed();
-            let took_ms = took.as_secs_f64() * 1000.0;
-            match &result {
-                Ok(_) => tracing::info!(parent: &span, took_ms, "step done"),
-                Err(e) => tracing::warn!(
-                    parent: &span,
-                    took_ms,
-                    permanent = e.is_permanent(),
-                    error = %e,
-                    "step failed"
-                ),
+            let result = async {
+                let result = steps::run(step, direction, &services, &rec).await;
+                let took_ms = clock.elapsed().as_secs_f64() * 1000.0;
+                match &result {
+                    Ok(_) => tracing::info!(took_ms, "step done"),
+                    Err(e) => tracing::warn!(
+                        took_ms,
+                        permanent = e.is_permanent(),
+                        error = %e,
+                        "step failed"
+                    ),
+                }
+                result
             }
+            .instrument(span)
+            .await;
+            let took = clock.elapsed();
             crate::metrics::step_finished(
                 step,
                 direction,

@@ -299,7 +299,10 @@ impl Actor for Supervisor {
             machines: HashMap::new(),
             restarts: HashMap::new(),
         };
+        // Every restart counter exists from the start, at zero.
+        crate::metrics::restarts_known("machine");
         for which in Singleton::ALL {
+            crate::metrics::restarts_known(which.name());
             Self::spawn_singleton(&myself, &state, which).await?;
         }
         Ok(state)

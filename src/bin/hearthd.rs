@@ -118,6 +118,16 @@ async fn run(config: Config) -> Result<(), String> {
     let host = hearth::vmm::confine::VmmHost::detect(&config)?;
     hearth::vmm::confine::private_files(&config)?;
     let services = Services::new(config.clone(), store, pool, net, vmm, host);
+    // The recorder goes in before any actor runs, so nothing they count is lost.
+    let metrics = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let handle = metrics::install().map_err(|e| e.to_string())?;
+        let listener = metrics::bind(&config.metrics.listen)
+            .await
+            .map_err(|e| e.to_string())?;
+        Some((listener, handle))
+    };
 
     let (supervisor, supervisor_done) = Supervisor::spawn(
         Some(names::SUPERVISOR.to_string()),
@@ -142,15 +152,6 @@ async fn run(config: Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("api.listen {}: {e}", config.api.listen))?;
         Some((listener, tls))
-    };
-    let metrics = if config.metrics.listen.is_empty() {
-        None
-    } else {
-        let handle = metrics::install().map_err(|e| e.to_string())?;
-        let listener = metrics::bind(&config.metrics.listen)
-            .await
-            .map_err(|e| e.to_string())?;
-        Some((listener, handle))
     };
     let listening = Listening {
         api: tcp.as_ref().and_then(|(l, _)| l.local_addr().ok()),

@@ -11,7 +11,7 @@ pub mod host_tools;
 pub mod registry;
 pub mod tls;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -120,6 +120,18 @@ impl Daemon {
         for (key, value) in env {
             command.env(key, value);
         }
+        self.child = Some(command.spawn().expect("spawn hearthd"));
+    }
+
+    /// Starts the process (again) logging at `info` into `log` (its stderr).
+    pub fn spawn_logging(&mut self, log: &Path) {
+        let file = std::fs::File::create(log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .env("HEARTH_LOG", "info")
+            .stderr(file);
         self.child = Some(command.spawn().expect("spawn hearthd"));
     }
 
