@@ -8,7 +8,8 @@
 //!   method, and the failure and restart counters at zero;
 //! - every metric in the catalogue is exported, and so is every metric the Grafana
 //!   dashboard (`deploy/grafana/hearth.json`) queries;
-//! - every log line is a JSON object, and every line of a step names its machine and step.
+//! - every log line is a JSON object, and every line of a step names its machine and step;
+//! - `hearth machine get` draws the run as a timeline, a bar for each step.
 
 mod support;
 
@@ -269,6 +270,25 @@ async fn a_scrape_and_the_json_log_show_a_machines_run() {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).expect("read");
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+
+    // The operator's view of the same run: a timeline, one bar per step.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("--socket")
+        .arg(daemon.dir.path().join("api.sock"))
+        .args(["machine", "get", &started.id])
+        .output()
+        .expect("run hearth");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    println!("{shown}");
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("TIMELINE"), "{shown}");
+    let bars: Vec<&str> = shown.lines().filter(|l| l.contains('█')).collect();
+    for step in ["image", "disk", "vmm", "ready", "publish"] {
+        assert!(
+            bars.iter().any(|l| l.contains(&format!(" {step} "))),
+            "no bar for {step}: {shown}"
+        );
+    }
 
     support::destroy(&mut client, &started.id).await;
     let _ = support::drain_pools(&mut daemon).await;

@@ -15,6 +15,7 @@ macro_rules! outln {
 
 mod doctor;
 mod image;
+mod timeline;
 
 use hearth::text::printable;
 use std::path::PathBuf;
@@ -193,7 +194,8 @@ fn machine_json(m: &pb::Machine) -> serde_json::Value {
         "current_step": m.current_step, "guest_ip": m.guest_ip, "vmm_pid": m.vmm_pid,
         "failure": m.failure, "boot_attempts": m.boot_attempts,
         "timings": m.timings.iter().map(|t| json!({
-            "step": t.step, "direction": t.direction, "duration_us": t.duration_us, "outcome": t.outcome,
+            "step": t.step, "direction": t.direction, "started_at_ms": t.started_at_ms,
+            "duration_us": t.duration_us, "outcome": t.outcome,
         })).collect::<Vec<_>>(),
     })
 }
@@ -233,18 +235,29 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
         // Failures can quote the guest (its error, its console): shown, never obeyed.
         outln!("failure: {}", printable(&m.failure));
     }
+    // The latest run as a timeline: one bar per step on a shared axis.
+    let (rows, earlier) = timeline::latest_run(&m.timings, TIMELINE_WIDTH);
     let mut table = Table::new();
-    table.set_header(["STEP", "DIRECTION", "MS", "OUTCOME"]);
-    for t in &m.timings {
+    table.set_header(["STEP", "DIRECTION", "AT MS", "MS", "TIMELINE", "OUTCOME"]);
+    for row in &rows {
+        let t = &m.timings[row.index];
         table.add_row([
             t.step.clone(),
             t.direction.clone(),
+            format!("{:.1}", row.offset_ms),
             format!("{:.2}", t.duration_us as f64 / 1000.0),
+            row.bar.clone(),
             printable(&t.outcome),
         ]);
     }
     outln!("{table}");
+    if earlier > 0 {
+        outln!("({earlier} earlier step runs not drawn; --json lists every one)");
+    }
 }
+
+/// Characters of the timeline's time axis.
+const TIMELINE_WIDTH: usize = 40;
 
 fn kind_name(value: i32) -> String {
     pb::ResourceKind::try_from(value)
