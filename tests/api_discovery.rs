@@ -85,6 +85,37 @@ async fn tcp_with_mutual_tls_serves_the_same_and_refuses_strangers() {
         "a client without TLS",
         call_node(&format!("http://127.0.0.1:{port}"), None).await,
     );
+    // The CLI over TCP: with the client's certificate it answers; with the other CA's it
+    // fails cleanly, naming the address.
+    let cli = |cert: &str, key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["--json", "--address", &url, "--tls-ca"])
+            .arg(pki.path("ca.pem"))
+            .arg("--tls-cert")
+            .arg(pki.path(cert))
+            .arg("--tls-key")
+            .arg(pki.path(key))
+            .arg("node")
+            .output()
+            .expect("run hearth")
+    };
+    let out = cli("client.pem", "client.key");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(shown.contains(&node.version), "{shown}");
+    let out = cli("other-client.pem", "other-client.key");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(
+        said.contains("api.tls_client_ca"),
+        "the CLI says what to check: {said}"
+    );
+    println!("the CLI with another CA's certificate: {}", said.trim());
     // The daemon is still there for its rightful clients.
     let channel = hearth::client::channel_tls(&url, &pki.client(false))
         .await

@@ -27,6 +27,9 @@ use crate::machine::record::MachineState;
 
 /// Restarts allowed per child within [`RESTART_WINDOW`].
 pub const MAX_RESTARTS: usize = 5;
+/// Machine runs woken between two yields of `WakeAll`.
+const WAKE_BATCH: usize = 32;
+
 /// The window of the restart intensity limit.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
 /// Pause before a singleton over its limit is restarted again.
@@ -320,10 +323,19 @@ impl Actor for Supervisor {
                 Self::wake_or_retry(&myself, state, id, attempt).await
             }
             SupervisorMsg::WakeAll => {
-                for rec in state.services.store().machines()? {
+                let mut records = state.services.store().machines()?;
+                // Machines with a VMM first: they are re-adopted (and their exits watched)
+                // before the records that only need a look.
+                records.sort_by_key(|rec| rec.resources.vmm.is_none());
+                for (i, rec) in records.into_iter().enumerate() {
                     let settled = rec.state == MachineState::Destroyed && rec.nothing_touched();
                     if !settled {
                         Self::wake_or_retry(&myself, state, rec.id, 1).await;
+                    }
+                    // Thousands of runs wake at once after a restart; let the API answer
+                    // between batches.
+                    if i % WAKE_BATCH == WAKE_BATCH - 1 {
+                        tokio::task::yield_now().await;
                     }
                 }
             }

@@ -37,6 +37,19 @@ struct Cli {
     /// hearthd's API socket.
     #[arg(long, env = "HEARTH_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// A daemon's TCP listener instead of the socket (`https://host:7443`), with mutual
+    /// TLS: needs --tls-ca, --tls-cert and --tls-key.
+    #[arg(long, env = "HEARTH_ADDRESS")]
+    address: Option<String>,
+    /// The CA (PEM) that signed the daemon's certificate.
+    #[arg(long, env = "HEARTH_TLS_CA", requires = "address")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), signed by the daemon's `api.tls_client_ca`.
+    #[arg(long, env = "HEARTH_TLS_CERT", requires = "address")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "HEARTH_TLS_KEY", requires = "address")]
+    tls_key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -310,13 +323,36 @@ fn print_audit(json_out: bool, report: &pb::AuditReport) {
     );
 }
 
+/// The daemon's TCP listener at `address`, with the client's certificate.
+async fn connect_tls(address: &str, cli: &Cli) -> Result<Client, String> {
+    let read = |flag: &str, path: &Option<PathBuf>| -> Result<Vec<u8>, String> {
+        let path = path
+            .as_ref()
+            .ok_or_else(|| format!("--address needs {flag}"))?;
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let tls = hearth::client::TlsClient {
+        ca: read("--tls-ca", &cli.tls_ca)?,
+        cert: read("--tls-cert", &cli.tls_cert)?,
+        key: read("--tls-key", &cli.tls_key)?,
+        server_name: None,
+    };
+    let channel = hearth::client::channel_tls(address, &tls)
+        .await
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    Ok(Client::over(channel))
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     if let Command::Doctor { config } = &cli.command {
         return doctor::run(&cli.socket, config.as_deref(), cli.json).await;
     }
-    let mut client: Client = connect(&cli.socket)
-        .await
-        .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?;
+    let mut client: Client = match &cli.address {
+        None => connect(&cli.socket)
+            .await
+            .map_err(|e| format!("connect {}: {e}", cli.socket.display()))?,
+        Some(address) => connect_tls(address, &cli).await?,
+    };
     let status = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
     match cli.command {
         // Answered above, without a connection.
@@ -528,10 +564,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let remote = cli.address.clone();
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hearth: {}", printable(&e));
+            // A TLS 1.3 server refuses a client certificate after the client thinks the
+            // handshake is done, so the refusal surfaces as a cancelled first call.
+            if let Some(address) = remote
+                && (e.starts_with("Cancelled")
+                    || e.starts_with("Unavailable")
+                    || e.contains("transport error"))
+            {
+                eprintln!(
+                    "hearth: {address} refused or dropped the connection: is --tls-cert signed by the daemon's api.tls_client_ca, and --tls-ca the CA of its api.tls_cert?"
+                );
+            }
             ExitCode::FAILURE
         }
     }
