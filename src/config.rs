@@ -73,8 +73,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` serving `GET /metrics` in the text exposition format; empty turns it
-    /// off. Loopback by default: the figures name machines and images.
+    /// `IP:port` serving `GET /metrics` in the text exposition format, without
+    /// authentication; empty turns it off. Loopback by default. An address that cannot be
+    /// bound is logged and the daemon runs without metrics.
     pub listen: String,
 }
 
@@ -147,7 +148,7 @@ pub struct PoolConfig {
 pub struct ApiConfig {
     /// Unix socket path; created with mode 0600.
     pub socket: PathBuf,
-    /// `host:port` of a TCP listener for remote control planes, always with mutual TLS;
+    /// `IP:port` of a TCP listener for remote control planes, always with mutual TLS;
     /// empty (the default) serves the socket only.
     pub listen: String,
     /// The server's certificate chain (PEM), for `listen`.
@@ -726,7 +727,7 @@ impl Config {
         let address = |key: &str, text: &str| {
             text.parse::<std::net::SocketAddr>()
                 .map(|_| ())
-                .map_err(|e| invalid(key, format!("{text:?} is not host:port ({e})")))
+                .map_err(|e| invalid(key, format!("{text:?} is not IP:port ({e})")))
         };
         if !self.metrics.listen.is_empty() {
             address("metrics.listen", &self.metrics.listen)?;
@@ -902,7 +903,7 @@ mod tests {
                 "api.tls_client_ca",
             ),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
-            ("[log]\nformat = \"xml\"", "format"),
+            ("[log]\nformat = \"xml\"", "xml"),
         ];
         for (text, key) in cases {
             let err = parse(text).expect_err(text);

@@ -96,8 +96,8 @@ pub const POOL_REFILLING: Metric = Metric {
 };
 /// Creates served from a pool since the daemon started, by `pool`.
 pub const POOL_CLAIMS: Metric = Metric {
-    name: "hearth_pool_claims",
-    kind: Kind::Gauge,
+    name: "hearth_pool_claims_total",
+    kind: Kind::Counter,
     help: "Creates served from the pool since the daemon started, by pool.",
 };
 /// API calls by `method` (`Service/Method`), until the response's headers: the whole
@@ -186,11 +186,19 @@ pub fn api_call(method: &'static str, took: Duration) {
     metrics::histogram!(API_DURATION.name, "method" => method).record(took.as_secs_f64());
 }
 
-/// Sets a gauge with the given labels.
-pub fn set_gauge(metric: Metric, labels: &[(&'static str, String)], value: f64) {
-    let labels: Vec<metrics::Label> = labels
+/// Sets a counter kept elsewhere (the pool actor's claims) to its total.
+pub fn set_counter(metric: Metric, labels: &[(&'static str, String)], total: u64) {
+    metrics::counter!(metric.name, to_labels(labels)).absolute(total);
+}
+
+fn to_labels(labels: &[(&'static str, String)]) -> Vec<metrics::Label> {
+    labels
         .iter()
         .map(|(key, value)| metrics::Label::new(*key, value.clone()))
-        .collect();
-    metrics::gauge!(metric.name, labels).set(value);
+        .collect()
+}
+
+/// Sets a gauge with the given labels.
+pub fn set_gauge(metric: Metric, labels: &[(&'static str, String)], value: f64) {
+    metrics::gauge!(metric.name, to_labels(labels)).set(value);
 }

@@ -66,9 +66,14 @@ async fn tcp_with_mutual_tls_serves_the_same_and_refuses_strangers() {
 
     let url = format!("https://127.0.0.1:{port}");
     // A certificate from another CA: the handshake fails, so no call gets through.
+    // Refused means the connection or the first call fails: not a hang (which the
+    // timeout in call_node would turn into an error too).
     let refused = |what: &str, outcome: Result<pb::Node, String>| match outcome {
         Ok(node) => panic!("{what}: answered {node:?}"),
-        Err(e) => println!("{what}: refused: {e}"),
+        Err(e) => {
+            assert!(!e.contains(NO_ANSWER), "{what}: {e}");
+            println!("{what}: refused: {e}");
+        }
     };
     let stranger = call_node(&url, Some(pki.client(true))).await;
     refused("a client of another CA", stranger);
@@ -123,6 +128,72 @@ async fn tcp_with_mutual_tls_serves_the_same_and_refuses_strangers() {
     let _ = support::node(&mut hearth::client::Client::over(channel)).await;
 }
 
+/// A TLS file the daemon cannot use stops its start, naming the key: a key that is not
+/// the certificate's, a CA file without a certificate, a missing file.
+#[test]
+fn a_bad_tls_file_stops_the_start_naming_its_key() {
+    let daemon = Daemon::prepare("");
+    let pki = support::tls::Pki::make(&daemon.dir.path().join("pki"));
+    let config = daemon.dir.path().join("hearthd.toml");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let cases = [
+        (
+            "other-client.key",
+            "ca.pem",
+            "api.tls_key",
+            "does not fit api.tls_cert",
+        ),
+        (
+            "server.key",
+            "server.key",
+            "api.tls_client_ca",
+            "no PEM certificate",
+        ),
+        (
+            "server.key",
+            "missing.pem",
+            "api.tls_client_ca",
+            "No such file",
+        ),
+    ];
+    for (key, ca, named, why) in cases {
+        let keys = format!(
+            "listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
+            pki.path("server.pem").display(),
+            pki.path(key).display(),
+            pki.path(ca).display(),
+        );
+        std::fs::write(
+            &config,
+            support::tls::with_api_keys(original.clone(), &keys),
+        )
+        .expect("write config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthd"))
+            .arg("--config")
+            .arg(&config)
+            .env("HEARTH_LOG", "off")
+            .output()
+            .expect("run hearthd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "hearthd started with {key}/{ca}: {stderr}"
+        );
+        assert!(
+            stderr.contains(named) && stderr.contains(why),
+            "{named}, {why}: {stderr}"
+        );
+        println!("{key}/{ca}: {}", stderr.trim());
+    }
+    assert!(
+        !daemon.dir.path().join("data").exists(),
+        "nothing was made before the TLS files were checked"
+    );
+}
+
+/// What `call_node` says when the daemon neither answers nor refuses.
+const NO_ANSWER: &str = "no answer in 10 s";
+
 /// GetNode over a fresh connection to `url`, with `tls` (or in the clear).
 async fn call_node(url: &str, tls: Option<hearth::client::TlsClient>) -> Result<pb::Node, String> {
     let channel = match tls {
@@ -151,7 +222,7 @@ async fn call_node(url: &str, tls: Option<hearth::client::TlsClient>) -> Result<
         client.node.get_node(pb::GetNodeRequest {}),
     )
     .await
-    .map_err(|_| "no answer in 10 s".to_string())?
+    .map_err(|_| NO_ANSWER.to_string())?
     .map(|r| r.into_inner())
     .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
 }

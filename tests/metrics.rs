@@ -324,3 +324,32 @@ async fn a_scrape_and_the_json_log_show_a_machines_run() {
         "the created machine's steps are in the log:\n{text}"
     );
 }
+
+/// Metrics are optional: when their address is taken, the daemon logs it and serves its
+/// API without them (GetNode reports no metrics address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_address_does_not_stop_the_daemon() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let address = taken.local_addr().expect("address").to_string();
+    let mut daemon = Daemon::prepare("");
+    daemon.rewrite_config(|text| {
+        text.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{address}\""),
+            1,
+        )
+    });
+    let log = daemon.dir.path().join("hearthd.log");
+    daemon.spawn_logging(&log);
+    let mut client = daemon.client().await;
+    let node = support::node(&mut client).await;
+    assert_eq!(
+        node.metrics_address, "",
+        "no metrics while {address} is taken"
+    );
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        said.contains("metrics.listen") && said.contains(&address),
+        "the log names the key and the address: {said}"
+    );
+}

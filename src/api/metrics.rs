@@ -1,14 +1,17 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics.listen`, in the text exposition
-//! format. Counters and histograms are recorded where things happen (`crate::metrics`);
-//! the levels (machines by state, outbox depth, pools, memory) are read from the store
-//! and the pool actor at each scrape, so they are never stale.
+//! format, without authentication (keep it on loopback or a private network). Counters
+//! and histograms are recorded where things happen (`crate::metrics`); the levels
+//! (machines by state, outbox depth, pools, memory) are read from the store and the pool
+//! actor at each scrape (one that cannot be read keeps its last value, with a warning).
+//! At most [`MAX_CONNECTIONS`] scrapes are served at once, and a client has
+//! [`HEADER_TIMEOUT`] to send its request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
@@ -31,6 +34,12 @@ pub enum MetricsError {
         source: std::io::Error,
     },
 }
+
+/// Scrapes served at once; more wait for a turn in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// How long a client may take to send its request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs the process's Prometheus recorder, with each histogram's buckets from the
 /// catalogue.
@@ -69,7 +78,11 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, services: Se
         }
     });
     let mut stopping = services.stopping();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopping.wait_for(|stopping| *stopping) => return,
@@ -93,8 +106,11 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, services: Se
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -146,7 +162,7 @@ async fn refresh(services: &Services) {
         m::set_gauge(m::POOL_SIZE, &labels, f64::from(pool.size));
         m::set_gauge(m::POOL_READY, &labels, f64::from(pool.ready));
         m::set_gauge(m::POOL_REFILLING, &labels, f64::from(pool.refilling));
-        m::set_gauge(m::POOL_CLAIMS, &labels, pool.claims as f64);
+        m::set_counter(m::POOL_CLAIMS, &labels, pool.claims);
     }
     if let Some(bytes) = resident_bytes() {
         m::set_gauge(m::RESIDENT_MEMORY, &[], bytes as f64);

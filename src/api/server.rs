@@ -57,10 +57,37 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The server failed (a TLS setting included).
-    #[error(transparent)]
+    /// A TLS file was read but cannot be used (no certificate in it, a key that is not
+    /// the certificate's).
+    #[error("{key} {path}: {reason}")]
+    Tls {
+        /// The config key naming the file.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The server failed.
+    #[error("{}", chain(.0))]
     Transport(#[from] tonic::transport::Error),
 }
+
+/// An error with its causes (tonic's own message leaves them out).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// How long a TCP client has to finish the TLS handshake; a connection that sends
+/// nothing is dropped then instead of holding a descriptor.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the API listens: the Unix socket always, and TCP with mutual TLS when
 /// `api.listen` is set.
@@ -73,8 +100,12 @@ pub struct Listeners {
 
 /// Reads `api.tls_cert`, `api.tls_key` and `api.tls_client_ca`: the server's identity,
 /// and the CA every client certificate must chain to (a client without one is refused
-/// during the handshake).
+/// during the handshake). Each file is parsed here, at start, so a bad one is named by
+/// its key before the daemon serves anything.
 pub fn tls_settings(api: &crate::config::ApiConfig) -> Result<ServerTlsConfig, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
     let read = |key: &'static str, path: &Path| {
         std::fs::read(path).map_err(|source| ServeError::TlsFile {
             key,
@@ -82,13 +113,63 @@ pub fn tls_settings(api: &crate::config::ApiConfig) -> Result<ServerTlsConfig, S
             source,
         })
     };
+    let unusable = |key: &'static str, path: &Path, reason: String| ServeError::Tls {
+        key,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certificates = |key: &'static str, path: &Path, pem: &[u8]| {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unusable(key, path, format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(unusable(key, path, "holds no PEM certificate".into()));
+        }
+        Ok(certs)
+    };
     let cert = read("api.tls_cert", &api.tls_cert)?;
     let key = read("api.tls_key", &api.tls_key)?;
     let ca = read("api.tls_client_ca", &api.tls_client_ca)?;
+    let chain = certificates("api.tls_cert", &api.tls_cert, &cert)?;
+    let private = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+        unusable(
+            "api.tls_key",
+            &api.tls_key,
+            format!("no PEM private key: {e}"),
+        )
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in certificates("api.tls_client_ca", &api.tls_client_ca, &ca)? {
+        roots.add(root).map_err(|e| {
+            unusable(
+                "api.tls_client_ca",
+                &api.tls_client_ca,
+                format!("not a usable CA: {e}"),
+            )
+        })?;
+    }
+    // The key must be the certificate's: rustls checks it when it builds a config.
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|builder| {
+        builder
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+    })
+    .map_err(|e| {
+        unusable(
+            "api.tls_key",
+            &api.tls_key,
+            format!("does not fit api.tls_cert: {e}"),
+        )
+    })?;
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(cert, key))
         .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false))
+        .client_auth_optional(false)
+        .timeout(HANDSHAKE_TIMEOUT))
 }
 
 /// Binds `api.listen`; the bound address is what `GetNode` reports.

@@ -58,10 +58,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let format = config.log.format;
     match runtime.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // Plain on stderr whatever the log filter says; in JSON too for a pipeline.
+            eprintln!("hearthd: {e}");
+            if format == LogFormat::Json {
+                tracing::error!("{e}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -87,6 +92,12 @@ fn init_log(format: LogFormat) {
 }
 
 async fn run(config: Config) -> Result<(), String> {
+    // The TLS files are read and checked before anything touches the host.
+    let tls = if config.api.listen.is_empty() {
+        None
+    } else {
+        Some(server::tls_settings(&config.api).map_err(|e| e.to_string())?)
+    };
     for dir in [&config.data_dir, &config.cache_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
@@ -119,14 +130,19 @@ async fn run(config: Config) -> Result<(), String> {
     hearth::vmm::confine::private_files(&config)?;
     let services = Services::new(config.clone(), store, pool, net, vmm, host);
     // The recorder goes in before any actor runs, so nothing they count is lost.
+    // Metrics are optional: an address that cannot be bound (taken by another exporter)
+    // is logged as an error and the daemon serves without them, rather than not at all.
     let metrics = if config.metrics.listen.is_empty() {
         None
     } else {
         let handle = metrics::install().map_err(|e| e.to_string())?;
-        let listener = metrics::bind(&config.metrics.listen)
-            .await
-            .map_err(|e| e.to_string())?;
-        Some((listener, handle))
+        match metrics::bind(&config.metrics.listen).await {
+            Ok(listener) => Some((listener, handle)),
+            Err(e) => {
+                tracing::error!(error = %e, "serving without metrics");
+                None
+            }
+        }
     };
 
     let (supervisor, supervisor_done) = Supervisor::spawn(
@@ -144,14 +160,14 @@ async fn run(config: Config) -> Result<(), String> {
     // stops the start here, naming its key.
     let unix = server::bind(&config.api.socket)
         .map_err(|e| format!("api.socket {}: {e}", config.api.socket.display()))?;
-    let tcp = if config.api.listen.is_empty() {
-        None
-    } else {
-        let tls = server::tls_settings(&config.api).map_err(|e| e.to_string())?;
-        let listener = server::bind_tcp(&config.api.listen)
-            .await
-            .map_err(|e| format!("api.listen {}: {e}", config.api.listen))?;
-        Some((listener, tls))
+    let tcp = match tls {
+        None => None,
+        Some(tls) => {
+            let listener = server::bind_tcp(&config.api.listen)
+                .await
+                .map_err(|e| format!("api.listen {}: {e}", config.api.listen))?;
+            Some((listener, tls))
+        }
     };
     let listening = Listening {
         api: tcp.as_ref().and_then(|(l, _)| l.local_addr().ok()),

@@ -571,10 +571,12 @@ fn main() -> ExitCode {
             eprintln!("hearth: {}", printable(&e));
             // A TLS 1.3 server refuses a client certificate after the client thinks the
             // handshake is done, so the refusal surfaces as a cancelled first call.
+            let transport = ["Cancelled", "Unavailable", "Unknown", "connect "]
+                .iter()
+                .any(|start| e.starts_with(start))
+                || e.contains("transport error");
             if let Some(address) = remote
-                && (e.starts_with("Cancelled")
-                    || e.starts_with("Unavailable")
-                    || e.contains("transport error"))
+                && transport
             {
                 eprintln!(
                     "hearth: {address} refused or dropped the connection: is --tls-cert signed by the daemon's api.tls_client_ca, and --tls-ca the CA of its api.tls_cert?"

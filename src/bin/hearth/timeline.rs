@@ -1,12 +1,14 @@
 //! `hearth machine get`'s timeline: one bar per step on a shared time axis, so the step
 //! that took the time shows at a glance. Only the latest run is drawn (steps that follow
-//! each other without a pause of more than [`RUN_GAP_MS`]); earlier ones are counted.
+//! each other without a pause of more than [`RUN_GAP_MS`], which is longer than a failed
+//! step's retry backoff, so the failed tries stay in the drawing); earlier ones are
+//! counted.
 
 use hearth::api::pb;
 
-/// A pause longer than this between two steps starts a new run (a stop and start, a
-/// restart after a crash's backoff).
-pub const RUN_GAP_MS: u64 = 1000;
+/// A pause longer than this between two steps starts a new run (a stop and a later
+/// start). Longer than the longest retry backoff of a failed step (10 s).
+pub const RUN_GAP_MS: u64 = 15_000;
 
 /// One row: the step's offset from the run's start and its bar.
 #[derive(Debug, PartialEq)]
@@ -21,11 +23,12 @@ pub struct Row {
 
 /// The latest run's rows and how many earlier timings were left out.
 pub fn latest_run(timings: &[pb::StepTiming], width: usize) -> (Vec<Row>, usize) {
-    let end_us = |t: &pb::StepTiming| t.started_at_ms * 1000 + t.duration_us;
+    let start_us = |t: &pb::StepTiming| t.started_at_ms.saturating_mul(1000);
+    let end_us = |t: &pb::StepTiming| start_us(t).saturating_add(t.duration_us);
     // Where the last run begins: after the last pause longer than RUN_GAP_MS.
     let mut first = 0;
     for i in 1..timings.len() {
-        let gap_us = (timings[i].started_at_ms * 1000).saturating_sub(end_us(&timings[i - 1]));
+        let gap_us = start_us(&timings[i]).saturating_sub(end_us(&timings[i - 1]));
         if gap_us > RUN_GAP_MS * 1000 {
             first = i;
         }
@@ -34,10 +37,10 @@ pub fn latest_run(timings: &[pb::StepTiming], width: usize) -> (Vec<Row>, usize)
     let Some(origin_ms) = run.iter().map(|t| t.started_at_ms).min() else {
         return (Vec::new(), first);
     };
-    let origin_us = origin_ms * 1000;
+    let origin_us = origin_ms.saturating_mul(1000);
     let span_us = run
         .iter()
-        .map(|t| end_us(t) - origin_us)
+        .map(|t| end_us(t).saturating_sub(origin_us))
         .max()
         .unwrap_or(0)
         .max(1);
@@ -46,10 +49,10 @@ pub fn latest_run(timings: &[pb::StepTiming], width: usize) -> (Vec<Row>, usize)
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let from_us = t.started_at_ms * 1000 - origin_us;
+            let from_us = start_us(t).saturating_sub(origin_us);
             let scale = |us: u64| (us as f64 / span_us as f64 * width as f64) as usize;
             let start = scale(from_us).min(width - 1);
-            let length = scale(from_us + t.duration_us)
+            let length = scale(from_us.saturating_add(t.duration_us))
                 .saturating_sub(start)
                 .clamp(1, width - start);
             let fill = if t.outcome == "ok" { '█' } else { '░' };
@@ -110,6 +113,20 @@ mod tests {
         assert_eq!(rows[0].index, 2);
         assert_eq!(rows[0].bar, "██  ");
         assert_eq!(rows[1].bar, "  ██");
+    }
+
+    #[test]
+    fn a_retry_after_its_backoff_stays_in_the_run() {
+        let timings = [
+            timing("vmm", 1000, 1000, false),
+            // Tried again after a 6.4 s backoff.
+            timing("vmm", 7401, 1000, true),
+        ];
+        let (rows, earlier) = latest_run(&timings, 8);
+        assert_eq!(earlier, 0);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].bar.starts_with('░'), "{:?}", rows[0].bar);
+        assert!(rows[1].bar.ends_with('█'), "{:?}", rows[1].bar);
     }
 
     #[test]
