@@ -324,7 +324,7 @@ fn garbage(port: &mut File) -> Result<Infallible, String> {
         while chunk.len() < 60 * 1024 {
             match noise.next() % 8 {
                 0 => chunk.extend_from_slice(LURES[(noise.next() % LURES.len() as u64) as usize]),
-                1 if noise.next() % 64 == 0 => chunk.extend_from_slice(bomb.as_bytes()),
+                1 if noise.next().is_multiple_of(64) => chunk.extend_from_slice(bomb.as_bytes()),
                 _ => {
                     let len = (noise.next() % 300) as usize;
                     // Random bytes without a newline, so each line ends where chosen.

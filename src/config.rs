@@ -67,6 +67,22 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The daemon's own log.
     pub log: LogConfig,
+    /// The embedded DNS server.
+    pub dns: DnsConfig,
+}
+
+/// The embedded DNS server (`[dns]`): A and SRV records of the published machines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `IP:port` answering on UDP and TCP; empty turns it off. An address that cannot be
+    /// bound is logged and the daemon runs without DNS.
+    pub listen: String,
+    /// The domain machines are named under: `<name>.<domain>`, `<id>.vm.<domain>`.
+    pub domain: String,
+    /// Time to live of each answer, in seconds: how long a resolver may keep a name after
+    /// its machine is gone.
+    pub ttl_secs: u32,
 }
 
 /// The Prometheus endpoint (`[metrics]`).
@@ -409,6 +425,17 @@ impl Default for Config {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            listen: "127.0.0.1:8053".to_string(),
+            domain: "hearth.internal".to_string(),
+            ttl_secs: 5,
         }
     }
 }
@@ -732,6 +759,21 @@ impl Config {
         if !self.metrics.listen.is_empty() {
             address("metrics.listen", &self.metrics.listen)?;
         }
+        if !self.dns.listen.is_empty() {
+            address("dns.listen", &self.dns.listen)?;
+        }
+        let domain = self.dns.domain.trim_end_matches('.');
+        let labels_ok = !domain.is_empty()
+            && domain.len() <= 200
+            && domain
+                .split('.')
+                .all(|label| crate::machine::spec::check_name(label).is_ok());
+        if !labels_ok {
+            return Err(invalid(
+                "dns.domain",
+                format!("{domain:?} must be dot-separated DNS labels (a-z, 0-9, -)"),
+            ));
+        }
         if self.api.listen.is_empty() {
             return Ok(());
         }
@@ -903,6 +945,8 @@ mod tests {
                 "api.tls_client_ca",
             ),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("[dns]\nlisten = \"53\"", "dns.listen"),
+            ("[dns]\ndomain = \"Hearth..internal\"", "dns.domain"),
             ("[log]\nformat = \"xml\"", "xml"),
         ];
         for (text, key) in cases {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod dns;
 pub mod elf;
 pub mod failpoints;
 pub mod guest;

@@ -4,6 +4,9 @@
 //! change; delivery to the sinks happens after, from the outbox, and an entry is dropped
 //! only once every sink has it. A crash between the two leaves the entry queued, and it is
 //! delivered again on restart (sinks must accept a change twice).
+//!
+//! It also keeps the in-memory mirror of the table (`Services::routes_view`, read by the
+//! embedded DNS), changed after each commit and before the step is answered.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -34,6 +37,14 @@ pub enum RegistryMsg {
 pub struct RegistryPublisher;
 
 impl RegistryPublisher {
+    /// After a failed commit, the mirror is read again from the table (when the store
+    /// answers at all; otherwise it keeps what it had, which the next commit corrects).
+    fn reload_view(services: &Services) {
+        if let Ok(routes) = services.store().routes() {
+            services.routes_view().reset(routes);
+        }
+    }
+
     /// Delivers every queued change to the sinks, then drops it from the outbox. The
     /// embedded registry's sink is its watchers; the routes table itself was written in
     /// the publishing commit.
@@ -60,7 +71,9 @@ impl Actor for RegistryPublisher {
         myself: ActorRef<Self::Msg>,
         services: Services,
     ) -> Result<Services, ActorProcessingErr> {
-        // Whatever a previous run queued but did not deliver goes out first.
+        // The in-memory mirror starts as the table is (also after a restart of this
+        // actor); whatever a previous run queued but did not deliver goes out first.
+        services.routes_view().reset(services.store().routes()?);
         let _ = myself.cast(RegistryMsg::Drain);
         Ok(services)
     }
@@ -74,11 +87,19 @@ impl Actor for RegistryPublisher {
         match message {
             RegistryMsg::Publish { route, reply } => {
                 let result = services.store().publish_route(&route).map(|_| ());
+                match &result {
+                    Ok(()) => services.routes_view().insert(route),
+                    Err(_) => Self::reload_view(services),
+                }
                 crate::failpoints::hit("registry.publish.after_commit");
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             RegistryMsg::Unpublish { machine, reply } => {
                 let result = services.store().unpublish_route(&machine).map(|_| ());
+                match &result {
+                    Ok(()) => services.routes_view().remove(&machine),
+                    Err(_) => Self::reload_view(services),
+                }
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             RegistryMsg::Drain => {}

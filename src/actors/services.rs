@@ -40,6 +40,8 @@ struct Inner {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Where the daemon listens besides its socket, once bound.
     listening: std::sync::OnceLock<Listening>,
+    /// The published routes in memory (written by the RegistryPublisher only).
+    routes_view: crate::route::RouteTable,
 }
 
 /// The addresses the daemon bound besides its Unix socket (the configured ones may say
@@ -50,6 +52,8 @@ pub struct Listening {
     pub api: Option<std::net::SocketAddr>,
     /// The Prometheus endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The embedded DNS server (UDP and TCP).
+    pub dns: Option<std::net::SocketAddr>,
 }
 
 /// Capacity of the broadcast channels: a watcher that falls this far behind is told it
@@ -84,6 +88,7 @@ impl Services {
                 routes,
                 stopping: tokio::sync::watch::Sender::new(false),
                 listening: std::sync::OnceLock::new(),
+                routes_view: crate::route::RouteTable::default(),
             }),
         }
     }
@@ -239,6 +244,11 @@ impl Services {
     /// Delivers a route change to the embedded registry's watchers.
     pub fn emit_route(&self, change: RouteChange) {
         let _ = self.inner.routes.send(change);
+    }
+
+    /// The published routes, mirrored in memory (see [`crate::route::RouteTable`]).
+    pub fn routes_view(&self) -> &crate::route::RouteTable {
+        &self.inner.routes_view
     }
 
     /// Subscribes to route changes.

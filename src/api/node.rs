@@ -61,6 +61,7 @@ impl NodeService for Node {
             singleton_restarts: self.services.singleton_restarts(),
             api_address: listening.api.map(|a| a.to_string()).unwrap_or_default(),
             metrics_address: listening.metrics.map(|a| a.to_string()).unwrap_or_default(),
+            dns_address: listening.dns.map(|a| a.to_string()).unwrap_or_default(),
         }))
     }
 

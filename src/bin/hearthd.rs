@@ -169,19 +169,44 @@ async fn run(config: Config) -> Result<(), String> {
             Some((listener, tls))
         }
     };
+    // DNS, like metrics, is optional: a taken address is logged, not fatal.
+    let dns = if config.dns.listen.is_empty() {
+        None
+    } else {
+        match hearth::dns::bind(&config.dns.listen).await {
+            Ok(sockets) => Some(sockets),
+            Err(e) => {
+                tracing::error!(error = %e, address = %config.dns.listen, "dns.listen: serving without DNS");
+                None
+            }
+        }
+    };
     let listening = Listening {
         api: tcp.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         metrics: metrics.as_ref().and_then(|(l, _)| metrics::local(l)),
+        dns: dns.as_ref().and_then(hearth::dns::local),
     };
     services.set_listening(listening.clone());
     tracing::info!(
         socket = %config.api.socket.display(),
         tcp = ?listening.api,
         metrics = ?listening.metrics,
+        dns = ?listening.dns,
         "serving"
     );
     if let Some((listener, handle)) = metrics {
         tokio::spawn(metrics::serve(listener, handle, services.clone()));
+    }
+    if let Some(sockets) = dns {
+        let handler = hearth::dns::Handler::new(
+            services.routes_view().clone(),
+            &config.dns.domain,
+            config.dns.ttl_secs,
+        );
+        let mut stopping = services.stopping();
+        tokio::spawn(hearth::dns::serve(handler, sockets, async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        }));
     }
     // Recovery runs after the API serves: every recorded machine gets `Reconcile`.
     supervisor

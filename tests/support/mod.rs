@@ -84,7 +84,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{network}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
+                "data_dir = \"{d}/data\"\ncache_dir = \"{d}/cache\"\n[api]\nsocket = \"{d}/api.sock\"\n[network]\nprefix = \"{prefix}\"\npool = \"10.216.{net}.0/24\"\n{network}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[dns]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
                 d = dir.path().display(),
                 net = raw[1],
                 extra = extra,

@@ -1,0 +1,136 @@
+//! The embedded DNS server, asked by a real DNS client (`dig`, from Debian's dnsutils):
+//! a started machine resolves by name and by id, its ports as SRV records, over UDP and
+//! TCP; unknown names are NXDOMAIN, other domains REFUSED; after destroy the names are
+//! gone. The names are not there before the guest is ready either: they come from the
+//! routes the `publish` step writes, the last step of a start.
+
+mod support;
+
+use std::process::Command;
+
+use hearth::api::pb;
+use support::Daemon;
+
+/// `dig` at the daemon's DNS address: (status, answer lines).
+fn dig(server: &str, name: &str, kind: &str, tcp: bool) -> (String, Vec<String>) {
+    let (host, port) = server.rsplit_once(':').expect("host:port");
+    let mut command = Command::new("dig");
+    command.arg(format!("@{host}")).args([
+        "-p",
+        port,
+        name,
+        kind,
+        "+norecurse",
+        "+time=5",
+        "+tries=1",
+    ]);
+    if tcp {
+        command.arg("+tcp");
+    }
+    let out = command.output().expect("run dig");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or("none")
+        .to_string();
+    let answers = text
+        .split(";; ANSWER SECTION:")
+        .nth(1)
+        .map(|section| {
+            section
+                .lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, answers)
+}
+
+fn have_dig() -> bool {
+    let ok = Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        support::skipped("dns", "no dig (dnsutils; run deploy/install-deps.sh)");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_machine_resolves_and_a_destroyed_one_does_not() {
+    if support::guest_prereqs::guest_prereqs("dns").is_none() || !have_dig() {
+        return;
+    }
+    let daemon = Daemon::start_with("");
+    let mut client = daemon.client().await;
+    let server = support::node(&mut client).await.dns_address;
+    assert!(server.starts_with("127.0.0.1:"), "{server:?}");
+
+    let mut request = support::demo_request("dns-1", "resolved", &[]);
+    if let Some(spec) = request.spec.as_mut() {
+        spec.ports = vec![80];
+    }
+    let created = client
+        .machines
+        .create_machine(request)
+        .await
+        .expect("create")
+        .into_inner();
+    // Before the guest is ready nothing is published: NXDOMAIN (checked at once, while
+    // the machine is still starting).
+    let machine = support::get_machine(&mut client, &created.id).await;
+    if machine.state != pb::MachineState::Started as i32 {
+        let (status, _) = dig(&server, "resolved.hearth.internal", "A", false);
+        assert_eq!(status, "NXDOMAIN", "a machine that is not started yet");
+    }
+    let started = support::wait_for(&mut client, &created.id, pb::MachineState::Started).await;
+    let ip = started.guest_ip.clone();
+
+    for tcp in [false, true] {
+        let (status, answers) = dig(&server, "resolved.hearth.internal", "A", tcp);
+        assert_eq!(status, "NOERROR", "tcp={tcp}");
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        assert!(answers[0].ends_with(&format!("IN A {ip}")), "{answers:?}");
+    }
+    let (status, answers) = dig(
+        &server,
+        &format!("{}.vm.hearth.internal", started.id),
+        "A",
+        false,
+    );
+    assert_eq!(status, "NOERROR");
+    assert!(
+        answers.iter().any(|a| a.ends_with(&format!("IN A {ip}"))),
+        "{answers:?}"
+    );
+    let (status, answers) = dig(&server, "_80._tcp.resolved.hearth.internal", "SRV", false);
+    assert_eq!(status, "NOERROR");
+    assert!(
+        answers
+            .iter()
+            .any(|a| a.ends_with("IN SRV 0 0 80 resolved.hearth.internal.")),
+        "{answers:?}"
+    );
+    let (status, _) = dig(&server, "nobody.hearth.internal", "A", false);
+    assert_eq!(status, "NXDOMAIN");
+    let (status, _) = dig(&server, "example.com", "A", false);
+    assert_eq!(status, "REFUSED");
+    println!("resolved.hearth.internal -> {ip}, by id and SRV too");
+
+    support::destroy(&mut client, &started.id).await;
+    let (status, _) = dig(&server, "resolved.hearth.internal", "A", false);
+    assert_eq!(status, "NXDOMAIN", "after destroy");
+    let (status, _) = dig(
+        &server,
+        &format!("{}.vm.hearth.internal", started.id),
+        "A",
+        false,
+    );
+    assert_eq!(status, "NXDOMAIN", "after destroy, by id");
+    daemon.assert_no_host_leftovers();
+}
