@@ -19,6 +19,7 @@ pub mod machine;
 pub mod metrics;
 pub mod net;
 pub mod route;
+pub mod sinks;
 pub mod store;
 pub mod text;
 pub mod vmm;
