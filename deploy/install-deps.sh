@@ -6,7 +6,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (hearthd manages network namespaces, taps and VMMs)" >&2
   exit 1
 fi
-packages=(e2fsprogs busybox-static docker-registry iproute2 nftables qemu-system-x86 xfsprogs python3-venv dnsutils)
+packages=(e2fsprogs busybox-static docker-registry iproute2 nftables qemu-system-x86 xfsprogs python3-venv dnsutils etcd-server protobuf-compiler)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

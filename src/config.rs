@@ -69,6 +69,28 @@ pub struct Config {
     pub log: LogConfig,
     /// The embedded DNS server.
     pub dns: DnsConfig,
+    /// The etcd sink, for a fleet's proxies and resolvers.
+    pub etcd: EtcdConfig,
+}
+
+/// The etcd sink (`[etcd]`): every published route is written to etcd in the SkyDNS
+/// layout (for CoreDNS) and as a route record, under a lease this daemon keeps alive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port` endpoints; empty (the default) turns the
+    /// sink off.
+    pub endpoints: Vec<String>,
+    /// This host's name in keys (a DNS label); empty: the machine's host name.
+    pub host: String,
+    /// The lease's time to live: a host that dies takes its records with it after this.
+    pub lease_ttl_secs: u32,
+    /// The CA (PEM) of etcd's server certificates, for `https` endpoints.
+    pub tls_ca: PathBuf,
+    /// This client's certificate (PEM), when etcd asks for one.
+    pub tls_cert: PathBuf,
+    /// This client's key (PEM).
+    pub tls_key: PathBuf,
 }
 
 /// The embedded DNS server (`[dns]`): A and SRV records of the published machines.
@@ -426,6 +448,49 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             dns: DnsConfig::default(),
+            etcd: EtcdConfig::default(),
+        }
+    }
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: Vec::new(),
+            host: String::new(),
+            lease_ttl_secs: 10,
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// This host's name in keys: `host`, else the machine's host name (lower-cased,
+    /// anything but a-z, 0-9 and - made a -).
+    pub fn host_name(&self) -> String {
+        if !self.host.is_empty() {
+            return self.host.clone();
+        }
+        let raw = nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "host".to_string());
+        let label: String = raw
+            .split('.')
+            .next()
+            .unwrap_or("host")
+            .to_ascii_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(63)
+            .collect();
+        let label = label.trim_matches('-').to_string();
+        if label.is_empty() {
+            "host".to_string()
+        } else {
+            label
         }
     }
 }
@@ -762,6 +827,21 @@ impl Config {
         if !self.dns.listen.is_empty() {
             address("dns.listen", &self.dns.listen)?;
         }
+        for (i, endpoint) in self.etcd.endpoints.iter().enumerate() {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(invalid(
+                    format!("etcd.endpoints[{i}]"),
+                    format!("{endpoint:?} must start with http:// or https://"),
+                ));
+            }
+        }
+        if !self.etcd.host.is_empty() {
+            crate::machine::spec::check_name(&self.etcd.host)
+                .map_err(|e| invalid("etcd.host", e.to_string()))?;
+        }
+        if self.etcd.lease_ttl_secs < 2 {
+            return Err(invalid("etcd.lease_ttl_secs", "must be at least 2".into()));
+        }
         let domain = self.dns.domain.trim_end_matches('.');
         let labels_ok = !domain.is_empty()
             && domain.len() <= 200
@@ -947,6 +1027,12 @@ mod tests {
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
             ("[dns]\nlisten = \"53\"", "dns.listen"),
             ("[dns]\ndomain = \"Hearth..internal\"", "dns.domain"),
+            (
+                "[etcd]\nendpoints = [\"127.0.0.1:2379\"]",
+                "etcd.endpoints[0]",
+            ),
+            ("[etcd]\nhost = \"Worker_1\"", "etcd.host"),
+            ("[etcd]\nlease_ttl_secs = 1", "etcd.lease_ttl_secs"),
             ("[log]\nformat = \"xml\"", "xml"),
         ];
         for (text, key) in cases {

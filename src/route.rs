@@ -90,6 +90,14 @@ impl RouteTable {
         self.inner.read().ok()?.by_id.get(id).cloned()
     }
 
+    /// Every published route, by machine id.
+    pub fn all(&self) -> Vec<Route> {
+        self.inner
+            .read()
+            .map(|held| held.by_id.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// How many routes are published.
     pub fn len(&self) -> usize {
         self.inner.read().map(|held| held.by_id.len()).unwrap_or(0)

@@ -6,6 +6,7 @@
 
 pub mod compactor;
 pub mod context;
+pub mod etcd_sink;
 pub mod ip_pool;
 pub mod machine;
 pub mod pools;
@@ -64,6 +65,8 @@ pub mod names {
     pub const POOLS: &str = "pools";
     /// The store compactor.
     pub const COMPACTOR: &str = "compactor";
+    /// The etcd sink (idle unless `etcd.endpoints` is set).
+    pub const ETCD_SINK: &str = "etcd_sink";
     /// Prefix of MachineActor names; the machine id follows.
     pub const MACHINE_PREFIX: &str = "machine:";
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::compactor::Compactor;
+use super::etcd_sink::EtcdSink;
 use super::ip_pool::IpPool;
 use super::machine::{MachineActor, MachineMsg};
 use super::names;
@@ -69,16 +70,19 @@ pub enum Singleton {
     Pools,
     /// Forgets destroyed machines past their retention.
     Compactor,
+    /// Writes the routes to etcd.
+    EtcdSink,
 }
 
 impl Singleton {
-    const ALL: [Singleton; 6] = [
+    const ALL: [Singleton; 7] = [
         Singleton::IpPool,
         Singleton::TapAllocator,
         Singleton::RootfsCache,
         Singleton::Registry,
         Singleton::Pools,
         Singleton::Compactor,
+        Singleton::EtcdSink,
     ];
 
     fn name(self) -> &'static str {
@@ -89,6 +93,7 @@ impl Singleton {
             Singleton::Registry => names::REGISTRY,
             Singleton::Pools => names::POOLS,
             Singleton::Compactor => names::COMPACTOR,
+            Singleton::EtcdSink => names::ETCD_SINK,
         }
     }
 
@@ -153,6 +158,9 @@ impl Supervisor {
             }
             Singleton::Compactor => {
                 Compactor::spawn_linked(name, Compactor, services, cell).await?;
+            }
+            Singleton::EtcdSink => {
+                EtcdSink::spawn_linked(name, EtcdSink, services, cell).await?;
             }
         }
         Ok(())

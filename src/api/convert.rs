@@ -155,6 +155,19 @@ pub fn route(route: &Route) -> pb::Route {
         name: route.name.clone(),
         ip: route.ip.to_string(),
         ports: route.ports.iter().map(|p| u32::from(*p)).collect(),
+        pending_sinks: Vec::new(),
+    }
+}
+
+/// A route sink's state as the API shows it.
+pub fn sink(status: &crate::actors::etcd_sink::SinkStatus) -> pb::SinkStatus {
+    pb::SinkStatus {
+        name: status.name.clone(),
+        endpoints: status.endpoints.clone(),
+        in_sync: status.in_sync,
+        pending: status.pending.len() as u32,
+        last_error: status.last_error.clone().unwrap_or_default(),
+        last_sync_ms: status.last_sync_ms,
     }
 }
 

@@ -43,6 +43,9 @@ impl NodeService for Node {
         .await
         .unwrap_or_default();
         let listening = self.services.listening();
+        let sinks =
+            crate::actors::etcd_sink::status(&self.services, std::time::Duration::from_millis(500))
+                .await;
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,
@@ -62,6 +65,7 @@ impl NodeService for Node {
             api_address: listening.api.map(|a| a.to_string()).unwrap_or_default(),
             metrics_address: listening.metrics.map(|a| a.to_string()).unwrap_or_default(),
             dns_address: listening.dns.map(|a| a.to_string()).unwrap_or_default(),
+            sinks: sinks.iter().map(convert::sink).collect(),
         }))
     }
 

@@ -32,8 +32,26 @@ impl RegistryService for Registry {
         _: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
         let routes = self.services.store().routes().map_err(ApiError::from)?;
+        let sink =
+            crate::actors::etcd_sink::status(&self.services, std::time::Duration::from_millis(500))
+                .await;
         Ok(Response::new(pb::ListRoutesResponse {
-            routes: routes.iter().map(convert::route).collect(),
+            routes: routes
+                .iter()
+                .map(|route| {
+                    let mut shown = convert::route(route);
+                    // A sink that did not answer counts as pending: unknown is not done.
+                    let configured = !self.services.config().etcd.endpoints.is_empty();
+                    let pending = configured
+                        && sink
+                            .as_ref()
+                            .is_none_or(|s| s.pending.contains(&route.machine_id));
+                    if pending {
+                        shown.pending_sinks.push("etcd".to_string());
+                    }
+                    shown
+                })
+                .collect(),
         }))
     }
 

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod firecracker_env;
 pub mod guest_fixture;
 pub mod guest_prereqs;

@@ -391,7 +391,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         "size": p.size, "ready": p.ready, "refilling": p.refilling,
                         "claims": p.claims, "misses": p.misses,
                         "last_refill_ms": p.last_refill_ms, "last_error": p.last_error}))
-                        .collect::<Vec<_>>()})
+                        .collect::<Vec<_>>(),
+                    "sinks": n.sinks.iter().map(|s| json!({"name": s.name, "endpoints": s.endpoints,
+                        "in_sync": s.in_sync, "pending": s.pending, "last_error": printable(&s.last_error),
+                        "last_sync_ms": s.last_sync_ms}))
+                        .collect::<Vec<_>>(),
+                    "api_address": n.api_address, "metrics_address": n.metrics_address,
+                    "dns_address": n.dns_address})
             );
         }
         Command::Machine(command) => match *command {

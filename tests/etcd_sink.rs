@@ -1,0 +1,202 @@
+//! The etcd sink against a real etcd (Debian's `etcd-server`, on loopback, one per test):
+//! - a started machine appears under both layouts (SkyDNS for CoreDNS, hearth's route
+//!   records), and a destroyed one disappears;
+//! - keys planted under this host's names while the daemon was down are removed at start,
+//!   another host's are untouched;
+//! - etcd killed while machines are destroyed and created: the lifecycles do not stall,
+//!   and once etcd is back it holds exactly the records again;
+//! - hearthd killed with SIGKILL and not restarted: its keys expire with its lease
+//!   (waited for: TTL + 2 s).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use hearth::api::pb;
+use support::Daemon;
+use support::etcd::Etcd;
+
+const HOST: &str = "w1";
+const TTL: u32 = 3;
+
+fn ours(keys: &BTreeMap<String, String>) -> Vec<String> {
+    keys.keys()
+        .filter(|k| {
+            k.starts_with(&format!("/hearth/routes/{HOST}/")) || k.ends_with(&format!("/{HOST}"))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Waits until etcd's keys satisfy `done` (re-read every 100 ms), up to `limit`.
+async fn until(
+    etcd: &Etcd,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let keys = etcd.keys("/").await.unwrap_or_default();
+        if done(&keys) {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}; etcd holds {keys:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn published(keys: &BTreeMap<String, String>, machine: &pb::Machine) -> bool {
+    let sky = format!("/skydns/internal/hearth/{}/{HOST}", machine.name);
+    let by_id = format!("/skydns/internal/hearth/vm/{}/{HOST}", machine.id);
+    let route = format!("/hearth/routes/{HOST}/{}", machine.id);
+    keys.get(&sky)
+        .is_some_and(|v| v.contains(&format!("\"host\":\"{}\"", machine.guest_ip)))
+        && keys.contains_key(&by_id)
+        && keys.get(&route).is_some_and(|v| v.contains(&machine.id))
+}
+
+async fn start(client: &mut hearth::client::Client, request_id: &str, name: &str) -> pb::Machine {
+    let created = client
+        .machines
+        .create_machine(support::demo_request(request_id, name, &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    support::wait_for(client, &created.id, pb::MachineState::Started).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
+    if support::guest_prereqs::guest_prereqs("etcd_sink").is_none() {
+        return;
+    }
+    let Some(mut etcd) = Etcd::start("etcd_sink").await else {
+        return;
+    };
+    // Left by an earlier run of this host, and another host's.
+    let planted = [
+        format!("/hearth/routes/{HOST}/ghost"),
+        format!("/skydns/internal/hearth/ghost/{HOST}"),
+    ];
+    let foreign = ["/hearth/routes/w2/abc", "/skydns/internal/hearth/web/w2"];
+    for key in planted.iter().map(String::as_str).chain(foreign) {
+        etcd.put(key, "{}").await;
+    }
+    let mut daemon = Daemon::start_with(&etcd.config(HOST, TTL));
+    let mut client = daemon.client().await;
+    until(
+        &etcd,
+        Duration::from_secs(10),
+        "planted keys removed",
+        |keys| planted.iter().all(|k| !keys.contains_key(k)),
+    )
+    .await;
+
+    let first = start(&mut client, "e-1", "first").await;
+    let keys = until(&etcd, Duration::from_secs(10), "first published", |keys| {
+        published(keys, &first)
+    })
+    .await;
+    for key in foreign {
+        assert!(keys.contains_key(key), "another host's {key} was touched");
+    }
+    println!("published: {:#?}", ours(&keys));
+
+    // etcd goes away: the machines' lives go on.
+    etcd.kill();
+    support::destroy(&mut client, &first.id).await;
+    let second = start(&mut client, "e-2", "second").await;
+    println!("while etcd was down: first destroyed, second started");
+    // Publication is pending, and says so.
+    let node = support::node(&mut client).await;
+    let sink = node.sinks.first().expect("the etcd sink in GetNode");
+    assert!(!sink.in_sync && !sink.last_error.is_empty(), "{sink:?}");
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner()
+        .routes;
+    let shown = routes
+        .iter()
+        .find(|r| r.machine_id == second.id)
+        .expect("second's route");
+    assert_eq!(shown.pending_sinks, vec!["etcd".to_string()], "{shown:?}");
+    etcd.spawn().await;
+    let keys = until(
+        &etcd,
+        Duration::from_secs(15),
+        "etcd in line after the outage",
+        |keys| {
+            published(keys, &second)
+                && !keys
+                    .keys()
+                    .any(|k| k.contains(&first.id) || k.contains("/first/"))
+        },
+    )
+    .await;
+    assert_eq!(
+        ours(&keys).len(),
+        3,
+        "exactly the second machine's keys: {keys:#?}"
+    );
+    for key in foreign {
+        assert!(keys.contains_key(key), "another host's {key} was touched");
+    }
+    // The next sync reports the sink in line, the route no longer pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let node = support::node(&mut client).await;
+        if node
+            .sinks
+            .first()
+            .is_some_and(|s| s.in_sync && s.pending == 0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink never reported in sync: {:?}",
+            node.sinks
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let routes = client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner()
+        .routes;
+    assert!(
+        routes.iter().all(|r| r.pending_sinks.is_empty()),
+        "{routes:?}"
+    );
+
+    // The daemon dies and does not come back: its keys expire with its lease.
+    daemon.kill();
+    let clock = Instant::now();
+    let keys = until(
+        &etcd,
+        Duration::from_secs(u64::from(TTL) + 2),
+        "keys expired with the lease",
+        |keys| ours(keys).is_empty(),
+    )
+    .await;
+    println!(
+        "keys gone {:.1} s after SIGKILL (TTL {TTL} s)",
+        clock.elapsed().as_secs_f64()
+    );
+    for key in foreign {
+        assert!(
+            keys.contains_key(key),
+            "another host's {key} expired with ours"
+        );
+    }
+}
