@@ -136,11 +136,14 @@ pub const BOUNDARIES: [Boundary; 3] = [
 ];
 
 /// Fail points in the singleton actors: between their durable write and what follows.
-pub const SINGLETON_POINTS: [&str; 6] = [
+pub const SINGLETON_POINTS: [&str; 9] = [
     "ip_pool.lease.after_commit",
     "pools.claim.after_commit",
     "pools.refill.after_commit",
     "registry.publish.after_commit",
+    "registry.unpublish.after_commit",
+    "etcd_sink.write.before_effect",
+    "etcd_sink.write.after_effect",
     "rootfs_cache.build.after_effect",
     "tap_allocator.ensure.before_effect",
 ];

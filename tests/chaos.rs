@@ -397,11 +397,161 @@ async fn run_pool_case(point: String, mode: Mode) -> Row {
     row
 }
 
+/// The points route publication crosses on its way out: the embedded registry's
+/// unpublish, and the etcd sink's writes (publish and unpublish alike).
+fn sink_point(point: &str) -> bool {
+    point.starts_with("etcd_sink.") || point == "registry.unpublish.after_commit"
+}
+
+/// This daemon's keys in etcd (the chaos cases run as host `chaos`).
+async fn etcd_keys(etcd: &support::etcd::Etcd) -> Vec<String> {
+    etcd.keys("/")
+        .await
+        .unwrap_or_default()
+        .into_keys()
+        .filter(|k| k.starts_with("/hearth/routes/chaos/") || k.ends_with("/chaos"))
+        .collect()
+}
+
+/// Waits (up to 30 s) until this daemon's keys in etcd are exactly `machine`'s (or none);
+/// notes the difference in the row if they never are.
+async fn etcd_holds(row: &mut Row, etcd: &support::etcd::Etcd, machine: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = etcd_keys(etcd).await;
+        let exact = match machine {
+            None => keys.is_empty(),
+            Some(id) => keys.len() == 3 && keys.iter().filter(|k| k.contains(id)).count() == 2,
+        };
+        if exact {
+            return;
+        }
+        if Instant::now() > deadline {
+            row.leaks
+                .push(format!("etcd holds {keys:?} for {machine:?}"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A sink case, with a real etcd: the point is armed while a machine is published (the
+/// etcd writes only) and again while it is destroyed. Each time the daemon crashes there
+/// (or the actor panics and is restarted) and recovers; etcd must then hold exactly the
+/// started machine's keys, and none once it is destroyed, and the host nothing.
+async fn run_sink_case(point: String, mode: Mode) -> Row {
+    let mut row = Row::new(&point, mode);
+    let Some(etcd) = support::etcd::Etcd::start("chaos (etcd sink points)").await else {
+        row.error = Some("no etcd here".into());
+        return row;
+    };
+    let fail_env = format!("{point}={}", mode.action());
+    let env = [("FAILPOINTS", fail_env.as_str())];
+    let mut daemon = Daemon::prepare(&etcd.config("chaos", 3));
+    let clock = Instant::now();
+    let on_publish = point.starts_with("etcd_sink.");
+    if on_publish {
+        daemon.spawn_with_env(&env);
+    } else {
+        daemon.spawn();
+    }
+    let mut client = daemon.client().await;
+    let m = create(&mut client, "sunk").await.expect("create");
+    if on_publish {
+        if !row.crash_and_restart(&mut daemon).await {
+            return row;
+        }
+        client = daemon.client().await;
+    }
+    row.converge(&mut client, &m.id, pb::MachineState::Started)
+        .await;
+    etcd_holds(&mut row, &etcd, Some(&m.id)).await;
+    // A panicked sink is restarted by the supervisor, which the node counts (the count
+    // may land just after etcd is in line: the after-effect point panics once the write
+    // is done).
+    let restarted = |mut client: Client| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let restarts = support::node(&mut client).await.singleton_restarts;
+            if restarts > 0 || Instant::now() > deadline {
+                return restarts;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let restarts_before = if mode == Mode::Panic && on_publish {
+        restarted(client.clone()).await
+    } else {
+        0
+    };
+    // A restarted sink writes every key again under its new lease: that first write
+    // passes (`1*off`), so the point fires at the unpublish's write.
+    let unpublish_env = if on_publish {
+        format!("{point}=1*off->{}", mode.action())
+    } else {
+        fail_env.clone()
+    };
+    daemon.kill();
+    daemon.spawn_with_env(&[("FAILPOINTS", unpublish_env.as_str())]);
+    client = daemon.client().await;
+    if on_publish {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !support::node(&mut client)
+            .await
+            .sinks
+            .first()
+            .is_some_and(|s| s.in_sync)
+        {
+            if Instant::now() > deadline {
+                row.error = Some("the restarted sink never got in line".into());
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    client
+        .machines
+        .destroy_machine(pb::MachineRef { id: m.id.clone() })
+        .await
+        .expect("destroy");
+    if mode == Mode::Kill {
+        let crashed = daemon.wait_exit(Duration::from_secs(120)).await;
+        if !crashed {
+            row.error = Some("the fail point was never reached on unpublish".into());
+            return row;
+        }
+        row.crashed = true;
+        daemon.spawn();
+        client = daemon.client().await;
+    }
+    row.converge(&mut client, &m.id, pb::MachineState::Destroyed)
+        .await;
+    etcd_holds(&mut row, &etcd, None).await;
+    row.seconds = clock.elapsed().as_secs_f64();
+    if mode == Mode::Panic {
+        // The singleton's panic is counted by the node (published and unpublished once
+        // each: a restart in between starts the count again).
+        let restarts = restarted(client.clone()).await;
+        row.crashed = restarts > 0 && (restarts_before > 0 || !on_publish);
+        if !row.crashed {
+            row.error = Some(format!(
+                "no singleton restart seen (publish {restarts_before}, unpublish {restarts})"
+            ));
+        }
+    }
+    row.note_audit(&mut client).await;
+    row.leaks.extend(leftovers(&daemon, &mut client).await);
+    row
+}
+
 /// Drives the operation of `point` so that the run crosses it, fails there, recovers,
 /// and converges; then destroys the machine and looks for leftovers.
 async fn run_case(point: String, mode: Mode, setup: Arc<Setup>) -> Row {
     if pool_point(&point) {
         return run_pool_case(point, mode).await;
+    }
+    if sink_point(&point) {
+        return run_sink_case(point, mode).await;
     }
     let operation = point.split('.').next().unwrap_or("create").to_string();
     let waiting = !setup.guest_boots && matches!(operation.as_str(), "stop" | "destroy");

@@ -221,7 +221,9 @@ impl EtcdSink {
                     .map(|(op, _, _)| op.clone())
                     .collect::<Vec<_>>(),
             );
+            crate::failpoints::hit("etcd_sink.write.before_effect");
             timed("write keys", client.txn(txn)).await?;
+            crate::failpoints::hit("etcd_sink.write.after_effect");
             for (_, key, value) in chunk {
                 match value {
                     Some(value) => state.known.insert(key.clone(), value.clone()),

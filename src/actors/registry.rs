@@ -100,6 +100,7 @@ impl Actor for RegistryPublisher {
                     Ok(()) => services.routes_view().remove(&machine),
                     Err(_) => Self::reload_view(services),
                 }
+                crate::failpoints::hit("registry.unpublish.after_commit");
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
             RegistryMsg::Drain => {}
