@@ -839,8 +839,44 @@ impl Config {
             crate::machine::spec::check_name(&self.etcd.host)
                 .map_err(|e| invalid("etcd.host", e.to_string()))?;
         }
-        if self.etcd.lease_ttl_secs < 2 {
-            return Err(invalid("etcd.lease_ttl_secs", "must be at least 2".into()));
+        if self.etcd.lease_ttl_secs < 3 {
+            return Err(invalid("etcd.lease_ttl_secs", "must be at least 3".into()));
+        }
+        let etcd_tls = [
+            ("etcd.tls_ca", &self.etcd.tls_ca),
+            ("etcd.tls_cert", &self.etcd.tls_cert),
+            ("etcd.tls_key", &self.etcd.tls_key),
+        ];
+        for (key, path) in etcd_tls {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+        }
+        let https = self
+            .etcd
+            .endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"));
+        if https && self.etcd.tls_ca.as_os_str().is_empty() {
+            return Err(invalid(
+                "etcd.tls_ca",
+                "is required with an https:// endpoint".into(),
+            ));
+        }
+        if self.etcd.tls_cert.as_os_str().is_empty() != self.etcd.tls_key.as_os_str().is_empty() {
+            return Err(invalid(
+                "etcd.tls_key",
+                "etcd.tls_cert and etcd.tls_key go together".into(),
+            ));
+        }
+        if !self.etcd.tls_cert.as_os_str().is_empty() && self.etcd.tls_ca.as_os_str().is_empty() {
+            return Err(invalid(
+                "etcd.tls_ca",
+                "is required with etcd.tls_cert".into(),
+            ));
         }
         let domain = self.dns.domain.trim_end_matches('.');
         let labels_ok = !domain.is_empty()
@@ -1032,7 +1068,12 @@ mod tests {
                 "etcd.endpoints[0]",
             ),
             ("[etcd]\nhost = \"Worker_1\"", "etcd.host"),
-            ("[etcd]\nlease_ttl_secs = 1", "etcd.lease_ttl_secs"),
+            ("[etcd]\nlease_ttl_secs = 2", "etcd.lease_ttl_secs"),
+            ("[etcd]\nendpoints = [\"https://e:2379\"]", "etcd.tls_ca"),
+            (
+                "[etcd]\ntls_ca = \"/ca\"\ntls_cert = \"/c\"",
+                "etcd.tls_key",
+            ),
             ("[log]\nformat = \"xml\"", "xml"),
         ];
         for (text, key) in cases {

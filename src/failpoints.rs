@@ -213,8 +213,12 @@ mod tests {
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
         // create 10 steps, start 4, stop 4, destroy 10, prepare 8, claim 3; three
-        // boundaries each; 6 singleton points.
-        assert_eq!(all.len(), (10 + 4 + 4 + 10 + 8 + 3) * 3 + 6);
+        // boundaries each; the singleton points.
+        assert_eq!(
+            all.len(),
+            (10 + 4 + 4 + 10 + 8 + 3) * 3 + SINGLETON_POINTS.len()
+        );
+        assert!(all.contains(&"etcd_sink.write.before_effect".to_string()));
         assert!(all.contains(&"stop.cgroup.before_effect".to_string()));
         assert!(all.contains(&"claim.policy.after_effect".to_string()));
         assert!(!all.contains(&"prepare.policy.before_effect".to_string()));

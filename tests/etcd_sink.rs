@@ -1,6 +1,7 @@
 //! The etcd sink against a real etcd (Debian's `etcd-server`, on loopback, one per test):
 //! - a started machine appears under both layouts (SkyDNS for CoreDNS, hearth's route
-//!   records), and a destroyed one disappears;
+//!   records), and a destroyed one disappears within a second (the sink deletes it; the
+//!   lease would take 3 s);
 //! - keys planted under this host's names while the daemon was down are removed at start,
 //!   another host's are untouched;
 //! - etcd killed while machines are destroyed and created: the lifecycles do not stall,
@@ -94,6 +95,26 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
         Duration::from_secs(10),
         "planted keys removed",
         |keys| planted.iter().all(|k| !keys.contains_key(k)),
+    )
+    .await;
+
+    // With etcd up, a destroy removes the keys at once (well within the TTL, so it is
+    // the sink deleting them, not the lease expiring).
+    let zero = start(&mut client, "e-0", "zero").await;
+    until(&etcd, Duration::from_secs(10), "zero published", |keys| {
+        published(keys, &zero)
+    })
+    .await;
+    support::destroy(&mut client, &zero.id).await;
+    until(
+        &etcd,
+        Duration::from_secs(1),
+        "zero's keys deleted by the sink",
+        |keys| {
+            !keys
+                .keys()
+                .any(|k| k.contains(&zero.id) || k.contains("/zero/"))
+        },
     )
     .await;
 

@@ -3,24 +3,30 @@
 //! under one lease this host keeps alive. If the host dies, its keys expire with the lease
 //! (`etcd.lease_ttl_secs`).
 //!
-//! It is level-triggered: whenever the routes change (their broadcast) and on every tick
-//! (a third of the TTL), it compares the routes mirror (`Services::routes_view`) with
-//! what it knows etcd holds and writes the difference in transactions. What it knows is
-//! read again from etcd after any failure and at start, so extras planted or left while
-//! it was away are removed (only keys this host owns), and missing ones written. After a
-//! failure it starts afresh with a new connection and a new lease, and writes every key
-//! again under it (a key written again leaves its old lease, which then expires holding
-//! nothing). An outage never blocks a machine: publish and unpublish steps commit
-//! to the store and return; this sink catches up when etcd answers again, and reports the
-//! routes still pending meanwhile (`GetNode`).
+//! It is level-triggered: whenever the routes change (their broadcast, coalesced: one
+//! sync pending at most) and on every tick (a third of the TTL), it compares the routes
+//! mirror (`Services::routes_view`) with what it knows etcd holds and writes the
+//! difference in transactions. The lease is kept alive by a task of its own, so a long
+//! sync never lets it lapse; a keep-alive that fails or finds the lease gone makes the
+//! sink start afresh.
+//!
+//! Starting afresh (at start, and after any failure): a new connection, a new lease, the
+//! keys etcd holds for this host read again (names only), and every wanted key written
+//! again under the new lease (a key written again leaves its old lease, which then
+//! expires holding nothing); extras planted or left while it was away are removed (only
+//! keys of this host's exact shapes). Until then every route counts as pending. An outage
+//! never blocks a machine: publish and unpublish steps commit to the store and return;
+//! this sink catches up when etcd answers again, and reports the routes still pending
+//! meanwhile (GetNode `sinks`, ListRoutes `pending_sinks`), from a board it updates after
+//! every attempt, so a report never waits for a sync in flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
-};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
 use super::machine::now_ms;
@@ -37,13 +43,13 @@ const TXN_OPS: usize = 100;
 pub enum EtcdMsg {
     /// The routes changed: bring etcd in line.
     Changed,
-    /// Keep the lease alive, and retry whatever failed.
+    /// Retry whatever failed, and check the line.
     Tick,
-    /// The sink's state, for GetNode.
-    Status(RpcReplyPort<SinkStatus>),
+    /// The keep-alive task found lease `id` gone (or could not renew it).
+    LeaseLost(i64),
 }
 
-/// What the sink reports.
+/// What the sink reports (read from its board, never by asking the actor).
 #[derive(Debug, Clone, Default)]
 pub struct SinkStatus {
     /// `etcd`.
@@ -54,23 +60,51 @@ pub struct SinkStatus {
     pub in_sync: bool,
     /// Published routes not (yet) fully in etcd, by machine id.
     pub pending: Vec<String>,
-    /// The last failure, when the last attempt failed.
+    /// The last failure, while it lasts.
     pub last_error: Option<String>,
     /// When etcd last held exactly the records (ms since the epoch; 0: never).
     pub last_sync_ms: u64,
 }
 
+/// What the actor posts after every attempt; reports are computed from it and the
+/// routes mirror at the moment they are asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Board {
+    /// Machines whose keys etcd holds, as the sink last knew.
+    delivered: BTreeSet<String>,
+    last_error: Option<String>,
+    last_sync_ms: u64,
+}
+
 /// The sink actor.
 pub struct EtcdSink;
 
-/// The etcd sink's state, when one is configured and it answers within `patience`.
-pub async fn status(services: &Services, patience: Duration) -> Option<SinkStatus> {
-    if services.config().etcd.endpoints.is_empty() {
+/// The etcd sink's state, when one is configured.
+pub fn status(services: &Services) -> Option<SinkStatus> {
+    let etcd = &services.config().etcd;
+    if etcd.endpoints.is_empty() {
         return None;
     }
-    super::ask(super::names::ETCD_SINK, EtcdMsg::Status, patience)
-        .await
-        .ok()
+    let board = services
+        .sink_board()
+        .lock()
+        .map(|b| b.clone())
+        .unwrap_or_default();
+    let pending: Vec<String> = services
+        .routes_view()
+        .all()
+        .into_iter()
+        .map(|route| route.machine_id)
+        .filter(|id| !board.delivered.contains(id))
+        .collect();
+    Some(SinkStatus {
+        name: "etcd".to_string(),
+        endpoints: etcd.endpoints.clone(),
+        in_sync: board.last_error.is_none() && board.last_sync_ms > 0 && pending.is_empty(),
+        pending,
+        last_error: board.last_error,
+        last_sync_ms: board.last_sync_ms,
+    })
 }
 
 /// Its state.
@@ -79,19 +113,28 @@ pub struct SinkState {
     layout: Layout,
     client: Option<Client>,
     lease: Option<Lease>,
-    /// This host's keys as etcd holds them, as far as the sink knows.
+    /// This host's keys as etcd holds them, as far as the sink knows ("" for a value it
+    /// did not read: written again).
     known: BTreeMap<String, String>,
-    /// True when `known` was read from etcd (or kept in step since).
+    /// True when `known` was read from etcd under the current lease (or kept since).
     read: bool,
     last_error: Option<String>,
     last_sync_ms: u64,
+    /// Set by the forwarder when a change is waiting; cleared when a sync starts.
+    dirty: Arc<AtomicBool>,
     forwarder: Option<JoinHandle<()>>,
 }
 
 struct Lease {
     id: i64,
-    keeper: LeaseKeeper,
-    answers: LeaseKeepAliveStream,
+    /// Renews it every third of the TTL; reports its loss.
+    keeper: JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// Runs `call` with [`CALL_TIMEOUT`], as a string error.
@@ -130,8 +173,44 @@ impl EtcdSink {
         Ok(options)
     }
 
-    /// One attempt to bring etcd in line; `tick` also renews the lease.
-    async fn sync(state: &mut SinkState, tick: bool) -> Result<(), String> {
+    /// Grants a lease and starts its keep-alive task.
+    async fn lease(
+        client: &mut Client,
+        ttl_secs: u32,
+        myself: &ActorRef<EtcdMsg>,
+    ) -> Result<Lease, String> {
+        let granted = timed("lease grant", client.lease_grant(i64::from(ttl_secs), None)).await?;
+        let id = granted.id();
+        let (mut keeper, mut answers) =
+            timed("lease keep-alive", client.lease_keep_alive(id)).await?;
+        let me = myself.clone();
+        let every = Duration::from_millis(u64::from(ttl_secs) * 1000 / 3);
+        let task = tokio::spawn(async move {
+            // lease_keep_alive sent the first renewal; every answer is read, in turn.
+            loop {
+                let alive = match timed("lease keep-alive answer", answers.message()).await {
+                    Ok(Some(answer)) => answer.ttl() > 0,
+                    Ok(None) | Err(_) => false,
+                };
+                if !alive {
+                    let _ = me.cast(EtcdMsg::LeaseLost(id));
+                    return;
+                }
+                tokio::time::sleep(every).await;
+                if timed("lease keep-alive", keeper.keep_alive())
+                    .await
+                    .is_err()
+                {
+                    let _ = me.cast(EtcdMsg::LeaseLost(id));
+                    return;
+                }
+            }
+        });
+        Ok(Lease { id, keeper: task })
+    }
+
+    /// One attempt to bring etcd in line.
+    async fn sync(state: &mut SinkState, myself: &ActorRef<EtcdMsg>) -> Result<(), String> {
         let services = state.services.clone();
         let etcd = &services.config().etcd;
         if state.client.is_none() {
@@ -142,38 +221,16 @@ impl EtcdSink {
         let Some(client) = state.client.as_mut() else {
             return Ok(());
         };
-        if tick && let Some(lease) = state.lease.as_mut() {
-            timed("lease keep-alive", lease.keeper.keep_alive()).await?;
-            let answer = timed("lease keep-alive answer", lease.answers.message()).await?;
-            if answer.is_none_or(|a| a.ttl() <= 0) {
-                // Expired (an outage longer than the TTL): every key went with it.
-                tracing::warn!(
-                    lease = lease.id,
-                    "etcd lease expired; writing every key again"
-                );
-                state.lease = None;
-            }
-        }
         if state.lease.is_none() {
-            let granted = timed(
-                "lease grant",
-                client.lease_grant(i64::from(etcd.lease_ttl_secs), None),
-            )
-            .await?;
-            let (keeper, answers) =
-                timed("lease keep-alive", client.lease_keep_alive(granted.id())).await?;
-            state.lease = Some(Lease {
-                id: granted.id(),
-                keeper,
-                answers,
-            });
-            // Keys under an older lease would expire with it: write them all again.
+            state.lease = Some(Self::lease(client, etcd.lease_ttl_secs, myself).await?);
             state.read = false;
         }
         let Some(lease_id) = state.lease.as_ref().map(|l| l.id) else {
             return Ok(());
         };
         if !state.read {
+            // Names only (every wanted key is written again under the new lease anyway),
+            // so the answer stays small however many hosts share the tree.
             let mut present = BTreeMap::new();
             for prefix in [
                 format!("{}/", state.layout.skydns_root()),
@@ -181,18 +238,17 @@ impl EtcdSink {
             ] {
                 let answer = timed(
                     "read keys",
-                    client.get(prefix, Some(GetOptions::new().with_prefix())),
+                    client.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    ),
                 )
                 .await?;
                 for kv in answer.kvs() {
-                    let (Ok(key), Ok(value)) = (kv.key_str(), kv.value_str()) else {
-                        continue;
-                    };
-                    if state.layout.owns(key) {
-                        // Written under which lease is unknown: every wanted key is
-                        // written again, so none stays tied to an older lease.
-                        let value = if kv.lease() == lease_id { value } else { "" };
-                        present.insert(key.to_string(), value.to_string());
+                    if let Ok(key) = kv.key_str()
+                        && state.layout.owns(key)
+                    {
+                        present.insert(key.to_string(), String::new());
                     }
                 }
             }
@@ -235,26 +291,37 @@ impl EtcdSink {
         Ok(())
     }
 
-    fn status(state: &SinkState) -> SinkStatus {
-        let routes = state.services.routes_view().all();
-        let pending: Vec<String> = routes
-            .iter()
+    /// Forgets the connection, the lease and what etcd holds: the next sync starts afresh
+    /// and, until it is done, every route counts as pending.
+    fn reset(state: &mut SinkState) {
+        state.client = None;
+        state.lease = None;
+        state.read = false;
+        state.known.clear();
+    }
+
+    /// Posts what reports are computed from.
+    fn post(state: &SinkState) {
+        let delivered = state
+            .services
+            .routes_view()
+            .all()
+            .into_iter()
             .filter(|route| {
                 state
                     .layout
                     .entries(route)
                     .iter()
-                    .any(|(key, value)| state.known.get(key) != Some(value))
+                    .all(|(key, value)| state.known.get(key) == Some(value))
             })
-            .map(|route| route.machine_id.clone())
+            .map(|route| route.machine_id)
             .collect();
-        SinkStatus {
-            name: "etcd".to_string(),
-            endpoints: state.services.config().etcd.endpoints.clone(),
-            in_sync: state.last_error.is_none() && pending.is_empty() && state.read,
-            pending,
-            last_error: state.last_error.clone(),
-            last_sync_ms: state.last_sync_ms,
+        if let Ok(mut board) = state.services.sink_board().lock() {
+            *board = Board {
+                delivered,
+                last_error: state.last_error.clone(),
+                last_sync_ms: state.last_sync_ms,
+            };
         }
     }
 
@@ -280,17 +347,22 @@ impl Actor for EtcdSink {
             host: config.etcd.host_name(),
             ttl: config.dns.ttl_secs,
         };
+        let dirty = Arc::new(AtomicBool::new(false));
         let forwarder = if config.etcd.endpoints.is_empty() {
             None
         } else {
-            // Every route change (or a lag: something changed) asks for a sync.
+            // Every route change (or a lag: something changed) asks for a sync, unless
+            // one is already waiting.
             let mut changes = services.subscribe_routes();
             let me = myself.clone();
+            let waiting = dirty.clone();
             let task = tokio::spawn(async move {
                 loop {
                     match changes.recv().await {
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            if me.cast(EtcdMsg::Changed).is_err() {
+                            if !waiting.swap(true, Ordering::AcqRel)
+                                && me.cast(EtcdMsg::Changed).is_err()
+                            {
                                 return;
                             }
                         }
@@ -298,6 +370,7 @@ impl Actor for EtcdSink {
                     }
                 }
             });
+            dirty.store(true, Ordering::Release);
             myself.cast(EtcdMsg::Changed)?;
             myself.send_after(Self::tick_every(&services), || EtcdMsg::Tick);
             Some(task)
@@ -311,6 +384,7 @@ impl Actor for EtcdSink {
             read: false,
             last_error: None,
             last_sync_ms: 0,
+            dirty,
             forwarder,
         })
     }
@@ -323,6 +397,7 @@ impl Actor for EtcdSink {
         if let Some(task) = state.forwarder.take() {
             task.abort();
         }
+        state.lease = None;
         Ok(())
     }
 
@@ -332,21 +407,23 @@ impl Actor for EtcdSink {
         message: Self::Msg,
         state: &mut SinkState,
     ) -> Result<(), ActorProcessingErr> {
-        let tick = match message {
-            EtcdMsg::Status(reply) => {
-                let _ = reply.send(Self::status(state));
-                return Ok(());
-            }
-            EtcdMsg::Changed => false,
+        match message {
+            EtcdMsg::Changed => state.dirty.store(false, Ordering::Release),
             EtcdMsg::Tick => {
                 myself.send_after(Self::tick_every(&state.services), || EtcdMsg::Tick);
-                true
             }
-        };
+            EtcdMsg::LeaseLost(id) => {
+                if state.lease.as_ref().is_none_or(|l| l.id != id) {
+                    return Ok(());
+                }
+                tracing::warn!(lease = id, "etcd lease lost; writing every key again");
+                Self::reset(state);
+            }
+        }
         if state.services.config().etcd.endpoints.is_empty() {
             return Ok(());
         }
-        match Self::sync(state, tick).await {
+        match Self::sync(state, &myself).await {
             Ok(()) => {
                 if state.last_error.take().is_some() {
                     tracing::info!("etcd sink in line with the records again");
@@ -357,14 +434,10 @@ impl Actor for EtcdSink {
                     tracing::warn!(error = %e, "etcd sink: will retry");
                 }
                 state.last_error = Some(e);
-                // Start afresh once etcd answers: a new connection and a new lease (a
-                // key written again moves to it; the old lease expires with nothing),
-                // and what etcd holds read again.
-                state.client = None;
-                state.lease = None;
-                state.read = false;
+                Self::reset(state);
             }
         }
+        Self::post(state);
         Ok(())
     }
 }

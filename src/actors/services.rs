@@ -42,6 +42,8 @@ struct Inner {
     listening: std::sync::OnceLock<Listening>,
     /// The published routes in memory (written by the RegistryPublisher only).
     routes_view: crate::route::RouteTable,
+    /// The etcd sink's last posted state (written by the EtcdSink only).
+    sink_board: std::sync::Mutex<super::etcd_sink::Board>,
 }
 
 /// The addresses the daemon bound besides its Unix socket (the configured ones may say
@@ -89,6 +91,7 @@ impl Services {
                 stopping: tokio::sync::watch::Sender::new(false),
                 listening: std::sync::OnceLock::new(),
                 routes_view: crate::route::RouteTable::default(),
+                sink_board: std::sync::Mutex::new(super::etcd_sink::Board::default()),
             }),
         }
     }
@@ -249,6 +252,11 @@ impl Services {
     /// The published routes, mirrored in memory (see [`crate::route::RouteTable`]).
     pub fn routes_view(&self) -> &crate::route::RouteTable {
         &self.inner.routes_view
+    }
+
+    /// The etcd sink's board (see `etcd_sink::status`).
+    pub fn sink_board(&self) -> &std::sync::Mutex<super::etcd_sink::Board> {
+        &self.inner.sink_board
     }
 
     /// Subscribes to route changes.

@@ -43,9 +43,7 @@ impl NodeService for Node {
         .await
         .unwrap_or_default();
         let listening = self.services.listening();
-        let sinks =
-            crate::actors::etcd_sink::status(&self.services, std::time::Duration::from_millis(500))
-                .await;
+        let sinks = crate::actors::etcd_sink::status(&self.services);
         Ok(Response::new(pb::Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             vcpus_total: vcpus,

@@ -32,15 +32,12 @@ impl RegistryService for Registry {
         _: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
         let routes = self.services.store().routes().map_err(ApiError::from)?;
-        let sink =
-            crate::actors::etcd_sink::status(&self.services, std::time::Duration::from_millis(500))
-                .await;
+        let sink = crate::actors::etcd_sink::status(&self.services);
         Ok(Response::new(pb::ListRoutesResponse {
             routes: routes
                 .iter()
                 .map(|route| {
                     let mut shown = convert::route(route);
-                    // A sink that did not answer counts as pending: unknown is not done.
                     let configured = !self.services.config().etcd.endpoints.is_empty();
                     let pending = configured
                         && sink

@@ -6,7 +6,8 @@
 //! - `<name>.<domain>` and `<id>.vm.<domain>`: A, the guest's address;
 //! - `_<port>._tcp.<name>.<domain>` for each declared port: SRV to `<name>.<domain>`;
 //! - any other name inside the domain: NXDOMAIN (NOERROR with no answer when the name
-//!   exists but has no record of the asked type);
+//!   exists but has no record of the asked type, or only has names below it: `vm`,
+//!   `_tcp.<name>`);
 //! - a name outside the domain: REFUSED (it is not a resolver for anything else).
 //!
 //! The answer itself is pure ([`answer`]); [`Handler`] turns it into hickory's types.
@@ -72,6 +73,10 @@ pub fn answer(routes: &RouteTable, domain: &str, qname: &str, qtype: RecordType)
     };
     match labels.as_slice() {
         [id, "vm"] => address(routes.by_id(id)),
+        // Names with names below them but no records of their own (RFC 8020: NOERROR,
+        // so a resolver walking down label by label goes on).
+        ["vm"] if routes.by_name("vm").is_none() => Answer::Records(Vec::new()),
+        ["_tcp", name] if routes.by_name(name).is_some() => Answer::Records(Vec::new()),
         [name] => address(routes.by_name(name)),
         [service, "_tcp", name] => {
             let Some(port) = service
@@ -308,6 +313,27 @@ mod tests {
                 "{qname}"
             );
         }
+    }
+
+    #[test]
+    fn names_with_names_below_them_are_not_nxdomain() {
+        let routes = table();
+        for qname in ["vm.hearth.internal", "_tcp.web.hearth.internal"] {
+            assert_eq!(
+                answer(&routes, "hearth.internal", qname, RecordType::A),
+                Answer::Records(Vec::new()),
+                "{qname}"
+            );
+        }
+        assert_eq!(
+            answer(
+                &routes,
+                "hearth.internal",
+                "_tcp.api.hearth.internal",
+                RecordType::A
+            ),
+            Answer::NxDomain
+        );
     }
 
     #[test]

@@ -95,13 +95,22 @@ impl Layout {
     }
 
     /// True when `key` is one this host owns: a route record under its prefix, or a
-    /// SkyDNS key under the domain that ends with the host.
+    /// SkyDNS key of exactly the shapes it writes (`<root>/<name>/<host>`,
+    /// `<root>/vm/<id>/<host>`). Anything else under the domain (an operator's own record,
+    /// a sub-zone, another host's keys) is left alone.
     pub fn owns(&self, key: &str) -> bool {
-        if key.starts_with(&self.routes_prefix()) {
-            return true;
+        if let Some(id) = key.strip_prefix(&self.routes_prefix()) {
+            return !id.is_empty() && !id.contains('/');
         }
-        let root = format!("{}/", self.skydns_root());
-        key.starts_with(&root) && key.rsplit('/').next() == Some(self.host.as_str())
+        let Some(rest) = key.strip_prefix(&format!("{}/", self.skydns_root())) else {
+            return false;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [name, host] => *host == self.host && !name.is_empty() && *name != "vm",
+            ["vm", id, host] => *host == self.host && !id.is_empty(),
+            _ => false,
+        }
     }
 
     /// What to write and delete so that a store holding `present` (this host's keys, or
@@ -198,6 +207,10 @@ mod tests {
             "/hearth/routes/worker-2/0a1b",
             "/skydns/com/example/www/worker-1",
             "/other/worker-1",
+            // An operator's record for the host itself, and a sub-zone's.
+            "/skydns/internal/hearth/worker-1",
+            "/skydns/internal/hearth/dc1/web/worker-1",
+            "/hearth/routes/worker-1/a/b",
         ];
         for key in foreign {
             present.insert(key.into(), "theirs".into());
