@@ -10,10 +10,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use hearth::api::pb;
-use hearth::client::connect;
 
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -55,29 +53,9 @@ fn main() {
         }
         println!("{count} machines started");
 
-        let socket = daemon.dir.path().join("api.sock");
         let (mut to_api, mut to_adopted) = (Vec::new(), Vec::new());
         for run in 0..runs {
-            daemon.kill();
-            let clock = Instant::now();
-            daemon.spawn();
-            let mut client = loop {
-                if let Ok(mut c) = connect(&socket).await
-                    && c.node.get_node(pb::GetNodeRequest {}).await.is_ok()
-                {
-                    break c;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            };
-            let api_ms = clock.elapsed().as_secs_f64() * 1000.0;
-            loop {
-                let node = client.node.get_node(pb::GetNodeRequest {}).await.expect("node").into_inner();
-                if node.runs_observed >= count as u64 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let adopted_ms = clock.elapsed().as_secs_f64() * 1000.0;
+            let (mut client, api_ms, adopted_ms) = daemon.kill_and_restart_timed(count).await;
             let list = client
                 .machines
                 .list_machines(pb::ListMachinesRequest {

@@ -15,10 +15,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hearth::api::pb;
-use hearth::client::{Client, connect};
+use hearth::client::Client;
 use support::percentile;
 
 fn env_count(key: &str, default: usize) -> usize {
@@ -154,27 +154,7 @@ fn main() {
         let total = total + 100;
 
         // kill -9 and start again.
-        let socket = daemon.dir.path().join("api.sock");
-        daemon.kill();
-        let clock = Instant::now();
-        daemon.spawn();
-        let mut client = loop {
-            if let Ok(mut c) = connect(&socket).await
-                && c.node.get_node(pb::GetNodeRequest {}).await.is_ok()
-            {
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        };
-        let api_ms = clock.elapsed().as_secs_f64() * 1000.0;
-        loop {
-            let node = client.node.get_node(pb::GetNodeRequest {}).await.expect("node").into_inner();
-            if node.runs_observed >= total as u64 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let readopt_ms = clock.elapsed().as_secs_f64() * 1000.0;
+        let (mut client, api_ms, readopt_ms) = daemon.kill_and_restart_timed(total).await;
         let after = list(&mut client).await;
         assert_eq!(after.len(), total);
         for m in &after {

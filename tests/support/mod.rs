@@ -113,11 +113,7 @@ impl Daemon {
 
     /// Starts the process (again) with extra environment (e.g. `FAILPOINTS`).
     pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
-        command
-            .arg("--config")
-            .arg(&self.config)
-            .env("HEARTH_LOG", "warn");
+        let mut command = self.command("warn");
         for (key, value) in env {
             command.env(key, value);
         }
@@ -127,13 +123,46 @@ impl Daemon {
     /// Starts the process (again) logging at `info` into `log` (its stderr).
     pub fn spawn_logging(&mut self, log: &Path) {
         let file = std::fs::File::create(log).expect("log file");
+        let mut command = self.command("info");
+        command.stderr(file);
+        self.child = Some(command.spawn().expect("spawn hearthd"));
+    }
+
+    /// hearthd on this daemon's config, logging at `level`.
+    fn command(&self, level: &str) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
         command
             .arg("--config")
             .arg(&self.config)
-            .env("HEARTH_LOG", "info")
-            .stderr(file);
-        self.child = Some(command.spawn().expect("spawn hearthd"));
+            .env("HEARTH_LOG", level);
+        command
+    }
+
+    /// SIGKILLs the process and starts it again: the client, and the milliseconds from
+    /// the start to the API answering and to `runs` machine runs having looked at the host
+    /// (every machine re-adopted or repaired).
+    pub async fn kill_and_restart_timed(&mut self, runs: usize) -> (Client, f64, f64) {
+        let socket = self.dir.path().join("api.sock");
+        self.kill();
+        let clock = Instant::now();
+        self.spawn();
+        let mut client = loop {
+            if let Ok(mut c) = connect(&socket).await
+                && c.node.get_node(pb::GetNodeRequest {}).await.is_ok()
+            {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let api_ms = clock.elapsed().as_secs_f64() * 1000.0;
+        loop {
+            let node = node(&mut client).await;
+            if node.runs_observed >= runs as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (client, api_ms, clock.elapsed().as_secs_f64() * 1000.0)
     }
 
     /// Waits until the process exits by itself (a crash); false when it is still running
