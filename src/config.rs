@@ -105,6 +105,12 @@ pub struct DnsConfig {
     /// Time to live of each answer, in seconds: how long a resolver may keep a name after
     /// its machine is gone.
     pub ttl_secs: u32,
+    /// Guests resolve through the same server: it also answers on port 53 of the guest
+    /// resolver address (the first address of the pool's last block, which is then never
+    /// leased), the guests' resolv.conf names it, and the packet policy lets guests reach
+    /// exactly that address and port. Off: guests get no resolver and the whole pool is
+    /// leased.
+    pub guests: bool,
 }
 
 /// The Prometheus endpoint (`[metrics]`).
@@ -232,7 +238,12 @@ pub enum EgressConfig {
 
 impl NetworkConfig {
     /// The packet policy this section describes. Call after [`Config::validate`].
-    pub fn policy(&self) -> Result<crate::net::policy::PolicyConfig, ConfigError> {
+    /// The daemon-wide packet policy. `guests_resolve` is `dns.guests`: it reserves the
+    /// pool's last block for the guest resolver.
+    pub fn policy(
+        &self,
+        guests_resolve: bool,
+    ) -> Result<crate::net::policy::PolicyConfig, ConfigError> {
         use crate::net::policy::{Egress, HostPort, PolicyConfig};
         let pool = crate::net::PoolCidr::parse(&self.pool)
             .map_err(|e| invalid("network.pool", e.to_string()))?;
@@ -245,6 +256,7 @@ impl NetworkConfig {
         }
         Ok(PolicyConfig {
             prefix: self.prefix.clone(),
+            guest_dns: guest_resolver(guests_resolve, pool)?,
             pool,
             egress: match self.egress {
                 EgressConfig::None => Egress::None,
@@ -501,6 +513,7 @@ impl Default for DnsConfig {
             listen: "127.0.0.1:8053".to_string(),
             domain: "hearth.internal".to_string(),
             ttl_secs: 5,
+            guests: true,
         }
     }
 }
@@ -714,7 +727,7 @@ impl Config {
                 format!("{prefix:?} must be 1-5 characters of [a-z0-9] starting with a letter"),
             ));
         }
-        self.network.policy()?;
+        self.network.policy(self.dns.guests)?;
         if self.guest.ready_timeout_secs == 0 {
             return Err(invalid(
                 "guest.ready_timeout_secs",
@@ -971,6 +984,28 @@ impl Config {
     }
 }
 
+/// The guest resolver's address when guests resolve: the first address of the pool's last
+/// block. A pool of one block has none to spare.
+fn guest_resolver(
+    on: bool,
+    pool: crate::net::PoolCidr,
+) -> Result<Option<std::net::Ipv4Addr>, ConfigError> {
+    if !on {
+        return Ok(None);
+    }
+    let last = pool.slot_count().saturating_sub(1);
+    match pool.block(last) {
+        Some(block) if last > 0 => Ok(Some(std::net::Ipv4Addr::from(u32::from(block) + 1))),
+        _ => Err(invalid(
+            "dns.guests",
+            format!(
+                "network.pool {pool} has one block, and the guest resolver takes the last one; \
+                 give a larger pool or set dns.guests = false"
+            ),
+        )),
+    }
+}
+
 fn invalid(key: impl Into<String>, reason: String) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -1063,6 +1098,7 @@ mod tests {
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
             ("[dns]\nlisten = \"53\"", "dns.listen"),
             ("[dns]\ndomain = \"Hearth..internal\"", "dns.domain"),
+            ("[network]\npool = \"10.9.0.0/29\"", "dns.guests"),
             (
                 "[etcd]\nendpoints = [\"127.0.0.1:2379\"]",
                 "etcd.endpoints[0]",
@@ -1089,6 +1125,19 @@ mod tests {
         assert_eq!(
             parse("").expect("defaults").metrics.listen,
             "127.0.0.1:9464"
+        );
+    }
+
+    #[test]
+    fn the_guest_resolver_takes_the_pools_last_block() {
+        let on = parse("[network]\npool = \"10.9.0.0/24\"").expect("defaults");
+        let policy = on.network.policy(on.dns.guests).expect("policy");
+        assert_eq!(policy.guest_dns, Some(std::net::Ipv4Addr::new(10, 9, 0, 249)));
+        let off = parse("[network]\npool = \"10.9.0.0/29\"\n[dns]\nguests = false")
+            .expect("a one-block pool without guest DNS");
+        assert_eq!(
+            off.network.policy(off.dns.guests).expect("policy").guest_dns,
+            None
         );
     }
 

@@ -354,7 +354,9 @@ impl Drop for Outside {
 }
 
 /// With `machine_to_machine = true` a guest reaches another guest's declared port, and
-/// still not its undeclared one nor the host.
+/// still not its undeclared one nor the host. It finds the other guest by name: its
+/// resolv.conf names the embedded DNS server, which answers the short name (through the
+/// search domain), the full name and the id name.
 #[tokio::test]
 async fn machine_to_machine_opens_only_declared_ports() {
     let _serial = SERIAL.lock().await;
@@ -363,13 +365,37 @@ async fn machine_to_machine_opens_only_declared_ports() {
     let mut client = daemon.client().await;
     let _forwarding = ForwardingRestored::switch_on();
     let peer = create_peer(&mut client).await;
+    let node = client
+        .node
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    let resolver = node
+        .guest_dns_address
+        .strip_suffix(":53")
+        .unwrap_or_else(|| panic!("guest resolver {:?}", node.guest_dns_address))
+        .to_string();
+    // `lookup <label> <name>`: the last address nslookup prints for <name>.
     let script = format!(
-        "web declared {ip} 80; web undeclared {ip} 81; probe host $hv {denied}",
-        ip = peer.guest_ip
+        "lookup() {{ a=$(nslookup $2 2>&1 | awk '/^Name:/ {{n=1}} n && /^Address/ {{print $NF}}' | head -n 1); echo \"resolved $1 ${{a:-none}}\"; }}; \
+         grep -q '^nameserver {resolver}$' /etc/resolv.conf && echo resolv-conf-ok; \
+         lookup short peer; lookup full peer.hearth.internal; lookup id {id}.vm.hearth.internal; \
+         lookup missing nobody.hearth.internal; \
+         web byname peer 80; \
+         web declared {ip} 80; web undeclared {ip} 81; probe host $hv {denied}",
+        ip = peer.guest_ip,
+        id = peer.id,
     );
     let prober = create_prober(&mut client, "m2m", &script).await;
     let report = probe_report(&prober.guest_ip).await;
     for expected in [
+        "resolv-conf-ok".to_string(),
+        format!("resolved short {}\n", peer.guest_ip),
+        format!("resolved full {}\n", peer.guest_ip),
+        format!("resolved id {}\n", peer.guest_ip),
+        "resolved missing none\n".to_string(),
+        "byname peer:80 open".to_string(),
         format!("declared {}:80 open", peer.guest_ip),
         format!("undeclared {}:81 closed", peer.guest_ip),
         format!(":{denied} closed"),

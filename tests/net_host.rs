@@ -68,6 +68,15 @@ impl Drop for Fixture {
         for name in root_links(&self.prefix) {
             let _ = Command::new("ip").args(["link", "del", &name]).status();
         }
+        let _ = Command::new("ip")
+            .args([
+                "-4",
+                "addr",
+                "flush",
+                "label",
+                &hearth::net::resolver::label(&self.prefix),
+            ])
+            .status();
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &policy::table_name(&self.prefix)])
             .stderr(std::process::Stdio::null())
@@ -685,7 +694,74 @@ fn policy_config(fx: &Fixture) -> PolicyConfig {
         egress: Egress::None,
         machine_to_machine: false,
         host_allow: vec![HostPort::parse("udp/53").expect("allow")],
+        guest_dns: Some(resolver_addr(fx)),
     }
+}
+
+/// The guest resolver's address of the fixture's pool: the first of its last block.
+fn resolver_addr(fx: &Fixture) -> std::net::Ipv4Addr {
+    let last = fx.pool.block(fx.pool.slot_count() - 1).expect("last block");
+    std::net::Ipv4Addr::from(u32::from(last) + 1)
+}
+
+/// The addresses on `lo` under `label` (`ip -o addr` lines' fourth field).
+fn labelled_addresses(label: &str) -> Vec<String> {
+    run(&[
+        "ip", "-o", "-4", "addr", "show", "dev", "lo", "label", label,
+    ])
+    .lines()
+    .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+    .collect()
+}
+
+/// The guest resolver: its address on `lo` under the daemon's label, guests let through
+/// to exactly its port 53; put right when wrong, and removed when guests stop resolving.
+#[tokio::test]
+async fn the_guest_resolver_address_is_made_repaired_and_removed() {
+    let fx = Fixture::new();
+    let cfg = policy_config(&fx);
+    let label = hearth::net::resolver::label(&fx.prefix);
+    let addr = resolver_addr(&fx);
+    for _ in 0..2 {
+        fx.fabric
+            .install_policy(cfg.clone())
+            .await
+            .expect("install");
+    }
+    assert_eq!(labelled_addresses(&label), vec![format!("{addr}/32")]);
+    let table = nft_table(&fx.prefix);
+    for proto in ["udp", "tcp"] {
+        let rule = format!("ip daddr {addr} {proto} dport 53 accept");
+        assert_eq!(table.matches(&rule).count(), 1, "{rule:?} in:\n{table}");
+    }
+
+    // A stray address under the label (the pool changed) is put right by the next start.
+    ok(&[
+        "ip",
+        "addr",
+        "add",
+        "192.0.2.7/32",
+        "dev",
+        "lo",
+        "label",
+        &label,
+    ]);
+    fx.fabric
+        .install_policy(cfg.clone())
+        .await
+        .expect("install again");
+    assert_eq!(labelled_addresses(&label), vec![format!("{addr}/32")]);
+
+    // Guests that no longer resolve: the address goes, and so do the rules; twice is fine.
+    let off = PolicyConfig {
+        guest_dns: None,
+        ..cfg
+    };
+    for _ in 0..2 {
+        fx.fabric.install_policy(off.clone()).await.expect("off");
+    }
+    assert!(labelled_addresses(&label).is_empty());
+    assert!(!nft_table(&fx.prefix).contains(&format!("ip daddr {addr}")));
 }
 
 fn nft_table(prefix: &str) -> String {

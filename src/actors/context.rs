@@ -13,6 +13,7 @@ use super::rootfs_cache::RootfsMsg;
 use super::services::Services;
 use super::tap_allocator::TapMsg;
 use super::{AskError, ask, names};
+use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
 use crate::image::ImageRef;
 use crate::machine::steps::{BaseFound, StepContext, StepError};
@@ -47,6 +48,13 @@ impl StepContext for Services {
 
     fn vmm(&self) -> &VmmDriver {
         Services::vmm(self)
+    }
+
+    fn guest_resolver(&self) -> Option<GuestResolver> {
+        Services::guest_resolver(self).map(|nameserver| GuestResolver {
+            nameserver,
+            search: self.config().dns.domain.trim_end_matches('.').to_string(),
+        })
     }
 
     fn ready_timeout(&self) -> Duration {

@@ -48,7 +48,7 @@ impl Actor for IpPool {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             IpPoolMsg::Lease { machine, reply } => {
-                let slots = services.pool().slot_count();
+                let slots = services.lease_slots();
                 let result = services
                     .store()
                     .lease(&machine, slots)

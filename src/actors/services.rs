@@ -56,6 +56,8 @@ pub struct Listening {
     pub metrics: Option<std::net::SocketAddr>,
     /// The embedded DNS server (UDP and TCP).
     pub dns: Option<std::net::SocketAddr>,
+    /// The same server on the guest resolver's address (port 53).
+    pub guest_dns: Option<std::net::SocketAddr>,
 }
 
 /// Capacity of the broadcast channels: a watcher that falls this far behind is told it
@@ -156,6 +158,18 @@ impl Services {
         &self.inner.pool
     }
 
+    /// How many of the pool's blocks machines may lease: all but the last when guests
+    /// resolve through the embedded DNS (its first address is their resolver).
+    pub fn lease_slots(&self) -> u32 {
+        let reserved = u32::from(self.guest_resolver().is_some());
+        self.pool().slot_count().saturating_sub(reserved)
+    }
+
+    /// The address guests resolve names at (port 53), when `dns.guests` is on.
+    pub fn guest_resolver(&self) -> Option<std::net::Ipv4Addr> {
+        self.net().policy().and_then(|p| p.guest_dns)
+    }
+
     /// The host network fabric (used by the tap allocator).
     pub fn net(&self) -> &NetFabric {
         &self.inner.net
@@ -229,7 +243,7 @@ impl Services {
         crate::store::Room {
             vcpus,
             memory_mib,
-            slots: self.pool().slot_count(),
+            slots: self.lease_slots(),
         }
     }
 

@@ -57,7 +57,7 @@ impl Machines {
 
     fn create(&self, req: pb::CreateMachineRequest) -> Result<MachineRecord, ApiError> {
         spec::check_request_id(&req.request_id)?;
-        spec::check_name(&req.name)?;
+        spec::check_machine_name(&req.name)?;
         let wanted_pool = req
             .spec
             .as_ref()

@@ -51,7 +51,7 @@ impl NodeService for Node {
             memory_mib_total: memory,
             memory_mib_used: usage.memory_mib,
             machines: usage.machines,
-            ip_slots_total: self.services.pool().slot_count(),
+            ip_slots_total: self.services.lease_slots(),
             ip_slots_used: leases.len() as u32,
             vmm: self.services.vmm().describe(),
             runs_observed: self.services.runs_observed(),
@@ -63,6 +63,10 @@ impl NodeService for Node {
             api_address: listening.api.map(|a| a.to_string()).unwrap_or_default(),
             metrics_address: listening.metrics.map(|a| a.to_string()).unwrap_or_default(),
             dns_address: listening.dns.map(|a| a.to_string()).unwrap_or_default(),
+            guest_dns_address: listening
+                .guest_dns
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             sinks: sinks.iter().map(convert::sink).collect(),
         }))
     }

@@ -16,6 +16,7 @@ use hearth::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use hearth::api::{metrics, server};
 use hearth::config::{Config, LogFormat};
 use hearth::image::{BaseSettings, BaseStore};
+use hearth::net::policy::GUEST_DNS_PORT;
 use hearth::net::{NetFabric, PoolCidr};
 use hearth::store::Store;
 use ractor::Actor;
@@ -112,7 +113,10 @@ async fn run(config: Config) -> Result<(), String> {
     let net = NetFabric::start().map_err(|e| e.to_string())?;
     // The daemon's packet policy goes in before any machine is woken: a machine's own
     // chains hang off it.
-    let policy = config.network.policy().map_err(|e| e.to_string())?;
+    let policy = config
+        .network
+        .policy(config.dns.guests)
+        .map_err(|e| e.to_string())?;
     net.install_policy(policy)
         .await
         .map_err(|e| format!("network policy: {e}"))?;
@@ -181,10 +185,25 @@ async fn run(config: Config) -> Result<(), String> {
             }
         }
     };
+    // The guest resolver's address was put on its link with the policy above.
+    let guest_dns = match services.guest_resolver() {
+        None => None,
+        Some(addr) => {
+            let address = std::net::SocketAddr::from((addr, GUEST_DNS_PORT)).to_string();
+            match hearth::dns::bind(&address).await {
+                Ok(sockets) => Some(sockets),
+                Err(e) => {
+                    tracing::error!(error = %e, %address, "dns.guests: guests cannot resolve names");
+                    None
+                }
+            }
+        }
+    };
     let listening = Listening {
         api: tcp.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         metrics: metrics.as_ref().and_then(|(l, _)| metrics::local(l)),
         dns: dns.as_ref().and_then(hearth::dns::local),
+        guest_dns: guest_dns.as_ref().and_then(hearth::dns::local),
     };
     services.set_listening(listening.clone());
     tracing::info!(
@@ -192,12 +211,14 @@ async fn run(config: Config) -> Result<(), String> {
         tcp = ?listening.api,
         metrics = ?listening.metrics,
         dns = ?listening.dns,
+        guest_dns = ?listening.guest_dns,
         "serving"
     );
     if let Some((listener, handle)) = metrics {
         tokio::spawn(metrics::serve(listener, handle, services.clone()));
     }
-    if let Some(sockets) = dns {
+    let sockets: Vec<_> = dns.into_iter().chain(guest_dns).collect();
+    if !sockets.is_empty() {
         let handler = hearth::dns::Handler::new(
             services.routes_view().clone(),
             &config.dns.domain,

@@ -22,6 +22,7 @@ use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 
+use crate::machine::spec::ID_LABEL;
 use crate::route::RouteTable;
 
 /// What a question gets.
@@ -72,10 +73,11 @@ pub fn answer(routes: &RouteTable, domain: &str, qname: &str, qtype: RecordType)
         Some(_) => Answer::Records(Vec::new()),
     };
     match labels.as_slice() {
-        [id, "vm"] => address(routes.by_id(id)),
+        [id, ID_LABEL] => address(routes.by_id(id)),
         // Names with names below them but no records of their own (RFC 8020: NOERROR,
         // so a resolver walking down label by label goes on).
-        ["vm"] if routes.by_name("vm").is_none() => Answer::Records(Vec::new()),
+        // No machine is called `vm` (the name is refused), so it is always this case.
+        [ID_LABEL] => Answer::Records(Vec::new()),
         ["_tcp", name] if routes.by_name(name).is_some() => Answer::Records(Vec::new()),
         [name] => address(routes.by_name(name)),
         [service, "_tcp", name] => {
@@ -210,15 +212,17 @@ pub async fn bind(
     Ok((udp, tcp))
 }
 
-/// Serves `handler` on the bound sockets until `stop` resolves.
+/// Serves `handler` on every pair of bound sockets until `stop` resolves.
 pub async fn serve(
     handler: Handler,
-    (udp, tcp): (tokio::net::UdpSocket, tokio::net::TcpListener),
+    sockets: Vec<(tokio::net::UdpSocket, tokio::net::TcpListener)>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut server = hickory_server::Server::new(handler);
-    server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE, 64);
+    for (udp, tcp) in sockets {
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, 64);
+    }
     stop.await;
     if let Err(e) = server.shutdown_gracefully().await {
         tracing::debug!(error = %e, "dns: stopped with an error");

@@ -65,7 +65,7 @@ pub struct GuestConfig {
 }
 
 /// Static IPv4 settings of the guest interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestNetwork {
     /// The guest's address.
     pub address: Ipv4Addr,
@@ -73,6 +73,19 @@ pub struct GuestNetwork {
     pub prefix_len: u8,
     /// The default gateway (the host end of the tap).
     pub gateway: Ipv4Addr,
+    /// Where names are resolved (`/etc/resolv.conf`); none leaves the root's own file.
+    #[serde(default)]
+    pub resolver: Option<GuestResolver>,
+}
+
+/// The guest's resolver: the host's embedded DNS server, and the domain short names are
+/// tried in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestResolver {
+    /// The server's address (port 53).
+    pub nameserver: Ipv4Addr,
+    /// The search domain: `peer` is asked as `peer.<search>`.
+    pub search: String,
 }
 
 /// Why a config disk could not be written.
@@ -200,6 +213,10 @@ mod tests {
                 address: Ipv4Addr::new(10, 213, 0, 6),
                 prefix_len: 30,
                 gateway: Ipv4Addr::new(10, 213, 0, 5),
+                resolver: Some(GuestResolver {
+                    nameserver: Ipv4Addr::new(10, 213, 255, 249),
+                    search: "hearth.internal".into(),
+                }),
             }),
             command: vec!["/bin/sh".into(), "-c".into(), "exit 7".into()],
             env: vec![("A".into(), "b c".into())],

@@ -207,7 +207,7 @@ impl Claim {
         GuestConfig {
             machine_id: base.machine_id.clone(),
             hostname: self.hostname.clone(),
-            network: base.network,
+            network: base.network.clone(),
             command: self.command.clone(),
             env: self.env.clone(),
             workdir: self.workdir.clone(),

@@ -123,6 +123,22 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// The label under which DNS names machines by id (`<id>.vm.<domain>`, and the same
+/// path in etcd's SkyDNS layout): no machine may be called that.
+pub const ID_LABEL: &str = "vm";
+
+/// A machine's name: a DNS label (see [`check_name`]) other than [`ID_LABEL`].
+pub fn check_machine_name(name: &str) -> Result<(), SpecError> {
+    check_name(name)?;
+    if name == ID_LABEL {
+        return Err(invalid(
+            "name",
+            format!("{ID_LABEL:?} is reserved: DNS names machines by id under it"),
+        ));
+    }
+    Ok(())
+}
+
 /// Machine ids are made by hearth: 10 lowercase hex characters. Anything else a caller
 /// sends (a path, `..`, a name) is rejected before any lookup.
 pub fn check_machine_id(id: &str) -> Result<(), SpecError> {
@@ -546,6 +562,11 @@ mod tests {
         for bad in ["", "Web", "a_b", "-a", "a-", "a/b", "..", &"a".repeat(64)] {
             assert_eq!(check_name(bad).unwrap_err().field(), "name", "{bad}");
         }
+        assert!(check_name(ID_LABEL).is_ok());
+        let reserved = check_machine_name(ID_LABEL).unwrap_err();
+        assert_eq!(reserved.field(), "name");
+        assert!(reserved.to_string().contains("reserved"), "{reserved}");
+        assert!(check_machine_name("vm-1").is_ok());
     }
 
     #[test]

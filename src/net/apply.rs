@@ -212,7 +212,7 @@ fn ensure_veth(
 }
 
 /// Looks up a link that was just created.
-fn created(side: &mut Side<'_>, name: &str) -> Result<LinkMessage, NetError> {
+pub(crate) fn created(side: &mut Side<'_>, name: &str) -> Result<LinkMessage, NetError> {
     side.link(name)?.ok_or_else(|| {
         side.fail(format!("find link {name}"))(super::netlink::NlError::Protocol(
             "missing right after it was created".to_string(),

@@ -13,7 +13,7 @@ use super::plan::NetPlan;
 use super::policy::{self, Egress, MachinePolicy, PolicyConfig};
 use super::scan::NetResource;
 use super::worker::Workers;
-use super::{apply, netns, observe, scan};
+use super::{apply, netns, observe, resolver, scan};
 
 /// Worker threads. Link changes serialise on one kernel lock, so more threads than this
 /// buy nothing; two let a slow call (a namespace that must be torn down by hand) not hold
@@ -40,15 +40,22 @@ impl NetFabric {
     }
 
     /// Writes the daemon's part of the packet policy (its table, maps and shared
-    /// chains; machine chains are kept) and, with egress `nat`, switches IPv4 forwarding
+    /// chains; machine chains are kept), puts the guest resolver's address on `lo` (or
+    /// removes it when guests do not resolve; see `resolver`) and, with egress
+    /// `nat`, switches IPv4 forwarding
     /// on in the root namespace, logging that it did. Idempotent; called once at start,
     /// before any machine's policy. See `policy`.
     pub async fn install_policy(&self, cfg: PolicyConfig) -> Result<(), NetError> {
         let job = cfg.clone();
         self.workers
-            .run(&cfg.table(), move |_| {
+            .run(&cfg.table(), move |worker| {
                 let mut nft = open_nft(None)?;
-                nft.apply_in(None, &policy::daemon_changes(&job))
+                nft.apply_in(None, &policy::daemon_changes(&job))?;
+                let label = resolver::label(&job.prefix);
+                match job.guest_dns {
+                    Some(addr) => resolver::ensure(worker, &label, addr),
+                    None => resolver::remove(worker, &label),
+                }
             })
             .await?;
         if cfg.egress == Egress::Nat {

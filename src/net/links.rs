@@ -140,6 +140,44 @@ impl<'a> Side<'a> {
         }
     }
 
+    /// Adds `addr/len` to link `index` under `label` (an alias name, `lo:<something>`).
+    /// Idempotent: the address already there is fine.
+    pub fn add_labelled_address(
+        &mut self,
+        index: u32,
+        label: &str,
+        addr: Ipv4Addr,
+        len: u8,
+    ) -> Result<(), NetError> {
+        let mut message = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, len)
+            .build();
+        message
+            .attributes
+            .push(AddressAttribute::Label(label.to_string()));
+        match self.rtnl.ack(
+            RouteNetlinkMessage::NewAddress(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if !e.is(libc::EEXIST) => {
+                Err(self.fail(format!("add address {addr}/{len} as {label}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes the address `message` describes (as a dump returned it). Idempotent: an
+    /// address already gone is fine.
+    pub fn delete_address(&mut self, message: AddressMessage, what: &str) -> Result<(), NetError> {
+        match self.rtnl.ack(RouteNetlinkMessage::DelAddress(message), 0) {
+            Err(e) if !e.is(libc::EADDRNOTAVAIL) => {
+                Err(self.fail(format!("delete address {what}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Every IPv4 address.
     pub fn addresses(&mut self) -> Result<Vec<AddressMessage>, NetError> {
         let answers = self

@@ -29,6 +29,7 @@ mod observe;
 mod plan;
 pub mod policy;
 mod pool;
+pub mod resolver;
 mod scan;
 mod tap;
 mod watch;

@@ -10,7 +10,8 @@
 //! forward  iifname vmap @from_guest_fwd  -> m<id>_fwd: not its IPv4 source? drop; goto guest_forward
 //!          oifname vmap @to_guest        -> m<id>_to:  replies, declared TCP ports; else drop
 //! output   oifname vmap @to_guest        (the same chain: the host sees only declared ports)
-//! host_access:   replies; the config's allow list; drop
+//! host_access:   replies; the guest resolver's port 53 (dns.guests); the config's allow
+//!                list; drop
 //! guest_forward: replies; to the pool: drop (or, machine_to_machine, the peer's m<id>_to
 //!                decides); elsewhere: accept with egress = "nat", else drop
 //! postrouting (egress = "nat" only): from the pool to outside it: masquerade
@@ -105,7 +106,13 @@ pub struct PolicyConfig {
     pub machine_to_machine: bool,
     /// `network.host_allow`.
     pub host_allow: Vec<HostPort>,
+    /// The guest resolver (`dns.guests`): guests may reach port 53 of this address, over
+    /// UDP and TCP, and nothing else of it.
+    pub guest_dns: Option<Ipv4Addr>,
 }
+
+/// The port guests send DNS questions to: resolv.conf has no way to name another.
+pub const GUEST_DNS_PORT: u16 = 53;
 
 impl PolicyConfig {
     /// The daemon's table.
@@ -188,6 +195,17 @@ pub(crate) fn daemon_changes(cfg: &PolicyConfig) -> Vec<Change> {
     }
 
     let mut host_access = vec![Rule::new().replies().verdict(ACCEPT)];
+    if let Some(resolver) = cfg.guest_dns {
+        for proto in [L4::Udp, L4::Tcp] {
+            host_access.push(
+                Rule::new()
+                    .ipv4()
+                    .destination_is(resolver)
+                    .dport(proto, GUEST_DNS_PORT)
+                    .verdict(ACCEPT),
+            );
+        }
+    }
     for allowed in &cfg.host_allow {
         host_access.push(
             Rule::new()
@@ -629,6 +647,12 @@ impl Rule {
     fn source_is_not(self, addr: Ipv4Addr) -> Rule {
         self.payload(NETWORK_HEADER, 12, 4)
             .cmp(Operator::NotEqual, addr.octets().to_vec())
+    }
+
+    /// `ip daddr == <addr>`.
+    fn destination_is(self, addr: Ipv4Addr) -> Rule {
+        self.payload(NETWORK_HEADER, 16, 4)
+            .cmp(Operator::Equal, addr.octets().to_vec())
     }
 
     /// `meta l4proto <proto> th dport <port>`.

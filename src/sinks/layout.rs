@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::machine::spec::ID_LABEL;
 use crate::route::Route;
 
 /// Where a host's keys go.
@@ -84,7 +85,7 @@ impl Layout {
                 sky(route.ports.first().copied()),
             ),
             (
-                format!("{root}/vm/{}/{}", route.machine_id, self.host),
+                format!("{root}/{ID_LABEL}/{}/{}", route.machine_id, self.host),
                 sky(None),
             ),
             (
@@ -107,8 +108,8 @@ impl Layout {
         };
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [name, host] => *host == self.host && !name.is_empty() && *name != "vm",
-            ["vm", id, host] => *host == self.host && !id.is_empty(),
+            [name, host] => *host == self.host && !name.is_empty() && *name != ID_LABEL,
+            [ID_LABEL, id, host] => *host == self.host && !id.is_empty(),
             _ => false,
         }
     }

@@ -182,6 +182,7 @@ impl TestNet {
             address: guest_ip,
             prefix_len: 30,
             gateway: self.host_ip,
+            resolver: None,
         }
     }
 

@@ -326,8 +326,18 @@ impl Drop for Daemon {
                 let _ = std::fs::remove_dir(dir);
             }
         }
-        // The daemon's table outlives the daemon (machines that outlive it keep their
-        // policy); a test's daemon takes it along.
+        // The daemon's table and guest resolver address outlive the daemon (machines that
+        // outlive it keep their policy and resolver); a test's daemon takes them along.
+        let _ = Command::new("ip")
+            .args([
+                "-4",
+                "addr",
+                "flush",
+                "label",
+                &hearth::net::resolver::label(&self.prefix),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = Command::new("nft")
             .args([
                 "delete",

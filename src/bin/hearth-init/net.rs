@@ -12,7 +12,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use hearth::guest::config::GuestNetwork;
+use std::path::Path;
+
+use hearth::guest::config::{GuestNetwork, GuestResolver};
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
@@ -31,6 +33,11 @@ pub enum NetError {
     BadPrefix(u8),
     #[error("control socket: {0}")]
     Socket(Errno),
+    #[error("{path}: {source}")]
+    Resolver {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Brings loopback up and, when `net` is given, configures the first non-loopback
@@ -65,7 +72,36 @@ pub fn configure(net: Option<&GuestNetwork>, deadline: Instant) -> Result<(), Ne
         Ipv4Addr::from(mask),
     )?;
     set_up(&sock, &iface)?;
-    add_default_route(&sock, &iface, net.gateway)
+    add_default_route(&sock, &iface, net.gateway)?;
+    match &net.resolver {
+        Some(resolver) => write_resolver(Path::new("/etc"), resolver),
+        None => Ok(()),
+    }
+}
+
+/// The resolv.conf that sends every question to `resolver` and tries short names in its
+/// domain first.
+fn resolv_conf(resolver: &GuestResolver) -> String {
+    format!(
+        "# The machine's resolver, written at boot from its network config.\n\
+         nameserver {}\nsearch {}\noptions ndots:1 timeout:2 attempts:2\n",
+        resolver.nameserver, resolver.search
+    )
+}
+
+/// Replaces `<etc>/resolv.conf` whole (a symlink there, as images made for a local stub
+/// resolver have, is replaced rather than followed), creating `<etc>` when the image has
+/// none. Idempotent: the same file every boot.
+fn write_resolver(etc: &Path, resolver: &GuestResolver) -> Result<(), NetError> {
+    let fail = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| NetError::Resolver { path, source }
+    };
+    fs::create_dir_all(etc).map_err(fail(etc))?;
+    let temp = etc.join(".resolv.conf.new");
+    let target = etc.join("resolv.conf");
+    fs::write(&temp, resolv_conf(resolver)).map_err(fail(&temp))?;
+    fs::rename(&temp, &target).map_err(fail(&target))
 }
 
 /// The first interface other than loopback, waiting for the driver to register it.
@@ -174,5 +210,49 @@ fn add_default_route(sock: &OwnedFd, iface: &str, gateway: Ipv4Addr) -> Result<(
             call: "SIOCADDRT",
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver() -> GuestResolver {
+        GuestResolver {
+            nameserver: Ipv4Addr::new(10, 216, 3, 249),
+            search: "hearth.internal".into(),
+        }
+    }
+
+    #[test]
+    fn the_resolver_replaces_a_symlink_and_makes_etc() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // An image without /etc gets one.
+        let etc = dir.path().join("bare/etc");
+        write_resolver(&etc, &resolver()).expect("write");
+        let text = fs::read_to_string(etc.join("resolv.conf")).expect("read");
+        assert!(text.contains("\nnameserver 10.216.3.249\n"), "{text}");
+        assert!(text.contains("\nsearch hearth.internal\n"), "{text}");
+
+        // A symlink to a stub resolver's file is replaced, and its target left alone.
+        let etc = dir.path().join("stub/etc");
+        fs::create_dir_all(&etc).expect("etc");
+        let target = dir.path().join("stub-resolv.conf");
+        fs::write(&target, "nameserver 127.0.0.53\n").expect("target");
+        std::os::unix::fs::symlink(&target, etc.join("resolv.conf")).expect("symlink");
+        write_resolver(&etc, &resolver()).expect("write over a symlink");
+        let meta = fs::symlink_metadata(etc.join("resolv.conf")).expect("meta");
+        assert!(meta.file_type().is_file());
+        assert_eq!(
+            fs::read_to_string(&target).expect("target"),
+            "nameserver 127.0.0.53\n"
+        );
+        // And a second boot writes the same file.
+        write_resolver(&etc, &resolver()).expect("again");
+        assert_eq!(
+            fs::read_to_string(etc.join("resolv.conf")).expect("read"),
+            resolv_conf(&resolver())
+        );
+        assert!(!etc.join(".resolv.conf.new").exists());
     }
 }

@@ -397,7 +397,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         "last_sync_ms": s.last_sync_ms}))
                         .collect::<Vec<_>>(),
                     "api_address": n.api_address, "metrics_address": n.metrics_address,
-                    "dns_address": n.dns_address})
+                    "dns_address": n.dns_address, "guest_dns_address": n.guest_dns_address})
             );
         }
         Command::Machine(command) => match *command {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::StepError;
+use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
 use crate::image::ImageRef;
 use crate::machine::record::ImageWorkload;
@@ -41,6 +42,9 @@ pub trait StepContext: Send + Sync {
 
     /// The VMM driver.
     fn vmm(&self) -> &VmmDriver;
+
+    /// The resolver guests are told to use (`dns.guests`), if any.
+    fn guest_resolver(&self) -> Option<GuestResolver>;
 
     /// How long a guest may take to report ready.
     fn ready_timeout(&self) -> Duration;

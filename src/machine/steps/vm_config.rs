@@ -23,6 +23,7 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
         address: plan.guest_addr,
         prefix_len: plan.prefix_len,
         gateway: plan.gateway,
+        resolver: cx.guest_resolver(),
     });
     if rec.pool_owner().is_some() {
         return Ok(GuestConfig {
