@@ -1132,11 +1132,17 @@ mod tests {
     fn the_guest_resolver_takes_the_pools_last_block() {
         let on = parse("[network]\npool = \"10.9.0.0/24\"").expect("defaults");
         let policy = on.network.policy(on.dns.guests).expect("policy");
-        assert_eq!(policy.guest_dns, Some(std::net::Ipv4Addr::new(10, 9, 0, 249)));
+        assert_eq!(
+            policy.guest_dns,
+            Some(std::net::Ipv4Addr::new(10, 9, 0, 249))
+        );
         let off = parse("[network]\npool = \"10.9.0.0/29\"\n[dns]\nguests = false")
             .expect("a one-block pool without guest DNS");
         assert_eq!(
-            off.network.policy(off.dns.guests).expect("policy").guest_dns,
+            off.network
+                .policy(off.dns.guests)
+                .expect("policy")
+                .guest_dns,
             None
         );
     }

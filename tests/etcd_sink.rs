@@ -7,7 +7,8 @@
 //! - etcd killed while machines are destroyed and created: the lifecycles do not stall,
 //!   and once etcd is back it holds exactly the records again;
 //! - hearthd killed with SIGKILL and not restarted: its keys expire with its lease
-//!   (waited for: TTL + 2 s).
+//!   (waited for: TTL + 2 s);
+//! - over mutual TLS (etcd requiring a client certificate), the same publication.
 
 mod support;
 
@@ -220,4 +221,50 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
             "another host's {key} expired with ours"
         );
     }
+}
+
+/// An etcd that serves only HTTPS and requires a client certificate: the sink, given
+/// `etcd.tls_ca`, `tls_cert` and `tls_key`, publishes and withdraws through it, while a
+/// client without a certificate is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_publishes_through_mutual_tls() {
+    if support::guest_prereqs::guest_prereqs("etcd_sink (tls)").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("pki dir");
+    let pki = support::tls::Pki::make(dir.path());
+    let Some(etcd) = Etcd::start_tls("etcd_sink (tls)", &pki).await else {
+        return;
+    };
+    assert!(etcd.endpoint().starts_with("https://"));
+    let refused = etcd.keys_as("/", false).await;
+    assert!(
+        refused.is_err(),
+        "etcd answered a client without a certificate: {refused:?}"
+    );
+    let daemon = Daemon::start_with(&etcd.config(HOST, TTL));
+    let mut client = daemon.client().await;
+    let machine = start(&mut client, "t-1", "sealed").await;
+    until(
+        &etcd,
+        Duration::from_secs(10),
+        "published over TLS",
+        |keys| published(keys, &machine),
+    )
+    .await;
+    let node = support::node(&mut client).await;
+    let sink = node.sinks.first().expect("the etcd sink in GetNode");
+    assert!(
+        sink.endpoints.iter().all(|e| e.starts_with("https://")),
+        "{sink:?}"
+    );
+    support::destroy(&mut client, &machine.id).await;
+    until(
+        &etcd,
+        Duration::from_secs(2),
+        "withdrawn over TLS",
+        |keys| ours(keys).is_empty(),
+    )
+    .await;
+    support::assert_audit_clean(&mut client).await;
 }

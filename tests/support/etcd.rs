@@ -1,6 +1,6 @@
 //! A real etcd (Debian's `etcd-server`) on loopback for one test: its own data dir and
 //! ports, stopped (and restartable, on the same data and ports) by the test, killed on
-//! drop.
+//! drop. Plain HTTP, or HTTPS requiring a client certificate (`start_tls`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,6 +12,8 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Certificates (server, and the CA clients must be signed by) when serving TLS.
+    tls: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -33,6 +35,16 @@ impl Etcd {
     /// Starts a server and waits until it answers; None (with the skip reported) when
     /// there is no etcd binary.
     pub async fn start(test: &str) -> Option<Etcd> {
+        Etcd::start_with(test, None).await
+    }
+
+    /// Like [`Etcd::start`], serving HTTPS with `pki`'s server certificate and requiring
+    /// a client certificate of its CA.
+    pub async fn start_tls(test: &str, pki: &super::tls::Pki) -> Option<Etcd> {
+        Etcd::start_with(test, Some(pki.dir.clone())).await
+    }
+
+    async fn start_with(test: &str, tls: Option<PathBuf>) -> Option<Etcd> {
         if binary().is_none() {
             super::skipped(
                 test,
@@ -45,6 +57,7 @@ impl Etcd {
             dir: tempfile::tempdir().expect("etcd dir"),
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         etcd.spawn().await;
         Some(etcd)
@@ -52,13 +65,25 @@ impl Etcd {
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Starts the process (again) and waits until it answers.
     pub async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(binary().expect("etcd"))
+        let mut command = Command::new(binary().expect("etcd"));
+        if let Some(dir) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", dir.join("server.pem").display()))
+                .arg(format!("--key-file={}", dir.join("server.key").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    dir.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=hearth-test")
             .arg(format!(
                 "--data-dir={}",
@@ -94,9 +119,26 @@ impl Etcd {
     }
 
     async fn client(&self) -> Result<etcd_client::Client, String> {
-        let options = etcd_client::ConnectOptions::new()
+        self.client_as(true).await
+    }
+
+    /// A client; over TLS it presents the client certificate only when `certified`.
+    async fn client_as(&self, certified: bool) -> Result<etcd_client::Client, String> {
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(2));
+        if let Some(dir) = &self.tls {
+            let read = |name: &str| std::fs::read(dir.join(name)).expect("read a pki file");
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")));
+            if certified {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read("client.pem"),
+                    read("client.key"),
+                ));
+            }
+            options = options.with_tls(tls);
+        }
         etcd_client::Client::connect([self.endpoint()], Some(options))
             .await
             .map_err(|e| e.to_string())
@@ -107,7 +149,16 @@ impl Etcd {
         &self,
         prefix: &str,
     ) -> Result<std::collections::BTreeMap<String, String>, String> {
-        let mut client = self.client().await?;
+        self.keys_as(prefix, true).await
+    }
+
+    /// [`Etcd::keys`], as a client with or without the client certificate.
+    pub async fn keys_as(
+        &self,
+        prefix: &str,
+        certified: bool,
+    ) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let mut client = self.client_as(certified).await?;
         let answer = client
             .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
             .await
@@ -132,10 +183,20 @@ impl Etcd {
 
     /// The `[etcd]` table pointing a daemon here, as host `host`.
     pub fn config(&self, host: &str, ttl: u32) -> String {
-        format!(
+        let mut text = format!(
             "[etcd]\nendpoints = [\"{}\"]\nhost = \"{host}\"\nlease_ttl_secs = {ttl}\n",
             self.endpoint()
-        )
+        );
+        if let Some(dir) = &self.tls {
+            for (key, file) in [
+                ("tls_ca", "ca.pem"),
+                ("tls_cert", "client.pem"),
+                ("tls_key", "client.key"),
+            ] {
+                text.push_str(&format!("{key} = \"{}\"\n", dir.join(file).display()));
+            }
+        }
+        text
     }
 }
 
