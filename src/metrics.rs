@@ -107,6 +107,24 @@ pub const API_DURATION: Metric = Metric {
     kind: Kind::Histogram(API_BUCKETS),
     help: "API calls by method, until the response headers (a stream's first answer).",
 };
+/// Published routes a sink does not hold yet, by `sink`.
+pub const SINK_PENDING: Metric = Metric {
+    name: "hearth_sink_pending_routes",
+    kind: Kind::Gauge,
+    help: "Published routes a sink beyond the daemon does not hold yet, by sink.",
+};
+/// 1 while a sink holds exactly the published routes, by `sink`.
+pub const SINK_IN_SYNC: Metric = Metric {
+    name: "hearth_sink_in_sync",
+    kind: Kind::Gauge,
+    help: "1 while the sink holds exactly the published routes, else 0, by sink.",
+};
+/// How far behind a sink may be, by `sink`.
+pub const SINK_LAG: Metric = Metric {
+    name: "hearth_sink_lag_seconds",
+    kind: Kind::Gauge,
+    help: "0 while the sink is in sync, else seconds since it last held exactly the routes.",
+};
 /// The daemon's resident memory.
 pub const RESIDENT_MEMORY: Metric = Metric {
     name: "hearth_resident_memory_bytes",
@@ -126,6 +144,9 @@ pub const CATALOGUE: &[Metric] = &[
     POOL_REFILLING,
     POOL_CLAIMS,
     API_DURATION,
+    SINK_PENDING,
+    SINK_IN_SYNC,
+    SINK_LAG,
     RESIDENT_MEMORY,
 ];
 

@@ -5,7 +5,8 @@
 //! - keys planted under this host's names while the daemon was down are removed at start,
 //!   another host's are untouched;
 //! - etcd killed while machines are destroyed and created: the lifecycles do not stall,
-//!   and once etcd is back it holds exactly the records again;
+//!   the new machine is started with its publication pending (ListRoutes, GetMachine,
+//!   GetNode, the metrics), and once etcd is back it holds exactly the records again;
 //! - hearthd killed with SIGKILL and not restarted: its keys expire with its lease
 //!   (waited for: TTL + 2 s);
 //! - over mutual TLS (etcd requiring a client certificate), the same publication.
@@ -150,6 +151,29 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
         .find(|r| r.machine_id == second.id)
         .expect("second's route");
     assert_eq!(shown.pending_sinks, vec!["etcd".to_string()], "{shown:?}");
+    // And so do GetMachine (the machine is started, its publication pending) and the
+    // metrics.
+    let got = client
+        .machines
+        .get_machine(pb::MachineRef {
+            id: second.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.state(), pb::MachineState::Started);
+    assert_eq!(got.pending_sinks, vec!["etcd".to_string()], "{got:?}");
+    let body = support::scrape(&node.metrics_address);
+    let pending = "hearth_sink_pending_routes{sink=\"etcd\"}";
+    let in_sync = "hearth_sink_in_sync{sink=\"etcd\"}";
+    let lag = "hearth_sink_lag_seconds{sink=\"etcd\"}";
+    assert_eq!(support::sample(&body, pending), Some(1.0), "{body}");
+    assert_eq!(support::sample(&body, in_sync), Some(0.0), "{body}");
+    assert!(
+        support::sample(&body, lag).is_some_and(|s| s > 0.0),
+        "{body}"
+    );
+    println!("node while etcd is down: {:?}", node.sinks);
     etcd.spawn().await;
     let keys = until(
         &etcd,
@@ -200,6 +224,19 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
         routes.iter().all(|r| r.pending_sinks.is_empty()),
         "{routes:?}"
     );
+    let got = client
+        .machines
+        .get_machine(pb::MachineRef {
+            id: second.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(got.pending_sinks.is_empty(), "{got:?}");
+    let body = support::scrape(&support::node(&mut client).await.metrics_address);
+    assert_eq!(support::sample(&body, pending), Some(0.0), "{body}");
+    assert_eq!(support::sample(&body, in_sync), Some(1.0), "{body}");
+    assert_eq!(support::sample(&body, lag), Some(0.0), "{body}");
 
     // The daemon dies and does not come back: its keys expire with its lease.
     daemon.kill();

@@ -64,6 +64,9 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
     /// When etcd last held exactly the records (ms since the epoch; 0: never).
     pub last_sync_ms: u64,
+    /// How far behind etcd may be: 0 while in sync; otherwise the time since it last held
+    /// exactly the records (or since the sink started, when it never has), in ms.
+    pub lag_ms: u64,
 }
 
 /// What the actor posts after every attempt; reports are computed from it and the
@@ -74,6 +77,8 @@ pub struct Board {
     delivered: BTreeSet<String>,
     last_error: Option<String>,
     last_sync_ms: u64,
+    /// When the sink first started (ms since the epoch), kept across its restarts.
+    since_ms: u64,
 }
 
 /// The sink actor.
@@ -97,14 +102,36 @@ pub fn status(services: &Services) -> Option<SinkStatus> {
         .map(|route| route.machine_id)
         .filter(|id| !board.delivered.contains(id))
         .collect();
+    let in_sync = board.last_error.is_none() && board.last_sync_ms > 0 && pending.is_empty();
+    let lag_ms = if in_sync {
+        0
+    } else {
+        let since = if board.last_sync_ms > 0 {
+            board.last_sync_ms
+        } else {
+            board.since_ms
+        };
+        now_ms().saturating_sub(since)
+    };
     Some(SinkStatus {
         name: "etcd".to_string(),
         endpoints: etcd.endpoints.clone(),
-        in_sync: board.last_error.is_none() && board.last_sync_ms > 0 && pending.is_empty(),
+        in_sync,
         pending,
         last_error: board.last_error,
         last_sync_ms: board.last_sync_ms,
+        lag_ms,
     })
+}
+
+/// The sinks that do not hold machine `id`'s route yet, by name: empty when it is not
+/// published or every sink holds it. `status` is [`status`]'s answer, read once for
+/// many machines.
+pub fn pending_for(status: Option<&SinkStatus>, id: &str) -> Vec<String> {
+    status
+        .filter(|s| s.pending.iter().any(|p| p == id))
+        .map(|s| vec![s.name.clone()])
+        .unwrap_or_default()
 }
 
 /// Its state.
@@ -321,6 +348,7 @@ impl EtcdSink {
                 delivered,
                 last_error: state.last_error.clone(),
                 last_sync_ms: state.last_sync_ms,
+                since_ms: board.since_ms,
             };
         }
     }
@@ -347,6 +375,11 @@ impl Actor for EtcdSink {
             host: config.etcd.host_name(),
             ttl: config.dns.ttl_secs,
         };
+        if let Ok(mut board) = services.sink_board().lock()
+            && board.since_ms == 0
+        {
+            board.since_ms = now_ms();
+        }
         let dirty = Arc::new(AtomicBool::new(false));
         let forwarder = if config.etcd.endpoints.is_empty() {
             None

@@ -119,6 +119,8 @@ pub fn machine(rec: &MachineRecord) -> pb::Machine {
             .map(|p| p.pool.clone())
             .unwrap_or_default(),
         claimed: rec.claimed(),
+        // Filled by the calls that show it (GetMachine, ListMachines).
+        pending_sinks: Vec::new(),
     }
 }
 
@@ -168,6 +170,7 @@ pub fn sink(status: &crate::actors::etcd_sink::SinkStatus) -> pb::SinkStatus {
         pending: status.pending.len() as u32,
         last_error: status.last_error.clone().unwrap_or_default(),
         last_sync_ms: status.last_sync_ms,
+        lag_ms: status.lag_ms,
     }
 }
 

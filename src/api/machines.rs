@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::pb::{self, machine_service_server::MachineService};
 use super::status::ApiError;
+use crate::actors::etcd_sink::{pending_for, status};
 use crate::actors::machine::now_ms;
 use crate::actors::pools::PoolMsg;
 use crate::actors::services::Services;
@@ -318,9 +319,9 @@ impl MachineService for Machines {
         &self,
         req: Request<pb::MachineRef>,
     ) -> Result<Response<pb::Machine>, Status> {
-        Ok(Response::new(convert::machine(
-            &self.get(&req.into_inner().id)?,
-        )))
+        let mut machine = convert::machine(&self.get(&req.into_inner().id)?);
+        machine.pending_sinks = pending_for(status(&self.services).as_ref(), &machine.id);
+        Ok(Response::new(machine))
     }
 
     async fn list_machines(
@@ -329,6 +330,7 @@ impl MachineService for Machines {
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
         let req = req.into_inner();
         let (all, prepared) = (req.include_destroyed, req.include_prepared);
+        let sinks = status(&self.services);
         let machines = self
             .services
             .store()
@@ -337,7 +339,11 @@ impl MachineService for Machines {
             .iter()
             .filter(|m| all || m.state != MachineState::Destroyed)
             .filter(|m| prepared || m.pool_owner().is_none())
-            .map(convert::machine)
+            .map(|record| {
+                let mut machine = convert::machine(record);
+                machine.pending_sinks = pending_for(sinks.as_ref(), &machine.id);
+                machine
+            })
             .collect();
         Ok(Response::new(pb::ListMachinesResponse { machines }))
     }

@@ -164,6 +164,12 @@ async fn refresh(services: &Services) {
         m::set_gauge(m::POOL_REFILLING, &labels, f64::from(pool.refilling));
         m::set_counter(m::POOL_CLAIMS, &labels, pool.claims);
     }
+    if let Some(sink) = crate::actors::etcd_sink::status(services) {
+        let labels = [("sink", sink.name.clone())];
+        m::set_gauge(m::SINK_PENDING, &labels, sink.pending.len() as f64);
+        m::set_gauge(m::SINK_IN_SYNC, &labels, f64::from(u8::from(sink.in_sync)));
+        m::set_gauge(m::SINK_LAG, &labels, sink.lag_ms as f64 / 1000.0);
+    }
     if let Some(bytes) = resident_bytes() {
         m::set_gauge(m::RESIDENT_MEMORY, &[], bytes as f64);
     }

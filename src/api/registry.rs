@@ -7,6 +7,7 @@ use super::convert;
 use super::machines::async_stream;
 use super::pb::{self, registry_service_server::RegistryService};
 use super::status::ApiError;
+use crate::actors::etcd_sink::pending_for;
 use crate::actors::services::Services;
 use crate::route::RouteChange;
 
@@ -38,14 +39,7 @@ impl RegistryService for Registry {
                 .iter()
                 .map(|route| {
                     let mut shown = convert::route(route);
-                    let configured = !self.services.config().etcd.endpoints.is_empty();
-                    let pending = configured
-                        && sink
-                            .as_ref()
-                            .is_none_or(|s| s.pending.contains(&route.machine_id));
-                    if pending {
-                        shown.pending_sinks.push("etcd".to_string());
-                    }
+                    shown.pending_sinks = pending_for(sink.as_ref(), &route.machine_id);
                     shown
                 })
                 .collect(),

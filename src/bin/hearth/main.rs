@@ -394,7 +394,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         .collect::<Vec<_>>(),
                     "sinks": n.sinks.iter().map(|s| json!({"name": s.name, "endpoints": s.endpoints,
                         "in_sync": s.in_sync, "pending": s.pending, "last_error": printable(&s.last_error),
-                        "last_sync_ms": s.last_sync_ms}))
+                        "last_sync_ms": s.last_sync_ms, "lag_ms": s.lag_ms}))
                         .collect::<Vec<_>>(),
                     "api_address": n.api_address, "metrics_address": n.metrics_address,
                     "dns_address": n.dns_address, "guest_dns_address": n.guest_dns_address})
