@@ -164,6 +164,41 @@ impl Row {
         );
     }
 
+    /// Routes, and the DNS answers made from them, exist exactly for a started machine:
+    /// none is visible for a machine that is not (and ListRoutes holds no other).
+    async fn note_routes(&mut self, client: &mut Client, machine: &pb::Machine, started: bool) {
+        let what = if started { "started" } else { "not started" };
+        let routes = client
+            .registry
+            .list_routes(pb::ListRoutesRequest {})
+            .await
+            .expect("routes")
+            .into_inner()
+            .routes;
+        let ids: Vec<&str> = routes.iter().map(|r| r.machine_id.as_str()).collect();
+        let expected: Vec<&str> = if started {
+            vec![machine.id.as_str()]
+        } else {
+            Vec::new()
+        };
+        if ids != expected {
+            self.leaks
+                .push(format!("routes {ids:?} for a machine {what}"));
+        }
+        let node = support::node(client).await;
+        if node.dns_address.is_empty() || !have_dig() {
+            return;
+        }
+        let name = format!("{}.hearth.internal", machine.name);
+        let (status, answers) = support::dig(&node.dns_address, &name, "A", false);
+        let resolves = status == "NOERROR" && !answers.is_empty();
+        if resolves != started {
+            self.leaks.push(format!(
+                "DNS {status} {answers:?} for {name}, a machine {what}"
+            ));
+        }
+    }
+
     /// The case as one table line.
     fn line(&self) -> String {
         format!(
@@ -188,6 +223,25 @@ async fn create(client: &mut Client, name: &str) -> Result<pb::Machine, tonic::S
         .create_machine(support::demo_request(&format!("chaos-{name}"), name, &[]))
         .await
         .map(|reply| reply.into_inner())
+}
+
+/// Whether `dig` runs here (dnsutils); when not, the DNS half of the route check is
+/// skipped, and said so once.
+fn have_dig() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| {
+        let ok = std::process::Command::new("dig")
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            support::skipped(
+                "chaos (DNS answers)",
+                "no dig (dnsutils; run deploy/install-deps.sh)",
+            );
+        }
+        ok
+    })
 }
 
 /// Everything of this daemon still on the host or in its tables.
@@ -465,6 +519,7 @@ async fn run_sink_case(point: String, mode: Mode) -> Row {
     }
     row.converge(&mut client, &m.id, pb::MachineState::Started)
         .await;
+    row.note_routes(&mut client, &m, true).await;
     etcd_holds(&mut row, &etcd, Some(&m.id)).await;
     // A panicked sink is restarted by the supervisor, which the node counts (the count
     // may land just after etcd is in line: the after-effect point panics once the write
@@ -648,6 +703,8 @@ async fn run_case(point: String, mode: Mode, setup: Arc<Setup>) -> Row {
     // for a singleton, the step whose call it dropped).
     row.note_panic(&mut client, &m.id).await;
     row.note_audit(&mut client).await;
+    row.note_routes(&mut client, &m, goal == pb::MachineState::Started)
+        .await;
     if goal == pb::MachineState::Started {
         let running = daemon.processes().len();
         if running != 1 {

@@ -11,44 +11,7 @@ use std::process::Command;
 use hearth::api::pb;
 use support::Daemon;
 
-/// `dig` at the daemon's DNS address: (status, answer lines).
-fn dig(server: &str, name: &str, kind: &str, tcp: bool) -> (String, Vec<String>) {
-    let (host, port) = server.rsplit_once(':').expect("host:port");
-    let mut command = Command::new("dig");
-    command.arg(format!("@{host}")).args([
-        "-p",
-        port,
-        name,
-        kind,
-        "+norecurse",
-        "+time=5",
-        "+tries=1",
-    ]);
-    if tcp {
-        command.arg("+tcp");
-    }
-    let out = command.output().expect("run dig");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .unwrap_or("none")
-        .to_string();
-    let answers = text
-        .split(";; ANSWER SECTION:")
-        .nth(1)
-        .map(|section| {
-            section
-                .lines()
-                .skip(1)
-                .take_while(|l| !l.trim().is_empty())
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                .collect()
-        })
-        .unwrap_or_default();
-    (status, answers)
-}
+use support::dig;
 
 fn have_dig() -> bool {
     let ok = Command::new("dig")
