@@ -429,6 +429,11 @@ pub struct ImagesConfig {
     pub collect_interval_secs: u64,
     /// A base used this recently (seconds) is never collected, whatever the budget.
     pub collect_grace_secs: u64,
+    /// How new machines' root disks are made: `overlay` (the image's base shared
+    /// read-only, a small writable disk per machine, joined by overlayfs in the guest;
+    /// constant cost) or `copy` (a private copy of the whole base). A machine keeps the
+    /// layout it was made with.
+    pub disk_layout: crate::machine::record::DiskLayout,
 }
 
 /// Basic-auth credentials for one registry.
@@ -630,6 +635,7 @@ impl Default for ImagesConfig {
             max_unused_hours: 168,
             collect_interval_secs: 300,
             collect_grace_secs: 600,
+            disk_layout: crate::machine::record::DiskLayout::Overlay,
         }
     }
 }

@@ -39,6 +39,7 @@ fn config(id: &str, command: &[&str]) -> GuestConfig {
         ports: vec![],
         user: None,
         prepared: false,
+        overlay_root: false,
     }
 }
 

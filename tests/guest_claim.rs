@@ -51,6 +51,7 @@ fn prepared_config(id: &str, network: Option<GuestNetwork>) -> GuestConfig {
         ports: vec![],
         user: None,
         prepared: true,
+        overlay_root: false,
     }
 }
 

@@ -149,6 +149,7 @@ impl Guest {
             ports: ports.to_vec(),
             user: None,
             prepared: false,
+            overlay_root: false,
         };
         write_config_disk(&guest.path("config.img"), &config).expect("config disk");
         guest

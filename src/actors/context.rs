@@ -50,6 +50,10 @@ impl StepContext for Services {
         Services::vmm(self)
     }
 
+    fn upper_templates(&self) -> PathBuf {
+        self.config().data_dir.join("images").join("uppers")
+    }
+
     fn guest_resolver(&self) -> Option<GuestResolver> {
         Services::guest_resolver(self).map(|nameserver| GuestResolver {
             nameserver,

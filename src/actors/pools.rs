@@ -270,6 +270,7 @@ impl PoolState {
             ..MachineSpec::default()
         };
         let mut rec = MachineRecord::new(id, String::new(), String::new(), spec, now);
+        rec.disk_layout = self.services.config().images.disk_layout;
         rec.desired = Desired::Prepared;
         rec.pooled = Some(Pooled {
             pool: pool.name.clone(),

@@ -138,6 +138,7 @@ impl Machines {
         let id =
             spec::new_machine_id().map_err(|e| ApiError::Wake(format!("no randomness: {e}")))?;
         let mut rec = MachineRecord::new(id, req.name, req.request_id, spec, now_ms());
+        rec.disk_layout = self.services.config().images.disk_layout;
         if !start {
             rec.desired = Desired::Stopped;
         }

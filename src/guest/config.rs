@@ -62,6 +62,10 @@ pub struct GuestConfig {
     /// leaves them empty) and `hostname` is a placeholder until the claim.
     #[serde(default)]
     pub prepared: bool,
+    /// The root is an overlay: the read-only disk (the image's shared base) below the
+    /// writable one (the machine's own layer). False: the one writable disk is the root.
+    #[serde(default)]
+    pub overlay_root: bool,
 }
 
 /// Static IPv4 settings of the guest interface.
@@ -224,6 +228,7 @@ mod tests {
             ports: vec![80],
             user: None,
             prepared: false,
+            overlay_root: false,
         }
     }
 

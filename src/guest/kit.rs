@@ -32,7 +32,7 @@ use super::initramfs::{self, ModuleFile};
 use crate::elf::{self, ElfError};
 
 /// The kernel modules the guest needs before it can see its disks, network, agent port
-/// and vsock, in load order (each depends only on modules before it). The Debian cloud
+/// and vsock and mount an overlay root, in load order (each depends only on modules before it). The Debian cloud
 /// kernel has everything else it needs (ext4, serial console, PVH entry) built in.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
@@ -49,6 +49,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    // An overlay root: the image's shared base below the machine's writable layer.
+    "overlay",
 ];
 
 /// Version of the cache entry layout and initramfs layout; bump it when either changes so

@@ -214,6 +214,7 @@ impl Claim {
             ports: self.ports.clone(),
             user: self.user.clone(),
             prepared: false,
+            overlay_root: base.overlay_root,
         }
     }
 }
@@ -473,6 +474,7 @@ mod tests {
             ports: vec![],
             user: None,
             prepared: true,
+            overlay_root: false,
         };
         let wanted = GuestConfig {
             hostname: "web-1".into(),
@@ -482,6 +484,7 @@ mod tests {
             ports: vec![80],
             user: Some("app".into()),
             prepared: false,
+            overlay_root: false,
             ..base.clone()
         };
         let c = Claim::from_config(&wanted, 1_700_000_000_123, "00ff".into());

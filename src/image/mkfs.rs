@@ -169,7 +169,7 @@ pub fn grow(image: &Path, size_bytes: u64) -> Result<(), MkfsError> {
     run(cmd, "resize2fs", image)
 }
 
-fn run(mut cmd: Command, program: &str, image: &Path) -> Result<(), MkfsError> {
+pub(crate) fn run(mut cmd: Command, program: &str, image: &Path) -> Result<(), MkfsError> {
     let out = cmd.output().map_err(|source| MkfsError::Spawn {
         program: program.to_string(),
         source,

@@ -7,7 +7,9 @@
 //! digest (content + settings) --hit--> <root>/bases/<digest>.ext4  (read-only, shared)
 //!    | miss: unpack / lay out demo -> mkfs.ext4 -d -> rename into place
 //!    v
-//! clone_disk(base, <machine>/rootfs.ext4)         FICLONE reflink, else sparse copy
+//! layout copy:    clone_disk(base, <machine>/rootfs.ext4)   FICLONE reflink, else sparse copy
+//! layout overlay: link_base(base, <machine>/base.ext4)      hard link, shared read-only
+//!                 make_upper(<machine>/rootfs.ext4)         copy of an empty ext4 template
 //! remove_disk(...)                                idempotent undo
 //!
 //! ImageRef::Oci / ImageRef::Layout (oci:/dir:tag)  pulled or read by `oci`, then
@@ -31,6 +33,7 @@ mod entry;
 mod layer;
 mod mkfs;
 pub mod oci;
+mod overlay;
 mod reference;
 pub mod space;
 mod store;
@@ -44,6 +47,9 @@ pub use layer::{
     Compression, LayerBudget, LayerError, LayerLimits, LayerStats, apply_layer, apply_layer_from,
 };
 pub use mkfs::{LABEL, MkfsError};
+pub use overlay::{
+    DEFAULT_UPPER_MIB, OverlayError, UPPER_LABEL, ensure_template, link_base, make_upper,
+};
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
 pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore, DEFAULT_MAX_ENTRIES};
 pub use tarball::TarballError;

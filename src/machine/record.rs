@@ -216,6 +216,36 @@ pub struct MachineRecord {
     /// the record's V4 extension (see `store::codec`), hence skipped here.
     #[serde(skip)]
     pub crashes: Vec<u64>,
+    /// How the machine's root disk is laid out, fixed when the record is made (a machine
+    /// keeps its layout for life). Stored in the record's V5 extension (see
+    /// `store::codec`); older records read as [`DiskLayout::Copy`], which is what they
+    /// have.
+    #[serde(skip)]
+    pub disk_layout: DiskLayout,
+}
+
+/// How a machine's root disk is made (`images.disk_layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskLayout {
+    /// The image's base, shared read-only by every machine of the image, under a small
+    /// writable disk of the machine's own; the guest joins them with overlayfs. Costs
+    /// the same for any image size.
+    #[default]
+    Overlay,
+    /// A private copy of the whole base (a reflink where the file system has them, else
+    /// a sparse copy): costs grow with the image on ext4.
+    Copy,
+}
+
+impl DiskLayout {
+    /// The config and API name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskLayout::Overlay => "overlay",
+            DiskLayout::Copy => "copy",
+        }
+    }
 }
 
 /// How many crash times a record keeps (`guest.max_restarts` is below it).
@@ -248,6 +278,7 @@ impl MachineRecord {
             updated_at_ms: now_ms,
             pooled: None,
             crashes: Vec::new(),
+            disk_layout: DiskLayout::default(),
         }
     }
 

@@ -102,6 +102,8 @@ impl From<MachineRecordV1> for MachineRecord {
             updated_at_ms: v1.updated_at_ms,
             pooled: None,
             crashes: Vec::new(),
+            // Every disk of that time was a full copy.
+            disk_layout: super::record::DiskLayout::Copy,
         }
     }
 }

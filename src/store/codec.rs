@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::record::{MachineEvent, MachineRecord};
+use crate::machine::record::{DiskLayout, MachineEvent, MachineRecord};
 use crate::route::{Route, RouteChange};
 
 /// A value could not be turned into bytes or back.
@@ -57,8 +57,8 @@ macro_rules! versioned {
 
 /// The machine record's envelope: V1 (frozen, see `machine::record_v1`) is converted on
 /// read; V2 is the record's own shape; V3 is the V2 shape followed by an extension with
-/// what was added since (the pool tie); V4, written now, has a larger extension (the pool
-/// tie and the crash history). Fields added to the record later go into a new extension
+/// what was added since (the pool tie); V4 has a larger extension (the pool
+/// tie and the crash history); V5, written now, adds the disk layout. Fields added to the record later go into a new extension
 /// variant the same way, so the record's shape stays V2's and no frozen copy of it is
 /// needed.
 #[derive(Deserialize)]
@@ -67,6 +67,7 @@ enum StoredMachine {
     V2(MachineRecord),
     V3(MachineRecord, RecordExtV3),
     V4(MachineRecord, RecordExtV4),
+    V5(MachineRecord, RecordExtV5),
 }
 
 #[derive(Serialize)]
@@ -77,7 +78,9 @@ enum StoredMachineRef<'a> {
     V2(&'a MachineRecord),
     #[allow(dead_code)]
     V3(&'a MachineRecord, &'a RecordExtV3),
+    #[allow(dead_code)]
     V4(&'a MachineRecord, &'a RecordExtV4),
+    V5(&'a MachineRecord, &'a RecordExtV5),
 }
 
 /// What V3 adds to the record (the fields the record skips when serialised).
@@ -93,13 +96,23 @@ struct RecordExtV4 {
     crashes: Vec<u64>,
 }
 
+/// What V5 adds to the record: V4's extension and the disk layout. Records before it all
+/// had full copies ([`DiskLayout::Copy`]).
+#[derive(Serialize, Deserialize)]
+struct RecordExtV5 {
+    pooled: Option<crate::machine::record::Pooled>,
+    crashes: Vec<u64>,
+    disk_layout: DiskLayout,
+}
+
 impl Persisted for MachineRecord {
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
-        let ext = RecordExtV4 {
+        let ext = RecordExtV5 {
             pooled: self.pooled.clone(),
             crashes: self.crashes.clone(),
+            disk_layout: self.disk_layout,
         };
-        postcard::to_stdvec(&StoredMachineRef::V4(self, &ext)).map_err(|source| CodecError {
+        postcard::to_stdvec(&StoredMachineRef::V5(self, &ext)).map_err(|source| CodecError {
             what: "machine record",
             source,
         })
@@ -109,20 +122,32 @@ impl Persisted for MachineRecord {
             what: "machine record",
             source,
         })? {
-            StoredMachine::V1(v1) => Ok(v1.into()),
-            StoredMachine::V2(rec) => Ok(rec),
+            StoredMachine::V1(v1) => Ok(copied(v1.into())),
+            StoredMachine::V2(rec) => Ok(copied(rec)),
             StoredMachine::V3(mut rec, ext) => {
                 rec.pooled = ext.pooled;
-                Ok(rec)
+                Ok(copied(rec))
             }
             StoredMachine::V4(mut rec, ext) => {
                 rec.pooled = ext.pooled;
                 rec.crashes = ext.crashes;
+                Ok(copied(rec))
+            }
+            StoredMachine::V5(mut rec, ext) => {
+                rec.pooled = ext.pooled;
+                rec.crashes = ext.crashes;
+                rec.disk_layout = ext.disk_layout;
                 Ok(rec)
             }
         }
     }
 }
+/// A record written before V5: its disk is a full copy.
+fn copied(mut rec: MachineRecord) -> MachineRecord {
+    rec.disk_layout = DiskLayout::Copy;
+    rec
+}
+
 versioned!(MachineEvent, StoredEvent, StoredEventRef, "machine event");
 versioned!(Route, StoredRoute, StoredRouteRef, "route");
 versioned!(

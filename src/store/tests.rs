@@ -1,7 +1,7 @@
 //! Store tests on real redb files.
 
 use super::*;
-use crate::machine::record::Desired;
+use crate::machine::record::{Desired, DiskLayout};
 use crate::machine::spec::MachineSpec;
 use std::net::Ipv4Addr;
 
@@ -336,7 +336,14 @@ fn a_record_written_before_pools_reads_with_no_pool() {
     let old = rec("aaaaaaaaaa", "web", "r1");
     let bytes = postcard::to_stdvec(&Envelope::V2(&old)).expect("encode");
     let read: MachineRecord = codec::decode(&bytes).expect("decode");
-    assert_eq!(read, old);
+    // Every disk of that time was a full copy.
+    assert_eq!(
+        read,
+        MachineRecord {
+            disk_layout: DiskLayout::Copy,
+            ..old.clone()
+        }
+    );
     assert!(read.pooled.is_none());
     let mut pooled = old.clone();
     pooled.pooled = Some(Pooled {
@@ -383,6 +390,46 @@ fn a_record_written_before_the_crash_history_reads_with_none() {
     let again: MachineRecord =
         codec::decode(&codec::encode(&crashed).expect("encode")).expect("decode");
     assert_eq!(again, crashed);
+}
+
+#[test]
+fn a_record_written_before_disk_layouts_reads_as_a_full_copy() {
+    // The V4 envelope (pool tie and crash history) as the daemon wrote it before V5.
+    #[derive(serde::Serialize)]
+    struct ExtV4 {
+        pooled: Option<Pooled>,
+        crashes: Vec<u64>,
+    }
+    #[derive(serde::Serialize)]
+    enum Envelope<'a> {
+        #[allow(dead_code)]
+        V1(()),
+        #[allow(dead_code)]
+        V2(()),
+        #[allow(dead_code)]
+        V3(()),
+        V4(&'a MachineRecord, ExtV4),
+    }
+    let old = rec("aaaaaaaaaa", "web", "r1");
+    assert_eq!(old.disk_layout, DiskLayout::Overlay, "new records default");
+    let bytes = postcard::to_stdvec(&Envelope::V4(
+        &old,
+        ExtV4 {
+            pooled: None,
+            crashes: vec![7],
+        },
+    ))
+    .expect("encode");
+    let read: MachineRecord = codec::decode(&bytes).expect("decode");
+    assert_eq!(read.disk_layout, DiskLayout::Copy);
+    assert_eq!(read.crashes, vec![7]);
+    // Written again (V5), it keeps the layout it read; a new record keeps its own.
+    let again: MachineRecord =
+        codec::decode(&codec::encode(&read).expect("encode")).expect("decode");
+    assert_eq!(again, read);
+    let fresh: MachineRecord =
+        codec::decode(&codec::encode(&old).expect("encode")).expect("decode");
+    assert_eq!(fresh.disk_layout, DiskLayout::Overlay);
 }
 
 fn destroy(store: &Store, id: &str, at_ms: u64) {

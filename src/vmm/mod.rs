@@ -78,8 +78,13 @@ pub struct LaunchSpec {
     pub memory_mib: u64,
     /// The kernel and initramfs.
     pub kit: GuestKit,
-    /// The machine's root disk (raw ext4 image).
+    /// The machine's writable disk (raw ext4 image): its whole root, or with `base_disk`
+    /// the overlay's upper layer.
     pub root_disk: PathBuf,
+    /// The image's base, shared with other machines, attached read-only (the overlay's
+    /// lower layer); none for a full-copy root. A link to a shared inode: never handed to
+    /// the VMM's uid.
+    pub base_disk: Option<PathBuf>,
     /// The config disk (see [`crate::guest::config::write_config_disk`]).
     pub config_disk: PathBuf,
     /// How the process is confined before it runs.

@@ -148,7 +148,13 @@ impl QemuDriver {
         let accel = self.accel_for(&spec.kit).await;
         let args = build_args(spec, accel, tsc_khz(), &self.name_prefix);
         if let Some(id) = spec.confine.run_as {
-            spawn::hand_over(&spec.machine_id, workdir, id.uid, id.gid)?;
+            spawn::hand_over(
+                &spec.machine_id,
+                workdir,
+                spec.base_disk.as_deref(),
+                id.uid,
+                id.gid,
+            )?;
         }
         let pid = self.children.spawn(DetachedCommand {
             machine_id: &spec.machine_id,
@@ -398,6 +404,19 @@ pub fn build_args(
         "-device".into(),
         "virtio-blk-device,drive=config".into(),
     ];
+    // The shared base: read-only to QEMU (opened O_RDONLY, shared lock) and to the guest
+    // (the device says so, which is how the guest tells it from the writable layer).
+    if let Some(base) = &spec.base_disk {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "if=none,id=base,format=raw,readonly=on,file={}",
+                escape(base)
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=base".into(),
+        ]);
+    }
     if let Some(tap) = &spec.tap {
         let m = tap.mac;
         a.extend([
@@ -456,6 +475,7 @@ mod tests {
                 id: "k".into(),
             },
             root_disk: "/data/m1/root,1.img".into(),
+            base_disk: None,
             config_disk: "/data/m1/config.img".into(),
             confine: Default::default(),
         }

@@ -221,8 +221,15 @@ fn tap_request(name: &str) -> TapReq {
 
 /// Gives the machine's directory and the files in it to the VMM's uid, the directory
 /// private to it (0700): the VMM then writes its sockets and logs there and reaches its
-/// disks, and no other machine's VMM can. Idempotent.
-pub fn hand_over(machine_id: &str, dir: &Path, uid: u32, gid: u32) -> Result<(), LaunchError> {
+/// disks, and no other machine's VMM can. `shared` (the link to the image's base, whose
+/// inode other machines use too) is left as it is: readable, not the VMM's. Idempotent.
+pub fn hand_over(
+    machine_id: &str,
+    dir: &Path,
+    shared: Option<&Path>,
+    uid: u32,
+    gid: u32,
+) -> Result<(), LaunchError> {
     use std::os::unix::fs::PermissionsExt;
     let failed = |path: &Path, what: &str| {
         let machine_id = machine_id.to_string();
@@ -237,6 +244,9 @@ pub fn hand_over(machine_id: &str, dir: &Path, uid: u32, gid: u32) -> Result<(),
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(failed(dir, "chmod"))?;
     for entry in fs::read_dir(dir).map_err(failed(dir, "list"))? {
         let path = entry.map_err(failed(dir, "list"))?.path();
+        if shared == Some(path.as_path()) {
+            continue;
+        }
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(failed(&path, "chown"))?;
     }
     Ok(())

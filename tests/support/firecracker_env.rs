@@ -154,6 +154,7 @@ pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> 
             ports: vec![],
             user: None,
             prepared: false,
+            overlay_root: false,
         },
     )
     .expect("config disk");
@@ -169,6 +170,7 @@ pub fn scratch_spec(env: &FirecrackerEnv, dir: &Path, id: &str, netns: &str) -> 
         memory_mib: 128,
         kit: env.kit.clone(),
         root_disk,
+        base_disk: None,
         config_disk,
         confine: Default::default(),
     }

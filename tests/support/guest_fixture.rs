@@ -161,6 +161,7 @@ pub fn machine(fx: &Fixture, cleanup: &mut Cleanup, config: &GuestConfig) -> Mac
             memory_mib: 128,
             kit: fx.kit.clone(),
             root_disk,
+            base_disk: None,
             config_disk,
             confine: Default::default(),
         },

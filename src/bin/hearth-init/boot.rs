@@ -13,8 +13,14 @@ use nix::sys::reboot::{RebootMode, reboot, set_cad_enabled};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::time::{ClockId, clock_gettime};
 
+use crate::disks::Root;
+
 /// Where the root disk is mounted before it becomes `/`.
 const NEW_ROOT: &str = "/newroot";
+/// Where an overlay root's read-only base is mounted (in the initramfs).
+const LOWER: &str = "/lower";
+/// Where an overlay root's writable layer is mounted (in the initramfs).
+const UPPER: &str = "/upper";
 /// Mounts carried from the initramfs into the root disk.
 const CARRIED_MOUNTS: &[&str] = &["/dev", "/proc", "/sys"];
 
@@ -133,25 +139,68 @@ pub fn load_modules(dir: &Path) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Mounts the root disk and makes it `/`: the kernel filesystems are moved into it, the
+/// Mounts the root and makes it `/`: the kernel filesystems are moved into it, the
 /// initramfs files are deleted (their memory is freed; this process keeps running from
 /// its already loaded image), and the root is moved over `/` and entered with `chroot`
 /// (the initramfs cannot be unmounted, so `pivot_root` does not apply).
-pub fn switch_root(root_dev: &Path) -> Result<(), BootError> {
-    let root = root_dev.to_path_buf();
+///
+/// An overlay root is the base mounted read-only on [`LOWER`], the writable layer on
+/// [`UPPER`] (its `root` and `work` directories made on the first boot), and overlayfs
+/// joining them. Those two mounts stay behind in the initramfs, out of the workload's
+/// sight; the overlay holds them.
+pub fn switch_root(found: &Root) -> Result<(), BootError> {
+    let root = match found {
+        Root::Single(dev) => dev.clone(),
+        Root::Overlay { upper, .. } => upper.clone(),
+    };
     let err = |step: &'static str| {
         let root = root.clone();
         move |source| BootError::SwitchRoot { root, step, source }
     };
     let _ = fs::create_dir_all(NEW_ROOT);
-    mount(
-        Some(root_dev),
-        NEW_ROOT,
-        Some("ext4"),
-        MsFlags::MS_NOATIME,
-        None::<&str>,
-    )
-    .map_err(err("mount ext4"))?;
+    match found {
+        Root::Single(dev) => mount(
+            Some(dev.as_path()),
+            NEW_ROOT,
+            Some("ext4"),
+            MsFlags::MS_NOATIME,
+            None::<&str>,
+        )
+        .map_err(err("mount ext4"))?,
+        Root::Overlay { base, upper } => {
+            let _ = fs::create_dir_all(LOWER);
+            let _ = fs::create_dir_all(UPPER);
+            mount(
+                Some(base.as_path()),
+                LOWER,
+                Some("ext4"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOATIME,
+                None::<&str>,
+            )
+            .map_err(err("mount the base read-only"))?;
+            // The inode tables were left for the kernel to zero lazily, but the file's holes
+            // read as zeros already: writing them would only cost the host disk space.
+            mount(
+                Some(upper.as_path()),
+                UPPER,
+                Some("ext4"),
+                MsFlags::MS_NOATIME,
+                Some("noinit_itable"),
+            )
+            .map_err(err("mount the writable layer"))?;
+            let (upper_root, work) = (format!("{UPPER}/root"), format!("{UPPER}/work"));
+            first_boot_dirs(&upper_root, &work).map_err(err("prepare the writable layer"))?;
+            let options = format!("lowerdir={LOWER},upperdir={upper_root},workdir={work}");
+            mount(
+                Some("overlay"),
+                NEW_ROOT,
+                Some("overlay"),
+                MsFlags::MS_NOATIME,
+                Some(options.as_str()),
+            )
+            .map_err(err("mount overlay"))?;
+        }
+    }
     for m in CARRIED_MOUNTS {
         let target = format!("{NEW_ROOT}{m}");
         let _ = fs::create_dir_all(&target);
@@ -188,6 +237,28 @@ pub fn switch_root(root_dev: &Path) -> Result<(), BootError> {
         Some("mode=1777"),
     );
     Ok(())
+}
+
+/// Makes the overlay's upper and work directories when missing (the layer's first boot),
+/// the upper one owned and moded like the base's root, which it then stands for.
+fn first_boot_dirs(upper_root: &str, work: &str) -> Result<(), Errno> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    if !Path::new(upper_root).is_dir() {
+        let lower = fs::metadata(LOWER).map_err(errno)?;
+        fs::create_dir(upper_root).map_err(errno)?;
+        std::os::unix::fs::chown(upper_root, Some(lower.uid()), Some(lower.gid()))
+            .map_err(errno)?;
+        fs::set_permissions(
+            upper_root,
+            fs::Permissions::from_mode(lower.mode() & 0o7777),
+        )
+        .map_err(errno)?;
+    }
+    match fs::create_dir(work) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(errno(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`, the clock behind

@@ -43,6 +43,9 @@ pub trait StepContext: Send + Sync {
     /// The VMM driver.
     fn vmm(&self) -> &VmmDriver;
 
+    /// Where the writable layers' empty templates are kept (`overlay` disks).
+    fn upper_templates(&self) -> PathBuf;
+
     /// The resolver guests are told to use (`dns.guests`), if any.
     fn guest_resolver(&self) -> Option<GuestResolver>;
 

@@ -1,17 +1,29 @@
-//! Step `disk`: the machine's directory and its own copy of the base image.
+//! Step `disk`: the machine's directory and its root disk, in the layout its record names.
 //!
-//! Acquire is idempotent: the directory is created if missing, and the clone keeps an
-//! existing complete disk (it writes a temporary file and renames it). Release removes
-//! the whole machine directory (disk, config disk, sockets, logs); a missing directory is
-//! fine, so it works whether or not acquire ever ran or finished.
+//! - `overlay`: a hard link to the image's base (`base.ext4`, shared read-only by every
+//!   machine of the image) and a writable layer of its own (`rootfs.ext4`, `disk_mib` or
+//!   [`DEFAULT_UPPER_MIB`] MiB, a copy of an empty template). The guest joins them with
+//!   overlayfs. Constant cost whatever the image's size.
+//! - `copy`: `rootfs.ext4` is a private copy of the base, grown to `disk_mib`.
+//!
+//! Acquire is idempotent: the directory is created if missing, a link to the right base
+//! is kept, and a disk at its final name is complete (each is made under a temporary name
+//! and renamed). Release removes the whole machine directory (disks, link, config disk,
+//! sockets, logs); a missing directory is fine, so it works whether or not acquire ever
+//! ran or finished. Removing the link never touches the base.
 
 use super::{StepContext, StepError, machine_dir};
-use crate::machine::record::MachineRecord;
+use crate::image::DEFAULT_UPPER_MIB;
+use crate::machine::record::{DiskLayout, MachineRecord};
 
-/// File name of the root disk inside the machine directory.
+/// File name of the machine's writable disk inside its directory: the whole root in the
+/// `copy` layout, the overlay's upper layer in the `overlay` layout.
 pub const ROOT_DISK: &str = "rootfs.ext4";
 
-/// Clones the base into the machine directory.
+/// File name of the link to the shared base (`overlay` layout only).
+pub const BASE_LINK: &str = "base.ext4";
+
+/// Makes the machine's disks in its layout.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     let dir = machine_dir(cx, rec);
     let base = rec
@@ -22,10 +34,34 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| StepError::Retry(format!("create {}: {e}", dir.display())))?;
-    // Grown to the spec's size (resize2fs) when that is larger than the base's.
-    let size = (rec.spec.disk_mib > 0).then(|| u64::from(rec.spec.disk_mib) << 20);
     let dest = dir.join(ROOT_DISK);
-    blocking(move || crate::image::clone_disk(&base, &dest, size).map(|_| ())).await
+    match rec.disk_layout {
+        DiskLayout::Overlay => {
+            let mib = if rec.spec.disk_mib > 0 {
+                rec.spec.disk_mib
+            } else {
+                DEFAULT_UPPER_MIB
+            };
+            let templates = cx.upper_templates();
+            let link = dir.join(BASE_LINK);
+            blocking(move || {
+                crate::image::link_base(&base, &link)?;
+                crate::image::make_upper(&templates, &dest, mib).map(|_| ())
+            })
+            .await
+        }
+        DiskLayout::Copy => {
+            // Grown to the spec's size (resize2fs) when that is larger than the base's.
+            let size = (rec.spec.disk_mib > 0).then(|| u64::from(rec.spec.disk_mib) << 20);
+            blocking(move || crate::image::clone_disk(&base, &dest, size).map(|_| ())).await
+        }
+    }
+}
+
+/// Whether what a finished acquire made is still there (a stat or two): the disk, and in
+/// the `overlay` layout the link to the base.
+pub fn present(dir: &std::path::Path, layout: DiskLayout) -> bool {
+    dir.join(ROOT_DISK).exists() && (layout == DiskLayout::Copy || dir.join(BASE_LINK).exists())
 }
 
 /// Removes the machine directory.

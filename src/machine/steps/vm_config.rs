@@ -7,7 +7,7 @@
 use super::{StepContext, StepError, machine_dir};
 use crate::guest::config::{GuestConfig, GuestNetwork, WriteConfigError, write_config_disk};
 use crate::image::ImageRef;
-use crate::machine::record::{ImageWorkload, MachineRecord};
+use crate::machine::record::{DiskLayout, ImageWorkload, MachineRecord};
 use crate::machine::workload::compose;
 
 /// File name of the config disk inside the machine directory.
@@ -36,6 +36,7 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
             ports: Vec::new(),
             user: None,
             prepared: true,
+            overlay_root: rec.disk_layout == DiskLayout::Overlay,
         });
     }
     // The image step records the image's own settings; a record from before that
@@ -64,6 +65,7 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
         ports: rec.spec.ports.clone(),
         user: workload.user,
         prepared: false,
+        overlay_root: rec.disk_layout == DiskLayout::Overlay,
     })
 }
 

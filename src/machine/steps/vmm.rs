@@ -6,10 +6,10 @@
 //! (gracefully, then by force) and any other process carrying the machine's marker and
 //! naming its directory, waiting for each to exit; a process already gone is fine.
 
-use super::disk::ROOT_DISK;
+use super::disk::{BASE_LINK, ROOT_DISK};
 use super::vm_config::CONFIG_DISK;
 use super::{StepContext, StepError, StepOutput, machine_dir};
-use crate::machine::record::{MachineRecord, VmmRecord};
+use crate::machine::record::{DiskLayout, MachineRecord, VmmRecord};
 use crate::vmm::{LaunchSpec, TapSpec, VmmProcess};
 
 /// The driver's view of a recorded process.
@@ -41,6 +41,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         memory_mib: u64::from(rec.spec.memory_mib),
         kit,
         root_disk: dir.join(ROOT_DISK),
+        base_disk: (rec.disk_layout == DiskLayout::Overlay).then(|| dir.join(BASE_LINK)),
         config_disk: dir.join(CONFIG_DISK),
         confine: cx.vmm_confinement(&rec.id, rec.resources.lease_slot.unwrap_or(0)),
     };

@@ -29,6 +29,8 @@ pub const INITRD: &str = "initramfs.cpio";
 pub const ROOT_DISK: &str = "root.img";
 /// The config disk's name inside the jail.
 pub const CONFIG_DISK: &str = "config.img";
+/// The shared base's name inside the jail (overlay roots only).
+pub const BASE_DISK: &str = "base.img";
 /// The chroot base, relative to the machine directory.
 pub const CHROOT_BASE: &str = "jail";
 
@@ -162,6 +164,12 @@ impl JailerSettings {
         ] {
             let to = root.join(name);
             link_into(from, &to, copy_ok).map_err(err(&to))?;
+        }
+        // The shared base: another link to its inode, which stays root's and read-only
+        // (never given to the jail's uid: other machines use the same inode).
+        if let Some(base) = &spec.base_disk {
+            let to = root.join(BASE_DISK);
+            link_into(base, &to, false).map_err(err(&to))?;
         }
         self.give(&spec.machine_id, &root.join(ROOT_DISK))?;
         // The config disk is read-only to the guest; readable is enough.
@@ -312,6 +320,7 @@ mod tests {
                 id: "k".into(),
             },
             root_disk: dir.join("root.img"),
+            base_disk: None,
             config_disk: dir.join("config.img"),
             confine: Default::default(),
         }

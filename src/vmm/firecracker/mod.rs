@@ -325,18 +325,22 @@ impl FirecrackerDriver {
 
     /// Everything before `InstanceStart`, in Firecracker's order of dependence.
     pub fn configuration(&self, spec: &LaunchSpec, layout: &Layout) -> Vec<Request> {
-        let (kernel, initrd, root, config) = match &self.jailer {
+        let (kernel, initrd, root, config, base) = match &self.jailer {
             Some(_) => (
                 layout.vmm(jailer::KERNEL),
                 layout.vmm(jailer::INITRD),
                 layout.vmm(jailer::ROOT_DISK),
                 layout.vmm(jailer::CONFIG_DISK),
+                spec.base_disk
+                    .as_ref()
+                    .map(|_| layout.vmm(jailer::BASE_DISK)),
             ),
             None => (
                 path_string(&spec.kit.vmlinux),
                 path_string(&spec.kit.initramfs),
                 path_string(&spec.root_disk),
                 path_string(&spec.config_disk),
+                spec.base_disk.as_deref().map(path_string),
             ),
         };
         let mut requests = observability(layout);
@@ -368,6 +372,15 @@ impl FirecrackerDriver {
                 is_read_only: true,
             }),
         ]);
+        // The shared base, read-only (the guest tells it from the writable layer so).
+        if let Some(base) = base {
+            requests.push(Request::Drive(Drive {
+                drive_id: "base".into(),
+                path_on_host: base,
+                is_root_device: false,
+                is_read_only: true,
+            }));
+        }
         if let Some(tap) = &spec.tap {
             requests.push(Request::NetworkInterface(NetworkInterface {
                 iface_id: IFACE_ID.into(),
@@ -708,6 +721,7 @@ mod tests {
                 id: "k".into(),
             },
             root_disk: dir.join("root.img"),
+            base_disk: None,
             config_disk: dir.join("config.img"),
             confine: Default::default(),
         }

@@ -1,0 +1,203 @@
+//! The two disks of an overlay root: the image's base, shared read-only by every machine
+//! of the image through a hard link in each machine's directory, and the machine's own
+//! writable disk, a copy of an empty ext4 template of the machine's size. Neither grows
+//! with the image: the link is one directory entry, and the copy visits only the
+//! template's few hundred KiB of metadata (the rest is holes).
+//!
+//! ```text
+//! <images>/uppers/upper-v1-<mib>m.ext4   empty ext4, made once per size (mkfs, ~10 ms)
+//! <machine>/base.ext4                    hard link to <images>/bases/<digest>.ext4
+//! <machine>/rootfs.ext4                  clone_disk(template): the overlay's upper
+//! ```
+//!
+//! Why a hard link: the base's inode is made readable by all (0444) but every path to it
+//! stays private: the images directory is root's alone (0700) and a machine directory is
+//! its own VMM's (0700), so each VMM reaches its own image's base and no other. The link
+//! is never handed over to the VMM's uid (it is the shared inode), and a VMM that is not
+//! its owner cannot write or chmod it. The link also keeps the base's blocks alive if the
+//! cache ever dropped the base while a machine still used it.
+//!
+//! Both operations are idempotent, with [`super::remove_disk`] and the removal of the
+//! machine directory as their undo.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::clone::{CloneError, CloneMethod, clone_disk, partial_path};
+use super::mkfs::{MkfsError, tool};
+
+/// The label of every writable layer's file system.
+pub const UPPER_LABEL: &str = "hearth-upper";
+
+/// Bumped whenever the template's mkfs options change, so old templates are not reused.
+const TEMPLATE_VERSION: &str = "v1";
+
+/// The writable layer's size when the spec does not name one (`disk_mib = 0`): sparse,
+/// so it costs only what the guest writes.
+pub const DEFAULT_UPPER_MIB: u32 = 1024;
+
+/// Why an overlay disk could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// Making the template failed.
+    #[error("writable layer template: {0}")]
+    Template(#[from] MkfsError),
+    /// Copying the template failed.
+    #[error("writable layer: {0}")]
+    Clone(#[from] CloneError),
+    /// A file operation failed.
+    #[error("{path}: {what}: {source}")]
+    Io {
+        /// The file it failed on.
+        path: PathBuf,
+        /// The operation.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> OverlayError {
+    let path = path.to_path_buf();
+    move |source| OverlayError::Io { path, what, source }
+}
+
+/// The template of an empty writable layer of `mib` MiB under `dir`, made if missing.
+///
+/// mkfs writes a temporary file that is renamed into place, so a template at its name is
+/// always complete; two callers racing make the same file twice and the second rename
+/// wins. The inode tables and the journal are left to be initialised lazily, so the
+/// template holds only its group metadata (about 0.7 MiB for 1 GiB, the rest holes).
+pub fn ensure_template(dir: &Path, mib: u32) -> Result<PathBuf, OverlayError> {
+    let path = dir.join(format!("upper-{TEMPLATE_VERSION}-{mib}m.ext4"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir, "create"))?;
+    let partial = dir.join(format!(
+        ".upper-{TEMPLATE_VERSION}-{mib}m.{}.partial",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&partial);
+    let result = make_template(&partial, mib);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, &path).map_err(io_err(&path, "rename into place"))?;
+    Ok(path)
+}
+
+fn make_template(partial: &Path, mib: u32) -> Result<(), OverlayError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(io_err(partial, "create"))?;
+    file.set_len(u64::from(mib) << 20)
+        .map_err(io_err(partial, "set length"))?;
+    drop(file);
+    let mut cmd = Command::new(tool("mkfs.ext4"));
+    cmd.args(["-q", "-F", "-b", "4096", "-m", "0", "-L", UPPER_LABEL])
+        .args([
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+        ])
+        .arg(partial);
+    super::mkfs::run(cmd, "mkfs.ext4", partial)?;
+    std::fs::File::open(partial)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(partial, "sync"))
+}
+
+/// Makes `dest` a fresh writable layer of `mib` MiB: a copy of the size's template (see
+/// [`ensure_template`], under `templates`). Idempotent like [`clone_disk`]: an existing
+/// `dest` is kept. Undo: [`super::remove_disk`].
+pub fn make_upper(templates: &Path, dest: &Path, mib: u32) -> Result<CloneMethod, OverlayError> {
+    let template = ensure_template(templates, mib)?;
+    Ok(clone_disk(&template, dest, None)?)
+}
+
+/// Makes `link` a hard link to the base `base`, and the base readable by the VMMs that
+/// can reach a link to it (0444; see the module's notes). Idempotent: a link already to
+/// the same file is kept; anything else at `link` is replaced. `link` must be on the
+/// base's file system. Undo: removing `link` (with the machine directory).
+pub fn link_base(base: &Path, link: &Path) -> Result<(), OverlayError> {
+    let meta = std::fs::metadata(base).map_err(io_err(base, "stat base"))?;
+    if meta.permissions().mode() & 0o777 != 0o444 {
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o444))
+            .map_err(io_err(base, "chmod 0444"))?;
+    }
+    match std::fs::symlink_metadata(link) {
+        Ok(seen) if seen.dev() == meta.dev() && seen.ino() == meta.ino() => return Ok(()),
+        Ok(_) | Err(_) => {}
+    }
+    // Linked under a temporary name and renamed over whatever is there, so the name never
+    // points at nothing and a rerun finds either the old file or the new link.
+    let partial = partial_path(link)?;
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err(&partial, "remove")(e));
+        }
+        _ => {}
+    }
+    std::fs::hard_link(base, &partial).map_err(io_err(&partial, "hard link the base"))?;
+    std::fs::rename(&partial, link).map_err(io_err(link, "rename into place"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_is_made_once_and_copied_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = dir.path().join("uppers");
+        let first = ensure_template(&templates, 64).expect("template");
+        let made = std::fs::metadata(&first).unwrap();
+        assert_eq!(made.len(), 64 << 20);
+        // Mostly holes: the metadata of an empty 64 MiB ext4 is well under 2 MiB.
+        assert!(made.blocks() * 512 < 2 << 20, "{} blocks", made.blocks());
+        let again = ensure_template(&templates, 64).expect("again");
+        assert_eq!(again, first);
+        assert_eq!(std::fs::metadata(&again).unwrap().ino(), made.ino());
+
+        let upper = dir.path().join("rootfs.ext4");
+        make_upper(&templates, &upper, 64).expect("upper");
+        assert!(super::super::same_content(&first, &upper).unwrap());
+        assert_eq!(
+            make_upper(&templates, &upper, 64).expect("again"),
+            CloneMethod::AlreadyPresent
+        );
+        let dump = Command::new(tool("dumpe2fs"))
+            .args(["-h"])
+            .arg(&upper)
+            .output()
+            .expect("dumpe2fs");
+        let header = String::from_utf8_lossy(&dump.stdout);
+        assert!(header.contains(UPPER_LABEL), "{header}");
+    }
+
+    #[test]
+    fn the_base_link_is_the_same_file_and_replaces_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, b"base").unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("m/base.ext4");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::fs::write(&link, b"stale").unwrap();
+        for _ in 0..2 {
+            link_base(&base, &link).expect("link");
+            let (b, l) = (
+                std::fs::metadata(&base).unwrap(),
+                std::fs::metadata(&link).unwrap(),
+            );
+            assert_eq!((b.dev(), b.ino()), (l.dev(), l.ino()));
+            assert_eq!(b.permissions().mode() & 0o777, 0o444);
+            assert_eq!(b.nlink(), 2);
+        }
+        assert!(!partial_path(&link).unwrap().exists());
+    }
+}
