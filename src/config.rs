@@ -961,6 +961,11 @@ impl Config {
         Duration::from_secs(self.guest.stop_grace_secs)
     }
 
+    /// Where the overlay disks' writable layer templates and their stock are kept.
+    pub fn uppers_dir(&self) -> PathBuf {
+        self.data_dir.join("images").join("uppers")
+    }
+
     /// The redb file.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("hearth.redb")

@@ -51,7 +51,7 @@ impl StepContext for Services {
     }
 
     fn upper_templates(&self) -> PathBuf {
-        self.config().data_dir.join("images").join("uppers")
+        self.config().uppers_dir()
     }
 
     fn guest_resolver(&self) -> Option<GuestResolver> {

@@ -121,6 +121,7 @@ pub fn machine(rec: &MachineRecord) -> pb::Machine {
         claimed: rec.claimed(),
         // Filled by the calls that show it (GetMachine, ListMachines).
         pending_sinks: Vec::new(),
+        disk_layout: rec.disk_layout.name().to_string(),
     }
 }
 

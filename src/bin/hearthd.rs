@@ -130,6 +130,13 @@ async fn run(config: Config) -> Result<(), String> {
         BaseSettings::from(&config.images),
     )
     .map_err(|e| e.to_string())?;
+    // Half-made writable layers of an interrupted refill (the stock itself only ever
+    // holds complete ones).
+    match hearth::image::clear_partials(&config.uppers_dir()) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "half-made writable layers removed"),
+        Err(e) => tracing::warn!(error = %e, "half-made writable layers not removed"),
+    }
     let host = hearth::vmm::confine::VmmHost::detect(&config)?;
     hearth::vmm::confine::private_files(&config)?;
     let services = Services::new(config.clone(), store, pool, net, vmm, host);

@@ -48,7 +48,8 @@ pub use layer::{
 };
 pub use mkfs::{LABEL, MkfsError};
 pub use overlay::{
-    DEFAULT_UPPER_MIB, OverlayError, UPPER_LABEL, ensure_template, link_base, make_upper,
+    DEFAULT_UPPER_MIB, OverlayError, STOCK_PER_SIZE, UPPER_LABEL, UpperSource, clear_partials,
+    ensure_template, link_base, make_upper, refill_stock, take_upper,
 };
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
 pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore, DEFAULT_MAX_ENTRIES};

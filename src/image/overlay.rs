@@ -6,9 +6,16 @@
 //!
 //! ```text
 //! <images>/uppers/upper-v1-<mib>m.ext4   empty ext4, made once per size (mkfs, ~10 ms)
+//! <images>/uppers/stock-v1-<mib>m/<n>    ready copies of it, made and synced ahead
 //! <machine>/base.ext4                    hard link to <images>/bases/<digest>.ext4
-//! <machine>/rootfs.ext4                  clone_disk(template): the overlay's upper
+//! <machine>/rootfs.ext4                  a ready copy renamed in (else copied now)
 //! ```
+//!
+//! The stock: copying the template and making the copy durable (two syncs) is most of a
+//! layer's cost. So a few ready copies per size wait in a stock directory, each complete
+//! and synced before it is renamed in; taking one is a rename and a sync of the machine
+//! directory. [`take_upper`] falls back to copying when the stock is empty (the first
+//! machine of a size, or a burst), and [`refill_stock`] tops it up off the step's path.
 //!
 //! Why a hard link: the base's inode is made readable by all (0444) but every path to it
 //! stays private: the images directory is root's alone (0700) and a machine directory is
@@ -56,6 +63,14 @@ pub enum OverlayError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+impl OverlayError {
+    /// The base and the link would be on different file systems (a hard link cannot
+    /// cross them): retrying does not help.
+    pub fn is_cross_device(&self) -> bool {
+        matches!(self, OverlayError::Io { source, .. } if source.raw_os_error() == Some(libc::EXDEV))
+    }
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> OverlayError {
@@ -119,6 +134,123 @@ pub fn make_upper(templates: &Path, dest: &Path, mib: u32) -> Result<CloneMethod
     Ok(clone_disk(&template, dest, None)?)
 }
 
+/// Ready layers kept per size.
+pub const STOCK_PER_SIZE: usize = 2;
+
+/// The stock directory of size `mib` under `dir`.
+fn stock_dir(dir: &Path, mib: u32) -> PathBuf {
+    dir.join(format!("stock-{TEMPLATE_VERSION}-{mib}m"))
+}
+
+/// Where a new layer of size `mib` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpperSource {
+    /// A ready copy from the stock, renamed in.
+    Stock,
+    /// Copied from the template now (the stock was empty).
+    Copied,
+    /// The layer was there already (a rerun).
+    AlreadyPresent,
+}
+
+/// Makes `dest` a fresh writable layer of `mib` MiB: a ready copy from the stock under
+/// `templates` when there is one, else a copy of the template made now (see
+/// [`make_upper`]). Idempotent: an existing `dest` is kept. A ready copy is complete and
+/// synced before it enters the stock, and a rename moves it whole, so `dest` is complete
+/// once it exists; the machine directory is synced so the rename lasts. Undo:
+/// [`super::remove_disk`].
+pub fn take_upper(templates: &Path, dest: &Path, mib: u32) -> Result<UpperSource, OverlayError> {
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Ok(UpperSource::AlreadyPresent);
+    }
+    let stock = stock_dir(templates, mib);
+    if let Ok(entries) = std::fs::read_dir(&stock) {
+        for entry in entries.flatten() {
+            match std::fs::rename(entry.path(), dest) {
+                Ok(()) => {
+                    super::clone::sync_parent(dest).map_err(io_err(dest, "sync directory of"))?;
+                    return Ok(UpperSource::Stock);
+                }
+                // Taken by another machine between the listing and the rename.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(dest, "take a ready layer")(e)),
+            }
+        }
+    }
+    make_upper(templates, dest, mib)?;
+    Ok(UpperSource::Copied)
+}
+
+/// Tops the stock of size `mib` up to [`STOCK_PER_SIZE`] ready layers: each copied from
+/// the template under a temporary name beside the stock, synced, then renamed in.
+/// Copies a crashed run left half made are removed first. Safe to run concurrently with
+/// takes and with itself (at worst the stock holds a copy too many for a while). Returns
+/// how many it added.
+pub fn refill_stock(templates: &Path, mib: u32) -> Result<usize, OverlayError> {
+    // One refill per stock at a time: the others would only race it to the same count.
+    static REFILLING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let stock = stock_dir(templates, mib);
+    {
+        let mut busy = REFILLING.lock().unwrap_or_else(|e| e.into_inner());
+        if busy.contains(&stock) {
+            return Ok(0);
+        }
+        busy.push(stock.clone());
+    }
+    let result = fill(templates, &stock, mib);
+    REFILLING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|s| s != &stock);
+    result
+}
+
+fn fill(templates: &Path, stock: &Path, mib: u32) -> Result<usize, OverlayError> {
+    std::fs::create_dir_all(stock).map_err(io_err(stock, "create"))?;
+    let have = std::fs::read_dir(stock)
+        .map_err(io_err(stock, "list"))?
+        .count();
+    let template = ensure_template(templates, mib)?;
+    let mut added = 0;
+    for _ in have..STOCK_PER_SIZE {
+        let name = format!(
+            "{}-{}-{added}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        // Built outside the stock (clone_disk works under `<name>.partial` and renames),
+        // so the stock only ever holds complete, synced layers.
+        let ready = templates.join(format!(".ready-{TEMPLATE_VERSION}-{mib}m-{name}"));
+        clone_disk(&template, &ready, None)?;
+        let placed = stock.join(&name);
+        std::fs::rename(&ready, &placed).map_err(io_err(&placed, "rename into the stock"))?;
+        added += 1;
+    }
+    Ok(added)
+}
+
+/// Removes what an interrupted [`refill_stock`] or [`ensure_template`] left under
+/// `templates` (half-made copies and templates). Run once at start, before any refill.
+pub fn clear_partials(templates: &Path) -> Result<usize, OverlayError> {
+    let entries = match std::fs::read_dir(templates) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(templates, "list")(e)),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".ready-") || name.starts_with(".upper-") {
+            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path(), "remove"))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Makes `link` a hard link to the base `base`, and the base readable by the VMMs that
 /// can reach a link to it (0444; see the module's notes). Idempotent: a link already to
 /// the same file is kept; anything else at `link` is replaced. `link` must be on the
@@ -177,6 +309,50 @@ mod tests {
             .expect("dumpe2fs");
         let header = String::from_utf8_lossy(&dump.stdout);
         assert!(header.contains(UPPER_LABEL), "{header}");
+    }
+
+    #[test]
+    fn layers_come_from_the_stock_when_it_has_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = dir.path().join("uppers");
+        // Empty stock: copied now.
+        let first = dir.path().join("m1/rootfs.ext4");
+        std::fs::create_dir_all(first.parent().unwrap()).unwrap();
+        assert_eq!(
+            take_upper(&templates, &first, 64).unwrap(),
+            UpperSource::Copied
+        );
+        assert_eq!(
+            take_upper(&templates, &first, 64).unwrap(),
+            UpperSource::AlreadyPresent
+        );
+        // Filled: taken from it, the same bytes as the template, and the stock shrinks.
+        assert_eq!(refill_stock(&templates, 64).unwrap(), STOCK_PER_SIZE);
+        assert_eq!(refill_stock(&templates, 64).unwrap(), 0, "already full");
+        let second = dir.path().join("m2/rootfs.ext4");
+        std::fs::create_dir_all(second.parent().unwrap()).unwrap();
+        assert_eq!(
+            take_upper(&templates, &second, 64).unwrap(),
+            UpperSource::Stock
+        );
+        let template = ensure_template(&templates, 64).unwrap();
+        assert!(super::super::same_content(&template, &second).unwrap());
+        let left = std::fs::read_dir(stock_dir(&templates, 64))
+            .unwrap()
+            .count();
+        assert_eq!(left, STOCK_PER_SIZE - 1);
+        // Another size has its own stock.
+        let third = dir.path().join("m3/rootfs.ext4");
+        std::fs::create_dir_all(third.parent().unwrap()).unwrap();
+        assert_eq!(
+            take_upper(&templates, &third, 32).unwrap(),
+            UpperSource::Copied
+        );
+        assert_eq!(std::fs::metadata(&third).unwrap().len(), 32 << 20);
+        // What an interrupted refill left is cleared; complete ones stay.
+        std::fs::write(templates.join(".ready-v1-64m-x.partial"), b"half").unwrap();
+        assert_eq!(clear_partials(&templates).unwrap(), 1);
+        assert!(template.exists());
     }
 
     #[test]

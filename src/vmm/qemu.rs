@@ -489,6 +489,23 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_root_attaches_the_base_read_only() {
+        let line = joined(&build_args(&spec(), Accel::Tcg, None, "hearth-"));
+        assert!(!line.contains("id=base"), "{line}");
+        let mut overlay = spec();
+        overlay.base_disk = Some("/data/m1/base.ext4".into());
+        let line = joined(&build_args(&overlay, Accel::Tcg, None, "hearth-"));
+        assert!(
+            line.contains("-drive if=none,id=base,format=raw,readonly=on,file=/data/m1/base.ext4 -device virtio-blk-device,drive=base"),
+            "{line}"
+        );
+        assert!(
+            line.contains("id=root,format=raw,file=/data/m1/root,,1.img"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn args_carry_marker_devices_and_escaped_paths() {
         let args = build_args(&spec(), Accel::Tcg, Some(2_596_126), "hearth-");
         let line = joined(&args);

@@ -206,6 +206,7 @@ fn machine_json(m: &pb::Machine) -> serde_json::Value {
         "id": m.id, "name": m.name, "request_id": m.request_id, "state": state_name(m.state),
         "current_step": m.current_step, "guest_ip": m.guest_ip, "vmm_pid": m.vmm_pid,
         "failure": m.failure, "boot_attempts": m.boot_attempts,
+        "disk_layout": m.disk_layout, "pending_sinks": m.pending_sinks,
         "timings": m.timings.iter().map(|t| json!({
             "step": t.step, "direction": t.direction, "started_at_ms": t.started_at_ms,
             "duration_us": t.duration_us, "outcome": t.outcome,
@@ -247,6 +248,13 @@ fn print_machine(json_out: bool, m: &pb::Machine) {
     if !m.failure.is_empty() {
         // Failures can quote the guest (its error, its console): shown, never obeyed.
         outln!("failure: {}", printable(&m.failure));
+    }
+    outln!("disk: {}", printable(&m.disk_layout));
+    if !m.pending_sinks.is_empty() {
+        outln!(
+            "publication pending in: {}",
+            printable(&m.pending_sinks.join(", "))
+        );
     }
     // The latest run as a timeline: one bar per step on a shared axis.
     let (rows, earlier) = timeline::latest_run(&m.timings, TIMELINE_WIDTH);

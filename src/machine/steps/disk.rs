@@ -13,7 +13,7 @@
 //! ran or finished. Removing the link never touches the base.
 
 use super::{StepContext, StepError, machine_dir};
-use crate::image::DEFAULT_UPPER_MIB;
+use crate::image::{DEFAULT_UPPER_MIB, UpperSource};
 use crate::machine::record::{DiskLayout, MachineRecord};
 
 /// File name of the machine's writable disk inside its directory: the whole root in the
@@ -44,11 +44,41 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
             };
             let templates = cx.upper_templates();
             let link = dir.join(BASE_LINK);
-            blocking(move || {
-                crate::image::link_base(&base, &link)?;
-                crate::image::make_upper(&templates, &dest, mib).map(|_| ())
-            })
-            .await
+            let linked = {
+                let link = link.clone();
+                tokio::task::spawn_blocking(move || crate::image::link_base(&base, &link))
+                    .await
+                    .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
+            };
+            match linked {
+                // Bases and machine directories on different file systems: no retry helps.
+                Err(e) if e.is_cross_device() => {
+                    return Err(StepError::Permanent(format!(
+                        "{e}: images.disk_layout = \"overlay\" needs the image cache and \
+                         the machine directories on one file system; set it to \"copy\""
+                    )));
+                }
+                Err(e) => return Err(StepError::Retry(e.to_string())),
+                Ok(()) => {}
+            }
+            let source = {
+                let templates = templates.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::image::take_upper(&templates, &dest, mib)
+                })
+                .await
+                .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
+                .map_err(|e| StepError::Retry(e.to_string()))?
+            };
+            // The next machine of this size finds a ready layer; made off this step's path.
+            if source != UpperSource::AlreadyPresent {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = crate::image::refill_stock(&templates, mib) {
+                        tracing::warn!(error = %e, mib, "writable layer stock not refilled");
+                    }
+                });
+            }
+            Ok(())
         }
         DiskLayout::Copy => {
             // Grown to the spec's size (resize2fs) when that is larger than the base's.

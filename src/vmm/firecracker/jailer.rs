@@ -391,13 +391,17 @@ mod tests {
     #[test]
     fn prepare_links_the_files_and_is_repeatable() {
         let dir = tempfile::tempdir().unwrap();
-        let sp = spec(dir.path());
+        let mut sp = spec(dir.path());
+        sp.base_disk = Some(dir.path().join("base.ext4"));
         for f in [
             &sp.kit.vmlinux,
             &sp.kit.initramfs,
             &sp.root_disk,
             &sp.config_disk,
-        ] {
+        ]
+        .into_iter()
+        .chain(sp.base_disk.as_ref())
+        {
             fs::write(f, b"x").unwrap();
         }
         let me = JailerSettings {
@@ -418,5 +422,11 @@ mod tests {
         assert_eq!(disk.ino(), fs::metadata(&sp.root_disk).unwrap().ino());
         assert!(layout.host_dir.join(KERNEL).exists());
         assert_eq!(layout.vmm(ROOT_DISK), "/root.img");
+        // The shared base is linked in too, the same inode.
+        let base = fs::metadata(layout.host_dir.join(BASE_DISK)).unwrap();
+        assert_eq!(
+            base.ino(),
+            fs::metadata(sp.base_disk.as_ref().unwrap()).unwrap().ino()
+        );
     }
 }

@@ -761,6 +761,39 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_root_adds_the_base_as_a_read_only_drive() {
+        let d = FirecrackerDriver::new("/opt/firecracker".into());
+        let mut sp = spec(Path::new("/m/abc"));
+        sp.base_disk = Some(PathBuf::from("/m/abc/base.ext4"));
+        let reqs = d.configuration(&sp, &d.layout(&sp));
+        let base = reqs
+            .iter()
+            .find(|r| r.describe() == "PUT /drives/base")
+            .expect("a base drive");
+        let body = base.body().unwrap();
+        assert_eq!(body["path_on_host"], "/m/abc/base.ext4");
+        assert_eq!(body["is_read_only"], true);
+        assert_eq!(body["is_root_device"], false);
+        // Jailed, it is the link inside the jail.
+        let jailed =
+            FirecrackerDriver::new("/opt/firecracker".into()).with_jailer(JailerSettings {
+                binary: "/opt/jailer".into(),
+                uid: 1,
+                gid: 1,
+                cgroups: vec![],
+                cgroup_version: 2,
+                parent_cgroup: "hearth".into(),
+                release_cgroup: true,
+            });
+        let reqs = jailed.configuration(&sp, &jailed.layout(&sp));
+        let base = reqs
+            .iter()
+            .find(|r| r.describe() == "PUT /drives/base")
+            .expect("a jailed base drive");
+        assert_eq!(base.body().unwrap()["path_on_host"], "/base.img");
+    }
+
+    #[test]
     fn a_jailed_configuration_names_paths_inside_the_jail() {
         let d = FirecrackerDriver::new("/opt/firecracker".into()).with_jailer(JailerSettings {
             binary: "/opt/jailer".into(),
