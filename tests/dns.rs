@@ -47,9 +47,13 @@ async fn a_started_machine_resolves_and_a_destroyed_one_does_not() {
     let started = support::wait_for(&mut client, &created.id, pb::MachineState::Started).await;
     let ip = started.guest_ip.clone();
 
-    for tcp in [false, true] {
-        let (status, answers) = dig(&server, "resolved.hearth.internal", "A", tcp);
-        assert_eq!(status, "NOERROR", "tcp={tcp}");
+    // The guests' resolver (port 53 of its own address) answers the same, here from the
+    // host itself.
+    let guests = support::node(&mut client).await.guest_dns_address;
+    assert!(guests.ends_with(":53"), "guest resolver {guests:?}");
+    for (server, tcp) in [(&server, false), (&server, true), (&guests, false)] {
+        let (status, answers) = dig(server, "resolved.hearth.internal", "A", tcp);
+        assert_eq!(status, "NOERROR", "{server} tcp={tcp}");
         assert_eq!(answers.len(), 1, "{answers:?}");
         assert!(answers[0].ends_with(&format!("IN A {ip}")), "{answers:?}");
     }

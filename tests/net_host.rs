@@ -734,6 +734,13 @@ async fn the_guest_resolver_address_is_made_repaired_and_removed() {
         let rule = format!("ip daddr {addr} {proto} dport 53 accept");
         assert_eq!(table.matches(&rule).count(), 1, "{rule:?} in:\n{table}");
     }
+    // From anywhere but a guest or the host itself, the resolver is not there.
+    let outside = format!("iif != \"lo\" ip daddr {addr} drop");
+    assert_eq!(
+        table.matches(&outside).count(),
+        1,
+        "{outside:?} in:\n{table}"
+    );
 
     // A stray address under the label (the pool changed) is put right by the next start.
     ok(&[

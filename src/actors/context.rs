@@ -55,7 +55,13 @@ impl StepContext for Services {
     }
 
     fn guest_resolver(&self) -> Option<GuestResolver> {
-        Services::guest_resolver(self).map(|nameserver| GuestResolver {
+        // Only a resolver that is answering: when its address could not be bound, guests
+        // keep their image's resolv.conf rather than wait on a server that is not there.
+        let bound = self.listening().guest_dns?;
+        let std::net::IpAddr::V4(nameserver) = bound.ip() else {
+            return None;
+        };
+        Some(GuestResolver {
             nameserver,
             search: self.config().dns.domain.trim_end_matches('.').to_string(),
         })

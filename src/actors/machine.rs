@@ -120,7 +120,7 @@ impl MachineActor {
                         .exists()
             });
         let disk_present = rec.mark(Step::Disk) != Mark::Done
-            || steps::disk::present(&steps::machine_dir(services, rec), rec.disk_layout);
+            || steps::disk::present(&steps::machine_dir(services, rec), rec);
         // One netlink query, only for a finished policy. A query that fails says nothing
         // was lost: the step is not redone on a guess.
         let policy_present = rec.mark(Step::Policy) != Mark::Done

@@ -113,10 +113,27 @@ async fn run(config: Config) -> Result<(), String> {
     let net = NetFabric::start().map_err(|e| e.to_string())?;
     // The daemon's packet policy goes in before any machine is woken: a machine's own
     // chains hang off it.
-    let policy = config
+    let mut policy = config
         .network
         .policy(config.dns.guests)
         .map_err(|e| e.to_string())?;
+    // The guest resolver takes the pool's last block. A machine that holds it from before
+    // (the pool was full while guests did not resolve yet) keeps it: guests go without a
+    // resolver until that machine is gone, rather than one address on two links.
+    let reserved = pool.slot_count().saturating_sub(1);
+    if policy.guest_dns.is_some()
+        && let Some(holder) = store
+            .leases()
+            .map_err(|e| format!("read leases: {e}"))?
+            .get(&reserved)
+    {
+        tracing::error!(
+            machine = %holder,
+            "dns.guests: machine {holder} holds the pool's last block, which the guest \
+             resolver needs; guests get no resolver until it is destroyed"
+        );
+        policy.guest_dns = None;
+    }
     net.install_policy(policy)
         .await
         .map_err(|e| format!("network policy: {e}"))?;

@@ -44,6 +44,23 @@ const TEMPLATE_VERSION: &str = "v1";
 /// so it costs only what the guest writes.
 pub const DEFAULT_UPPER_MIB: u32 = 1024;
 
+/// The smallest writable layer made.
+const MIN_UPPER_MIB: u32 = 64;
+
+/// The writable layer's size for a spec's `disk_mib`: [`DEFAULT_UPPER_MIB`] for 0, else
+/// the next power of two (at least [`MIN_UPPER_MIB`]). At least what was asked for, and
+/// one of a few sizes (a dozen up to the spec's 1 TiB limit), so templates and their
+/// stock stay few however many sizes callers ask for.
+pub fn layer_mib(disk_mib: u32) -> u32 {
+    if disk_mib == 0 {
+        return DEFAULT_UPPER_MIB;
+    }
+    disk_mib
+        .max(MIN_UPPER_MIB)
+        .checked_next_power_of_two()
+        .unwrap_or(disk_mib)
+}
+
 /// Why an overlay disk could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
@@ -80,9 +97,9 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Ove
 
 /// The template of an empty writable layer of `mib` MiB under `dir`, made if missing.
 ///
-/// mkfs writes a temporary file that is renamed into place, so a template at its name is
-/// always complete; two callers racing make the same file twice and the second rename
-/// wins. The inode tables and the journal are left to be initialised lazily, so the
+/// mkfs writes a temporary file of its own (a unique name per call) that is renamed into
+/// place, so a template at its name is always complete; two callers racing each make a
+/// whole template and the second rename wins. The inode tables and the journal are left to be initialised lazily, so the
 /// template holds only its group metadata (about 0.7 MiB for 1 GiB, the rest holes).
 pub fn ensure_template(dir: &Path, mib: u32) -> Result<PathBuf, OverlayError> {
     let path = dir.join(format!("upper-{TEMPLATE_VERSION}-{mib}m.ext4"));
@@ -90,11 +107,14 @@ pub fn ensure_template(dir: &Path, mib: u32) -> Result<PathBuf, OverlayError> {
         return Ok(path);
     }
     std::fs::create_dir_all(dir).map_err(io_err(dir, "create"))?;
+    // Unique per call: two machines of a new size make it at once, and neither may touch
+    // the other's file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let partial = dir.join(format!(
-        ".upper-{TEMPLATE_VERSION}-{mib}m.{}.partial",
-        std::process::id()
+        ".upper-{TEMPLATE_VERSION}-{mib}m.{}-{}.partial",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let _ = std::fs::remove_file(&partial);
     let result = make_template(&partial, mib);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
@@ -251,6 +271,14 @@ pub fn clear_partials(templates: &Path) -> Result<usize, OverlayError> {
     Ok(removed)
 }
 
+/// Whether `a` and `b` name the same file (inode); false when either is missing.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Makes `link` a hard link to the base `base`, and the base readable by the VMMs that
 /// can reach a link to it (0444; see the module's notes). Idempotent: a link already to
 /// the same file is kept; anything else at `link` is replaced. `link` must be on the
@@ -309,6 +337,19 @@ mod tests {
             .expect("dumpe2fs");
         let header = String::from_utf8_lossy(&dump.stdout);
         assert!(header.contains(UPPER_LABEL), "{header}");
+    }
+
+    #[test]
+    fn layer_sizes_round_up_to_a_few_classes() {
+        assert_eq!(layer_mib(0), DEFAULT_UPPER_MIB);
+        assert_eq!(layer_mib(1), 64);
+        assert_eq!(layer_mib(256), 256);
+        assert_eq!(layer_mib(257), 512);
+        assert_eq!(layer_mib(1 << 20), 1 << 20);
+        let classes: std::collections::BTreeSet<u32> =
+            (1..=(1u32 << 20)).step_by(997).map(layer_mib).collect();
+        assert!(classes.len() <= 16, "{classes:?}");
+        assert!((1..5000).all(|n| layer_mib(n) >= n));
     }
 
     #[test]

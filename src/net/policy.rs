@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! input    iifname vmap @from_guest_in   -> m<id>_in:  not its IPv4 source? drop; goto host_access
+//!          iif != lo, to the guest resolver: drop (dns.guests)
 //! forward  iifname vmap @from_guest_fwd  -> m<id>_fwd: not its IPv4 source? drop; goto guest_forward
 //!          oifname vmap @to_guest        -> m<id>_to:  replies, declared TCP ports; else drop
 //! output   oifname vmap @to_guest        (the same chain: the host sees only declared ports)
@@ -232,12 +233,29 @@ pub(crate) fn daemon_changes(cfg: &PolicyConfig) -> Vec<Change> {
     push_chain(&mut out, &table, GUEST_FORWARD, None, guest_forward);
 
     let vmap = |key: MetaKey, map: &str| Rule::new().vmap(key, map).done();
+    let mut input = vec![vmap(MetaKey::Iifname, MAP_IN)];
+    // The guest resolver answers guests (decided above, through their chains) and the
+    // host itself (on `lo`, whose index is 1 in every namespace); from anywhere else (a
+    // neighbour that routes the pool here) it is not there.
+    if let Some(resolver) = cfg.guest_dns {
+        input.push(
+            Rule::new()
+                .meta_is(
+                    MetaKey::Iif,
+                    Operator::NotEqual,
+                    1u32.to_ne_bytes().to_vec(),
+                )
+                .ipv4()
+                .destination_is(resolver)
+                .verdict(DROP),
+        );
+    }
     push_chain(
         &mut out,
         &table,
         "input",
         Some(("filter", InetHookNumber::LocalIn, 0)),
-        vec![vmap(MetaKey::Iifname, MAP_IN)],
+        input,
     );
     push_chain(
         &mut out,

@@ -222,7 +222,11 @@ fn tap_request(name: &str) -> TapReq {
 /// Gives the machine's directory and the files in it to the VMM's uid, the directory
 /// private to it (0700): the VMM then writes its sockets and logs there and reaches its
 /// disks, and no other machine's VMM can. `shared` (the link to the image's base, whose
-/// inode other machines use too) is left as it is: readable, not the VMM's. Idempotent.
+/// inode other machines use too) is left as it is: readable, not the VMM's. So is any
+/// other regular file with more than one link: a file of this directory is the machine's
+/// alone, so a second link means a shared inode (the base, renamed by a VMM that hoped to
+/// be handed it), and handing it over would give one machine every machine's base.
+/// Idempotent.
 pub fn hand_over(
     machine_id: &str,
     dir: &Path,
@@ -247,6 +251,10 @@ pub fn hand_over(
         if shared == Some(path.as_path()) {
             continue;
         }
+        let meta = fs::symlink_metadata(&path).map_err(failed(&path, "stat"))?;
+        if meta.is_file() && std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+            continue;
+        }
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(failed(&path, "chown"))?;
     }
     Ok(())
@@ -269,4 +277,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the map inconsistent (single inserts
     // and removes), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Run as root (as the suite is): the machine's own files go to the VMM's uid, while
+    /// the shared base, under its own name or any other (a VMM that renamed it), stays.
+    #[test]
+    fn hand_over_never_gives_away_a_shared_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = dir.path().join("m");
+        fs::create_dir(&machine).unwrap();
+        let base = dir.path().join("base.img");
+        fs::write(&base, b"base").unwrap();
+        fs::hard_link(&base, machine.join("base.ext4")).unwrap();
+        fs::hard_link(&base, machine.join("rootfs.ext4")).unwrap();
+        fs::write(machine.join("config.disk"), b"config").unwrap();
+        let link = machine.join("base.ext4");
+        hand_over("m", &machine, Some(&link), 54_321, 54_321).unwrap();
+        let owner = |name: &str| fs::metadata(machine.join(name)).unwrap().uid();
+        assert_eq!(owner("config.disk"), 54_321);
+        assert_eq!(owner("base.ext4"), 0);
+        assert_eq!(owner("rootfs.ext4"), 0, "the base under the layer's name");
+        assert_eq!(fs::metadata(&machine).unwrap().uid(), 54_321);
+    }
 }

@@ -245,15 +245,16 @@ fn first_boot_dirs(upper_root: &str, work: &str) -> Result<(), Errno> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
     if !Path::new(upper_root).is_dir() {
+        // Made whole under another name, then renamed: a boot that dies half way leaves
+        // only the other name, which the next boot starts again from.
+        let fresh = format!("{upper_root}.new");
+        let _ = fs::remove_dir(&fresh);
         let lower = fs::metadata(LOWER).map_err(errno)?;
-        fs::create_dir(upper_root).map_err(errno)?;
-        std::os::unix::fs::chown(upper_root, Some(lower.uid()), Some(lower.gid()))
+        fs::create_dir(&fresh).map_err(errno)?;
+        std::os::unix::fs::chown(&fresh, Some(lower.uid()), Some(lower.gid())).map_err(errno)?;
+        fs::set_permissions(&fresh, fs::Permissions::from_mode(lower.mode() & 0o7777))
             .map_err(errno)?;
-        fs::set_permissions(
-            upper_root,
-            fs::Permissions::from_mode(lower.mode() & 0o7777),
-        )
-        .map_err(errno)?;
+        fs::rename(&fresh, upper_root).map_err(errno)?;
     }
     match fs::create_dir(work) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(errno(e)),

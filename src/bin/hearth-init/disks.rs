@@ -86,7 +86,8 @@ pub fn find(deadline: Instant) -> Result<Found, DiskError> {
             Some(c) if c.overlay_root => 2,
             _ => 1,
         };
-        if others.len() > wanted {
+        // Until the config disk is readable, two other disks may be an overlay root's.
+        if others.len() > 2 || (config.is_some() && others.len() > wanted) {
             return Err(DiskError::Ambiguous(others));
         }
         match config {

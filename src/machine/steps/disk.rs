@@ -1,9 +1,10 @@
 //! Step `disk`: the machine's directory and its root disk, in the layout its record names.
 //!
 //! - `overlay`: a hard link to the image's base (`base.ext4`, shared read-only by every
-//!   machine of the image) and a writable layer of its own (`rootfs.ext4`, `disk_mib` or
-//!   [`DEFAULT_UPPER_MIB`] MiB, a copy of an empty template). The guest joins them with
-//!   overlayfs. Constant cost whatever the image's size.
+//!   machine of the image) and a writable layer of its own (`rootfs.ext4`, `disk_mib`
+//!   rounded up to a size class, or [`crate::image::DEFAULT_UPPER_MIB`] MiB: a ready copy
+//!   of an empty template). The guest joins them with overlayfs. Constant cost whatever
+//!   the image's size.
 //! - `copy`: `rootfs.ext4` is a private copy of the base, grown to `disk_mib`.
 //!
 //! Acquire is idempotent: the directory is created if missing, a link to the right base
@@ -13,7 +14,7 @@
 //! ran or finished. Removing the link never touches the base.
 
 use super::{StepContext, StepError, machine_dir};
-use crate::image::{DEFAULT_UPPER_MIB, UpperSource};
+use crate::image::UpperSource;
 use crate::machine::record::{DiskLayout, MachineRecord};
 
 /// File name of the machine's writable disk inside its directory: the whole root in the
@@ -37,18 +38,22 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     let dest = dir.join(ROOT_DISK);
     match rec.disk_layout {
         DiskLayout::Overlay => {
-            let mib = if rec.spec.disk_mib > 0 {
-                rec.spec.disk_mib
-            } else {
-                DEFAULT_UPPER_MIB
-            };
+            let mib = crate::image::layer_mib(rec.spec.disk_mib);
             let templates = cx.upper_templates();
             let link = dir.join(BASE_LINK);
             let linked = {
-                let link = link.clone();
-                tokio::task::spawn_blocking(move || crate::image::link_base(&base, &link))
-                    .await
-                    .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
+                let (link, dest) = (link.clone(), dest.clone());
+                tokio::task::spawn_blocking(move || {
+                    // The base under the layer's name is not a layer (a VMM renamed it
+                    // there): it goes, and a fresh layer is taken below.
+                    if crate::image::same_file(&dest, &base) {
+                        crate::image::remove_disk(&dest)
+                            .map_err(crate::image::OverlayError::from)?;
+                    }
+                    crate::image::link_base(&base, &link)
+                })
+                .await
+                .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
             };
             match linked {
                 // Bases and machine directories on different file systems: no retry helps.
@@ -88,10 +93,22 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     }
 }
 
-/// Whether what a finished acquire made is still there (a stat or two): the disk, and in
-/// the `overlay` layout the link to the base.
-pub fn present(dir: &std::path::Path, layout: DiskLayout) -> bool {
-    dir.join(ROOT_DISK).exists() && (layout == DiskLayout::Copy || dir.join(BASE_LINK).exists())
+/// Whether what a finished acquire made is still there (a few stats): the disk, and in
+/// the `overlay` layout the link to the base, with the layer not the base itself.
+pub fn present(dir: &std::path::Path, rec: &MachineRecord) -> bool {
+    let disk = dir.join(ROOT_DISK);
+    match rec.disk_layout {
+        DiskLayout::Copy => disk.exists(),
+        DiskLayout::Overlay => {
+            disk.exists()
+                && dir.join(BASE_LINK).exists()
+                && !rec
+                    .resources
+                    .base_path
+                    .as_ref()
+                    .is_some_and(|base| crate::image::same_file(&disk, base))
+        }
+    }
 }
 
 /// Removes the machine directory.
