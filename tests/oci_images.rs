@@ -74,17 +74,20 @@ async fn image_step_failure(client: &mut Client, id: &str) -> String {
     }
 }
 
-/// A file of a stopped machine's root disk, read with debugfs.
+/// A file the guest wrote, read with debugfs from the stopped machine's writable disk: the
+/// whole root in the `copy` layout, the overlay's upper layer (its `root` directory) in
+/// the `overlay` layout.
 fn read_from_disk(daemon: &Daemon, id: &str, path: &str) -> String {
-    let disk = daemon
-        .dir
-        .path()
-        .join("data/machines")
-        .join(id)
-        .join("rootfs.ext4");
+    let dir = daemon.dir.path().join("data/machines").join(id);
+    let disk = dir.join("rootfs.ext4");
+    let inside = if dir.join("base.ext4").exists() {
+        format!("/root{path}")
+    } else {
+        path.to_string()
+    };
     let out = Command::new("debugfs")
         .arg("-R")
-        .arg(format!("cat {path}"))
+        .arg(format!("cat {inside}"))
         .arg(&disk)
         .output()
         .expect("debugfs");
