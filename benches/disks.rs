@@ -74,14 +74,7 @@ async fn disk_ms(client: &mut Client, image: &str, n: usize) -> f64 {
         .into_inner();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let ms = loop {
-        let machine = client
-            .machines
-            .get_machine(pb::MachineRef {
-                id: created.id.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
+        let machine = support::get_machine(client, &created.id).await;
         let done = machine
             .timings
             .iter()

@@ -1004,10 +1004,9 @@ fn guest_resolver(
     if !on {
         return Ok(None);
     }
-    let last = pool.slot_count().saturating_sub(1);
-    match pool.block(last) {
-        Some(block) if last > 0 => Ok(Some(std::net::Ipv4Addr::from(u32::from(block) + 1))),
-        _ => Err(invalid(
+    match pool.resolver_address() {
+        Some(address) => Ok(Some(address)),
+        None => Err(invalid(
             "dns.guests",
             format!(
                 "network.pool {pool} has one block, and the guest resolver takes the last one; \

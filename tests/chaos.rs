@@ -168,13 +168,7 @@ impl Row {
     /// none is visible for a machine that is not (and ListRoutes holds no other).
     async fn note_routes(&mut self, client: &mut Client, machine: &pb::Machine, started: bool) {
         let what = if started { "started" } else { "not started" };
-        let routes = client
-            .registry
-            .list_routes(pb::ListRoutesRequest {})
-            .await
-            .expect("routes")
-            .into_inner()
-            .routes;
+        let routes = support::routes(client).await;
         let ids: Vec<&str> = routes.iter().map(|r| r.machine_id.as_str()).collect();
         let expected: Vec<&str> = if started {
             vec![machine.id.as_str()]
@@ -269,15 +263,9 @@ async fn leftovers(daemon: &Daemon, client: &mut Client) -> Vec<String> {
     if node.ip_slots_used > 0 {
         found.push(format!("{} leases", node.ip_slots_used));
     }
-    let routes = client
-        .registry
-        .list_routes(pb::ListRoutesRequest {})
-        .await
-        .expect("routes")
-        .into_inner();
     found.extend(
-        routes
-            .routes
+        support::routes(client)
+            .await
             .iter()
             .map(|r| format!("route {}", r.machine_id)),
     );

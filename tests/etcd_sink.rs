@@ -139,13 +139,7 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
     let node = support::node(&mut client).await;
     let sink = node.sinks.first().expect("the etcd sink in GetNode");
     assert!(!sink.in_sync && !sink.last_error.is_empty(), "{sink:?}");
-    let routes = client
-        .registry
-        .list_routes(pb::ListRoutesRequest {})
-        .await
-        .expect("routes")
-        .into_inner()
-        .routes;
+    let routes = support::routes(&mut client).await;
     let shown = routes
         .iter()
         .find(|r| r.machine_id == second.id)
@@ -153,14 +147,7 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
     assert_eq!(shown.pending_sinks, vec!["etcd".to_string()], "{shown:?}");
     // And so do GetMachine (the machine is started, its publication pending) and the
     // metrics.
-    let got = client
-        .machines
-        .get_machine(pb::MachineRef {
-            id: second.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = support::get_machine(&mut client, &second.id).await;
     assert_eq!(got.state(), pb::MachineState::Started);
     assert_eq!(got.pending_sinks, vec!["etcd".to_string()], "{got:?}");
     let body = support::scrape(&node.metrics_address);
@@ -213,25 +200,12 @@ async fn etcd_holds_exactly_the_published_routes_through_outages_and_a_crash() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let routes = client
-        .registry
-        .list_routes(pb::ListRoutesRequest {})
-        .await
-        .expect("routes")
-        .into_inner()
-        .routes;
+    let routes = support::routes(&mut client).await;
     assert!(
         routes.iter().all(|r| r.pending_sinks.is_empty()),
         "{routes:?}"
     );
-    let got = client
-        .machines
-        .get_machine(pb::MachineRef {
-            id: second.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let got = support::get_machine(&mut client, &second.id).await;
     assert!(got.pending_sinks.is_empty(), "{got:?}");
     let body = support::scrape(&support::node(&mut client).await.metrics_address);
     assert_eq!(support::sample(&body, pending), Some(0.0), "{body}");

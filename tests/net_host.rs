@@ -700,8 +700,9 @@ fn policy_config(fx: &Fixture) -> PolicyConfig {
 
 /// The guest resolver's address of the fixture's pool: the first of its last block.
 fn resolver_addr(fx: &Fixture) -> std::net::Ipv4Addr {
-    let last = fx.pool.block(fx.pool.slot_count() - 1).expect("last block");
-    std::net::Ipv4Addr::from(u32::from(last) + 1)
+    fx.pool
+        .resolver_address()
+        .expect("a pool of more than one block")
 }
 
 /// The addresses on `lo` under `label` (`ip -o addr` lines' fourth field).

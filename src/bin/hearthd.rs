@@ -120,8 +120,8 @@ async fn run(config: Config) -> Result<(), String> {
     // The guest resolver takes the pool's last block. A machine that holds it from before
     // (the pool was full while guests did not resolve yet) keeps it: guests go without a
     // resolver until that machine is gone, rather than one address on two links.
-    let reserved = pool.slot_count().saturating_sub(1);
     if policy.guest_dns.is_some()
+        && let Some(reserved) = pool.resolver_slot()
         && let Some(holder) = store
             .leases()
             .map_err(|e| format!("read leases: {e}"))?

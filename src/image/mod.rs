@@ -49,7 +49,8 @@ pub use layer::{
 pub use mkfs::{LABEL, MkfsError};
 pub use overlay::{
     DEFAULT_UPPER_MIB, OverlayError, STOCK_PER_SIZE, UPPER_LABEL, UpperSource, clear_partials,
-    ensure_template, layer_mib, link_base, make_upper, refill_stock, same_file, take_upper,
+    ensure_template, layer_mib, link_base, make_overlay, make_upper, refill_stock, same_file,
+    take_upper,
 };
 pub use reference::{DEMO, ImageDefaults, ImageRef, ImageRefError};
 pub use store::{BUILDER_VERSION, Base, BaseError, BaseSettings, BaseStore, DEFAULT_MAX_ENTRIES};

@@ -173,6 +173,24 @@ pub enum UpperSource {
     AlreadyPresent,
 }
 
+/// Makes a machine's overlay disks: `link` to the base `base` (see [`link_base`]) and
+/// `layer`, its writable layer of `mib` MiB (see [`take_upper`]). A `layer` that is the
+/// base itself (a VMM renamed the base there) is removed first, and a fresh layer taken.
+/// Idempotent; undo: removing both (with the machine directory).
+pub fn make_overlay(
+    base: &Path,
+    link: &Path,
+    layer: &Path,
+    templates: &Path,
+    mib: u32,
+) -> Result<UpperSource, OverlayError> {
+    if same_file(layer, base) {
+        super::remove_disk(layer)?;
+    }
+    link_base(base, link)?;
+    take_upper(templates, layer, mib)
+}
+
 /// Makes `dest` a fresh writable layer of `mib` MiB: a ready copy from the stock under
 /// `templates` when there is one, else a copy of the template made now (see
 /// [`make_upper`]). Idempotent: an existing `dest` is kept. A ready copy is complete and

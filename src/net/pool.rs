@@ -108,6 +108,19 @@ impl PoolCidr {
         (1u32 << (32 - u32::from(self.prefix_len))) / BLOCK_SIZE
     }
 
+    /// The block the guest resolver takes when guests resolve (`dns.guests`): the last
+    /// one, never leased. `None` for a pool of one block, which has none to spare.
+    pub fn resolver_slot(&self) -> Option<u32> {
+        let last = self.slot_count().checked_sub(1)?;
+        (last > 0).then_some(last)
+    }
+
+    /// The guest resolver's address: the first host address of [`Self::resolver_slot`].
+    pub fn resolver_address(&self) -> Option<Ipv4Addr> {
+        let block = self.block(self.resolver_slot()?)?;
+        Some(Ipv4Addr::from(u32::from(block) + 1))
+    }
+
     /// The first address of block `slot`, or `None` when the pool has no such block.
     pub fn block(&self, slot: u32) -> Option<Ipv4Addr> {
         (slot < self.slot_count())
@@ -148,8 +161,15 @@ mod tests {
         assert_eq!(small.block(31), Some(Ipv4Addr::new(10, 214, 7, 248)));
         assert_eq!(small.block(32), None);
 
+        assert_eq!(small.resolver_slot(), Some(31));
+        assert_eq!(
+            small.resolver_address(),
+            Some(Ipv4Addr::new(10, 214, 7, 249))
+        );
+
         let one = PoolCidr::parse("192.168.9.8/29").expect("pool");
         assert_eq!(one.slot_count(), 1);
+        assert_eq!(one.resolver_slot(), None);
         assert_eq!(one.block(0), Some(Ipv4Addr::new(192, 168, 9, 8)));
         assert_eq!(one.block(1), None);
 

@@ -474,6 +474,17 @@ pub async fn get_machine(client: &mut Client, id: &str) -> pb::Machine {
         .into_inner()
 }
 
+/// Every published route, as ListRoutes shows it.
+pub async fn routes(client: &mut Client) -> Vec<pb::Route> {
+    client
+        .registry
+        .list_routes(pb::ListRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner()
+        .routes
+}
+
 /// The status a pull's stream ends with; panics when the pull succeeds.
 pub async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
     let mut stream = client

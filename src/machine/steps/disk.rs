@@ -40,22 +40,16 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         DiskLayout::Overlay => {
             let mib = crate::image::layer_mib(rec.spec.disk_mib);
             let templates = cx.upper_templates();
-            let link = dir.join(BASE_LINK);
-            let linked = {
-                let (link, dest) = (link.clone(), dest.clone());
-                tokio::task::spawn_blocking(move || {
-                    // The base under the layer's name is not a layer (a VMM renamed it
-                    // there): it goes, and a fresh layer is taken below.
-                    if crate::image::same_file(&dest, &base) {
-                        crate::image::remove_disk(&dest)
-                            .map_err(crate::image::OverlayError::from)?;
-                    }
-                    crate::image::link_base(&base, &link)
+            let (link, layer) = (dir.join(BASE_LINK), dest);
+            let made = {
+                let templates = templates.clone();
+                run_blocking(move || {
+                    crate::image::make_overlay(&base, &link, &layer, &templates, mib)
                 })
-                .await
-                .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
+                .await?
             };
-            match linked {
+            let source = match made {
+                Ok(source) => source,
                 // Bases and machine directories on different file systems: no retry helps.
                 Err(e) if e.is_cross_device() => {
                     return Err(StepError::Permanent(format!(
@@ -64,16 +58,6 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
                     )));
                 }
                 Err(e) => return Err(StepError::Retry(e.to_string())),
-                Ok(()) => {}
-            }
-            let source = {
-                let templates = templates.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::image::take_upper(&templates, &dest, mib)
-                })
-                .await
-                .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
-                .map_err(|e| StepError::Retry(e.to_string()))?
             };
             // The next machine of this size finds a ready layer; made off this step's path.
             if source != UpperSource::AlreadyPresent {
@@ -124,12 +108,21 @@ pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     }
 }
 
-/// Runs a disk operation on a blocking thread (clones and removals of large files).
-async fn blocking<E: std::fmt::Display>(
+/// Runs a disk operation on a blocking thread (clones and removals of large files); its
+/// own result is the caller's to classify.
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StepError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StepError::Retry(format!("disk task: {e}")))
+}
+
+/// [`run_blocking`] for an operation whose every failure is worth a retry.
+async fn blocking<E: std::fmt::Display + Send + 'static>(
     work: impl FnOnce() -> Result<(), E> + Send + 'static,
 ) -> Result<(), StepError> {
-    tokio::task::spawn_blocking(move || work().map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| StepError::Retry(format!("disk task: {e}")))?
-        .map_err(StepError::Retry)
+    run_blocking(work)
+        .await?
+        .map_err(|e| StepError::Retry(e.to_string()))
 }
