@@ -790,10 +790,49 @@ impl Config {
                 return Err(invalid(key, "must be at least 1".into()));
             }
         }
+        self.validate_vmm_ids()?;
         if self.pool_refill_parallel == 0 {
             return Err(invalid("pool_refill_parallel", "must be at least 1".into()));
         }
         self.validate_pools()
+    }
+
+    /// The VMMs' uids: `vmm.uid_base + slot` for every lease slot of the pool must be a
+    /// real uid other than root's (0, or past `u32::MAX - 1`, which `setresuid` reads as
+    /// "unchanged", would leave a VMM as root); the jailer's fallback likewise.
+    fn validate_vmm_ids(&self) -> Result<(), ConfigError> {
+        let vmm = &self.vmm;
+        if vmm.unprivileged {
+            if vmm.uid_base == 0 {
+                return Err(invalid(
+                    "vmm.uid_base",
+                    "0 is root's uid; VMMs need uids of their own (default 900000)".into(),
+                ));
+            }
+            let slots = crate::net::PoolCidr::parse(&self.network.pool)
+                .map(|p| p.slot_count())
+                .unwrap_or(0);
+            let last = u64::from(vmm.uid_base) + u64::from(slots);
+            if last >= u64::from(u32::MAX) {
+                return Err(invalid(
+                    "vmm.uid_base",
+                    format!(
+                        "{} plus the pool's {slots} slots passes the largest uid ({})",
+                        vmm.uid_base,
+                        u32::MAX - 1
+                    ),
+                ));
+            }
+        }
+        for (key, id) in [
+            ("vmm.jailer.uid", vmm.jailer.uid),
+            ("vmm.jailer.gid", vmm.jailer.gid),
+        ] {
+            if id == 0 || id == u32::MAX {
+                return Err(invalid(key, format!("{id} is not an unprivileged id")));
+            }
+        }
+        Ok(())
     }
 
     /// Each pool's name is unique and a DNS label, its image parses, and its shape is one
@@ -1190,6 +1229,9 @@ mod tests {
             ),
             ("[images]\nmax_layers = 0", "images.max_layers"),
             ("[images]\nmax_entries = 0", "images.max_entries"),
+            ("[vmm]\nuid_base = 0", "vmm.uid_base"),
+            ("[vmm]\nuid_base = 4294967200", "vmm.uid_base"),
+            ("[vmm.jailer]\nuid = 0", "vmm.jailer.uid"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err();

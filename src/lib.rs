@@ -23,3 +23,4 @@ pub mod sinks;
 pub mod store;
 pub mod text;
 pub mod vmm;
+pub mod vmmdir;

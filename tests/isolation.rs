@@ -492,15 +492,32 @@ async fn the_vmm_runs_unprivileged_sandboxed_and_limited() {
     };
     let dirs = cgroups.dirs(&machine.id);
     let memory = ((160 + 96) << 20).to_string();
+    let pids_max = hearth::vmm::cgroup::pids_max(2).to_string();
     match cgroups.hierarchy() {
         Hierarchy::V2(_) => {
             assert_eq!(read(&dirs[0], "cpu.max"), "200000 100000");
             assert_eq!(read(&dirs[0], "memory.max"), memory);
+            if dirs[0].join("pids.max").exists() {
+                assert_eq!(read(&dirs[0], "pids.max"), pids_max);
+            } else {
+                support::skipped("isolation: pids.max", "cgroup2 here has no pids controller");
+            }
         }
-        Hierarchy::V1 { .. } => {
+        Hierarchy::V1 {
+            pids: pids_root, ..
+        } => {
             assert_eq!(read(&dirs[0], "cpu.cfs_quota_us"), "200000");
             assert_eq!(read(&dirs[0], "cpu.cfs_period_us"), "100000");
             assert_eq!(read(&dirs[1], "memory.limit_in_bytes"), memory);
+            assert!(
+                pids_root.is_some(),
+                "this host mounts the v1 pids controller"
+            );
+            assert_eq!(read(&dirs[2], "pids.max"), pids_max);
+            assert!(
+                read(&dirs[2], "cgroup.procs").contains(&pids[0].to_string()),
+                "the VMM is not in its pids cgroup"
+            );
         }
     }
     assert!(

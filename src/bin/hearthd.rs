@@ -102,6 +102,9 @@ async fn run(config: Config) -> Result<(), String> {
     for dir in [&config.data_dir, &config.cache_dir] {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     }
+    // A layout the VMMs cannot use is refused now, naming its key, rather than found by
+    // every launch (and retried) later.
+    hearth::vmm::confine::check_layout(&config)?;
     // A crashed predecessor's lock can outlive it for a moment (see open_waiting).
     let store = Store::open_waiting(&config.store_path(), std::time::Duration::from_secs(5))
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?

@@ -13,8 +13,7 @@
 //! The init recognises the config disk by its magic, not by device order: virtio-mmio
 //! devices found through ACPI may be enumerated in any order.
 
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -188,26 +187,22 @@ pub fn decode_config_disk(disk: &[u8]) -> Result<GuestConfig, ReadConfigError> {
 ///
 /// Idempotent: the disk is written under a temporary name, synced and renamed over
 /// `path`, so a rerun replaces it whole and a crash leaves the old file or the new one.
-/// Undo: remove `path` (and a stray `path.tmp`).
+/// The directory is its VMM's: nothing there is followed (see [`crate::vmmdir`]), a
+/// planted temporary name is removed first. Undo: remove `path` (and a stray `path.tmp`).
 pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), WriteConfigError> {
     let disk = encode_config_disk(config)?;
-    let io_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| WriteConfigError::Io { path: p, source }
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&disk).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))
+    crate::vmmdir::VmmDir::parent_of(path)
+        .and_then(|(dir, name)| dir.replace_file(name, &disk))
+        .map_err(|source| WriteConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn sample() -> GuestConfig {
         GuestConfig {
@@ -281,5 +276,14 @@ mod tests {
             other
         );
         assert!(!tmp.path().join("config.img.tmp").exists());
+        // A link planted at the temporary name is removed, not written through.
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("config.img.tmp")).unwrap();
+        write_config_disk(&path, &sample()).unwrap();
+        assert_eq!(fs::read(outside.path()).unwrap(), b"");
+        assert_eq!(
+            decode_config_disk(&fs::read(&path).unwrap()).unwrap(),
+            sample()
+        );
     }
 }

@@ -260,7 +260,7 @@ impl AgentConnection {
     pub async fn connect(path: &Path, deadline: Instant) -> Result<AgentConnection, AgentError> {
         let start = Instant::now();
         loop {
-            match UnixStream::connect(path).await {
+            match crate::vmmdir::connect(path).await {
                 Ok(stream) => return Ok(AgentConnection::from_stream(path, stream)),
                 Err(e) if Instant::now() + RECONNECT >= deadline => {
                     return Err(AgentError::Connect {

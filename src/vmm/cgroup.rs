@@ -1,9 +1,11 @@
 //! Per-machine cgroups: every VMM runs in `<hierarchy>/hearth_<prefix>/<machine id>`,
-//! with a CPU quota of its vCPUs and a memory limit of its memory plus a stated overhead.
+//! with a CPU quota of its vCPUs, a memory limit of its memory plus a stated overhead,
+//! and a cap on its tasks ([`pids_max`]: a VMM that breaks out of its guest and its
+//! seccomp filter still cannot fork the host out of pids).
 //!
-//! cgroup v2 is used where the unified hierarchy has the `cpu` and `memory` controllers;
-//! otherwise the v1 hierarchies of those two controllers (hosts whose controllers are
-//! bound to v1 leave the cgroup2 mount empty). The names depend only on the prefix and
+//! cgroup v2 is used where the unified hierarchy has the `cpu` and `memory` controllers
+//! (and `pids` where it has it); otherwise the v1 hierarchies of those controllers (hosts
+//! whose controllers are bound to v1 leave the cgroup2 mount empty). The names depend only on the prefix and
 //! the machine id, so every call works after a crash with nothing recorded.
 //!
 //! Every operation is idempotent: `ensure` creates what is missing and writes the limits
@@ -17,6 +19,15 @@ use std::time::{Duration, Instant};
 
 /// The CFS period the quota is a share of.
 const PERIOD_US: u64 = 100_000;
+
+/// Tasks (processes and threads) one VMM may have beyond one per vCPU: QEMU's main
+/// loop, its RCU and I/O worker pool (at most 64), Firecracker's few threads.
+const TASKS_BEYOND_VCPUS: u64 = 128;
+
+/// The `pids.max` of a machine with `vcpus` vCPUs.
+pub fn pids_max(vcpus: u32) -> u64 {
+    TASKS_BEYOND_VCPUS + u64::from(vcpus)
+}
 
 /// How long `remove` waits for killed processes to leave a cgroup.
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -48,12 +59,15 @@ fn fail(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupEr
 pub enum Hierarchy {
     /// The unified hierarchy, mounted here, with `cpu` and `memory` available.
     V2(PathBuf),
-    /// The v1 hierarchies of the `cpu` and the `memory` controller.
+    /// The v1 hierarchies of the `cpu` and the `memory` controller, and of `pids` when
+    /// mounted.
     V1 {
         /// Where `cpu` is mounted.
         cpu: PathBuf,
         /// Where `memory` is mounted.
         memory: PathBuf,
+        /// Where `pids` is mounted, if it is.
+        pids: Option<PathBuf>,
     },
 }
 
@@ -102,9 +116,11 @@ impl Cgroups {
     fn parents(&self) -> Vec<PathBuf> {
         match &self.hierarchy {
             Hierarchy::V2(root) => vec![root.join(&self.parent)],
-            Hierarchy::V1 { cpu, memory } => {
-                vec![cpu.join(&self.parent), memory.join(&self.parent)]
-            }
+            Hierarchy::V1 { cpu, memory, pids } => [Some(cpu), Some(memory), pids.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|root| root.join(&self.parent))
+                .collect(),
         }
     }
 
@@ -153,8 +169,12 @@ impl Cgroups {
                 create_dir(&dir)?;
                 write(&dir.join("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
                 write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let pids_file = dir.join("pids.max");
+                if pids_file.exists() {
+                    write(&pids_file, &pids_max(limits.vcpus).to_string())?;
+                }
             }
-            Hierarchy::V1 { cpu, memory } => {
+            Hierarchy::V1 { cpu, memory, pids } => {
                 let cpu_dir = cpu.join(&self.parent).join(id);
                 create_dir(&cpu.join(&self.parent))?;
                 create_dir(&cpu_dir)?;
@@ -167,6 +187,15 @@ impl Cgroups {
                     &mem_dir.join("memory.limit_in_bytes"),
                     &limits.memory_bytes.to_string(),
                 )?;
+                if let Some(pids) = pids {
+                    let pids_dir = pids.join(&self.parent).join(id);
+                    create_dir(&pids.join(&self.parent))?;
+                    create_dir(&pids_dir)?;
+                    write(
+                        &pids_dir.join("pids.max"),
+                        &pids_max(limits.vcpus).to_string(),
+                    )?;
+                }
             }
         }
         Ok(())
@@ -237,6 +266,7 @@ fn pick(mounts: &str) -> Result<Hierarchy, String> {
     let mut v2 = None;
     let mut cpu = None;
     let mut memory = None;
+    let mut pids = None;
     for line in mounts.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (Some(path), Some(fstype), Some(options)) =
@@ -253,6 +283,9 @@ fn pick(mounts: &str) -> Result<Hierarchy, String> {
             "cgroup" if options.contains(&"memory") && memory.is_none() => {
                 memory = Some(PathBuf::from(path))
             }
+            "cgroup" if options.contains(&"pids") && pids.is_none() => {
+                pids = Some(PathBuf::from(path))
+            }
             _ => {}
         }
     }
@@ -264,7 +297,7 @@ fn pick(mounts: &str) -> Result<Hierarchy, String> {
         }
     }
     match (cpu, memory) {
-        (Some(cpu), Some(memory)) => Ok(Hierarchy::V1 { cpu, memory }),
+        (Some(cpu), Some(memory)) => Ok(Hierarchy::V1 { cpu, memory, pids }),
         _ => Err(
             "no cgroup hierarchy with the cpu and memory controllers is mounted (neither \
              cgroup2 with both nor cgroup v1 for each)"
@@ -326,11 +359,14 @@ fn read_pids(file: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// Adds `+cpu +memory` to `dir`'s subtree control where missing.
+/// Adds `+cpu +memory` (and `+pids` where the hierarchy offers it) to `dir`'s subtree
+/// control where missing.
 fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     let file = dir.join("cgroup.subtree_control");
     let now = fs::read_to_string(&file).map_err(fail(&file, "read"))?;
-    for controller in ["cpu", "memory"] {
+    let offered = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let pids = offered.split_whitespace().any(|c| c == "pids");
+    for controller in ["cpu", "memory"].into_iter().chain(pids.then_some("pids")) {
         if !now.split_whitespace().any(|c| c == controller) {
             write(&file, &format!("+{controller}"))?;
         }
@@ -352,6 +388,16 @@ mod tests {
             Hierarchy::V1 {
                 cpu: "/sys/fs/cgroup/cpu".into(),
                 memory: "/sys/fs/cgroup/memory".into(),
+                pids: None,
+            }
+        );
+        let with_pids = format!("{mounts}cgroup /sys/fs/cgroup/pids cgroup rw,nosuid,pids 0 0\n");
+        assert_eq!(
+            pick(&with_pids).expect("pick"),
+            Hierarchy::V1 {
+                cpu: "/sys/fs/cgroup/cpu".into(),
+                memory: "/sys/fs/cgroup/memory".into(),
+                pids: Some("/sys/fs/cgroup/pids".into()),
             }
         );
         let none = pick("cgroup2 /nonexistent cgroup2 rw 0 0\n").expect_err("no controllers");
@@ -364,6 +410,7 @@ mod tests {
             Hierarchy::V1 {
                 cpu: "/c".into(),
                 memory: "/m".into(),
+                pids: Some("/p".into()),
             },
             "hth",
         );
@@ -372,6 +419,7 @@ mod tests {
             vec![
                 PathBuf::from("/c/hearth_hth/0123456789/cgroup.procs"),
                 PathBuf::from("/m/hearth_hth/0123456789/cgroup.procs"),
+                PathBuf::from("/p/hearth_hth/0123456789/cgroup.procs"),
             ]
         );
         let v2 = Cgroups::with(Hierarchy::V2("/u".into()), "td1");

@@ -89,3 +89,126 @@ pub fn private_files(config: &Config) -> Result<(), String> {
     set(&config.cache_dir.join("blobs"), 0o700, true)?;
     Ok(())
 }
+
+/// Whether this host can serve the configured directories to unprivileged VMMs, checked
+/// at start before anything touches the host (and by `hearth doctor`). A VMM reaches its
+/// machine directory through its working directory, entered as root before it takes its
+/// own uid, so the data dir's ancestors never matter to it. What does:
+/// - `data_dir` must hold files owned by a VMM's uid (`chown`; a root-squashing NFS or a
+///   FAT file system cannot);
+/// - the guest kit under `cache_dir` is opened by path, so every directory above
+///   `cache_dir` must be searchable by the VMMs: by others, or by `vmm.group`.
+///
+/// The error names the key, what blocks it and the fix. Nothing to check when VMMs run
+/// as root.
+pub fn check_layout(config: &Config) -> Result<(), String> {
+    if !config.vmm.unprivileged {
+        return Ok(());
+    }
+    let gid = nix::unistd::Group::from_name(&config.vmm.group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    if let Some((dir, meta)) = unsearchable_ancestor(&config.cache_dir, gid)? {
+        return Err(format!(
+            "cache_dir: {} (mode {:04o}, owner uid {}, group {}) keeps the VMMs (uid {}+, \
+             group {:?}) from the guest kernel under {}; make it searchable (chmod o+x {}) \
+             or choose a cache_dir whose parent directories others can search",
+            dir.display(),
+            meta.mode() & 0o7777,
+            meta.uid(),
+            meta.gid(),
+            config.vmm.uid_base,
+            config.vmm.group,
+            config.cache_dir.display(),
+            dir.display(),
+        ));
+    }
+    probe_chown(
+        &config.data_dir.join("machines"),
+        config.vmm.uid_base,
+        gid.unwrap_or(0),
+    )
+    .map_err(|e| {
+        format!(
+            "data_dir: {} cannot hold files owned by the VMMs' uids ({e}); choose a \
+                 data_dir on a local file system that keeps owners (ext4, xfs, btrfs)",
+            config.data_dir.display()
+        )
+    })
+}
+
+/// The first directory above `path` (from `/` down) that neither others nor group `gid`
+/// may search, with its metadata. Directories that do not exist yet are made by the
+/// daemon, searchable.
+fn unsearchable_ancestor(
+    path: &Path,
+    gid: Option<u32>,
+) -> Result<Option<(std::path::PathBuf, std::fs::Metadata)>, String> {
+    // The nearest directory that exists: it and everything above it must be
+    // searchable (what is missing below it, the daemon makes searchable).
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let real = std::fs::canonicalize(existing)
+        .map_err(|e| format!("resolve {}: {e}", existing.display()))?;
+    let skip = usize::from(existing == path);
+    let mut above: Vec<&Path> = real.ancestors().skip(skip).collect();
+    above.reverse();
+    for dir in above {
+        let meta = std::fs::metadata(dir).map_err(|e| format!("stat {}: {e}", dir.display()))?;
+        let mode = meta.mode();
+        let searchable = mode & 0o001 != 0 || (Some(meta.gid()) == gid && mode & 0o010 != 0);
+        if !searchable {
+            return Ok(Some((dir.to_path_buf(), meta)));
+        }
+    }
+    Ok(None)
+}
+
+/// Makes a file in `dir`, gives it to `uid:gid` and removes it. Idempotent (a probe left
+/// by a crash is replaced).
+fn probe_chown(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".owner-probe-{}", std::process::id()));
+    let _ = std::fs::remove_file(&probe);
+    std::fs::File::create(&probe)?;
+    let owned = std::os::unix::fs::chown(&probe, Some(uid), Some(gid));
+    let removed = std::fs::remove_file(&probe);
+    owned.and(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run as root (as the suite is).
+    #[test]
+    fn a_private_parent_of_the_cache_is_named_and_the_data_dir_is_free() {
+        let top = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let mut config = Config::default();
+        config.vmm.group = "root".into();
+        // The data dir may sit under a private directory: VMMs never search above it.
+        config.data_dir = top.path().join("data");
+        config.cache_dir = top.path().join("cache");
+        let err = check_layout(&config).expect_err("the cache's parent is private");
+        assert!(err.starts_with("cache_dir: "), "{err}");
+        assert!(err.contains(&top.path().display().to_string()), "{err}");
+        assert!(err.contains("mode 0700"), "{err}");
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        check_layout(&config).expect("searchable now");
+        // Searchable by the VMMs' group only is enough.
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o710))
+            .expect("chmod");
+        check_layout(&config).expect("searchable by the group");
+        let data = config.data_dir.join("machines");
+        assert_eq!(
+            std::fs::read_dir(&data).expect("made").count(),
+            0,
+            "no probe left"
+        );
+    }
+}

@@ -10,8 +10,13 @@
 //!   past the cap, copied to `<name>.1` and truncated; appends then carry on at the start.
 //!
 //! Reading a log back ([`tail`]) reads only its end, never the whole file.
+//!
+//! These files sit in directories a VMM can write. Every open, rotation and truncation
+//! goes through [`crate::vmmdir`]: no link is followed, no FIFO blocks, and a name the
+//! VMM replaced is removed and made anew (a warning says so), never written through.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
+
+use crate::vmmdir::{Access, VmmDir, is_replaced};
 
 /// How often appended-to files are checked against the cap.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -33,25 +40,45 @@ pub fn rotated(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+fn rotated_name(name: &OsStr) -> OsString {
+    let mut rotated = name.to_os_string();
+    rotated.push(".1");
+    rotated
+}
+
+/// Opens `name` in `dir` to append; a name the VMM replaced (a link, FIFO, directory,
+/// shared inode) is removed, with a warning, and a fresh file made.
+pub(crate) fn open_append(dir: &VmmDir, name: &OsStr) -> io::Result<fs::File> {
+    match dir.open_file(name, Access::Append) {
+        Err(e) if is_replaced(&e) => {
+            tracing::warn!(file = %dir.show(name).display(), error = %e, "log replaced by its VMM; made anew");
+            dir.remove(name)?;
+            dir.open_file(name, Access::Append)
+        }
+        other => other,
+    }
+}
+
 /// A file appended to by this process, rotated to `<path>.1` before a write would take it
 /// past `cap` bytes.
 pub struct CappedFile {
-    path: PathBuf,
+    dir: VmmDir,
+    name: OsString,
     file: fs::File,
     size: u64,
     cap: u64,
 }
 
 impl CappedFile {
-    /// Opens (creating) `path` for appending.
+    /// Opens (creating) `path` for appending, never following a link (see
+    /// [`crate::vmmdir`]).
     pub fn open(path: &Path, cap: u64) -> io::Result<CappedFile> {
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let (dir, name) = VmmDir::parent_of(path)?;
+        let file = open_append(&dir, &name)?;
         let size = file.metadata()?.len();
         Ok(CappedFile {
-            path: path.to_path_buf(),
+            dir,
+            name,
             file,
             size,
             cap: cap.max(1),
@@ -63,11 +90,9 @@ impl CappedFile {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         let data = &data[data.len().saturating_sub(self.cap as usize)..];
         if self.size + data.len() as u64 > self.cap {
-            fs::rename(&self.path, rotated(&self.path))?;
-            self.file = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
+            // A rename moves names, whatever they are; the new file is made afresh.
+            self.dir.rename(&self.name, rotated_name(&self.name))?;
+            self.file = open_append(&self.dir, &self.name)?;
             self.size = 0;
         }
         self.file.write_all(data)?;
@@ -78,29 +103,50 @@ impl CappedFile {
 
 /// For a file another process appends to: when it is past `cap`, copies it to
 /// `<path>.1` and truncates it (the writer's appends then go to the start). Returns
-/// whether it rotated. A missing file is fine.
+/// whether it rotated. A missing file is fine. Nothing is followed: a name the VMM
+/// replaced is removed (see [`crate::vmmdir`]) and reported.
 pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
-    let size = match fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+    let (dir, name) = VmmDir::parent_of(path)?;
+    let size = match dir.file_len(&name) {
+        Ok(Some(size)) => size,
+        Ok(None) => return Ok(false),
+        Err(e) if is_replaced(&e) => {
+            dir.remove(&name)?;
+            return Err(e);
+        }
         Err(e) => return Err(e),
     };
     if size <= cap {
         return Ok(false);
     }
-    let mut source = fs::File::open(path)?;
-    // Only the last `cap` bytes are worth keeping.
-    source.seek(SeekFrom::Start(size - cap))?;
-    let mut copy = fs::File::create(rotated(path))?;
-    io::copy(&mut source.take(cap), &mut copy)?;
-    fs::OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    let mut source = match dir.open_file(&name, Access::ReadWrite) {
+        Err(e) if is_replaced(&e) => {
+            dir.remove(&name)?;
+            return Err(e);
+        }
+        other => other?,
+    };
+    // Only the last `cap` bytes are worth keeping; made under a fresh name, then renamed
+    // over whatever `<name>.1` is.
+    let target = rotated_name(&name);
+    let mut partial = target.clone();
+    partial.push(".partial");
+    dir.remove(&partial)?;
+    let mut copy = dir.open_file(&partial, Access::CreateNew)?;
+    source.seek(SeekFrom::Start(size.saturating_sub(cap)))?;
+    io::copy(&mut (&mut source).take(cap), &mut copy)?;
+    dir.rename(&partial, &target)?;
+    source.set_len(0)?;
     Ok(true)
 }
 
-/// The last `max` bytes of a file, lossily decoded and trimmed; empty if unreadable.
-/// Reads only those bytes.
+/// The last `max` bytes of a file, lossily decoded and trimmed; empty if unreadable or
+/// not a regular file (never following a link, never blocking on a FIFO). Reads only
+/// those bytes.
 pub fn tail(path: &Path, max: usize) -> String {
-    let Ok(mut file) = fs::File::open(path) else {
+    let Ok(mut file) =
+        VmmDir::parent_of(path).and_then(|(dir, name)| dir.open_file(name, Access::Read))
+    else {
         return String::new();
     };
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -170,7 +216,7 @@ async fn keep(spec: KeepSpec, alive: impl Fn() -> bool) {
         if console.is_none()
             && let Some((socket, log)) = &spec.console
         {
-            match tokio::net::UnixStream::connect(socket).await {
+            match crate::vmmdir::connect(socket).await {
                 Ok(stream) => {
                     console = Some(stream);
                     if serial.is_none() {

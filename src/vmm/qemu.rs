@@ -310,6 +310,17 @@ pub fn escape(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
+/// How QEMU names `path`: relative to its working directory (the machine directory,
+/// entered by the daemon as root before QEMU takes its own uid) when the file lies in
+/// it, so the VMM never needs to search the machine directory's ancestors. A data dir
+/// under a private parent (`mktemp -d`, a home directory) works as any other.
+pub fn vmm_path(workdir: &Path, path: &Path) -> String {
+    match path.strip_prefix(workdir) {
+        Ok(rest) if !rest.as_os_str().is_empty() => escape(&Path::new(".").join(rest)),
+        _ => escape(path),
+    }
+}
+
 /// The host's TSC frequency in kHz, for the guest's `tsc_early_khz` (read once).
 pub fn tsc_khz() -> Option<u64> {
     static KHZ: OnceLock<Option<u64>> = OnceLock::new();
@@ -385,21 +396,21 @@ pub fn build_args(
         "-chardev".into(),
         format!(
             "socket,id=console,path={},server=on,wait=off",
-            escape(&workdir.join(SERIAL_SOCKET))
+            vmm_path(workdir, &workdir.join(SERIAL_SOCKET))
         ),
         "-serial".into(),
         "chardev:console".into(),
         "-drive".into(),
         format!(
             "if=none,id=root,format=raw,file={}",
-            escape(&spec.root_disk)
+            vmm_path(workdir, &spec.root_disk)
         ),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
         "-drive".into(),
         format!(
             "if=none,id=config,format=raw,readonly=on,file={}",
-            escape(&spec.config_disk)
+            vmm_path(workdir, &spec.config_disk)
         ),
         "-device".into(),
         "virtio-blk-device,drive=config".into(),
@@ -411,7 +422,7 @@ pub fn build_args(
             "-drive".into(),
             format!(
                 "if=none,id=base,format=raw,readonly=on,file={}",
-                escape(base)
+                vmm_path(workdir, base)
             ),
             "-device".into(),
             "virtio-blk-device,drive=base".into(),
@@ -435,7 +446,7 @@ pub fn build_args(
         "-chardev".into(),
         format!(
             "socket,id=agent,path={},server=on,wait=off",
-            escape(&workdir.join(AGENT_SOCKET))
+            vmm_path(workdir, &workdir.join(AGENT_SOCKET))
         ),
         "-device".into(),
         format!(
@@ -445,7 +456,7 @@ pub fn build_args(
         "-qmp".into(),
         format!(
             "unix:{},server=on,wait=off",
-            escape(&workdir.join(QMP_SOCKET))
+            vmm_path(workdir, &workdir.join(QMP_SOCKET))
         ),
     ]);
     a.into_iter().map(OsString::from).collect()
@@ -474,9 +485,9 @@ mod tests {
                 kernel_version: "6.1".into(),
                 id: "k".into(),
             },
-            root_disk: "/data/m1/root,1.img".into(),
+            root_disk: "/var/lib/hearth/machines/m1/root,1.img".into(),
             base_disk: None,
-            config_disk: "/data/m1/config.img".into(),
+            config_disk: "/var/lib/hearth/machines/m1/config.img".into(),
             confine: Default::default(),
         }
     }
@@ -493,14 +504,14 @@ mod tests {
         let line = joined(&build_args(&spec(), Accel::Tcg, None, "hearth-"));
         assert!(!line.contains("id=base"), "{line}");
         let mut overlay = spec();
-        overlay.base_disk = Some("/data/m1/base.ext4".into());
+        overlay.base_disk = Some("/var/lib/hearth/machines/m1/base.ext4".into());
         let line = joined(&build_args(&overlay, Accel::Tcg, None, "hearth-"));
         assert!(
-            line.contains("-drive if=none,id=base,format=raw,readonly=on,file=/data/m1/base.ext4 -device virtio-blk-device,drive=base"),
+            line.contains("-drive if=none,id=base,format=raw,readonly=on,file=./base.ext4 -device virtio-blk-device,drive=base"),
             "{line}"
         );
         assert!(
-            line.contains("id=root,format=raw,file=/data/m1/root,,1.img"),
+            line.contains("id=root,format=raw,file=./root,,1.img"),
             "{line}"
         );
     }
@@ -514,11 +525,12 @@ mod tests {
         assert!(line.contains("tsc_early_khz=2596126"), "{line}");
         assert!(line.contains("panic=-1"), "{line}");
         assert!(line.contains("cryptomgr.notests"), "{line}");
-        assert!(line.contains("file=/data/m1/root,,1.img"), "{line}");
-        assert!(
-            line.contains("readonly=on,file=/data/m1/config.img"),
-            "{line}"
-        );
+        assert!(line.contains("file=./root,,1.img"), "{line}");
+        assert!(line.contains("readonly=on,file=./config.img"), "{line}");
+        // Nothing of the machine directory is named by its absolute path: QEMU, as its
+        // own uid, never searches the data dir's ancestors.
+        assert!(!line.contains("/var/lib/hearth"), "{line}");
+        assert!(line.contains("path=./serial.sock,server=on"), "{line}");
         assert!(line.contains("tap,id=net0,fd=3,vhost=off"), "{line}");
         assert!(
             line.contains(
@@ -528,7 +540,10 @@ mod tests {
         );
         assert!(line.contains("mac=52:54:00:ab:0c:01"), "{line}");
         assert!(line.contains("name=hearth.agent"), "{line}");
-        assert!(line.contains("unix:/var/lib/hearth/machines/m1/qmp.sock,server=on,wait=off"));
+        assert!(
+            line.contains("unix:./qmp.sock,server=on,wait=off"),
+            "{line}"
+        );
         // The marker is one whole argument, which is what the process scan matches.
         let strings: Vec<String> = args
             .iter()

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Why a QMP exchange failed.
@@ -51,7 +50,7 @@ pub struct Qmp {
 impl Qmp {
     /// Connects, reads the greeting and enters command mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path)
+        let stream = crate::vmmdir::connect(path)
             .await
             .map_err(|source| QmpError::Io {
                 path: path.to_path_buf(),

@@ -77,10 +77,10 @@ impl Children {
             )?),
             None => None,
         };
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cmd.log)
+        // The log sits in a directory the VMM can write: opened without following a
+        // link (a planted one is removed and the file made anew).
+        let log = crate::vmmdir::VmmDir::parent_of(&cmd.log)
+            .and_then(|(dir, name)| super::logs::open_append(&dir, &name))
             .map_err(workdir_err(&cmd.log))?;
         let log2 = log.try_clone().map_err(workdir_err(&cmd.log))?;
 
@@ -260,17 +260,18 @@ pub fn hand_over(
     Ok(())
 }
 
-/// Removes `path` if it exists. Idempotent.
+/// Removes `path` if it exists, whatever it is (a directory planted where a socket goes
+/// included), never following a link. Idempotent.
 pub fn remove_stale(machine_id: &str, path: &Path) -> Result<(), LaunchError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
+    match crate::vmmdir::VmmDir::parent_of(path).and_then(|(dir, name)| dir.remove(name)) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(LaunchError::Workdir {
-            machine_id: machine_id.to_string(),
-            path: path.to_path_buf(),
-            source,
-        }),
+        other => other,
     }
+    .map_err(|source| LaunchError::Workdir {
+        machine_id: machine_id.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

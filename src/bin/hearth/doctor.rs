@@ -231,6 +231,28 @@ fn guest_init(config: &Config) -> Check {
     )
 }
 
+/// The check hearthd makes at start: the VMMs can reach the guest kit, and the data dir
+/// keeps their files' owners.
+fn vmm_layout(config: &Config) -> Check {
+    let result = hearth::vmm::confine::check_layout(config);
+    let detail = match &result {
+        Ok(()) if !config.vmm.unprivileged => "VMMs run as root".to_string(),
+        Ok(()) => format!(
+            "VMMs (uid {}+) reach the guest kit in {}; {} keeps their owners",
+            config.vmm.uid_base,
+            config.cache_dir.display(),
+            config.data_dir.display()
+        ),
+        Err(e) => e.clone(),
+    };
+    check(
+        "vmm layout",
+        Verdict::of(result.is_ok(), Verdict::Fail),
+        detail,
+        "as the detail says (hearthd refuses to start until it is fixed)",
+    )
+}
+
 fn free_space(config: &Config) -> Check {
     let dir = &config.data_dir;
     let existing = dir
@@ -342,6 +364,7 @@ pub async fn run(
         cgroups(),
         guest_kernel(&config),
         guest_init(&config),
+        vmm_layout(&config),
         free_space(&config),
         socket(&socket_path).await,
     ];

@@ -2,7 +2,8 @@
 //! network, the ports that make it ready), written into the machine directory.
 //!
 //! Acquire is idempotent: the file is written to a temporary name and renamed, so a rerun
-//! replaces it whole. Release deletes it; a missing file is fine.
+//! replaces it whole. Release deletes it; a missing file is fine. Both act on the name
+//! only, never on what a VMM may have put there (see [`crate::vmmdir`]).
 
 use super::{StepContext, StepError, machine_dir};
 use crate::guest::config::{GuestConfig, GuestNetwork, WriteConfigError, write_config_disk};
@@ -91,10 +92,16 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
 /// Deletes the config disk.
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     let path = machine_dir(cx, rec).join(CONFIG_DISK);
-    match tokio::fs::remove_file(&path).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(StepError::Retry(format!("remove {}: {e}", path.display())))
+    // Whatever the VMM left at the name (a link, a directory) goes, nothing it points to.
+    let removed = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || match crate::vmmdir::VmmDir::parent_of(&path) {
+            Ok((dir, name)) => dir.remove(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
-        _ => Ok(()),
-    }
+    })
+    .await
+    .map_err(|e| StepError::Retry(format!("vm_config task: {e}")))?;
+    removed.map_err(|e| StepError::Retry(format!("remove {}: {e}", path.display())))
 }

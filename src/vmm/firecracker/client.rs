@@ -13,7 +13,6 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 
 use super::api::{Fault, Request};
 
@@ -135,14 +134,13 @@ impl ApiClient {
             socket: self.socket.clone(),
             message,
         };
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ApiError::Connect {
-                    request: describe.clone(),
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = crate::vmmdir::connect(&self.socket)
+            .await
+            .map_err(|source| ApiError::Connect {
+                request: describe.clone(),
+                socket: self.socket.clone(),
+                source,
+            })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| http_err(e.to_string()))?;

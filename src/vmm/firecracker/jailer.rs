@@ -39,9 +39,11 @@ pub const CHROOT_BASE: &str = "jail";
 pub struct JailerSettings {
     /// The jailer binary.
     pub binary: PathBuf,
-    /// The uid Firecracker runs as.
+    /// The uid Firecracker runs as when the machine has no identity of its own (VMMs
+    /// run as root, `vmm.unprivileged = false`); otherwise each jail takes its machine's
+    /// (`vmm.uid_base` + lease slot), so no two Firecrackers share a uid.
     pub uid: u32,
-    /// The gid Firecracker runs as.
+    /// The gid that goes with [`JailerSettings::uid`].
     pub gid: u32,
     /// cgroup limits, `<file>=<value>` (e.g. `cpu.max=50000 100000` in v2,
     /// `cpu.shares=512` in v1); empty: no cgroup.
@@ -57,6 +59,14 @@ pub struct JailerSettings {
 }
 
 impl JailerSettings {
+    /// The uid and gid `spec`'s Firecracker runs as: its machine's own, else the
+    /// configured fallback.
+    pub fn identity(&self, spec: &LaunchSpec) -> (u32, u32) {
+        spec.confine
+            .run_as
+            .map_or((self.uid, self.gid), |id| (id.uid, id.gid))
+    }
+
     /// The jail's root for a machine.
     pub fn chroot_root(&self, workdir: &Path, firecracker: &Path, instance_id: &str) -> PathBuf {
         let exec_name = firecracker
@@ -78,15 +88,16 @@ impl JailerSettings {
         instance_id: &str,
         api_socket: &str,
     ) -> Vec<OsString> {
+        let (uid, gid) = self.identity(spec);
         let mut a: Vec<OsString> = vec![
             "--id".into(),
             instance_id.into(),
             "--exec-file".into(),
             firecracker.as_os_str().to_os_string(),
             "--uid".into(),
-            self.uid.to_string().into(),
+            uid.to_string().into(),
             "--gid".into(),
-            self.gid.to_string().into(),
+            gid.to_string().into(),
             "--chroot-base-dir".into(),
             spec.workdir.join(CHROOT_BASE).into_os_string(),
         ];
@@ -155,7 +166,7 @@ impl JailerSettings {
             Err(e) => return Err(err(&instance)(e)),
         }
         fs::create_dir_all(root).map_err(err(root))?;
-        self.give(&spec.machine_id, root)?;
+        self.give(spec, root)?;
         for (from, name, copy_ok) in [
             (&spec.kit.vmlinux, KERNEL, true),
             (&spec.kit.initramfs, INITRD, true),
@@ -171,7 +182,7 @@ impl JailerSettings {
             let to = root.join(BASE_DISK);
             link_into(base, &to, false).map_err(err(&to))?;
         }
-        self.give(&spec.machine_id, &root.join(ROOT_DISK))?;
+        self.give(spec, &root.join(ROOT_DISK))?;
         // The config disk is read-only to the guest; readable is enough.
         let cfg = root.join(CONFIG_DISK);
         fs::set_permissions(&cfg, fs::Permissions::from_mode(0o644)).map_err(err(&cfg))?;
@@ -179,24 +190,27 @@ impl JailerSettings {
     }
 
     /// Hands `path` to the jail's uid/gid. Idempotent.
-    pub fn give(&self, machine_id: &str, path: &Path) -> Result<(), LaunchError> {
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
+    pub fn give(&self, spec: &LaunchSpec, path: &Path) -> Result<(), LaunchError> {
+        let (uid, gid) = self.identity(spec);
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| {
             LaunchError::Workdir {
-                machine_id: machine_id.to_string(),
+                machine_id: spec.machine_id.clone(),
                 path: path.to_path_buf(),
                 source,
             }
         })
     }
 
-    /// Hands a directory to the jail's uid/gid (for snapshots). Idempotent.
-    pub fn give_dir(&self, path: &Path) -> Result<(), ControlError> {
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
-            ControlError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+    /// Hands a directory (for snapshots) to the owner of the jail's root `root`, the
+    /// identity [`JailerSettings::prepare`] gave it. Idempotent.
+    pub fn give_dir(&self, root: &Path, path: &Path) -> Result<(), ControlError> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ControlError::Io { path, source }
+        };
+        let owner = fs::symlink_metadata(root).map_err(io(root))?;
+        std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(io(path))
     }
 
     /// The machine's cgroup directories (none when no limit is set).
@@ -386,6 +400,39 @@ mod tests {
         assert!(line.ends_with("-- --api-sock /firecracker.sock"), "{line}");
         // The marker scan finds the machine in the jailer's command line too.
         assert_eq!(crate::vmm::procfs::marker_id(&args, "hearth-"), Some("abc"));
+    }
+
+    #[test]
+    fn two_machines_jails_run_as_two_uids() {
+        let s = settings();
+        let uid_of = |slot: u32| {
+            let mut sp = spec(Path::new("/m/abc"));
+            sp.confine.run_as = Some(crate::vmm::RunAs {
+                uid: 900_000 + slot,
+                gid: 777,
+                kvm_gid: None,
+            });
+            let args: Vec<String> = s
+                .args(
+                    &sp,
+                    Path::new("/opt/fc/firecracker"),
+                    "hearth-abc",
+                    "f.sock",
+                )
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let at = args.iter().position(|a| a == "--uid").expect("--uid");
+            assert_eq!(
+                args[at + 2..at + 4],
+                ["--gid".to_string(), "777".to_string()]
+            );
+            args[at + 1].clone()
+        };
+        assert_eq!(uid_of(1), "900001");
+        assert_eq!(uid_of(2), "900002");
+        // Without a machine identity (VMMs as root), the configured fallback.
+        assert_eq!(s.identity(&spec(Path::new("/m/abc"))), (123, 456));
     }
 
     #[test]

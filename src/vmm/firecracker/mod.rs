@@ -286,13 +286,12 @@ impl FirecrackerDriver {
         // Firecracker opens its log and metrics files, it does not create them.
         for file in [FC_LOG, METRICS_FILE, super::qemu::SERIAL_LOG] {
             let path = layout.host(file);
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
+            // In the jail, which its VMM can write: nothing there is followed.
+            crate::vmmdir::VmmDir::parent_of(&path)
+                .and_then(|(dir, name)| super::logs::open_append(&dir, &name))
                 .map_err(workdir_err(&path))?;
             if let Some(j) = &self.jailer {
-                j.give(&spec.machine_id, &path)?;
+                j.give(spec, &path)?;
             }
         }
         // The cgroup is joined before exec; the identity is the jailer's business (it
@@ -546,8 +545,8 @@ impl FirecrackerDriver {
             source,
         })?;
         if let Some(j) = &self.jailer {
-            j.give_dir(&layout.host_dir.join(SNAPSHOT_DIR))?;
-            j.give_dir(&dir)?;
+            j.give_dir(&layout.host_dir, &layout.host_dir.join(SNAPSHOT_DIR))?;
+            j.give_dir(&layout.host_dir, &dir)?;
         }
         let state = rel.join("state");
         let memory = rel.join("memory");
