@@ -171,10 +171,13 @@ impl VmmDir {
         }
     }
 
-    /// Renames `from` to `to` inside the directory (whatever is at `to` is replaced, not
-    /// followed).
+    /// Renames `from` to `to` inside the directory: whatever is at `to` is replaced, not
+    /// followed (a directory there, which a rename cannot replace, is removed first).
     pub fn rename(&self, from: impl AsRef<OsStr>, to: impl AsRef<OsStr>) -> io::Result<()> {
         let (from, to) = (checked(from.as_ref())?, checked(to.as_ref())?);
+        if self.kind(to)? == Some(FileType::Directory) {
+            self.remove(to)?;
+        }
         rustix::fs::renameat(&self.fd, from, &self.fd, to)?;
         Ok(())
     }
@@ -194,6 +197,48 @@ impl VmmDir {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The directory `name` in this one, made (0700) if missing, opened without following
+    /// a link: something else there is [`replaced`]. Idempotent.
+    pub fn make_dir(&self, name: impl AsRef<OsStr>) -> io::Result<VmmDir> {
+        let name = checked(name.as_ref())?;
+        match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                replaced(name, "not a directory")
+            }
+            e => e.into(),
+        })?;
+        Ok(VmmDir {
+            fd,
+            path: self.path.join(name),
+        })
+    }
+
+    /// Gives this directory itself to `uid:gid` (through its descriptor). Idempotent.
+    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        rustix::fs::fchown(
+            &self.fd,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )?;
+        Ok(())
+    }
+
+    /// The owner (uid, gid) of this directory.
+    pub fn owner(&self) -> io::Result<(u32, u32)> {
+        let stat = rustix::fs::fstat(&self.fd)?;
+        Ok((stat.st_uid, stat.st_gid))
     }
 
     /// Writes `data` as the file `name`, whole or not at all: written and synced under a
@@ -256,6 +301,15 @@ impl VmmDir {
 pub async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
     let (dir, name) = VmmDir::parent_of(path)?;
     dir.connect_async(&name).await
+}
+
+/// Removes whatever is at `path`, in a directory a VMM can write, as [`VmmDir::remove`]
+/// does: the name only. A missing name or directory is fine. Idempotent.
+pub fn remove(path: &Path) -> io::Result<()> {
+    match VmmDir::parent_of(path).and_then(|(dir, name)| dir.remove(name)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// `name` must be one plain name: no `/`, not `.` or `..`, not empty.
@@ -344,6 +398,14 @@ mod tests {
         );
         assert_eq!(std::fs::read(outside.path()).expect("read"), b"");
         assert!(dir.open_file("../x", Access::Read).is_err());
+        // A directory is made once; a link where one should be is refused.
+        let sub = dir.make_dir("snapshots").expect("make");
+        assert_eq!(sub.path(), tmp.path().join("snapshots"));
+        dir.make_dir("snapshots").expect("again");
+        let elsewhere = tempfile::tempdir().expect("elsewhere");
+        std::os::unix::fs::symlink(elsewhere.path(), tmp.path().join("away")).expect("symlink");
+        let e = dir.make_dir("away").expect_err("a link");
+        assert!(is_replaced(&e), "{e}");
     }
 
     #[test]

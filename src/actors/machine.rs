@@ -121,6 +121,8 @@ impl MachineActor {
             });
         let disk_present = rec.mark(Step::Disk) != Mark::Done
             || steps::disk::present(&steps::machine_dir(services, rec), rec);
+        let config_present = rec.mark(Step::VmConfig) != Mark::Done
+            || steps::vm_config::present(&steps::machine_dir(services, rec));
         // One netlink query, only for a finished policy. A query that fails says nothing
         // was lost: the step is not redone on a guess.
         let policy_present = rec.mark(Step::Policy) != Mark::Done
@@ -132,6 +134,7 @@ impl MachineActor {
             vmm,
             network_present,
             disk_present,
+            config_present,
             policy_present,
             cgroup_present,
             now_ms: now_ms(),

@@ -251,8 +251,14 @@ pub fn remove_disk(dest: &Path) -> Result<(), CloneError> {
     remove_if_present(dest)
 }
 
+/// Removes the name `path`, whatever it is (a directory a VMM put in its machine
+/// directory included; std's `remove_dir_all` follows no link). A missing name is fine.
 fn remove_if_present(path: &Path) -> Result<(), CloneError> {
-    match std::fs::remove_file(path) {
+    let removed = match std::fs::remove_file(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => std::fs::remove_dir_all(path),
+        other => other,
+    };
+    match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(path, "remove")(e)),

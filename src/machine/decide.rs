@@ -31,6 +31,9 @@ pub struct Observed {
     pub network_present: bool,
     /// Whether the machine's disk is there.
     pub disk_present: bool,
+    /// Whether the machine's config disk is there, a regular file (its VMM may have
+    /// replaced it).
+    pub config_present: bool,
     /// Whether the machine's packet policy is there.
     pub policy_present: bool,
     /// Whether the machine's cgroup is there.
@@ -49,6 +52,9 @@ impl Observed {
         }
         if rec.mark(Step::Network) == Mark::Done && !self.network_present {
             return Some(Step::Network);
+        }
+        if rec.mark(Step::VmConfig) == Mark::Done && !self.config_present {
+            return Some(Step::VmConfig);
         }
         if rec.mark(Step::Policy) == Mark::Done && !self.policy_present {
             return Some(Step::Policy);
@@ -428,6 +434,7 @@ mod tests {
         vmm: VmmSeen::Running,
         network_present: true,
         disk_present: true,
+        config_present: true,
         policy_present: true,
         cgroup_present: true,
         now_ms: 0,
@@ -436,6 +443,7 @@ mod tests {
         vmm: VmmSeen::Gone,
         network_present: true,
         disk_present: true,
+        config_present: true,
         policy_present: true,
         cgroup_present: true,
         now_ms: 0,
@@ -444,6 +452,7 @@ mod tests {
         vmm: VmmSeen::NotRecorded,
         network_present: true,
         disk_present: true,
+        config_present: true,
         policy_present: true,
         cgroup_present: true,
         now_ms: 0,
@@ -979,6 +988,7 @@ mod tests {
             vmm: VmmSeen::Running,
             network_present: false,
             disk_present: false,
+            config_present: false,
             policy_present: false,
             cgroup_present: false,
             now_ms: 0,
@@ -987,6 +997,17 @@ mod tests {
             &rec,
             nothing,
             Next::Lost(Step::Disk),
+            MachineState::Starting,
+        );
+        // A config disk its VMM removed or replaced is written again, the rest kept.
+        let config_gone = Observed {
+            config_present: false,
+            ..RUNNING
+        };
+        check(
+            &rec,
+            config_gone,
+            Next::Lost(Step::VmConfig),
             MachineState::Starting,
         );
         // A machine being destroyed just releases; drift does not matter there.

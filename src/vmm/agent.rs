@@ -149,18 +149,15 @@ impl Drop for AgentLink {
             listener: Some(_),
         } = self
         {
-            let _ = std::fs::remove_file(path);
+            let _ = crate::vmmdir::remove(path);
         }
     }
 }
 
-/// Binds a listener at `path`, removing a stale socket file first.
+/// Binds a listener at `path`, removing a stale socket file (or whatever else is there)
+/// first.
 pub fn bind_fresh(path: &Path) -> std::io::Result<UnixListener> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    crate::vmmdir::remove(path)?;
     UnixListener::bind(path)
 }
 

@@ -263,11 +263,7 @@ pub fn hand_over(
 /// Removes `path` if it exists, whatever it is (a directory planted where a socket goes
 /// included), never following a link. Idempotent.
 pub fn remove_stale(machine_id: &str, path: &Path) -> Result<(), LaunchError> {
-    match crate::vmmdir::VmmDir::parent_of(path).and_then(|(dir, name)| dir.remove(name)) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-    .map_err(|source| LaunchError::Workdir {
+    crate::vmmdir::remove(path).map_err(|source| LaunchError::Workdir {
         machine_id: machine_id.to_string(),
         path: path.to_path_buf(),
         source,

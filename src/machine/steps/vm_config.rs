@@ -70,6 +70,14 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
     })
 }
 
+/// Whether the config disk a finished acquire wrote is still there as a regular file (a
+/// stat that follows nothing): a VMM that removed or replaced it gets a new one.
+pub fn present(dir: &std::path::Path) -> bool {
+    crate::vmmdir::VmmDir::open(dir)
+        .and_then(|d| d.kind(CONFIG_DISK))
+        .is_ok_and(|kind| kind == Some(rustix::fs::FileType::RegularFile))
+}
+
 /// Writes the config disk. A config larger than the disk format holds is permanent: the
 /// same spec can never fit.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {

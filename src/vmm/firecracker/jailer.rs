@@ -201,16 +201,19 @@ impl JailerSettings {
         })
     }
 
-    /// Hands a directory (for snapshots) to the owner of the jail's root `root`, the
-    /// identity [`JailerSettings::prepare`] gave it. Idempotent.
-    pub fn give_dir(&self, root: &Path, path: &Path) -> Result<(), ControlError> {
-        use std::os::unix::fs::MetadataExt;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ControlError::Io { path, source }
-        };
-        let owner = fs::symlink_metadata(root).map_err(io(root))?;
-        std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).map_err(io(path))
+    /// Makes the directory `name` in the jail's root `root` (a directory its VMM can
+    /// write, so nothing there is followed) and hands it to the root's owner, the
+    /// identity [`JailerSettings::prepare`] gave the jail. Idempotent.
+    pub fn give_dir(
+        &self,
+        root: &crate::vmmdir::VmmDir,
+        name: &str,
+    ) -> Result<crate::vmmdir::VmmDir, ControlError> {
+        let io = |path: std::path::PathBuf| move |source| ControlError::Io { path, source };
+        let dir = root.make_dir(name).map_err(io(root.show(name)))?;
+        let (uid, gid) = root.owner().map_err(io(root.path().to_path_buf()))?;
+        dir.chown(uid, gid).map_err(io(dir.path().to_path_buf()))?;
+        Ok(dir)
     }
 
     /// The machine's cgroup directories (none when no limit is set).

@@ -539,14 +539,21 @@ impl FirecrackerDriver {
             },
         };
         let rel = Path::new(SNAPSHOT_DIR).join(name);
-        let dir = layout.host_dir.join(&rel);
-        fs::create_dir_all(&dir).map_err(|source| ControlError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        if let Some(j) = &self.jailer {
-            j.give_dir(&layout.host_dir, &layout.host_dir.join(SNAPSHOT_DIR))?;
-            j.give_dir(&layout.host_dir, &dir)?;
+        // In the VMM's directory: made without following anything there, and in jailer
+        // mode handed to the jail's identity.
+        let io = |path: PathBuf| move |source| ControlError::Io { path, source };
+        let top =
+            crate::vmmdir::VmmDir::open(&layout.host_dir).map_err(io(layout.host_dir.clone()))?;
+        match &self.jailer {
+            Some(j) => {
+                let snapshots = j.give_dir(&top, SNAPSHOT_DIR)?;
+                j.give_dir(&snapshots, name)?;
+            }
+            None => {
+                top.make_dir(SNAPSHOT_DIR)
+                    .and_then(|s| s.make_dir(name))
+                    .map_err(io(layout.host_dir.join(&rel)))?;
+            }
         }
         let state = rel.join("state");
         let memory = rel.join("memory");
@@ -639,9 +646,9 @@ impl FirecrackerDriver {
         lock(&self.agent_listeners).remove(&process.agent_socket);
         if let Some(dir) = process.workdir() {
             for name in [API_SOCKET, VSOCK_SOCKET] {
-                let _ = fs::remove_file(dir.join(name));
+                let _ = crate::vmmdir::remove(&dir.join(name));
             }
-            let _ = fs::remove_file(&process.agent_socket);
+            let _ = crate::vmmdir::remove(&process.agent_socket);
         }
         if let Some(j) = &self.jailer
             && let Some(id) = instance_id_of(process, &self.name_prefix)
