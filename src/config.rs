@@ -429,6 +429,11 @@ pub struct ImagesConfig {
     pub collect_interval_secs: u64,
     /// A base used this recently (seconds) is never collected, whatever the budget.
     pub collect_grace_secs: u64,
+    /// Directories of this host whose contents API callers may name as images (a
+    /// directory, a tar archive or an `oci:` layout at or below one). Empty, the default:
+    /// no host path is an image, only `demo` and registry references. A path outside is
+    /// refused (INVALID_ARGUMENT naming this key) before anything is read.
+    pub local_roots: Vec<PathBuf>,
     /// How new machines' root disks are made: `overlay` (the image's base shared
     /// read-only, a small writable disk per machine, joined by overlayfs in the guest;
     /// constant cost) or `copy` (a private copy of the whole base). A machine keeps the
@@ -636,6 +641,7 @@ impl Default for ImagesConfig {
             collect_interval_secs: 300,
             collect_grace_secs: 600,
             disk_layout: crate::machine::record::DiskLayout::Overlay,
+            local_roots: Vec::new(),
         }
     }
 }
@@ -791,6 +797,18 @@ impl Config {
             }
         }
         self.validate_vmm_ids()?;
+        for (i, root) in self.images.local_roots.iter().enumerate() {
+            if !root.is_absolute()
+                || root
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(invalid(
+                    format!("images.local_roots[{i}]"),
+                    format!("{} is not an absolute path without `..`", root.display()),
+                ));
+            }
+        }
         if self.pool_refill_parallel == 0 {
             return Err(invalid("pool_refill_parallel", "must be at least 1".into()));
         }
@@ -856,6 +874,7 @@ impl Config {
                 ));
             }
             crate::image::ImageRef::parse(&pool.image)
+                .and_then(|image| image.check_local_roots(&self.images.local_roots))
                 .map_err(|e| invalid(key("image"), e.to_string()))?;
             let raw = crate::machine::spec::RawSpec {
                 image: pool.image.clone(),
@@ -1230,6 +1249,11 @@ mod tests {
             ("[images]\nmax_layers = 0", "images.max_layers"),
             ("[images]\nmax_entries = 0", "images.max_entries"),
             ("[vmm]\nuid_base = 0", "vmm.uid_base"),
+            ("[images]\nlocal_roots = [\"srv\"]", "images.local_roots[0]"),
+            (
+                "[[pools]]\nname = \"p\"\nimage = \"/srv/img\"\nsize = 1",
+                "images.local_roots",
+            ),
             ("[vmm]\nuid_base = 4294967200", "vmm.uid_base"),
             ("[vmm.jailer]\nuid = 0", "vmm.jailer.uid"),
         ];

@@ -388,3 +388,87 @@ async fn admission_refuses_what_the_host_has_no_room_for_with_the_figures() {
     support::assert_audit_clean(&mut client).await;
     daemon.assert_no_host_leftovers();
 }
+
+/// Host paths are images only under `images.local_roots`: with none (the default), a
+/// create or a pull naming one is INVALID_ARGUMENT naming the key, whether or not the
+/// path exists (nothing is read); with a root, a path outside it, or a link inside it
+/// that leads out, is refused the same way, and a path inside is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_are_images_only_under_the_local_roots() {
+    let daemon = Daemon::start_with("[images]\nlocal_roots = []\n");
+    let mut client = daemon.client().await;
+    for image in [
+        "/etc",
+        "/etc/shadow.tar",
+        "oci:/var/lib/x",
+        "/nonexistent/dir",
+    ] {
+        let mut request = support::demo_request("roots-1", "roots", &["/bin/true"]);
+        if let Some(spec) = request.spec.as_mut() {
+            spec.image = image.into();
+        }
+        let err = client
+            .machines
+            .create_machine(request)
+            .await
+            .expect_err(image);
+        assert_eq!(err.code(), Code::InvalidArgument, "{image}: {err:?}");
+        assert!(
+            err.message().contains("images.local_roots"),
+            "{image}: {err:?}"
+        );
+        let err = pull_refused(&mut client, image).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{image}: {err:?}");
+        assert!(
+            err.message().contains("images.local_roots"),
+            "{image}: {err:?}"
+        );
+    }
+    drop(client);
+    drop(daemon);
+
+    let root = tempfile::tempdir().expect("root");
+    std::fs::create_dir_all(root.path().join("app/bin")).expect("tree");
+    std::fs::write(root.path().join("app/bin/x"), b"x").expect("file");
+    std::os::unix::fs::symlink("/etc", root.path().join("escape")).expect("symlink");
+    let daemon = Daemon::start_with(&format!(
+        "[images]\nlocal_roots = [\"{}\"]\n",
+        root.path().display()
+    ));
+    let mut client = daemon.client().await;
+    let escape = root.path().join("escape").display().to_string();
+    for image in ["/etc", escape.as_str()] {
+        let err = pull_refused(&mut client, image).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{image}: {err:?}");
+        assert!(
+            err.message().contains("images.local_roots"),
+            "{image}: {err:?}"
+        );
+    }
+    let inside = root.path().join("app").display().to_string();
+    let mut stream = client
+        .images
+        .pull_image(pb::PullImageRequest {
+            image: inside.clone(),
+        })
+        .await
+        .expect("pull")
+        .into_inner();
+    while let Some(event) = stream.message().await.expect("pull inside the root") {
+        let _ = event;
+    }
+}
+
+/// The error a pull of `image` ends with, whether the call or its stream gives it.
+async fn pull_refused(client: &mut hearth::client::Client, image: &str) -> tonic::Status {
+    match client
+        .images
+        .pull_image(pb::PullImageRequest {
+            image: image.into(),
+        })
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => support::pull_error(client, image).await,
+    }
+}

@@ -24,11 +24,19 @@ const CATALOG_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Images {
     /// Turns true when the daemon stops (ends pull progress streams).
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// `images.local_roots`: where host paths may be images.
+    local_roots: Vec<std::path::PathBuf>,
 }
 
 impl Images {
-    pub fn new(stopping: tokio::sync::watch::Receiver<bool>) -> Images {
-        Images { stopping }
+    pub fn new(
+        stopping: tokio::sync::watch::Receiver<bool>,
+        local_roots: Vec<std::path::PathBuf>,
+    ) -> Images {
+        Images {
+            stopping,
+            local_roots,
+        }
     }
 }
 
@@ -55,6 +63,9 @@ impl ImageService for Images {
         let field = request.into_inner().image;
         crate::machine::spec::check_image_field("image", &field).map_err(ApiError::Spec)?;
         let image = ImageRef::parse(&field).map_err(ApiError::ImageField)?;
+        image
+            .check_local_roots(&self.local_roots)
+            .map_err(ApiError::ImageField)?;
         image.check_available().map_err(ApiError::ImageField)?;
         let stream = async_stream(self.stopping.clone(), move |tx| async move {
             let (progress, mut events) = tokio::sync::mpsc::unbounded_channel();

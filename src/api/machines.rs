@@ -122,6 +122,9 @@ impl Machines {
             }
         }
         let image = ImageRef::parse(&spec.image).map_err(ApiError::Image)?;
+        image
+            .check_local_roots(&self.services.config().images.local_roots)
+            .map_err(ApiError::Image)?;
         image.check_available().map_err(ApiError::Image)?;
         // A registry image's own entrypoint and command are only known once it is pulled
         // (the vm_config step fails the machine, naming spec.command, if it has none).

@@ -202,7 +202,10 @@ fn routes(
             supervisor.clone(),
         )))
         .add_service(NodeServiceServer::new(Node::new(services.clone())))
-        .add_service(ImageServiceServer::new(Images::new(services.stopping())))
+        .add_service(ImageServiceServer::new(Images::new(
+            services.stopping(),
+            services.config().images.local_roots.clone(),
+        )))
         .add_service(RegistryServiceServer::new(Registry::new(services.clone())));
     Ok(routes.routes())
 }

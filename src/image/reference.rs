@@ -104,6 +104,17 @@ pub enum ImageRefError {
     /// An archive reference names something that is not a regular file.
     #[error("image {0} is not a regular file")]
     NotAFile(PathBuf),
+    /// A host path outside every directory the operator opened to images.
+    #[error(
+        "image reference `{input}`: host paths are images only under images.local_roots \
+         ({roots}); the operator lists the directories callers may build images from there"
+    )]
+    OutsideLocalRoots {
+        /// The reference as given.
+        input: String,
+        /// The configured roots, as text (`none` when empty).
+        roots: String,
+    },
     /// The path exists but cannot be read.
     #[error("image {path}: {source}")]
     Inaccessible {
@@ -172,6 +183,51 @@ impl ImageRef {
             });
         }
         Ok(ImageRef::Directory(path))
+    }
+
+    /// The path on this host the image is read from: a directory, an archive or an OCI
+    /// layout; none for the demo and registry images.
+    pub fn host_path(&self) -> Option<&Path> {
+        match self {
+            ImageRef::Demo | ImageRef::Oci(_) => None,
+            ImageRef::Directory(path)
+            | ImageRef::Tarball(path)
+            | ImageRef::Layout { dir: path, .. } => Some(path),
+        }
+    }
+
+    /// A host path is an image only under one of `roots` (`images.local_roots`): by its
+    /// name and, when it exists, by where its links really lead. The demo and registry
+    /// images need no root. Checked before [`ImageRef::check_available`], so a caller
+    /// learns nothing of paths outside the roots, not even whether they exist.
+    pub fn check_local_roots(&self, roots: &[PathBuf]) -> Result<(), ImageRefError> {
+        let Some(path) = self.host_path() else {
+            return Ok(());
+        };
+        let real = std::fs::canonicalize(path).ok();
+        let inside = roots.iter().any(|root| {
+            let real_root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+            path.starts_with(root)
+                && real
+                    .as_ref()
+                    .is_none_or(|real| real.starts_with(&real_root) && real != Path::new("/"))
+        });
+        if inside {
+            return Ok(());
+        }
+        let roots = if roots.is_empty() {
+            "none".to_string()
+        } else {
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Err(ImageRefError::OutsideLocalRoots {
+            input: self.to_string(),
+            roots,
+        })
     }
 
     /// Checks that the named directory or archive exists and has the right kind. The demo
@@ -474,6 +530,33 @@ mod tests {
         let file = dir.path().join("img.tar");
         std::fs::write(&file, b"").unwrap();
         assert!(ImageRef::Demo.check_available().is_ok());
+        // Host paths only under the operator's roots, by name and by where links lead.
+        let roots = vec![dir.path().to_path_buf()];
+        assert!(
+            ImageRef::Directory(dir.path().join("x"))
+                .check_local_roots(&roots)
+                .is_ok()
+        );
+        assert!(ImageRef::Demo.check_local_roots(&[]).is_ok());
+        let outside = ImageRef::parse("/etc")
+            .unwrap()
+            .check_local_roots(&roots)
+            .unwrap_err();
+        assert!(
+            outside.to_string().contains("images.local_roots"),
+            "{outside}"
+        );
+        let none = ImageRef::parse("/etc")
+            .unwrap()
+            .check_local_roots(&[])
+            .unwrap_err();
+        assert!(none.to_string().contains("(none)"), "{none}");
+        std::os::unix::fs::symlink("/etc", dir.path().join("escape")).unwrap();
+        let linked = ImageRef::Directory(dir.path().join("escape"));
+        assert!(
+            linked.check_local_roots(&roots).is_err(),
+            "a link out of the root"
+        );
         assert!(
             ImageRef::Directory(dir.path().to_path_buf())
                 .check_available()

@@ -46,6 +46,8 @@ pub struct BaseSettings {
     pub max_entries: u64,
     /// The free space a build must leave on the store's file system.
     pub space: SpacePolicy,
+    /// `images.local_roots`: the only host directories an image may be read from.
+    pub local_roots: Vec<PathBuf>,
 }
 
 /// The entry limit when nothing else is configured (see `images.max_entries`).
@@ -59,6 +61,9 @@ impl Default for BaseSettings {
             busybox: PathBuf::from("/bin/busybox"),
             max_entries: DEFAULT_MAX_ENTRIES,
             space: SpacePolicy::default(),
+            // Code that builds a store by hand (tests, benches) reads where it likes; the
+            // daemon's comes from the config, where the default is none.
+            local_roots: vec![PathBuf::from("/")],
         }
     }
 }
@@ -70,6 +75,7 @@ impl From<&crate::config::ImagesConfig> for BaseSettings {
             busybox: config.busybox.clone(),
             max_entries: config.max_entries,
             space: config.space_policy(),
+            local_roots: config.local_roots.clone(),
             ..BaseSettings::default()
         }
     }
@@ -391,6 +397,7 @@ impl BaseStore {
     /// Whether a base can be made for `image` now: the directory or archive exists, or for
     /// the demo image, the configured busybox exists and is static.
     pub fn check_available(&self, image: &ImageRef) -> Result<(), BaseError> {
+        image.check_local_roots(&self.settings.local_roots)?;
         image.check_available()?;
         if *image == ImageRef::Demo {
             demo::check(&self.settings.busybox)?;

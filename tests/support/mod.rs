@@ -82,6 +82,16 @@ impl Daemon {
             _ => String::new(),
         };
         let extra = format!("{vmm}{extra}");
+        // Tests build images from their own temporary directories: those are the
+        // daemon's local roots (a test of the refusal sets its own).
+        let roots = format!("local_roots = [\"{}\"]\n", std::env::temp_dir().display());
+        let extra = if extra.contains("local_roots") {
+            extra
+        } else if extra.contains("[images]\n") {
+            extra.replacen("[images]\n", &format!("[images]\n{roots}"), 1)
+        } else {
+            format!("{extra}\n[images]\n{roots}")
+        };
         std::fs::write(
             &config,
             format!(
