@@ -1251,7 +1251,7 @@ mod tests {
             ("[vmm]\nuid_base = 0", "vmm.uid_base"),
             ("[images]\nlocal_roots = [\"srv\"]", "images.local_roots[0]"),
             (
-                "[[pools]]\nname = \"p\"\nimage = \"/srv/img\"\nsize = 1",
+                "[[pools]]\nname = \"p\"\nimage = \"/srv/img\"\nvcpus = 1\nmemory_mib = 128\nsize = 1",
                 "images.local_roots",
             ),
             ("[vmm]\nuid_base = 4294967200", "vmm.uid_base"),
