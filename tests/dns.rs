@@ -94,3 +94,67 @@ async fn a_started_machine_resolves_and_a_destroyed_one_does_not() {
     assert_eq!(status, "NXDOMAIN", "after destroy, by id");
     daemon.assert_no_host_leftovers();
 }
+
+/// The guest resolver's address taken before the daemon starts (something else already
+/// answers on its port 53): the daemon serves on without it, and leaves no hole for port
+/// 53 in its packet policy (nor the address on `lo`), so guests cannot reach whatever
+/// holds that port; GetNode shows no guest resolver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_resolver_that_cannot_be_bound_opens_no_port() {
+    use std::os::fd::AsRawFd;
+    let mut daemon = Daemon::prepare("");
+    let config = hearth::config::Config::load(&daemon.dir.path().join("hearthd.toml"))
+        .expect("the test daemon's config");
+    let resolver = hearth::net::PoolCidr::parse(&config.network.pool)
+        .expect("pool")
+        .resolver_address()
+        .expect("a resolver address");
+    // Bound before the address exists anywhere (IP_FREEBIND), as a squatter would.
+    let squatter = std::net::UdpSocket::from(
+        nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket"),
+    );
+    nix::sys::socket::setsockopt(&squatter, nix::sys::socket::sockopt::IpFreebind, &true)
+        .expect("freebind");
+    nix::sys::socket::bind(
+        squatter.as_raw_fd(),
+        &nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(resolver, 53)),
+    )
+    .expect("bind the resolver's port first");
+    daemon.spawn();
+    let mut client = daemon.client().await;
+    let node = support::node(&mut client).await;
+    assert_eq!(node.guest_dns_address, "", "{node:?}");
+    let table = Command::new("nft")
+        .args([
+            "list",
+            "table",
+            "inet",
+            &hearth::net::policy::table_name(&daemon.prefix),
+        ])
+        .output()
+        .expect("nft");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("chain"),
+        "the daemon's table is there: {table}"
+    );
+    assert!(
+        !table.contains(&resolver.to_string()),
+        "a rule still names the resolver {resolver}: {table}"
+    );
+    let addresses = Command::new("ip")
+        .args(["-4", "addr", "show", "dev", "lo"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&addresses.stdout).contains(&format!("{resolver}/")),
+        "the resolver's address is still on lo"
+    );
+    drop(squatter);
+}

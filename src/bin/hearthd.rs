@@ -137,7 +137,7 @@ async fn run(config: Config) -> Result<(), String> {
         );
         policy.guest_dns = None;
     }
-    net.install_policy(policy)
+    net.install_policy(policy.clone())
         .await
         .map_err(|e| format!("network policy: {e}"))?;
     let choice = hearth::vmm::select::choose(&config)
@@ -220,7 +220,15 @@ async fn run(config: Config) -> Result<(), String> {
             match hearth::dns::bind(&address).await {
                 Ok(sockets) => Some(sockets),
                 Err(e) => {
+                    // No hole for port 53 without our resolver behind it: the address
+                    // and its rules go, and guests are told of no resolver.
                     tracing::error!(error = %e, %address, "dns.guests: guests cannot resolve names");
+                    policy.guest_dns = None;
+                    services
+                        .net()
+                        .install_policy(policy.clone())
+                        .await
+                        .map_err(|e| format!("network policy without the guest resolver: {e}"))?;
                     None
                 }
             }

@@ -3,7 +3,7 @@
 //! (see `worker`), chosen by namespace name, so calls for one machine run in order and
 //! calls for different machines run side by side.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::NetError;
@@ -24,7 +24,8 @@ const WORKERS: usize = 2;
 #[derive(Clone)]
 pub struct NetFabric {
     workers: Arc<Workers>,
-    policy: Arc<OnceLock<PolicyConfig>>,
+    /// The daemon-wide policy last installed.
+    policy: Arc<std::sync::RwLock<Option<PolicyConfig>>>,
 }
 
 impl NetFabric {
@@ -35,7 +36,7 @@ impl NetFabric {
         netns::prepare_run_dir()?;
         Ok(NetFabric {
             workers: Arc::new(Workers::start(WORKERS)?),
-            policy: Arc::new(OnceLock::new()),
+            policy: Arc::new(std::sync::RwLock::new(None)),
         })
     }
 
@@ -61,14 +62,18 @@ impl NetFabric {
         if cfg.egress == Egress::Nat {
             enable_root_forwarding()?;
         }
-        // A second install (a test that restarts the fabric's user) keeps the first.
-        let _ = self.policy.set(cfg);
+        // A later install (the guest resolver withdrawn when its address cannot be
+        // bound) replaces the earlier one, as it did in the table.
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
         Ok(())
     }
 
     /// The installed daemon-wide policy.
-    pub fn policy(&self) -> Option<&PolicyConfig> {
-        self.policy.get()
+    pub fn policy(&self) -> Option<PolicyConfig> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Writes one machine's chains and map elements (rules replaced). Idempotent. Undo:
@@ -76,11 +81,7 @@ impl NetFabric {
     /// `nft flush ruleset`), it is written again first, so machines are repaired rather
     /// than failed.
     pub async fn ensure_policy(&self, machine: MachinePolicy) -> Result<(), NetError> {
-        let cfg = self
-            .policy
-            .get()
-            .cloned()
-            .ok_or(NetError::PolicyNotInstalled)?;
+        let cfg = self.policy().ok_or(NetError::PolicyNotInstalled)?;
         let key = machine.id.clone();
         self.workers
             .run(&key, move |_| {
