@@ -17,6 +17,9 @@
 //! claims-exited        says its workload exited before it was ready
 //! reboot-after SECS    listens, says Ready, and SECS seconds later reboots the machine
 //!                      (as `echo b > /proc/sysrq-trigger` would): each boot does it again
+//! dns-abuse N SECS     listens, says Ready, then opens N TCP connections to its resolver
+//!                      (port 53), keeping every one the host leaves open, and floods the
+//!                      resolver with UDP queries for SECS seconds (then idles)
 //! ```
 //!
 //! The console (the serial log the host keeps) gets a few `hostile-guest:` lines the test
@@ -75,6 +78,7 @@ enum Mode {
     ExitHints,
     ClaimsExited,
     RebootAfter(Duration),
+    DnsAbuse { connections: usize, flood: Duration },
 }
 
 impl Mode {
@@ -101,6 +105,15 @@ impl Mode {
                     secs.parse()
                         .map_err(|_| format!("reboot-after: {secs:?}"))?,
                 )))
+            }
+            "dns-abuse" => {
+                let (n, secs) = (word(2), word(3));
+                Ok(Mode::DnsAbuse {
+                    connections: n.parse().map_err(|_| format!("dns-abuse: {n:?}"))?,
+                    flood: Duration::from_secs(
+                        secs.parse().map_err(|_| format!("dns-abuse: {secs:?}"))?,
+                    ),
+                })
             }
             other => Err(format!("unknown mode {other:?}")),
         }
@@ -156,6 +169,29 @@ fn run() -> Result<Infallible, String> {
             say_ready(&mut port)?;
             serve(&mut port, ready())
         }
+        Mode::DnsAbuse { connections, flood } => {
+            let resolver = config
+                .network
+                .as_ref()
+                .and_then(|n| n.resolver.as_ref())
+                .map(|r| r.nameserver)
+                .ok_or("dns-abuse: the config names no resolver")?;
+            let ports = config.ports.clone();
+            std::thread::spawn(move || listen(&ports));
+            // After Ready (thousands of connects take a while under emulation).
+            std::thread::spawn(move || {
+                let held = hold_connections(resolver, connections);
+                say(&format!(
+                    "dns-abuse: {} of {connections} connections open",
+                    held.len()
+                ));
+                let sent = flood_queries(resolver, flood);
+                say(&format!("dns-abuse: {sent} queries sent"));
+                drop(held);
+            });
+            say_ready(&mut port)?;
+            serve(&mut port, ready())
+        }
         Mode::ClaimsExited => {
             let exited = GuestState::Exited {
                 boot_ms: None,
@@ -170,6 +206,56 @@ fn run() -> Result<Infallible, String> {
             serve(&mut port, exited)
         }
     }
+}
+
+/// Opens up to `n` TCP connections to `resolver:53`, each with a short connect timeout;
+/// the ones that open are returned (held while the caller keeps them).
+fn hold_connections(resolver: std::net::Ipv4Addr, n: usize) -> Vec<std::net::TcpStream> {
+    // Room for them all (PID 1 is root; the default is 1,024 descriptors).
+    let room = (n + 256) as libc::rlim_t;
+    // SAFETY: setrlimit reads the struct it is given, nothing else.
+    unsafe {
+        libc::setrlimit(
+            libc::RLIMIT_NOFILE,
+            &libc::rlimit {
+                rlim_cur: room,
+                rlim_max: room,
+            },
+        );
+    }
+    let address = std::net::SocketAddr::from((resolver, 53));
+    (0..n)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()
+        })
+        .collect()
+}
+
+/// Sends A queries for a name in the resolver's domain over UDP, as fast as it can, for
+/// `lasting`; returns how many were sent.
+fn flood_queries(resolver: std::net::Ipv4Addr, lasting: Duration) -> u64 {
+    let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return 0;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(1)));
+    let end = Instant::now() + lasting;
+    let mut sent = 0u64;
+    let mut answer = [0u8; 512];
+    while Instant::now() < end {
+        // id, flags (recursion desired), 1 question; then the name, A, IN.
+        let id = (sent as u16).to_be_bytes();
+        let mut query = vec![id[0], id[1], 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["flood", "hearth", "internal"] {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        if socket.send_to(&query, (resolver, 53)).is_ok() {
+            sent += 1;
+        }
+        let _ = socket.recv(&mut answer);
+    }
+    sent
 }
 
 /// One console line (the init's stderr is the console).

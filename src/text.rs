@@ -68,3 +68,56 @@ mod tests {
         assert!(shown.contains("line\nnext\tcol"), "{shown}");
     }
 }
+
+/// A message an untrusted party (a guest, a VMM, a network client) can cause as often as
+/// it likes: logged at most once per interval, each time with how many were not, so the
+/// log's growth is bounded by time, not by what the party sends.
+#[derive(Debug)]
+pub struct Throttled {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttled {
+    /// At most one message per `every`.
+    pub fn new(every: std::time::Duration) -> Throttled {
+        Throttled {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Whether to log this occurrence now: `Some(n)` with the `n` occurrences not logged
+    /// since the last one, or none (this one is counted instead).
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod throttled_tests {
+    use super::Throttled;
+
+    #[test]
+    fn one_message_per_interval_with_the_count_of_the_rest() {
+        let t = Throttled::new(std::time::Duration::from_secs(3600));
+        assert_eq!(t.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(t.allow(), None);
+        }
+        let now = Throttled::new(std::time::Duration::ZERO);
+        assert_eq!(now.allow(), Some(0));
+        assert_eq!(now.allow(), Some(0));
+    }
+}

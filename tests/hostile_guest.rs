@@ -56,6 +56,13 @@ fn hostile_daemon(case: &str) -> Option<Daemon> {
 
 /// [`hostile_daemon`] with `guest` added to its `[guest]` table and `rest` after it.
 fn hostile_daemon_with(case: &str, guest: &str, rest: &str) -> Option<Daemon> {
+    let mut daemon = hostile_daemon_prepared(case, guest, rest)?;
+    daemon.spawn();
+    Some(daemon)
+}
+
+/// [`hostile_daemon_with`], not started yet.
+fn hostile_daemon_prepared(case: &str, guest: &str, rest: &str) -> Option<Daemon> {
     support::guest_prereqs::guest_prereqs("hostile_guest")?;
     let init = hostile_init();
     if !init.is_file() {
@@ -69,7 +76,7 @@ fn hostile_daemon_with(case: &str, guest: &str, rest: &str) -> Option<Daemon> {
         );
         return None;
     }
-    Some(Daemon::start_with(&format!(
+    Some(Daemon::prepare(&format!(
         "[guest]\ninit_binary = \"{}\"\nready_timeout_secs = {READY_TIMEOUT_SECS}\nboot_attempts = 1\nstop_grace_secs = 2\n{guest}{rest}",
         init.display()
     )))
@@ -241,13 +248,18 @@ fn ready_error(machine: &pb::Machine) -> String {
 /// The guest's serial console once it holds `needle` (the daemon drains the console
 /// into its log as it comes; waits up to 30 s for it).
 async fn console_with(daemon: &Daemon, id: &str, needle: &str) -> String {
+    console_until(daemon, id, needle, Duration::from_secs(30)).await
+}
+
+/// [`console_with`], waiting up to `limit`.
+async fn console_until(daemon: &Daemon, id: &str, needle: &str, limit: Duration) -> String {
     let path = daemon
         .dir
         .path()
         .join("data/machines")
         .join(id)
         .join(hearth::vmm::qemu::SERIAL_LOG);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + limit;
     loop {
         let log = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
         if log.contains(needle) {
@@ -555,4 +567,86 @@ async fn a_guest_rebooting_itself_in_a_loop_is_backed_off_then_failed_with_its_e
 
     watcher.finish("reboot-loop").await;
     clean_up(&daemon, &mut client, &[]).await;
+}
+
+/// Open descriptors of process `pid`.
+fn descriptors(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A guest that opens 2,000 TCP connections to its resolver, then floods it with UDP
+/// questions for a minute: the daemon keeps a bounded number of descriptors (the DNS
+/// server's connection caps), another machine is created and started meanwhile, GetNode
+/// answers throughout, and the daemon's log, filtered as an operator runs it, grows by a
+/// bounded amount (no line per question; refused connections once per 10 s, counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_abusing_its_resolver_costs_bounded_descriptors_and_log() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(mut daemon) = hostile_daemon_prepared("dns-abuse", "", "") else {
+        return;
+    };
+    let log = daemon.dir.path().join("hearthd.log");
+    daemon.spawn_default_logging(&log);
+    let mut client = daemon.client().await;
+    let mut watcher = Watcher::start(&daemon).await;
+    let pid = daemon.pid().expect("pid");
+    let fds_before = descriptors(pid);
+
+    let m = create(
+        &mut client,
+        hostile_request("dnsabuse", &["dns-abuse", "2000", "60"], &[80]),
+    )
+    .await;
+    watcher.booting(&mut client, &[&m.id]).await;
+    wait_for(&mut client, &m.id, pb::MachineState::Started).await;
+    // Thousands of connects under emulation take a while.
+    let opened = console_until(&daemon, &m.id, "connections open", Duration::from_secs(120)).await;
+    let log_at_flood = std::fs::metadata(&log).map_or(0, |m| m.len());
+    let fds_holding = descriptors(pid);
+
+    // Another machine, while the first holds its connections and floods.
+    let other = create(
+        &mut client,
+        hostile_request("neighbour", &["ready-early", "0"], &[80]),
+    )
+    .await;
+    wait_for(&mut client, &other.id, pb::MachineState::Started).await;
+    let fds_both = descriptors(pid);
+
+    // The flood's end (a minute after it began).
+    let console = console_until(&daemon, &m.id, "queries sent", Duration::from_secs(150)).await;
+    let sent: u64 = console
+        .lines()
+        .find_map(|line| {
+            let words = line.split("dns-abuse: ").nth(1)?.trim_end();
+            words.strip_suffix(" queries sent")?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no count: {console}"));
+    let growth = std::fs::metadata(&log).map_or(0, |m| m.len()) - log_at_flood;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!(
+        "dns-abuse: {sent} UDP questions in 60 s; daemon log grew {growth} bytes over the flood \
+         (with a machine created meanwhile); descriptors {fds_before} at start, {fds_holding} \
+         while the guest held its connections, {fds_both} with the second machine; {}",
+        opened
+            .lines()
+            .find(|l| l.contains("connections open"))
+            .unwrap_or_default()
+    );
+    assert!(
+        sent > 1000,
+        "the flood was too small to mean anything: {sent}"
+    );
+    assert!(
+        growth < 64 * 1024,
+        "the log grew {growth} bytes during a minute of guest questions"
+    );
+    assert!(!text.contains("query:flood"), "questions were logged");
+    let cap = fds_before + hearth::dns::TCP_TOTAL + 64;
+    assert!(
+        fds_holding <= cap && fds_both <= cap,
+        "descriptors {fds_holding}/{fds_both}, cap {cap}"
+    );
+    watcher.finish("dns-abuse").await;
+    clean_up(&daemon, &mut client, &[&m.id, &other.id]).await;
 }

@@ -77,8 +77,10 @@ fn main() -> std::process::ExitCode {
 /// `info`). In JSON each line carries its spans' fields, so a machine's lines name the
 /// machine and the step.
 fn init_log(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG").unwrap_or_else(|_| "info".into());
+    // The DNS library logs every question at INFO: guests would decide how fast the log
+    // grows. Its warnings and errors stay; HEARTH_LOG can ask for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -91,6 +93,9 @@ fn init_log(format: LogFormat) {
             .init(),
     }
 }
+
+/// The log filter without HEARTH_LOG: INFO for the daemon, WARN for the DNS library.
+const DEFAULT_LOG_FILTER: &str = "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn";
 
 async fn run(config: Config) -> Result<(), String> {
     // The TLS files are read and checked before anything touches the host.

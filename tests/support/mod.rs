@@ -138,6 +138,16 @@ impl Daemon {
         self.child = Some(command.spawn().expect("spawn hearthd"));
     }
 
+    /// Starts the process (again) with the daemon's own default log filter (no
+    /// HEARTH_LOG, as an operator runs it), its stderr into `log`.
+    #[allow(dead_code)]
+    pub fn spawn_default_logging(&mut self, log: &Path) {
+        let file = std::fs::File::create(log).expect("log file");
+        let mut command = self.command("info");
+        command.env_remove("HEARTH_LOG").stderr(file);
+        self.child = Some(command.spawn().expect("spawn hearthd"));
+    }
+
     /// hearthd on this daemon's config, logging at `level`.
     fn command(&self, level: &str) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
