@@ -224,6 +224,10 @@ pub struct NetworkConfig {
     /// Host ports guests may reach, as `tcp/<port>` or `udp/<port>`; nothing else on the
     /// host answers them. Default: none.
     pub host_allow: Vec<String>,
+    /// With egress `nat`, networks (`a.b.c.d/len`) guests may reach although they lie in
+    /// the ranges denied by default (link-local with the cloud metadata address, the
+    /// private and shared ranges, loopback, multicast, reserved). Default: none.
+    pub egress_allow: Vec<String>,
 }
 
 /// `network.egress`.
@@ -254,7 +258,21 @@ impl NetworkConfig {
                     .map_err(|e| invalid(format!("network.host_allow[{i}]"), e))?,
             );
         }
+        let mut egress_allow = Vec::with_capacity(self.egress_allow.len());
+        for (i, entry) in self.egress_allow.iter().enumerate() {
+            egress_allow.push(
+                crate::net::policy::Cidr::parse(entry)
+                    .map_err(|e| invalid(format!("network.egress_allow[{i}]"), e))?,
+            );
+        }
+        if !egress_allow.is_empty() && self.egress != EgressConfig::Nat {
+            return Err(invalid(
+                "network.egress_allow",
+                "opens networks only with egress = \"nat\"".into(),
+            ));
+        }
         Ok(PolicyConfig {
+            egress_allow,
             prefix: self.prefix.clone(),
             guest_dns: guest_resolver(guests_resolve, pool)?,
             pool,
@@ -575,6 +593,7 @@ impl Default for NetworkConfig {
             egress: EgressConfig::None,
             machine_to_machine: false,
             host_allow: Vec::new(),
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -1231,6 +1250,14 @@ mod tests {
                 "network.host_allow[0]",
             ),
             ("[network]\negress = \"open\"", "egress"),
+            (
+                "[network]\negress = \"nat\"\negress_allow = [\"10.0.0.1/8\"]",
+                "network.egress_allow[0]",
+            ),
+            (
+                "[network]\negress_allow = [\"10.0.0.0/8\"]",
+                "network.egress_allow",
+            ),
             ("data_dir = \"relative\"", "data_dir"),
             ("[guest]\nboot_attempts = 0", "guest.boot_attempts"),
             ("[guest]\nmax_restarts = 64", "guest.max_restarts"),

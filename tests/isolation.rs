@@ -275,8 +275,9 @@ async fn a_guest_reaches_only_what_policy_allows() {
     daemon.assert_no_host_leftovers();
 }
 
-/// A namespace standing for the outside world: a veth pair to the root namespace and
-/// busybox httpd on 10.250.<n>.2:7000. Removed on drop.
+/// A namespace standing for a network beyond the host: a veth pair to the root namespace
+/// and busybox httpd on `<net>.<n>.2:7000` (`net` the first two octets, `tag` one letter
+/// naming it among the test's others). Removed on drop.
 struct Outside {
     netns: String,
     link: String,
@@ -286,12 +287,12 @@ struct Outside {
 }
 
 impl Outside {
-    fn start() -> Outside {
+    fn start(net: &str, tag: char) -> Outside {
         let mut raw = [0u8; 1];
         getrandom::fill(&mut raw).expect("random");
         let n = raw[0];
-        let netns = format!("hout{n:02x}");
-        let link = format!("hout{n:02x}r");
+        let netns = format!("hout{n:02x}{tag}");
+        let link = format!("hout{n:02x}{tag}r");
         let run = |args: &[&str]| {
             let status = Command::new(args[0])
                 .args(&args[1..])
@@ -305,8 +306,8 @@ impl Outside {
         run(&[
             "ip", "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ]);
-        let host = format!("10.250.{n}.1/30");
-        let addr = format!("10.250.{n}.2");
+        let host = format!("{net}.{n}.1/30");
+        let addr = format!("{net}.{n}.2");
         run(&["ip", "addr", "add", &host, "dev", &link]);
         run(&["ip", "link", "set", &link, "up"]);
         run(&[
@@ -408,6 +409,10 @@ async fn machine_to_machine_opens_only_declared_ports() {
     daemon.assert_no_host_leftovers();
 }
 
+/// Egress `nat` reaches the outside, but not link-local (the cloud metadata range) nor
+/// private networks unless `network.egress_allow` lists them; `none` reaches nothing.
+/// Each network is a namespace of the test's: a private one listed in `egress_allow`
+/// (standing for the outside), a private one not listed, and a link-local one.
 #[tokio::test]
 async fn egress_nat_reaches_the_outside_and_none_does_not() {
     let _serial = SERIAL.lock().await;
@@ -416,19 +421,40 @@ async fn egress_nat_reaches_the_outside_and_none_does_not() {
     // Off to start with, so the `nat` daemon is seen switching it on; the `none` daemon
     // runs after, with forwarding on: only its rules stop the guest.
     std::fs::write(IP_FORWARD, "0\n").expect("switch forwarding off");
-    let outside = Outside::start();
-    let script = format!(
-        "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 7000 | grep -q outside-pong; then echo outside-open; else echo outside-closed; fi",
-        outside.addr
-    );
-    for (egress, expected) in [("nat", "outside-open"), ("none", "outside-closed")] {
-        let daemon = Daemon::start_with_network(&format!("egress = \"{egress}\""), "");
+    let listed = Outside::start("10.250", 'a');
+    let private = Outside::start("10.251", 'b');
+    let link_local = Outside::start("169.254", 'c');
+    let probe = |addr: &str, name: &str| {
+        format!(
+            "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {addr} 7000 | grep -q outside-pong; then echo {name}-open; else echo {name}-closed; fi"
+        )
+    };
+    let script = [
+        probe(&listed.addr, "listed"),
+        probe(&private.addr, "private"),
+        probe(&link_local.addr, "linklocal"),
+    ]
+    .join("; ");
+    let allow = format!("{}.0/30", listed.addr.rsplit_once('.').expect("a.b.c.d").0);
+    for (network, expected) in [
+        (
+            format!("egress = \"nat\"\negress_allow = [\"{allow}\"]"),
+            ["listed-open", "private-closed", "linklocal-closed"],
+        ),
+        (
+            "egress = \"none\"".to_string(),
+            ["listed-closed", "private-closed", "linklocal-closed"],
+        ),
+    ] {
+        let daemon = Daemon::start_with_network(&network, "");
         let mut client = daemon.client().await;
         let forwarding = std::fs::read_to_string(IP_FORWARD).expect("read");
-        assert_eq!(forwarding.trim(), "1", "egress {egress}: forwarding");
-        let prober = create_prober(&mut client, &format!("egress-{egress}"), &script).await;
+        assert_eq!(forwarding.trim(), "1", "{network}: forwarding");
+        let prober = create_prober(&mut client, "egress", &script).await;
         let report = probe_report(&prober.guest_ip).await;
-        assert!(report.contains(expected), "egress {egress}: {report}");
+        for word in expected {
+            assert!(report.contains(word), "{network}: {word}: {report}");
+        }
         destroy(&mut client, &prober.id).await;
         support::assert_audit_clean(&mut client).await;
         daemon.assert_no_host_leftovers();

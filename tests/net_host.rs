@@ -695,6 +695,7 @@ fn policy_config(fx: &Fixture) -> PolicyConfig {
         machine_to_machine: false,
         host_allow: vec![HostPort::parse("udp/53").expect("allow")],
         guest_dns: Some(resolver_addr(fx)),
+        egress_allow: Vec::new(),
     }
 }
 

@@ -14,7 +14,9 @@
 //! host_access:   replies; the guest resolver's port 53 (dns.guests); the config's allow
 //!                list; drop
 //! guest_forward: replies; to the pool: drop (or, machine_to_machine, the peer's m<id>_to
-//!                decides); elsewhere: accept with egress = "nat", else drop
+//!                decides); with egress = "nat": to network.egress_allow: accept; to
+//!                link-local, private and other special ranges (EGRESS_DENIED): drop;
+//!                elsewhere: accept; with egress = "none": drop
 //! postrouting (egress = "nat" only): from the pool to outside it: masquerade
 //! ```
 //!
@@ -110,7 +112,67 @@ pub struct PolicyConfig {
     /// The guest resolver (`dns.guests`): guests may reach port 53 of this address, over
     /// UDP and TCP, and nothing else of it.
     pub guest_dns: Option<Ipv4Addr>,
+    /// `network.egress_allow`: networks guests reach with egress `nat` even inside
+    /// [`EGRESS_DENIED`].
+    pub egress_allow: Vec<Cidr>,
 }
+
+/// An IPv4 network: `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address (host bits zero).
+    pub network: Ipv4Addr,
+    /// The prefix length, 0 to 32.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/len` (host bits must be zero).
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not a.b.c.d/len"))?;
+        let network: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{len:?} is not a prefix length (0-32)"))?;
+        let cidr = Cidr { network, len };
+        if u32::from(network) & !u32::from_be_bytes(prefix_mask(len)) != 0 {
+            return Err(format!("{text} has host bits set"));
+        }
+        Ok(cidr)
+    }
+
+    const fn new(a: u8, b: u8, c: u8, d: u8, len: u8) -> Cidr {
+        Cidr {
+            network: Ipv4Addr::new(a, b, c, d),
+            len,
+        }
+    }
+}
+
+/// Where a guest with egress `nat` still may not go unless `network.egress_allow` lists
+/// it: this host's neighbours and services, not the internet. Link-local holds the cloud
+/// metadata address (169.254.169.254); the private and shared ranges hold the host's own
+/// networks, its control plane and etcd; the rest are not destinations on the internet.
+/// (The host's own addresses are not forwarded at all: `host_access` decides those.)
+pub const EGRESS_DENIED: &[Cidr] = &[
+    Cidr::new(0, 0, 0, 0, 8),      // "this network"
+    Cidr::new(10, 0, 0, 0, 8),     // private
+    Cidr::new(100, 64, 0, 0, 10),  // shared (carrier-grade NAT)
+    Cidr::new(127, 0, 0, 0, 8),    // loopback
+    Cidr::new(169, 254, 0, 0, 16), // link-local: cloud metadata
+    Cidr::new(172, 16, 0, 0, 12),  // private
+    Cidr::new(192, 0, 0, 0, 24),   // protocol assignments
+    Cidr::new(192, 168, 0, 0, 16), // private
+    Cidr::new(198, 18, 0, 0, 15),  // benchmarking
+    Cidr::new(224, 0, 0, 0, 4),    // multicast
+    Cidr::new(240, 0, 0, 0, 4),    // reserved, broadcast
+];
 
 /// The port guests send DNS questions to: resolv.conf has no way to name another.
 pub const GUEST_DNS_PORT: u16 = 53;
@@ -222,14 +284,22 @@ pub(crate) fn daemon_changes(cfg: &PolicyConfig) -> Vec<Change> {
         Egress::Nat => ACCEPT,
         Egress::None => DROP,
     };
-    let guest_forward = vec![
+    let mut guest_forward = vec![
         Rule::new().replies().verdict(ACCEPT),
         Rule::new()
             .ipv4()
             .addr_in(16, Operator::Equal, &cfg.pool)
             .verdict(to_pool),
-        Rule::new().verdict(elsewhere),
     ];
+    if cfg.egress == Egress::Nat {
+        for allowed in &cfg.egress_allow {
+            guest_forward.push(Rule::new().ipv4().daddr_in(allowed).verdict(ACCEPT));
+        }
+        for denied in EGRESS_DENIED {
+            guest_forward.push(Rule::new().ipv4().daddr_in(denied).verdict(DROP));
+        }
+    }
+    guest_forward.push(Rule::new().verdict(elsewhere));
     push_chain(&mut out, &table, GUEST_FORWARD, None, guest_forward);
 
     let vmap = |key: MetaKey, map: &str| Rule::new().vmap(key, map).done();
@@ -659,6 +729,13 @@ impl Rule {
         self.payload(NETWORK_HEADER, offset, 4)
             .mask(prefix_mask(pool.prefix_len()))
             .cmp(op, pool.network().octets().to_vec())
+    }
+
+    /// `ip daddr <network>/<len>`.
+    fn daddr_in(self, net: &Cidr) -> Rule {
+        self.payload(NETWORK_HEADER, 16, 4)
+            .mask(prefix_mask(net.len))
+            .cmp(Operator::Equal, net.network.octets().to_vec())
     }
 
     /// `ip saddr != <addr>`.
