@@ -5,6 +5,7 @@
 //! architecture: the actor tree, who owns what, and the invariants.
 
 pub mod actors;
+pub mod admit;
 pub mod api;
 pub mod audit;
 pub mod client;

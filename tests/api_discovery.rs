@@ -283,3 +283,55 @@ async fn discover(channel: tonic::transport::Channel) {
     };
     assert!(!files.file_descriptor_proto.is_empty());
 }
+
+/// The TCP listener holds at most `TCP_PER_CLIENT` connections of one address: a client
+/// that opens many more (and never says a word) finds the rest closed at once, the
+/// daemon's descriptors stay bounded, and once it lets go a real client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_listener_caps_one_clients_connections() {
+    use std::io::Read;
+    let mut daemon = Daemon::prepare("");
+    let pki = support::tls::Pki::make(&daemon.dir.path().join("pki"));
+    daemon.rewrite_config(|text| support::tls::with_api_keys(text, &pki.api_keys()));
+    daemon.spawn();
+    let mut local = daemon.client().await;
+    let address = support::node(&mut local).await.api_address;
+    let pid = daemon.pid().expect("pid");
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds();
+    let cap = hearth::api::server::TCP_PER_CLIENT;
+    let held: Vec<std::net::TcpStream> = (0..cap + 100)
+        .map(|_| std::net::TcpStream::connect(&address).expect("connect"))
+        .collect();
+    // Those over the cap are closed by the daemon: a read ends (EOF or reset) at once.
+    let mut closed = 0;
+    for mut stream in &held {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => {}
+        }
+    }
+    let during = fds();
+    println!(
+        "api cap: {} connections opened, {closed} closed by the daemon; descriptors {before} \
+         before, {during} while held",
+        held.len()
+    );
+    assert!(closed >= 100, "only {closed} of {} closed", held.len());
+    assert!(
+        during <= before + cap + 16,
+        "descriptors {before} -> {during}"
+    );
+    drop(held);
+    let url = format!("https://{address}");
+    let channel = hearth::client::channel_tls(&url, &pki.client(false))
+        .await
+        .expect("a real client after");
+    let mut remote = hearth::client::Client::over(channel);
+    support::node(&mut remote).await;
+}

@@ -10,7 +10,7 @@ use std::path::Path;
 use ractor::ActorRef;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::authority::Normalised;
@@ -88,6 +88,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// How long a TCP client has to finish the TLS handshake; a connection that sends
 /// nothing is dropped then instead of holding a descriptor.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most TCP connections one client address may hold to the API (a control plane needs
+/// a few; each costs a descriptor and, until the TLS handshake ends, a timer).
+pub const TCP_PER_CLIENT: usize = 64;
+/// Most TCP connections all clients together may hold to the API.
+pub const TCP_TOTAL: usize = 256;
 
 /// Where the API listens: the Unix socket always, and TCP with mutual TLS when
 /// `api.listen` is set.
@@ -246,11 +252,10 @@ pub async fn serve(
         .layer(TimingLayer)
         .add_routes(routes(&services, &supervisor, health_service)?)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(tcp).map(|conn| {
-                conn.inspect(|stream| {
-                    let _ = stream.set_nodelay(true);
-                })
-            }),
+            crate::admit::incoming(
+                tcp,
+                crate::admit::Limits::new("api", TCP_PER_CLIENT, TCP_TOTAL),
+            ),
             until_stopping(&services),
         );
     tokio::try_join!(local, remote)?;

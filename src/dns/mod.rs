@@ -12,9 +12,7 @@
 //!
 //! The answer itself is pure ([`answer`]); [`Handler`] turns it into hickory's types.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
@@ -225,7 +223,7 @@ pub const TCP_TOTAL: usize = 64;
 ///
 /// UDP goes to hickory directly. TCP is accepted here, where connections are counted per
 /// client address and in total ([`TCP_PER_CLIENT`], [`TCP_TOTAL`]); one over either
-/// bound is closed at once (and counted in a rate-limited warning), one within is
+/// bound is closed at once (see [`crate::admit`]), one within is
 /// relayed to hickory's own listener on loopback, which closes it after [`TCP_IDLE`].
 pub async fn serve(
     handler: Handler,
@@ -247,7 +245,7 @@ pub async fn serve(
     };
     let inner_addr = inner.local_addr();
     server.register_listener(inner, TCP_IDLE, 64);
-    let limits = TcpLimits::new(TCP_PER_CLIENT, TCP_TOTAL);
+    let limits = crate::admit::Limits::new("dns", TCP_PER_CLIENT, TCP_TOTAL);
     let mut guards = tokio::task::JoinSet::new();
     for (udp, tcp) in sockets {
         server.register_socket(udp);
@@ -262,63 +260,12 @@ pub async fn serve(
     }
 }
 
-/// The TCP connections open now, per client and in total.
-#[derive(Clone)]
-struct TcpLimits {
-    per_client: usize,
-    total: Arc<tokio::sync::Semaphore>,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    refused: Arc<crate::text::Throttled>,
-}
-
-impl TcpLimits {
-    fn new(per_client: usize, total: usize) -> TcpLimits {
-        TcpLimits {
-            per_client,
-            total: Arc::new(tokio::sync::Semaphore::new(total)),
-            open: Arc::default(),
-            refused: Arc::new(crate::text::Throttled::new(Duration::from_secs(10))),
-        }
-    }
-
-    /// A place for one more connection of `client`, or none when a bound is reached.
-    fn admit(&self, client: IpAddr) -> Option<TcpSlot> {
-        let permit = Arc::clone(&self.total).try_acquire_owned().ok()?;
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(client).or_default();
-        if *n >= self.per_client {
-            return None;
-        }
-        *n += 1;
-        Some(TcpSlot {
-            _permit: permit,
-            client,
-            open: Arc::clone(&self.open),
-        })
-    }
-}
-
-/// One admitted connection; its place is given back when dropped.
-struct TcpSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    client: IpAddr,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for TcpSlot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.client) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.client);
-            }
-        }
-    }
-}
-
 /// Accepts on `outer` within `limits`, relaying each admitted connection to `inner`.
-async fn guard_tcp(outer: tokio::net::TcpListener, inner: SocketAddr, limits: TcpLimits) {
+async fn guard_tcp(
+    outer: tokio::net::TcpListener,
+    inner: SocketAddr,
+    limits: crate::admit::Limits,
+) {
     loop {
         let (mut stream, peer) = match outer.accept().await {
             Ok(accepted) => accepted,
@@ -331,14 +278,6 @@ async fn guard_tcp(outer: tokio::net::TcpListener, inner: SocketAddr, limits: Tc
         };
         let Some(slot) = limits.admit(peer.ip()) else {
             drop(stream);
-            if let Some(suppressed) = limits.refused.allow() {
-                tracing::warn!(
-                    client = %peer.ip(),
-                    refused_since_last = suppressed + 1,
-                    per_client = limits.per_client,
-                    "dns: TCP connections over the limit closed"
-                );
-            }
             continue;
         };
         tokio::spawn(async move {
