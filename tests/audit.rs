@@ -328,6 +328,7 @@ async fn doctor_gives_each_prerequisite_a_verdict_and_a_fix() {
             "cgroups",
             "guest kernel",
             "guest init",
+            "vmm layout",
             "free space",
             "socket"
         ]
@@ -342,6 +343,7 @@ async fn doctor_gives_each_prerequisite_a_verdict_and_a_fix() {
     // The daemon this test started answers on the config's socket.
     assert_eq!(verdict("socket").0, "ok", "{checks:?}");
     assert_eq!(verdict("nftables").0, "ok", "{checks:?}");
+    assert_eq!(verdict("vmm layout").0, "ok", "{checks:?}");
     assert_eq!(code, 0, "{checks:?}");
 
     // A kernel directory with no kernel: that check fails, naming the fix, and so does
@@ -421,4 +423,45 @@ async fn events_without_follow_print_the_history_and_end() {
     assert!(out.status.success(), "{printed}");
     assert!(printed.contains("created"), "{printed}");
     destroy(&mut client, &created.id).await;
+}
+
+/// A `cache_dir` whose parent the VMMs cannot search (the guest kernel is opened there by
+/// path): hearthd refuses to start, naming the key, the directory and its mode, before
+/// touching the host; `hearth doctor` fails the same check. (A data dir under a private
+/// parent is served: deploy/run-demo.sh, which CI runs, keeps it under `mktemp -d`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_the_vmms_cannot_use_is_refused_at_start_naming_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut daemon = Daemon::prepare("");
+    let private = daemon.dir.path().join("private");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let d = daemon.dir.path().display().to_string();
+    daemon.rewrite_config(|text| {
+        text.replace(
+            &format!("cache_dir = \"{d}/cache\""),
+            &format!("cache_dir = \"{d}/private/cache\""),
+        )
+    });
+    let log = daemon.dir.path().join("hearthd.log");
+    daemon.spawn_logging(&log);
+    assert!(
+        daemon.wait_exit(std::time::Duration::from_secs(20)).await,
+        "hearthd started with a cache its VMMs cannot reach"
+    );
+    let said = std::fs::read_to_string(&log).expect("log");
+    assert!(said.contains("cache_dir: "), "{said}");
+    assert!(said.contains(&private.display().to_string()), "{said}");
+    assert!(said.contains("mode 0700"), "{said}");
+    assert!(
+        !daemon.dir.path().join("api.sock").exists(),
+        "the API was served"
+    );
+    let (code, checks) = doctor(&daemon.dir.path().join("hearthd.toml"));
+    let layout = checks
+        .iter()
+        .find(|(n, _, _)| n == "vmm layout")
+        .expect("the layout check");
+    assert_eq!(layout.1, "FAIL", "{checks:?}");
+    assert_eq!(code, 1);
 }
