@@ -172,15 +172,17 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
         .status()
         .expect("nft");
     assert!(chain.success());
-    // A process carrying the VMM marker with its files in this daemon's directory. `read`
-    // is a shell builtin: the process waits on its stdin and has no child.
+    // A process carrying the VMM marker and running in a machine directory of this
+    // daemon, as VMMs do. `read` is a shell builtin: the process waits on its stdin and
+    // has no child.
     let vmm_orphan = new_machine_id().expect("id");
     let vmm_dir = machines.join(&vmm_orphan);
     std::fs::create_dir_all(&vmm_dir).expect("mkdir");
     let mut fake_vmm = Command::new("/bin/sh")
         .args(["-c", "read line", "-name"])
         .arg(format!("hearth-{vmm_orphan}"))
-        .arg(format!("file:{}/serial.log", vmm_dir.display()))
+        .arg("file:./serial.log")
+        .current_dir(&vmm_dir)
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn the fake VMM");

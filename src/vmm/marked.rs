@@ -14,17 +14,19 @@ use super::pidfd;
 /// removal copes with a namespace still held; this only makes it quick).
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
-/// True when process `pid` belongs to the machine directory `dir`: its command line
-/// mentions a path inside `dir` (QEMU doubles commas in the paths it is given, so that
-/// spelling counts too), or, for a jailed Firecracker (whose command line only has paths
-/// inside its jail), its root directory is a jail inside `dir`.
+/// True when process `pid` belongs to the machine directory `dir`: its working
+/// directory is `dir` (every VMM is started there, and QEMU names its files relative to
+/// it), compared by device and inode; or, for a jailed Firecracker, its root directory
+/// is a jail inside `dir`.
 pub fn names_dir(pid: i32, dir: &Path) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    use std::os::unix::fs::MetadataExt;
+    let same =
+        |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let Ok(wanted) = std::fs::metadata(dir) else {
         return false;
     };
-    let cmdline = String::from_utf8_lossy(&raw);
-    let inside = format!("{}/", dir.display());
-    cmdline.contains(&inside) || cmdline.contains(&inside.replace(',', ",,")) || jailed_in(pid, dir)
+    std::fs::metadata(format!("/proc/{pid}/cwd/")).is_ok_and(|cwd| same(&cwd, &wanted))
+        || jailed_in(pid, dir)
 }
 
 /// Whether the root of process `pid` is one of the jails under `dir`
@@ -90,5 +92,23 @@ mod tests {
             me,
             Path::new("/nonexistent/machines/0123456789")
         ));
+        let other = tempfile::tempdir().expect("tempdir");
+        assert!(!names_dir(me, other.path()));
+    }
+
+    /// A process started in a directory belongs to it, whatever its command line says.
+    #[test]
+    fn a_process_belongs_to_the_directory_it_runs_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(dir.path())
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let named = names_dir(pid, dir.path());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(named);
     }
 }

@@ -297,7 +297,9 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// Processes (VMMs) whose command line mentions this daemon's scratch directory.
+    /// Processes (VMMs) whose command line mentions this daemon's scratch directory or
+    /// that run in a directory under it (QEMU runs in its machine directory and names
+    /// its files relative to it).
     pub fn processes(&self) -> Vec<i32> {
         let needle = self.dir.path().to_string_lossy().into_owned();
         let mut found = Vec::new();
@@ -311,7 +313,10 @@ impl Daemon {
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle)
+                || cwd.starts_with(self.dir.path())
+            {
                 found.push(pid);
             }
         }
