@@ -45,6 +45,7 @@ fn with_spec(
 async fn bad_requests_name_the_field_and_leave_nothing() {
     let daemon = Daemon::start_with(CONFIG);
     let mut client = daemon.client().await;
+    let missing_image = format!("{}/no/such/image", std::env::temp_dir().display());
     let cases: Vec<(pb::CreateMachineRequest, Code, &str)> = vec![
         (
             create("a/b", "web", "demo", 1, 128),
@@ -97,9 +98,15 @@ async fn bad_requests_name_the_field_and_leave_nothing() {
             "spec.image",
         ),
         (
-            create("r1", "web", "/no/such/image", 1, 128),
+            create("r1", "web", &missing_image, 1, 128),
             Code::NotFound,
             "spec.image",
+        ),
+        // Outside images.local_roots: refused before its existence is looked at.
+        (
+            create("r1", "web", "/no/such/image", 1, 128),
+            Code::InvalidArgument,
+            "images.local_roots",
         ),
         (
             create("r1", "web", "/etc/../root", 1, 128),

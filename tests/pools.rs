@@ -274,8 +274,12 @@ async fn prepared_machines_past_their_age_are_recycled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_whose_image_cannot_be_built_reports_it_and_cold_creates_go_on() {
-    let broken = "[[pools]]\nname = \"broken\"\nimage = \"oci:/nonexistent/hearth-layout\"\nvcpus = 1\nmemory_mib = 128\nsize = 1\n";
-    let mut daemon = Daemon::start_with(broken);
+    // Under the test daemons' local root (the temporary directory), and not there.
+    let broken = format!(
+        "[[pools]]\nname = \"broken\"\nimage = \"oci:{}/nonexistent/hearth-layout\"\nvcpus = 1\nmemory_mib = 128\nsize = 1\n",
+        std::env::temp_dir().display()
+    );
+    let mut daemon = Daemon::start_with(&broken);
     let mut client = daemon.client().await;
     let status =
         support::wait_pool_until(&mut client, "broken", FILL, |s| !s.last_error.is_empty()).await;
