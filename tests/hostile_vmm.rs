@@ -4,8 +4,9 @@
 //! renames, connects to or removes, plants in turn a link to a canary file outside, a
 //! link to a path that does not exist, a FIFO and a directory. After each planting it
 //! drives every path that touches those names: log rotation (the keeper's tick), the
-//! VMM killed and restarted by the daemon, a stop and a start, the config disk written
-//! again (the drift check sees it replaced), and at the end a destroy.
+//! VMM killed and restarted by the daemon, a stop and a start with the writable layer
+//! removed (the disk step is redone), the config disk written again (the drift check
+//! sees it replaced), and at the end a destroy.
 //!
 //! Throughout, GetNode is asked every 20 ms (no call may fail or hang; the p99 is
 //! printed). After each round the machine is running again (repaired) or failed; at the
@@ -37,6 +38,8 @@ const NAMES: &[&str] = &[
     "qmp.sock",
     "agent.sock",
     "serial.sock",
+    "base.ext4.partial",
+    "rootfs.ext4.partial",
 ];
 
 /// Each canary is larger than the log cap (1 MiB here), so a size check that followed a
@@ -279,6 +282,8 @@ async fn a_vmm_that_replaces_its_files_never_makes_root_write_outside() {
             .expect("stop");
         wait_for(&mut client, &id, pb::MachineState::Stopped).await;
         plant_all(&dir, &outside, plant, uid, gid);
+        // Its writable layer gone too: the disk step is redone over the planted names.
+        as_vmm(uid, gid, &format!("rm -f '{}/rootfs.ext4'", dir.display()));
         client
             .machines
             .start_machine(pb::MachineRef { id: id.clone() })

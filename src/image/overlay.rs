@@ -198,8 +198,12 @@ pub fn make_overlay(
 /// once it exists; the machine directory is synced so the rename lasts. Undo:
 /// [`super::remove_disk`].
 pub fn take_upper(templates: &Path, dest: &Path, mib: u32) -> Result<UpperSource, OverlayError> {
-    if std::fs::symlink_metadata(dest).is_ok() {
-        return Ok(UpperSource::AlreadyPresent);
+    match std::fs::symlink_metadata(dest) {
+        Ok(meta) if meta.is_file() => return Ok(UpperSource::AlreadyPresent),
+        // Anything else there (a VMM's link, FIFO or directory) is not a layer: the name
+        // goes, nothing it points to.
+        Ok(_) => crate::vmmdir::remove(dest).map_err(io_err(dest, "remove"))?,
+        Err(_) => {}
     }
     let stock = stock_dir(templates, mib);
     if let Ok(entries) = std::fs::read_dir(&stock) {
@@ -313,15 +317,16 @@ pub fn link_base(base: &Path, link: &Path) -> Result<(), OverlayError> {
     }
     // Linked under a temporary name and renamed over whatever is there, so the name never
     // points at nothing and a rerun finds either the old file or the new link.
+    // Both names are in the machine directory, which its VMM can write: whatever it left
+    // at them is removed or renamed over, never followed (see `crate::vmmdir`).
     let partial = partial_path(link)?;
-    match std::fs::remove_file(&partial) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_err(&partial, "remove")(e));
-        }
-        _ => {}
-    }
+    crate::vmmdir::remove(&partial).map_err(io_err(&partial, "remove"))?;
     std::fs::hard_link(base, &partial).map_err(io_err(&partial, "hard link the base"))?;
-    std::fs::rename(&partial, link).map_err(io_err(link, "rename into place"))
+    let (dir, name) =
+        crate::vmmdir::VmmDir::parent_of(link).map_err(io_err(link, "open the directory of"))?;
+    let partial_name = partial.file_name().unwrap_or_default();
+    dir.rename(partial_name, &name)
+        .map_err(io_err(link, "rename into place"))
 }
 
 #[cfg(test)]
@@ -434,5 +439,21 @@ mod tests {
             assert_eq!(b.nlink(), 2);
         }
         assert!(!partial_path(&link).unwrap().exists());
+        // What a VMM could leave at the two names: a directory at the temporary one, a
+        // directory at the link. Both are replaced; the base is the link's inode again.
+        std::fs::remove_file(&link).unwrap();
+        std::fs::create_dir_all(link.join("inside")).unwrap();
+        std::fs::create_dir_all(partial_path(&link).unwrap().join("inside")).unwrap();
+        link_base(&base, &link).expect("link over directories");
+        assert_eq!(
+            std::fs::metadata(&link).unwrap().ino(),
+            std::fs::metadata(&base).unwrap().ino()
+        );
+        // A layer name holding a directory is not a layer: a fresh one is taken.
+        let templates = dir.path().join("uppers");
+        let layer = dir.path().join("m/rootfs.ext4");
+        std::fs::create_dir_all(layer.join("inside")).unwrap();
+        take_upper(&templates, &layer, 64).expect("layer over a directory");
+        assert!(std::fs::symlink_metadata(&layer).unwrap().is_file());
     }
 }
