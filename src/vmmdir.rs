@@ -257,18 +257,7 @@ impl VmmDir {
 
     /// Connects to the Unix socket `name`, refusing anything that is not a socket (a
     /// link to another machine's socket included).
-    pub fn connect(&self, name: impl AsRef<OsStr>) -> io::Result<std::os::unix::net::UnixStream> {
-        let (fd, path) = self.socket_path(name.as_ref())?;
-        let stream = std::os::unix::net::UnixStream::connect(&path);
-        drop(fd);
-        stream
-    }
-
-    /// [`VmmDir::connect`], for tokio.
-    pub async fn connect_async(
-        &self,
-        name: impl AsRef<OsStr>,
-    ) -> io::Result<tokio::net::UnixStream> {
+    pub async fn connect(&self, name: impl AsRef<OsStr>) -> io::Result<tokio::net::UnixStream> {
         let (fd, path) = self.socket_path(name.as_ref())?;
         let stream = tokio::net::UnixStream::connect(&path).await;
         drop(fd);
@@ -300,7 +289,7 @@ impl VmmDir {
 /// [`VmmDir::connect`] does: a link there (to another machine's socket, say) is refused.
 pub async fn connect(path: &Path) -> io::Result<tokio::net::UnixStream> {
     let (dir, name) = VmmDir::parent_of(path)?;
-    dir.connect_async(&name).await
+    dir.connect(&name).await
 }
 
 /// Removes whatever is at `path`, in a directory a VMM can write, as [`VmmDir::remove`]
@@ -354,10 +343,14 @@ mod tests {
                 );
             }
         }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         for name in ["link", "fifo", "sub"] {
             let e = dir.open_file(name, Access::Read).expect_err(name);
             assert!(is_replaced(&e), "{name}: {e}");
-            assert!(dir.connect(name).is_err(), "{name}");
+            assert!(runtime.block_on(dir.connect(name)).is_err(), "{name}");
         }
         assert_eq!(std::fs::read(outside.path()).expect("read"), b"canary");
         // Removing each removes the name only.
@@ -408,20 +401,20 @@ mod tests {
         assert!(is_replaced(&e), "{e}");
     }
 
-    #[test]
-    fn sockets_are_reached_through_their_own_descriptor() {
+    #[tokio::test]
+    async fn sockets_are_reached_through_their_own_descriptor() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (tmp, dir) = dir();
-        let listener =
-            std::os::unix::net::UnixListener::bind(tmp.path().join("s.sock")).expect("bind");
-        let mut stream = dir.connect("s.sock").expect("connect");
-        let (mut accepted, _) = listener.accept().expect("accept");
-        stream.write_all(b"x").expect("write");
+        let listener = tokio::net::UnixListener::bind(tmp.path().join("s.sock")).expect("bind");
+        let mut stream = dir.connect("s.sock").await.expect("connect");
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        stream.write_all(b"x").await.expect("write");
         let mut byte = [0u8; 1];
-        accepted.read_exact(&mut byte).expect("read");
+        accepted.read_exact(&mut byte).await.expect("read");
         assert_eq!(&byte, b"x");
         std::os::unix::fs::symlink(tmp.path().join("s.sock"), tmp.path().join("l.sock"))
             .expect("symlink");
-        let e = dir.connect("l.sock").expect_err("a link to a socket");
+        let e = dir.connect("l.sock").await.expect_err("a link to a socket");
         assert!(is_replaced(&e), "{e}");
     }
 }

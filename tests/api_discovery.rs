@@ -296,9 +296,7 @@ async fn the_tcp_listener_caps_one_clients_connections() {
     daemon.spawn();
     let mut local = daemon.client().await;
     let address = support::node(&mut local).await.api_address;
-    let pid = daemon.pid().expect("pid");
-    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let before = fds();
+    let before = daemon.open_fds();
     let cap = hearth::api::server::TCP_PER_CLIENT;
     let held: Vec<std::net::TcpStream> = (0..cap + 100)
         .map(|_| std::net::TcpStream::connect(&address).expect("connect"))
@@ -316,7 +314,7 @@ async fn the_tcp_listener_caps_one_clients_connections() {
             _ => {}
         }
     }
-    let during = fds();
+    let during = daemon.open_fds();
     println!(
         "api cap: {} connections opened, {closed} closed by the daemon; descriptors {before} \
          before, {during} while held",

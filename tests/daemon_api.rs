@@ -424,7 +424,7 @@ async fn host_paths_are_images_only_under_the_local_roots() {
             err.message().contains("images.local_roots"),
             "{image}: {err:?}"
         );
-        let err = pull_refused(&mut client, image).await;
+        let err = support::pull_error(&mut client, image).await;
         assert_eq!(err.code(), Code::InvalidArgument, "{image}: {err:?}");
         assert!(
             err.message().contains("images.local_roots"),
@@ -445,7 +445,7 @@ async fn host_paths_are_images_only_under_the_local_roots() {
     let mut client = daemon.client().await;
     let escape = root.path().join("escape").display().to_string();
     for image in ["/etc", escape.as_str()] {
-        let err = pull_refused(&mut client, image).await;
+        let err = support::pull_error(&mut client, image).await;
         assert_eq!(err.code(), Code::InvalidArgument, "{image}: {err:?}");
         assert!(
             err.message().contains("images.local_roots"),
@@ -463,19 +463,5 @@ async fn host_paths_are_images_only_under_the_local_roots() {
         .into_inner();
     while let Some(event) = stream.message().await.expect("pull inside the root") {
         let _ = event;
-    }
-}
-
-/// The error a pull of `image` ends with, whether the call or its stream gives it.
-async fn pull_refused(client: &mut hearth::client::Client, image: &str) -> tonic::Status {
-    match client
-        .images
-        .pull_image(pb::PullImageRequest {
-            image: image.into(),
-        })
-        .await
-    {
-        Err(e) => e,
-        Ok(_) => support::pull_error(client, image).await,
     }
 }

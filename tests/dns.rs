@@ -130,16 +130,7 @@ async fn a_guest_resolver_that_cannot_be_bound_opens_no_port() {
     let mut client = daemon.client().await;
     let node = support::node(&mut client).await;
     assert_eq!(node.guest_dns_address, "", "{node:?}");
-    let table = Command::new("nft")
-        .args([
-            "list",
-            "table",
-            "inet",
-            &hearth::net::policy::table_name(&daemon.prefix),
-        ])
-        .output()
-        .expect("nft");
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = daemon.nft_table();
     assert!(
         table.contains("chain"),
         "the daemon's table is there: {table}"

@@ -569,11 +569,6 @@ async fn a_guest_rebooting_itself_in_a_loop_is_backed_off_then_failed_with_its_e
     clean_up(&daemon, &mut client, &[]).await;
 }
 
-/// Open descriptors of process `pid`.
-fn descriptors(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// A guest that opens 2,000 TCP connections to its resolver, then floods it with UDP
 /// questions for a minute: the daemon keeps a bounded number of descriptors (the DNS
 /// server's connection caps), another machine is created and started meanwhile, GetNode
@@ -589,8 +584,7 @@ async fn a_guest_abusing_its_resolver_costs_bounded_descriptors_and_log() {
     daemon.spawn_default_logging(&log);
     let mut client = daemon.client().await;
     let mut watcher = Watcher::start(&daemon).await;
-    let pid = daemon.pid().expect("pid");
-    let fds_before = descriptors(pid);
+    let fds_before = daemon.open_fds();
 
     let m = create(
         &mut client,
@@ -602,7 +596,7 @@ async fn a_guest_abusing_its_resolver_costs_bounded_descriptors_and_log() {
     // Thousands of connects under emulation take a while.
     let opened = console_until(&daemon, &m.id, "connections open", Duration::from_secs(120)).await;
     let log_at_flood = std::fs::metadata(&log).map_or(0, |m| m.len());
-    let fds_holding = descriptors(pid);
+    let fds_holding = daemon.open_fds();
 
     // Another machine, while the first holds its connections and floods.
     let other = create(
@@ -611,7 +605,7 @@ async fn a_guest_abusing_its_resolver_costs_bounded_descriptors_and_log() {
     )
     .await;
     wait_for(&mut client, &other.id, pb::MachineState::Started).await;
-    let fds_both = descriptors(pid);
+    let fds_both = daemon.open_fds();
 
     // The flood's end (a minute after it began).
     let console = console_until(&daemon, &m.id, "queries sent", Duration::from_secs(150)).await;

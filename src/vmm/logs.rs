@@ -33,13 +33,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a keeper waits between attempts to reach a console that is not up yet.
 const RECONNECT: Duration = Duration::from_millis(100);
 
-/// The rotated copy of `path`: `<path>.1`.
-pub fn rotated(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".1");
-    PathBuf::from(name)
-}
-
+/// The name of the rotated copy of `name`: `<name>.1`.
 fn rotated_name(name: &OsStr) -> OsString {
     let mut rotated = name.to_os_string();
     rotated.push(".1");
@@ -289,7 +283,9 @@ mod tests {
                 .expect("write");
         }
         let now = fs::metadata(&path).expect("log").len();
-        let old = fs::metadata(rotated(&path)).expect("rotated").len();
+        let old = fs::metadata(path.with_file_name(rotated_name(path.file_name().expect("name"))))
+            .expect("rotated")
+            .len();
         assert!(now <= 100 && old <= 100, "{now} {old}");
         assert!(tail(&path, 1000).ends_with("line 049"));
         // One huge write keeps only its end.
@@ -309,7 +305,11 @@ mod tests {
             .expect("open");
         writer.write_all(b"0123456789abcdef").expect("write");
         assert!(rotate_if_over(&path, 10).expect("rotate"));
-        assert_eq!(fs::read(rotated(&path)).expect("rotated"), b"6789abcdef");
+        assert_eq!(
+            fs::read(path.with_file_name(rotated_name(path.file_name().expect("name"))))
+                .expect("rotated"),
+            b"6789abcdef"
+        );
         writer.write_all(b"next").expect("write after");
         assert_eq!(fs::read(&path).expect("log"), b"next");
     }

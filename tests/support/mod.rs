@@ -248,6 +248,29 @@ impl Daemon {
         assert!(left.is_empty(), "{left:?}");
     }
 
+    /// `nft list table` of this daemon's table; empty when there is none.
+    pub fn nft_table(&self) -> String {
+        Command::new("nft")
+            .args([
+                "list",
+                "table",
+                "inet",
+                &hearth::net::policy::table_name(&self.prefix),
+            ])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Open descriptors of the daemon's process (0 when it does not run).
+    #[allow(dead_code)]
+    pub fn open_fds(&self) -> usize {
+        self.pid()
+            .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+            .map_or(0, |d| d.count())
+    }
+
     /// Namespaces and links on the host that carry this daemon's prefix.
     pub fn host_leftovers(&self) -> Vec<String> {
         let mut found = Vec::new();
@@ -268,17 +291,7 @@ impl Daemon {
             }
         }
         // A machine's packet policy: chains m<id>_* in the daemon's table.
-        let table = Command::new("nft")
-            .args([
-                "list",
-                "table",
-                "inet",
-                &hearth::net::policy::table_name(&self.prefix),
-            ])
-            .stderr(std::process::Stdio::null())
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let table = self.nft_table();
         for line in table.lines() {
             if let Some(chain) = line.trim().strip_prefix("chain m")
                 && let Some((id, _)) = chain.split_once('_')
@@ -510,16 +523,19 @@ pub async fn routes(client: &mut Client) -> Vec<pb::Route> {
         .routes
 }
 
-/// The status a pull's stream ends with; panics when the pull succeeds.
+/// The status a pull ends with, whether the call refuses it at once or its stream ends
+/// with it; panics when the pull succeeds.
 pub async fn pull_error(client: &mut Client, image: &str) -> tonic::Status {
-    let mut stream = client
+    let mut stream = match client
         .images
         .pull_image(pb::PullImageRequest {
             image: image.into(),
         })
         .await
-        .expect("pull starts")
-        .into_inner();
+    {
+        Ok(stream) => stream.into_inner(),
+        Err(refused) => return refused,
+    };
     loop {
         match stream.message().await {
             Ok(Some(_)) => continue,
