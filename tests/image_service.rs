@@ -11,6 +11,7 @@ use std::process::Command;
 
 use hearth::api::pb::{self, pull_image_progress::Event};
 use hearth::client::Client;
+use support::fake_registry::{ENDLESS_BYTES, FakeRegistry, Mode};
 use support::registry::{ConfigSpec, Entry, LayerSpec, Registry, build_image, sample_image};
 use support::{Daemon, demo_request, destroy, pull_error, wait_for};
 
@@ -379,4 +380,60 @@ async fn hostile_layers_are_refused_naming_the_entry_and_leave_nothing() {
         let left = files_in(&images.join(sub));
         assert!(left.is_empty(), "{sub}: {left:?}");
     }
+}
+
+/// A registry that sends endless bodies (a test double: Debian's registry sends only
+/// honest ones) gets each pull refused at the body's cap, and the daemon's peak memory
+/// stays near where it was: the bodies are never held whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_registry_bodies_are_refused_with_the_daemons_memory_bounded() {
+    let manifest = FakeRegistry::start(Mode::EndlessManifest { declare: false }).await;
+    let token = FakeRegistry::start(Mode::EndlessToken).await;
+    let error = FakeRegistry::start(Mode::EndlessError).await;
+    let daemon = Daemon::start_with(&format!(
+        "[images]\ninsecure_registries = [\"{}\", \"{}\", \"{}\"]\n",
+        manifest.addr, token.addr, error.addr
+    ));
+    let mut client = daemon.client().await;
+    // The first pull sets up what every pull shares (the HTTP client, TLS); an endless
+    // error body is a not-found with a bounded message.
+    let status = pull_error(&mut client, &error.reference("app", "v1")).await;
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().len() < 1024, "{}", status.message());
+    let before = daemon.peak_rss_kib().expect("VmHWM");
+
+    let status = pull_error(&mut client, &manifest.reference("app", "v1")).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "manifest over the limit of {} bytes",
+            hearth::image::oci::MAX_MANIFEST_BYTES
+        )),
+        "{}",
+        status.message()
+    );
+    let status = pull_error(&mut client, &token.reference("app", "v1")).await;
+    assert!(
+        status.message().contains(&format!(
+            "token response over the limit of {} bytes",
+            hearth::image::oci::MAX_TOKEN_BYTES
+        )),
+        "{}",
+        status.message()
+    );
+
+    let after = daemon.peak_rss_kib().expect("VmHWM");
+    let grown_mib = after.saturating_sub(before) as f64 / 1024.0;
+    println!(
+        "endless registry bodies: daemon peak RSS {before} KiB -> {after} KiB (+{grown_mib:.1} MiB); \
+         sent {} + {} bytes of {ENDLESS_BYTES} each",
+        manifest.sent(),
+        token.sent()
+    );
+    assert!(grown_mib < 48.0, "peak RSS grew {grown_mib:.1} MiB");
+    for fake in [&manifest, &token, &error] {
+        assert!(fake.sent() < 64 << 20, "{} bytes sent", fake.sent());
+    }
+    // The daemon still answers, and the machine cache is unharmed.
+    assert!(list(&mut client).await.is_empty());
 }

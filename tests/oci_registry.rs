@@ -4,6 +4,9 @@
 //! limits checked on the manifest before any download (each layer's size, the layer
 //! count, their sum, free space), the entry limit of the built image, basic auth, and OCI
 //! layout directories. Skips loudly when the registry binary is not installed.
+//!
+//! What Debian's registry cannot play (token auth, a registry sending endless manifest,
+//! token and error bodies) is played by `support::fake_registry`, a test double.
 
 mod support;
 
@@ -15,6 +18,7 @@ use hearth::image::oci::{
 };
 use hearth::image::space::{FreeSpace, SpacePolicy};
 use hearth::image::{BaseError, BaseSettings, BaseStore};
+use support::fake_registry::{ENDLESS_BYTES, FakeRegistry, Mode};
 use support::registry::{
     self, Entry, LayerSpec, TestImage, build_image, sample_config, sample_image, sample_layers,
 };
@@ -621,4 +625,122 @@ async fn an_image_over_the_entry_limit_fails_its_build_naming_the_key() {
         .ensure_oci_base("entries:v1", &pulled, 1 << 30, &|_| {})
         .unwrap();
     assert!(made && base.path.is_file());
+}
+
+/// Settings that reach the double over plain HTTP, with `auth` for it if given.
+fn fake_settings(fake: &FakeRegistry, auth: Option<(&str, &str)>) -> RegistrySettings {
+    RegistrySettings {
+        insecure: vec![fake.addr.clone()],
+        auth: auth
+            .map(|(u, p)| vec![(fake.addr.clone(), u.to_string(), p.to_string())])
+            .unwrap_or_default(),
+        ..RegistrySettings::default()
+    }
+}
+
+#[tokio::test]
+async fn a_token_registry_is_pulled_from_with_the_credentials_sent_to_its_realm() {
+    let image = Arc::new(sample_image("tokened"));
+    let fake = FakeRegistry::start(Mode::Tokened {
+        image: image.clone(),
+        credentials: Some(("ci".into(), "s3cret".into())),
+        token: "tok-123.abc".into(),
+    })
+    .await;
+    let blobs = tempfile::tempdir().unwrap();
+    let reference = fake.reference("team/app", "v1");
+
+    // Without credentials the realm refuses, and the error says where it failed.
+    let (err, events) = pull(&reference, &fake_settings(&fake, None), blobs.path()).await;
+    let message = err.unwrap_err().to_string();
+    assert!(
+        message.contains("token from http://") && message.contains("401"),
+        "{message}"
+    );
+    assert!(events.is_empty());
+
+    let settings = fake_settings(&fake, Some(("ci", "s3cret")));
+    let (pulled, _) = pull(&reference, &settings, blobs.path()).await;
+    assert_matches_image(&pulled.unwrap(), &image, blobs.path());
+    let saw = fake.realm_saw.lock().unwrap().clone();
+    assert_eq!(saw.first().map(String::as_str), Some(""), "{saw:?}");
+    assert_eq!(
+        saw.last().map(String::as_str),
+        Some("Basic Y2k6czNjcmV0"),
+        "{saw:?}"
+    );
+    // The token is kept for the repository: a second pull asks the realm no more.
+    let asked = saw.len();
+    let again = tempfile::tempdir().unwrap();
+    let (pulled, _) = pull(&reference, &settings, again.path()).await;
+    assert_matches_image(&pulled.unwrap(), &image, again.path());
+    assert_eq!(fake.realm_saw.lock().unwrap().len(), asked);
+}
+
+#[tokio::test]
+async fn endless_manifest_token_and_error_bodies_are_refused_at_their_caps() {
+    let blobs = tempfile::tempdir().unwrap();
+    // The client stops at its cap; what the double got into socket buffers before the
+    // connection closed is all that is sent beyond it.
+    let stopped_early = |fake: &FakeRegistry| {
+        let sent = fake.sent();
+        assert!(sent < 64 << 20, "{sent} of {ENDLESS_BYTES} bytes were sent");
+    };
+
+    for declare in [false, true] {
+        let fake = FakeRegistry::start(Mode::EndlessManifest { declare }).await;
+        let (err, _) = pull(
+            &fake.reference("app", "v1"),
+            &fake_settings(&fake, None),
+            blobs.path(),
+        )
+        .await;
+        let err = err.unwrap_err();
+        let message = err.to_string();
+        assert!(err.is_over_limit(), "{message}");
+        assert!(
+            message.contains(&format!(
+                "manifest {}over the limit of {} bytes",
+                if declare {
+                    format!("of {ENDLESS_BYTES} bytes, ")
+                } else {
+                    String::new()
+                },
+                oci::MAX_MANIFEST_BYTES
+            )),
+            "{message}"
+        );
+        stopped_early(&fake);
+    }
+
+    let fake = FakeRegistry::start(Mode::EndlessToken).await;
+    let (err, _) = pull(
+        &fake.reference("app", "v1"),
+        &fake_settings(&fake, None),
+        blobs.path(),
+    )
+    .await;
+    let message = err.unwrap_err().to_string();
+    assert!(
+        message.contains(&format!(
+            "token response over the limit of {} bytes",
+            oci::MAX_TOKEN_BYTES
+        )),
+        "{message}"
+    );
+    stopped_early(&fake);
+
+    let fake = FakeRegistry::start(Mode::EndlessError).await;
+    let (err, _) = pull(
+        &fake.reference("app", "v1"),
+        &fake_settings(&fake, None),
+        blobs.path(),
+    )
+    .await;
+    let err = err.unwrap_err();
+    let message = err.to_string();
+    assert!(err.is_missing(), "{message}");
+    assert!(message.contains("HTTP 404"), "{message}");
+    assert!(message.len() < 1024, "{} bytes: {message}", message.len());
+    stopped_early(&fake);
 }

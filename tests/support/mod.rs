@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod fake_registry;
 pub mod firecracker_env;
 pub mod guest_fixture;
 pub mod guest_prereqs;
@@ -212,6 +213,15 @@ impl Daemon {
     /// The daemon's resident memory in KiB (`VmRSS`), while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
         rss_kib(self.pid()?)
+    }
+
+    /// The daemon's peak resident memory in KiB (`VmHWM`), while it runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// SIGKILLs the process.

@@ -1,23 +1,21 @@
-//! Pulling an image from an OCI distribution registry into the blob directory with
-//! `oci-client`: resolve the manifest (an index picks linux/amd64), check the layers
-//! against policy (their count, each one's size, their sum) and the blob directory's free
+//! Pulling an image from an OCI distribution registry into the blob directory (the HTTP
+//! is in `registry`, every body bounded): resolve the manifest (an index picks
+//! linux/amd64), check the layers against policy (their count, each one's size, their sum) and the blob directory's free
 //! space before downloading anything, then fetch the blobs that are not already present,
 //! verifying size and sha256 before they get their final name.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
-use oci_client::errors::OciDistributionError;
+
+use oci_client::client::linux_amd64_resolver;
 use oci_client::manifest::{
     IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, OciDescriptor, OciImageManifest,
     OciManifest,
 };
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -25,6 +23,7 @@ use super::blobs::{BlobPathError, Present, blob_path, check_present, sha256_hex,
 use super::config::{ConfigError, ImageConfig};
 use super::pulled::{BuiltFor, FetchStats, Layer, Progress, PulledImage, compression_of};
 use super::reference::OciRef;
+use super::registry::{Registry, RegistryError};
 use super::settings::RegistrySettings;
 use crate::image::space::SpaceError;
 
@@ -56,9 +55,10 @@ pub enum PullError {
         /// The image being pulled.
         reference: String,
         /// The cause.
-        source: Box<OciDistributionError>,
+        source: reqwest::Error,
     },
-    /// A request to the registry failed: connection, TLS, authorisation, not found.
+    /// A request to the registry failed: connection, TLS, authorisation, not found, a
+    /// body over its cap.
     #[error("pulling {reference}: {what} from {endpoint}: {source}{detail}{hint}")]
     Registry {
         /// The image being pulled.
@@ -71,8 +71,8 @@ pub enum PullError {
         detail: String,
         /// Advice when the cause is likely a plain-HTTP registry spoken to over HTTPS.
         hint: &'static str,
-        /// The cause, from oci-client (boxed: it is large and errors travel by value).
-        source: Box<OciDistributionError>,
+        /// The cause (boxed: errors travel by value).
+        source: Box<RegistryError>,
     },
     /// The connection broke or the registry's stream failed while a blob was arriving.
     #[error("pulling {reference}: downloading blob {digest}: {source}")]
@@ -292,7 +292,7 @@ impl PullError {
                 | PullError::TooManyLayers { .. }
                 | PullError::ImageTooLarge { .. }
                 | PullError::ConfigTooLarge { .. }
-        )
+        ) || matches!(self, PullError::Registry { source, .. } if source.is_too_large())
     }
 
     /// Whether the pull was refused for want of free space, which may be freed later.
@@ -310,9 +310,7 @@ impl PullError {
     /// transfer), as opposed to a registry that answered with a refusal or a bad image.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            PullError::Registry { source, .. } => {
-                matches!(**source, OciDistributionError::RequestError(_))
-            }
+            PullError::Registry { source, .. } => source.is_transport(),
             PullError::Transfer { .. } => true,
             _ => false,
         }
@@ -321,33 +319,17 @@ impl PullError {
     /// Whether the registry answered that the image does not exist (no such repository,
     /// tag or manifest): asking again will not make it appear.
     pub fn is_missing(&self) -> bool {
-        let PullError::Registry { source, .. } = self else {
-            return false;
-        };
-        match &**source {
-            OciDistributionError::ImageManifestNotFoundError(_) => true,
-            OciDistributionError::ServerError { code, .. } => *code == 404,
-            OciDistributionError::RegistryError { envelope, .. } => {
-                envelope.errors.iter().any(|e| {
-                    matches!(
-                        e.code,
-                        oci_client::errors::OciErrorCode::ManifestUnknown
-                            | oci_client::errors::OciErrorCode::NameUnknown
-                            | oci_client::errors::OciErrorCode::NotFound
-                    )
-                })
-            }
-            _ => false,
-        }
+        matches!(self, PullError::Registry { source, .. } if source.is_not_found())
     }
 }
 
 /// Everything one pull needs, shared by the concurrent blob downloads.
 struct Ctx<'a> {
-    client: Client,
-    cref: Reference,
+    client: Arc<Registry>,
+    repository: String,
+    /// The tag or digest the reference names (the digest when both).
+    wanted: String,
     reference: String,
-    registry: String,
     scheme: &'static str,
     blob_dir: &'a Path,
     progress: &'a (dyn Fn(Progress) + Send + Sync),
@@ -407,11 +389,7 @@ pub async fn pull_unless_built(
         })?;
     remove_stale_partials(&dir);
 
-    let auth = match settings.credentials(reference.registry()) {
-        Some((user, password)) => RegistryAuth::Basic(user.to_string(), password.to_string()),
-        None => RegistryAuth::Anonymous,
-    };
-    let (manifest, manifest_digest, index_digest) = resolve_manifest(&ctx, &auth).await?;
+    let (manifest, manifest_digest, index_digest) = resolve_manifest(&ctx).await?;
     let layer_sizes = check_manifest(&ctx, &manifest, &manifest_digest, settings)?;
 
     let mut stats = FetchStats::default();
@@ -504,38 +482,33 @@ pub async fn pull_unless_built(
     })
 }
 
-/// Builds the oci-client client for this reference's registry: HTTP only when listed.
+/// The registry client for this reference's registry: HTTP only when listed.
 fn connect<'a>(
     reference: &OciRef,
     settings: &RegistrySettings,
     blob_dir: &'a Path,
     progress: &'a (dyn Fn(Progress) + Send + Sync),
 ) -> Result<Ctx<'a>, PullError> {
-    // reqwest is built without a default TLS provider (ring is smaller to build than
-    // aws-lc); install ring once per process. An error means one is already installed,
-    // which is just as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let insecure = settings.is_insecure(reference.registry());
     let credentials = settings.credentials(reference.registry());
     let client = client_for(reference.registry(), insecure, credentials).map_err(|source| {
         PullError::Client {
             reference: reference.to_string(),
-            source: Box::new(source),
+            source,
         }
     })?;
     Ok(Ctx {
         client,
-        cref: reference.to_client_reference(),
+        repository: reference.repository().to_string(),
+        wanted: reference.manifest_reference().to_string(),
         reference: reference.to_string(),
-        registry: reference.registry().to_string(),
         scheme: if insecure { "http" } else { "https" },
         blob_dir,
         progress,
     })
 }
 
-/// What a kept client is for: the registry, the scheme and the credentials (a client
-/// remembers the first authentication it made for a registry).
+/// What a kept client is for: the registry, the scheme and the credentials.
 type ClientKey = (String, bool, Option<(String, String)>);
 
 /// Registry clients kept at once (a host pulls from a handful).
@@ -548,8 +521,8 @@ fn client_for(
     registry: &str,
     insecure: bool,
     credentials: Option<(&str, &str)>,
-) -> Result<Client, OciDistributionError> {
-    static CLIENTS: OnceLock<Mutex<HashMap<ClientKey, Client>>> = OnceLock::new();
+) -> Result<Arc<Registry>, reqwest::Error> {
+    static CLIENTS: OnceLock<Mutex<HashMap<ClientKey, Arc<Registry>>>> = OnceLock::new();
     let clients = CLIENTS.get_or_init(Default::default);
     let key = (
         registry.to_string(),
@@ -559,18 +532,13 @@ fn client_for(
     if let Some(client) = clients.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return Ok(client);
     }
-    let config = ClientConfig {
-        protocol: if insecure {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        connect_timeout: Some(CONNECT_TIMEOUT),
-        read_timeout: Some(READ_TIMEOUT),
-        ..ClientConfig::default()
-    };
-    let client = Client::try_from(config)?;
+    let client = Arc::new(Registry::new(
+        registry,
+        insecure,
+        credentials,
+        CONNECT_TIMEOUT,
+        READ_TIMEOUT,
+    )?);
     if let Ok(mut clients) = clients.lock() {
         // Callers name the registries: past the bound, start over rather than keep one
         // client (and its connections) for every registry ever named.
@@ -583,11 +551,11 @@ fn client_for(
 }
 
 impl Ctx<'_> {
-    fn registry_error(&self, what: String, source: OciDistributionError) -> PullError {
+    fn registry_error(&self, what: String, source: RegistryError) -> PullError {
         // A plain-HTTP registry spoken to over HTTPS fails in the TLS handshake, which
         // surfaces as a transport error; say what to do about it.
         let hint = match (&source, self.scheme) {
-            (OciDistributionError::RequestError(_), "https") => {
+            (RegistryError::Transport(_), "https") => {
                 " (spoken to over HTTPS; a registry that serves plain HTTP must be listed in the `insecure` registry setting)"
             }
             _ => "",
@@ -602,7 +570,7 @@ impl Ctx<'_> {
         PullError::Registry {
             reference: self.reference.clone(),
             what,
-            endpoint: format!("{}://{}", self.scheme, self.registry),
+            endpoint: self.client.endpoint().to_string(),
             detail,
             hint,
             source: Box::new(source),
@@ -614,11 +582,10 @@ impl Ctx<'_> {
 /// entry. Returns the image manifest, its digest and the index digest if there was one.
 async fn resolve_manifest(
     ctx: &Ctx<'_>,
-    auth: &RegistryAuth,
 ) -> Result<(OciImageManifest, String, Option<String>), PullError> {
     let (manifest, digest) = ctx
         .client
-        .pull_manifest(&ctx.cref, auth)
+        .manifest(&ctx.repository, &ctx.wanted)
         .await
         .map_err(|e| ctx.registry_error("manifest".to_string(), e))?;
     let index = match manifest {
@@ -642,7 +609,7 @@ async fn resolve_manifest(
     };
     let (manifest, _) = ctx
         .client
-        .pull_manifest(&ctx.cref.clone_with_digest(chosen.clone()), auth)
+        .manifest(&ctx.repository, &chosen)
         .await
         .map_err(|e| ctx.registry_error(format!("manifest {chosen}"), e))?;
     match manifest {
@@ -825,9 +792,9 @@ async fn fetch_blob(
     }
 
     emit(0, false);
-    let mut stream = ctx
+    let mut response = ctx
         .client
-        .pull_blob_stream(&ctx.cref, desc)
+        .blob(&ctx.repository, digest)
         .await
         .map_err(|e| ctx.registry_error(format!("blob {digest}"), e))?;
     let temp = temp_path(&path);
@@ -838,12 +805,13 @@ async fn fetch_blob(
     let mut hasher = Sha256::new();
     let mut received = 0u64;
     let mut reported = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|source| PullError::Transfer {
+    loop {
+        let chunk = response.chunk().await.map_err(|e| PullError::Transfer {
             reference: ctx.reference.clone(),
             digest: digest.to_string(),
-            source,
+            source: std::io::Error::other(e),
         })?;
+        let Some(chunk) = chunk else { break };
         received += chunk.len() as u64;
         if received > size {
             return Err(PullError::TooManyBytes {

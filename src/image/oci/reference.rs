@@ -163,26 +163,14 @@ impl OciRef {
         self.digest.as_deref()
     }
 
-    /// The same image pinned to `digest`, as oci-client wants it. The digest wins over
-    /// the tag when both are present.
-    pub(crate) fn to_client_reference(&self) -> oci_client::Reference {
+    /// What the manifest is asked for by: the digest when one was written (it wins
+    /// over the tag), else the tag.
+    pub(crate) fn manifest_reference(&self) -> &str {
         match (&self.digest, &self.tag) {
-            (Some(digest), _) => oci_client::Reference::with_digest(
-                self.registry.clone(),
-                self.repository.clone(),
-                digest.clone(),
-            ),
-            (None, Some(tag)) => oci_client::Reference::with_tag(
-                self.registry.clone(),
-                self.repository.clone(),
-                tag.clone(),
-            ),
+            (Some(digest), _) => digest,
+            (None, Some(tag)) => tag,
             // `parse` refuses a reference with neither; this arm keeps the type total.
-            (None, None) => oci_client::Reference::with_tag(
-                self.registry.clone(),
-                self.repository.clone(),
-                "latest".to_string(),
-            ),
+            (None, None) => "latest",
         }
     }
 }
@@ -398,19 +386,16 @@ mod tests {
         assert_eq!(r.tag(), None);
         assert_eq!(r.digest(), Some(format!("sha256:{HEX}").as_str()));
         assert_eq!(r.to_string(), s);
-        let c = r.to_client_reference();
-        assert_eq!(c.digest(), Some(format!("sha256:{HEX}").as_str()));
-        assert_eq!(c.resolve_registry(), "127.0.0.1:5000");
-        assert_eq!(c.repository(), "app");
+        assert_eq!(r.manifest_reference(), format!("sha256:{HEX}"));
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "app");
 
         let s = format!("127.0.0.1:5000/app:v1@sha256:{HEX}");
         let r = ok(&s);
         assert_eq!(r.tag(), Some("v1"));
         assert_eq!(r.to_string(), s);
-        assert_eq!(
-            r.to_client_reference().digest(),
-            Some(format!("sha256:{HEX}").as_str())
-        );
+        assert_eq!(r.manifest_reference(), format!("sha256:{HEX}"));
+        assert_eq!(ok("127.0.0.1:5000/app:v1").manifest_reference(), "v1");
     }
 
     #[test]
