@@ -15,13 +15,15 @@ use super::tap_allocator::TapMsg;
 use super::{AskError, ask, names};
 use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
+use crate::guest::protocol::Claim;
 use crate::image::ImageRef;
-use crate::machine::steps::{BaseFound, StepContext, StepError};
+use crate::machine::step::ResourceKind;
+use crate::machine::steps::{BaseFound, Owned, StepContext, StepError};
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
 use crate::vmm::cgroup::{CgroupError, Limits};
-use crate::vmm::{Confinement, VmmDriver, VmmProcess};
+use crate::vmm::{Confinement, ControlError, LaunchSpec, Liveness, ReadyError, VmmProcess};
 
 /// Building a base can take a while (unpacking, mkfs).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -46,8 +48,20 @@ impl StepContext for Services {
             .map_err(|e| StepError::Retry(format!("network plan: {e}")))
     }
 
-    fn vmm(&self) -> &VmmDriver {
-        Services::vmm(self)
+    fn exists(&self, object: &Owned) -> Option<bool> {
+        let name = object.name.as_str();
+        match object.kind {
+            ResourceKind::Netns => Some(crate::net::netns_path(name).exists()),
+            ResourceKind::Link => Some(std::path::Path::new("/sys/class/net").join(name).exists()),
+            ResourceKind::MachineDir => Some(std::path::Path::new(name).is_dir()),
+            // One netlink query; a failed one tells nothing.
+            ResourceKind::Policy => {
+                crate::net::NetFabric::policy_present(&self.config().network.prefix, name).ok()
+            }
+            ResourceKind::Cgroup => Some(self.vmm_host().cgroups.present(name)),
+            // Processes and store rows are not probed by name.
+            ResourceKind::Vmm | ResourceKind::Lease | ResourceKind::Route => None,
+        }
     }
 
     fn upper_templates(&self) -> PathBuf {
@@ -69,10 +83,6 @@ impl StepContext for Services {
 
     fn ready_timeout(&self) -> Duration {
         self.config().ready_timeout()
-    }
-
-    fn stop_grace(&self) -> Duration {
-        self.config().stop_grace()
     }
 
     async fn kit(&self) -> Result<GuestKit, StepError> {
@@ -197,6 +207,56 @@ impl StepContext for Services {
 
     fn keep_logs(&self, machine: &str, process: &VmmProcess) {
         Services::keep_logs(self, machine, process);
+    }
+
+    async fn launch(&self, spec: LaunchSpec) -> Result<VmmProcess, StepError> {
+        self.vmm()
+            .launch(&spec)
+            .await
+            .map_err(|e| StepError::Retry(e.to_string()))
+    }
+
+    fn liveness(&self, process: &VmmProcess) -> Liveness {
+        self.vmm().liveness(process)
+    }
+
+    async fn stop_vmm(&self, process: VmmProcess) -> Result<(), StepError> {
+        self.vmm()
+            .stop(&process, self.config().stop_grace())
+            .await
+            .map(|_| ())
+            .map_err(|e| StepError::Retry(e.to_string()))
+    }
+
+    async fn kill_unrecorded(&self, machine: &str, dir: PathBuf) -> Result<(), StepError> {
+        crate::vmm::marked::kill_unrecorded(self.vmm().name_prefix(), machine, &dir)
+            .await
+            .map_err(StepError::Retry)
+    }
+
+    async fn wait_ready(&self, process: &VmmProcess, timeout: Duration) -> Result<(), ReadyError> {
+        self.vmm().wait_ready(process, timeout).await.map(|_| ())
+    }
+
+    async fn wait_idle(&self, process: &VmmProcess, timeout: Duration) -> Result<(), ReadyError> {
+        self.vmm().wait_idle(process, timeout).await
+    }
+
+    async fn claim(
+        &self,
+        process: &VmmProcess,
+        claim: &Claim,
+        timeout: Duration,
+    ) -> Result<(), ReadyError> {
+        self.vmm().claim(process, claim, timeout).await.map(|_| ())
+    }
+
+    async fn pause(&self, process: &VmmProcess) -> Result<(), ControlError> {
+        self.vmm().pause(process).await
+    }
+
+    async fn resume(&self, process: &VmmProcess) -> Result<(), ControlError> {
+        self.vmm().resume(process).await
     }
 
     fn vmm_confinement(&self, machine: &str, slot: u32) -> Confinement {

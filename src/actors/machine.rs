@@ -15,7 +15,8 @@
 //! ```
 //!
 //! The host is observed outside the store's write transaction, so one machine's probes
-//! (`/proc`, `stat`) never hold up another machine's commit.
+//! (`/proc`, `stat`) never hold up another machine's commit. Observing has no effect: the
+//! log keeper of a VMM adopted after a restart is started with its exit watch.
 //!
 //! The effect runs in a task so the actor keeps reading its mailbox: a `Reconcile` that
 //! arrives while a wait (`Step::cancellable`) runs and finds the machine no longer wanted
@@ -34,12 +35,11 @@ use tracing::Instrument;
 
 use super::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
-use crate::machine::decide::{self, Decision, Next, Observed, VmmSeen};
+use crate::machine::decide::{self, Decision, Next, Observed};
 use crate::machine::record::{Desired, MachineRecord, MachineState, StepTiming};
-use crate::machine::step::{Direction, Mark, Step};
+use crate::machine::step::{CREATE_ORDER, Direction, Mark, Step};
 use crate::machine::steps::{self, StepError, StepOutput};
 use crate::store::StoreError;
-use crate::vmm::Liveness;
 
 /// Messages to a MachineActor.
 pub enum MachineMsg {
@@ -96,49 +96,9 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl MachineActor {
+    /// Every step's probe (see `steps::observe`).
     fn observe(services: &Services, rec: &MachineRecord) -> Observed {
-        let vmm = match &rec.resources.vmm {
-            None => VmmSeen::NotRecorded,
-            Some(record) => {
-                let process = steps::vmm::process_of(record);
-                match services.vmm().liveness(&process) {
-                    Liveness::Running => {
-                        // A VMM adopted after a restart gets its log keeper back.
-                        services.keep_logs(&rec.id, &process);
-                        VmmSeen::Running
-                    }
-                    Liveness::Gone => VmmSeen::Gone,
-                }
-            }
-        };
-        // Only what a finished step made is looked for; these two checks are a stat.
-        let network_present = rec.mark(Step::Network) != Mark::Done
-            || steps::network::plan(services, rec).is_ok_and(|plan| {
-                crate::net::netns_path(&plan.netns).exists()
-                    && std::path::Path::new("/sys/class/net")
-                        .join(&plan.host_veth)
-                        .exists()
-            });
-        let disk_present = rec.mark(Step::Disk) != Mark::Done
-            || steps::disk::present(&steps::machine_dir(services, rec), rec);
-        let config_present = rec.mark(Step::VmConfig) != Mark::Done
-            || steps::vm_config::present(&steps::machine_dir(services, rec));
-        // One netlink query, only for a finished policy. A query that fails says nothing
-        // was lost: the step is not redone on a guess.
-        let policy_present = rec.mark(Step::Policy) != Mark::Done
-            || crate::net::NetFabric::policy_present(&services.config().network.prefix, &rec.id)
-                .unwrap_or(true);
-        let cgroup_present =
-            rec.mark(Step::Cgroup) != Mark::Done || services.vmm_host().cgroups.present(&rec.id);
-        Observed {
-            vmm,
-            network_present,
-            disk_present,
-            config_present,
-            policy_present,
-            cgroup_present,
-            now_ms: now_ms(),
-        }
+        steps::observe(services, rec, CREATE_ORDER)
     }
 
     /// One commit that records a finished step's outcome (when given) and, unless the
@@ -223,6 +183,9 @@ impl MachineActor {
             return;
         };
         let process = steps::vmm::process_of(record);
+        // A VMM adopted after a restart gets its log keeper back (idempotent; the keeper
+        // ends by itself with a VMM that is gone).
+        state.services.keep_logs(&rec.id, &process);
         let services = state.services.clone();
         let me = myself.clone();
         let task = tokio::spawn(async move {

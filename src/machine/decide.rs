@@ -7,7 +7,7 @@
 
 use super::record::{Desired, MachineRecord, MachineState};
 use super::step::{
-    CREATE_ORDER, Direction, Mark, PREPARE_ORDER, STOP_RELEASES, Step, TEARDOWN_ORDER,
+    CREATE_ORDER, Direction, Mark, PREPARE_ORDER, STOP_RELEASES, Step, StepSet, TEARDOWN_ORDER,
 };
 use super::steps::StepError;
 
@@ -22,47 +22,25 @@ pub enum VmmSeen {
     Gone,
 }
 
-/// What the run observed on the host.
+/// What the run observed on the host: the VMM's liveness, and which finished steps'
+/// host objects their probes found gone (see `machine::steps::observe`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observed {
     /// The VMM.
     pub vmm: VmmSeen,
-    /// Whether the machine's network namespace and host link are there.
-    pub network_present: bool,
-    /// Whether the machine's disk is there.
-    pub disk_present: bool,
-    /// Whether the machine's config disk is there, a regular file (its VMM may have
-    /// replaced it).
-    pub config_present: bool,
-    /// Whether the machine's packet policy is there.
-    pub policy_present: bool,
-    /// Whether the machine's cgroup is there.
-    pub cgroup_present: bool,
+    /// The steps marked `Done` whose probe found what they made gone (a reboot, an
+    /// operator's `ip netns del`, a deleted file, a name the VMM replaced).
+    pub gone: StepSet,
     /// The wall clock when the host was observed, ms since the epoch (restart backoff is
     /// measured against it).
     pub now_ms: u64,
 }
 
 impl Observed {
-    /// What a step marked `Done` left on the host is gone: the host lost it (a reboot, an
-    /// operator's `ip netns del`, a deleted file).
+    /// The first step, in create order, that the record marks `Done` and whose host
+    /// objects are gone: the drift to repair first.
     pub fn lost(&self, rec: &MachineRecord) -> Option<Step> {
-        if rec.mark(Step::Disk) == Mark::Done && !self.disk_present {
-            return Some(Step::Disk);
-        }
-        if rec.mark(Step::Network) == Mark::Done && !self.network_present {
-            return Some(Step::Network);
-        }
-        if rec.mark(Step::VmConfig) == Mark::Done && !self.config_present {
-            return Some(Step::VmConfig);
-        }
-        if rec.mark(Step::Policy) == Mark::Done && !self.policy_present {
-            return Some(Step::Policy);
-        }
-        if rec.mark(Step::Cgroup) == Mark::Done && !self.cgroup_present {
-            return Some(Step::Cgroup);
-        }
-        None
+        self.gone.iter().find(|s| rec.mark(*s) == Mark::Done)
     }
 }
 
@@ -432,29 +410,17 @@ mod tests {
     };
     const RUNNING: Observed = Observed {
         vmm: VmmSeen::Running,
-        network_present: true,
-        disk_present: true,
-        config_present: true,
-        policy_present: true,
-        cgroup_present: true,
+        gone: StepSet::EMPTY,
         now_ms: 0,
     };
     const GONE: Observed = Observed {
         vmm: VmmSeen::Gone,
-        network_present: true,
-        disk_present: true,
-        config_present: true,
-        policy_present: true,
-        cgroup_present: true,
+        gone: StepSet::EMPTY,
         now_ms: 0,
     };
     const NONE: Observed = Observed {
         vmm: VmmSeen::NotRecorded,
-        network_present: true,
-        disk_present: true,
-        config_present: true,
-        policy_present: true,
-        cgroup_present: true,
+        gone: StepSet::EMPTY,
         now_ms: 0,
     };
 
@@ -902,7 +868,7 @@ mod tests {
     fn a_lost_network_is_rebuilt_after_what_stands_on_it_is_released() {
         let mut rec = record(Desired::Started, &all_done());
         let no_network = Observed {
-            network_present: false,
+            gone: StepSet::of(&[Step::Network]),
             ..RUNNING
         };
         check(
@@ -944,7 +910,7 @@ mod tests {
     fn a_lost_policy_is_written_again_in_place_with_the_vmm_left_running() {
         let mut rec = record(Desired::Started, &all_done());
         let no_policy = Observed {
-            policy_present: false,
+            gone: StepSet::of(&[Step::Policy]),
             ..RUNNING
         };
         check(
@@ -986,11 +952,13 @@ mod tests {
         let rec = record(Desired::Started, &all_done());
         let nothing = Observed {
             vmm: VmmSeen::Running,
-            network_present: false,
-            disk_present: false,
-            config_present: false,
-            policy_present: false,
-            cgroup_present: false,
+            gone: StepSet::of(&[
+                Step::Network,
+                Step::Disk,
+                Step::VmConfig,
+                Step::Policy,
+                Step::Cgroup,
+            ]),
             now_ms: 0,
         };
         check(
@@ -1001,7 +969,7 @@ mod tests {
         );
         // A config disk its VMM removed or replaced is written again, the rest kept.
         let config_gone = Observed {
-            config_present: false,
+            gone: StepSet::of(&[Step::VmConfig]),
             ..RUNNING
         };
         check(

@@ -354,6 +354,46 @@ impl fmt::Display for Step {
     }
 }
 
+/// A set of steps, by declaration index (at most 16 steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepSet(u16);
+
+impl StepSet {
+    /// No step.
+    pub const EMPTY: StepSet = StepSet(0);
+
+    /// The set of `steps`.
+    pub const fn of(steps: &[Step]) -> StepSet {
+        let mut bits = 0u16;
+        let mut i = 0;
+        while i < steps.len() {
+            bits |= 1 << steps[i] as usize;
+            i += 1;
+        }
+        StepSet(bits)
+    }
+
+    /// Adds `step`.
+    pub fn insert(&mut self, step: Step) {
+        self.0 |= 1 << step as usize;
+    }
+
+    /// Whether `step` is in the set.
+    pub fn contains(self, step: Step) -> bool {
+        self.0 & (1 << step as usize) != 0
+    }
+
+    /// Whether the set has no step.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The steps in the set, in create order.
+    pub fn iter(self) -> impl Iterator<Item = Step> {
+        CREATE_ORDER.into_iter().filter(move |s| self.contains(*s))
+    }
+}
+
 /// Which way a step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
@@ -433,6 +473,20 @@ mod tests {
                 "publish"
             ]
         );
+    }
+
+    #[test]
+    fn a_step_set_holds_what_was_put_in_and_lists_it_in_create_order() {
+        const _: () = assert!(CATALOGUE.len() <= 16, "StepSet holds 16 steps");
+        let mut set = StepSet::of(&[Step::Cgroup, Step::Disk]);
+        assert!(set.contains(Step::Disk) && set.contains(Step::Cgroup));
+        assert!(!set.contains(Step::Policy));
+        set.insert(Step::Policy);
+        assert_eq!(
+            set.iter().collect::<Vec<_>>(),
+            [Step::Disk, Step::Policy, Step::Cgroup]
+        );
+        assert!(StepSet::EMPTY.is_empty() && !set.is_empty());
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! and removes the directories; names come from the id alone, so it works after a crash
 //! at any point.
 
-use super::{StepContext, StepError};
+use super::{Owned, StepContext, StepError};
 use crate::machine::record::MachineRecord;
+use crate::machine::step::ResourceKind;
 
 /// Creates the cgroup and writes its limits.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
@@ -19,7 +20,30 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         .await
 }
 
+/// What the step owns: its directory in each hierarchy, named by the machine id.
+pub fn owned(_: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
+    vec![Owned::new(ResourceKind::Cgroup, rec.id.clone())]
+}
+
+/// The probe: it exists (a stat per hierarchy).
+pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
+    super::all_exist(cx, &owned(cx, rec))
+}
+
 /// Removes the cgroup.
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     cx.remove_cgroup(&rec.id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::check_contract;
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_a_lost_cgroup_is_seen() {
+        let (host, rec) = check_contract(Step::Cgroup, Some("ensure_cgroup")).await;
+        host.lose(&super::owned(&host, &rec)[0]);
+        assert!(!super::probe(&host, &rec));
+    }
 }

@@ -1,8 +1,12 @@
-//! What a step may reach: a narrow context, defined here and implemented by the actors
-//! (`actors::context`). The steps see handles for the image cache, the lease pool, the
-//! host network, the route registry and the VMM driver — never the actor tree, the store
-//! or the whole service set — so `machine` imports nothing from `actors`, and a step's
-//! reach is written in one place.
+//! What a step may reach: a narrow context, defined here and implemented twice: over the
+//! daemon's services (`actors::context`), and over an in-memory host for the steps' unit
+//! tests (`steps::testing`). The steps see handles for the image cache, the lease pool,
+//! the host network, the route registry and the VMM — never the actor tree, the store or
+//! the whole service set — so `machine` imports nothing from `actors`, and a step's reach
+//! is written in one place.
+//!
+//! Besides acting, the context answers whether a host object exists ([`Owned`], by kind
+//! and name): the steps' probes are built on that one question.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,12 +16,34 @@ use std::time::Duration;
 use super::StepError;
 use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
+use crate::guest::protocol::Claim;
 use crate::image::ImageRef;
 use crate::machine::record::ImageWorkload;
+use crate::machine::step::ResourceKind;
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
-use crate::vmm::{Confinement, VmmDriver, VmmProcess};
+use crate::vmm::{Confinement, ControlError, LaunchSpec, Liveness, ReadyError, VmmProcess};
+
+/// One host object a step owns: its kind and its name as the host knows it (a namespace
+/// or link name, a machine id for a policy or cgroup, a directory's path).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owned {
+    /// What kind of object.
+    pub kind: ResourceKind,
+    /// Its name.
+    pub name: String,
+}
+
+impl Owned {
+    /// An object of `kind` named `name`.
+    pub fn new(kind: ResourceKind, name: impl Into<String>) -> Owned {
+        Owned {
+            kind,
+            name: name.into(),
+        }
+    }
+}
 
 /// The base image a machine's disk is cloned from, as the image cache answers.
 #[derive(Debug, Clone)]
@@ -40,8 +66,9 @@ pub trait StepContext: Send + Sync {
     /// The machine's network plan for lease `slot` (names depend only on the id).
     fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError>;
 
-    /// The VMM driver.
-    fn vmm(&self) -> &VmmDriver;
+    /// Whether `object` exists on the host; `None` when that cannot be told now (a
+    /// query that failed), which a probe takes as present: nothing is redone on a guess.
+    fn exists(&self, object: &Owned) -> Option<bool>;
 
     /// Where the writable layers' empty templates are kept (`overlay` disks).
     fn upper_templates(&self) -> PathBuf;
@@ -51,9 +78,6 @@ pub trait StepContext: Send + Sync {
 
     /// How long a guest may take to report ready.
     fn ready_timeout(&self) -> Duration;
-
-    /// How long a guest gets to shut down before it is made to.
-    fn stop_grace(&self) -> Duration;
 
     /// The guest kernel and initramfs.
     fn kit(&self) -> impl Future<Output = Result<GuestKit, StepError>> + Send;
@@ -104,6 +128,57 @@ pub trait StepContext: Send + Sync {
 
     /// Makes sure the machine's VMM logs are drained and capped (see `vmm::logs`).
     fn keep_logs(&self, machine: &str, process: &VmmProcess);
+
+    /// Starts the machine's VMM, or adopts the one that runs for it (see
+    /// `VmmDriver::launch`).
+    fn launch(
+        &self,
+        spec: LaunchSpec,
+    ) -> impl Future<Output = Result<VmmProcess, StepError>> + Send;
+
+    /// Whether the recorded process still runs.
+    fn liveness(&self, process: &VmmProcess) -> Liveness;
+
+    /// Stops the VMM (gracefully within the configured grace, then by force); a process
+    /// already gone is fine.
+    fn stop_vmm(&self, process: VmmProcess) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Ends, and waits for, any process of the machine `machine` that carries its marker
+    /// and runs in `dir`, but is not recorded (a crash between a start and its record).
+    fn kill_unrecorded(
+        &self,
+        machine: &str,
+        dir: PathBuf,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+
+    /// Waits until the guest reports ready (see `VmmDriver::wait_ready`).
+    fn wait_ready(
+        &self,
+        process: &VmmProcess,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), ReadyError>> + Send;
+
+    /// Waits until a prepared guest reports idle (see `VmmDriver::wait_idle`).
+    fn wait_idle(
+        &self,
+        process: &VmmProcess,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), ReadyError>> + Send;
+
+    /// Claims a prepared guest and waits for it to be ready (see `VmmDriver::claim`).
+    fn claim(
+        &self,
+        process: &VmmProcess,
+        claim: &Claim,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), ReadyError>> + Send;
+
+    /// Pauses the guest's vCPUs. Idempotent.
+    fn pause(&self, process: &VmmProcess) -> impl Future<Output = Result<(), ControlError>> + Send;
+
+    /// Resumes a paused guest. Idempotent.
+    fn resume(&self, process: &VmmProcess)
+    -> impl Future<Output = Result<(), ControlError>> + Send;
 
     /// Opens a TCP connection from the host to `addr` (as a route to the guest reaches
     /// it) and closes it at once; an error says why none was established within

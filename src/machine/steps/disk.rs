@@ -13,9 +13,10 @@
 //! sockets, logs); a missing directory is fine, so it works whether or not acquire ever
 //! ran or finished. Removing the link never touches the base.
 
-use super::{StepContext, StepError, machine_dir};
+use super::{Owned, StepContext, StepError, machine_dir};
 use crate::image::UpperSource;
 use crate::machine::record::{DiskLayout, MachineRecord};
+use crate::machine::step::ResourceKind;
 
 /// File name of the machine's writable disk inside its directory: the whole root in the
 /// `copy` layout, the overlay's upper layer in the `overlay` layout.
@@ -77,9 +78,19 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     }
 }
 
-/// Whether what a finished acquire made is still there (a few stats): the disk, and in
-/// the `overlay` layout the link to the base, with the layer not the base itself.
-pub fn present(dir: &std::path::Path, rec: &MachineRecord) -> bool {
+/// What the step owns: the machine directory.
+pub fn owned(cx: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
+    vec![Owned::new(
+        ResourceKind::MachineDir,
+        machine_dir(cx, rec).display().to_string(),
+    )]
+}
+
+/// The probe: whether what a finished acquire made is still there (a few stats): the
+/// disk, and in the `overlay` layout the link to the base, with the layer not the base
+/// itself.
+pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
+    let dir = machine_dir(cx, rec);
     let disk = dir.join(ROOT_DISK);
     match rec.disk_layout {
         DiskLayout::Copy => disk.exists(),
@@ -125,4 +136,42 @@ async fn blocking<E: std::fmt::Display + Send + 'static>(
     run_blocking(work)
         .await?
         .map_err(|e| StepError::Retry(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{FakeHost, check_contract_of};
+    use crate::machine::record::DiskLayout;
+    use crate::machine::step::Step;
+    use crate::machine::steps::StepContext;
+
+    #[tokio::test]
+    async fn keeps_the_contract_in_both_layouts_and_a_lost_disk_is_seen() {
+        for layout in [DiskLayout::Copy, DiskLayout::Overlay] {
+            let (host, rec) =
+                check_contract_of(Step::Disk, None, |rec| rec.disk_layout = layout).await;
+            let dir = host.machine_dir(&rec.id);
+            assert!(dir.join(super::ROOT_DISK).is_file(), "{layout:?}");
+            assert_eq!(
+                dir.join(super::BASE_LINK).exists(),
+                layout == DiskLayout::Overlay
+            );
+            std::fs::remove_file(dir.join(super::ROOT_DISK)).expect("lose the disk");
+            assert!(!super::probe(&host, &rec), "{layout:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_release_after_a_half_acquire_leaves_no_directory() {
+        let host = FakeHost::new();
+        let mut rec = host.record();
+        host.acquire_before(Step::Disk, &mut rec).await;
+        // What a crash halfway through leaves: the directory and a partial disk.
+        let dir = host.machine_dir(&rec.id);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(".rootfs.ext4.partial"), b"half").expect("partial");
+        assert!(!super::probe(&host, &rec));
+        host.release(Step::Disk, &mut rec).await.expect("release");
+        assert!(!dir.exists());
+    }
 }

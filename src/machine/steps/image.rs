@@ -26,3 +26,18 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
 pub async fn release(_: &impl StepContext, _: &MachineRecord) -> Result<(), StepError> {
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::check_contract;
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_records_the_base_which_a_release_leaves() {
+        let (host, mut rec) = check_contract(Step::Image, Some("ensure_base")).await;
+        let base = rec.resources.base_path.clone().expect("base recorded");
+        assert!(rec.resources.base_digest.is_some());
+        host.release(Step::Image, &mut rec).await.expect("release");
+        assert!(base.is_file(), "a machine's release took the shared base");
+    }
+}

@@ -20,3 +20,22 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     cx.release_lease(&rec.id).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{ID, check_contract};
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_holds_one_block() {
+        let (host, mut rec) = check_contract(Step::Lease, Some("lease")).await;
+        let slot = rec.resources.lease_slot.expect("slot recorded");
+        assert_eq!(
+            host.leases().into_iter().collect::<Vec<_>>(),
+            [(slot, ID.to_string())]
+        );
+        assert!(rec.resources.guest_ip.is_some());
+        host.release(Step::Lease, &mut rec).await.expect("release");
+        assert!(host.leases().is_empty());
+    }
+}

@@ -1,7 +1,12 @@
-//! The lifecycle steps, one per file, each with an idempotent acquire and an idempotent
-//! release whose contracts are written on the functions. The order is declared once, in
-//! the step catalogue (`machine::step::CATALOGUE`); this module only dispatches. A step
-//! reaches the host and the singletons only through its [`StepContext`].
+//! The lifecycle steps, one per file. Each file is the whole unit: an idempotent acquire
+//! and an idempotent release whose contracts are written on the functions, the host
+//! objects it owns (`owned`, named from the machine's id and plan there and nowhere
+//! else) and its probe (`probe`: is what a finished acquire made still there?). The order
+//! is declared once, in the step catalogue (`machine::step::CATALOGUE`); this module only
+//! dispatches, and folds the probes into the run's observation ([`observe`]). A step
+//! reaches the singletons only through its [`StepContext`]; its own files (the machine
+//! directory) it touches itself. Each step is unit-tested against an in-memory host
+//! (`testing`).
 //!
 //! A failure is typed ([`StepError`]): `Retry` is transient and is tried again after a
 //! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot
@@ -16,16 +21,19 @@ pub mod network;
 pub mod policy;
 pub mod publish;
 pub mod ready;
+#[cfg(test)]
+pub mod testing;
 pub mod vm_config;
 pub mod vmm;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-pub use context::{BaseFound, StepContext};
+pub use context::{BaseFound, Owned, StepContext};
 
+use super::decide::Observed;
 use super::record::{MachineRecord, VmmRecord};
-use super::step::{Direction, Step};
+use super::step::{Direction, Mark, Step, StepSet};
 
 /// What an acquire found out that the record must keep.
 #[derive(Debug, Clone)]
@@ -109,6 +117,60 @@ pub async fn run<C: StepContext>(
         (Step::Publish, Acquire) => nothing(publish::acquire(cx, rec).await),
         (Step::Publish, Release) => nothing(publish::release(cx, rec).await),
     }
+}
+
+/// The host objects `step` owns for `rec` (empty for a step that owns none, or whose
+/// objects are rows of the store: a lease, a route).
+pub fn owned<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> Vec<Owned> {
+    match step {
+        Step::Disk => disk::owned(cx, rec),
+        Step::Network => network::owned(cx, rec),
+        Step::Policy => policy::owned(cx, rec),
+        Step::Cgroup => cgroup::owned(cx, rec),
+        Step::Image | Step::Lease | Step::VmConfig | Step::Vmm | Step::Ready | Step::Publish => {
+            Vec::new()
+        }
+    }
+}
+
+/// `step`'s probe: whether what its finished acquire made is still on the host. A step
+/// with nothing of its own to look at (the image cache's base, a store row, a wait) is
+/// present; the VMM is looked at apart ([`vmm::probe`]), as its loss is decided apart.
+pub fn present<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> bool {
+    match step {
+        Step::Disk => disk::probe(cx, rec),
+        Step::Network => network::probe(cx, rec),
+        Step::VmConfig => vm_config::probe(cx, rec),
+        Step::Policy => policy::probe(cx, rec),
+        Step::Cgroup => cgroup::probe(cx, rec),
+        Step::Image | Step::Lease | Step::Vmm | Step::Ready | Step::Publish => true,
+    }
+}
+
+/// The run's observation: the VMM's liveness, and a fold over the probes of those of
+/// `steps` that the record marks `Done` (nothing else is looked for).
+pub fn observe<C: StepContext>(
+    cx: &C,
+    rec: &MachineRecord,
+    steps: impl IntoIterator<Item = Step>,
+) -> Observed {
+    let mut gone = StepSet::EMPTY;
+    for step in steps {
+        if rec.mark(step) == Mark::Done && !present(step, cx, rec) {
+            gone.insert(step);
+        }
+    }
+    Observed {
+        vmm: vmm::probe(cx, rec),
+        gone,
+        now_ms: crate::machine::now_ms(),
+    }
+}
+
+/// Whether every one of `objects` exists; one the host cannot tell about counts as
+/// there (nothing is redone on a guess).
+pub fn all_exist<C: StepContext>(cx: &C, objects: &[Owned]) -> bool {
+    objects.iter().all(|o| cx.exists(o) != Some(false))
 }
 
 /// Records what an acquire found out.

@@ -10,8 +10,9 @@
 //! the machine's chains and elements exists, found by name from the id alone, so it works
 //! without a lease and after a crash at any point.
 
-use super::{StepContext, StepError, network};
+use super::{Owned, StepContext, StepError, network};
 use crate::machine::record::MachineRecord;
+use crate::machine::step::ResourceKind;
 use crate::net::policy::MachinePolicy;
 
 /// Writes the machine's policy.
@@ -26,7 +27,30 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     .await
 }
 
+/// What the step owns: its chains in the daemon's table, named by the machine id.
+pub fn owned(_: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
+    vec![Owned::new(ResourceKind::Policy, rec.id.clone())]
+}
+
+/// The probe: it exists (one netlink query; a query that fails says present).
+pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
+    super::all_exist(cx, &owned(cx, rec))
+}
+
 /// Removes the machine's policy.
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     cx.remove_policy(&rec.id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::check_contract;
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_a_lost_policy_is_seen() {
+        let (host, rec) = check_contract(Step::Policy, Some("ensure_policy")).await;
+        host.lose(&super::owned(&host, &rec)[0]);
+        assert!(!super::probe(&host, &rec));
+    }
 }

@@ -27,3 +27,21 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     cx.unpublish(&rec.id).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{ID, check_contract};
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_publishes_one_route() {
+        let (host, mut rec) = check_contract(Step::Publish, Some("publish")).await;
+        let routes = host.routes();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(Some(routes[ID].ip), rec.resources.guest_ip);
+        host.release(Step::Publish, &mut rec)
+            .await
+            .expect("release");
+        assert!(host.routes().is_empty());
+    }
+}

@@ -49,31 +49,26 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     if rec.pool_owner().is_some() {
         // Run again after a crash between the pause and its record, the guest would be
         // paused and could not answer: it is resumed first (a no-op when it runs).
-        cx.vmm()
-            .resume(&process)
+        cx.resume(&process)
             .await
             .map_err(|e| StepError::Retry(format!("ready: resume: {e}")))?;
-        cx.vmm()
-            .wait_idle(&process, cx.ready_timeout())
+        cx.wait_idle(&process, cx.ready_timeout())
             .await
             .map_err(failed)?;
-        cx.vmm()
-            .pause(&process)
+        cx.pause(&process)
             .await
             .map_err(|e| StepError::Retry(format!("ready: pause: {e}")))?;
         return Ok(());
     }
     if rec.claimed() {
-        cx.vmm()
-            .resume(&process)
+        cx.resume(&process)
             .await
             .map_err(|e| StepError::Retry(format!("ready: resume: {e}")))?;
         let workload = super::vm_config::guest_config(cx, rec)?;
         let entropy = claim_entropy()
             .map_err(|e| StepError::Retry(format!("ready: no entropy for the claim: {e}")))?;
         let claim = Claim::from_config(&workload, crate::machine::now_ms(), entropy);
-        cx.vmm()
-            .claim(&process, &claim, cx.ready_timeout())
+        cx.claim(&process, &claim, cx.ready_timeout())
             .await
             .map_err(|e| match e {
                 crate::vmm::ReadyError::ClaimTooLarge { .. } => {
@@ -83,8 +78,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
             })?;
         return ports_accept(cx, rec, deadline).await;
     }
-    cx.vmm()
-        .wait_ready(&process, cx.ready_timeout())
+    cx.wait_ready(&process, cx.ready_timeout())
         .await
         .map_err(failed)?;
     ports_accept(cx, rec, deadline).await
@@ -146,4 +140,68 @@ async fn port_accepts(
 /// Nothing to undo.
 pub async fn release(_: &impl StepContext, _: &MachineRecord) -> Result<(), StepError> {
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::super::testing::{FakeHost, check_contract};
+    use crate::machine::record::Pooled;
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_fails_when_the_vmm_is_gone() {
+        let (host, mut rec) = check_contract(Step::Ready, None).await;
+        let pid = rec.resources.vmm.as_ref().expect("vmm").pid;
+        host.kill_vmm(pid);
+        let err = host.acquire(Step::Ready, &mut rec).await.unwrap_err();
+        assert!(
+            !err.is_permanent() && err.to_string().contains("exited"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_port_must_accept_before_the_guest_is_believed() {
+        let host = FakeHost::new();
+        let mut rec = host.record();
+        rec.spec.ports = vec![8080];
+        host.acquire_before(Step::Ready, &mut rec).await;
+        let err = host.acquire(Step::Ready, &mut rec).await.unwrap_err();
+        assert!(err.to_string().contains("port 8080"), "{err}");
+        let ip = rec.resources.guest_ip.expect("ip");
+        host.listen(SocketAddr::from((ip, 8080)));
+        host.acquire(Step::Ready, &mut rec).await.expect("ready");
+    }
+
+    #[tokio::test]
+    async fn a_prepared_guest_is_left_paused_and_a_claim_resumes_it_once() {
+        let host = FakeHost::new();
+        let mut rec = host.record();
+        rec.pooled = Some(Pooled {
+            pool: "p".into(),
+            claimed: false,
+        });
+        host.acquire_before(Step::Ready, &mut rec).await;
+        host.acquire(Step::Ready, &mut rec).await.expect("prepared");
+        let pid = rec.resources.vmm.as_ref().expect("vmm").pid;
+        assert_eq!(host.running_vmms(), [(pid, true)]);
+        // Again (a restart between the pause and its record): resumed, idle, paused.
+        host.acquire(Step::Ready, &mut rec)
+            .await
+            .expect("prepared again");
+        assert_eq!(host.running_vmms(), [(pid, true)]);
+        assert_eq!(host.claims(), 0);
+
+        rec.pooled = Some(Pooled {
+            pool: "p".into(),
+            claimed: true,
+        });
+        host.acquire(Step::Ready, &mut rec).await.expect("claimed");
+        assert_eq!(host.running_vmms(), [(pid, false)]);
+        assert_eq!(host.claims(), 1);
+        host.release(Step::Ready, &mut rec).await.expect("release");
+        assert_eq!(host.running_vmms(), [(pid, false)], "release has no effect");
+    }
 }

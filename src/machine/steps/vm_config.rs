@@ -70,10 +70,11 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
     })
 }
 
-/// Whether the config disk a finished acquire wrote is still there as a regular file (a
-/// stat that follows nothing): a VMM that removed or replaced it gets a new one.
-pub fn present(dir: &std::path::Path) -> bool {
-    crate::vmmdir::VmmDir::open(dir)
+/// The probe: whether the config disk a finished acquire wrote is still there as a
+/// regular file (a stat that follows nothing): a VMM that removed or replaced it gets a
+/// new one.
+pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
+    crate::vmmdir::VmmDir::open(&machine_dir(cx, rec))
         .and_then(|d| d.kind(CONFIG_DISK))
         .is_ok_and(|kind| kind == Some(rustix::fs::FileType::RegularFile))
 }
@@ -112,4 +113,46 @@ pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     .await
     .map_err(|e| StepError::Retry(format!("vm_config task: {e}")))?;
     removed.map_err(|e| StepError::Retry(format!("remove {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{FakeHost, check_contract};
+    use crate::machine::step::{Mark, Step};
+    use crate::machine::steps::StepContext;
+
+    #[tokio::test]
+    async fn keeps_the_contract_and_a_replaced_config_disk_is_seen() {
+        let (host, mut rec) = check_contract(Step::VmConfig, None).await;
+        let path = host.machine_dir(&rec.id).join(super::CONFIG_DISK);
+        assert!(path.is_file());
+        // A VMM that put a directory at the name gets a new config disk.
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("plant a directory");
+        assert!(!super::probe(&host, &rec));
+        host.release(Step::VmConfig, &mut rec)
+            .await
+            .expect("release");
+        assert!(!path.exists());
+        host.acquire(Step::VmConfig, &mut rec).await.expect("again");
+        assert!(path.is_file() && super::probe(&host, &rec));
+    }
+
+    #[tokio::test]
+    async fn a_workload_the_config_cannot_hold_is_permanent_and_writes_nothing() {
+        let host = FakeHost::new();
+        let mut rec = host.record();
+        host.acquire_before(Step::VmConfig, &mut rec).await;
+        rec.spec.env = (0..2048)
+            .map(|i| (format!("K{i}"), "v".repeat(1024)))
+            .collect();
+        let err = host.acquire(Step::VmConfig, &mut rec).await.unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        assert_eq!(rec.mark(Step::VmConfig), Mark::Begun);
+        let path = host.machine_dir(&rec.id).join(super::CONFIG_DISK);
+        assert!(!path.exists());
+        host.release(Step::VmConfig, &mut rec)
+            .await
+            .expect("release");
+    }
 }

@@ -9,8 +9,9 @@
 use super::disk::{BASE_LINK, ROOT_DISK};
 use super::vm_config::CONFIG_DISK;
 use super::{StepContext, StepError, StepOutput, machine_dir};
+use crate::machine::decide::VmmSeen;
 use crate::machine::record::{DiskLayout, MachineRecord, VmmRecord};
-use crate::vmm::{LaunchSpec, TapSpec, VmmProcess};
+use crate::vmm::{LaunchSpec, Liveness, TapSpec, VmmProcess};
 
 /// The driver's view of a recorded process.
 pub fn process_of(record: &VmmRecord) -> VmmProcess {
@@ -45,11 +46,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         config_disk: dir.join(CONFIG_DISK),
         confine: cx.vmm_confinement(&rec.id, rec.resources.lease_slot.unwrap_or(0)),
     };
-    let process = cx
-        .vmm()
-        .launch(&spec)
-        .await
-        .map_err(|e| StepError::Retry(e.to_string()))?;
+    let process = cx.launch(spec).await?;
     cx.keep_logs(&rec.id, &process);
     Ok(StepOutput::Vmm(VmmRecord {
         driver: process.driver,
@@ -62,17 +59,62 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
     }))
 }
 
+/// The probe: whether the recorded VMM still runs.
+pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> VmmSeen {
+    match &rec.resources.vmm {
+        None => VmmSeen::NotRecorded,
+        Some(record) => match cx.liveness(&process_of(record)) {
+            Liveness::Running => VmmSeen::Running,
+            Liveness::Gone => VmmSeen::Gone,
+        },
+    }
+}
+
 /// Stops the VMM.
 pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     if let Some(record) = &rec.resources.vmm {
-        cx.vmm()
-            .stop(&process_of(record), cx.stop_grace())
-            .await
-            .map_err(|e| StepError::Retry(e.to_string()))?;
+        cx.stop_vmm(process_of(record)).await?;
     }
     // A process started but never recorded (a crash between the two) carries the marker;
     // it is waited for, so the network and directory released next are not in use.
-    crate::vmm::marked::kill_unrecorded(cx.vmm().name_prefix(), &rec.id, &machine_dir(cx, rec))
-        .await
-        .map_err(StepError::Retry)
+    cx.kill_unrecorded(&rec.id, machine_dir(cx, rec)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{FakeHost, check_contract};
+    use crate::machine::decide::VmmSeen;
+    use crate::machine::step::Step;
+
+    #[tokio::test]
+    async fn keeps_the_contract_with_one_vmm_and_a_half_launch_leaves_none() {
+        let (host, mut rec) = check_contract(Step::Vmm, Some("launch")).await;
+        let pid = rec.resources.vmm.as_ref().expect("vmm recorded").pid;
+        assert_eq!(host.running_vmms(), [(pid, false)]);
+        assert_eq!(super::probe(&host, &rec), VmmSeen::Running);
+        assert!(host.logs_kept() > 0, "no log keeper for a launched VMM");
+        // A second acquire adopts the running VMM.
+        host.acquire(Step::Vmm, &mut rec).await.expect("again");
+        assert_eq!(rec.resources.vmm.as_ref().map(|v| v.pid), Some(pid));
+        host.kill_vmm(pid);
+        assert_eq!(super::probe(&host, &rec), VmmSeen::Gone);
+        host.release(Step::Vmm, &mut rec)
+            .await
+            .expect("release of a dead VMM");
+        assert!(host.running_vmms().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_started_but_not_recorded_is_ended_by_the_release() {
+        let host = FakeHost::new();
+        let mut rec = host.record();
+        host.acquire_before(Step::Vmm, &mut rec).await;
+        host.break_next("launch");
+        assert!(host.acquire(Step::Vmm, &mut rec).await.is_err());
+        assert!(rec.resources.vmm.is_none());
+        assert_eq!(host.running_vmms().len(), 1);
+        assert_eq!(super::probe(&host, &rec), VmmSeen::NotRecorded);
+        host.release(Step::Vmm, &mut rec).await.expect("release");
+        assert!(host.running_vmms().is_empty());
+    }
 }
