@@ -1,9 +1,9 @@
-//! The step catalogue: the names of the lifecycle steps, and one table that says, for
-//! each, everything the rest of the daemon derives from it — the create order (the
-//! table's order), the teardown order (its reverse), what a stop releases, which
-//! acquires may be abandoned halfway, and which host resources a step owns (what the
-//! audit checks and the orphan sweep releases). Fail point names and the audit's
-//! ownership come from here too. Nothing else restates an order.
+//! What the step catalogue says, and everything derived from it. The catalogue itself
+//! (`machine::steps`, next to the steps' files) has one row per step; from it come the
+//! create order, the teardown order (its reverse), what a stop releases, what a prepared
+//! machine acquires, which acquires may be abandoned halfway, and which host resources a
+//! step owns (what the audit checks and the orphan sweep releases). Fail point names and
+//! the audit's ownership come from here too. Nothing else restates an order.
 //!
 //! Step names are stable: they are stored (by position, see `store`), shown to the control
 //! plane, and used in fail-point names. Append new steps; never reorder or remove one.
@@ -12,31 +12,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// One named step of a machine's run. Each has an idempotent acquire and an idempotent
-/// release (see `machine::steps`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Step {
-    /// The image's ext4 base is built and cached (rootfs cache).
-    Image,
-    /// The machine's own copy of the base, under its directory.
-    Disk,
-    /// An address block from the durable IP lease pool.
-    Lease,
-    /// Network namespace, veth pair, tap, addresses, routes.
-    Network,
-    /// The config disk the guest init reads at boot.
-    VmConfig,
-    /// The VMM process.
-    Vmm,
-    /// The guest signalled readiness.
-    Ready,
-    /// The machine's route is in the registry.
-    Publish,
-    /// The machine's packet policy: its nftables chains in the daemon's table.
-    Policy,
-    /// The machine's cgroup, which its VMM joins: CPU quota and memory limit.
-    Cgroup,
-}
+use super::steps::ROWS;
+pub use super::steps::Step;
 
 /// The kinds of host resource a machine owns, each owned by exactly one step (see
 /// [`CATALOGUE`]). The audit reports them; the orphan sweep releases them through the
@@ -111,8 +88,10 @@ impl fmt::Display for ResourceKind {
 pub struct StepInfo {
     /// The step.
     pub step: Step,
-    /// Its stable name (API, logs, fail points).
+    /// Its stable name (API, logs, fail points): its module's name.
     pub name: &'static str,
+    /// Its place in the create order (0 first).
+    pub create: usize,
     /// Whether an acquire in flight may be abandoned when the machine is no longer
     /// wanted started. Only waits are: abandoning a step that changes the host with
     /// blocking work (a disk clone, a VMM launch) would let its release run while that
@@ -134,106 +113,22 @@ pub struct StepInfo {
     pub owns: &'static [ResourceKind],
 }
 
-/// Every step, in create order. Image first because everything after it is pointless for
-/// an image that cannot be built; the lease before the network because the network's
-/// addresses come from it; the policy right after the network, before anything can send
-/// through it; publish last because nothing may route to a guest that is not ready.
-pub const CATALOGUE: [StepInfo; 10] = [
-    StepInfo {
-        step: Step::Image,
-        name: "image",
-        cancellable: true,
-        stop_releases: false,
-        prepared: true,
-        in_place: false,
-        owns: &[],
-    },
-    StepInfo {
-        step: Step::Disk,
-        name: "disk",
-        cancellable: false,
-        stop_releases: false,
-        prepared: true,
-        in_place: false,
-        owns: &[ResourceKind::MachineDir],
-    },
-    StepInfo {
-        step: Step::Lease,
-        name: "lease",
-        cancellable: false,
-        stop_releases: false,
-        prepared: true,
-        in_place: false,
-        owns: &[ResourceKind::Lease],
-    },
-    StepInfo {
-        step: Step::Network,
-        name: "network",
-        cancellable: false,
-        stop_releases: false,
-        prepared: true,
-        in_place: false,
-        owns: &[ResourceKind::Netns, ResourceKind::Link],
-    },
-    StepInfo {
-        step: Step::Policy,
-        name: "policy",
-        cancellable: false,
-        stop_releases: false,
-        // A prepared machine runs only hearth's own init, paused; its policy is written
-        // at the claim, with the workload's ports.
-        prepared: false,
-        in_place: true,
-        owns: &[ResourceKind::Policy],
-    },
-    StepInfo {
-        step: Step::VmConfig,
-        name: "vm_config",
-        cancellable: false,
-        stop_releases: false,
-        prepared: true,
-        in_place: false,
-        owns: &[],
-    },
-    StepInfo {
-        step: Step::Cgroup,
-        name: "cgroup",
-        cancellable: false,
-        // Released with the VMM that runs in it.
-        stop_releases: true,
-        prepared: true,
-        // Limits apply to whatever runs inside; a redo moves the running VMM back in.
-        in_place: true,
-        owns: &[ResourceKind::Cgroup],
-    },
-    StepInfo {
-        step: Step::Vmm,
-        name: "vmm",
-        cancellable: false,
-        stop_releases: true,
-        prepared: true,
-        in_place: false,
-        owns: &[ResourceKind::Vmm],
-    },
-    StepInfo {
-        step: Step::Ready,
-        name: "ready",
-        cancellable: true,
-        stop_releases: true,
-        prepared: true,
-        in_place: false,
-        owns: &[],
-    },
-    StepInfo {
-        step: Step::Publish,
-        name: "publish",
-        cancellable: false,
-        stop_releases: true,
-        prepared: false,
-        in_place: false,
-        owns: &[ResourceKind::Route],
-    },
-];
+/// Every step's row, in create order (each row's `create`).
+pub const CATALOGUE: [StepInfo; ROWS.len()] = {
+    let mut out = [ROWS[0]; ROWS.len()];
+    let mut i = 0;
+    while i < ROWS.len() {
+        let mut j = 0;
+        while j < ROWS.len() {
+            if ROWS[j].create == i {
+                out[i] = ROWS[j];
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+};
 
 /// The order in which a machine is brought up: the catalogue's order.
 pub const CREATE_ORDER: [Step; CATALOGUE.len()] = {
@@ -431,6 +326,12 @@ mod tests {
 
     #[test]
     fn the_catalogue_has_every_step_once_and_derives_the_orders() {
+        let mut places: Vec<usize> = ROWS.iter().map(|r| r.create).collect();
+        places.sort_unstable();
+        assert_eq!(places, (0..ROWS.len()).collect::<Vec<_>>(), "create places");
+        for (i, row) in ROWS.iter().enumerate() {
+            assert_eq!(row.step as usize, i, "{} out of storage order", row.name);
+        }
         for (i, info) in CATALOGUE.iter().enumerate() {
             assert_eq!(info.step.create_index(), i, "{} out of place", info.name);
             assert_eq!(info.step.name(), info.name);

@@ -5,7 +5,7 @@
 //! concurrent machines share one build. Release is a no-op on the host: bases are shared
 //! between machines and collected by the cache, not by a machine.
 
-use super::{StepContext, StepError, StepOutput};
+use super::{Owned, StepContext, StepError, StepOutput};
 use crate::image::ImageRef;
 use crate::machine::record::MachineRecord;
 
@@ -20,6 +20,16 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         path: found.path,
         workload: found.workload,
     })
+}
+
+/// What the step owns by name: nothing (the base is the image cache's, shared).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
+}
+
+/// The probe: nothing of the machine's own to look at.
+pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
+    true
 }
 
 /// Nothing to undo per machine (see the module doc).

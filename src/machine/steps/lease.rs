@@ -3,7 +3,7 @@
 //! Acquire is idempotent: the pool answers a machine with the block it already holds.
 //! Release frees every block the machine holds; freeing nothing is fine.
 
-use super::{StepContext, StepError, StepOutput};
+use super::{Owned, StepContext, StepError, StepOutput};
 use crate::machine::record::MachineRecord;
 
 /// Leases a block; records the slot and the guest's address.
@@ -14,6 +14,16 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
         slot,
         guest_ip: plan.guest_addr,
     })
+}
+
+/// What the step owns by name: nothing (its block is a row of the store).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
+}
+
+/// The probe: a store row, looked at by the audit.
+pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
+    true
 }
 
 /// Frees the machine's block.

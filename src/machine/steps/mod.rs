@@ -1,9 +1,12 @@
 //! The lifecycle steps, one per file. Each file is the whole unit: an idempotent acquire
 //! and an idempotent release whose contracts are written on the functions, the host
 //! objects it owns (`owned`, named from the machine's id and plan there and nowhere
-//! else) and its probe (`probe`: is what a finished acquire made still there?). The order
-//! is declared once, in the step catalogue (`machine::step::CATALOGUE`); this module only
-//! dispatches, and folds the probes into the run's observation ([`observe`]). A step
+//! else) and its probe (`probe`: is what a finished acquire made still there?). The steps
+//! are declared once, here, in the step catalogue (`catalogue!`): each step's module and
+//! its row (its place in the create order, what a stop releases, what it owns...). The
+//! enum, the dispatch and every order derive from it, so a new step is its catalogue row
+//! and its file. This module also folds the probes into the run's observation
+//! ([`observe`]). A step
 //! reaches the singletons only through its [`StepContext`]; its own files (the machine
 //! directory) it touches itself. Each step is unit-tested against an in-memory host
 //! (`testing`).
@@ -12,19 +15,9 @@
 //! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot
 //! hold, an image that does not exist) and fails the machine at once, naming the cause.
 
-pub mod cgroup;
 pub mod context;
-pub mod disk;
-pub mod image;
-pub mod lease;
-pub mod network;
-pub mod policy;
-pub mod publish;
-pub mod ready;
 #[cfg(test)]
 pub mod testing;
-pub mod vm_config;
-pub mod vmm;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -33,7 +26,172 @@ pub use context::{BaseFound, Owned, StepContext};
 
 use super::decide::Observed;
 use super::record::{MachineRecord, VmmRecord};
-use super::step::{Direction, Mark, Step, StepSet};
+use super::step::{Direction, Mark, ResourceKind, StepInfo, StepSet};
+
+/// Declares the steps: for each, its module (the step's file) and its catalogue row. Rows
+/// are in storage order (records keep steps by position: append, never reorder);
+/// `create` is the step's place in the create order, from which every other order is
+/// derived (`machine::step`). From this one list come the [`Step`] enum, the catalogue
+/// and the dispatch to each step's `acquire`, `release`, `owned` and `probe`.
+macro_rules! catalogue {
+    ($(
+        $(#[$doc:meta])*
+        $variant:ident => $module:ident {
+            create: $create:expr,
+            cancellable: $cancellable:expr,
+            stop_releases: $stop_releases:expr,
+            prepared: $prepared:expr,
+            in_place: $in_place:expr,
+            owns: [$($kind:ident),*] $(,)?
+        }
+    ),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// One named step of a machine's run. Each has an idempotent acquire and an
+        /// idempotent release (see its module).
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+            serde::Serialize, serde::Deserialize,
+        )]
+        pub enum Step {
+            $($(#[$doc])* $variant,)*
+        }
+
+        /// Every step's catalogue row, in storage order.
+        pub const ROWS: &[StepInfo] = &[$(
+            StepInfo {
+                step: Step::$variant,
+                name: stringify!($module),
+                create: $create,
+                cancellable: $cancellable,
+                stop_releases: $stop_releases,
+                prepared: $prepared,
+                in_place: $in_place,
+                owns: &[$(ResourceKind::$kind),*],
+            },
+        )*];
+
+        /// Runs one step's effect.
+        pub async fn run<C: StepContext>(
+            step: Step,
+            direction: Direction,
+            cx: &C,
+            rec: &MachineRecord,
+        ) -> Result<StepOutput, StepError> {
+            match (step, direction) {
+                $(
+                    (Step::$variant, Direction::Acquire) => {
+                        $module::acquire(cx, rec).await.map(IntoOutput::into_output)
+                    }
+                    (Step::$variant, Direction::Release) => {
+                        $module::release(cx, rec).await.map(|()| StepOutput::Nothing)
+                    }
+                )*
+            }
+        }
+
+        /// The host objects `step` owns for `rec`, named as its file names them (empty
+        /// for a step that owns none, or whose objects are rows of the store: a lease,
+        /// a route).
+        pub fn owned<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> Vec<Owned> {
+            match step {
+                $(Step::$variant => $module::owned(cx, rec),)*
+            }
+        }
+
+        /// `step`'s probe: whether what its finished acquire made is still on the host. A
+        /// step with nothing of its own to look at (the image cache's base, a store row,
+        /// a wait) is present; the VMM's liveness is looked at apart ([`vmm::seen`]), as
+        /// its loss is decided apart.
+        pub fn present<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> bool {
+            match step {
+                $(Step::$variant => $module::probe(cx, rec),)*
+            }
+        }
+    };
+}
+
+catalogue! {
+    /// The image's ext4 base is built and cached (rootfs cache). First: everything after
+    /// it is pointless for an image that cannot be built.
+    Image => image {
+        create: 0, cancellable: true, stop_releases: false, prepared: true, in_place: false,
+        owns: [],
+    },
+    /// The machine's own disk, under its directory.
+    Disk => disk {
+        create: 1, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        owns: [MachineDir],
+    },
+    /// An address block from the durable IP lease pool; before the network, whose
+    /// addresses come from it.
+    Lease => lease {
+        create: 2, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        owns: [Lease],
+    },
+    /// Network namespace, veth pair, tap, addresses, routes.
+    Network => network {
+        create: 3, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        owns: [Netns, Link],
+    },
+    /// The config disk the guest init reads at boot.
+    VmConfig => vm_config {
+        create: 5, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        owns: [],
+    },
+    /// The VMM process. Only waits are cancellable: abandoning a step that changes the
+    /// host with blocking work (a disk clone, a VMM launch) would let its release run
+    /// while that work still creates what the release removes.
+    Vmm => vmm {
+        create: 7, cancellable: false, stop_releases: true, prepared: true, in_place: false,
+        owns: [Vmm],
+    },
+    /// The guest signalled readiness (a wait: cancellable).
+    Ready => ready {
+        create: 8, cancellable: true, stop_releases: true, prepared: true, in_place: false,
+        owns: [],
+    },
+    /// The machine's route is in the registry. Last: nothing may route to a guest that
+    /// is not ready. Only it waits for a claim: nothing routes to a machine nobody asked
+    /// for.
+    Publish => publish {
+        create: 9, cancellable: false, stop_releases: true, prepared: false, in_place: false,
+        owns: [Route],
+    },
+    /// The machine's packet policy: its nftables chains in the daemon's table. Right
+    /// after the network, before anything can send through it; in place (its effect is
+    /// independent of the VMM's). A prepared machine runs only hearth's own init, paused:
+    /// its policy is written at the claim, with the workload's ports.
+    Policy => policy {
+        create: 4, cancellable: false, stop_releases: false, prepared: false, in_place: true,
+        owns: [Policy],
+    },
+    /// The machine's cgroup, which its VMM joins: CPU quota and memory limit. Released
+    /// with the VMM that runs in it; in place (limits apply to whatever runs inside, and a
+    /// redo moves the running VMM back in).
+    Cgroup => cgroup {
+        create: 6, cancellable: false, stop_releases: true, prepared: true, in_place: true,
+        owns: [Cgroup],
+    },
+}
+
+/// What an acquire returns: nothing, or something the record keeps.
+pub trait IntoOutput {
+    /// As a [`StepOutput`].
+    fn into_output(self) -> StepOutput;
+}
+
+impl IntoOutput for () {
+    fn into_output(self) -> StepOutput {
+        StepOutput::Nothing
+    }
+}
+
+impl IntoOutput for StepOutput {
+    fn into_output(self) -> StepOutput {
+        self
+    }
+}
 
 /// What an acquire found out that the record must keep.
 #[derive(Debug, Clone)]
@@ -86,67 +244,6 @@ impl From<String> for StepError {
     }
 }
 
-/// Runs one step's effect.
-pub async fn run<C: StepContext>(
-    step: Step,
-    direction: Direction,
-    cx: &C,
-    rec: &MachineRecord,
-) -> Result<StepOutput, StepError> {
-    use Direction::{Acquire, Release};
-    let nothing = |r: Result<(), StepError>| r.map(|()| StepOutput::Nothing);
-    match (step, direction) {
-        (Step::Image, Acquire) => image::acquire(cx, rec).await,
-        (Step::Image, Release) => nothing(image::release(cx, rec).await),
-        (Step::Disk, Acquire) => nothing(disk::acquire(cx, rec).await),
-        (Step::Disk, Release) => nothing(disk::release(cx, rec).await),
-        (Step::Lease, Acquire) => lease::acquire(cx, rec).await,
-        (Step::Lease, Release) => nothing(lease::release(cx, rec).await),
-        (Step::Network, Acquire) => nothing(network::acquire(cx, rec).await),
-        (Step::Network, Release) => nothing(network::release(cx, rec).await),
-        (Step::Policy, Acquire) => nothing(policy::acquire(cx, rec).await),
-        (Step::Policy, Release) => nothing(policy::release(cx, rec).await),
-        (Step::VmConfig, Acquire) => nothing(vm_config::acquire(cx, rec).await),
-        (Step::VmConfig, Release) => nothing(vm_config::release(cx, rec).await),
-        (Step::Cgroup, Acquire) => nothing(cgroup::acquire(cx, rec).await),
-        (Step::Cgroup, Release) => nothing(cgroup::release(cx, rec).await),
-        (Step::Vmm, Acquire) => vmm::acquire(cx, rec).await,
-        (Step::Vmm, Release) => nothing(vmm::release(cx, rec).await),
-        (Step::Ready, Acquire) => nothing(ready::acquire(cx, rec).await),
-        (Step::Ready, Release) => nothing(ready::release(cx, rec).await),
-        (Step::Publish, Acquire) => nothing(publish::acquire(cx, rec).await),
-        (Step::Publish, Release) => nothing(publish::release(cx, rec).await),
-    }
-}
-
-/// The host objects `step` owns for `rec` (empty for a step that owns none, or whose
-/// objects are rows of the store: a lease, a route).
-pub fn owned<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> Vec<Owned> {
-    match step {
-        Step::Disk => disk::owned(cx, rec),
-        Step::Network => network::owned(cx, rec),
-        Step::Policy => policy::owned(cx, rec),
-        Step::Cgroup => cgroup::owned(cx, rec),
-        Step::Image | Step::Lease | Step::VmConfig | Step::Vmm | Step::Ready | Step::Publish => {
-            Vec::new()
-        }
-    }
-}
-
-/// `step`'s probe: whether what its finished acquire made is still on the host. A step
-/// with nothing of its own to look at (the image cache's base, a store row, a wait) is
-/// present; the VMM is looked at apart ([`vmm::probe`]), as its loss is decided apart.
-pub fn present<C: StepContext>(step: Step, cx: &C, rec: &MachineRecord) -> bool {
-    match step {
-        Step::Disk => disk::probe(cx, rec),
-        Step::Network => network::probe(cx, rec),
-        Step::VmConfig => vm_config::probe(cx, rec),
-        Step::Policy => policy::probe(cx, rec),
-        Step::Cgroup => cgroup::probe(cx, rec),
-        Step::Image | Step::Lease | Step::Vmm | Step::Ready | Step::Publish => true,
-    }
-}
-
 /// The run's observation: the VMM's liveness, and a fold over the probes of those of
 /// `steps` that the record marks `Done` (nothing else is looked for).
 pub fn observe<C: StepContext>(
@@ -161,7 +258,7 @@ pub fn observe<C: StepContext>(
         }
     }
     Observed {
-        vmm: vmm::probe(cx, rec),
+        vmm: vmm::seen(cx, rec),
         gone,
         now_ms: crate::machine::now_ms(),
     }

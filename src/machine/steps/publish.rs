@@ -4,7 +4,7 @@
 //! route; a missing route is fine. It runs first on stop and destroy, so nothing routes
 //! to a guest that is going away.
 
-use super::{StepContext, StepError};
+use super::{Owned, StepContext, StepError};
 use crate::machine::record::MachineRecord;
 use crate::route::Route;
 
@@ -21,6 +21,16 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         ports: rec.spec.ports.clone(),
     })
     .await
+}
+
+/// What the step owns by name: nothing (its route is a row of the store).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
+}
+
+/// The probe: a store row, looked at by the audit.
+pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
+    true
 }
 
 /// Withdraws the route.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{StepContext, StepError};
+use super::{Owned, StepContext, StepError};
 use crate::guest::protocol::{Claim, claim_entropy};
 use crate::machine::record::MachineRecord;
 
@@ -135,6 +135,16 @@ async fn port_accepts(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PORT_RETRY_MAX);
     }
+}
+
+/// What the step owns by name: nothing (a wait).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
+}
+
+/// The probe: nothing to look at.
+pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
+    true
 }
 
 /// Nothing to undo.

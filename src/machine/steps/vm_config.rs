@@ -5,7 +5,7 @@
 //! replaces it whole. Release deletes it; a missing file is fine. Both act on the name
 //! only, never on what a VMM may have put there (see [`crate::vmmdir`]).
 
-use super::{StepContext, StepError, machine_dir};
+use super::{Owned, StepContext, StepError, machine_dir};
 use crate::guest::config::{GuestConfig, GuestNetwork, WriteConfigError, write_config_disk};
 use crate::image::ImageRef;
 use crate::machine::record::{DiskLayout, ImageWorkload, MachineRecord};
@@ -68,6 +68,12 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
         prepared: false,
         overlay_root: rec.disk_layout == DiskLayout::Overlay,
     })
+}
+
+/// What the step owns by name: nothing apart (its file lives in the machine directory,
+/// which the disk step owns).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
 }
 
 /// The probe: whether the config disk a finished acquire wrote is still there as a

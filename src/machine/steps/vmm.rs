@@ -8,7 +8,7 @@
 
 use super::disk::{BASE_LINK, ROOT_DISK};
 use super::vm_config::CONFIG_DISK;
-use super::{StepContext, StepError, StepOutput, machine_dir};
+use super::{Owned, StepContext, StepError, StepOutput, machine_dir};
 use crate::machine::decide::VmmSeen;
 use crate::machine::record::{DiskLayout, MachineRecord, VmmRecord};
 use crate::vmm::{LaunchSpec, Liveness, TapSpec, VmmProcess};
@@ -59,8 +59,19 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepO
     }))
 }
 
-/// The probe: whether the recorded VMM still runs.
-pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> VmmSeen {
+/// What the step owns by name: nothing (a VMM is found by the marker in its command
+/// line and its working directory, see `vmm::marked`).
+pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
+    Vec::new()
+}
+
+/// The probe: present; the VMM's loss is decided apart, from [`seen`].
+pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
+    true
+}
+
+/// Whether the recorded VMM still runs.
+pub fn seen(cx: &impl StepContext, rec: &MachineRecord) -> VmmSeen {
     match &rec.resources.vmm {
         None => VmmSeen::NotRecorded,
         Some(record) => match cx.liveness(&process_of(record)) {
@@ -91,13 +102,13 @@ mod tests {
         let (host, mut rec) = check_contract(Step::Vmm, Some("launch")).await;
         let pid = rec.resources.vmm.as_ref().expect("vmm recorded").pid;
         assert_eq!(host.running_vmms(), [(pid, false)]);
-        assert_eq!(super::probe(&host, &rec), VmmSeen::Running);
+        assert_eq!(super::seen(&host, &rec), VmmSeen::Running);
         assert!(host.logs_kept() > 0, "no log keeper for a launched VMM");
         // A second acquire adopts the running VMM.
         host.acquire(Step::Vmm, &mut rec).await.expect("again");
         assert_eq!(rec.resources.vmm.as_ref().map(|v| v.pid), Some(pid));
         host.kill_vmm(pid);
-        assert_eq!(super::probe(&host, &rec), VmmSeen::Gone);
+        assert_eq!(super::seen(&host, &rec), VmmSeen::Gone);
         host.release(Step::Vmm, &mut rec)
             .await
             .expect("release of a dead VMM");
@@ -113,7 +124,7 @@ mod tests {
         assert!(host.acquire(Step::Vmm, &mut rec).await.is_err());
         assert!(rec.resources.vmm.is_none());
         assert_eq!(host.running_vmms().len(), 1);
-        assert_eq!(super::probe(&host, &rec), VmmSeen::NotRecorded);
+        assert_eq!(super::seen(&host, &rec), VmmSeen::NotRecorded);
         host.release(Step::Vmm, &mut rec).await.expect("release");
         assert!(host.running_vmms().is_empty());
     }
