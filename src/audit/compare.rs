@@ -8,27 +8,26 @@
 //! A `Begun` step may or may not have its resource: neither is reported.
 //!
 //! Which step owns which kind of resource is the step catalogue's `owns`
-//! (`machine::step::CATALOGUE`); the kinds are matched to host objects here:
-//!
-//! | kind          | host object                                   |
-//! |---------------|-----------------------------------------------|
-//! | `netns`, `link` | namespace `<prefix>-<id>`, link `<prefix><id>` |
-//! | `vmm`         | a process with the marker, in this data dir   |
-//! | `machine_dir` | `<data_dir>/machines/<id>`                    |
-//! | `lease`       | a `leases` row owned by the id                |
-//! | `route`       | the id's `routes` row                         |
-//! | `policy`      | chains `m<id>_*` in table `inet hearth_<prefix>` |
-//! | `cgroup`      | `<hierarchy>/hearth_<prefix>/<id>`, per hierarchy |
+//! (`machine::steps`). The names are the steps' own: what a record's `Done` step should
+//! have left is what that step's `owned` names (`machine::steps::owned`), matched against
+//! the scan's objects of the same kind by key. VMMs, leases and routes are matched by
+//! machine id (and pid or slot), as they are found by marker or read from the store.
 
 use std::collections::HashMap;
 
 use super::finding::{AuditReport, Finding, ResourceKind};
-use super::scan::{HostScan, Named};
+use super::scan::HostScan;
 use crate::machine::record::MachineRecord;
-use crate::machine::step::{Mark, Step};
+use crate::machine::step::{CREATE_ORDER, Mark, Step};
+use crate::machine::steps::{self, StepContext};
 
-/// Compares the records with the scan. Pure.
-pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
+/// Compares the records with the scan; `names` gives the steps' names for a record (the
+/// context is asked nothing about the host). Pure.
+pub fn compare(
+    records: &[MachineRecord],
+    host: &HostScan,
+    names: &impl StepContext,
+) -> AuditReport {
     let by_id: HashMap<&str, &MachineRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
     let mut leaks = Vec::new();
     let unowned = |id: &str, step: Step| -> Option<String> {
@@ -41,7 +40,7 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
             Some(_) => None,
         }
     };
-    let mut named = |kind: ResourceKind, objects: &[Named], shown: &dyn Fn(&str) -> String| {
+    for (&kind, objects) in &host.named {
         let step = kind.step();
         for object in objects {
             let why = match &object.machine_id {
@@ -51,20 +50,13 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
             if let Some(why) = why {
                 leaks.push(Finding {
                     kind,
-                    name: shown(&object.name),
+                    name: object.name.clone(),
                     machine_id: object.machine_id.clone(),
                     why,
                 });
             }
         }
-    };
-    named(ResourceKind::Netns, &host.netns, &|n| n.to_string());
-    named(ResourceKind::Link, &host.links, &|n| n.to_string());
-    named(ResourceKind::Policy, &host.policies, &|n| n.to_string());
-    named(ResourceKind::Cgroup, &host.cgroups, &|n| n.to_string());
-    named(ResourceKind::MachineDir, &host.machine_dirs, &|n| {
-        host.machines_dir.join(n).display().to_string()
-    });
+    }
 
     for (id, pid) in &host.vmms {
         let why = unowned(id, ResourceKind::Vmm.step()).or_else(|| {
@@ -101,7 +93,7 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
 
     let mut missing = Vec::new();
     for rec in records {
-        missing.extend(missing_of(rec, host));
+        missing.extend(missing_of(rec, host, names));
     }
     leaks.sort();
     missing.sort();
@@ -109,50 +101,23 @@ pub fn compare(records: &[MachineRecord], host: &HostScan) -> AuditReport {
 }
 
 /// What `rec` marks `Done` and the scan did not see.
-fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
+fn missing_of(rec: &MachineRecord, host: &HostScan, names: &impl StepContext) -> Vec<Finding> {
     let id = rec.id.as_str();
     let done = |kind: ResourceKind| rec.mark(kind.step()) == Mark::Done;
-    let has = |objects: &[Named], name: &str| objects.iter().any(|o| o.name == name);
     let why = |kind: ResourceKind| {
         let step = kind.step();
         format!("machine is {} and marks {step} done", rec.state.name())
     };
     let mut out = Vec::new();
-    let netns = format!("{}-{id}", host.prefix);
-    if done(ResourceKind::Netns) && !has(&host.netns, &netns) {
-        out.push(finding(
-            ResourceKind::Netns,
-            netns,
-            id,
-            why(ResourceKind::Netns),
-        ));
-    }
-    let link = format!("{}{id}", host.prefix);
-    if done(ResourceKind::Link) && !has(&host.links, &link) {
-        out.push(finding(
-            ResourceKind::Link,
-            link,
-            id,
-            why(ResourceKind::Link),
-        ));
-    }
-    let in_cgroup = |o: &Named| o.machine_id.as_deref() == Some(id);
-    if done(ResourceKind::Cgroup) && !host.cgroups.iter().any(in_cgroup) {
-        out.push(finding(
-            ResourceKind::Cgroup,
-            crate::vmm::cgroup::Cgroups::relative_for(&host.prefix, id),
-            id,
-            why(ResourceKind::Cgroup),
-        ));
-    }
-    let policy = super::scan::policy_name(&host.prefix, id);
-    if done(ResourceKind::Policy) && !has(&host.policies, &policy) {
-        out.push(finding(
-            ResourceKind::Policy,
-            policy,
-            id,
-            why(ResourceKind::Policy),
-        ));
+    for step in CREATE_ORDER {
+        if rec.mark(step) != Mark::Done {
+            continue;
+        }
+        for object in steps::owned(step, names, rec) {
+            if !host.has(object.kind, &object.name) {
+                out.push(finding(object.kind, object.name, id, why(object.kind)));
+            }
+        }
     }
     if done(ResourceKind::Vmm) {
         let recorded = rec.resources.vmm.as_ref().map(|v| v.pid);
@@ -164,15 +129,6 @@ fn missing_of(rec: &MachineRecord, host: &HostScan) -> Vec<Finding> {
             let name = recorded.map_or_else(|| "vmm".to_string(), |pid| format!("pid {pid}"));
             out.push(finding(ResourceKind::Vmm, name, id, why(ResourceKind::Vmm)));
         }
-    }
-    if done(ResourceKind::MachineDir) && !has(&host.machine_dirs, id) {
-        let path = host.machines_dir.join(id).display().to_string();
-        out.push(finding(
-            ResourceKind::MachineDir,
-            path,
-            id,
-            why(ResourceKind::MachineDir),
-        ));
     }
     if done(ResourceKind::Lease) {
         let recorded = rec.resources.lease_slot;
@@ -216,8 +172,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::audit::scan::{Named, policy_name};
     use crate::machine::record::{MachineState, VmmRecord};
     use crate::machine::spec::MachineSpec;
+    use crate::machine::steps::testing::FakeHost;
 
     const A: &str = "aaaaaaaaaa";
     const B: &str = "bbbbbbbbbb";
@@ -242,10 +200,7 @@ mod tests {
 
     /// Every step `Done`, with slot 3 and pid 100 recorded.
     fn started(id: &str) -> MachineRecord {
-        let marks: Vec<_> = crate::machine::step::CREATE_ORDER
-            .iter()
-            .map(|s| (*s, Mark::Done))
-            .collect();
+        let marks: Vec<_> = CREATE_ORDER.iter().map(|s| (*s, Mark::Done)).collect();
         let mut r = rec(id, MachineState::Started, &marks);
         r.resources.lease_slot = Some(3);
         r.resources.vmm = Some(VmmRecord {
@@ -260,28 +215,35 @@ mod tests {
         r
     }
 
-    /// Everything `started(id)` owns, on the host.
-    fn host_of(ids: &[&str]) -> HostScan {
-        let mut host = HostScan {
-            prefix: "tp".into(),
-            machines_dir: PathBuf::from("/d/machines"),
-            ..HostScan::default()
-        };
+    /// Everything `started(id)` owns, on the host, named as the steps name it (policies
+    /// and cgroups shown as a scan shows them).
+    fn host_of(cx: &FakeHost, ids: &[&str]) -> HostScan {
+        let mut host = HostScan::default();
         for id in ids {
-            host.netns.push(Named::of(format!("tp-{id}"), Some(id)));
-            host.policies.push(Named::of(
-                super::super::scan::policy_name("tp", id),
-                Some(id),
-            ));
-            host.cgroups
-                .push(Named::of(format!("/cg/hearth_tp/{id}"), Some(id)));
-            host.links.push(Named::of(format!("tp{id}"), Some(id)));
+            let r = started(id);
+            for step in CREATE_ORDER {
+                for object in steps::owned(step, cx, &r) {
+                    let named = match object.kind {
+                        ResourceKind::Policy => {
+                            Named::keyed(policy_name("tst", id), object.name, Some(id))
+                        }
+                        ResourceKind::Cgroup => {
+                            Named::keyed(format!("/cg/hearth_tst/{id}"), object.name, Some(id))
+                        }
+                        _ => Named::of(object.name, Some(id)),
+                    };
+                    host.add(object.kind, named);
+                }
+            }
             host.vmms.push((id.to_string(), 100));
-            host.machine_dirs.push(Named::of(*id, Some(id)));
             host.leases.insert(3, id.to_string());
             host.routes.push(id.to_string());
         }
         host
+    }
+
+    fn dir(cx: &FakeHost, id: &str) -> String {
+        cx.machine_dir(id).display().to_string()
     }
 
     /// (kind, name, machine id) of each finding, for compact expectations.
@@ -302,36 +264,39 @@ mod tests {
 
     #[test]
     fn a_started_machine_with_everything_is_clean() {
-        let report = compare(&[started(A)], &host_of(&[A]));
+        let cx = FakeHost::new();
+        let report = compare(&[started(A)], &host_of(&cx, &[A]), &cx);
         assert!(report.is_clean(), "{report:#?}");
     }
 
     #[test]
     fn nothing_on_the_host_and_no_records_is_clean() {
-        assert!(compare(&[], &host_of(&[])).is_clean());
+        let cx = FakeHost::new();
+        assert!(compare(&[], &host_of(&cx, &[]), &cx).is_clean());
         let tombstone = rec(A, MachineState::Destroyed, &[]);
-        assert!(compare(&[tombstone], &host_of(&[])).is_clean());
+        assert!(compare(&[tombstone], &host_of(&cx, &[]), &cx).is_clean());
     }
 
     #[test]
     fn everything_of_an_unknown_id_is_a_leak() {
-        let report = compare(&[], &host_of(&[B]));
+        let cx = FakeHost::new();
+        let report = compare(&[], &host_of(&cx, &[B]), &cx);
         assert!(report.missing.is_empty());
         assert_eq!(
             keys(&report.leaks),
             vec![
-                key(ResourceKind::Netns, "tp-bbbbbbbbbb", Some(B)),
-                key(ResourceKind::Link, "tpbbbbbbbbbb", Some(B)),
+                key(ResourceKind::Netns, "tst-bbbbbbbbbb", Some(B)),
+                key(ResourceKind::Link, "tstbbbbbbbbbb", Some(B)),
                 key(ResourceKind::Vmm, "pid 100", Some(B)),
-                key(ResourceKind::MachineDir, "/d/machines/bbbbbbbbbb", Some(B)),
+                key(ResourceKind::MachineDir, &dir(&cx, B), Some(B)),
                 key(ResourceKind::Lease, "slot 3", Some(B)),
                 key(ResourceKind::Route, B, Some(B)),
                 key(
                     ResourceKind::Policy,
-                    "hearth_tp chains mbbbbbbbbbb_*",
+                    "hearth_tst chains mbbbbbbbbbb_*",
                     Some(B)
                 ),
-                key(ResourceKind::Cgroup, "/cg/hearth_tp/bbbbbbbbbb", Some(B)),
+                key(ResourceKind::Cgroup, "/cg/hearth_tst/bbbbbbbbbb", Some(B)),
             ]
         );
         assert!(
@@ -344,7 +309,12 @@ mod tests {
 
     #[test]
     fn everything_of_a_destroyed_tombstone_is_a_leak() {
-        let report = compare(&[rec(B, MachineState::Destroyed, &[])], &host_of(&[B]));
+        let cx = FakeHost::new();
+        let report = compare(
+            &[rec(B, MachineState::Destroyed, &[])],
+            &host_of(&cx, &[B]),
+            &cx,
+        );
         assert_eq!(report.leaks.len(), 8, "{report:#?}");
         assert!(
             report
@@ -357,6 +327,7 @@ mod tests {
 
     #[test]
     fn each_untouched_step_makes_its_resources_leaks() {
+        let cx = FakeHost::new();
         let table: [(Step, &[ResourceKind]); 7] = [
             (Step::Network, &[ResourceKind::Netns, ResourceKind::Link]),
             (Step::Policy, &[ResourceKind::Policy]),
@@ -369,7 +340,7 @@ mod tests {
         for (step, kinds) in table {
             let mut r = started(A);
             r.set_mark(step, Mark::Untouched);
-            let report = compare(&[r], &host_of(&[A]));
+            let report = compare(&[r], &host_of(&cx, &[A]), &cx);
             let found: Vec<ResourceKind> = report.leaks.iter().map(|f| f.kind).collect();
             assert_eq!(found, kinds, "{step}: {report:#?}");
             assert!(report.missing.is_empty(), "{step}: {report:#?}");
@@ -385,49 +356,57 @@ mod tests {
 
     #[test]
     fn a_begun_step_owns_its_resource_whether_or_not_it_exists() {
-        for step in crate::machine::step::CREATE_ORDER {
+        let cx = FakeHost::new();
+        for step in CREATE_ORDER {
             let mut r = started(A);
             r.set_mark(step, Mark::Begun);
-            assert!(compare(&[r], &host_of(&[A])).is_clean(), "{step}");
+            assert!(compare(&[r], &host_of(&cx, &[A]), &cx).is_clean(), "{step}");
         }
-        let begun: Vec<_> = crate::machine::step::CREATE_ORDER
-            .iter()
-            .map(|s| (*s, Mark::Begun))
-            .collect();
+        let begun: Vec<_> = CREATE_ORDER.iter().map(|s| (*s, Mark::Begun)).collect();
         let r = rec(A, MachineState::Starting, &begun);
-        assert!(compare(std::slice::from_ref(&r), &host_of(&[])).is_clean());
-        assert!(compare(&[r], &host_of(&[A])).is_clean());
+        assert!(compare(std::slice::from_ref(&r), &host_of(&cx, &[]), &cx).is_clean());
+        assert!(compare(&[r], &host_of(&cx, &[A]), &cx).is_clean());
     }
 
     #[test]
     fn each_done_step_without_its_resource_is_missing() {
+        let cx = FakeHost::new();
         type Strip = fn(&mut HostScan);
+        let machine_dir = dir(&cx, A);
         let table: [(Strip, ResourceKind, &str); 8] = [
             (
-                |h| h.cgroups.clear(),
+                |h| drop(h.named.remove(&ResourceKind::Cgroup)),
                 ResourceKind::Cgroup,
-                "hearth_tp/aaaaaaaaaa",
+                A,
             ),
             (
-                |h| h.policies.clear(),
+                |h| drop(h.named.remove(&ResourceKind::Policy)),
                 ResourceKind::Policy,
-                "hearth_tp chains maaaaaaaaaa_*",
+                A,
             ),
-            (|h| h.netns.clear(), ResourceKind::Netns, "tp-aaaaaaaaaa"),
-            (|h| h.links.clear(), ResourceKind::Link, "tpaaaaaaaaaa"),
+            (
+                |h| drop(h.named.remove(&ResourceKind::Netns)),
+                ResourceKind::Netns,
+                "tst-aaaaaaaaaa",
+            ),
+            (
+                |h| drop(h.named.remove(&ResourceKind::Link)),
+                ResourceKind::Link,
+                "tstaaaaaaaaaa",
+            ),
             (|h| h.vmms.clear(), ResourceKind::Vmm, "pid 100"),
             (
-                |h| h.machine_dirs.clear(),
+                |h| drop(h.named.remove(&ResourceKind::MachineDir)),
                 ResourceKind::MachineDir,
-                "/d/machines/aaaaaaaaaa",
+                &machine_dir,
             ),
             (|h| h.leases.clear(), ResourceKind::Lease, "slot 3"),
             (|h| h.routes.clear(), ResourceKind::Route, A),
         ];
         for (strip, kind, name) in table {
-            let mut host = host_of(&[A]);
+            let mut host = host_of(&cx, &[A]);
             strip(&mut host);
-            let report = compare(&[started(A)], &host);
+            let report = compare(&[started(A)], &host, &cx);
             assert!(report.leaks.is_empty(), "{kind}: {report:#?}");
             assert_eq!(
                 keys(&report.missing),
@@ -440,10 +419,11 @@ mod tests {
 
     #[test]
     fn a_second_vmm_or_lease_of_a_machine_is_a_leak_and_the_recorded_one_missing() {
-        let mut host = host_of(&[A]);
+        let cx = FakeHost::new();
+        let mut host = host_of(&cx, &[A]);
         host.vmms = vec![(A.to_string(), 200)];
         host.leases = BTreeMap::from([(5, A.to_string())]);
-        let report = compare(&[started(A)], &host);
+        let report = compare(&[started(A)], &host, &cx);
         assert_eq!(
             keys(&report.leaks),
             vec![
@@ -464,14 +444,18 @@ mod tests {
 
     #[test]
     fn names_without_a_machine_id_are_leaks() {
-        let mut host = host_of(&[]);
-        host.netns.push(Named::of("tp-scratch", None));
-        host.machine_dirs.push(Named::of("stray.tmp", None));
-        let report = compare(&[], &host);
+        let cx = FakeHost::new();
+        let mut host = host_of(&cx, &[]);
+        host.add(ResourceKind::Netns, Named::of("tst-scratch", None));
+        host.add(
+            ResourceKind::MachineDir,
+            Named::of("/d/machines/stray.tmp", None),
+        );
+        let report = compare(&[], &host, &cx);
         assert_eq!(
             keys(&report.leaks),
             vec![
-                key(ResourceKind::Netns, "tp-scratch", None),
+                key(ResourceKind::Netns, "tst-scratch", None),
                 key(ResourceKind::MachineDir, "/d/machines/stray.tmp", None),
             ]
         );
@@ -479,33 +463,35 @@ mod tests {
 
     #[test]
     fn a_stopped_machine_owns_disk_lease_network_and_policy_only() {
+        let cx = FakeHost::new();
         let mut r = started(A);
         r.state = MachineState::Stopped;
         for step in crate::machine::step::STOP_RELEASES {
             r.set_mark(step, Mark::Untouched);
         }
         r.resources.vmm = None;
-        let mut host = host_of(&[A]);
+        let mut host = host_of(&cx, &[A]);
         host.vmms.clear();
         host.routes.clear();
-        host.cgroups.clear();
-        assert!(compare(std::slice::from_ref(&r), &host).is_clean());
-        let report = compare(&[r], &host_of(&[A]));
+        host.named.remove(&ResourceKind::Cgroup);
+        assert!(compare(std::slice::from_ref(&r), &host, &cx).is_clean());
+        let report = compare(&[r], &host_of(&cx, &[A]), &cx);
         assert_eq!(
             keys(&report.leaks),
             vec![
                 key(ResourceKind::Vmm, "pid 100", Some(A)),
                 key(ResourceKind::Route, A, Some(A)),
-                key(ResourceKind::Cgroup, "/cg/hearth_tp/aaaaaaaaaa", Some(A)),
+                key(ResourceKind::Cgroup, "/cg/hearth_tst/aaaaaaaaaa", Some(A)),
             ]
         );
     }
 
     #[test]
     fn machines_are_judged_each_by_their_own_record() {
-        let mut host = host_of(&[A, B]);
+        let cx = FakeHost::new();
+        let mut host = host_of(&cx, &[A, B]);
         host.leases = BTreeMap::from([(3, A.to_string()), (4, B.to_string())]);
-        let report = compare(&[started(A)], &host);
+        let report = compare(&[started(A)], &host, &cx);
         assert!(report.missing.is_empty(), "{report:#?}");
         assert_eq!(report.leaks.len(), 8, "{report:#?}");
         assert!(

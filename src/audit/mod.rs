@@ -53,7 +53,7 @@ pub async fn run(services: &Services) -> Result<Audit, AuditError> {
     let started = Instant::now();
     let host = scan(services).await?;
     let records = services.store().machines()?;
-    let report = compare(&records, &host);
+    let report = compare(&records, &host, services);
     Ok(Audit {
         report,
         machines: records.len(),

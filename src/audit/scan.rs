@@ -9,27 +9,47 @@
 //! so; a process that does not is someone else's and is neither reported nor swept.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::error::AuditError;
 use crate::actors::services::Services;
+use crate::machine::step::ResourceKind;
 use crate::net::NetResource;
 
 /// A host object and the machine id its name carries.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Named {
-    /// The object's name (a namespace, a link, an entry under `machines/`).
+    /// The object's name as findings show it (a namespace, a link, a directory's path).
     pub name: String,
+    /// The name a step's `owned` gives it (`machine::steps::Owned::name`): the shown
+    /// name, or the machine id for objects named by id inside something else (a policy's
+    /// chains, a cgroup in each hierarchy).
+    pub key: String,
     /// The machine id in the name; none when the name has hearth's prefix (or lives in
     /// hearth's directory) but is not followed by an id.
     pub machine_id: Option<String>,
 }
 
 impl Named {
-    /// An object whose name is, or ends with, `machine_id`.
+    /// An object known by its own name, which is, or ends with, `machine_id`.
     pub fn of(name: impl Into<String>, machine_id: Option<&str>) -> Named {
+        let name = name.into();
+        Named {
+            key: name.clone(),
+            name,
+            machine_id: machine_id.map(str::to_string),
+        }
+    }
+
+    /// An object shown as `name` and known to its step by `key`.
+    pub fn keyed(
+        name: impl Into<String>,
+        key: impl Into<String>,
+        machine_id: Option<&str>,
+    ) -> Named {
         Named {
             name: name.into(),
+            key: key.into(),
             machine_id: machine_id.map(str::to_string),
         }
     }
@@ -38,28 +58,35 @@ impl Named {
 /// What exists, as one scan saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostScan {
-    /// The network name prefix scanned for (`network.prefix`).
-    pub prefix: String,
-    /// `<data_dir>/machines`.
-    pub machines_dir: PathBuf,
-    /// Namespaces named `<prefix>-...`.
-    pub netns: Vec<Named>,
-    /// Root-namespace links named `<prefix><id>`.
-    pub links: Vec<Named>,
+    /// The objects found by name, per kind: namespaces named `<prefix>-...`,
+    /// root-namespace links `<prefix><id>`, entries under `<data_dir>/machines` (by
+    /// path), machines' packet policies in the daemon's nftables table ([`policy_name`],
+    /// keyed by id), directories under the daemon's parent cgroup in every hierarchy in
+    /// use (by path, keyed by id).
+    pub named: BTreeMap<ResourceKind, Vec<Named>>,
     /// This daemon's VMM processes: (machine id, pid).
     pub vmms: Vec<(String, i32)>,
-    /// Entries under `<data_dir>/machines`.
-    pub machine_dirs: Vec<Named>,
     /// The `leases` table: slot -> machine id.
     pub leases: BTreeMap<u32, String>,
     /// Machine ids with a row in the `routes` table.
     pub routes: Vec<String>,
-    /// Machines' packet policies in the daemon's nftables table, named
-    /// [`policy_name`].
-    pub policies: Vec<Named>,
-    /// Directories under the daemon's parent cgroup, in every hierarchy in use (one
-    /// entry per directory, named by its path).
-    pub cgroups: Vec<Named>,
+}
+
+impl HostScan {
+    /// The objects of `kind` found by name.
+    pub fn named(&self, kind: ResourceKind) -> &[Named] {
+        self.named.get(&kind).map_or(&[], Vec::as_slice)
+    }
+
+    /// Adds an object of `kind`.
+    pub fn add(&mut self, kind: ResourceKind, object: Named) {
+        self.named.entry(kind).or_default().push(object);
+    }
+
+    /// Whether an object of `kind` known as `key` was found.
+    pub fn has(&self, kind: ResourceKind, key: &str) -> bool {
+        self.named(kind).iter().any(|n| n.key == key)
+    }
 }
 
 /// How a machine's packet policy is named in findings.
@@ -83,34 +110,25 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
     let prefix = config.network.prefix.clone();
     // As `Config::machine_dir` lays it out.
     let machines_dir = config.data_dir.join("machines");
-    let mut netns = Vec::new();
-    let mut links = Vec::new();
+    let mut host = HostScan::default();
     for resource in services.net().scan(&prefix).await? {
         match resource {
-            NetResource::Netns { name, machine_id } => netns.push(Named { name, machine_id }),
-            NetResource::Link { name, machine_id } => links.push(Named {
-                name,
-                machine_id: Some(machine_id),
-            }),
+            NetResource::Netns { name, machine_id } => {
+                host.add(ResourceKind::Netns, Named::of(name, machine_id.as_deref()));
+            }
+            NetResource::Link { name, machine_id } => {
+                host.add(ResourceKind::Link, Named::of(name, Some(&machine_id)));
+            }
         }
     }
-    let policies = services
-        .net()
-        .scan_policies(&prefix)
-        .await?
-        .into_iter()
-        .map(|id| Named::of(policy_name(&prefix, &id), Some(&id)))
-        .collect();
-    let cgroups = services
-        .vmm_host()
-        .cgroups
-        .scan()?
-        .into_iter()
-        .map(|(path, name)| {
-            let id = is_machine_id(&name).then_some(name.as_str());
-            Named::of(path, id)
-        })
-        .collect();
+    for id in services.net().scan_policies(&prefix).await? {
+        let policy = Named::keyed(policy_name(&prefix, &id), id.clone(), Some(&id));
+        host.add(ResourceKind::Policy, policy);
+    }
+    for (path, name) in services.vmm_host().cgroups.scan()? {
+        let id = is_machine_id(&name).then_some(name.as_str());
+        host.add(ResourceKind::Cgroup, Named::keyed(path, name.as_str(), id));
+    }
     let marker = services.vmm().name_prefix().to_string();
     let dir = machines_dir.clone();
     let (vmms, machine_dirs) = tokio::task::spawn_blocking(move || {
@@ -118,21 +136,18 @@ pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
     })
     .await
     .map_err(|e| AuditError::Task(e.to_string()))??;
+    for entry in machine_dirs {
+        let path = machines_dir.join(&entry.name).display().to_string();
+        host.add(
+            ResourceKind::MachineDir,
+            Named::of(path, entry.machine_id.as_deref()),
+        );
+    }
+    host.vmms = vmms;
     let store = services.store();
-    let leases = store.leases()?;
-    let routes = store.routes()?.into_iter().map(|r| r.machine_id).collect();
-    Ok(HostScan {
-        prefix,
-        machines_dir,
-        netns,
-        links,
-        vmms,
-        machine_dirs,
-        leases,
-        routes,
-        policies,
-        cgroups,
-    })
+    host.leases = store.leases()?;
+    host.routes = store.routes()?.into_iter().map(|r| r.machine_id).collect();
+    Ok(host)
 }
 
 /// VMM processes carrying the marker whose command line names a file in this daemon's
@@ -165,11 +180,8 @@ fn list_dir(dir: &Path) -> Result<Vec<Named>, AuditError> {
             source,
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let id = is_machine_id(&name).then(|| name.clone());
-        out.push(Named {
-            name,
-            machine_id: id,
-        });
+        let id = is_machine_id(&name).then_some(name.as_str());
+        out.push(Named::of(name.as_str(), id));
     }
     out.sort();
     Ok(out)
