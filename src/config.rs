@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::layout::Layout;
+pub use crate::vmm::settings::{JailerConfig, VmmConfig, VmmKind};
+
 /// Why a configuration could not be used. Each message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -286,82 +289,6 @@ impl NetworkConfig {
     }
 }
 
-/// Which VMM runs the machines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmKind {
-    /// Firecracker when a binary is configured and KVM can boot the guest kernel, else
-    /// QEMU `microvm`.
-    Auto,
-    /// QEMU `microvm`.
-    Qemu,
-    /// Firecracker (needs `firecracker_binary` and a KVM that boots the guest kernel).
-    Firecracker,
-}
-
-/// VMM settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VmmConfig {
-    /// `auto`, `qemu` or `firecracker`.
-    pub kind: VmmKind,
-    /// The QEMU binary.
-    pub qemu_binary: PathBuf,
-    /// The Firecracker binary; empty: none (auto then picks QEMU).
-    pub firecracker_binary: PathBuf,
-    /// Start Firecracker through its jailer.
-    pub jailer: JailerConfig,
-    /// Memory a VMM may use beyond its guest's, in MiB: the machine's cgroup limit is
-    /// the guest memory plus this (QEMU's own heap and TCG's code cache live here).
-    pub memory_overhead_mib: u32,
-    /// Run each QEMU unprivileged: as its own uid `uid_base + <lease slot>` and group
-    /// `group`, under a seccomp sandbox. Off only for debugging.
-    pub unprivileged: bool,
-    /// First uid of the per-machine range (no account is needed for these uids).
-    pub uid_base: u32,
-    /// The group every VMM runs as (`deploy/install-deps.sh` creates `hearth-vmm`).
-    pub group: String,
-    /// Cap of each VMM log file (the serial console, the VMM's own output), in MiB; one
-    /// rotated file (`<name>.1`) is kept beside it.
-    pub log_max_mib: u32,
-}
-
-/// Jailer settings (Firecracker only).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JailerConfig {
-    /// Jail every Firecracker (the default: without the jailer Firecracker runs as root,
-    /// unconfined).
-    pub enabled: bool,
-    /// The jailer binary; empty: `jailer` beside the Firecracker binary.
-    pub binary: PathBuf,
-    /// The uid Firecracker runs as inside the jail.
-    pub uid: u32,
-    /// The gid Firecracker runs as inside the jail.
-    pub gid: u32,
-    /// cgroup limits, `<file>=<value>` (e.g. `"cpu.max=50000 100000"` in v2,
-    /// `"cpu.shares=512"` in v1); empty: no cgroup.
-    pub cgroups: Vec<String>,
-    /// The cgroup version the limits are for: 1 or 2 (the hierarchy must be mounted).
-    pub cgroup_version: u8,
-    /// The cgroup every machine's cgroup is placed in.
-    pub parent_cgroup: String,
-}
-
-impl Default for JailerConfig {
-    fn default() -> Self {
-        JailerConfig {
-            enabled: true,
-            binary: PathBuf::new(),
-            uid: 65534,
-            gid: 65534,
-            cgroups: Vec::new(),
-            cgroup_version: 2,
-            parent_cgroup: "hearth".to_string(),
-        }
-    }
-}
-
 /// Guest kit and deadlines.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -598,22 +525,6 @@ impl Default for NetworkConfig {
     }
 }
 
-impl Default for VmmConfig {
-    fn default() -> Self {
-        VmmConfig {
-            kind: VmmKind::Auto,
-            qemu_binary: PathBuf::from("qemu-system-x86_64"),
-            firecracker_binary: PathBuf::new(),
-            jailer: JailerConfig::default(),
-            memory_overhead_mib: 128,
-            unprivileged: true,
-            uid_base: 900_000,
-            group: "hearth-vmm".to_string(),
-            log_max_mib: 8,
-        }
-    }
-}
-
 impl Default for GuestConfig {
     fn default() -> Self {
         GuestConfig {
@@ -679,6 +590,18 @@ impl ImagesConfig {
             max_layers: self.max_layers,
             max_image_bytes: self.max_image_mib.saturating_mul(1 << 20),
             space: self.space_policy(),
+        }
+    }
+
+    /// The image store's settings.
+    pub fn base_settings(&self) -> crate::image::BaseSettings {
+        crate::image::BaseSettings {
+            headroom_mib: self.headroom_mib,
+            busybox: self.busybox.clone(),
+            max_entries: self.max_entries,
+            space: self.space_policy(),
+            local_roots: self.local_roots.clone(),
+            ..crate::image::BaseSettings::default()
         }
     }
 
@@ -1038,19 +961,32 @@ impl Config {
         Duration::from_secs(self.guest.stop_grace_secs)
     }
 
+    /// Where the daemon's files live.
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.data_dir, &self.cache_dir)
+    }
+
     /// Where the overlay disks' writable layer templates and their stock are kept.
     pub fn uppers_dir(&self) -> PathBuf {
-        self.data_dir.join("images").join("uppers")
+        self.layout().uppers()
     }
 
     /// The redb file.
     pub fn store_path(&self) -> PathBuf {
-        self.data_dir.join("hearth.redb")
+        self.layout().store()
     }
 
     /// Where machine `id` keeps its disk, config, sockets and logs.
     pub fn machine_dir(&self, id: &str) -> PathBuf {
-        self.data_dir.join("machines").join(id)
+        self.layout().machine_dir(id)
+    }
+
+    /// Where the static guest init and the kernel are found, for the guest kit.
+    pub fn kit_source(&self) -> crate::guest::kit::KitSource {
+        crate::guest::kit::KitSource {
+            kernel_dir: self.guest.kernel_dir.clone(),
+            init_binary: self.init_binary(),
+        }
     }
 
     /// Total vCPUs and MiB this host admits.

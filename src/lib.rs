@@ -16,6 +16,7 @@ pub mod failpoints;
 pub mod guest;
 pub mod heap;
 pub mod image;
+pub mod layout;
 pub mod machine;
 pub mod metrics;
 pub mod net;

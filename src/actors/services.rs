@@ -189,7 +189,7 @@ impl Services {
                     kernel_dir: self.inner.config.guest.kernel_dir.clone(),
                     init_binary: self.inner.config.init_binary(),
                 };
-                let cache = self.inner.config.cache_dir.join("kit");
+                let cache = self.inner.config.layout().kit();
                 tokio::task::spawn_blocking(move || {
                     GuestKit::ensure(&source, &cache).map_err(|e: KitError| e.to_string())
                 })

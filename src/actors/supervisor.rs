@@ -142,7 +142,7 @@ impl Supervisor {
                 let args = Arc::new(RootfsArgs {
                     bases: state.bases.clone(),
                     registry: config.images.registry_settings(),
-                    blob_dir: config.cache_dir.join("blobs"),
+                    blob_dir: config.layout().blobs(),
                     max_image_bytes: config.images.max_image_mib << 20,
                     policy: config.images.collect_policy(),
                     collect_every: config.images.collect_every(),

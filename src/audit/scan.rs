@@ -108,8 +108,7 @@ pub fn is_machine_id(text: &str) -> bool {
 pub async fn scan(services: &Services) -> Result<HostScan, AuditError> {
     let config = services.config();
     let prefix = config.network.prefix.clone();
-    // As `Config::machine_dir` lays it out.
-    let machines_dir = config.data_dir.join("machines");
+    let machines_dir = config.layout().machines();
     let mut host = HostScan::default();
     for resource in services.net().scan(&prefix).await? {
         match resource {

@@ -15,7 +15,7 @@ use hearth::actors::services::Services;
 use hearth::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use hearth::api::{metrics, server};
 use hearth::config::{Config, LogFormat};
-use hearth::image::{BaseSettings, BaseStore};
+use hearth::image::BaseStore;
 use hearth::net::policy::GUEST_DNS_PORT;
 use hearth::net::{NetFabric, PoolCidr};
 use hearth::store::Store;
@@ -109,7 +109,7 @@ async fn run(config: Config) -> Result<(), String> {
     }
     // A layout the VMMs cannot use is refused now, naming its key, rather than found by
     // every launch (and retried) later.
-    hearth::vmm::confine::check_layout(&config)?;
+    hearth::vmm::confine::check_layout(&config.layout(), &config.vmm)?;
     // A crashed predecessor's lock can outlive it for a moment (see open_waiting).
     let store = Store::open_waiting(&config.store_path(), std::time::Duration::from_secs(5))
         .map_err(|e| format!("{e} ({})", config.store_path().display()))?
@@ -145,16 +145,13 @@ async fn run(config: Config) -> Result<(), String> {
     net.install_policy(policy.clone())
         .await
         .map_err(|e| format!("network policy: {e}"))?;
-    let choice = hearth::vmm::select::choose(&config)
+    let choice = hearth::vmm::select::choose(&config.vmm, &config.layout(), config.kit_source())
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(driver = %choice.driver.describe(), reason = %choice.reason, "vmm");
     let vmm = choice.driver;
-    let bases = BaseStore::open(
-        &config.data_dir.join("images"),
-        BaseSettings::from(&config.images),
-    )
-    .map_err(|e| e.to_string())?;
+    let bases = BaseStore::open(&config.layout().images(), config.images.base_settings())
+        .map_err(|e| e.to_string())?;
     // Half-made writable layers of an interrupted refill (the stock itself only ever
     // holds complete ones).
     match hearth::image::clear_partials(&config.uppers_dir()) {
@@ -162,8 +159,8 @@ async fn run(config: Config) -> Result<(), String> {
         Ok(n) => tracing::info!(removed = n, "half-made writable layers removed"),
         Err(e) => tracing::warn!(error = %e, "half-made writable layers not removed"),
     }
-    let host = hearth::vmm::confine::VmmHost::detect(&config)?;
-    hearth::vmm::confine::private_files(&config)?;
+    let host = hearth::vmm::confine::VmmHost::detect(&config.network.prefix, &config.vmm)?;
+    hearth::vmm::confine::private_files(&config.layout())?;
     let services = Services::new(config.clone(), store, pool, net, vmm, host);
     // The recorder goes in before any actor runs, so nothing they count is lost.
     // Metrics are optional: an address that cannot be bound (taken by another exporter)

@@ -68,19 +68,6 @@ impl Default for BaseSettings {
     }
 }
 
-impl From<&crate::config::ImagesConfig> for BaseSettings {
-    fn from(config: &crate::config::ImagesConfig) -> Self {
-        BaseSettings {
-            headroom_mib: config.headroom_mib,
-            busybox: config.busybox.clone(),
-            max_entries: config.max_entries,
-            space: config.space_policy(),
-            local_roots: config.local_roots.clone(),
-            ..BaseSettings::default()
-        }
-    }
-}
-
 /// A built base image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {

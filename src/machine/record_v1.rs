@@ -24,44 +24,44 @@ use super::step::{Direction, Step};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct MachineSpecV1 {
-    image: String,
-    vcpus: u32,
-    memory_mib: u32,
-    command: Vec<String>,
-    env: Vec<(String, String)>,
-    ports: Vec<u16>,
+    pub(crate) image: String,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
+    pub(crate) command: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) ports: Vec<u16>,
 }
 
 /// `Resources` as V1 stored it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct ResourcesV1 {
-    base_digest: Option<String>,
-    base_path: Option<PathBuf>,
-    lease_slot: Option<u32>,
-    guest_ip: Option<Ipv4Addr>,
-    vmm: Option<VmmRecord>,
+    pub(crate) base_digest: Option<String>,
+    pub(crate) base_path: Option<PathBuf>,
+    pub(crate) lease_slot: Option<u32>,
+    pub(crate) guest_ip: Option<Ipv4Addr>,
+    pub(crate) vmm: Option<VmmRecord>,
 }
 
 /// `MachineRecord` as V1 stored it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 pub struct MachineRecordV1 {
-    id: String,
-    name: String,
-    request_id: String,
-    spec: MachineSpecV1,
-    desired: Desired,
-    state: MachineState,
-    current: Option<(Step, Direction)>,
-    marks: BTreeMap<Step, Mark>,
-    resources: ResourcesV1,
-    boot_attempts: u32,
-    step_failures: u32,
-    failure: Option<String>,
-    timings: Vec<StepTiming>,
-    created_at_ms: u64,
-    updated_at_ms: u64,
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) request_id: String,
+    pub(crate) spec: MachineSpecV1,
+    pub(crate) desired: Desired,
+    pub(crate) state: MachineState,
+    pub(crate) current: Option<(Step, Direction)>,
+    pub(crate) marks: BTreeMap<Step, Mark>,
+    pub(crate) resources: ResourcesV1,
+    pub(crate) boot_attempts: u32,
+    pub(crate) step_failures: u32,
+    pub(crate) failure: Option<String>,
+    pub(crate) timings: Vec<StepTiming>,
+    pub(crate) created_at_ms: u64,
+    pub(crate) updated_at_ms: u64,
 }
 
 impl From<MachineRecordV1> for MachineRecord {
@@ -105,70 +105,5 @@ impl From<MachineRecordV1> for MachineRecord {
             // Every disk of that time was a full copy.
             disk_layout: super::record::DiskLayout::Copy,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::codec::Persisted;
-
-    /// The envelope as V1 wrote it: variant 0.
-    #[derive(serde::Serialize)]
-    enum StoredV1 {
-        V1(MachineRecordV1),
-    }
-
-    #[test]
-    fn a_version_1_record_reads_as_the_current_record() {
-        let v1 = MachineRecordV1 {
-            id: "0123456789".into(),
-            name: "web".into(),
-            request_id: "r1".into(),
-            spec: MachineSpecV1 {
-                image: "demo".into(),
-                vcpus: 2,
-                memory_mib: 256,
-                command: vec!["/bin/app".into()],
-                env: vec![("A".into(), "1".into())],
-                ports: vec![80],
-            },
-            desired: Desired::Started,
-            state: MachineState::Started,
-            current: None,
-            marks: BTreeMap::new(),
-            resources: ResourcesV1 {
-                base_digest: Some("ab".into()),
-                base_path: None,
-                lease_slot: Some(3),
-                guest_ip: Some(Ipv4Addr::new(10, 0, 0, 2)),
-                vmm: None,
-            },
-            boot_attempts: 1,
-            step_failures: 0,
-            failure: None,
-            timings: Vec::new(),
-            created_at_ms: 5,
-            updated_at_ms: 6,
-        };
-        let bytes = postcard::to_stdvec(&StoredV1::V1(v1)).unwrap();
-        let rec = MachineRecord::decode(&bytes).unwrap();
-        assert_eq!(rec.spec.command, vec!["/bin/app".to_string()]);
-        assert_eq!(rec.spec.ports, vec![80]);
-        assert_eq!(rec.spec.entrypoint, Vec::<String>::new());
-        assert_eq!(
-            (
-                rec.spec.workdir.clone(),
-                rec.spec.user.clone(),
-                rec.spec.disk_mib
-            ),
-            (None, None, 0)
-        );
-        assert_eq!(rec.resources.lease_slot, Some(3));
-        assert_eq!(rec.resources.image_workload, None);
-        assert_eq!(rec.updated_at_ms, 6);
-        // Written again, it is version 2 and reads back equal.
-        let again = MachineRecord::decode(&rec.encode().unwrap()).unwrap();
-        assert_eq!(again, rec);
     }
 }

@@ -170,3 +170,72 @@ pub(super) fn encode<T: Persisted>(value: &T) -> Result<Vec<u8>, CodecError> {
 pub(super) fn decode<T: Persisted>(bytes: &[u8]) -> Result<T, CodecError> {
     T::decode(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use super::Persisted;
+    use crate::machine::record::{Desired, MachineRecord, MachineState};
+    use crate::machine::record_v1::{MachineRecordV1, MachineSpecV1, ResourcesV1};
+
+    /// The envelope as V1 wrote it: variant 0.
+    #[derive(serde::Serialize)]
+    enum StoredV1 {
+        V1(MachineRecordV1),
+    }
+
+    #[test]
+    fn a_version_1_record_reads_as_the_current_record() {
+        let v1 = MachineRecordV1 {
+            id: "0123456789".into(),
+            name: "web".into(),
+            request_id: "r1".into(),
+            spec: MachineSpecV1 {
+                image: "demo".into(),
+                vcpus: 2,
+                memory_mib: 256,
+                command: vec!["/bin/app".into()],
+                env: vec![("A".into(), "1".into())],
+                ports: vec![80],
+            },
+            desired: Desired::Started,
+            state: MachineState::Started,
+            current: None,
+            marks: BTreeMap::new(),
+            resources: ResourcesV1 {
+                base_digest: Some("ab".into()),
+                base_path: None,
+                lease_slot: Some(3),
+                guest_ip: Some(Ipv4Addr::new(10, 0, 0, 2)),
+                vmm: None,
+            },
+            boot_attempts: 1,
+            step_failures: 0,
+            failure: None,
+            timings: Vec::new(),
+            created_at_ms: 5,
+            updated_at_ms: 6,
+        };
+        let bytes = postcard::to_stdvec(&StoredV1::V1(v1)).unwrap();
+        let rec = MachineRecord::decode(&bytes).unwrap();
+        assert_eq!(rec.spec.command, vec!["/bin/app".to_string()]);
+        assert_eq!(rec.spec.ports, vec![80]);
+        assert_eq!(rec.spec.entrypoint, Vec::<String>::new());
+        assert_eq!(
+            (
+                rec.spec.workdir.clone(),
+                rec.spec.user.clone(),
+                rec.spec.disk_mib
+            ),
+            (None, None, 0)
+        );
+        assert_eq!(rec.resources.lease_slot, Some(3));
+        assert_eq!(rec.resources.image_workload, None);
+        assert_eq!(rec.updated_at_ms, 6);
+        // Written again, it is version 2 and reads back equal.
+        let again = MachineRecord::decode(&rec.encode().unwrap()).unwrap();
+        assert_eq!(again, rec);
+    }
+}

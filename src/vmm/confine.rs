@@ -6,8 +6,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::cgroup::Cgroups;
+use super::settings::VmmConfig;
 use super::{Confinement, RunAs};
-use crate::config::Config;
+use crate::layout::Layout;
 
 /// The host's means of confining VMMs.
 #[derive(Debug, Clone)]
@@ -25,9 +26,8 @@ pub struct VmmHost {
 impl VmmHost {
     /// Resolves the config against the host. Fails, naming the key, when the group does
     /// not exist or no usable cgroup hierarchy is mounted.
-    pub fn detect(config: &Config) -> Result<VmmHost, String> {
-        let cgroups = Cgroups::detect(&config.network.prefix)?;
-        let vmm = &config.vmm;
+    pub fn detect(prefix: &str, vmm: &VmmConfig) -> Result<VmmHost, String> {
+        let cgroups = Cgroups::detect(prefix)?;
         let gid = if vmm.unprivileged {
             nix::unistd::Group::from_name(&vmm.group)
                 .map_err(|e| format!("vmm.group: look up {:?}: {e}", vmm.group))?
@@ -70,7 +70,7 @@ impl VmmHost {
 /// directories can be crossed but not listed (0711), and the store, the image bases and
 /// the pulled blobs are private to root. Idempotent; run at every start, after the
 /// store and the image store are opened.
-pub fn private_files(config: &Config) -> Result<(), String> {
+pub fn private_files(layout: &Layout) -> Result<(), String> {
     let set = |path: &Path, mode: u32, create: bool| -> Result<(), String> {
         if create {
             std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
@@ -81,12 +81,12 @@ pub fn private_files(config: &Config) -> Result<(), String> {
             Err(e) => Err(format!("chmod {:o} {}: {e}", mode, path.display())),
         }
     };
-    set(&config.data_dir, 0o711, false)?;
-    set(&config.store_path(), 0o600, false)?;
-    set(&config.data_dir.join("machines"), 0o711, true)?;
-    set(&config.data_dir.join("images"), 0o700, true)?;
-    set(&config.cache_dir, 0o711, false)?;
-    set(&config.cache_dir.join("blobs"), 0o700, true)?;
+    set(layout.data_dir(), 0o711, false)?;
+    set(&layout.store(), 0o600, false)?;
+    set(&layout.machines(), 0o711, true)?;
+    set(&layout.images(), 0o700, true)?;
+    set(layout.cache_dir(), 0o711, false)?;
+    set(&layout.blobs(), 0o700, true)?;
     Ok(())
 }
 
@@ -101,15 +101,15 @@ pub fn private_files(config: &Config) -> Result<(), String> {
 ///
 /// The error names the key, what blocks it and the fix. Nothing to check when VMMs run
 /// as root.
-pub fn check_layout(config: &Config) -> Result<(), String> {
-    if !config.vmm.unprivileged {
+pub fn check_layout(layout: &Layout, vmm: &VmmConfig) -> Result<(), String> {
+    if !vmm.unprivileged {
         return Ok(());
     }
-    let gid = nix::unistd::Group::from_name(&config.vmm.group)
+    let gid = nix::unistd::Group::from_name(&vmm.group)
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw());
-    if let Some((dir, meta)) = unsearchable_ancestor(&config.cache_dir, gid)? {
+    if let Some((dir, meta)) = unsearchable_ancestor(layout.cache_dir(), gid)? {
         return Err(format!(
             "cache_dir: {} (mode {:04o}, owner uid {}, group {}) keeps the VMMs (uid {}+, \
              group {:?}) from the guest kernel under {}; make it searchable (chmod o+x {}) \
@@ -118,22 +118,17 @@ pub fn check_layout(config: &Config) -> Result<(), String> {
             meta.mode() & 0o7777,
             meta.uid(),
             meta.gid(),
-            config.vmm.uid_base,
-            config.vmm.group,
-            config.cache_dir.display(),
+            vmm.uid_base,
+            vmm.group,
+            layout.cache_dir().display(),
             dir.display(),
         ));
     }
-    probe_chown(
-        &config.data_dir.join("machines"),
-        config.vmm.uid_base,
-        gid.unwrap_or(0),
-    )
-    .map_err(|e| {
+    probe_chown(&layout.machines(), vmm.uid_base, gid.unwrap_or(0)).map_err(|e| {
         format!(
             "data_dir: {} cannot hold files owned by the VMMs' uids ({e}); choose a \
                  data_dir on a local file system that keeps owners (ext4, xfs, btrfs)",
-            config.data_dir.display()
+            layout.data_dir().display()
         )
     })
 }
@@ -188,23 +183,24 @@ mod tests {
         let top = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o700))
             .expect("chmod");
-        let mut config = Config::default();
-        config.vmm.group = "root".into();
+        let vmm = VmmConfig {
+            group: "root".into(),
+            ..VmmConfig::default()
+        };
         // The data dir may sit under a private directory: VMMs never search above it.
-        config.data_dir = top.path().join("data");
-        config.cache_dir = top.path().join("cache");
-        let err = check_layout(&config).expect_err("the cache's parent is private");
+        let layout = Layout::new(top.path().join("data"), top.path().join("cache"));
+        let err = check_layout(&layout, &vmm).expect_err("the cache's parent is private");
         assert!(err.starts_with("cache_dir: "), "{err}");
         assert!(err.contains(&top.path().display().to_string()), "{err}");
         assert!(err.contains("mode 0700"), "{err}");
         std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o711))
             .expect("chmod");
-        check_layout(&config).expect("searchable now");
+        check_layout(&layout, &vmm).expect("searchable now");
         // Searchable by the VMMs' group only is enough.
         std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o710))
             .expect("chmod");
-        check_layout(&config).expect("searchable by the group");
-        let data = config.data_dir.join("machines");
+        check_layout(&layout, &vmm).expect("searchable by the group");
+        let data = layout.machines();
         assert_eq!(
             std::fs::read_dir(&data).expect("made").count(),
             0,

@@ -35,6 +35,7 @@ pub mod procfs;
 pub mod qemu;
 pub mod qmp;
 pub mod select;
+pub mod settings;
 mod spawn;
 mod stopping;
 

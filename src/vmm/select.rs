@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
 use super::firecracker::jailer::JailerSettings;
+use super::settings::{VmmConfig, VmmKind};
 use super::{FirecrackerDriver, QemuDriver, VmmDriver};
-use crate::config::{Config, VmmKind};
 use crate::guest::kit::{GuestKit, KitSource};
+use crate::layout::Layout;
 
 /// The driver chosen, and why.
 pub struct Choice {
@@ -52,10 +53,13 @@ pub enum SelectError {
 }
 
 /// Chooses and builds the driver. With `auto` and a Firecracker binary this builds the
-/// guest kit and runs the KVM probe (both cached after the first time).
-pub async fn choose(config: &Config) -> Result<Choice, SelectError> {
-    let vmm = &config.vmm;
-    let qemu = || QemuDriver::new(vmm.qemu_binary.clone(), config.cache_dir.join("vmm"));
+/// guest kit from `kit` and runs the KVM probe (both cached after the first time).
+pub async fn choose(
+    vmm: &VmmConfig,
+    layout: &Layout,
+    kit: KitSource,
+) -> Result<Choice, SelectError> {
+    let qemu = || QemuDriver::new(vmm.qemu_binary.clone(), layout.vmm_cache());
     match vmm.kind {
         VmmKind::Qemu => Ok(Choice {
             driver: VmmDriver::Qemu(qemu()),
@@ -66,7 +70,7 @@ pub async fn choose(config: &Config) -> Result<Choice, SelectError> {
                 return Err(SelectError::NoFirecracker);
             }
             Ok(Choice {
-                driver: VmmDriver::Firecracker(firecracker(config)?),
+                driver: VmmDriver::Firecracker(firecracker(vmm)?),
                 reason: "vmm.kind = \"firecracker\"".into(),
             })
         }
@@ -77,13 +81,9 @@ pub async fn choose(config: &Config) -> Result<Choice, SelectError> {
                     reason: "auto: no Firecracker binary configured".into(),
                 });
             }
-            let driver = firecracker(config)?;
-            let source = KitSource {
-                kernel_dir: config.guest.kernel_dir.clone(),
-                init_binary: config.init_binary(),
-            };
-            let cache = config.cache_dir.join("kit");
-            let kit = tokio::task::spawn_blocking(move || GuestKit::ensure(&source, &cache))
+            let driver = firecracker(vmm)?;
+            let cache = layout.kit();
+            let kit = tokio::task::spawn_blocking(move || GuestKit::ensure(&kit, &cache))
                 .await
                 .map_err(|e| SelectError::Kit(e.to_string()))?
                 .map_err(|e| SelectError::Kit(e.to_string()))?;
@@ -105,9 +105,8 @@ pub async fn choose(config: &Config) -> Result<Choice, SelectError> {
     }
 }
 
-/// The Firecracker driver the config describes.
-pub fn firecracker(config: &Config) -> Result<FirecrackerDriver, SelectError> {
-    let vmm = &config.vmm;
+/// The Firecracker driver the settings describe.
+pub fn firecracker(vmm: &VmmConfig) -> Result<FirecrackerDriver, SelectError> {
     check_binary("vmm.firecracker_binary", &vmm.firecracker_binary)?;
     let mut driver = FirecrackerDriver::new(vmm.firecracker_binary.clone());
     if vmm.jailer.enabled {
@@ -177,9 +176,19 @@ fn check_binary(key: &'static str, path: &Path) -> Result<(), SelectError> {
 mod tests {
     use super::*;
 
+    /// `choose` as the daemon calls it, on default directories and kit paths.
+    async fn choose(vmm: &VmmConfig) -> Result<Choice, SelectError> {
+        let layout = Layout::new("/nonexistent/data", "/nonexistent/cache");
+        let kit = KitSource {
+            kernel_dir: PathBuf::from("/nonexistent/kernel"),
+            init_binary: PathBuf::from("/nonexistent/init"),
+        };
+        super::choose(vmm, &layout, kit).await
+    }
+
     #[tokio::test]
     async fn qemu_and_auto_without_a_binary_choose_qemu() {
-        let mut c = Config::default();
+        let mut c = VmmConfig::default();
         let choice = choose(&c).await.unwrap();
         assert_eq!(choice.driver.describe(), "qemu");
         assert!(
@@ -187,39 +196,41 @@ mod tests {
             "{}",
             choice.reason
         );
-        c.vmm.kind = VmmKind::Qemu;
+        c.kind = VmmKind::Qemu;
         assert_eq!(choose(&c).await.unwrap().driver.describe(), "qemu");
     }
 
     #[tokio::test]
     async fn firecracker_needs_an_executable_binary() {
-        let mut c = Config::default();
-        c.vmm.kind = VmmKind::Firecracker;
+        let mut c = VmmConfig {
+            kind: VmmKind::Firecracker,
+            ..VmmConfig::default()
+        };
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("vmm.firecracker_binary"), "{err}");
-        c.vmm.firecracker_binary = PathBuf::from("/nonexistent/firecracker");
+        c.firecracker_binary = PathBuf::from("/nonexistent/firecracker");
         let err = choose(&c).await.err().unwrap();
         assert!(
             err.to_string().contains("/nonexistent/firecracker"),
             "{err}"
         );
-        c.vmm.firecracker_binary = PathBuf::from("relative/firecracker");
+        c.firecracker_binary = PathBuf::from("relative/firecracker");
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("absolute"), "{err}");
         // Jailed (the default), the binary must be static: a dynamic one is refused,
         // naming the key.
-        c.vmm.firecracker_binary = PathBuf::from("/bin/true");
+        c.firecracker_binary = PathBuf::from("/bin/true");
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("vmm.firecracker_binary"), "{err}");
         assert!(err.to_string().contains("dynamically linked"), "{err}");
         // Unjailed, any executable file passes (the binary is only run at launch).
-        c.vmm.jailer.enabled = false;
+        c.jailer.enabled = false;
         let choice = choose(&c).await.unwrap();
         assert_eq!(choice.driver.describe(), "firecracker");
         // A static binary (busybox-static, which install-deps installs) without a jailer
         // beside it: the jailer's key is named.
-        c.vmm.jailer.enabled = true;
-        c.vmm.firecracker_binary = PathBuf::from("/bin/busybox");
+        c.jailer.enabled = true;
+        c.firecracker_binary = PathBuf::from("/bin/busybox");
         let err = choose(&c).await.err().unwrap();
         assert!(err.to_string().contains("vmm.jailer.binary"), "{err}");
     }

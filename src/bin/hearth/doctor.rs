@@ -234,7 +234,7 @@ fn guest_init(config: &Config) -> Check {
 /// The check hearthd makes at start: the VMMs can reach the guest kit, and the data dir
 /// keeps their files' owners.
 fn vmm_layout(config: &Config) -> Check {
-    let result = hearth::vmm::confine::check_layout(config);
+    let result = hearth::vmm::confine::check_layout(&config.layout(), &config.vmm);
     let detail = match &result {
         Ok(()) if !config.vmm.unprivileged => "VMMs run as root".to_string(),
         Ok(()) => format!(
