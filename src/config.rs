@@ -330,7 +330,10 @@ pub struct CapacityConfig {
     /// Smallest memory one machine may ask for, in MiB (the guest kernel panics below ~96).
     pub min_memory_mib_per_machine: u64,
     /// Space the data dir's filesystem keeps free, in MiB: a create whose root disk would
-    /// take the free space below it is refused.
+    /// take the free space below it is refused. Apart from `images.min_free_mib` because
+    /// the two guard different things, often on different file systems: this one the
+    /// machines' own disks, which grow while the machines run (a larger reserve); that one
+    /// the image cache's one-off pulls and builds, on the cache dir's file system.
     pub min_free_mib: u64,
 }
 

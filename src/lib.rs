@@ -18,6 +18,7 @@ pub mod heap;
 pub mod image;
 pub mod layout;
 pub mod machine;
+pub mod machine_id;
 pub mod metrics;
 pub mod net;
 pub mod route;

@@ -258,7 +258,7 @@ async fn console_until(daemon: &Daemon, id: &str, needle: &str, limit: Duration)
         .path()
         .join("data/machines")
         .join(id)
-        .join(hearth::vmm::qemu::SERIAL_LOG);
+        .join(hearth::vmm::SERIAL_LOG);
     let deadline = std::time::Instant::now() + limit;
     loop {
         let log = String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! Reconcile -> load record -> observe the host -> decide; nothing to do: stop here
-//! advance: read the record, [apply the finished step's outcome], observe the host,
+//! advance: read the record, [apply the finished step's outcome], observe the host (after
+//!          a step, only that step's probe and the VMM; on a Reconcile, every probe),
 //!          decide, then one commit of it all plus the next move (Begun mark / settled
 //!          state / VMM lost / give up) — only if the record is still the one read
 //!          (else read, observe and decide again)
@@ -96,7 +97,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl MachineActor {
-    /// Every step's probe (see `steps::observe`).
+    /// Every finished step's probe (see `steps::observe`).
     fn observe(services: &Services, rec: &MachineRecord) -> Observed {
         steps::observe(services, rec, CREATE_ORDER)
     }
@@ -139,7 +140,13 @@ impl MachineActor {
                 messages.push(apply_report(&mut rec, report));
             }
             if !pause {
-                let seen = Self::observe(services, &rec);
+                // After a step, only its own probe is asked (plus the VMM's liveness):
+                // the rest was looked at when the run began, and a later Reconcile (a
+                // wake, a restart, a VMM's exit) looks at everything again.
+                let seen = match outcome {
+                    Some(report) => steps::observe(services, &rec, [report.step]),
+                    None => Self::observe(services, &rec),
+                };
                 let decision = decide::decide(&rec, &seen, &policy);
                 messages.extend(apply_decision(&mut rec, &decision));
                 decided = Some(decision);

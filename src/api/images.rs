@@ -10,6 +10,7 @@ use super::convert;
 use super::machines::async_stream;
 use super::pb::{self, image_service_server::ImageService};
 use super::status::ApiError;
+use crate::machine::spec::SpecError;
 use crate::actors::rootfs_cache::{ImageInfo, RootfsMsg};
 use crate::actors::{ask, names};
 use crate::image::ImageRef;
@@ -132,9 +133,11 @@ impl ImageService for Images {
     ) -> Result<Response<pb::RemoveImageResponse>, Status> {
         let wanted = request.into_inner().image;
         if wanted.is_empty() {
-            return Err(Status::invalid_argument(
-                "image: empty (give a name as ListImages shows it, or a base digest)",
-            ));
+            return Err(ApiError::Spec(SpecError::Invalid {
+                field: "image",
+                reason: "empty (give a name as ListImages shows it, or a base digest)".into(),
+            })
+            .into());
         }
         crate::machine::spec::check_image_field("image", &wanted).map_err(ApiError::Spec)?;
         let removed = ask(

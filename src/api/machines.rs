@@ -382,7 +382,7 @@ impl MachineService for Machines {
     ) -> Result<Response<pb::WaitMachineResponse>, Status> {
         let req = req.into_inner();
         let target = convert::state_from(req.state)
-            .ok_or_else(|| Status::invalid_argument("state: a machine state is required"))?;
+            .ok_or(ApiError::Spec(spec::SpecError::Missing { field: "state" }))?;
         let timeout = Duration::from_millis(u64::from(req.timeout_ms)).min(MAX_WAIT);
         // Subscribe before reading, so no change between the read and the wait is missed.
         let mut events = self.services.subscribe_events();
@@ -408,7 +408,7 @@ impl MachineService for Machines {
                 let next = tokio::select! {
                     next = tokio::time::timeout_at(deadline, events.recv()) => next,
                     _ = stopping.wait_for(|stopping| *stopping) => {
-                        return Err(Status::unavailable(SHUTTING_DOWN));
+                        return Err(ApiError::ShuttingDown.into());
                     }
                 };
                 match next {
@@ -422,7 +422,7 @@ impl MachineService for Machines {
                     Ok(Ok(event)) if event.machine_id != req.id => continue,
                     Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => break,
                     Ok(Err(RecvError::Closed)) => {
-                        return Err(Status::unavailable(SHUTTING_DOWN));
+                        return Err(ApiError::ShuttingDown.into());
                     }
                 }
             }
@@ -532,7 +532,7 @@ where
                 // (Or the sender is gone: the daemon is going too.)
                 let _ = stop.wait_for(|stopping| *stopping).await;
             } => {
-                let goodbye = Status::unavailable(SHUTTING_DOWN);
+                let goodbye = Status::from(ApiError::ShuttingDown);
                 let _ = tokio::time::timeout(GOODBYE_WAIT, watch.send(Err(goodbye))).await;
             }
         }
@@ -540,9 +540,6 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// What a stream or a wait hears when the daemon stops.
-pub const SHUTTING_DOWN: &str =
-    "the daemon is shutting down (machines keep running); call again once it is back";
 /// How long a stopping daemon tries to tell a slow reader why its stream ends.
 const GOODBYE_WAIT: Duration = Duration::from_millis(500);
 

@@ -37,6 +37,9 @@ pub enum ApiError {
     /// A singleton did not answer (it is restarting, or the daemon is stopping).
     #[error(transparent)]
     Ask(#[from] AskError),
+    /// The daemon is shutting down: a wait or a stream ends early.
+    #[error("the daemon is shutting down (machines keep running); call again once it is back")]
+    ShuttingDown,
 }
 
 impl From<ApiError> for Status {
@@ -68,7 +71,9 @@ impl From<ApiError> for Status {
                 ImageError::Build { .. } | ImageError::InUse { .. } | ImageError::Refused { .. },
             ) => Code::FailedPrecondition,
             ApiError::Cache(ImageError::NoSpace { .. }) => Code::ResourceExhausted,
-            ApiError::Cache(ImageError::Busy(_)) | ApiError::Ask(_) => Code::Unavailable,
+            ApiError::Cache(ImageError::Busy(_)) | ApiError::Ask(_) | ApiError::ShuttingDown => {
+                Code::Unavailable
+            }
             ApiError::Cache(ImageError::Host(_)) => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -94,14 +94,7 @@ pub fn policy_name(prefix: &str, id: &str) -> String {
     format!("{} chains m{id}_*", crate::net::policy::table_name(prefix))
 }
 
-/// True for hearth's machine id shape: 10 lowercase hex characters (the shape
-/// `machine::spec::new_machine_id` makes and the network names parse).
-pub fn is_machine_id(text: &str) -> bool {
-    text.len() == 10
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
+pub use crate::machine_id::is_machine_id;
 
 /// Scans the host first, then the tables (see `audit::run` for why this order).
 /// Read-only.
@@ -189,22 +182,6 @@ fn list_dir(dir: &Path) -> Result<Vec<Named>, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn machine_id_shape() {
-        assert!(is_machine_id("0123456789"));
-        assert!(is_machine_id("abcdef0123"));
-        for bad in [
-            "",
-            "012345678",
-            "01234567890",
-            "ABCDEF0123",
-            "abcdefg123",
-            "../../etc",
-        ] {
-            assert!(!is_machine_id(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn listing_names_ids_and_other_entries() {

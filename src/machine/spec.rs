@@ -146,11 +146,7 @@ pub fn check_machine_id(id: &str) -> Result<(), SpecError> {
     if id.is_empty() {
         return Err(SpecError::Missing { field: FIELD });
     }
-    let ok = id.len() == MACHINE_ID_LEN
-        && id
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
-    if !ok {
+    if !crate::machine_id::is_machine_id(id) {
         return Err(invalid(
             FIELD,
             format!(
@@ -162,15 +158,7 @@ pub fn check_machine_id(id: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Length of a machine id. Short enough that `<prefix><id>` fits a Linux interface name.
-pub const MACHINE_ID_LEN: usize = 10;
-
-/// A fresh random machine id.
-pub fn new_machine_id() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; MACHINE_ID_LEN / 2];
-    getrandom::fill(&mut bytes)?;
-    Ok(hex::encode(bytes))
-}
+pub use crate::machine_id::{MACHINE_ID_LEN, new_machine_id};
 
 /// The raw fields of a create request, as the API received them.
 #[derive(Debug, Clone, Default)]

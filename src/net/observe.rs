@@ -1,5 +1,7 @@
-//! What of a plan exists on the host right now: the input a reconciling run decides from
-//! ("is the network there, partly there, or gone?"). Read-only.
+//! What of a plan exists on the host right now, in detail: the namespace, each link, the
+//! tap, addresses and routes. Read-only. A diagnostic (and what the network tests check
+//! their effects with): a machine's run decides from the network step's probe (its
+//! namespace and host link exist, two stats), not from this.
 
 use std::net::Ipv4Addr;
 

@@ -7,9 +7,6 @@ use std::net::Ipv4Addr;
 
 use super::pool::PoolCidr;
 
-/// Length of a machine id: 10 lowercase hex characters (5 bytes), made by hearth.
-const MACHINE_ID_LEN: usize = 10;
-
 /// Longest name prefix. With a 10-character id the host veth name `<prefix><id>` is then
 /// at most 15 bytes, the kernel's limit for interface names.
 const MAX_PREFIX_LEN: usize = 5;
@@ -123,19 +120,9 @@ impl NetPlan {
     }
 }
 
-/// The id's five bytes, when it has hearth's shape (lowercase only: ids end up in
-/// interface and file names, where `AB` and `ab` must not be two machines).
+/// The id's five bytes, when it has hearth's shape (see `machine_id`).
 pub(crate) fn parse_machine_id(id: &str) -> Option<[u8; 5]> {
-    if id.len() != MACHINE_ID_LEN
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return None;
-    }
-    let mut out = [0u8; 5];
-    hex::decode_to_slice(id, &mut out).ok()?;
-    Some(out)
+    crate::machine_id::parse(id)
 }
 
 #[cfg(test)]

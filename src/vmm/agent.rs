@@ -647,7 +647,7 @@ pub fn console_tail(process: &VmmProcess) -> String {
         return String::new();
     };
     crate::text::printable(&super::logs::tail(
-        &dir.join(super::qemu::SERIAL_LOG),
+        &dir.join(crate::vmm::SERIAL_LOG),
         CONSOLE_TAIL,
     ))
 }

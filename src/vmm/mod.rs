@@ -53,6 +53,16 @@ pub use firecracker::FirecrackerDriver;
 pub use procfs::find_processes;
 pub use qemu::QemuDriver;
 
+/// The guest's serial console log in the machine directory (every driver).
+pub const SERIAL_LOG: &str = "serial.log";
+/// The guest's serial console as a socket the daemon drains into [`SERIAL_LOG`] (see
+/// `logs`; QEMU).
+pub const SERIAL_SOCKET: &str = "serial.sock";
+/// The VMM's own stdout/stderr in the machine directory (every driver).
+pub const VMM_LOG: &str = "vmm.log";
+/// Default prefix of the process marker (`hearth-<machine id>`, every driver).
+pub const DEFAULT_NAME_PREFIX: &str = "hearth-";
+
 /// The tap device the VMM attaches the guest's network interface to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TapSpec {
@@ -410,12 +420,12 @@ impl VmmDriver {
         process: &VmmProcess,
         machine_dir: &std::path::Path,
     ) -> (Option<(PathBuf, PathBuf)>, Vec<PathBuf>) {
-        let vmm_log = machine_dir.join(qemu::VMM_LOG);
+        let vmm_log = machine_dir.join(VMM_LOG);
         match self {
             VmmDriver::Qemu(_) => (
                 Some((
-                    machine_dir.join(qemu::SERIAL_SOCKET),
-                    machine_dir.join(qemu::SERIAL_LOG),
+                    machine_dir.join(SERIAL_SOCKET),
+                    machine_dir.join(SERIAL_LOG),
                 )),
                 vec![vmm_log],
             ),
@@ -424,7 +434,7 @@ impl VmmDriver {
                 (
                     None,
                     vec![
-                        host.join(qemu::SERIAL_LOG),
+                        host.join(SERIAL_LOG),
                         host.join(firecracker::FC_LOG),
                         host.join(firecracker::METRICS_FILE),
                         vmm_log,

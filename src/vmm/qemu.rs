@@ -35,19 +35,12 @@ use super::{
     pidfd, procfs,
 };
 
-/// The guest's serial console log in the machine directory.
-pub const SERIAL_LOG: &str = "serial.log";
-/// The guest's serial console, as a socket the daemon drains into [`SERIAL_LOG`] (see
-/// `vmm::logs`).
-pub const SERIAL_SOCKET: &str = "serial.sock";
-/// QEMU's stdout/stderr in the machine directory.
-pub const VMM_LOG: &str = "vmm.log";
+use super::{DEFAULT_NAME_PREFIX, SERIAL_LOG, SERIAL_SOCKET, VMM_LOG};
+
 /// The QMP socket in the machine directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// The agent socket in the machine directory.
 pub const AGENT_SOCKET: &str = "agent.sock";
-/// Default prefix of the process marker (`-name hearth-<machine id>`).
-pub const DEFAULT_NAME_PREFIX: &str = "hearth-";
 /// Name recorded in [`VmmProcess::driver`].
 pub const DRIVER_NAME: &str = "qemu";
 

@@ -139,7 +139,7 @@ impl FirecrackerDriver {
     pub fn new(binary: PathBuf) -> FirecrackerDriver {
         FirecrackerDriver {
             binary,
-            name_prefix: super::qemu::DEFAULT_NAME_PREFIX.to_string(),
+            name_prefix: crate::vmm::DEFAULT_NAME_PREFIX.to_string(),
             jailer: None,
             children: Children::default(),
             agent_listeners: Mutex::new(HashMap::new()),
@@ -284,7 +284,7 @@ impl FirecrackerDriver {
         }
         spawn::remove_stale(&spec.machine_id, &agent_socket(&layout.host_dir))?;
         // Firecracker opens its log and metrics files, it does not create them.
-        for file in [FC_LOG, METRICS_FILE, super::qemu::SERIAL_LOG] {
+        for file in [FC_LOG, METRICS_FILE, crate::vmm::SERIAL_LOG] {
             let path = layout.host(file);
             // In the jail, which its VMM can write: nothing there is followed.
             crate::vmmdir::VmmDir::parent_of(&path)
@@ -308,7 +308,7 @@ impl FirecrackerDriver {
             args,
             workdir: &spec.workdir,
             netns,
-            log: spec.workdir.join(super::qemu::VMM_LOG),
+            log: spec.workdir.join(crate::vmm::VMM_LOG),
             confine: &confine,
             tap: None,
         })?;
@@ -345,7 +345,7 @@ impl FirecrackerDriver {
         let mut requests = observability(layout);
         requests.extend([
             Request::Serial(SerialDevice {
-                serial_out_path: layout.vmm(super::qemu::SERIAL_LOG),
+                serial_out_path: layout.vmm(crate::vmm::SERIAL_LOG),
             }),
             Request::MachineConfig(MachineConfiguration {
                 vcpu_count: spec.vcpus.max(1),
@@ -437,7 +437,7 @@ impl FirecrackerDriver {
                         .children
                         .exit_of(process.pid)
                         .unwrap_or_else(|| "exit status unknown".to_string()),
-                    log: tail(&spec.workdir.join(super::qemu::VMM_LOG), LOG_TAIL),
+                    log: tail(&spec.workdir.join(crate::vmm::VMM_LOG), LOG_TAIL),
                 });
             }
             let last_error = match api.get::<InstanceInfo>(&Request::DescribeInstance).await {
