@@ -10,10 +10,10 @@ use super::convert;
 use super::machines::async_stream;
 use super::pb::{self, image_service_server::ImageService};
 use super::status::ApiError;
-use crate::machine::spec::SpecError;
 use crate::actors::rootfs_cache::{ImageInfo, RootfsMsg};
 use crate::actors::{ask, names};
 use crate::image::ImageRef;
+use crate::machine::spec::SpecError;
 
 /// A pull of a large image over a slow link may take long; the stream shows it moving.
 const PULL_TIMEOUT: Duration = Duration::from_secs(3600);

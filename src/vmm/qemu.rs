@@ -35,7 +35,7 @@ use super::{
     pidfd, procfs,
 };
 
-use super::{DEFAULT_NAME_PREFIX, SERIAL_LOG, SERIAL_SOCKET, VMM_LOG};
+use super::{DEFAULT_NAME_PREFIX, SERIAL_SOCKET, VMM_LOG};
 
 /// The QMP socket in the machine directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
