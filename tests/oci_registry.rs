@@ -638,6 +638,20 @@ fn fake_settings(fake: &FakeRegistry, auth: Option<(&str, &str)>) -> RegistrySet
     }
 }
 
+/// Pulls `app:v1` from the double without credentials; the error it must end with.
+async fn pull_from(fake: &FakeRegistry, blob_dir: &Path) -> PullError {
+    let (result, _) = pull(
+        &fake.reference("app", "v1"),
+        &fake_settings(fake, None),
+        blob_dir,
+    )
+    .await;
+    match result {
+        Ok(_) => panic!("the pull from the hostile registry succeeded"),
+        Err(e) => e,
+    }
+}
+
 #[tokio::test]
 async fn a_token_registry_is_pulled_from_with_the_credentials_sent_to_its_realm() {
     let image = Arc::new(sample_image("tokened"));
@@ -689,13 +703,7 @@ async fn endless_manifest_token_and_error_bodies_are_refused_at_their_caps() {
 
     for declare in [false, true] {
         let fake = FakeRegistry::start(Mode::EndlessManifest { declare }).await;
-        let (err, _) = pull(
-            &fake.reference("app", "v1"),
-            &fake_settings(&fake, None),
-            blobs.path(),
-        )
-        .await;
-        let err = err.unwrap_err();
+        let err = pull_from(&fake, blobs.path()).await;
         let message = err.to_string();
         assert!(err.is_over_limit(), "{message}");
         assert!(
@@ -714,13 +722,7 @@ async fn endless_manifest_token_and_error_bodies_are_refused_at_their_caps() {
     }
 
     let fake = FakeRegistry::start(Mode::EndlessToken).await;
-    let (err, _) = pull(
-        &fake.reference("app", "v1"),
-        &fake_settings(&fake, None),
-        blobs.path(),
-    )
-    .await;
-    let message = err.unwrap_err().to_string();
+    let message = pull_from(&fake, blobs.path()).await.to_string();
     assert!(
         message.contains(&format!(
             "token response over the limit of {} bytes",
@@ -731,13 +733,7 @@ async fn endless_manifest_token_and_error_bodies_are_refused_at_their_caps() {
     stopped_early(&fake);
 
     let fake = FakeRegistry::start(Mode::EndlessError).await;
-    let (err, _) = pull(
-        &fake.reference("app", "v1"),
-        &fake_settings(&fake, None),
-        blobs.path(),
-    )
-    .await;
-    let err = err.unwrap_err();
+    let err = pull_from(&fake, blobs.path()).await;
     let message = err.to_string();
     assert!(err.is_missing(), "{message}");
     assert!(message.contains("HTTP 404"), "{message}");

@@ -217,11 +217,7 @@ impl Daemon {
 
     /// The daemon's peak resident memory in KiB (`VmHWM`), while it runs.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        status_kib(self.pid()?, "VmHWM")
     }
 
     /// SIGKILLs the process.
@@ -804,10 +800,15 @@ pub async fn create_started(
 /// The resident memory of process `pid` in KiB (`VmRSS`), while it runs.
 #[allow(dead_code)]
 pub fn rss_kib(pid: i32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `<field>: <n> kB` line of process `pid`'s `/proc/<pid>/status`, while it runs.
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
