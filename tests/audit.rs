@@ -86,7 +86,7 @@ async fn a_machine_audits_clean_through_its_life() {
 
     // Something in the machines directory that is not a machine: a leak the CLI reports
     // with status 1, and that no sweep removes (its name says nothing of its owner).
-    let stray = daemon.dir.path().join("data/machines/stray.tmp");
+    let stray = daemon.layout().machines().join("stray.tmp");
     std::fs::write(&stray, b"").expect("plant");
     let (code, json) = cli_audit(&daemon);
     assert_eq!(code, 1, "{json}");
@@ -113,8 +113,8 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     assert_clean(&support::audit(&mut client).await);
     daemon.kill();
 
-    let data = daemon.dir.path().join("data");
-    let machines = data.join("machines");
+    let layout = daemon.layout();
+    let machines = layout.machines();
     let prefix = daemon.prefix.clone();
     // A network of an id nobody knows (a namespace and a veth pair into it), as a crash
     // between acquiring and recording leaves it.
@@ -138,7 +138,7 @@ async fn orphans_left_while_the_daemon_was_down_are_swept_at_start() {
     // A lease and a route of an id nobody knows.
     let table_orphan = new_machine_id().expect("id");
     {
-        let store = hearth::store::Store::open(&data.join("hearth.redb")).expect("open store");
+        let store = hearth::store::Store::open(&layout.store()).expect("open store");
         store.lease(&table_orphan, 32).expect("lease");
         store
             .publish_route(&hearth::route::Route {

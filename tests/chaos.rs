@@ -247,7 +247,7 @@ async fn leftovers(daemon: &Daemon, client: &mut Client) -> Vec<String> {
             .iter()
             .map(|pid| format!("process {pid}")),
     );
-    if let Ok(entries) = std::fs::read_dir(daemon.dir.path().join("data/machines")) {
+    if let Ok(entries) = std::fs::read_dir(daemon.layout().machines()) {
         found.extend(
             entries
                 .flatten()

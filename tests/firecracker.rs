@@ -378,12 +378,7 @@ async fn hearthd_with_the_jailer_owns_audits_and_cleans_up_jailed_machines() {
         .expect("create")
         .into_inner();
     running_or_waiting(&mut client, &created.id).await;
-    let jails = daemon
-        .dir
-        .path()
-        .join("data/machines")
-        .join(&created.id)
-        .join("jail");
+    let jails = daemon.layout().machine_dir(&created.id).join("jail");
     assert!(jails.is_dir(), "no jail at {jails:?}");
     // The audit finds the jailed VMM as this machine's (nothing missing, nothing leaked),
     // although its command line only names paths inside the jail.
@@ -574,7 +569,7 @@ async fn a_jailed_relaunch_starts_from_a_clean_jail_and_leaves_nothing() {
         );
         failed
     };
-    let machine_dir = daemon.dir.path().join("data/machines").join(&machine.id);
+    let machine_dir = daemon.layout().machine_dir(&machine.id);
     client
         .machines
         .destroy_machine(pb::MachineRef {

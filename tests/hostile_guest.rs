@@ -254,10 +254,8 @@ async fn console_with(daemon: &Daemon, id: &str, needle: &str) -> String {
 /// [`console_with`], waiting up to `limit`.
 async fn console_until(daemon: &Daemon, id: &str, needle: &str, limit: Duration) -> String {
     let path = daemon
-        .dir
-        .path()
-        .join("data/machines")
-        .join(id)
+        .layout()
+        .machine_dir(id)
         .join(hearth::vmm::SERIAL_LOG);
     let deadline = std::time::Instant::now() + limit;
     loop {

@@ -193,7 +193,7 @@ async fn a_vmm_that_replaces_its_files_never_makes_root_write_outside() {
         .into_inner();
     let id = machine.id.clone();
     let machine = wait_for(&mut client, &id, pb::MachineState::Started).await;
-    let dir = daemon.dir.path().join("data/machines").join(&id);
+    let dir = daemon.layout().machine_dir(&id);
     let owner = std::fs::metadata(&dir).expect("machine dir");
     let (uid, gid) = (owner.uid(), owner.gid());
     assert_ne!(uid, 0, "the VMM's directory is the VMM's");

@@ -572,22 +572,19 @@ async fn the_vmm_runs_unprivileged_sandboxed_and_limited() {
             .expect("setpriv")
             .success()
     };
-    let data = daemon.dir.path().join("data");
+    let layout = daemon.layout();
     let path = |p: std::path::PathBuf| p.display().to_string();
-    assert!(as_vmm(&[
-        "ls",
-        &path(data.join("machines").join(&machine.id))
-    ]));
+    assert!(as_vmm(&["ls", &path(layout.machine_dir(&machine.id))]));
     assert!(
-        !as_vmm(&["cat", &path(data.join("hearth.redb"))]),
+        !as_vmm(&["cat", &path(layout.store())]),
         "the store is readable"
     );
     assert!(
-        !as_vmm(&["ls", &path(data.join("machines"))]),
+        !as_vmm(&["ls", &path(layout.machines())]),
         "machines are listable"
     );
     assert!(
-        !as_vmm(&["ls", &path(data.join("images"))]),
+        !as_vmm(&["ls", &path(layout.images())]),
         "bases are listable"
     );
 
@@ -624,7 +621,7 @@ async fn a_console_flood_stays_under_the_log_cap() {
         .into_inner();
     let calm = wait_for(&mut client, &calm.id, pb::MachineState::Started).await;
 
-    let dir = daemon.dir.path().join("data/machines").join(&flooder.id);
+    let dir = daemon.layout().machine_dir(&flooder.id);
     let log = dir.join("serial.log");
     let old = dir.join("serial.log.1");
     let cap = 1u64 << 20;

@@ -58,7 +58,7 @@ fn assert_nothing_left(daemon: &Daemon, ids: &[String]) {
             vmm_processes(id).is_empty(),
             "a VMM of {id} is still running"
         );
-        let dir = daemon.dir.path().join("data/machines").join(id);
+        let dir = daemon.layout().machine_dir(id);
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }

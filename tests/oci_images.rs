@@ -78,7 +78,7 @@ async fn image_step_failure(client: &mut Client, id: &str) -> String {
 /// whole root in the `copy` layout, the overlay's upper layer (its `root` directory) in
 /// the `overlay` layout.
 fn read_from_disk(daemon: &Daemon, id: &str, path: &str) -> String {
-    let dir = daemon.dir.path().join("data/machines").join(id);
+    let dir = daemon.layout().machine_dir(id);
     let disk = dir.join("rootfs.ext4");
     let inside = if dir.join("base.ext4").exists() {
         format!("/root{path}")

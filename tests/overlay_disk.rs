@@ -66,7 +66,7 @@ async fn restart(client: &mut Client, id: &str) -> String {
 }
 
 fn machine_dir(daemon: &Daemon, id: &str) -> PathBuf {
-    daemon.dir.path().join("data/machines").join(id)
+    daemon.layout().machine_dir(id)
 }
 
 fn sha256(path: &Path) -> String {

@@ -127,7 +127,7 @@ async fn twenty_random_kills_during_concurrent_creates_and_destroys() {
         "VMMs left: {:?}",
         daemon.processes()
     );
-    let dirs: Vec<_> = std::fs::read_dir(daemon.dir.path().join("data/machines"))
+    let dirs: Vec<_> = std::fs::read_dir(daemon.layout().machines())
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(dirs.is_empty(), "machine directories left: {dirs:?}");

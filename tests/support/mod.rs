@@ -36,6 +36,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Where this daemon keeps its files (its `data_dir` and `cache_dir` in `dir`).
+    pub fn layout(&self) -> hearth::layout::Layout {
+        hearth::layout::Layout::new(self.dir.path().join("data"), self.dir.path().join("cache"))
+    }
+
     /// Starts a daemon with `extra` TOML appended to its config.
     pub fn start_with(extra: &str) -> Daemon {
         let mut daemon = Daemon::prepare(extra);

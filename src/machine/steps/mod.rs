@@ -6,10 +6,9 @@
 //! its row (its place in the create order, what a stop releases, what it owns...). The
 //! enum, the dispatch and every order derive from it, so a new step is its catalogue row
 //! and its file. This module also folds the probes into the run's observation
-//! ([`observe`]). A step
-//! reaches the singletons only through its [`StepContext`]; its own files (the machine
-//! directory) it touches itself. Each step is unit-tested against an in-memory host
-//! (`testing`).
+//! ([`observe`]). A step reaches the singletons only through its [`StepContext`]; its own
+//! files (the machine directory) it touches itself. Each step is unit-tested against an
+//! in-memory host (`testing`).
 //!
 //! A failure is typed ([`StepError`]): `Retry` is transient and is tried again after a
 //! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot

@@ -59,6 +59,7 @@ struct State {
 /// The in-memory host (see the module doc).
 pub struct FakeHost {
     root: tempfile::TempDir,
+    layout: crate::layout::Layout,
     state: Mutex<State>,
 }
 
@@ -72,9 +73,12 @@ impl FakeHost {
     /// An empty host with its own temporary directory.
     pub fn new() -> FakeHost {
         let root = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(root.path().join("machines")).expect("machines dir");
+        let layout =
+            crate::layout::Layout::new(root.path().join("data"), root.path().join("cache"));
+        std::fs::create_dir_all(layout.machines()).expect("machines dir");
         FakeHost {
             root,
+            layout,
             state: Mutex::new(State {
                 next_pid: 1000,
                 ..State::default()
@@ -159,7 +163,7 @@ impl FakeHost {
 
     /// The directory the machine directories live in.
     pub fn machines(&self) -> PathBuf {
-        self.root.path().join("machines")
+        self.layout.machines()
     }
 
     /// A fresh record of machine [`ID`] for the `demo` image, wanted started.
@@ -212,7 +216,7 @@ impl FakeHost {
 
 impl StepContext for FakeHost {
     fn machine_dir(&self, id: &str) -> PathBuf {
-        self.machines().join(id)
+        self.layout.machine_dir(id)
     }
 
     fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError> {
