@@ -189,6 +189,19 @@ pub struct PoolConfig {
     pub max_age_secs: u64,
 }
 
+impl PoolConfig {
+    /// The pool as a create is matched against it (see `machine::claim`).
+    pub fn shape(&self) -> crate::machine::claim::PoolShape<'_> {
+        crate::machine::claim::PoolShape {
+            name: &self.name,
+            image: &self.image,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_mib: self.disk_mib,
+        }
+    }
+}
+
 /// API listener settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -991,24 +1004,6 @@ impl Config {
             init_binary: self.init_binary(),
         }
     }
-
-    /// Total vCPUs and MiB this host admits.
-    pub fn capacity_totals(&self) -> (u32, u64) {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
-        let vcpus = if self.capacity.vcpus == 0 {
-            cores * 8
-        } else {
-            self.capacity.vcpus
-        };
-        let memory = if self.capacity.memory_mib == 0 {
-            host_memory_mib().saturating_sub(1024).max(256)
-        } else {
-            self.capacity.memory_mib
-        };
-        (vcpus, memory)
-    }
 }
 
 /// The guest resolver's address when guests resolve: the first address of the pool's last
@@ -1037,23 +1032,6 @@ fn invalid(key: impl Into<String>, reason: String) -> ConfigError {
         key: key.into(),
         reason,
     }
-}
-
-fn host_memory_mib() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

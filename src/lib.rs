@@ -15,6 +15,7 @@ pub mod elf;
 pub mod failpoints;
 pub mod guest;
 pub mod heap;
+pub mod host;
 pub mod image;
 pub mod layout;
 pub mod machine;

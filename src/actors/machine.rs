@@ -3,17 +3,27 @@
 //!
 //! ```text
 //! Reconcile -> load record -> observe the host -> decide; nothing to do: stop here
-//! advance: read the record, [apply the finished step's outcome], observe the host (after
-//!          a step, only that step's probe and the VMM; on a Reconcile, every probe),
-//!          decide, then one commit of it all plus the next move (Begun mark / settled
-//!          state / VMM lost / give up) — only if the record is still the one read
-//!          (else read, observe and decide again)
-//!     Acquire/Release(step) -> spawn the step's effect -> StepDone -> advance
+//! advance: read the record, [apply the finished run's outcomes], observe the host (after
+//!          a run, only its steps' probes and the VMM; on a Reconcile, every probe),
+//!          decide, then one commit of it all plus the next move (the Begun marks of the
+//!          next run / settled state / VMM lost / give up) — only if the record is still
+//!          the one read (else read, observe and decide again)
+//!     Acquire(step) -> the run of acquires that can begin with it (decide::run_of: up
+//!                      to the first wait); each effect in turn -> StepDone -> the next
+//!                      effect, on the record as the earlier ones left it -> advance
+//!     Release(step) -> spawn the step's effect -> StepDone -> advance
 //!     step failed (retry)   -> Reconcile after a backoff
 //!     step failed (permanent) -> the machine fails at once; its run releases everything
 //!     VmmLost / GiveUp      -> advance again
 //!     Settle                -> idle (the actor stops once the machine is destroyed)
 //! ```
+//!
+//! A run of several acquires costs two commits, not one per step: its marks are made
+//! durable together before its first effect, and its outcomes are recorded together after
+//! its last (see `decide::run_of` for why that is as safe as one step at a time). A run
+//! cut short by a failure records what ran, and unmarks the steps it marked that never
+//! started. Every step still crosses its own fail points: before its effect, after it,
+//! and after the commit that records it.
 //!
 //! The host is observed outside the store's write transaction, so one machine's probes
 //! (`/proc`, `stat`) never hold up another machine's commit. Observing has no effect: the
@@ -38,7 +48,7 @@ use super::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
 use crate::machine::decide::{self, Decision, Next, Observed};
 use crate::machine::record::{Desired, MachineRecord, MachineState, StepTiming};
-use crate::machine::step::{CREATE_ORDER, Direction, Mark, Step};
+use crate::machine::step::{CREATE_ORDER, Direction, Step, StepSet};
 use crate::machine::steps::{self, StepError, StepOutput};
 use crate::store::StoreError;
 
@@ -83,6 +93,42 @@ struct Running {
     /// For fail point names only.
     operation: Operation,
     task: JoinHandle<()>,
+    /// The run this effect is part of.
+    run: RunAhead,
+}
+
+/// The part of a run around the effect in flight: what ran before it and what follows.
+struct RunAhead {
+    /// The record as the effects before this one left it (their outputs applied), not
+    /// yet committed; the next effect is given it.
+    rec: MachineRecord,
+    /// The reports of the effects before this one, in order.
+    done: Vec<StepReport>,
+    /// The steps after this one, in order.
+    next: Vec<Step>,
+    /// The steps whose `Begun` mark the run's begin made (see `decide::apply_not_run`).
+    marked: StepSet,
+}
+
+/// What a finished run hands to the next commit.
+struct Outcome {
+    /// The reports of the effects that ran, in order; the last may be a failure.
+    reports: Vec<StepReport>,
+    /// The steps of the run whose effect never started (after a failure).
+    not_run: Vec<Step>,
+    /// See [`RunAhead::marked`].
+    marked: StepSet,
+    /// For fail point names only.
+    operation: Operation,
+}
+
+/// One `advance`: the committed record, the decision (none: a failed step pauses the
+/// run), and the run it began (empty unless the decision is an acquire).
+struct Advanced {
+    rec: MachineRecord,
+    decision: Option<Decision>,
+    run: Vec<Step>,
+    marked: StepSet,
 }
 
 /// The MachineActor.
@@ -102,11 +148,11 @@ impl MachineActor {
         steps::observe(services, rec, CREATE_ORDER)
     }
 
-    /// One commit that records a finished step's outcome (when given) and, unless the
-    /// outcome asks for a pause, the next move the decision picks: the `Begun` mark of the
-    /// next step, the settled state, a lost VMM or giving up. Recording "step N done" and
-    /// "step N+1 begun" together halves the commits of a run without weakening the
-    /// invariant: the next step's effect still starts only after its mark is durable.
+    /// One commit that records a finished run's outcomes (when given) and, unless the
+    /// last asks for a pause, the next move the decision picks: the `Begun` marks of the
+    /// next run, the settled state, a lost VMM or giving up. Recording "run N done" and
+    /// "run N+1 begun" together halves the commits again without weakening the
+    /// invariant: an effect still starts only after its mark is durable.
     ///
     /// The host is observed before the write transaction, on the record as it will be
     /// after the outcome; the commit goes ahead only if the stored record is still the
@@ -114,8 +160,8 @@ impl MachineActor {
     /// again on the new record.
     fn advance(
         state: &RunState,
-        outcome: Option<&StepReport>,
-    ) -> Result<(MachineRecord, Option<Decision>), ActorProcessingErr> {
+        outcome: Option<&Outcome>,
+    ) -> Result<Advanced, ActorProcessingErr> {
         let services = &state.services;
         let policy = services.policy();
         loop {
@@ -127,28 +173,40 @@ impl MachineActor {
             rec.updated_at_ms = now_ms();
             let mut messages = Vec::new();
             let mut decided = None;
+            let mut run = Vec::new();
+            let mut marked = StepSet::EMPTY;
             // A retryable failure pauses the run (a backoff, then Reconcile); a failed
             // readiness wait is a boot attempt, decided at once, and so is a permanent
             // failure (the machine fails and its run releases everything).
-            let pause = outcome.is_some_and(|report| {
-                report
-                    .result
-                    .as_ref()
-                    .is_err_and(|e| !e.is_permanent() && report.step != Step::Ready)
-            });
-            if let Some(report) = outcome {
-                messages.push(apply_report(&mut rec, report));
+            let pause = outcome
+                .and_then(|o| o.reports.last())
+                .is_some_and(|report| {
+                    report
+                        .result
+                        .as_ref()
+                        .is_err_and(|e| !e.is_permanent() && report.step != Step::Ready)
+                });
+            if let Some(outcome) = outcome {
+                for report in &outcome.reports {
+                    messages.push(apply_report(&mut rec, report));
+                }
+                decide::apply_not_run(&mut rec, &outcome.not_run, outcome.marked);
             }
             if !pause {
-                // After a step, only its own probe is asked (plus the VMM's liveness):
-                // the rest was looked at when the run began, and a later Reconcile (a
-                // wake, a restart, a VMM's exit) looks at everything again.
+                // After a run, only its steps' probes are asked (plus the VMM's
+                // liveness): the rest was looked at when the run began, and a later
+                // Reconcile (a wake, a restart, a VMM's exit) looks at everything again.
                 let seen = match outcome {
-                    Some(report) => steps::observe(services, &rec, [report.step]),
+                    Some(o) => steps::observe(services, &rec, o.reports.iter().map(|r| r.step)),
                     None => Self::observe(services, &rec),
                 };
                 let decision = decide::decide(&rec, &seen, &policy);
-                messages.extend(apply_decision(&mut rec, &decision));
+                if let Next::Acquire(first) = decision.next {
+                    run = decide::run_of(&rec, &seen, &policy, first);
+                }
+                let (said, began) = decide::apply_decision(&mut rec, &decision, &run);
+                messages.extend(said);
+                marked = began;
                 decided = Some(decision);
             }
             let committed = services.store().update_machine(&state.id, |stored| {
@@ -163,7 +221,12 @@ impl MachineActor {
                     for event in events {
                         services.emit(event);
                     }
-                    return Ok((rec, decided));
+                    return Ok(Advanced {
+                        rec,
+                        decision: decided,
+                        run,
+                        marked,
+                    });
                 }
                 Err(StoreError::Changed) => continue,
                 Err(e) => return Err(e.into()),
@@ -210,13 +273,20 @@ impl MachineActor {
     fn drive(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
-        mut outcome: Option<(StepReport, Operation)>,
+        mut outcome: Option<Outcome>,
     ) -> Result<(), ActorProcessingErr> {
         loop {
-            let (rec, decision) = Self::advance(state, outcome.as_ref().map(|(r, _)| r))?;
+            let Advanced {
+                rec,
+                decision,
+                run,
+                marked,
+            } = Self::advance(state, outcome.as_ref())?;
             Self::watch_vmm(myself, state, &rec);
-            if let Some((report, operation)) = &outcome {
-                failpoints::hit_step(*operation, report.step, Boundary::AfterCommit);
+            if let Some(outcome) = &outcome {
+                for report in &outcome.reports {
+                    failpoints::hit_step(outcome.operation, report.step, Boundary::AfterCommit);
+                }
             }
             let Some(decision) = decision else {
                 // A failed step: try again after a backoff.
@@ -233,14 +303,31 @@ impl MachineActor {
                 }
                 Next::VmmLost | Next::Lost(_) | Next::GiveUp(_) => continue,
                 Next::Wait(until_ms) => {
+                    tracing::debug!(until_ms, "waiting before a restart");
                     Self::wake_at(myself, until_ms);
                     return Ok(());
                 }
                 Next::Acquire(step) => {
-                    return Self::spawn_effect(myself, state, step, Direction::Acquire, rec);
+                    let operation = Operation::of(&rec, Direction::Acquire);
+                    let ahead = RunAhead {
+                        next: run.iter().skip(1).copied().collect(),
+                        marked,
+                        rec,
+                        done: Vec::new(),
+                    };
+                    Self::spawn_effect(myself, state, step, Direction::Acquire, operation, ahead);
+                    return Ok(());
                 }
                 Next::Release(step) => {
-                    return Self::spawn_effect(myself, state, step, Direction::Release, rec);
+                    let operation = Operation::of(&rec, Direction::Release);
+                    let ahead = RunAhead {
+                        rec,
+                        done: Vec::new(),
+                        next: Vec::new(),
+                        marked: StepSet::EMPTY,
+                    };
+                    Self::spawn_effect(myself, state, step, Direction::Release, operation, ahead);
+                    return Ok(());
                 }
             }
         }
@@ -264,9 +351,13 @@ impl MachineActor {
             if running.direction == Direction::Acquire && running.step.cancellable() && !wanted {
                 running.task.abort();
                 let step = running.step;
+                // A wait only leads a run (`decide::run_of`), so nothing of it finished;
+                // the steps after it never started.
+                let (not_run, marked) = (running.run.next.clone(), running.run.marked);
                 state.running = None;
                 let (_, events) = state.services.store().update_machine(&state.id, |rec| {
                     rec.current = None;
+                    decide::apply_not_run(rec, &not_run, marked);
                     Ok(Some(format!(
                         "{step} cancelled: the machine is no longer wanted started"
                     )))
@@ -310,17 +401,20 @@ impl MachineActor {
         myself.send_after(delay, || MachineMsg::Reconcile);
     }
 
+    /// Starts `step`'s effect in a task, on the record as the run so far left it
+    /// (`ahead.rec`).
     fn spawn_effect(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
         step: Step,
         direction: Direction,
-        rec: MachineRecord,
-    ) -> Result<(), ActorProcessingErr> {
-        let operation = Operation::of(&rec, direction);
+        operation: Operation,
+        ahead: RunAhead,
+    ) {
         failpoints::hit_step(operation, step, Boundary::BeforeEffect);
         let services = state.services.clone();
         let me = myself.clone();
+        let rec = ahead.rec.clone();
         // Every line the effect logs names the machine and the step (the `log.format`
         // either way).
         let span = tracing::info_span!(
@@ -369,10 +463,13 @@ impl MachineActor {
             direction,
             operation,
             task,
+            run: ahead,
         });
-        Ok(())
     }
 
+    /// A step's effect finished: the next effect of its run starts on the record as
+    /// this one left it, or, after the run's last effect or a failure, the run's outcomes
+    /// are committed.
     fn finish(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
@@ -390,55 +487,32 @@ impl MachineActor {
             return Ok(());
         };
         failpoints::hit_step(running.operation, report.step, Boundary::AfterEffect);
-        Self::drive(myself, state, Some((report, running.operation)))
+        let mut ahead = running.run;
+        if let Ok(output) = &report.result
+            && !ahead.next.is_empty()
+        {
+            steps::apply_output(&mut ahead.rec, output);
+            ahead.done.push(report);
+            let step = ahead.next.remove(0);
+            Self::spawn_effect(
+                myself,
+                state,
+                step,
+                running.direction,
+                running.operation,
+                ahead,
+            );
+            return Ok(());
+        }
+        ahead.done.push(report);
+        let outcome = Outcome {
+            reports: ahead.done,
+            not_run: ahead.next,
+            marked: ahead.marked,
+            operation: running.operation,
+        };
+        Self::drive(myself, state, Some(outcome))
     }
-}
-
-/// Records the decision's next move on the record. Returns the event messages.
-fn apply_decision(rec: &mut MachineRecord, decision: &Decision) -> Vec<String> {
-    let mut messages = Vec::new();
-    let changed = rec.state != decision.state;
-    match &decision.next {
-        Next::Settle => {
-            rec.state = decision.state;
-            rec.current = None;
-        }
-        Next::VmmLost => {
-            let crashed = rec.mark(Step::Ready) == Mark::Done;
-            decide::apply_vmm_lost(rec, rec.updated_at_ms);
-            rec.state = decision.state;
-            messages.push(if crashed {
-                format!(
-                    "the VMM is gone after the guest was ready (crash {} on record)",
-                    rec.crashes.len()
-                )
-            } else {
-                "the VMM is gone; it will be started again".to_string()
-            });
-        }
-        Next::Wait(until_ms) => {
-            rec.state = decision.state;
-            rec.current = None;
-            tracing::debug!(machine = %rec.id, until_ms, "waiting before a restart");
-        }
-        Next::Lost(step) => {
-            decide::apply_lost(rec, *step);
-            rec.state = decision.state;
-            messages.push(format!(
-                "{step} is gone from the host; it will be made again"
-            ));
-        }
-        Next::GiveUp(reason) => {
-            decide::apply_give_up(rec, reason.clone());
-            messages.push(format!("failed: {reason}"));
-        }
-        Next::Acquire(step) => decide::apply_begin(rec, *step, Direction::Acquire, decision.state),
-        Next::Release(step) => decide::apply_begin(rec, *step, Direction::Release, decision.state),
-    }
-    if changed && !matches!(decision.next, Next::GiveUp(_)) {
-        messages.push(decision.state.name().to_string());
-    }
-    messages
 }
 
 /// Records a step's outcome: its output, its mark, its timing. Returns the event message.

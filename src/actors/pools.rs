@@ -27,8 +27,10 @@ use super::names;
 use super::services::Services;
 use super::supervisor::SupervisorMsg;
 use crate::config::PoolConfig;
-use crate::machine::record::{Desired, MachineRecord, MachineState, Pooled};
-use crate::machine::spec::{MachineSpec, new_machine_id};
+use crate::machine::claim;
+use crate::machine::decide::apply_desired;
+use crate::machine::record::{Desired, MachineRecord, MachineState};
+use crate::machine::spec::new_machine_id;
 
 /// How often the pools are looked at without being asked.
 const TICK: Duration = Duration::from_millis(500);
@@ -148,7 +150,7 @@ impl PoolState {
             if r.desired == Desired::Destroyed || r.claimed() {
                 return Ok(Vec::new());
             }
-            r.desired = Desired::Destroyed;
+            apply_desired(r, Desired::Destroyed);
             r.updated_at_ms = now;
             Ok(vec![format!("retired by its pool: {why}")])
         });
@@ -262,20 +264,8 @@ impl PoolState {
     /// Records one new prepared machine for `pool` and wakes its run.
     fn prepare_one(&self, pool: &PoolConfig, now: u64) -> Result<(), String> {
         let id = new_machine_id().map_err(|e| format!("no randomness: {e}"))?;
-        let spec = MachineSpec {
-            image: pool.image.clone(),
-            vcpus: pool.vcpus,
-            memory_mib: pool.memory_mib,
-            disk_mib: pool.disk_mib,
-            ..MachineSpec::default()
-        };
-        let mut rec = MachineRecord::new(id, String::new(), String::new(), spec, now);
+        let mut rec = claim::new_prepared(id, &pool.shape(), now);
         rec.disk_layout = self.services.config().images.disk_layout;
-        rec.desired = Desired::Prepared;
-        rec.pooled = Some(Pooled {
-            pool: pool.name.clone(),
-            claimed: false,
-        });
         let (rec, event) = self
             .services
             .store()

@@ -239,12 +239,19 @@ impl Services {
     /// What admission measures a new machine against: the configured vCPUs and memory,
     /// and the address pool's blocks.
     pub fn room(&self) -> crate::store::Room {
-        let (vcpus, memory_mib) = self.inner.config.capacity_totals();
+        let (vcpus, memory_mib) = self.capacity_totals();
         crate::store::Room {
             vcpus,
             memory_mib,
             slots: self.lease_slots(),
         }
+    }
+
+    /// The vCPUs and MiB the host admits: the configured totals, or the host's where
+    /// they are 0 (see `machine::admission::totals`).
+    pub fn capacity_totals(&self) -> (u32, u64) {
+        let capacity = &self.inner.config.capacity;
+        crate::machine::admission::totals(capacity.vcpus, capacity.memory_mib, crate::host::size())
     }
 
     /// Publishes machine events to watchers (after they were committed).

@@ -262,7 +262,7 @@ impl Supervisor {
                     if rec.state == MachineState::Destroyed {
                         return Ok(None::<String>);
                     }
-                    rec.failure = Some(why.clone());
+                    crate::machine::decide::apply_give_up(rec, why.clone());
                     rec.updated_at_ms = now;
                     Ok(Some(format!("failed: {why}")))
                 });

@@ -18,6 +18,8 @@ use crate::actors::services::Services;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::PoolConfig;
 use crate::image::ImageRef;
+use crate::machine::admission;
+use crate::machine::claim::{self, Claim};
 use crate::machine::decide::apply_desired;
 use crate::machine::record::{Desired, MachineRecord, MachineState};
 use crate::machine::spec::{self, Limits};
@@ -92,11 +94,13 @@ impl Machines {
         };
         if let Some(pool) = pool {
             let claimed = self.services.store().claim_prepared(ClaimRequest {
-                pool: pool.clone(),
-                request_id: req.request_id.clone(),
-                name: req.name.clone(),
-                spec: spec.clone(),
-                now_ms: now_ms(),
+                claim: Claim {
+                    pool: pool.clone(),
+                    request_id: req.request_id.clone(),
+                    name: req.name.clone(),
+                    spec: spec.clone(),
+                    now_ms: now_ms(),
+                },
                 body,
             })?;
             match claimed {
@@ -167,63 +171,24 @@ impl Machines {
     /// that size is only known once the image is there).
     fn check_disk_room(&self, spec: &spec::MachineSpec) -> Result<(), ApiError> {
         let config = self.services.config();
-        let keep = config.capacity.min_free_mib;
         let Some(free) = free_mib(&config.data_dir) else {
             // Not measurable (the directory is not there yet): the disk step finds out.
             return Ok(());
         };
-        let asked = u64::from(spec.disk_mib);
-        if free < asked.saturating_add(keep) {
-            return Err(ApiError::Store(StoreError::NoRoom(format!(
-                "spec.disk_mib: {free} MiB free on the data dir's filesystem; the root disk \
-                 asks up to {asked} MiB and {keep} MiB are kept free (capacity.min_free_mib)"
-            ))));
-        }
-        Ok(())
+        admission::disk_room(free, u64::from(spec.disk_mib), config.capacity.min_free_mib)
+            .map_err(|why| ApiError::Store(StoreError::NoRoom(why)))
     }
 
-    /// The pool a create claims from: the one it names (its image and shape must be the
-    /// pool's), else the first whose image, vcpus and memory equal the spec's and whose
-    /// disk is at least as large; none: a cold create.
+    /// The pool a create claims from (see `machine::claim::pool_for`).
     fn pool_for(&self, spec: &spec::MachineSpec, wanted: &str) -> Result<Option<String>, ApiError> {
-        let config = self.services.config();
-        let fits = |pool: &PoolConfig| -> Result<(), &'static str> {
-            if pool.image != spec.image {
-                return Err("spec.image");
-            }
-            if pool.vcpus != spec.vcpus {
-                return Err("spec.vcpus");
-            }
-            if pool.memory_mib != spec.memory_mib {
-                return Err("spec.memory_mib");
-            }
-            let disk_fits =
-                spec.disk_mib == 0 || (pool.disk_mib != 0 && spec.disk_mib <= pool.disk_mib);
-            if !disk_fits {
-                return Err("spec.disk_mib");
-            }
-            Ok(())
-        };
-        if wanted.is_empty() {
-            return Ok(config
-                .pools
-                .iter()
-                .find(|p| fits(p).is_ok())
-                .map(|p| p.name.clone()));
-        }
-        let pool = config.pool(wanted).ok_or_else(|| {
-            ApiError::Spec(spec::SpecError::Invalid {
-                field: "spec.pool",
-                reason: format!("no pool named {wanted:?} is configured"),
-            })
-        })?;
-        fits(pool).map_err(|field| {
-            ApiError::Spec(spec::SpecError::Invalid {
-                field,
-                reason: format!("differs from pool {}'s", pool.name),
-            })
-        })?;
-        Ok(Some(pool.name.clone()))
+        let pools: Vec<_> = self
+            .services
+            .config()
+            .pools
+            .iter()
+            .map(PoolConfig::shape)
+            .collect();
+        Ok(claim::pool_for(&pools, spec, wanted)?.map(str::to_string))
     }
 
     fn set_desired(&self, id: &str, desired: Desired) -> Result<MachineRecord, ApiError> {

@@ -25,7 +25,7 @@ impl NodeService for Node {
         let store = self.services.store();
         let usage = store.usage().map_err(ApiError::from)?;
         let leases = store.leases().map_err(ApiError::from)?;
-        let (vcpus, memory) = self.services.config().capacity_totals();
+        let (vcpus, memory) = self.services.capacity_totals();
         // The cache's counters, absent while it restarts or is busy: the rest of the
         // answer matters more than they do, and a zero would be a guess.
         let images = crate::actors::ask(

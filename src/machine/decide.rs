@@ -276,6 +276,112 @@ pub fn apply_begin(rec: &mut MachineRecord, step: Step, direction: Direction, st
     rec.state = state;
 }
 
+/// The run of acquires that can begin together with `first` (the decision's
+/// `Acquire(first)`): `first`, then each step `decide` would pick next were the ones
+/// before it done, as long as none of those is a wait (`Step::cancellable`). A wait may
+/// only lead a run: a `Reconcile` cancels it while nothing of the run has finished.
+///
+/// The run is marked `Begun` in one commit ([`apply_begin_run`]), its effects run one
+/// after the other, and one commit records their outcomes. That is as crash-safe as one
+/// step at a time: every effect still starts only after its mark is durable, and the undo
+/// of a marked step whose effect never ran is an undo of nothing (every release is
+/// idempotent and works from names).
+pub fn run_of(rec: &MachineRecord, seen: &Observed, policy: &Policy, first: Step) -> Vec<Step> {
+    let mut run = vec![first];
+    let mut ahead = rec.clone();
+    let mut seen = *seen;
+    let mut step = first;
+    loop {
+        let state = ahead.state;
+        apply_begin(&mut ahead, step, Direction::Acquire, state);
+        apply_outcome(&mut ahead, step, Direction::Acquire, None);
+        seen.gone.remove(step);
+        match decide(&ahead, &seen, policy).next {
+            Next::Acquire(next) if !next.cancellable() && !run.contains(&next) => {
+                run.push(next);
+                step = next;
+            }
+            _ => return run,
+        }
+    }
+}
+
+/// Records that the effects of `run` (from [`run_of`]) are about to run: each untouched
+/// step is marked `Begun`, and the first is the one in flight. Returns the steps this
+/// marked, which go back to untouched if the run ends before their effect starts
+/// ([`apply_not_run`]).
+pub fn apply_begin_run(rec: &mut MachineRecord, run: &[Step], state: MachineState) -> StepSet {
+    let mut marked = StepSet::EMPTY;
+    for step in run.iter().rev() {
+        if rec.mark(*step) == Mark::Untouched {
+            marked.insert(*step);
+        }
+        apply_begin(rec, *step, Direction::Acquire, state);
+    }
+    marked
+}
+
+/// A run ended (a step failed) before the effects of `not_run` started: those of them
+/// that its begin marked (`marked`) go back to untouched, as nothing of them was made. A
+/// step marked before the run began keeps its mark: an earlier effect may have left part
+/// of it on the host.
+pub fn apply_not_run(rec: &mut MachineRecord, not_run: &[Step], marked: StepSet) {
+    for step in not_run {
+        if marked.contains(*step) && rec.mark(*step) == Mark::Begun {
+            rec.set_mark(*step, Mark::Untouched);
+        }
+    }
+}
+
+/// Records the decision's next move on the record (`run`: the run an acquire begins,
+/// from [`run_of`]). Returns the event messages and the steps whose `Begun` mark this
+/// made.
+pub fn apply_decision(
+    rec: &mut MachineRecord,
+    decision: &Decision,
+    run: &[Step],
+) -> (Vec<String>, StepSet) {
+    let mut messages = Vec::new();
+    let mut marked = StepSet::EMPTY;
+    let changed = rec.state != decision.state;
+    match &decision.next {
+        Next::Settle | Next::Wait(_) => {
+            rec.state = decision.state;
+            rec.current = None;
+        }
+        Next::VmmLost => {
+            let crashed = rec.mark(Step::Ready) == Mark::Done;
+            apply_vmm_lost(rec, rec.updated_at_ms);
+            rec.state = decision.state;
+            messages.push(if crashed {
+                format!(
+                    "the VMM is gone after the guest was ready (crash {} on record)",
+                    rec.crashes.len()
+                )
+            } else {
+                "the VMM is gone; it will be started again".to_string()
+            });
+        }
+        Next::Lost(step) => {
+            apply_lost(rec, *step);
+            rec.state = decision.state;
+            messages.push(format!(
+                "{step} is gone from the host; it will be made again"
+            ));
+        }
+        Next::GiveUp(reason) => {
+            apply_give_up(rec, reason.clone());
+            messages.push(format!("failed: {reason}"));
+        }
+        Next::Acquire(_) => marked = apply_begin_run(rec, run, decision.state),
+        Next::Release(step) => apply_begin(rec, *step, Direction::Release, decision.state),
+    }
+    if changed && !matches!(decision.next, Next::GiveUp(_)) {
+        messages.push(decision.state.name().to_string());
+    }
+    (messages, marked)
+}
+
 /// Applies a step's outcome (`None`: it succeeded) to the record. A permanent acquire
 /// failure fails the machine at once, naming the step and the cause; the run then
 /// releases everything. A release is always retried: what it removes must go.
@@ -1008,6 +1114,134 @@ mod tests {
         assert_eq!(rec.mark(Step::Image), Mark::Done);
         apply_outcome(&mut rec, Step::Image, Direction::Release, None);
         assert!(rec.nothing_touched());
+    }
+
+    #[test]
+    fn a_run_begins_every_acquire_up_to_the_next_wait() {
+        use Step::*;
+        let to_vmm = vec![Image, Disk, Lease, Network, Policy, VmConfig, Cgroup, Vmm];
+        let rows: Vec<(Desired, Marks, Observed, Step, Vec<Step>)> = vec![
+            // A fresh create: the image (a wait, leading), then everything up to the next
+            // wait; then the readiness wait and the route.
+            (Desired::Started, vec![], NONE, Image, to_vmm.clone()),
+            (
+                Desired::Started,
+                done_through(Vmm),
+                RUNNING,
+                Ready,
+                vec![Ready, Publish],
+            ),
+            (
+                Desired::Started,
+                done_through(Ready),
+                RUNNING,
+                Publish,
+                vec![Publish],
+            ),
+            // Prepared capacity has no policy and no route.
+            (
+                Desired::Prepared,
+                vec![],
+                NONE,
+                Image,
+                vec![Image, Disk, Lease, Network, VmConfig, Cgroup, Vmm],
+            ),
+            (
+                Desired::Prepared,
+                done_through(Vmm)
+                    .into_iter()
+                    .filter(|(s, _)| *s != Policy)
+                    .collect(),
+                RUNNING,
+                Ready,
+                vec![Ready],
+            ),
+            // Part way (a retry after a failed lease).
+            (
+                Desired::Started,
+                with(done_through(Disk), Lease, Mark::Begun),
+                NONE,
+                Lease,
+                to_vmm[2..].to_vec(),
+            ),
+            // A policy written again in place under a running VMM: the run stops there,
+            // as the next decision is to settle.
+            (
+                Desired::Started,
+                with(
+                    all_done()
+                        .into_iter()
+                        .filter(|(s, _)| *s != Policy)
+                        .collect(),
+                    Policy,
+                    Mark::Begun,
+                ),
+                RUNNING,
+                Policy,
+                vec![Policy],
+            ),
+            // A lost network, rebuilt once what stood on it is released: the steps above
+            // it follow in the same run.
+            (
+                Desired::Started,
+                with(done_through(Lease), Network, Mark::Begun),
+                Observed {
+                    gone: StepSet::of(&[Network]),
+                    ..NONE
+                },
+                Network,
+                to_vmm[3..].to_vec(),
+            ),
+        ];
+        for (desired, marks, seen, first, want) in rows {
+            let rec = record(desired, &marks);
+            assert_eq!(
+                decide(&rec, &seen, &POLICY).next,
+                Next::Acquire(first),
+                "the row must start from the decision: {marks:?}"
+            );
+            let run = run_of(&rec, &seen, &POLICY, first);
+            assert_eq!(run, want, "{marks:?}");
+            assert!(run[1..].iter().all(|s| !s.cancellable()), "{run:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_cut_short_unmarks_only_what_it_marked() {
+        use Step::*;
+        // A fresh run: the disk fails, and what came after it never ran.
+        let mut rec = record(Desired::Started, &[]);
+        let run = run_of(&rec, &NONE, &POLICY, Image);
+        let marked = apply_begin_run(&mut rec, &run, MachineState::Starting);
+        assert_eq!(rec.current, Some((Image, Direction::Acquire)));
+        assert!(run.iter().all(|s| rec.mark(*s) == Mark::Begun));
+        assert_eq!(marked, StepSet::of(&run));
+        apply_outcome(&mut rec, Image, Direction::Acquire, None);
+        apply_outcome(&mut rec, Disk, Direction::Acquire, Some(&retry()));
+        apply_not_run(&mut rec, &run[2..], marked);
+        assert_eq!(rec.mark(Image), Mark::Done);
+        assert_eq!(rec.mark(Disk), Mark::Begun);
+        assert!(run[2..].iter().all(|s| !rec.touched(*s)));
+        // The next decision is what it was one step at a time: the disk again.
+        assert_eq!(decide(&rec, &NONE, &POLICY).next, Next::Acquire(Disk));
+
+        // A crash left the VMM's launch half done (Begun) and the cgroup, redone in
+        // place, Begun: the cgroup leads a run that passes through the VMM again.
+        let marks = with(
+            with(done_through(VmConfig), Cgroup, Mark::Begun),
+            Vmm,
+            Mark::Begun,
+        );
+        let mut rec = record(Desired::Started, &marks);
+        assert_eq!(decide(&rec, &NONE, &POLICY).next, Next::Acquire(Cgroup));
+        let run = run_of(&rec, &NONE, &POLICY, Cgroup);
+        assert_eq!(run, [Cgroup, Vmm]);
+        let marked = apply_begin_run(&mut rec, &run, MachineState::Starting);
+        assert!(marked.is_empty());
+        // The cgroup fails: the half-launched VMM keeps its mark, so its undo still runs.
+        apply_outcome(&mut rec, Cgroup, Direction::Acquire, Some(&retry()));
+        apply_not_run(&mut rec, &run[1..], marked);
+        assert_eq!(rec.mark(Vmm), Mark::Begun);
     }
 
     #[test]

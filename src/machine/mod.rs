@@ -20,6 +20,8 @@
 //! a `Begun` step is run again (every effect is idempotent) or released (every undo works
 //! on a half-done effect).
 
+pub mod admission;
+pub mod claim;
 pub mod decide;
 pub mod record;
 pub(crate) mod record_v1;

@@ -273,6 +273,11 @@ impl StepSet {
         self.0 |= 1 << step as usize;
     }
 
+    /// Takes `step` out.
+    pub fn remove(&mut self, step: Step) {
+        self.0 &= !(1 << step as usize);
+    }
+
     /// Whether `step` is in the set.
     pub fn contains(self, step: Step) -> bool {
         self.0 & (1 << step as usize) != 0

@@ -34,8 +34,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 pub use codec::CodecError;
 use codec::{decode, encode};
 
-use crate::machine::record::{Desired, MachineEvent, MachineRecord, MachineState, Pooled};
-use crate::machine::step::{Mark, Step};
+use crate::machine::admission;
+use crate::machine::claim::{self, Claim};
+use crate::machine::record::{MachineEvent, MachineRecord, MachineState};
 use crate::route::{Route, RouteChange};
 
 pub use history::HistoryBounds;
@@ -161,49 +162,23 @@ pub enum Claimed {
     Empty,
 }
 
-/// What a claim makes of a prepared machine.
+/// What a claim makes of a prepared machine: the claim (see `machine::claim`) and what
+/// the caller asked for (see [`RequestBody`]).
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
-    /// The pool to claim from.
-    pub pool: String,
-    /// The caller's idempotency key.
-    pub request_id: String,
-    /// The caller's name for the machine.
-    pub name: String,
-    /// The caller's spec (its image and shape match the pool's).
-    pub spec: crate::machine::spec::MachineSpec,
-    /// ms since the epoch.
-    pub now_ms: u64,
-    /// What the caller asked for (see [`RequestBody`]).
+    /// The pool, the caller's request id, name and spec, and when.
+    pub claim: Claim,
+    /// What the caller asked for.
     pub body: RequestBody,
 }
 
-/// Node-wide room, for admission.
-#[derive(Debug, Clone, Copy)]
-pub struct Room {
-    /// vCPUs the host admits in total.
-    pub vcpus: u32,
-    /// MiB the host admits in total.
-    pub memory_mib: u64,
-    /// Address blocks in the pool: every machine not destroyed holds or will hold one.
-    pub slots: u32,
-}
+/// Node-wide room and usage, for admission (see `machine::admission`).
+pub use crate::machine::admission::{Room, Usage};
 
 /// The digest of what a create asked for (its name and its normalised spec), kept with
 /// its request id: a retry with the same id must ask for the same thing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestBody(pub [u8; 32]);
-
-/// What machines not destroyed hold.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Sum of vCPUs.
-    pub vcpus: u32,
-    /// Sum of MiB.
-    pub memory_mib: u64,
-    /// Count of machines.
-    pub machines: u32,
-}
 
 /// The daemon's database.
 ///
@@ -422,7 +397,8 @@ impl Store {
     /// claimed (never to return to the pool); its `ready` step is to be done again, now
     /// with the workload. The oldest ready machine is taken. A request id seen before
     /// answers with its machine, as a create does.
-    pub fn claim_prepared(&self, claim: ClaimRequest) -> Result<Claimed, StoreError> {
+    pub fn claim_prepared(&self, request: ClaimRequest) -> Result<Claimed, StoreError> {
+        let ClaimRequest { claim, body } = request;
         let txn = self.write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
@@ -431,7 +407,7 @@ impl Store {
             let mut machines = txn.open_table(MACHINES)?;
             let mut live = txn.open_table(LIVE)?;
             if let Some(found) =
-                Self::earlier_request(&requests, &bodies, &machines, &claim.request_id, claim.body)?
+                Self::earlier_request(&requests, &bodies, &machines, &claim.request_id, body)?
             {
                 return Ok(Claimed::Existing(found));
             }
@@ -449,15 +425,8 @@ impl Store {
                     continue;
                 };
                 let rec: MachineRecord = decode(value.value())?;
-                let ready = rec.pool_owner() == Some(claim.pool.as_str())
-                    && rec.state == MachineState::Prepared
-                    && rec.desired == Desired::Prepared
-                    && rec.failure.is_none()
-                    && rec.current.is_none();
-                if ready
-                    && oldest
-                        .as_ref()
-                        .is_none_or(|o| rec.created_at_ms < o.created_at_ms)
+                if claim::claimable(&rec, &claim.pool)
+                    && oldest.as_ref().is_none_or(|o| claim::claims_first(&rec, o))
                 {
                     oldest = Some(rec);
                 }
@@ -465,22 +434,9 @@ impl Store {
             let Some(mut rec) = oldest else {
                 return Ok(Claimed::Empty);
             };
-            rec.request_id = claim.request_id.clone();
-            rec.name = claim.name.clone();
-            // The disk was made at the pool's size; the caller asked for at most that.
-            let disk_mib = rec.spec.disk_mib;
-            rec.spec = claim.spec;
-            rec.spec.disk_mib = disk_mib;
-            rec.desired = Desired::Started;
-            rec.state = MachineState::Starting;
-            rec.pooled = Some(Pooled {
-                pool: claim.pool.clone(),
-                claimed: true,
-            });
-            rec.set_mark(Step::Ready, Mark::Untouched);
-            rec.updated_at_ms = claim.now_ms;
+            claim::apply_claim(&mut rec, &claim);
             requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
-            bodies.insert(rec.request_id.as_str(), claim.body.0.as_slice())?;
+            bodies.insert(rec.request_id.as_str(), body.0.as_slice())?;
             names.insert(rec.name.as_str(), rec.id.as_str())?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
             live.insert(rec.id.as_str(), live_value(&rec))?;
@@ -795,40 +751,18 @@ fn usage_of<T: ReadableTable<&'static str, (u32, u64)>>(live: &T) -> Result<Usag
     for entry in live.iter()? {
         let (_, value) = entry?;
         let (vcpus, memory_mib) = value.value();
-        usage.vcpus += vcpus;
-        usage.memory_mib += memory_mib;
-        usage.machines += 1;
+        usage.add(vcpus, memory_mib);
     }
     Ok(usage)
 }
 
-/// Refuses a new machine the host has no room for (every machine not destroyed counts,
-/// prepared capacity too): vCPUs, memory, and an address block.
+/// Refuses a new machine the host has no room for (see `machine::admission::admit`).
 fn admit<T: ReadableTable<&'static str, (u32, u64)>>(
     live: &T,
     rec: &MachineRecord,
     room: Room,
 ) -> Result<(), StoreError> {
-    let usage = usage_of(live)?;
-    if usage.vcpus + rec.spec.vcpus > room.vcpus {
-        return Err(StoreError::NoRoom(format!(
-            "{} vCPUs asked, {} of {} in use",
-            rec.spec.vcpus, usage.vcpus, room.vcpus
-        )));
-    }
-    if usage.memory_mib + u64::from(rec.spec.memory_mib) > room.memory_mib {
-        return Err(StoreError::NoRoom(format!(
-            "{} MiB asked, {} of {} MiB in use",
-            rec.spec.memory_mib, usage.memory_mib, room.memory_mib
-        )));
-    }
-    if usage.machines >= room.slots {
-        return Err(StoreError::NoRoom(format!(
-            "network.pool: all {} address blocks are held by machines not destroyed",
-            room.slots
-        )));
-    }
-    Ok(())
+    admission::admit(usage_of(live)?, &rec.spec, room).map_err(StoreError::NoRoom)
 }
 
 fn next_seq(txn: &redb::WriteTransaction, key: &str) -> Result<u64, StoreError> {

@@ -1,8 +1,11 @@
 //! Store tests on real redb files.
 
 use super::*;
+use crate::machine::claim::Claim;
+use crate::machine::record::Pooled;
 use crate::machine::record::{Desired, DiskLayout};
 use crate::machine::spec::MachineSpec;
+use crate::machine::step::{Mark, Step};
 use std::net::Ipv4Addr;
 
 const ROOM: Room = Room {
@@ -243,11 +246,13 @@ fn claim(pool: &str, request_id: &str, name: &str) -> ClaimRequest {
     let mut wanted = spec(1, 128);
     wanted.env = vec![("WHO".into(), name.into())];
     ClaimRequest {
-        pool: pool.into(),
-        request_id: request_id.into(),
-        name: name.into(),
-        spec: wanted,
-        now_ms: 99,
+        claim: Claim {
+            pool: pool.into(),
+            request_id: request_id.into(),
+            name: name.into(),
+            spec: wanted,
+            now_ms: 99,
+        },
         body: BODY,
     }
 }
