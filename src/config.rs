@@ -1,6 +1,12 @@
 //! Daemon configuration: one TOML file, every key optional, defaults that work on a fresh
 //! Debian machine. A bad file fails the start with the key and the reason, never later.
 //!
+//! This file keeps the file's shape ([`Config`]), the checks across keys and sections
+//! ([`Config::validate`]), the naming of a bad key ([`ConfigError`]), and the sections of
+//! the layers above it (`[api]`, `[log]`, `[[pools]]`). Each other section's type and its
+//! defaults belong to the module it configures (`net::settings`, `image::settings`,
+//! `vmm::settings`, ...) and are re-exported here; no module below imports this one.
+//!
 //! `deploy/hearthd.toml` is the documented example; keep it in step with this file.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +14,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::dns::settings::DnsConfig;
+pub use crate::guest::settings::GuestConfig;
+pub use crate::image::settings::{ImagesConfig, RegistryAuth};
 pub use crate::layout::Layout;
+pub use crate::machine::admission::CapacityConfig;
+pub use crate::metrics::MetricsConfig;
+pub use crate::net::settings::{EgressConfig, NetworkConfig};
+pub use crate::sinks::settings::EtcdConfig;
+pub use crate::store::settings::StoreConfig;
 pub use crate::vmm::settings::{JailerConfig, VmmConfig, VmmKind};
 
 /// Why a configuration could not be used. Each message names the key.
@@ -76,56 +90,6 @@ pub struct Config {
     pub etcd: EtcdConfig,
 }
 
-/// The etcd sink (`[etcd]`): every published route is written to etcd in the SkyDNS
-/// layout (for CoreDNS) and as a route record, under a lease this daemon keeps alive.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EtcdConfig {
-    /// `http://host:port` or `https://host:port` endpoints; empty (the default) turns the
-    /// sink off.
-    pub endpoints: Vec<String>,
-    /// This host's name in keys (a DNS label); empty: the machine's host name.
-    pub host: String,
-    /// The lease's time to live: a host that dies takes its records with it after this.
-    pub lease_ttl_secs: u32,
-    /// The CA (PEM) of etcd's server certificates, for `https` endpoints.
-    pub tls_ca: PathBuf,
-    /// This client's certificate (PEM), when etcd asks for one.
-    pub tls_cert: PathBuf,
-    /// This client's key (PEM).
-    pub tls_key: PathBuf,
-}
-
-/// The embedded DNS server (`[dns]`): A and SRV records of the published machines.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DnsConfig {
-    /// `IP:port` answering on UDP and TCP; empty turns it off. An address that cannot be
-    /// bound is logged and the daemon runs without DNS.
-    pub listen: String,
-    /// The domain machines are named under: `<name>.<domain>`, `<id>.vm.<domain>`.
-    pub domain: String,
-    /// Time to live of each answer, in seconds: how long a resolver may keep a name after
-    /// its machine is gone.
-    pub ttl_secs: u32,
-    /// Guests resolve through the same server: it also answers on port 53 of the guest
-    /// resolver address (the first address of the pool's last block, which is then never
-    /// leased), the guests' resolv.conf names it, and the packet policy lets guests reach
-    /// exactly that address and port. Off: guests get no resolver and the whole pool is
-    /// leased.
-    pub guests: bool,
-}
-
-/// The Prometheus endpoint (`[metrics]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// `IP:port` serving `GET /metrics` in the text exposition format, without
-    /// authentication; empty turns it off. Loopback by default. An address that cannot be
-    /// bound is logged and the daemon runs without metrics.
-    pub listen: String,
-}
-
 /// How the daemon logs (`[log]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -144,24 +108,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with the spans' fields.
     Json,
-}
-
-/// The store's bounds (`[store]`): what is kept of a machine's history, and for how long
-/// a destroyed machine is remembered.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// A destroyed machine's record, events and request id are kept this long after it
-    /// was destroyed, in seconds; then they are compacted away and the request id may be
-    /// used again.
-    pub retention_secs: u64,
-    /// How often compaction runs, in seconds.
-    pub compact_interval_secs: u64,
-    /// Events kept from the start of a machine's history (its creation and first run).
-    pub events_first: u32,
-    /// Events kept from the end of a machine's history; those between the first and the
-    /// last are dropped as new ones come.
-    pub events_last: u32,
 }
 
 /// One prepared-capacity pool (`[[pools]]`): `size` machines of one image and shape,
@@ -220,42 +166,6 @@ pub struct ApiConfig {
     pub tls_client_ca: PathBuf,
 }
 
-/// Network settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkConfig {
-    /// IPv4 CIDR the machines' addresses come from; each machine takes a /29 block.
-    pub pool: String,
-    /// Prefix of every host resource hearth names (network namespaces, links): 1 to 5
-    /// characters of `[a-z0-9]`, starting with a letter. Two daemons on one host need
-    /// different prefixes and pools. Also names the daemon's nftables table
-    /// (`inet hearth_<prefix>`).
-    pub prefix: String,
-    /// Where guests may go beyond the host's allow list and their peers: `none` (the
-    /// default) or `nat` (out through the host's routes, masqueraded; hearth then
-    /// switches IPv4 forwarding on in the root namespace, and logs that it did).
-    pub egress: EgressConfig,
-    /// Whether guests may reach each other's declared ports (default false).
-    pub machine_to_machine: bool,
-    /// Host ports guests may reach, as `tcp/<port>` or `udp/<port>`; nothing else on the
-    /// host answers them. Default: none.
-    pub host_allow: Vec<String>,
-    /// With egress `nat`, networks (`a.b.c.d/len`) guests may reach although they lie in
-    /// the ranges denied by default (link-local with the cloud metadata address, the
-    /// private and shared ranges, loopback, multicast, reserved). Default: none.
-    pub egress_allow: Vec<String>,
-}
-
-/// `network.egress`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EgressConfig {
-    /// Guests reach only the host's allow list (and peers, when allowed).
-    None,
-    /// Guests also reach the outside, masqueraded.
-    Nat,
-}
-
 impl NetworkConfig {
     /// The packet policy this section describes. Call after [`Config::validate`].
     /// The daemon-wide packet policy. `guests_resolve` is `dns.guests`: it reserves the
@@ -302,118 +212,6 @@ impl NetworkConfig {
     }
 }
 
-/// Guest kit and deadlines.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GuestConfig {
-    /// The extracted `linux-image-*-cloud-amd64` package (holds `boot/` and `lib/modules/`).
-    pub kernel_dir: PathBuf,
-    /// The static `hearth-init`; empty means `hearth-init-static` beside the hearthd binary.
-    pub init_binary: PathBuf,
-    /// How long one boot may take to signal readiness, in seconds.
-    pub ready_timeout_secs: u64,
-    /// Boots tried before the machine fails.
-    pub boot_attempts: u32,
-    /// How long a graceful stop may take before the VMM is killed, in seconds.
-    pub stop_grace_secs: u64,
-    /// Restarts of a guest that was ready and then stopped by itself (its VMM exited),
-    /// within `restart_window_secs`, before the machine fails. At most 63.
-    pub max_restarts: u32,
-    /// The window restarts are counted in, in seconds.
-    pub restart_window_secs: u64,
-    /// Delay before restarting a crashed guest, in ms; it doubles with each further crash
-    /// within the window.
-    pub restart_backoff_ms: u64,
-    /// Longest delay before a restart, in ms.
-    pub restart_backoff_max_ms: u64,
-}
-
-/// Admission limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CapacityConfig {
-    /// vCPUs all machines together may have; 0 means 8 per host core.
-    pub vcpus: u32,
-    /// MiB all machines together may have; 0 means the host's memory less 1 GiB.
-    pub memory_mib: u64,
-    /// Largest vCPU count one machine may ask for.
-    pub max_vcpus_per_machine: u32,
-    /// Largest memory one machine may ask for, in MiB.
-    pub max_memory_mib_per_machine: u64,
-    /// Smallest memory one machine may ask for, in MiB (the guest kernel panics below ~96).
-    pub min_memory_mib_per_machine: u64,
-    /// Space the data dir's filesystem keeps free, in MiB: a create whose root disk would
-    /// take the free space below it is refused. Apart from `images.min_free_mib` because
-    /// the two guard different things, often on different file systems: this one the
-    /// machines' own disks, which grow while the machines run (a larger reserve); that one
-    /// the image cache's one-off pulls and builds, on the cache dir's file system.
-    pub min_free_mib: u64,
-}
-
-/// Image settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ImagesConfig {
-    /// Free space added to a base image beyond its content, in MiB.
-    pub headroom_mib: u64,
-    /// The static busybox the built-in `demo` image is made from (package busybox-static).
-    pub busybox: PathBuf,
-    /// Registries (`host:port`) spoken to over plain HTTP; every other one over HTTPS.
-    pub insecure_registries: Vec<String>,
-    /// Credentials for registries that need basic auth.
-    pub registry_auth: Vec<RegistryAuth>,
-    /// Largest compressed layer a pull accepts, in MiB.
-    pub max_layer_mib: u64,
-    /// Most bytes all layers of one image may unpack to, in MiB (a decompression bomb
-    /// stops there). A pull whose manifest declares more compressed bytes than this is
-    /// refused before any download: a compressed layer does not unpack to less.
-    pub max_image_mib: u64,
-    /// Most layers one image may have; checked on the manifest before any download.
-    pub max_layers: u64,
-    /// Most entries (files, directories, links, whiteouts) all layers of one image, or a
-    /// tar archive, may hold. Unpacking keeps each entry's path in memory (at most 4 KiB)
-    /// and mkfs makes an inode for each, so this bounds both; a million is several times
-    /// the largest distribution images.
-    pub max_entries: u64,
-    /// Free space (MiB) pulls and builds must leave on the file systems of the blob
-    /// cache and the bases; one that would leave less is refused before it starts, and
-    /// retried later (space may be freed).
-    pub min_free_mib: u64,
-    /// Bytes (MiB) bases and pulled blobs may take together; the least recently used
-    /// bases no machine names are collected first. 0: no budget.
-    pub cache_budget_mib: u64,
-    /// A base no machine names and nothing used for this many hours is collected.
-    /// 0: never for age alone.
-    pub max_unused_hours: u64,
-    /// How often the cache is collected by itself, in seconds. 0: only when asked
-    /// (`hearth image prune`).
-    pub collect_interval_secs: u64,
-    /// A base used this recently (seconds) is never collected, whatever the budget.
-    pub collect_grace_secs: u64,
-    /// Directories of this host whose contents API callers may name as images (a
-    /// directory, a tar archive or an `oci:` layout at or below one). Empty, the default:
-    /// no host path is an image, only `demo` and registry references. A path outside is
-    /// refused (INVALID_ARGUMENT naming this key) before anything is read.
-    pub local_roots: Vec<PathBuf>,
-    /// How new machines' root disks are made: `overlay` (the image's base shared
-    /// read-only, a small writable disk per machine, joined by overlayfs in the guest;
-    /// constant cost) or `copy` (a private copy of the whole base). A machine keeps the
-    /// layout it was made with.
-    pub disk_layout: crate::machine::record::DiskLayout,
-}
-
-/// Basic-auth credentials for one registry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryAuth {
-    /// `host:port` as in image references.
-    pub registry: String,
-    /// User name.
-    pub username: String,
-    /// Password.
-    pub password: String,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -436,82 +234,10 @@ impl Default for Config {
     }
 }
 
-impl Default for EtcdConfig {
-    fn default() -> Self {
-        EtcdConfig {
-            endpoints: Vec::new(),
-            host: String::new(),
-            lease_ttl_secs: 10,
-            tls_ca: PathBuf::new(),
-            tls_cert: PathBuf::new(),
-            tls_key: PathBuf::new(),
-        }
-    }
-}
-
-impl EtcdConfig {
-    /// This host's name in keys: `host`, else the machine's host name (lower-cased,
-    /// anything but a-z, 0-9 and - made a -).
-    pub fn host_name(&self) -> String {
-        if !self.host.is_empty() {
-            return self.host.clone();
-        }
-        let raw = nix::unistd::gethostname()
-            .ok()
-            .and_then(|name| name.into_string().ok())
-            .unwrap_or_else(|| "host".to_string());
-        let label: String = raw
-            .split('.')
-            .next()
-            .unwrap_or("host")
-            .to_ascii_lowercase()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(63)
-            .collect();
-        let label = label.trim_matches('-').to_string();
-        if label.is_empty() {
-            "host".to_string()
-        } else {
-            label
-        }
-    }
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        DnsConfig {
-            listen: "127.0.0.1:8053".to_string(),
-            domain: "hearth.internal".to_string(),
-            ttl_secs: 5,
-            guests: true,
-        }
-    }
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9464".to_string(),
-        }
-    }
-}
-
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Text,
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            retention_secs: 24 * 3600,
-            compact_interval_secs: 60,
-            events_first: 16,
-            events_last: 256,
         }
     }
 }
@@ -525,124 +251,6 @@ impl Default for ApiConfig {
             tls_key: PathBuf::new(),
             tls_client_ca: PathBuf::new(),
         }
-    }
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        NetworkConfig {
-            pool: "10.213.0.0/16".to_string(),
-            prefix: "hth".to_string(),
-            egress: EgressConfig::None,
-            machine_to_machine: false,
-            host_allow: Vec::new(),
-            egress_allow: Vec::new(),
-        }
-    }
-}
-
-impl Default for GuestConfig {
-    fn default() -> Self {
-        GuestConfig {
-            kernel_dir: PathBuf::from("/usr/local/lib/hearth/kernel"),
-            init_binary: PathBuf::new(),
-            ready_timeout_secs: 60,
-            boot_attempts: 3,
-            stop_grace_secs: 10,
-            max_restarts: 10,
-            restart_window_secs: 600,
-            restart_backoff_ms: 1000,
-            restart_backoff_max_ms: 60_000,
-        }
-    }
-}
-
-impl Default for CapacityConfig {
-    fn default() -> Self {
-        CapacityConfig {
-            vcpus: 0,
-            memory_mib: 0,
-            max_vcpus_per_machine: 8,
-            max_memory_mib_per_machine: 16 * 1024,
-            min_memory_mib_per_machine: 96,
-            min_free_mib: 512,
-        }
-    }
-}
-
-impl Default for ImagesConfig {
-    fn default() -> Self {
-        ImagesConfig {
-            headroom_mib: 64,
-            busybox: PathBuf::from("/bin/busybox"),
-            insecure_registries: Vec::new(),
-            registry_auth: Vec::new(),
-            max_layer_mib: 4096,
-            max_image_mib: 16384,
-            max_layers: 128,
-            max_entries: crate::image::DEFAULT_MAX_ENTRIES,
-            min_free_mib: 256,
-            cache_budget_mib: 0,
-            max_unused_hours: 168,
-            collect_interval_secs: 300,
-            collect_grace_secs: 600,
-            disk_layout: crate::machine::record::DiskLayout::Overlay,
-            local_roots: Vec::new(),
-        }
-    }
-}
-
-impl ImagesConfig {
-    /// The registry settings pulls use.
-    pub fn registry_settings(&self) -> crate::image::oci::RegistrySettings {
-        crate::image::oci::RegistrySettings {
-            insecure: self.insecure_registries.clone(),
-            auth: self
-                .registry_auth
-                .iter()
-                .map(|a| (a.registry.clone(), a.username.clone(), a.password.clone()))
-                .collect(),
-            max_layer_bytes: self.max_layer_mib << 20,
-            max_layers: self.max_layers,
-            max_image_bytes: self.max_image_mib.saturating_mul(1 << 20),
-            space: self.space_policy(),
-        }
-    }
-
-    /// The image store's settings.
-    pub fn base_settings(&self) -> crate::image::BaseSettings {
-        crate::image::BaseSettings {
-            headroom_mib: self.headroom_mib,
-            busybox: self.busybox.clone(),
-            max_entries: self.max_entries,
-            space: self.space_policy(),
-            local_roots: self.local_roots.clone(),
-            ..crate::image::BaseSettings::default()
-        }
-    }
-
-    /// How much free space pulls and builds leave.
-    pub fn space_policy(&self) -> crate::image::space::SpacePolicy {
-        crate::image::space::SpacePolicy {
-            reserve_bytes: self.min_free_mib.saturating_mul(1 << 20),
-            free: crate::image::space::FreeSpace::Statvfs,
-        }
-    }
-
-    /// When bases are collected.
-    pub fn collect_policy(&self) -> crate::image::collect::CollectPolicy {
-        crate::image::collect::CollectPolicy {
-            budget_bytes: (self.cache_budget_mib > 0).then_some(self.cache_budget_mib << 20),
-            max_unused_secs: (self.max_unused_hours > 0)
-                .then(|| self.max_unused_hours.saturating_mul(3600)),
-            grace_secs: self.collect_grace_secs,
-        }
-    }
-
-    /// How often a collection runs by itself.
-    pub fn collect_every(&self) -> Option<std::time::Duration> {
-        (self.collect_interval_secs > 0)
-            .then(|| std::time::Duration::from_secs(self.collect_interval_secs))
     }
 }
 

@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use crate::machine::step::{Direction, Step};
 
 /// What a metric is.
@@ -222,4 +224,22 @@ fn to_labels(labels: &[(&'static str, String)]) -> Vec<metrics::Label> {
 /// Sets a gauge with the given labels.
 pub fn set_gauge(metric: Metric, labels: &[(&'static str, String)], value: f64) {
     metrics::gauge!(metric.name, to_labels(labels)).set(value);
+}
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:port` serving `GET /metrics` in the text exposition format, without
+    /// authentication; empty turns it off. Loopback by default. An address that cannot be
+    /// bound is logged and the daemon runs without metrics.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".to_string(),
+        }
+    }
 }

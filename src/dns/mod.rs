@@ -12,6 +12,8 @@
 //!
 //! The answer itself is pure ([`answer`]); [`Handler`] turns it into hickory's types.
 
+pub mod settings;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 

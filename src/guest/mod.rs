@@ -12,6 +12,7 @@ pub mod config;
 pub mod initramfs;
 pub mod kit;
 pub mod protocol;
+pub mod settings;
 
 /// Where the initramfs holds the kernel modules the init loads, relative to its root.
 /// Files in it are named `NN-<module>.ko`; the init loads them in file-name order.

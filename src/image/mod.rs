@@ -35,6 +35,7 @@ mod mkfs;
 pub mod oci;
 mod overlay;
 mod reference;
+pub mod settings;
 pub mod space;
 mod store;
 mod tarball;

@@ -2,6 +2,9 @@
 //! Pure arithmetic over figures the callers read (the store's live table, the host's
 //! size, the data dir's free space), so every rule is a row in the tables below; the
 //! store applies [`admit`] inside its create transaction, the API [`disk_room`] before it.
+//! The limits themselves are `[capacity]` in the daemon's config ([`CapacityConfig`]).
+
+use serde::Deserialize;
 
 use super::spec::MachineSpec;
 
@@ -105,6 +108,41 @@ pub fn disk_room(free_mib: u64, asked_mib: u64, keep_mib: u64) -> Result<(), Str
         ));
     }
     Ok(())
+}
+
+/// Admission limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// vCPUs all machines together may have; 0 means 8 per host core.
+    pub vcpus: u32,
+    /// MiB all machines together may have; 0 means the host's memory less 1 GiB.
+    pub memory_mib: u64,
+    /// Largest vCPU count one machine may ask for.
+    pub max_vcpus_per_machine: u32,
+    /// Largest memory one machine may ask for, in MiB.
+    pub max_memory_mib_per_machine: u64,
+    /// Smallest memory one machine may ask for, in MiB (the guest kernel panics below ~96).
+    pub min_memory_mib_per_machine: u64,
+    /// Space the data dir's filesystem keeps free, in MiB: a create whose root disk would
+    /// take the free space below it is refused. Apart from `images.min_free_mib` because
+    /// the two guard different things, often on different file systems: this one the
+    /// machines' own disks, which grow while the machines run (a larger reserve); that one
+    /// the image cache's one-off pulls and builds, on the cache dir's file system.
+    pub min_free_mib: u64,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            vcpus: 0,
+            memory_mib: 0,
+            max_vcpus_per_machine: 8,
+            max_memory_mib_per_machine: 16 * 1024,
+            min_memory_mib_per_machine: 96,
+            min_free_mib: 512,
+        }
+    }
 }
 
 #[cfg(test)]

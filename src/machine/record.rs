@@ -224,29 +224,8 @@ pub struct MachineRecord {
     pub disk_layout: DiskLayout,
 }
 
-/// How a machine's root disk is made (`images.disk_layout`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskLayout {
-    /// The image's base, shared read-only by every machine of the image, under a small
-    /// writable disk of the machine's own; the guest joins them with overlayfs. Costs
-    /// the same for any image size.
-    #[default]
-    Overlay,
-    /// A private copy of the whole base (a reflink where the file system has them, else
-    /// a sparse copy): costs grow with the image on ext4.
-    Copy,
-}
-
-impl DiskLayout {
-    /// The config and API name.
-    pub fn name(self) -> &'static str {
-        match self {
-            DiskLayout::Overlay => "overlay",
-            DiskLayout::Copy => "copy",
-        }
-    }
-}
+/// How a machine's root disk is made (declared with the image settings that choose it).
+pub use crate::image::settings::DiskLayout;
 
 /// How many crash times a record keeps (`guest.max_restarts` is below it).
 pub const CRASHES_KEPT: usize = 64;

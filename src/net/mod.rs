@@ -31,6 +31,7 @@ pub mod policy;
 mod pool;
 pub mod resolver;
 mod scan;
+pub mod settings;
 mod tap;
 mod watch;
 mod worker;

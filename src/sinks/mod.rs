@@ -5,3 +5,4 @@
 //! bytes.
 
 pub mod layout;
+pub mod settings;

@@ -25,6 +25,7 @@
 pub(crate) mod codec;
 mod history;
 mod images;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::path::Path;
