@@ -135,9 +135,12 @@ pub const BOUNDARIES: [Boundary; 3] = [
     Boundary::AfterCommit,
 ];
 
-/// Fail points in the singleton actors: between their durable write and what follows.
-pub const SINGLETON_POINTS: [&str; 9] = [
-    "ip_pool.lease.after_commit",
+/// Fail points in the shared resources (the singletons, and the lease table and network
+/// fabric the steps reach directly): between a durable write or a host change and what
+/// follows.
+pub const SHARED_POINTS: [&str; 9] = [
+    "fabric.ensure.before_effect",
+    "leases.lease.after_commit",
     "pools.claim.after_commit",
     "pools.refill.after_commit",
     "registry.publish.after_commit",
@@ -145,7 +148,6 @@ pub const SINGLETON_POINTS: [&str; 9] = [
     "etcd_sink.write.before_effect",
     "etcd_sink.write.after_effect",
     "rootfs_cache.build.after_effect",
-    "tap_allocator.ensure.before_effect",
 ];
 
 /// The name of a step-boundary fail point.
@@ -163,7 +165,7 @@ pub fn all() -> Vec<String> {
             }
         }
     }
-    out.extend(SINGLETON_POINTS.iter().map(|s| s.to_string()));
+    out.extend(SHARED_POINTS.iter().map(|s| s.to_string()));
     out
 }
 
@@ -213,10 +215,10 @@ mod tests {
         assert!(!all.contains(&"stop.disk.before_effect".to_string()));
         assert!(all.iter().all(|n| n.split('.').count() == 3), "{all:?}");
         // create 10 steps, start 4, stop 4, destroy 10, prepare 8, claim 3; three
-        // boundaries each; the singleton points.
+        // boundaries each; the shared resources' points.
         assert_eq!(
             all.len(),
-            (10 + 4 + 4 + 10 + 8 + 3) * 3 + SINGLETON_POINTS.len()
+            (10 + 4 + 4 + 10 + 8 + 3) * 3 + SHARED_POINTS.len()
         );
         assert!(all.contains(&"etcd_sink.write.before_effect".to_string()));
         assert!(all.contains(&"stop.cgroup.before_effect".to_string()));

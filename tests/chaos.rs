@@ -318,7 +318,7 @@ fn reachable_without_a_guest(point: &str) -> bool {
     let mut parts = point.split('.');
     match (parts.next(), parts.next()) {
         (Some("create" | "stop" | "destroy"), Some(step)) => up_to_ready(step),
-        (Some("ip_pool" | "rootfs_cache" | "tap_allocator"), _) => true,
+        (Some("leases" | "rootfs_cache" | "fabric"), _) => true,
         // A pool's machines wait for an idle guest, which needs a guest that boots.
         _ => false,
     }
@@ -796,5 +796,5 @@ async fn a_crash_looping_machine_run_fails_the_machine_not_the_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_looping_singleton_fails_the_step_not_the_daemon() {
-    crash_loop("tap_allocator.ensure.before_effect", "tap_allocator").await;
+    crash_loop("registry.publish.after_commit", "registry_publisher").await;
 }

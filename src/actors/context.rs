@@ -1,17 +1,18 @@
 //! The steps' context (`machine::steps::StepContext`), implemented over the shared
-//! services: each handle is a call to the singleton that owns the resource, found by its
-//! registered name, so a restarted singleton is reached without a stale reference. A
-//! call nobody answers is transient ([`StepError::Retry`]). The packet policy is the
-//! exception: the network fabric is reached directly (see `ensure_policy`).
+//! services. A resource with a singleton (the image cache, the route registry) is
+//! reached by a call to it, found by its registered name, so a restarted singleton is
+//! reached without a stale reference; a call nobody answers is transient
+//! ([`StepError::Retry`]). The rest is reached directly, because what serialises it is
+//! already below: the store's write transaction (the leases), the network fabric's
+//! worker threads (namespaces, links, the packet policy), the cgroup files and the
+//! VMM driver (one machine's, called by its own run only).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ip_pool::IpPoolMsg;
 use super::registry::RegistryMsg;
 use super::rootfs_cache::RootfsMsg;
 use super::services::Services;
-use super::tap_allocator::TapMsg;
 use super::{AskError, ask, names};
 use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
@@ -114,46 +115,34 @@ impl StepContext for Services {
         })
     }
 
+    // A lease is one write transaction of the store, which serialises writers and answers
+    // a machine with the block it already holds: no actor stands in between.
     async fn lease(&self, machine: &str) -> Result<u32, StepError> {
-        let machine = machine.to_string();
-        let slot = ask(
-            names::IP_POOL,
-            |reply| IpPoolMsg::Lease { machine, reply },
-            TABLE_TIMEOUT,
-        )
-        .await??;
+        let slot = self
+            .store()
+            .lease(machine, self.lease_slots())
+            .map_err(|e| StepError::Retry(e.to_string()))?;
+        crate::failpoints::hit("leases.lease.after_commit");
         Ok(slot)
     }
 
     async fn release_lease(&self, machine: &str) -> Result<(), StepError> {
-        let machine = machine.to_string();
-        ask(
-            names::IP_POOL,
-            |reply| IpPoolMsg::Release { machine, reply },
-            TABLE_TIMEOUT,
-        )
-        .await??;
-        Ok(())
+        self.store()
+            .release_lease(machine)
+            .map(|_| ())
+            .map_err(|e| StepError::Retry(e.to_string()))
     }
 
+    // The fabric's worker threads run one namespace's changes in order and different
+    // machines' in parallel (a slow teardown holds up no other create): no actor stands
+    // in between.
     async fn ensure_network(&self, plan: NetPlan) -> Result<(), StepError> {
-        ask(
-            names::TAP_ALLOCATOR,
-            |reply| TapMsg::Ensure { plan, reply },
-            NETWORK_TIMEOUT,
-        )
-        .await??;
-        Ok(())
+        crate::failpoints::hit("fabric.ensure.before_effect");
+        network_call(&plan, self.net().ensure(&plan)).await
     }
 
     async fn remove_network(&self, plan: NetPlan) -> Result<(), StepError> {
-        ask(
-            names::TAP_ALLOCATOR,
-            |reply| TapMsg::Remove { plan, reply },
-            NETWORK_TIMEOUT,
-        )
-        .await??;
-        Ok(())
+        network_call(&plan, self.net().remove(&plan)).await
     }
 
     // The policy is per machine and the fabric's workers order each machine's calls, so
@@ -294,6 +283,20 @@ impl StepContext for Services {
         )
         .await??;
         Ok(())
+    }
+}
+
+/// A call to the network fabric, bounded by [`NETWORK_TIMEOUT`].
+async fn network_call(
+    plan: &NetPlan,
+    call: impl std::future::Future<Output = Result<(), crate::net::NetError>>,
+) -> Result<(), StepError> {
+    match tokio::time::timeout(NETWORK_TIMEOUT, call).await {
+        Ok(done) => done.map_err(|e| StepError::Retry(e.to_string())),
+        Err(_) => Err(StepError::Retry(format!(
+            "the network of {} did not answer within {NETWORK_TIMEOUT:?}",
+            plan.netns
+        ))),
     }
 }
 

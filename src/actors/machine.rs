@@ -15,6 +15,8 @@
 //!     step failed (retry)   -> Reconcile after a backoff
 //!     step failed (permanent) -> the machine fails at once; its run releases everything
 //!     VmmLost / GiveUp      -> advance again
+//!     effect panicked       -> the run fails as an actor; the supervisor restarts it,
+//!                              and it goes on from the record
 //!     Settle                -> idle (the actor stops once the machine is destroyed)
 //! ```
 //!
@@ -40,6 +42,9 @@
 
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -59,6 +64,16 @@ pub enum MachineMsg {
     Reconcile,
     /// A step's effect finished.
     StepDone(StepReport),
+    /// A step's effect panicked (a defect, or a fail point): the run fails as an actor
+    /// does, and the supervisor restarts it from the record.
+    StepPanicked {
+        /// The step.
+        step: Step,
+        /// Its direction.
+        direction: Direction,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// The outcome of one step's effect.
@@ -426,8 +441,14 @@ impl MachineActor {
         let task = tokio::spawn(async move {
             let started_at_ms = now_ms();
             let clock = Instant::now();
-            let result = async {
-                let result = steps::run(step, direction, &services, &rec).await;
+            let ran = async {
+                let ran = AssertUnwindSafe(steps::run(step, direction, &services, &rec))
+                    .catch_unwind()
+                    .await;
+                let result = match ran {
+                    Ok(result) => result,
+                    Err(payload) => return Err(panic_message(payload.as_ref())),
+                };
                 let took_ms = clock.elapsed().as_secs_f64() * 1000.0;
                 match &result {
                     Ok(_) => tracing::info!(took_ms, "step done"),
@@ -438,10 +459,21 @@ impl MachineActor {
                         "step failed"
                     ),
                 }
-                result
+                Ok(result)
             }
             .instrument(span)
             .await;
+            let result = match ran {
+                Ok(result) => result,
+                Err(message) => {
+                    let _ = me.cast(MachineMsg::StepPanicked {
+                        step,
+                        direction,
+                        message,
+                    });
+                    return;
+                }
+            };
             let took = clock.elapsed();
             crate::metrics::step_finished(
                 step,
@@ -513,6 +545,18 @@ impl MachineActor {
         };
         Self::drive(myself, state, Some(outcome))
     }
+}
+
+/// What a panic said, cut to a line's length (it is our own code's message, or a fail
+/// point's).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string());
+    let cut: String = text.chars().take(200).collect();
+    format!("the effect panicked: {cut}")
 }
 
 /// Records a step's outcome: its output, its mark, its timing. Returns the event message.
@@ -591,6 +635,21 @@ impl Actor for MachineActor {
             match message {
                 MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
                 MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
+                MachineMsg::StepPanicked {
+                    step,
+                    direction,
+                    message,
+                } => {
+                    let ours = state
+                        .running
+                        .as_ref()
+                        .is_some_and(|r| r.step == step && r.direction == direction);
+                    if !ours {
+                        return Ok(());
+                    }
+                    state.running = None;
+                    Err(format!("{} {step}: {message}", direction.name()).into())
+                }
             }
         }
         .instrument(span)

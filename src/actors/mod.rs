@@ -7,14 +7,12 @@
 pub mod compactor;
 pub mod context;
 pub mod etcd_sink;
-pub mod ip_pool;
 pub mod machine;
 pub mod pools;
 pub mod registry;
 pub mod rootfs_cache;
 pub mod services;
 pub mod supervisor;
-pub mod tap_allocator;
 
 use std::time::Duration;
 
@@ -53,10 +51,6 @@ where
 pub mod names {
     /// The Supervisor.
     pub const SUPERVISOR: &str = "supervisor";
-    /// The IP lease pool.
-    pub const IP_POOL: &str = "ip_pool";
-    /// The tap allocator (host network of every machine).
-    pub const TAP_ALLOCATOR: &str = "tap_allocator";
     /// The rootfs cache.
     pub const ROOTFS_CACHE: &str = "rootfs_cache";
     /// The registry publisher.

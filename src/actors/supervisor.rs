@@ -15,14 +15,12 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::compactor::Compactor;
 use super::etcd_sink::EtcdSink;
-use super::ip_pool::IpPool;
 use super::machine::{MachineActor, MachineMsg};
 use super::names;
 use super::pools::PoolManager;
 use super::registry::RegistryPublisher;
 use super::rootfs_cache::{RootfsArgs, RootfsCache};
 use super::services::Services;
-use super::tap_allocator::TapAllocator;
 use crate::image::BaseStore;
 use crate::machine::record::MachineState;
 
@@ -58,10 +56,6 @@ const WAKE_RETRY: Duration = Duration::from_millis(200);
 /// The singletons the Supervisor owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Singleton {
-    /// IP lease pool.
-    IpPool,
-    /// Host network.
-    TapAllocator,
     /// Image bases.
     RootfsCache,
     /// Routes and outbox.
@@ -75,9 +69,7 @@ pub enum Singleton {
 }
 
 impl Singleton {
-    const ALL: [Singleton; 7] = [
-        Singleton::IpPool,
-        Singleton::TapAllocator,
+    const ALL: [Singleton; 5] = [
         Singleton::RootfsCache,
         Singleton::Registry,
         Singleton::Pools,
@@ -87,8 +79,6 @@ impl Singleton {
 
     fn name(self) -> &'static str {
         match self {
-            Singleton::IpPool => names::IP_POOL,
-            Singleton::TapAllocator => names::TAP_ALLOCATOR,
             Singleton::RootfsCache => names::ROOTFS_CACHE,
             Singleton::Registry => names::REGISTRY,
             Singleton::Pools => names::POOLS,
@@ -131,12 +121,6 @@ impl Supervisor {
         let cell = myself.get_cell();
         let services = state.services.clone();
         match which {
-            Singleton::IpPool => {
-                IpPool::spawn_linked(name, IpPool, services, cell).await?;
-            }
-            Singleton::TapAllocator => {
-                TapAllocator::spawn_linked(name, TapAllocator, services, cell).await?;
-            }
             Singleton::RootfsCache => {
                 let config = services.config();
                 let args = Arc::new(RootfsArgs {

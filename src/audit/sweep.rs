@@ -20,8 +20,8 @@
 //! catalogue) and runs those steps' releases in teardown order, exactly as a destroy
 //! would on a half-done machine — routes through the RegistryPublisher (so watchers hear
 //! the withdrawal), the VMM's release (which ends any process carrying the machine's
-//! marker), the packet policy through the network fabric, the network through the
-//! TapAllocator, the lease through the IpPool, and the directory.
+//! marker), the packet policy and the network through the network fabric, the lease
+//! in the store, and the directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;

@@ -13,7 +13,7 @@
 //! ├── events    (&str id, u64 seq) -> bytes  Stored::<MachineEvent>; per machine the
 //! │                                    first and the last few are kept (see `history`)
 //! ├── event_order u64 seq -> &str id   the events in global order, for paged reads
-//! ├── leases    u32 slot -> &str id    the IP pool's /29 blocks     (owner: IpPool)
+//! ├── leases    u32 slot -> &str id    the IP pool's /29 blocks     (owner: the lease step)
 //! ├── routes    &str id -> bytes       Stored::<Route>, the embedded registry (owner: RegistryPublisher)
 //! ├── outbox    u64 seq -> bytes       Stored::<RouteChange> not yet delivered to every sink
 //! └── images    &str base digest -> bytes  Stored::<ImageEntry>      (owner: RootfsCache)
