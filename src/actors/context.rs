@@ -1,7 +1,8 @@
 //! The steps' context (`machine::steps::StepContext`), implemented over the shared
 //! services: each handle is a call to the singleton that owns the resource, found by its
 //! registered name, so a restarted singleton is reached without a stale reference. A
-//! call nobody answers is transient ([`StepError::Retry`]). The packet policy is the
+//! call nobody answers is transient ([`StepError::Retry`]), and so is a singleton's
+//! refusal, which arrives as text ([`Cause::Service`]). The packet policy is the
 //! exception: the network fabric is reached directly (see `ensure_policy`).
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use crate::guest::kit::GuestKit;
 use crate::guest::protocol::Claim;
 use crate::image::ImageRef;
 use crate::machine::step::ResourceKind;
-use crate::machine::steps::{BaseFound, Owned, StepContext, StepError};
+use crate::machine::steps::{BaseFound, Cause, Owned, StepContext, StepError};
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
@@ -34,8 +35,13 @@ const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl From<AskError> for StepError {
     fn from(e: AskError) -> Self {
-        StepError::Retry(e.to_string())
+        refused(e.to_string())
     }
+}
+
+/// A failure a singleton (or the guest kit) answered as text: transient.
+fn refused(message: String) -> StepError {
+    StepError::Retry(Cause::Service(message))
 }
 
 impl StepContext for Services {
@@ -45,7 +51,7 @@ impl StepContext for Services {
 
     fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError> {
         NetPlan::derive(&self.config().network.prefix, id, *self.pool(), slot)
-            .map_err(|e| StepError::Retry(format!("network plan: {e}")))
+            .map_err(|e| StepError::Retry(Cause::Plan(e)))
     }
 
     fn exists(&self, object: &Owned) -> Option<bool> {
@@ -86,7 +92,7 @@ impl StepContext for Services {
     }
 
     async fn kit(&self) -> Result<GuestKit, StepError> {
-        Services::kit(self).await.cloned().map_err(StepError::Retry)
+        Services::kit(self).await.cloned().map_err(refused)
     }
 
     async fn ensure_base(&self, image: ImageRef) -> Result<BaseFound, StepError> {
@@ -101,10 +107,11 @@ impl StepContext for Services {
         )
         .await?
         .map_err(|e| {
+            let cause = Cause::Service(e.to_string());
             if e.is_permanent() {
-                StepError::Permanent(e.to_string())
+                StepError::Permanent(cause)
             } else {
-                StepError::Retry(e.to_string())
+                StepError::Retry(cause)
             }
         })?;
         Ok(BaseFound {
@@ -121,7 +128,8 @@ impl StepContext for Services {
             |reply| IpPoolMsg::Lease { machine, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(slot)
     }
 
@@ -132,7 +140,8 @@ impl StepContext for Services {
             |reply| IpPoolMsg::Release { machine, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 
@@ -142,7 +151,8 @@ impl StepContext for Services {
             |reply| TapMsg::Ensure { plan, reply },
             NETWORK_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 
@@ -152,7 +162,8 @@ impl StepContext for Services {
             |reply| TapMsg::Remove { plan, reply },
             NETWORK_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 
@@ -162,14 +173,14 @@ impl StepContext for Services {
         self.net()
             .ensure_policy(machine)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Net(e)))
     }
 
     async fn remove_policy(&self, machine: &str) -> Result<(), StepError> {
         self.net()
             .remove_policy(&self.config().network.prefix, machine)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Net(e)))
     }
 
     async fn ensure_cgroup(
@@ -213,7 +224,7 @@ impl StepContext for Services {
         self.vmm()
             .launch(&spec)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Launch(e)))
     }
 
     fn liveness(&self, process: &VmmProcess) -> Liveness {
@@ -225,13 +236,13 @@ impl StepContext for Services {
             .stop(&process, self.config().stop_grace())
             .await
             .map(|_| ())
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Stop(e)))
     }
 
     async fn kill_unrecorded(&self, machine: &str, dir: PathBuf) -> Result<(), StepError> {
         crate::vmm::marked::kill_unrecorded(self.vmm().name_prefix(), machine, &dir)
             .await
-            .map_err(StepError::Retry)
+            .map_err(|e| StepError::Retry(Cause::Unrecorded(e)))
     }
 
     async fn wait_ready(&self, process: &VmmProcess, timeout: Duration) -> Result<(), ReadyError> {
@@ -281,7 +292,8 @@ impl StepContext for Services {
             |reply| RegistryMsg::Publish { route, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 
@@ -292,7 +304,8 @@ impl StepContext for Services {
             |reply| RegistryMsg::Unpublish { machine, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 }
@@ -304,6 +317,11 @@ async fn blocking(
 ) -> Result<(), StepError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| StepError::Retry(format!("cgroup task: {e}")))?
-        .map_err(|e| StepError::Retry(e.to_string()))
+        .map_err(|source| {
+            StepError::Retry(Cause::Task {
+                work: "cgroup",
+                source,
+            })
+        })?
+        .map_err(|e| StepError::Retry(Cause::Cgroup(e)))
 }
