@@ -5,7 +5,8 @@
 //! ([`StepError::Retry`]). The rest is reached directly, because what serialises it is
 //! already below: the store's write transaction (the leases), the network fabric's
 //! worker threads (namespaces, links, the packet policy), the cgroup files and the
-//! VMM driver (one machine's, called by its own run only).
+//! VMM driver (one machine's, called by its own run only). A singleton's refusal arrives
+//! as text ([`Cause::Service`]), and so does the store's ([`Cause::Lease`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use crate::guest::kit::GuestKit;
 use crate::guest::protocol::Claim;
 use crate::image::ImageRef;
 use crate::machine::step::ResourceKind;
-use crate::machine::steps::{BaseFound, Owned, StepContext, StepError};
+use crate::machine::steps::{BaseFound, Cause, Owned, StepContext, StepError};
 use crate::net::NetPlan;
 use crate::net::policy::MachinePolicy;
 use crate::route::Route;
@@ -28,15 +29,20 @@ use crate::vmm::{Confinement, ControlError, LaunchSpec, Liveness, ReadyError, Vm
 
 /// Building a base can take a while (unpacking, mkfs).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
-/// A lease or a route is one commit.
+/// A route is one commit.
 const TABLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A namespace with its links and tap.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl From<AskError> for StepError {
     fn from(e: AskError) -> Self {
-        StepError::Retry(e.to_string())
+        refused(e.to_string())
     }
+}
+
+/// A failure a singleton (or the guest kit) answered as text: transient.
+fn refused(message: String) -> StepError {
+    StepError::Retry(Cause::Service(message))
 }
 
 impl StepContext for Services {
@@ -46,7 +52,7 @@ impl StepContext for Services {
 
     fn net_plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError> {
         NetPlan::derive(&self.config().network.prefix, id, *self.pool(), slot)
-            .map_err(|e| StepError::Retry(format!("network plan: {e}")))
+            .map_err(|e| StepError::Retry(Cause::Plan(e)))
     }
 
     fn exists(&self, object: &Owned) -> Option<bool> {
@@ -87,7 +93,7 @@ impl StepContext for Services {
     }
 
     async fn kit(&self) -> Result<GuestKit, StepError> {
-        Services::kit(self).await.cloned().map_err(StepError::Retry)
+        Services::kit(self).await.cloned().map_err(refused)
     }
 
     async fn ensure_base(&self, image: ImageRef) -> Result<BaseFound, StepError> {
@@ -102,10 +108,11 @@ impl StepContext for Services {
         )
         .await?
         .map_err(|e| {
+            let cause = Cause::Service(e.to_string());
             if e.is_permanent() {
-                StepError::Permanent(e.to_string())
+                StepError::Permanent(cause)
             } else {
-                StepError::Retry(e.to_string())
+                StepError::Retry(cause)
             }
         })?;
         Ok(BaseFound {
@@ -121,7 +128,7 @@ impl StepContext for Services {
         let slot = self
             .store()
             .lease(machine, self.lease_slots())
-            .map_err(|e| StepError::Retry(e.to_string()))?;
+            .map_err(|e| StepError::Retry(Cause::Lease(e.to_string())))?;
         crate::failpoints::hit("leases.lease.after_commit");
         Ok(slot)
     }
@@ -130,7 +137,7 @@ impl StepContext for Services {
         self.store()
             .release_lease(machine)
             .map(|_| ())
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Lease(e.to_string())))
     }
 
     // The fabric's worker threads run one namespace's changes in order and different
@@ -151,14 +158,14 @@ impl StepContext for Services {
         self.net()
             .ensure_policy(machine)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Net(e)))
     }
 
     async fn remove_policy(&self, machine: &str) -> Result<(), StepError> {
         self.net()
             .remove_policy(&self.config().network.prefix, machine)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Net(e)))
     }
 
     async fn ensure_cgroup(
@@ -202,7 +209,7 @@ impl StepContext for Services {
         self.vmm()
             .launch(&spec)
             .await
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Launch(e)))
     }
 
     fn liveness(&self, process: &VmmProcess) -> Liveness {
@@ -214,13 +221,13 @@ impl StepContext for Services {
             .stop(&process, self.config().stop_grace())
             .await
             .map(|_| ())
-            .map_err(|e| StepError::Retry(e.to_string()))
+            .map_err(|e| StepError::Retry(Cause::Stop(e)))
     }
 
     async fn kill_unrecorded(&self, machine: &str, dir: PathBuf) -> Result<(), StepError> {
         crate::vmm::marked::kill_unrecorded(self.vmm().name_prefix(), machine, &dir)
             .await
-            .map_err(StepError::Retry)
+            .map_err(|e| StepError::Retry(Cause::Unrecorded(e)))
     }
 
     async fn wait_ready(&self, process: &VmmProcess, timeout: Duration) -> Result<(), ReadyError> {
@@ -270,7 +277,8 @@ impl StepContext for Services {
             |reply| RegistryMsg::Publish { route, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 
@@ -281,7 +289,8 @@ impl StepContext for Services {
             |reply| RegistryMsg::Unpublish { machine, reply },
             TABLE_TIMEOUT,
         )
-        .await??;
+        .await?
+        .map_err(refused)?;
         Ok(())
     }
 }
@@ -292,11 +301,11 @@ async fn network_call(
     call: impl std::future::Future<Output = Result<(), crate::net::NetError>>,
 ) -> Result<(), StepError> {
     match tokio::time::timeout(NETWORK_TIMEOUT, call).await {
-        Ok(done) => done.map_err(|e| StepError::Retry(e.to_string())),
-        Err(_) => Err(StepError::Retry(format!(
-            "the network of {} did not answer within {NETWORK_TIMEOUT:?}",
-            plan.netns
-        ))),
+        Ok(done) => done.map_err(|e| StepError::Retry(Cause::Net(e))),
+        Err(_) => Err(StepError::Retry(Cause::Timeout {
+            what: format!("the network of {}", plan.netns),
+            waited: NETWORK_TIMEOUT,
+        })),
     }
 }
 
@@ -307,6 +316,11 @@ async fn blocking(
 ) -> Result<(), StepError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| StepError::Retry(format!("cgroup task: {e}")))?
-        .map_err(|e| StepError::Retry(e.to_string()))
+        .map_err(|source| {
+            StepError::Retry(Cause::Task {
+                work: "cgroup",
+                source,
+            })
+        })?
+        .map_err(|e| StepError::Retry(Cause::Cgroup(e)))
 }

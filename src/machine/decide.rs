@@ -500,10 +500,12 @@ mod tests {
     use super::*;
     use crate::machine::record::VmmRecord;
     use crate::machine::spec::MachineSpec;
+    use crate::machine::steps::Cause;
+    use crate::machine::workload::NothingToRun;
     use std::path::PathBuf;
 
     fn retry() -> StepError {
-        StepError::Retry("try again".into())
+        StepError::Retry(Cause::Service("try again".into()))
     }
 
     const POLICY: Policy = Policy {
@@ -801,11 +803,11 @@ mod tests {
             Desired::Started,
             &with(done_through(Step::Network), Step::VmConfig, Mark::Begun),
         );
-        let cause = StepError::Permanent("the workload does not fit".into());
+        let cause = StepError::Permanent(Cause::Workload(NothingToRun));
         apply_outcome(&mut rec, Step::VmConfig, Direction::Acquire, Some(&cause));
         assert_eq!(rec.state, MachineState::Failed);
         let failure = rec.failure.clone().unwrap_or_default();
-        assert!(failure.starts_with("vm_config: the workload"), "{failure}");
+        assert_eq!(failure, format!("vm_config: {NothingToRun}"));
         // The half-done step is released first, then the rest in teardown order.
         check(
             &rec,

@@ -3,6 +3,7 @@
 //! release and the orphan sweep end them, and the audit looks for them, so what counts
 //! as "a VMM of this machine directory" is decided here once.
 
+use std::io;
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,6 +50,23 @@ fn jailed_in(pid: i32, dir: &Path) -> bool {
         .any(|m| m.dev() == root.dev() && m.ino() == root.ino())
 }
 
+/// An unrecorded VMM could not be ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{call} VMM pid {pid}: {source}")]
+pub struct KillError {
+    /// The process.
+    pub pid: i32,
+    /// The call that failed, as the message reads: `pidfd of`, `watch`, `SIGKILL`.
+    pub call: &'static str,
+    /// The system error.
+    #[source]
+    pub source: io::Error,
+}
+
+fn failed(pid: i32, call: &'static str) -> impl FnOnce(io::Error) -> KillError {
+    move |source| KillError { pid, call, source }
+}
+
 /// SIGKILLs every process carrying `marker` for machine `id` whose command line (or
 /// jail) names `dir`, and waits (up to [`EXIT_WAIT`] each) for it to exit, so a caller
 /// that goes on to remove the machine's network or directory finds nothing using them.
@@ -56,7 +74,7 @@ fn jailed_in(pid: i32, dir: &Path) -> bool {
 /// Idempotent: a process already gone is success. The pid is opened as a pidfd first and
 /// checked after, so a pid reused since the scan is never signalled. Undo: none (a killed
 /// VMM is started again by the `vmm` step's acquire).
-pub async fn kill_unrecorded(marker: &str, id: &str, dir: &Path) -> Result<(), String> {
+pub async fn kill_unrecorded(marker: &str, id: &str, dir: &Path) -> Result<(), KillError> {
     for (machine, pid) in super::find_processes(marker) {
         if machine != id {
             continue;
@@ -67,13 +85,13 @@ pub async fn kill_unrecorded(marker: &str, id: &str, dir: &Path) -> Result<(), S
         let fd = match pidfd_open(raw, PidfdFlags::empty()) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::SRCH) => continue,
-            Err(e) => return Err(format!("pidfd of VMM pid {pid}: {e}")),
+            Err(e) => return Err(failed(pid, "pidfd of")(e.into())),
         };
         if !names_dir(pid, dir) {
             continue;
         }
-        let fd = pidfd::watch(fd).map_err(|e| format!("watch VMM pid {pid}: {e}"))?;
-        pidfd::kill(&fd).map_err(|e| format!("SIGKILL VMM pid {pid}: {e}"))?;
+        let fd = pidfd::watch(fd).map_err(failed(pid, "watch"))?;
+        pidfd::kill(&fd).map_err(failed(pid, "SIGKILL"))?;
         if !pidfd::exited_within(&fd, EXIT_WAIT).await {
             tracing::warn!(pid, machine = %id, "unrecorded VMM did not exit within {EXIT_WAIT:?} of SIGKILL");
         }

@@ -13,10 +13,10 @@
 //! sockets, logs); a missing directory is fine, so it works whether or not acquire ever
 //! ran or finished. Removing the link never touches the base.
 
-use super::{Owned, StepContext, StepError, machine_dir};
-use crate::image::UpperSource;
+use super::{Cause, Owned, StepContext, StepError, machine_dir};
+use crate::image::{CloneError, UpperSource};
 use crate::machine::record::{DiskLayout, MachineRecord};
-use crate::machine::step::ResourceKind;
+use crate::machine::step::{ResourceKind, Step};
 
 /// File name of the machine's writable disk inside its directory: the whole root in the
 /// `copy` layout, the overlay's upper layer in the `overlay` layout.
@@ -32,10 +32,17 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         .resources
         .base_path
         .clone()
-        .ok_or_else(|| StepError::Retry("disk: no base image recorded".into()))?;
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| StepError::Retry(format!("create {}: {e}", dir.display())))?;
+        .ok_or(StepError::Retry(Cause::NotRecorded {
+            step: Step::Disk,
+            what: "base image",
+        }))?;
+    if let Err(source) = tokio::fs::create_dir_all(&dir).await {
+        return Err(StepError::Retry(Cause::Io {
+            action: "create",
+            path: dir,
+            source,
+        }));
+    }
     let dest = dir.join(ROOT_DISK);
     match rec.disk_layout {
         DiskLayout::Overlay => {
@@ -53,12 +60,9 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
                 Ok(source) => source,
                 // Bases and machine directories on different file systems: no retry helps.
                 Err(e) if e.is_cross_device() => {
-                    return Err(StepError::Permanent(format!(
-                        "{e}: images.disk_layout = \"overlay\" needs the image cache and \
-                         the machine directories on one file system; set it to \"copy\""
-                    )));
+                    return Err(StepError::Permanent(Cause::OverlayAcrossFileSystems(e)));
                 }
-                Err(e) => return Err(StepError::Retry(e.to_string())),
+                Err(e) => return Err(StepError::Retry(Cause::Overlay(e))),
             };
             // The next machine of this size finds a ready layer; made off this step's path.
             if source != UpperSource::AlreadyPresent {
@@ -112,8 +116,12 @@ pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     let disk = dir.join(ROOT_DISK);
     blocking(move || crate::image::remove_disk(&disk)).await?;
     match tokio::fs::remove_dir_all(&dir).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(StepError::Retry(format!("remove {}: {e}", dir.display())))
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            Err(StepError::Retry(Cause::Io {
+                action: "remove",
+                path: dir,
+                source,
+            }))
         }
         _ => Ok(()),
     }
@@ -126,16 +134,21 @@ async fn run_blocking<T: Send + 'static>(
 ) -> Result<T, StepError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| StepError::Retry(format!("disk task: {e}")))
+        .map_err(|source| {
+            StepError::Retry(Cause::Task {
+                work: "disk",
+                source,
+            })
+        })
 }
 
-/// [`run_blocking`] for an operation whose every failure is worth a retry.
-async fn blocking<E: std::fmt::Display + Send + 'static>(
-    work: impl FnOnce() -> Result<(), E> + Send + 'static,
+/// [`run_blocking`] for a copy or a removal, whose every failure is worth a retry.
+async fn blocking(
+    work: impl FnOnce() -> Result<(), CloneError> + Send + 'static,
 ) -> Result<(), StepError> {
     run_blocking(work)
         .await?
-        .map_err(|e| StepError::Retry(e.to_string()))
+        .map_err(|e| StepError::Retry(Cause::Disk(e)))
 }
 
 #[cfg(test)]

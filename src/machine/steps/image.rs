@@ -5,7 +5,7 @@
 //! concurrent machines share one build. Release is a no-op on the host: bases are shared
 //! between machines and collected by the cache, not by a machine.
 
-use super::{Owned, StepContext, StepError, StepOutput};
+use super::{Cause, Owned, StepContext, StepError, StepOutput};
 use crate::image::ImageRef;
 use crate::machine::record::MachineRecord;
 
@@ -13,7 +13,7 @@ use crate::machine::record::MachineRecord;
 /// is permanent (it was checked at admission, so only an older record can have one).
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepOutput, StepError> {
     let image =
-        ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Permanent(e.to_string()))?;
+        ImageRef::parse(&rec.spec.image).map_err(|e| StepError::Permanent(Cause::ImageRef(e)))?;
     let found = cx.ensure_base(image).await?;
     Ok(StepOutput::Base {
         digest: found.digest,

@@ -10,11 +10,13 @@
 //! files (the machine directory) it touches itself. Each step is unit-tested against an
 //! in-memory host (`testing`).
 //!
-//! A failure is typed ([`StepError`]): `Retry` is transient and is tried again after a
-//! backoff; `Permanent` can never succeed for this record (a spec the guest config cannot
-//! hold, an image that does not exist) and fails the machine at once, naming the cause.
+//! A failure is typed ([`StepError`]): what failed ([`Cause`]), and its class: `Retry` is
+//! transient and is tried again after a backoff; `Permanent` can never succeed for this
+//! record (a spec the guest config cannot hold, an image that does not exist) and fails
+//! the machine at once, naming the cause.
 
 pub mod context;
+pub mod error;
 #[cfg(test)]
 pub mod testing;
 
@@ -22,6 +24,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use context::{BaseFound, Owned, StepContext};
+pub use error::{Cause, StepError};
 
 use super::decide::Observed;
 use super::record::{MachineRecord, VmmRecord};
@@ -215,32 +218,6 @@ pub enum StepOutput {
     },
     /// The VMM process.
     Vmm(VmmRecord),
-}
-
-/// Why a step's effect failed, and whether trying again can help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StepError {
-    /// Transient (a singleton restarting, the host busy, a registry unreachable): the run
-    /// tries again after a backoff, a bounded number of times.
-    #[error("{0}")]
-    Retry(String),
-    /// Can never succeed for this record: the machine fails at once, naming the cause.
-    #[error("{0}")]
-    Permanent(String),
-}
-
-impl StepError {
-    /// True when trying again cannot help.
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, StepError::Permanent(_))
-    }
-}
-
-impl From<String> for StepError {
-    /// An untyped failure is transient: retrying is the safe default.
-    fn from(message: String) -> Self {
-        StepError::Retry(message)
-    }
 }
 
 /// The run's observation: the VMM's liveness, and a fold over the probes of those of

@@ -4,9 +4,9 @@
 //! Release removes whatever exists by name; names come from the machine id, so it works
 //! after a crash at any point of acquire, with or without the lease still recorded.
 
-use super::{Owned, StepContext, StepError};
+use super::{Cause, Owned, StepContext, StepError};
 use crate::machine::record::MachineRecord;
-use crate::machine::step::ResourceKind;
+use crate::machine::step::{ResourceKind, Step};
 use crate::net::NetPlan;
 
 /// The machine's network plan. Release works without a lease: only names matter then.
@@ -14,14 +14,17 @@ pub fn plan(cx: &impl StepContext, rec: &MachineRecord) -> Result<NetPlan, StepE
     cx.net_plan(&rec.id, rec.resources.lease_slot.unwrap_or(0))
 }
 
-/// The plan of a step that needs the lease's addresses.
+/// The plan of `step`, which needs the lease's addresses.
 pub fn leased_plan(
     cx: &impl StepContext,
     rec: &MachineRecord,
-    step: &str,
+    step: Step,
 ) -> Result<NetPlan, StepError> {
     if rec.resources.lease_slot.is_none() {
-        return Err(StepError::Retry(format!("{step}: no lease recorded")));
+        return Err(StepError::Retry(Cause::NotRecorded {
+            step,
+            what: "lease",
+        }));
     }
     plan(cx, rec)
 }
@@ -45,7 +48,7 @@ pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
 
 /// Creates the machine's network.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
-    cx.ensure_network(leased_plan(cx, rec, "network")?).await
+    cx.ensure_network(leased_plan(cx, rec, Step::Network)?).await
 }
 
 /// Removes the machine's network.

@@ -12,12 +12,12 @@
 
 use super::{Owned, StepContext, StepError, network};
 use crate::machine::record::MachineRecord;
-use crate::machine::step::ResourceKind;
+use crate::machine::step::{ResourceKind, Step};
 use crate::net::policy::MachinePolicy;
 
 /// Writes the machine's policy.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
-    let plan = network::leased_plan(cx, rec, "policy")?;
+    let plan = network::leased_plan(cx, rec, Step::Policy)?;
     cx.ensure_policy(MachinePolicy {
         id: rec.id.clone(),
         host_veth: plan.host_veth,

@@ -4,8 +4,9 @@
 //! route; a missing route is fine. It runs first on stop and destroy, so nothing routes
 //! to a guest that is going away.
 
-use super::{Owned, StepContext, StepError};
+use super::{Cause, Owned, StepContext, StepError};
 use crate::machine::record::MachineRecord;
+use crate::machine::step::Step;
 use crate::route::Route;
 
 /// Publishes the route.
@@ -13,7 +14,10 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     let ip = rec
         .resources
         .guest_ip
-        .ok_or_else(|| StepError::Retry("publish: no address recorded".into()))?;
+        .ok_or(StepError::Retry(Cause::NotRecorded {
+            step: Step::Publish,
+            what: "address",
+        }))?;
     cx.publish(Route {
         machine_id: rec.id.clone(),
         name: rec.name.clone(),

@@ -25,9 +25,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Owned, StepContext, StepError};
+use super::{Cause, Owned, StepContext, StepError};
 use crate::guest::protocol::{Claim, claim_entropy};
 use crate::machine::record::MachineRecord;
+use crate::machine::step::Step;
+use crate::vmm::ReadyError;
 
 /// Longest single connection attempt of the port check (a dropped packet, not a refusal).
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
@@ -42,38 +44,33 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         .resources
         .vmm
         .as_ref()
-        .ok_or_else(|| StepError::Retry("ready: no VMM recorded".into()))?;
+        .ok_or(StepError::Retry(Cause::NotRecorded {
+            step: Step::Ready,
+            what: "VMM",
+        }))?;
     let process = super::vmm::process_of(record);
     let deadline = Instant::now() + cx.ready_timeout();
-    let failed = |e: crate::vmm::ReadyError| StepError::Retry(format!("ready: {e}"));
+    let failed = |e| StepError::Retry(Cause::Ready(e));
+    let control = |action| move |source| StepError::Retry(Cause::Control { action, source });
     if rec.pool_owner().is_some() {
         // Run again after a crash between the pause and its record, the guest would be
         // paused and could not answer: it is resumed first (a no-op when it runs).
-        cx.resume(&process)
-            .await
-            .map_err(|e| StepError::Retry(format!("ready: resume: {e}")))?;
+        cx.resume(&process).await.map_err(control("resume"))?;
         cx.wait_idle(&process, cx.ready_timeout())
             .await
             .map_err(failed)?;
-        cx.pause(&process)
-            .await
-            .map_err(|e| StepError::Retry(format!("ready: pause: {e}")))?;
+        cx.pause(&process).await.map_err(control("pause"))?;
         return Ok(());
     }
     if rec.claimed() {
-        cx.resume(&process)
-            .await
-            .map_err(|e| StepError::Retry(format!("ready: resume: {e}")))?;
+        cx.resume(&process).await.map_err(control("resume"))?;
         let workload = super::vm_config::guest_config(cx, rec)?;
-        let entropy = claim_entropy()
-            .map_err(|e| StepError::Retry(format!("ready: no entropy for the claim: {e}")))?;
+        let entropy = claim_entropy().map_err(|e| StepError::Retry(Cause::Entropy(e)))?;
         let claim = Claim::from_config(&workload, crate::machine::now_ms(), entropy);
         cx.claim(&process, &claim, cx.ready_timeout())
             .await
             .map_err(|e| match e {
-                crate::vmm::ReadyError::ClaimTooLarge { .. } => {
-                    StepError::Permanent(format!("ready: the workload does not fit a claim: {e}"))
-                }
+                ReadyError::ClaimTooLarge { .. } => StepError::Permanent(Cause::ClaimTooLarge(e)),
                 other => failed(other),
             })?;
         return ports_accept(cx, rec, deadline).await;
@@ -100,7 +97,10 @@ async fn ports_accept(
     let ip = rec
         .resources
         .guest_ip
-        .ok_or_else(|| StepError::Retry("ready: no guest address recorded".into()))?;
+        .ok_or(StepError::Retry(Cause::NotRecorded {
+            step: Step::Ready,
+            what: "guest address",
+        }))?;
     for port in ports {
         port_accepts(cx, ip, port, deadline).await?;
     }
@@ -126,11 +126,13 @@ async fn port_accepts(
             Err(e) => e,
         };
         if Instant::now() + pause >= deadline {
-            return Err(StepError::Retry(format!(
-                "ready: the guest said it is ready, but port {port} at {ip} did not accept a \
-                 connection within {:.1} s ({attempts} attempts; last: {last})",
-                started.elapsed().as_secs_f64()
-            )));
+            return Err(StepError::Retry(Cause::PortClosed {
+                ip,
+                port,
+                waited: started.elapsed(),
+                attempts,
+                last,
+            }));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PORT_RETRY_MAX);

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::StepError;
 use super::context::{BaseFound, Owned, StepContext};
+use super::{Cause, StepError};
 use crate::guest::config::GuestResolver;
 use crate::guest::kit::GuestKit;
 use crate::guest::protocol::Claim;
@@ -205,12 +205,12 @@ impl FakeHost {
     }
 
     fn plan(&self, id: &str, slot: u32) -> Result<NetPlan, StepError> {
-        let pool = PoolCidr::parse("10.200.0.0/16").map_err(|e| StepError::Retry(e.to_string()))?;
-        NetPlan::derive("tst", id, pool, slot).map_err(|e| StepError::Retry(e.to_string()))
+        let pool = PoolCidr::parse("10.200.0.0/16").expect("the test pool");
+        NetPlan::derive("tst", id, pool, slot).map_err(|e| StepError::Retry(Cause::Plan(e)))
     }
 
-    fn retry(call: &str) -> StepError {
-        StepError::Retry(format!("{call}: broken on purpose"))
+    fn retry(call: &'static str) -> StepError {
+        StepError::Retry(Cause::Broken(call))
     }
 }
 
@@ -257,8 +257,13 @@ impl StepContext for FakeHost {
         }
         let path = self.root.path().join("base.ext4");
         if !path.exists() {
-            std::fs::write(&path, vec![7u8; 64 << 10])
-                .map_err(|e| StepError::Retry(e.to_string()))?;
+            std::fs::write(&path, vec![7u8; 64 << 10]).map_err(|source| {
+                StepError::Retry(Cause::Io {
+                    action: "write",
+                    path: path.clone(),
+                    source,
+                })
+            })?;
         }
         Ok(BaseFound {
             digest: format!("sha256:fake-{image}"),

@@ -5,10 +5,11 @@
 //! replaces it whole. Release deletes it; a missing file is fine. Both act on the name
 //! only, never on what a VMM may have put there (see [`crate::vmmdir`]).
 
-use super::{Owned, StepContext, StepError, machine_dir};
+use super::{Cause, Owned, StepContext, StepError, machine_dir};
 use crate::guest::config::{GuestConfig, GuestNetwork, WriteConfigError, write_config_disk};
 use crate::image::ImageRef;
 use crate::machine::record::{DiskLayout, ImageWorkload, MachineRecord};
+use crate::machine::step::Step;
 use crate::machine::workload::compose;
 
 /// File name of the config disk inside the machine directory.
@@ -19,7 +20,7 @@ pub const CONFIG_DISK: &str = "config.disk";
 /// up its network and waits, idle, for the claim that brings one (its hostname until
 /// then is the machine id).
 pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestConfig, StepError> {
-    let plan = super::network::leased_plan(cx, rec, "vm_config")?;
+    let plan = super::network::leased_plan(cx, rec, Step::VmConfig)?;
     let network = Some(GuestNetwork {
         address: plan.guest_addr,
         prefix_len: plan.prefix_len,
@@ -46,7 +47,7 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
         Some(w) => w.clone(),
         None => {
             let image = ImageRef::parse(&rec.spec.image)
-                .map_err(|e| StepError::Permanent(e.to_string()))?;
+                .map_err(|e| StepError::Permanent(Cause::ImageRef(e)))?;
             let defaults = image.defaults();
             ImageWorkload {
                 cmd: defaults.command,
@@ -55,7 +56,8 @@ pub fn guest_config(cx: &impl StepContext, rec: &MachineRecord) -> Result<GuestC
             }
         }
     };
-    let workload = compose(&image, &rec.spec).map_err(|e| StepError::Permanent(e.to_string()))?;
+    let workload =
+        compose(&image, &rec.spec).map_err(|e| StepError::Permanent(Cause::Workload(e)))?;
     Ok(GuestConfig {
         machine_id: rec.id.clone(),
         hostname: rec.name.clone(),
@@ -92,16 +94,14 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
     let path = machine_dir(cx, rec).join(CONFIG_DISK);
     tokio::task::spawn_blocking(move || {
         write_config_disk(&path, &config).map_err(|e| match e {
-            WriteConfigError::TooLarge { .. } => StepError::Permanent(format!(
-                "vm_config: the workload does not fit the guest config: {e}"
-            )),
+            WriteConfigError::TooLarge { .. } => StepError::Permanent(Cause::ConfigTooLarge(e)),
             WriteConfigError::Encode { .. } | WriteConfigError::Io { .. } => {
-                StepError::Retry(e.to_string())
+                StepError::Retry(Cause::GuestConfig(e))
             }
         })
     })
     .await
-    .map_err(|e| StepError::Retry(format!("vm_config task: {e}")))?
+    .map_err(task)?
 }
 
 /// Deletes the config disk.
@@ -117,8 +117,22 @@ pub async fn release(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
         }
     })
     .await
-    .map_err(|e| StepError::Retry(format!("vm_config task: {e}")))?;
-    removed.map_err(|e| StepError::Retry(format!("remove {}: {e}", path.display())))
+    .map_err(task)?;
+    removed.map_err(|source| {
+        StepError::Retry(Cause::Io {
+            action: "remove",
+            path,
+            source,
+        })
+    })
+}
+
+/// The step's blocking task ended without an answer.
+fn task(source: tokio::task::JoinError) -> StepError {
+    StepError::Retry(Cause::Task {
+        work: "vm_config",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use super::vm_config::CONFIG_DISK;
 use super::{Owned, StepContext, StepError, StepOutput, machine_dir};
 use crate::machine::decide::VmmSeen;
 use crate::machine::record::{DiskLayout, MachineRecord, VmmRecord};
+use crate::machine::step::Step;
 use crate::vmm::{LaunchSpec, Liveness, TapSpec, VmmProcess};
 
 /// The driver's view of a recorded process.
@@ -28,7 +29,7 @@ pub fn process_of(record: &VmmRecord) -> VmmProcess {
 /// Starts (or adopts) the VMM.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<StepOutput, StepError> {
     let kit = cx.kit().await?;
-    let plan = super::network::leased_plan(cx, rec, "vmm")?;
+    let plan = super::network::leased_plan(cx, rec, Step::Vmm)?;
     let dir = machine_dir(cx, rec);
     let spec = LaunchSpec {
         machine_id: rec.id.clone(),
