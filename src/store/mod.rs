@@ -140,7 +140,8 @@ db_error_from!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// The result of a create.
@@ -673,8 +674,14 @@ impl Store {
     }
 
     /// Drops delivered changes up to and including `seq`. Idempotent.
+    ///
+    /// The commit is not flushed to disk by itself (redb's `Durability::None`): the next
+    /// durable commit, soon after, carries it. A crash before then loses only the ack, and
+    /// the changes are delivered again after the restart, which every sink accepts (a
+    /// change is a state, not a delta). So a publish costs one fsync, not two.
     pub fn ack_outbox(&self, seq: u64) -> Result<(), StoreError> {
-        let txn = self.write()?;
+        let mut txn = self.write()?;
+        txn.set_durability(redb::Durability::None)?;
         {
             let mut table = txn.open_table(OUTBOX)?;
             table.retain(|key, _| key > seq)?;
