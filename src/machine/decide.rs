@@ -422,24 +422,7 @@ pub fn apply_outcome(
         (Direction::Release, true) => {
             rec.set_mark(step, Mark::Untouched);
             rec.step_failures = 0;
-            match step {
-                Step::Image => {
-                    rec.resources.base_digest = None;
-                    rec.resources.base_path = None;
-                }
-                Step::Lease => {
-                    rec.resources.lease_slot = None;
-                    rec.resources.guest_ip = None;
-                }
-                Step::Vmm => rec.resources.vmm = None,
-                Step::Disk
-                | Step::Network
-                | Step::Policy
-                | Step::Cgroup
-                | Step::VmConfig
-                | Step::Ready
-                | Step::Publish => {}
-            }
+            super::steps::forget(step, rec);
         }
     }
 }

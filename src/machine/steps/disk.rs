@@ -90,6 +90,9 @@ pub fn owned(cx: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
     )]
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: whether what a finished acquire made is still there (a few stats): the
 /// disk, and in the `overlay` layout the link to the base, with the layer not the base
 /// itself.

@@ -27,6 +27,12 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: the base it recorded.
+pub fn forget(rec: &mut MachineRecord) {
+    rec.resources.base_digest = None;
+    rec.resources.base_path = None;
+}
+
 /// The probe: nothing of the machine's own to look at.
 pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
     true

@@ -21,6 +21,12 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: the slot and the guest's address.
+pub fn forget(rec: &mut MachineRecord) {
+    rec.resources.lease_slot = None;
+    rec.resources.guest_ip = None;
+}
+
 /// The probe: a store row, looked at by the audit.
 pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
     true

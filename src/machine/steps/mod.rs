@@ -101,6 +101,14 @@ macro_rules! catalogue {
             }
         }
 
+        /// What `step`'s finished release forgets on the record (what its acquire
+        /// recorded: a base, a lease, a process).
+        pub fn forget(step: Step, rec: &mut MachineRecord) {
+            match step {
+                $(Step::$variant => $module::forget(rec),)*
+            }
+        }
+
         /// `step`'s probe: whether what its finished acquire made is still on the host. A
         /// step with nothing of its own to look at (the image cache's base, a store row,
         /// a wait) is present; the VMM's liveness is looked at apart ([`vmm::seen`]), as

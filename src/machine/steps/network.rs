@@ -41,6 +41,9 @@ pub fn owned(cx: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
     }
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: the namespace and the host link exist (two stats).
 pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
     super::all_exist(cx, &owned(cx, rec))

@@ -32,6 +32,9 @@ pub fn owned(_: &impl StepContext, rec: &MachineRecord) -> Vec<Owned> {
     vec![Owned::new(ResourceKind::Policy, rec.id.clone())]
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: it exists (one netlink query; a query that fails says present).
 pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
     super::all_exist(cx, &owned(cx, rec))

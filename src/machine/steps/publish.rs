@@ -32,6 +32,9 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: a store row, looked at by the audit.
 pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
     true

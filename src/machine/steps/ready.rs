@@ -144,6 +144,9 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: nothing to look at.
 pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
     true

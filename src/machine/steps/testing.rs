@@ -188,10 +188,12 @@ impl FakeHost {
         Ok(())
     }
 
-    /// Runs `step`'s release as a run does: `Untouched` after a success.
+    /// Runs `step`'s release as a run does: `Untouched`, and what it recorded forgotten,
+    /// after a success.
     pub async fn release(&self, step: Step, rec: &mut MachineRecord) -> Result<(), StepError> {
         super::run(step, Direction::Release, self, rec).await?;
         rec.set_mark(step, Mark::Untouched);
+        super::forget(step, rec);
         Ok(())
     }
 
@@ -542,6 +544,7 @@ pub async fn check_contract_of(
     tweak(&mut rec);
     host.acquire_before(step, &mut rec).await;
     let before = host.objects();
+    let recorded_before = rec.resources.clone();
     // A step whose probe looks at something sees nothing yet, with its mark as a finished
     // acquire leaves it; one without a probe is always present.
     let probed = {
@@ -586,6 +589,10 @@ pub async fn check_contract_of(
         host.release(step, &mut rec)
             .await
             .unwrap_or_else(|e| panic!("{step}: {round} release: {e}"));
+        assert_eq!(
+            rec.resources, recorded_before,
+            "{step}: the {round} release did not forget what the acquire recorded"
+        );
         assert_eq!(
             host.objects(),
             before,

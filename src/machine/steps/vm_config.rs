@@ -78,6 +78,9 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: nothing (the step records nothing).
+pub fn forget(_: &mut MachineRecord) {}
+
 /// The probe: whether the config disk a finished acquire wrote is still there as a
 /// regular file (a stat that follows nothing): a VMM that removed or replaced it gets a
 /// new one.

@@ -66,6 +66,11 @@ pub fn owned(_: &impl StepContext, _: &MachineRecord) -> Vec<Owned> {
     Vec::new()
 }
 
+/// What a finished release forgets on the record: the process.
+pub fn forget(rec: &mut MachineRecord) {
+    rec.resources.vmm = None;
+}
+
 /// The probe: present; the VMM's loss is decided apart, from [`seen`].
 pub fn probe(_: &impl StepContext, _: &MachineRecord) -> bool {
     true
