@@ -1,9 +1,9 @@
-//! Fail points at every step boundary of every operation, and in the singleton actors, for
-//! the chaos tests. Built only with the `failpoints` cargo feature; without it every
+//! Fail points at every step boundary of every operation, and in the shared resources (the
+//! singletons, the lease table, the network fabric), for the chaos tests. Built only with the `failpoints` cargo feature; without it every
 //! [`hit`] compiles to nothing, so release builds carry none.
 //!
 //! Names are `<operation>.<step>.<where>` (`create.network.after_effect`) for the machine
-//! run and `<actor>.<action>.<where>` for the singletons. [`all`] enumerates every name
+//! run and `<owner>.<action>.<where>` for the shared resources. [`all`] enumerates every name
 //! the code can hit, from the same enums the code uses to build them, so a harness that
 //! iterates [`all`] cannot forget a fail point.
 //!

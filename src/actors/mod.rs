@@ -1,5 +1,7 @@
-//! The actor tree: a Supervisor, one MachineActor per machine, and singleton actors that
-//! own the shared resources. See `actors.md` for the tree, the messages and who owns what.
+//! The actor tree: a Supervisor, one MachineActor per machine, and singleton actors, each
+//! owning a shared resource it serialises (shared parts already serialised below, such
+//! as the leases and the host network, have none). See `actors.md` for the tree, the
+//! messages, who owns what, and the rule for a singleton.
 //!
 //! Singletons are found by their registered name, not by a stored reference: after the
 //! Supervisor restarts one, the next call reaches the new actor.

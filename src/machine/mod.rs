@@ -18,7 +18,12 @@
 //! Each step is marked `Begun` durably before its effect runs and `Done` after, so a crash
 //! at any point leaves a record from which [`decide::decide`] picks the next safe step:
 //! a `Begun` step is run again (every effect is idempotent) or released (every undo works
-//! on a half-done effect).
+//! on a half-done effect). A run of acquires is marked in one commit and recorded in
+//! one ([`decide::run_of`]); that keeps the rule, as each effect still starts after its
+//! mark is durable.
+//!
+//! The domain rules beside the lifecycle are pure functions here too: admission
+//! ([`admission`]) and prepared capacity's matching and claims ([`claim`]).
 
 pub mod admission;
 pub mod claim;

@@ -3,12 +3,13 @@
 //! objects it owns (`owned`, named from the machine's id and plan there and nowhere
 //! else) and its probe (`probe`: is what a finished acquire made still there?). The steps
 //! are declared once, here, in the step catalogue (`catalogue!`): each step's module and
-//! its row (its place in the create order, what a stop releases, what it owns...). The
-//! enum, the dispatch and every order derive from it, so a new step is its catalogue row
-//! and its file. This module also folds the probes into the run's observation
-//! ([`observe`]). A step reaches the singletons only through its [`StepContext`]; its own
-//! files (the machine directory) it touches itself. Each step is unit-tested against an
-//! in-memory host (`testing`).
+//! its row (its place in the create order, what a stop releases, what it owns...), and
+//! what its release forgets on the record (`forget`). The enum, the dispatch and every
+//! order derive from it, so a new step is its catalogue row and its file. This module
+//! also folds the probes into the run's observation ([`observe`]). A step reaches the
+//! host's shared parts (the image cache, the leases, the network, the VMM) only through
+//! its [`StepContext`]; its own files (the machine directory) it touches itself. Each
+//! step is unit-tested against an in-memory host (`testing`).
 //!
 //! A failure is typed ([`StepError`]): what failed ([`Cause`]), and its class: `Retry` is
 //! transient and is tried again after a backoff; `Permanent` can never succeed for this
