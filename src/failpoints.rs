@@ -12,7 +12,7 @@
 //! `sleep(ms)`, ...), `return(kill)` makes the process SIGKILL itself at that point: the
 //! same as a crash or `kill -9` from outside, with no unwinding and no cleanup.
 
-use crate::machine::record::{Desired, MachineRecord};
+use crate::machine::record::{Desired, MachineRecord, StepTiming};
 use crate::machine::step::{
     CREATE_ORDER, Direction, PREPARE_ORDER, STOP_RELEASES, Step, TEARDOWN_ORDER,
 };
@@ -59,12 +59,23 @@ impl Operation {
     }
 
     /// The operation a step run belongs to. A stopped machine's record holds the timing
-    /// of its VMM's release, which tells a start from a create.
+    /// of its VMM's release after a launch, which tells a start from a create (a release
+    /// of a VMM that was never launched, such as the undo of a run cut short before its
+    /// `vmm` step, stops nothing).
     pub fn of(rec: &MachineRecord, direction: Direction) -> Operation {
         match direction {
             Direction::Acquire => {
-                let stopped_before = rec.timings.iter().any(|t| {
-                    t.step == Step::Vmm && t.direction == Direction::Release && t.error.is_none()
+                let vmm_ok = |t: &StepTiming, way: Direction| {
+                    t.step == Step::Vmm && t.direction == way && t.error.is_none()
+                };
+                let launched = rec
+                    .timings
+                    .iter()
+                    .position(|t| vmm_ok(t, Direction::Acquire));
+                let stopped_before = launched.is_some_and(|at| {
+                    rec.timings[at..]
+                        .iter()
+                        .any(|t| vmm_ok(t, Direction::Release))
                 });
                 if stopped_before {
                     Operation::Start
@@ -202,6 +213,53 @@ pub fn setup() -> fail::FailScenario<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_is_told_from_a_create_by_a_vmm_that_ran_and_was_released() {
+        use crate::machine::spec::MachineSpec;
+        let timing = |direction, error: Option<&str>| StepTiming {
+            step: Step::Vmm,
+            direction,
+            started_at_ms: 0,
+            duration_us: 0,
+            error: error.map(str::to_string),
+        };
+        let rows: [(Vec<StepTiming>, Operation); 4] = [
+            (vec![], Operation::Create),
+            // The undo of a run cut short before its VMM was launched stops nothing.
+            (vec![timing(Direction::Release, None)], Operation::Create),
+            (
+                vec![
+                    timing(Direction::Acquire, Some("no")),
+                    timing(Direction::Release, None),
+                ],
+                Operation::Create,
+            ),
+            (
+                vec![
+                    timing(Direction::Acquire, None),
+                    timing(Direction::Release, None),
+                ],
+                Operation::Start,
+            ),
+        ];
+        for (timings, want) in rows {
+            let mut rec = MachineRecord::new(
+                "0123456789".into(),
+                "m".into(),
+                "r".into(),
+                MachineSpec::default(),
+                0,
+            );
+            rec.timings = timings;
+            assert_eq!(
+                Operation::of(&rec, Direction::Acquire),
+                want,
+                "{:?}",
+                rec.timings
+            );
+        }
+    }
 
     #[test]
     fn names_are_unique_and_well_formed() {
