@@ -127,6 +127,13 @@ pub const SINK_LAG: Metric = Metric {
     kind: Kind::Gauge,
     help: "0 while the sink is in sync, else seconds since it last held exactly the routes.",
 };
+/// Store commits by `durability` (`durable`: flushed to disk before it returns; `lazy`:
+/// carried by the next durable one).
+pub const STORE_COMMIT: Metric = Metric {
+    name: "hearth_store_commit_seconds",
+    kind: Kind::Histogram(STEP_BUCKETS),
+    help: "How long a store commit took, by durability (durable: flushed to disk; lazy: not).",
+};
 /// The daemon's resident memory.
 pub const RESIDENT_MEMORY: Metric = Metric {
     name: "hearth_resident_memory_bytes",
@@ -149,6 +156,7 @@ pub const CATALOGUE: &[Metric] = &[
     SINK_PENDING,
     SINK_IN_SYNC,
     SINK_LAG,
+    STORE_COMMIT,
     RESIDENT_MEMORY,
 ];
 
@@ -202,6 +210,12 @@ pub fn step_finished(step: Step, direction: Direction, took: Duration, failure: 
 /// The supervisor restarted `actor` (`machine`, or a singleton's registered name).
 pub fn actor_restarted(actor: &str) {
     metrics::counter!(ACTOR_RESTARTS.name, "actor" => actor.to_string()).increment(1);
+}
+
+/// A store commit took `took` (`durable`: flushed to disk before it returned).
+pub fn store_committed(durable: bool, took: Duration) {
+    let durability = if durable { "durable" } else { "lazy" };
+    metrics::histogram!(STORE_COMMIT.name, "durability" => durability).record(took.as_secs_f64());
 }
 
 /// An API call to `method` took `took` to its response headers.

@@ -55,7 +55,7 @@ use crate::machine::decide::{self, Decision, Next, Observed};
 use crate::machine::record::{Desired, MachineRecord, MachineState, StepTiming};
 use crate::machine::step::{CREATE_ORDER, Direction, Step, StepSet};
 use crate::machine::steps::{self, StepError, StepOutput};
-use crate::store::StoreError;
+use crate::store::{StoreError, Update};
 
 /// Messages to a MachineActor.
 pub enum MachineMsg {
@@ -190,6 +190,7 @@ impl MachineActor {
             let mut decided = None;
             let mut run = Vec::new();
             let mut marked = StepSet::EMPTY;
+            let mut update = Update::default();
             // A retryable failure pauses the run (a backoff, then Reconcile); a failed
             // readiness wait is a boot attempt, decided at once, and so is a permanent
             // failure (the machine fails and its run releases everything).
@@ -222,15 +223,26 @@ impl MachineActor {
                 let (said, began) = decide::apply_decision(&mut rec, &decision, &run);
                 messages.extend(said);
                 marked = began;
+                update.lazy = decide::lazy_begin(&decision, &run);
+                // The lease is a row of the store: the run's begin takes it with the
+                // marks, and the step's effect finds it with a read. Its effect counts
+                // as started: its mark stays should the run end before the effect runs,
+                // and the release that follows frees the row.
+                if run.contains(&Step::Lease) {
+                    update.lease_slots = Some(services.lease_slots());
+                    marked.remove(Step::Lease);
+                }
                 decided = Some(decision);
             }
-            let committed = services.store().update_machine(&state.id, |stored| {
-                if *stored != read {
-                    return Err(StoreError::Changed);
-                }
-                *stored = rec.clone();
-                Ok(messages.clone())
-            });
+            let committed = services
+                .store()
+                .update_machine_with(&state.id, update, |stored| {
+                    if *stored != read {
+                        return Err(StoreError::Changed);
+                    }
+                    *stored = rec.clone();
+                    Ok(messages.clone())
+                });
             match committed {
                 Ok((rec, events)) => {
                     for event in events {

@@ -306,6 +306,25 @@ pub fn run_of(rec: &MachineRecord, seen: &Observed, policy: &Policy, first: Step
     }
 }
 
+/// Whether the commit that begins `run` (the decision's next move is its acquire) may be
+/// lazy: carried to disk by the next durable commit instead of its own flush. It may when
+/// no step of the run leaves anything on the host (a wait, a store row: see
+/// `Step::leaves_nothing_on_host`). A crash before the next durable commit then loses
+/// this commit, and everything committed after it, which is always safe to lose: the
+/// record goes back to the last durable one, whose `Begun` marks cover everything on the
+/// host (an earlier run's effects included: their outcomes are redone after an undo), and
+/// a store row written by a step of this run is lost with it. Nothing is told outside
+/// the store in between: the state a client waits for comes with a durable commit.
+///
+/// Seen from a cold create: the commit that records the VMM and begins the readiness
+/// wait is lazy; the wait is most of the create, and the commit that publishes the route
+/// and records `started` carries it.
+pub fn lazy_begin(decision: &Decision, run: &[Step]) -> bool {
+    matches!(decision.next, Next::Acquire(_))
+        && !run.is_empty()
+        && run.iter().all(|step| step.leaves_nothing_on_host())
+}
+
 /// Records that the effects of `run` (from [`run_of`]) are about to run: each untouched
 /// step is marked `Begun`, and the first is the one in flight. Returns the steps this
 /// marked, which go back to untouched if the run ends before their effect starts
@@ -1188,6 +1207,49 @@ mod tests {
             let run = run_of(&rec, &seen, &POLICY, first);
             assert_eq!(run, want, "{marks:?}");
             assert!(run[1..].iter().all(|s| !s.cancellable()), "{run:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_run_that_leaves_nothing_on_the_host_begins_lazily() {
+        use Step::*;
+        let acquire = |step| Decision {
+            state: MachineState::Starting,
+            next: Next::Acquire(step),
+        };
+        let rows: Vec<(Decision, Vec<Step>, bool)> = vec![
+            // The readiness wait and the route: a wait and a store row.
+            (acquire(Ready), vec![Ready, Publish], true),
+            (acquire(Ready), vec![Ready], true),
+            (acquire(Publish), vec![Publish], true),
+            // Anything that makes a host object needs its mark on disk first.
+            (
+                acquire(Image),
+                vec![Image, Disk, Lease, Network, Policy, VmConfig, Cgroup, Vmm],
+                false,
+            ),
+            (acquire(Vmm), vec![Vmm], false),
+            (acquire(Policy), vec![Policy], false),
+            // Only the begin of an acquire: a release, a settle, a give-up are durable.
+            (
+                Decision {
+                    state: MachineState::Stopping,
+                    next: Next::Release(Publish),
+                },
+                vec![],
+                false,
+            ),
+            (
+                Decision {
+                    state: MachineState::Started,
+                    next: Next::Settle,
+                },
+                vec![],
+                false,
+            ),
+        ];
+        for (decision, run, want) in rows {
+            assert_eq!(lazy_begin(&decision, &run), want, "{decision:?} {run:?}");
         }
     }
 

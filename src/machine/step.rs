@@ -66,6 +66,11 @@ impl ResourceKind {
         }
     }
 
+    /// Whether this kind is a row of the store rather than an object on the host.
+    pub fn in_store(self) -> bool {
+        matches!(self, ResourceKind::Lease | ResourceKind::Route)
+    }
+
     /// The step that owns this kind of resource (from the catalogue).
     pub fn step(self) -> Step {
         CATALOGUE
@@ -235,6 +240,13 @@ impl Step {
     /// See [`StepInfo::owns`].
     pub fn owns(self) -> &'static [ResourceKind] {
         self.info().owns
+    }
+
+    /// Whether its acquire leaves nothing on the host for a release to find: it owns
+    /// only rows of the store (which its own commits write), or nothing (a wait; the
+    /// image cache's base belongs to the cache).
+    pub fn leaves_nothing_on_host(self) -> bool {
+        self.owns().iter().all(|kind| kind.in_store())
     }
 
     /// The stable name shown in the API and logs.

@@ -237,7 +237,7 @@ impl Store {
                 removed.push(id);
             }
         }
-        txn.commit()?;
+        super::commit(txn)?;
         Ok(Compacted {
             machines: removed,
             more,

@@ -16,7 +16,7 @@ impl Store {
         let txn = self.write()?;
         txn.open_table(IMAGES)?
             .insert(digest, encode(entry)?.as_slice())?;
-        txn.commit()?;
+        super::commit(txn)?;
         Ok(())
     }
 
@@ -48,7 +48,7 @@ impl Store {
                 table.remove(digest.as_str())?;
             }
         }
-        txn.commit()?;
+        super::commit(txn)?;
         Ok(())
     }
 

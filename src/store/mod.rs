@@ -363,7 +363,7 @@ impl Store {
             let event = append_event(&txn, &rec, "created".to_string(), self.history)?;
             Created::New(rec, event)
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok(outcome)
     }
 
@@ -390,7 +390,7 @@ impl Store {
                 self.history,
             )?
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok((rec, event))
     }
 
@@ -453,7 +453,7 @@ impl Store {
             )?;
             Claimed::New(rec, event)
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok(outcome)
     }
 
@@ -503,7 +503,33 @@ impl Store {
         F: FnOnce(&mut MachineRecord) -> Result<M, StoreError>,
         M: IntoIterator<Item = String>,
     {
-        let txn = self.write()?;
+        self.update_machine_with(id, Update::default(), change)
+    }
+
+    /// [`update_machine`](Self::update_machine), with the commit's options: whether it
+    /// may be lazy, and a lease to hold in the same commit.
+    pub fn update_machine_with<F, M>(
+        &self,
+        id: &str,
+        update: Update,
+        change: F,
+    ) -> Result<(MachineRecord, Vec<MachineEvent>), StoreError>
+    where
+        F: FnOnce(&mut MachineRecord) -> Result<M, StoreError>,
+        M: IntoIterator<Item = String>,
+    {
+        let mut txn = self.write()?;
+        if update.lazy {
+            txn.set_durability(redb::Durability::None)?;
+        }
+        if let Some(slots) = update.lease_slots {
+            let mut leases = txn.open_table(LEASES)?;
+            match lease_in(&mut leases, id, slots) {
+                // No room: the lease step's own effect fails, naming it.
+                Ok(_) | Err(StoreError::NoRoom(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let outcome = {
             let mut machines = txn.open_table(MACHINES)?;
             let mut rec: MachineRecord = machines
@@ -534,7 +560,7 @@ impl Store {
             }
             (rec, events)
         };
-        txn.commit()?;
+        commit_with(txn, !update.lazy)?;
         Ok(outcome)
     }
 
@@ -546,39 +572,33 @@ impl Store {
     }
 
     /// The lease of `machine`, allocating the lowest free slot below `slots` when it has
-    /// none. Idempotent: a machine always gets back the slot it holds.
+    /// none. Idempotent: a machine always gets back the slot it holds, from a read (no
+    /// commit) when it holds one already (a run's begin may have taken it: see
+    /// [`Update::lease_slots`]).
     pub fn lease(&self, machine: &str, slots: u32) -> Result<u32, StoreError> {
+        if let Some(slot) = self.lease_of(machine)? {
+            return Ok(slot);
+        }
         let txn = self.write()?;
         let slot = {
             let mut leases = txn.open_table(LEASES)?;
-            let mut held = None;
-            let mut next_free = 0u32;
-            for entry in leases.iter()? {
-                let (slot, owner) = entry?;
-                let slot = slot.value();
-                if owner.value() == machine {
-                    held = Some(slot);
-                    break;
-                }
-                if slot == next_free {
-                    next_free += 1;
-                }
-            }
-            match held {
-                Some(slot) => return Ok(slot),
-                None if next_free >= slots => {
-                    return Err(StoreError::NoRoom(format!(
-                        "all {slots} address blocks are leased"
-                    )));
-                }
-                None => {
-                    leases.insert(next_free, machine)?;
-                    next_free
-                }
-            }
+            lease_in(&mut leases, machine, slots)?
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok(slot)
+    }
+
+    /// The slot `machine` holds, if any.
+    fn lease_of(&self, machine: &str) -> Result<Option<u32>, StoreError> {
+        let txn = self.read()?;
+        let leases = txn.open_table(LEASES)?;
+        for entry in leases.iter()? {
+            let (slot, owner) = entry?;
+            if owner.value() == machine {
+                return Ok(Some(slot.value()));
+            }
+        }
+        Ok(None)
     }
 
     /// Releases every lease `machine` holds. Idempotent.
@@ -588,7 +608,7 @@ impl Store {
             let mut leases = txn.open_table(LEASES)?;
             leases.retain(|_, owner| owner != machine)?;
         }
-        txn.commit()?;
+        commit(txn)?;
         Ok(())
     }
 
@@ -621,7 +641,7 @@ impl Store {
                 Some(enqueue(&txn, RouteChange::Published(route.clone()))?)
             }
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok(queued)
     }
 
@@ -639,7 +659,7 @@ impl Store {
                 None => None,
             }
         };
-        txn.commit()?;
+        commit(txn)?;
         Ok(queued)
     }
 
@@ -686,9 +706,66 @@ impl Store {
             let mut table = txn.open_table(OUTBOX)?;
             table.retain(|key, _| key > seq)?;
         }
-        txn.commit()?;
+        commit_with(txn, false)?;
         Ok(())
     }
+}
+
+/// The slot `machine` holds in `leases`, or the lowest free one below `slots`, taken.
+fn lease_in(
+    leases: &mut redb::Table<'_, u32, &'static str>,
+    machine: &str,
+    slots: u32,
+) -> Result<u32, StoreError> {
+    let mut next_free = 0u32;
+    for entry in leases.iter()? {
+        let (slot, owner) = entry?;
+        let slot = slot.value();
+        if owner.value() == machine {
+            return Ok(slot);
+        }
+        if slot == next_free {
+            next_free += 1;
+        }
+    }
+    if next_free >= slots {
+        return Err(StoreError::NoRoom(format!(
+            "all {slots} address blocks are leased"
+        )));
+    }
+    leases.insert(next_free, machine)?;
+    Ok(next_free)
+}
+
+/// The options of one machine update ([`Store::update_machine_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Update {
+    /// The commit is not flushed to disk by itself (redb's `Durability::None`): the next
+    /// durable commit carries it, and a crash before then loses it together with
+    /// everything committed after it (commits are one history). For a change whose loss
+    /// leaves a record the run converges from, and that nothing outside the store relies
+    /// on until the next durable commit.
+    pub lazy: bool,
+    /// Hold a lease (below this many slots) for the machine in the same commit, when it
+    /// holds none and one is free: the begin of a run that includes the `lease` step
+    /// takes the block with the marks, and the step's effect then finds it with a read.
+    pub lease_slots: Option<u32>,
+}
+
+/// Commits a durable write transaction (flushed to disk before it returns), timed for
+/// the `hearth_store_commit_seconds` histogram. Every commit of the store goes through
+/// here or [`commit_with`].
+pub(crate) fn commit(txn: redb::WriteTransaction) -> Result<(), StoreError> {
+    commit_with(txn, true)
+}
+
+/// Commits `txn`; `durable` says whether it was left durable (the default) or set to
+/// `Durability::None` (carried by the next durable commit).
+pub(crate) fn commit_with(txn: redb::WriteTransaction, durable: bool) -> Result<(), StoreError> {
+    let clock = std::time::Instant::now();
+    txn.commit()?;
+    crate::metrics::store_committed(durable, clock.elapsed());
+    Ok(())
 }
 
 /// The most memory redb may use to cache the file's pages (its default is 1 GiB, which
@@ -745,7 +822,7 @@ fn open_db(path: &Path, patience: std::time::Duration) -> Result<Database, Store
             history::rebuild_indexes(&txn)?;
         }
     }
-    txn.commit()?;
+    commit(txn)?;
     Ok(db)
 }
 
