@@ -102,28 +102,64 @@ struct VmmWatch {
     task: JoinHandle<()>,
 }
 
+/// A run whose effects are under way: one release, or a run of acquires.
 struct Running {
-    step: Step,
     direction: Direction,
     /// For fail point names only.
     operation: Operation,
-    task: JoinHandle<()>,
-    /// The run this effect is part of.
+    /// The effects in flight, each in its task.
+    in_flight: Vec<(Step, JoinHandle<()>)>,
+    /// The run they are part of.
     run: RunAhead,
 }
 
-/// The part of a run around the effect in flight: what ran before it and what follows.
+/// What a run has done so far and what is left of it.
 struct RunAhead {
-    /// The record as the effects before this one left it (their outputs applied), not
-    /// yet committed; the next effect is given it.
+    /// The record as the finished effects left it (their outputs applied), not yet
+    /// committed; each effect is given it as it stands when the effect starts.
     rec: MachineRecord,
-    /// The reports of the effects before this one, in order.
+    /// The whole run, in create order.
+    steps: Vec<Step>,
+    /// The steps whose effect has started.
+    started: StepSet,
+    /// The steps whose effect finished well.
+    finished: StepSet,
+    /// Whether an effect failed: nothing more starts, and the run ends once the effects
+    /// in flight have finished.
+    failed: bool,
+    /// The reports of the finished effects, in the order they finished.
     done: Vec<StepReport>,
-    /// The steps after this one, in order.
-    next: Vec<Step>,
     /// The steps whose `Begun` mark the run's begin made (see `decide::apply_not_run`).
     marked: StepSet,
 }
+
+impl RunAhead {
+    fn new(rec: MachineRecord, steps: Vec<Step>, marked: StepSet) -> RunAhead {
+        RunAhead {
+            rec,
+            steps,
+            started: StepSet::EMPTY,
+            finished: StepSet::EMPTY,
+            failed: false,
+            done: Vec::new(),
+            marked,
+        }
+    }
+
+    /// The steps whose effect never started.
+    fn not_run(&self) -> Vec<Step> {
+        self.steps
+            .iter()
+            .copied()
+            .filter(|s| !self.started.contains(*s))
+            .collect()
+    }
+}
+
+/// How long a run that fails as an actor (a panicking effect or fail point) waits for
+/// its other effects in flight before the supervisor restarts it: the restarted run's
+/// releases must not race an acquire still making what they remove.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What a finished run hands to the next commit.
 struct Outcome {
@@ -334,27 +370,25 @@ impl MachineActor {
                     Self::wake_at(myself, until_ms);
                     return Ok(());
                 }
-                Next::Acquire(step) => {
+                Next::Acquire(_) => {
                     let operation = Operation::of(&rec, Direction::Acquire);
-                    let ahead = RunAhead {
-                        next: run.iter().skip(1).copied().collect(),
-                        marked,
-                        rec,
-                        done: Vec::new(),
-                    };
-                    Self::spawn_effect(myself, state, step, Direction::Acquire, operation, ahead);
-                    return Ok(());
+                    state.running = Some(Running {
+                        direction: Direction::Acquire,
+                        operation,
+                        in_flight: Vec::new(),
+                        run: RunAhead::new(rec, run, marked),
+                    });
+                    return Self::start_what_can(myself, state);
                 }
                 Next::Release(step) => {
                     let operation = Operation::of(&rec, Direction::Release);
-                    let ahead = RunAhead {
-                        rec,
-                        done: Vec::new(),
-                        next: Vec::new(),
-                        marked: StepSet::EMPTY,
-                    };
-                    Self::spawn_effect(myself, state, step, Direction::Release, operation, ahead);
-                    return Ok(());
+                    state.running = Some(Running {
+                        direction: Direction::Release,
+                        operation,
+                        in_flight: Vec::new(),
+                        run: RunAhead::new(rec, vec![step], StepSet::EMPTY),
+                    });
+                    return Self::start_what_can(myself, state);
                 }
             }
         }
@@ -375,13 +409,22 @@ impl MachineActor {
             // acquire changing the host) finishes first; see `Step::cancellable`.
             let wanted = matches!(rec.desired, Desired::Started | Desired::Prepared)
                 && rec.failure.is_none();
-            if running.direction == Direction::Acquire && running.step.cancellable() && !wanted {
-                running.task.abort();
-                let step = running.step;
-                // A wait only leads a run (`decide::run_of`), so nothing of it finished;
-                // the steps after it never started.
-                let (not_run, marked) = (running.run.next.clone(), running.run.marked);
-                state.running = None;
+            // A wait only leads a run (`decide::run_of`) and starts alone
+            // (`decide::startable`): while it is in flight nothing else of the run started.
+            let lone_wait = match running.in_flight.as_slice() {
+                [(step, _)] => step.cancellable() && running.run.done.is_empty(),
+                _ => false,
+            };
+            if running.direction == Direction::Acquire && lone_wait && !wanted {
+                let Some(Running { in_flight, run, .. }) = state.running.take() else {
+                    return Ok(());
+                };
+                let mut step = Step::Image;
+                for (waiting, task) in in_flight {
+                    task.abort();
+                    step = waiting;
+                }
+                let (not_run, marked) = (run.not_run(), run.marked);
                 let (_, events) = state.services.store().update_machine(&state.id, |rec| {
                     rec.current = None;
                     decide::apply_not_run(rec, &not_run, marked);
@@ -428,20 +471,54 @@ impl MachineActor {
         myself.send_after(delay, || MachineMsg::Reconcile);
     }
 
-    /// Starts `step`'s effect in a task, on the record as the run so far left it
-    /// (`ahead.rec`).
-    fn spawn_effect(
+    /// Starts every effect of the running run that may start now (`decide::startable`;
+    /// nothing once one failed). When none is in flight and none can start, the run is
+    /// over: its outcomes go to the next commit.
+    fn start_what_can(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(running) = state.running.as_mut() else {
+            return Ok(());
+        };
+        if !running.run.failed {
+            let run = &running.run;
+            let next = match running.direction {
+                Direction::Acquire => decide::startable(&run.steps, run.started, run.finished),
+                Direction::Release => run.not_run(),
+            };
+            for step in next {
+                Self::spawn_effect(myself, &state.services, running, step);
+            }
+        }
+        if !running.in_flight.is_empty() {
+            return Ok(());
+        }
+        let Some(running) = state.running.take() else {
+            return Ok(());
+        };
+        let outcome = Outcome {
+            not_run: running.run.not_run(),
+            reports: running.run.done,
+            marked: running.run.marked,
+            operation: running.operation,
+        };
+        Self::drive(myself, state, Some(outcome))
+    }
+
+    /// Starts `step`'s effect in a task, on the record as the run so far left it
+    /// (`running.run.rec`).
+    fn spawn_effect(
+        myself: &ActorRef<MachineMsg>,
+        services: &Services,
+        running: &mut Running,
         step: Step,
-        direction: Direction,
-        operation: Operation,
-        ahead: RunAhead,
     ) {
+        let (direction, operation) = (running.direction, running.operation);
         failpoints::hit_step(operation, step, Boundary::BeforeEffect);
-        let services = state.services.clone();
+        let services = services.clone();
         let me = myself.clone();
-        let rec = ahead.rec.clone();
+        let rec = running.run.rec.clone();
         // Every line the effect logs names the machine and the step (the `log.format`
         // either way).
         let span = tracing::info_span!(
@@ -502,60 +579,63 @@ impl MachineActor {
             };
             let _ = me.cast(MachineMsg::StepDone(report));
         });
-        state.running = Some(Running {
-            step,
-            direction,
-            operation,
-            task,
-            run: ahead,
-        });
+        running.run.started.insert(step);
+        running.in_flight.push((step, task));
     }
 
-    /// A step's effect finished: the next effect of its run starts on the record as
-    /// this one left it, or, after the run's last effect or a failure, the run's outcomes
-    /// are committed.
+    /// A step's effect finished: its outcome joins the run's (its output applied to the
+    /// record the next effects are given), and whatever it held back starts; once
+    /// nothing is in flight, the run's outcomes are committed.
     fn finish(
         myself: &ActorRef<MachineMsg>,
         state: &mut RunState,
         report: StepReport,
     ) -> Result<(), ActorProcessingErr> {
-        let matches_running = state
-            .running
-            .as_ref()
-            .is_some_and(|r| r.step == report.step && r.direction == report.direction);
-        if !matches_running {
+        let Some(running) = state.running.as_mut() else {
+            return Ok(());
+        };
+        let Some(at) = running
+            .in_flight
+            .iter()
+            .position(|(step, _)| *step == report.step)
+            .filter(|_| running.direction == report.direction)
+        else {
             // The step was cancelled; its late report changes nothing.
             return Ok(());
-        }
-        let Some(running) = state.running.take() else {
-            return Ok(());
         };
+        running.in_flight.remove(at);
         failpoints::hit_step(running.operation, report.step, Boundary::AfterEffect);
-        let mut ahead = running.run;
-        if let Ok(output) = &report.result
-            && !ahead.next.is_empty()
-        {
-            steps::apply_output(&mut ahead.rec, output);
-            ahead.done.push(report);
-            let step = ahead.next.remove(0);
-            Self::spawn_effect(
-                myself,
-                state,
-                step,
-                running.direction,
-                running.operation,
-                ahead,
-            );
-            return Ok(());
+        match &report.result {
+            Ok(output) => {
+                steps::apply_output(&mut running.run.rec, output);
+                running.run.finished.insert(report.step);
+            }
+            Err(_) => running.run.failed = true,
         }
-        ahead.done.push(report);
-        let outcome = Outcome {
-            reports: ahead.done,
-            not_run: ahead.next,
-            marked: ahead.marked,
-            operation: running.operation,
+        running.run.done.push(report);
+        Self::start_what_can(myself, state)
+    }
+
+    /// After the run failed as an actor: the effects still in flight are waited for
+    /// (a wait is abandoned), so the restarted run's releases never race an acquire that
+    /// is still making what they remove.
+    async fn settle_in_flight(state: &mut RunState) {
+        let Some(running) = state.running.take() else {
+            return;
         };
-        Self::drive(myself, state, Some(outcome))
+        for (step, mut task) in running.in_flight {
+            if step.cancellable() {
+                task.abort();
+                continue;
+            }
+            if tokio::time::timeout(SETTLE_PATIENCE, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(%step, "an effect still runs after the run failed; left to finish");
+                task.abort();
+            }
+        }
     }
 }
 
@@ -627,7 +707,9 @@ impl Actor for MachineActor {
         state: &mut RunState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(running) = state.running.take() {
-            running.task.abort();
+            for (_, task) in running.in_flight {
+                task.abort();
+            }
         }
         if let Some(watch) = state.vmm_watch.take() {
             watch.task.abort();
@@ -643,28 +725,44 @@ impl Actor for MachineActor {
     ) -> Result<(), ActorProcessingErr> {
         // Every line of the run names the machine.
         let span = tracing::info_span!("machine", machine = %state.id);
-        async {
-            match message {
-                MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
-                MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
-                MachineMsg::StepPanicked {
-                    step,
-                    direction,
-                    message,
-                } => {
-                    let ours = state
-                        .running
-                        .as_ref()
-                        .is_some_and(|r| r.step == step && r.direction == direction);
-                    if !ours {
-                        return Ok(());
+        let handled = AssertUnwindSafe(
+            async {
+                match message {
+                    MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
+                    MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
+                    MachineMsg::StepPanicked {
+                        step,
+                        direction,
+                        message,
+                    } => {
+                        let Some(running) = state.running.as_mut() else {
+                            return Ok(());
+                        };
+                        let Some(at) = running
+                            .in_flight
+                            .iter()
+                            .position(|(s, _)| *s == step)
+                            .filter(|_| running.direction == direction)
+                        else {
+                            return Ok(());
+                        };
+                        running.in_flight.remove(at);
+                        Err(format!("{} {step}: {message}", direction.name()).into())
                     }
-                    state.running = None;
-                    Err(format!("{} {step}: {message}", direction.name()).into())
                 }
             }
+            .instrument(span),
+        )
+        .catch_unwind()
+        .await;
+        // The run fails as an actor (the supervisor restarts it from the record): its
+        // other effects finish first.
+        if !matches!(handled, Ok(Ok(()))) {
+            Self::settle_in_flight(state).await;
         }
-        .instrument(span)
-        .await
+        match handled {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }

@@ -306,6 +306,33 @@ pub fn run_of(rec: &MachineRecord, seen: &Observed, policy: &Policy, first: Step
     }
 }
 
+/// The effects of `run` (from [`run_of`]) that may start now, in create order: those not
+/// `started` yet whose needs within the run (`Step::needs`) have all `finished` well.
+/// Independent effects (the disk, the network, the cgroup) so run at the same time, each
+/// on the record as its needs left it. A wait leading the run comes first and alone: a
+/// `Reconcile` may still cancel it while nothing else of the run has started.
+pub fn startable(run: &[Step], started: StepSet, finished: StepSet) -> Vec<Step> {
+    if let Some(&lead) = run.first()
+        && lead.cancellable()
+        && !finished.contains(lead)
+    {
+        return if started.contains(lead) {
+            Vec::new()
+        } else {
+            vec![lead]
+        };
+    }
+    run.iter()
+        .copied()
+        .filter(|step| !started.contains(*step))
+        .filter(|step| {
+            step.needs()
+                .iter()
+                .all(|need| !run.contains(need) || finished.contains(*need))
+        })
+        .collect()
+}
+
 /// Whether the commit that begins `run` (the decision's next move is its acquire) may be
 /// lazy: carried to disk by the next durable commit instead of its own flush. It may when
 /// no step of the run leaves anything on the host (a wait, a store row: see
@@ -1207,6 +1234,66 @@ mod tests {
             let run = run_of(&rec, &seen, &POLICY, first);
             assert_eq!(run, want, "{marks:?}");
             assert!(run[1..].iter().all(|s| !s.cancellable()), "{run:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_starts_what_its_needs_allow_with_a_leading_wait_alone() {
+        use Step::*;
+        let cold = [Image, Disk, Lease, Network, Policy, VmConfig, Cgroup, Vmm];
+        let set = StepSet::of;
+        // The run, what started, what finished well, and what may start now.
+        type Row<'a> = (&'a [Step], &'a [Step], &'a [Step], Vec<Step>);
+        let rows: Vec<Row> = vec![
+            // The image (a wait) leads alone.
+            (&cold, &[], &[], vec![Image]),
+            (&cold, &[Image], &[], vec![]),
+            // Then everything that needs only it, or nothing.
+            (&cold, &[Image], &[Image], vec![Disk, Lease, Cgroup]),
+            // The lease done: the network and the policy; the config waits for the disk.
+            (
+                &cold,
+                &[Image, Disk, Lease, Cgroup],
+                &[Image, Lease],
+                vec![Network, Policy],
+            ),
+            (
+                &cold,
+                &[Image, Disk, Lease, Cgroup, Network, Policy],
+                &[Image, Lease, Disk, Cgroup],
+                vec![VmConfig],
+            ),
+            // The VMM waits for all of them.
+            (
+                &cold,
+                &[Image, Disk, Lease, Cgroup, Network, Policy, VmConfig],
+                &[Image, Lease, Disk, Cgroup, Network, VmConfig],
+                vec![],
+            ),
+            (
+                &cold,
+                &[Image, Disk, Lease, Cgroup, Network, Policy, VmConfig],
+                &[Image, Lease, Disk, Cgroup, Network, VmConfig, Policy],
+                vec![Vmm],
+            ),
+            // A need outside the run is done already.
+            (
+                &[Network, Policy, VmConfig],
+                &[],
+                &[],
+                vec![Network, Policy, VmConfig],
+            ),
+            (&[Vmm], &[], &[], vec![Vmm]),
+            // The readiness wait leads; the route follows it.
+            (&[Ready, Publish], &[], &[], vec![Ready]),
+            (&[Ready, Publish], &[Ready], &[Ready], vec![Publish]),
+        ];
+        for (run, started, finished, want) in rows {
+            assert_eq!(
+                startable(run, set(started), set(finished)),
+                want,
+                "{run:?} started {started:?} finished {finished:?}"
+            );
         }
     }
 

@@ -114,6 +114,11 @@ pub struct StepInfo {
     /// built after it released. This is also what lets a daemon upgraded with a new
     /// in-place step give it to running machines without restarting them.
     pub in_place: bool,
+    /// The steps whose outcome its acquire uses (a recorded output, a host object it
+    /// builds on); each comes earlier in the create order. Within a run, an effect starts
+    /// once those of its needs that are part of the run have finished, so independent
+    /// effects run at the same time (see `decide::startable`).
+    pub needs: &'static [Step],
     /// The host resources the step's acquire makes and its release removes.
     pub owns: &'static [ResourceKind],
 }
@@ -235,6 +240,11 @@ impl Step {
     /// See [`StepInfo::cancellable`].
     pub fn cancellable(self) -> bool {
         self.info().cancellable
+    }
+
+    /// See [`StepInfo::needs`].
+    pub fn needs(self) -> &'static [Step] {
+        self.info().needs
     }
 
     /// See [`StepInfo::owns`].
@@ -391,6 +401,24 @@ mod tests {
                 "publish"
             ]
         );
+    }
+
+    #[test]
+    fn every_need_comes_earlier_in_the_create_order() {
+        // So the create order is one order the needs allow, and the teardown (its
+        // reverse) releases a step before anything it was built on.
+        for info in CATALOGUE {
+            for need in info.needs {
+                assert!(
+                    need.create_index() < info.step.create_index(),
+                    "{} needs {need}, which comes later",
+                    info.name
+                );
+            }
+        }
+        // The VMM starts on everything below it; the route waits for the guest.
+        assert_eq!(Step::Vmm.needs().len(), Step::Vmm.create_index());
+        assert_eq!(Step::Publish.needs(), [Step::Ready]);
     }
 
     #[test]

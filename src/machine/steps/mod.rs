@@ -45,6 +45,7 @@ macro_rules! catalogue {
             stop_releases: $stop_releases:expr,
             prepared: $prepared:expr,
             in_place: $in_place:expr,
+            needs: [$($need:ident),*],
             owns: [$($kind:ident),*] $(,)?
         }
     ),* $(,)?) => {
@@ -70,6 +71,7 @@ macro_rules! catalogue {
                 stop_releases: $stop_releases,
                 prepared: $prepared,
                 in_place: $in_place,
+                needs: &[$(Step::$need),*],
                 owns: &[$(ResourceKind::$kind),*],
             },
         )*];
@@ -127,27 +129,32 @@ catalogue! {
     /// it is pointless for an image that cannot be built.
     Image => image {
         create: 0, cancellable: true, stop_releases: false, prepared: true, in_place: false,
+        needs: [],
         owns: [],
     },
     /// The machine's own disk, under its directory.
     Disk => disk {
         create: 1, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        needs: [Image],
         owns: [MachineDir],
     },
     /// An address block from the durable IP lease pool; before the network, whose
     /// addresses come from it.
     Lease => lease {
         create: 2, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        needs: [],
         owns: [Lease],
     },
     /// Network namespace, veth pair, tap, addresses, routes.
     Network => network {
         create: 3, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        needs: [Lease],
         owns: [Netns, Link],
     },
     /// The config disk the guest init reads at boot.
     VmConfig => vm_config {
         create: 5, cancellable: false, stop_releases: false, prepared: true, in_place: false,
+        needs: [Image, Disk, Lease],
         owns: [],
     },
     /// The VMM process. Only waits are cancellable: abandoning a step that changes the
@@ -155,11 +162,13 @@ catalogue! {
     /// while that work still creates what the release removes.
     Vmm => vmm {
         create: 7, cancellable: false, stop_releases: true, prepared: true, in_place: false,
+        needs: [Image, Disk, Lease, Network, Policy, VmConfig, Cgroup],
         owns: [Vmm],
     },
     /// The guest signalled readiness (a wait: cancellable).
     Ready => ready {
         create: 8, cancellable: true, stop_releases: true, prepared: true, in_place: false,
+        needs: [Vmm],
         owns: [],
     },
     /// The machine's route is in the registry. Last: nothing may route to a guest that
@@ -167,6 +176,7 @@ catalogue! {
     /// for.
     Publish => publish {
         create: 9, cancellable: false, stop_releases: true, prepared: false, in_place: false,
+        needs: [Ready],
         owns: [Route],
     },
     /// The machine's packet policy: its nftables chains in the daemon's table. Right
@@ -175,6 +185,7 @@ catalogue! {
     /// its policy is written at the claim, with the workload's ports.
     Policy => policy {
         create: 4, cancellable: false, stop_releases: false, prepared: false, in_place: true,
+        needs: [Lease],
         owns: [Policy],
     },
     /// The machine's cgroup, which its VMM joins: CPU quota and memory limit. Released
@@ -182,6 +193,7 @@ catalogue! {
     /// redo moves the running VMM back in).
     Cgroup => cgroup {
         create: 6, cancellable: false, stop_releases: true, prepared: true, in_place: true,
+        needs: [],
         owns: [Cgroup],
     },
 }
