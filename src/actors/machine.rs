@@ -270,6 +270,7 @@ impl MachineActor {
                 }
                 decided = Some(decision);
             }
+            let clock = Instant::now();
             let committed = services
                 .store()
                 .update_machine_with(&state.id, update, |stored| {
@@ -281,6 +282,13 @@ impl MachineActor {
                 });
             match committed {
                 Ok((rec, events)) => {
+                    tracing::debug!(
+                        commit_ms = clock.elapsed().as_secs_f64() * 1000.0,
+                        lazy = update.lazy,
+                        run = ?run,
+                        state = ?rec.state,
+                        "run recorded"
+                    );
                     for event in events {
                         services.emit(event);
                     }

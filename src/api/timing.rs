@@ -51,7 +51,9 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await;
-            crate::metrics::api_call(method, clock.elapsed());
+            let took = clock.elapsed();
+            crate::metrics::api_call(method, took);
+            tracing::debug!(method, took_ms = took.as_secs_f64() * 1000.0, "answered");
             response
         })
     }

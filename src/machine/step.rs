@@ -272,7 +272,7 @@ impl fmt::Display for Step {
 }
 
 /// A set of steps, by declaration index (at most 16 steps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct StepSet(u16);
 
 impl StepSet {

@@ -154,9 +154,11 @@ impl Daemon {
         self.child = Some(command.spawn().expect("spawn hearthd"));
     }
 
-    /// hearthd on this daemon's config, logging at `level`.
+    /// hearthd on this daemon's config, logging at `level` (or at `HEARTH_TEST_LOG`, a
+    /// filter in `HEARTH_LOG`'s syntax, when that is set: to look into one run).
     fn command(&self, level: &str) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_hearthd"));
+        let level = std::env::var("HEARTH_TEST_LOG").unwrap_or_else(|_| level.to_string());
         command
             .arg("--config")
             .arg(&self.config)

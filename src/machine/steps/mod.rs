@@ -154,7 +154,7 @@ catalogue! {
     /// The config disk the guest init reads at boot.
     VmConfig => vm_config {
         create: 5, cancellable: false, stop_releases: false, prepared: true, in_place: false,
-        needs: [Image, Disk, Lease],
+        needs: [Image, Lease],
         owns: [],
     },
     /// The VMM process. Only waits are cancellable: abandoning a step that changes the

@@ -2,7 +2,9 @@
 //! network, the ports that make it ready), written into the machine directory.
 //!
 //! Acquire is idempotent: the file is written to a temporary name and renamed, so a rerun
-//! replaces it whole. Release deletes it; a missing file is fine. Both act on the name
+//! replaces it whole. It needs the image's workload and the lease's address, not the
+//! disk: it makes the machine directory itself when the disk step has not yet (the
+//! directory stays the disk step's, whose release removes it whole). Release deletes it; a missing file is fine. Both act on the name
 //! only, never on what a VMM may have put there (see [`crate::vmmdir`]).
 
 use super::{Cause, Owned, StepContext, StepError, machine_dir};
@@ -94,7 +96,17 @@ pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
 /// same spec can never fit.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     let config = guest_config(cx, rec)?;
-    let path = machine_dir(cx, rec).join(CONFIG_DISK);
+    let dir = machine_dir(cx, rec);
+    // The directory is the disk step's (its release removes it whole); made here too so
+    // the config is written at the same time as the disk, not after it.
+    if let Err(source) = tokio::fs::create_dir_all(&dir).await {
+        return Err(StepError::Retry(Cause::Io {
+            action: "create",
+            path: dir,
+            source,
+        }));
+    }
+    let path = dir.join(CONFIG_DISK);
     tokio::task::spawn_blocking(move || {
         write_config_disk(&path, &config).map_err(|e| match e {
             WriteConfigError::TooLarge { .. } => StepError::Permanent(Cause::ConfigTooLarge(e)),
