@@ -53,7 +53,7 @@ use super::services::Services;
 use crate::failpoints::{self, Boundary, Operation};
 use crate::machine::decide::{self, Decision, Next, Observed};
 use crate::machine::record::{Desired, MachineRecord, MachineState, StepTiming};
-use crate::machine::step::{CREATE_ORDER, Direction, Step, StepSet};
+use crate::machine::step::{CREATE_ORDER, Direction, Mark, Step, StepSet};
 use crate::machine::steps::{self, StepError, StepOutput};
 use crate::store::{StoreError, Update};
 
@@ -62,6 +62,9 @@ pub enum MachineMsg {
     /// Look at the record and the host, and take the next step. Sent after every API
     /// change, after every step, at daemon start and after a supervisor restart.
     Reconcile,
+    /// The create's commit began the new machine's first run (`decide::begin_new`): start
+    /// its effects, unless the record has changed since.
+    Begin(BegunRun),
     /// A step's effect finished.
     StepDone(StepReport),
     /// A step's effect panicked (a defect, or a fail point): the run fails as an actor
@@ -74,6 +77,14 @@ pub enum MachineMsg {
         /// The panic's message.
         message: String,
     },
+}
+
+/// A run the create's commit began.
+pub struct BegunRun {
+    /// The run, from `decide::run_of`.
+    pub run: Vec<Step>,
+    /// The steps whose `Begun` mark its begin made.
+    pub marked: StepSet,
 }
 
 /// The outcome of one step's effect.
@@ -243,6 +254,7 @@ impl MachineActor {
                     messages.push(apply_report(&mut rec, report));
                 }
                 decide::apply_not_run(&mut rec, &outcome.not_run, outcome.marked);
+                update.free_lease = decide::frees_lease(&outcome.not_run, outcome.marked);
             }
             if !pause {
                 // After a run, only its steps' probes are asked (plus the VMM's
@@ -260,13 +272,8 @@ impl MachineActor {
                 messages.extend(said);
                 marked = began;
                 update.lazy = decide::lazy_begin(&decision, &run);
-                // The lease is a row of the store: the run's begin takes it with the
-                // marks, and the step's effect finds it with a read. Its effect counts
-                // as started: its mark stays should the run end before the effect runs,
-                // and the release that follows frees the row.
-                if run.contains(&Step::Lease) {
+                if decide::takes_lease(&run) {
                     update.lease_slots = Some(services.lease_slots());
-                    marked.remove(Step::Lease);
                 }
                 decided = Some(decision);
             }
@@ -433,13 +440,21 @@ impl MachineActor {
                     step = waiting;
                 }
                 let (not_run, marked) = (run.not_run(), run.marked);
-                let (_, events) = state.services.store().update_machine(&state.id, |rec| {
-                    rec.current = None;
-                    decide::apply_not_run(rec, &not_run, marked);
-                    Ok(Some(format!(
-                        "{step} cancelled: the machine is no longer wanted started"
-                    )))
-                })?;
+                let update = Update {
+                    free_lease: decide::frees_lease(&not_run, marked),
+                    ..Update::default()
+                };
+                let (_, events) =
+                    state
+                        .services
+                        .store()
+                        .update_machine_with(&state.id, update, |rec| {
+                            rec.current = None;
+                            decide::apply_not_run(rec, &not_run, marked);
+                            Ok(Some(format!(
+                                "{step} cancelled: the machine is no longer wanted started"
+                            )))
+                        })?;
                 events
                     .into_iter()
                     .for_each(|event| state.services.emit(event));
@@ -470,6 +485,42 @@ impl MachineActor {
             }
         }
         Self::drive(myself, state, None)
+    }
+
+    /// Starts the effects of the run the create's commit began, when the record is still
+    /// as that commit left it (the run's first step in flight, each of its steps `Begun`,
+    /// the machine wanted started); else it reconciles as after any change. Only the
+    /// create's own wake brings this: after a crash between that commit and this, the
+    /// restarted run finds `Begun` marks and undoes them like any run cut short.
+    async fn begin(
+        myself: &ActorRef<MachineMsg>,
+        state: &mut RunState,
+        begun: BegunRun,
+    ) -> Result<(), ActorProcessingErr> {
+        let rec = state.services.store().machine(&state.id)?;
+        let as_begun = rec.as_ref().is_some_and(|rec| {
+            state.running.is_none()
+                && rec.desired == Desired::Started
+                && rec.failure.is_none()
+                && rec.current == begun.run.first().map(|s| (*s, Direction::Acquire))
+                && begun.run.iter().all(|s| rec.mark(*s) == Mark::Begun)
+        });
+        let Some(rec) = rec.filter(|_| as_begun) else {
+            return Self::reconcile(myself, state).await;
+        };
+        // A record that never touched the host has nothing to look at.
+        if !state.observed {
+            state.observed = true;
+            state.services.note_run_observed();
+        }
+        let operation = Operation::of(&rec, Direction::Acquire);
+        state.running = Some(Running {
+            direction: Direction::Acquire,
+            operation,
+            in_flight: Vec::new(),
+            run: RunAhead::new(rec, begun.run, begun.marked),
+        });
+        Self::start_what_can(myself, state)
     }
 
     /// A Reconcile at `until_ms` (the decision waits until then). A Reconcile that comes
@@ -737,6 +788,7 @@ impl Actor for MachineActor {
             async {
                 match message {
                     MachineMsg::Reconcile => Self::reconcile(&myself, state).await,
+                    MachineMsg::Begin(begun) => Self::begin(&myself, state, begun).await,
                     MachineMsg::StepDone(report) => Self::finish(&myself, state, report),
                     MachineMsg::StepPanicked {
                         step,

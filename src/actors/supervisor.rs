@@ -15,7 +15,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::compactor::Compactor;
 use super::etcd_sink::EtcdSink;
-use super::machine::{MachineActor, MachineMsg};
+use super::machine::{BegunRun, MachineActor, MachineMsg};
 use super::names;
 use super::pools::PoolManager;
 use super::registry::RegistryPublisher;
@@ -39,6 +39,9 @@ pub enum SupervisorMsg {
     /// Make sure machine `id` has a running actor and tell it to reconcile. Sent by the
     /// API after every committed change, and at start for every machine.
     Wake(String),
+    /// Wake new machine `id` with the run its create's commit began (its first message is
+    /// [`MachineMsg::Begin`] instead of `Reconcile`).
+    Begin(String, BegunRun),
     /// Load every machine from the store and wake it (once, at start).
     WakeAll,
     /// Restart a singleton (after a backoff).
@@ -155,6 +158,16 @@ impl Supervisor {
         state: &mut SupervisorState,
         id: String,
     ) -> Result<(), ActorProcessingErr> {
+        Self::wake_with(myself, state, id, MachineMsg::Reconcile).await
+    }
+
+    /// Makes sure machine `id` has a running actor, and sends it `first`.
+    async fn wake_with(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        id: String,
+        first: MachineMsg,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(actor) = state.machines.get(&id) {
             if actor.cast(MachineMsg::Reconcile).is_ok() {
                 return Ok(());
@@ -169,7 +182,7 @@ impl Supervisor {
             myself.get_cell(),
         )
         .await?;
-        actor.cast(MachineMsg::Reconcile)?;
+        actor.cast(first)?;
         state.machines.insert(id, actor);
         Ok(())
     }
@@ -311,6 +324,16 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMsg::Wake(id) => Self::wake_or_retry(&myself, state, id, 1).await,
+            SupervisorMsg::Begin(id, begun) => {
+                // A failed wake is tried again as a plain wake (the run then finds its
+                // marks and undoes them before it begins again).
+                if Self::wake_with(&myself, state, id.clone(), MachineMsg::Begin(begun))
+                    .await
+                    .is_err()
+                {
+                    Self::wake_or_retry(&myself, state, id, 1).await;
+                }
+            }
             SupervisorMsg::RetryWake(id, attempt) => {
                 Self::wake_or_retry(&myself, state, id, attempt).await
             }

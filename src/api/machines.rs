@@ -12,7 +12,7 @@ use super::convert;
 use super::pb::{self, machine_service_server::MachineService};
 use super::status::ApiError;
 use crate::actors::etcd_sink::{pending_for, status};
-use crate::actors::machine::now_ms;
+use crate::actors::machine::{BegunRun, now_ms};
 use crate::actors::pools::PoolMsg;
 use crate::actors::services::Services;
 use crate::actors::supervisor::SupervisorMsg;
@@ -20,10 +20,10 @@ use crate::config::PoolConfig;
 use crate::image::ImageRef;
 use crate::machine::admission;
 use crate::machine::claim::{self, Claim};
-use crate::machine::decide::apply_desired;
+use crate::machine::decide::{self, apply_desired};
 use crate::machine::record::{Desired, MachineRecord, MachineState};
 use crate::machine::spec::{self, Limits};
-use crate::store::{ClaimRequest, Claimed, Created, RequestBody, StoreError};
+use crate::store::{ClaimRequest, Claimed, Created, RequestBody, StoreError, Update};
 
 /// Longest wait a WaitMachine call may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -149,14 +149,37 @@ impl Machines {
         if !start {
             rec.desired = Desired::Stopped;
         }
-        match self
-            .services
-            .store()
-            .create_machine(rec, self.services.room(), body)?
-        {
-            Created::New(rec, event) => {
-                self.services.emit(event);
-                self.wake(&rec.id)?;
+        // The first run begins in the create's own commit (`decide::begin_new`): the run
+        // starts without a commit of its own.
+        let mut update = Update::default();
+        let begun = decide::begin_new(&mut rec, &self.services.policy(), now_ms()).map(
+            |(run, marked, messages)| {
+                if decide::takes_lease(&run) {
+                    update.lease_slots = Some(self.services.lease_slots());
+                }
+                (BegunRun { run, marked }, messages)
+            },
+        );
+        let (begun, messages) = begun.unzip();
+        let created = self.services.store().create_machine_with(
+            rec,
+            self.services.room(),
+            body,
+            update,
+            messages.unwrap_or_default(),
+        )?;
+        match created {
+            Created::New(rec, events) => {
+                for event in events {
+                    self.services.emit(event);
+                }
+                match begun {
+                    Some(begun) => self
+                        .supervisor
+                        .cast(SupervisorMsg::Begin(rec.id.clone(), begun))
+                        .map_err(|e| ApiError::Wake(e.to_string()))?,
+                    None => self.wake(&rec.id)?,
+                }
                 Ok(rec)
             }
             Created::Existing(rec) => {

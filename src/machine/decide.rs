@@ -306,6 +306,51 @@ pub fn run_of(rec: &MachineRecord, seen: &Observed, policy: &Policy, first: Step
     }
 }
 
+/// Whether the commit that begins `run` takes the machine's lease too: the lease is a row
+/// of the store, so the commit that marks a run with the `lease` step holds the block in
+/// the same transaction (row and mark are durable together), and the step's effect finds
+/// it with a read. Should the run end before the lease's effect starts, the commit that
+/// records that gives the block back ([`frees_lease`]).
+pub fn takes_lease(run: &[Step]) -> bool {
+    run.contains(&Step::Lease)
+}
+
+/// Whether the commit that records a run's end frees the machine's lease: the run's begin
+/// marked the `lease` step (and so took the block), and its effect never started, so the
+/// mark goes back to untouched ([`apply_not_run`]) and the row goes with it. A lease
+/// marked before the run keeps its mark and its row; its release frees them.
+pub fn frees_lease(not_run: &[Step], marked: StepSet) -> bool {
+    not_run.contains(&Step::Lease) && marked.contains(Step::Lease)
+}
+
+/// The first move of a new record, made on it before its first commit: a record that has
+/// never touched the host needs no look at the host (nothing is recorded, so nothing can
+/// be gone), so the create's own commit carries the first run's `Begun` marks and the
+/// run starts without a commit of its own. Returns the run, the steps it marked and the
+/// events of its begin; `None`, with the record untouched, when the first move is not an
+/// acquire (a machine created stopped settles in its own commit).
+pub fn begin_new(
+    rec: &mut MachineRecord,
+    policy: &Policy,
+    now_ms: u64,
+) -> Option<(Vec<Step>, StepSet, Vec<String>)> {
+    if !rec.nothing_touched() {
+        return None;
+    }
+    let seen = Observed {
+        vmm: VmmSeen::NotRecorded,
+        gone: StepSet::EMPTY,
+        now_ms,
+    };
+    let decision = decide(rec, &seen, policy);
+    let Next::Acquire(first) = decision.next else {
+        return None;
+    };
+    let run = run_of(rec, &seen, policy, first);
+    let (messages, marked) = apply_decision(rec, &decision, &run);
+    Some((run, marked, messages))
+}
+
 /// The effects of `run` (from [`run_of`]) that may start now, in create order: those not
 /// `started` yet whose needs within the run (`Step::needs`) have all `finished` well.
 /// Independent effects (the disk, the network, the cgroup) so run at the same time, each
@@ -1324,6 +1369,48 @@ mod tests {
             }
         }
         assert!(seen.len() > 10, "the walk covers the run: {}", seen.len());
+    }
+
+    #[test]
+    fn a_run_gives_back_the_lease_it_took_when_the_lease_never_ran() {
+        use Step::*;
+        let run = [Image, Disk, Lease, Network];
+        assert!(takes_lease(&run) && !takes_lease(&[Ready, Publish]));
+        // The image (leading) failed: the lease this run marked never ran.
+        assert!(frees_lease(&run[1..], StepSet::of(&run)));
+        // It ran (its own outcome is recorded, whatever it was).
+        assert!(!frees_lease(&run[3..], StepSet::of(&run)));
+        // Marked before this run: the mark and the row stay, for the release.
+        assert!(!frees_lease(&run[1..], StepSet::of(&[Disk, Network])));
+    }
+
+    #[test]
+    fn a_new_record_begins_its_first_run_before_its_first_commit() {
+        use Step::*;
+        let mut rec = record(Desired::Started, &[]);
+        let (run, marked, messages) = begin_new(&mut rec, &POLICY, 1).expect("a run");
+        assert_eq!(
+            run,
+            [Image, Disk, Lease, Network, Policy, VmConfig, Cgroup, Vmm]
+        );
+        assert_eq!(marked, StepSet::of(&run));
+        assert!(run.iter().all(|s| rec.mark(*s) == Mark::Begun));
+        assert_eq!(rec.state, MachineState::Starting);
+        assert_eq!(messages, ["starting"]);
+        // What the actor would have begun from the same record.
+        let mut by_actor = record(Desired::Started, &[]);
+        let decision = decide(&by_actor, &NONE, &POLICY);
+        let want = run_of(&by_actor, &NONE, &POLICY, Image);
+        apply_decision(&mut by_actor, &decision, &want);
+        assert_eq!(rec, by_actor);
+        // Created stopped: nothing begins, the record is untouched.
+        let mut stopped = record(Desired::Stopped, &[]);
+        let before = stopped.clone();
+        assert!(begin_new(&mut stopped, &POLICY, 1).is_none());
+        assert_eq!(stopped, before);
+        // Only a new record.
+        let mut touched = record(Desired::Started, &[(Image, Mark::Done)]);
+        assert!(begin_new(&mut touched, &POLICY, 1).is_none());
     }
 
     #[test]

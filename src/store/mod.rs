@@ -147,8 +147,9 @@ db_error_from!(
 /// The result of a create.
 #[derive(Debug)]
 pub enum Created {
-    /// A new machine was recorded.
-    New(MachineRecord, MachineEvent),
+    /// A new machine was recorded, with its events ("created", and the state its first
+    /// run begins in).
+    New(MachineRecord, Vec<MachineEvent>),
     /// The request id was seen before: the machine it created.
     Existing(MachineRecord),
 }
@@ -336,6 +337,20 @@ impl Store {
         room: Room,
         body: RequestBody,
     ) -> Result<Created, StoreError> {
+        self.create_machine_with(rec, room, body, Update::default(), Vec::new())
+    }
+
+    /// [`create_machine`](Self::create_machine) of a record whose first run is begun on it
+    /// already (`decide::begin_new`): `update` takes the run's lease in the same commit
+    /// (it is never lazy), and `messages` are the events of that begin.
+    pub fn create_machine_with(
+        &self,
+        rec: MachineRecord,
+        room: Room,
+        body: RequestBody,
+        update: Update,
+        messages: Vec<String>,
+    ) -> Result<Created, StoreError> {
         let txn = self.write()?;
         let outcome = {
             let mut requests = txn.open_table(REQUESTS)?;
@@ -355,13 +370,24 @@ impl Store {
                 });
             }
             admit(&live, &rec, room)?;
+            if let Some(slots) = update.lease_slots {
+                let mut leases = txn.open_table(LEASES)?;
+                match lease_in(&mut leases, &rec.id, slots) {
+                    // No room: the lease step's own effect fails, naming it.
+                    Ok(_) | Err(StoreError::NoRoom(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             requests.insert(rec.request_id.as_str(), rec.id.as_str())?;
             bodies.insert(rec.request_id.as_str(), body.0.as_slice())?;
             names.insert(rec.name.as_str(), rec.id.as_str())?;
             machines.insert(rec.id.as_str(), encode(&rec)?.as_slice())?;
             live.insert(rec.id.as_str(), live_value(&rec))?;
-            let event = append_event(&txn, &rec, "created".to_string(), self.history)?;
-            Created::New(rec, event)
+            let mut events = Vec::new();
+            for message in std::iter::once("created".to_string()).chain(messages) {
+                events.push(append_event(&txn, &rec, message, self.history)?);
+            }
+            Created::New(rec, events)
         };
         commit(txn)?;
         Ok(outcome)
@@ -521,6 +547,10 @@ impl Store {
         let mut txn = self.write()?;
         if update.lazy {
             txn.set_durability(redb::Durability::None)?;
+        }
+        if update.free_lease {
+            let mut leases = txn.open_table(LEASES)?;
+            leases.retain(|_, owner| owner != id)?;
         }
         if let Some(slots) = update.lease_slots {
             let mut leases = txn.open_table(LEASES)?;
@@ -750,6 +780,9 @@ pub struct Update {
     /// holds none and one is free: the begin of a run that includes the `lease` step
     /// takes the block with the marks, and the step's effect then finds it with a read.
     pub lease_slots: Option<u32>,
+    /// Free the machine's lease in the same commit (before a lease is taken, when both
+    /// are asked): a run that took it ended before the lease step's effect started.
+    pub free_lease: bool,
 }
 
 /// Commits a durable write transaction (flushed to disk before it returns), timed for
