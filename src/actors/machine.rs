@@ -2,6 +2,9 @@
 //! [`decide`](crate::machine::decide):
 //!
 //! ```text
+//! Begin(run)  -> (a new machine; the create's commit began its first run) start the
+//!                run's effects, as below, if the record is still as that commit left it;
+//!                else as on Reconcile
 //! Reconcile -> load record -> observe the host -> decide; nothing to do: stop here
 //! advance: read the record, [apply the finished run's outcomes], observe the host (after
 //!          a run, only its steps' probes and the VMM; on a Reconcile, every probe),
@@ -9,31 +12,35 @@
 //!          next run / settled state / VMM lost / give up) — only if the record is still
 //!          the one read (else read, observe and decide again)
 //!     Acquire(step) -> the run of acquires that can begin with it (decide::run_of: up
-//!                      to the first wait); each effect in turn -> StepDone -> the next
-//!                      effect, on the record as the earlier ones left it -> advance
+//!                      to the first wait); every effect whose needs within the run have
+//!                      finished starts at once (decide::startable), on the record as
+//!                      the finished ones left it -> StepDone -> what that lets start
+//!                      -> once nothing is in flight: advance
 //!     Release(step) -> spawn the step's effect -> StepDone -> advance
-//!     step failed (retry)   -> Reconcile after a backoff
+//!     step failed (retry)   -> nothing more starts; then a Reconcile after a backoff
 //!     step failed (permanent) -> the machine fails at once; its run releases everything
 //!     VmmLost / GiveUp      -> advance again
-//!     effect panicked       -> the run fails as an actor; the supervisor restarts it,
-//!                              and it goes on from the record
+//!     effect panicked       -> the run waits for its other effects, then fails as an
+//!                              actor; the supervisor restarts it, and it goes on from
+//!                              the record
 //!     Settle                -> idle (the actor stops once the machine is destroyed)
 //! ```
 //!
 //! A run of several acquires costs two commits, not one per step: its marks are made
-//! durable together before its first effect, and its outcomes are recorded together after
-//! its last (see `decide::run_of` for why that is as safe as one step at a time). A run
-//! cut short by a failure records what ran, and unmarks the steps it marked that never
-//! started. Every step still crosses its own fail points: before its effect, after it,
-//! and after the commit that records it.
+//! durable together before its first effect (with its lease, when it has the lease
+//! step), and its outcomes are recorded together after its last (see `decide::run_of` for
+//! why that is as safe as one step at a time). The begin of a run that leaves nothing on
+//! the host is lazy (`decide::lazy_begin`). A run cut short by a failure records what
+//! ran, and unmarks the steps it marked that never started. Every step still crosses its
+//! own fail points: before its effect, after it, and after the commit that records it.
 //!
 //! The host is observed outside the store's write transaction, so one machine's probes
 //! (`/proc`, `stat`) never hold up another machine's commit. Observing has no effect: the
 //! log keeper of a VMM adopted after a restart is started with its exit watch.
 //!
-//! The effect runs in a task so the actor keeps reading its mailbox: a `Reconcile` that
-//! arrives while a wait (`Step::cancellable`) runs and finds the machine no longer wanted
-//! started cancels it (its mark stays `Begun`, and the release that follows undoes
+//! Effects run in tasks so the actor keeps reading its mailbox: a `Reconcile` that
+//! arrives while a wait (`Step::cancellable`, which runs alone) runs and finds the machine
+//! no longer wanted started cancels it (its mark stays `Begun`, and the release that follows undoes
 //! whatever part of it happened).
 //!
 //! While a VMM is recorded, a watch task waits on its pidfd and sends `Reconcile` when it
