@@ -27,7 +27,6 @@ pub const BASE_LINK: &str = "base.ext4";
 
 /// Makes the machine's disks in its layout.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
-    let dir = machine_dir(cx, rec);
     let base = rec
         .resources
         .base_path
@@ -36,13 +35,7 @@ pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), S
             step: Step::Disk,
             what: "base image",
         }))?;
-    if let Err(source) = tokio::fs::create_dir_all(&dir).await {
-        return Err(StepError::Retry(Cause::Io {
-            action: "create",
-            path: dir,
-            source,
-        }));
-    }
+    let dir = super::make_machine_dir(cx, rec).await?;
     let dest = dir.join(ROOT_DISK);
     match rec.disk_layout {
         DiskLayout::Overlay => {

@@ -292,3 +292,21 @@ pub fn apply_output(rec: &mut MachineRecord, output: &StepOutput) {
 pub fn machine_dir(cx: &impl StepContext, rec: &MachineRecord) -> PathBuf {
     cx.machine_dir(&rec.id)
 }
+
+/// Makes the machine's directory when it is missing, and returns it. Idempotent. The
+/// directory is the `disk` step's (its release removes it whole); `vm_config` makes it too
+/// when it runs first.
+pub async fn make_machine_dir(
+    cx: &impl StepContext,
+    rec: &MachineRecord,
+) -> Result<PathBuf, StepError> {
+    let dir = machine_dir(cx, rec);
+    match tokio::fs::create_dir_all(&dir).await {
+        Ok(()) => Ok(dir),
+        Err(source) => Err(StepError::Retry(Cause::Io {
+            action: "create",
+            path: dir,
+            source,
+        })),
+    }
+}

@@ -96,17 +96,8 @@ pub fn probe(cx: &impl StepContext, rec: &MachineRecord) -> bool {
 /// same spec can never fit.
 pub async fn acquire(cx: &impl StepContext, rec: &MachineRecord) -> Result<(), StepError> {
     let config = guest_config(cx, rec)?;
-    let dir = machine_dir(cx, rec);
-    // The directory is the disk step's (its release removes it whole); made here too so
-    // the config is written at the same time as the disk, not after it.
-    if let Err(source) = tokio::fs::create_dir_all(&dir).await {
-        return Err(StepError::Retry(Cause::Io {
-            action: "create",
-            path: dir,
-            source,
-        }));
-    }
-    let path = dir.join(CONFIG_DISK);
+    // Made here too, so the config is written at the same time as the disk, not after it.
+    let path = super::make_machine_dir(cx, rec).await?.join(CONFIG_DISK);
     tokio::task::spawn_blocking(move || {
         write_config_disk(&path, &config).map_err(|e| match e {
             WriteConfigError::TooLarge { .. } => StepError::Permanent(Cause::ConfigTooLarge(e)),
