@@ -1,7 +1,9 @@
 //! Step `lease`: a /29 block from the durable IP pool.
 //!
 //! Acquire is idempotent: the pool answers a machine with the block it already holds.
-//! Release frees every block the machine holds; freeing nothing is fine.
+//! The commit that begins a run with this step has usually taken the block already
+//! (`decide::takes_lease`), so the acquire finds it with a read. Release frees every block
+//! the machine holds; freeing nothing is fine.
 
 use super::{Owned, StepContext, StepError, StepOutput};
 use crate::machine::record::MachineRecord;
