@@ -3,13 +3,24 @@
 # namespaces, links and taps, each with a test-unique prefix, and remove them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/install-deps.sh
-cargo fmt --all -- --check
-cargo fmt --manifest-path fuzz/Cargo.toml -- --check
-cargo clippy --all-targets -- -D warnings
-cargo clippy --all-targets --features failpoints -- -D warnings
+# Each phase's wall time, printed as it ends and listed again at the end.
+timings=""
+phase() {
+  local name="$1" start=$SECONDS
+  shift
+  "$@"
+  local took=$((SECONDS - start))
+  echo "run-tests: $name took ${took} s"
+  timings="$timings  $name: ${took} s"$'\n'
+}
+trap 'printf "run-tests: phase times (%s s in all):\n%s" "$SECONDS" "$timings"' EXIT
+phase deps bash deploy/install-deps.sh
+phase fmt cargo fmt --all -- --check
+phase fmt-fuzz cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+phase clippy cargo clippy --all-targets -- -D warnings
+phase clippy-failpoints cargo clippy --all-targets --features failpoints -- -D warnings
 # The guest init must be static; the tests' daemons find it beside hearthd.
-bash deploy/build-guest-init.sh
+phase guest-init bash deploy/build-guest-init.sh
 host_state() {
   # What the suite must leave as it found it: namespaces, links, nftables tables, hearth's
   # cgroups, VMM processes.
@@ -31,12 +42,12 @@ skip_summary() {
     echo "  none"
   fi
 }
-cargo test --lib --bins --tests -- --test-threads=2
+phase tests cargo test --lib --bins --tests -- --test-threads=2
 # The chaos harness needs the fail points compiled in (a separate build of the daemon).
-cargo test --features failpoints --test chaos -- --nocapture
+phase chaos cargo test --features failpoints --test chaos -- --nocapture
 # Coverage-guided fuzzing of the decoders that take untrusted bytes (nightly and
 # cargo-fuzz; listed as skipped, with the reason, when they cannot be had): 20 s a target.
-bash deploy/fuzz.sh 20
+phase fuzz bash deploy/fuzz.sh 20
 # Firecracker: its tests and chaos cases need a binary (HEARTH_FIRECRACKER); no registry
 # here packages one, so without it they report themselves skipped.
 if [ -n "${HEARTH_FIRECRACKER:-}" ]; then

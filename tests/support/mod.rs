@@ -33,6 +33,8 @@ pub struct Daemon {
     /// Prefix of every host resource it names.
     pub prefix: String,
     config: PathBuf,
+    /// Environment every start of the process gets (a test's `spawn_with_env` adds to it).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -113,6 +115,7 @@ impl Daemon {
             dir,
             prefix,
             config,
+            env: Vec::new(),
         }
     }
 
@@ -163,6 +166,9 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("HEARTH_LOG", level);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
         command
     }
 
