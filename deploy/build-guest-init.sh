@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the guest init (`hearth-init`) as a static binary and places it where the daemon
 # looks for it by default: `<target dir>/<profile>/hearth-init-static`, beside `hearthd`.
-# Also builds the deliberately hostile init the hostile-guest tests boot
-# (`<target dir>/<profile>/examples/hostile_guest-static`).
+# With `hostile` (the test command), also builds the deliberately hostile init the
+# hostile-guest tests boot (`<target dir>/<profile>/examples/hostile_guest-static`). The
+# demo, the service and the benches do not ask for it: an example compiles every
+# dev-dependency, minutes of a first build that only the tests use.
 #
 # Why static: it runs as PID 1 from the initramfs, where no dynamic loader or libc exists.
 # Why `cargo rustc` with the flag after `--`: the flag then reaches only the final link of
@@ -12,7 +14,7 @@
 # Why a separate name: a later `cargo build`/`cargo test` relinks `hearth-init` dynamically
 # in the same directory; the copy keeps the static one.
 #
-# Usage: deploy/build-guest-init.sh [release]
+# Usage: deploy/build-guest-init.sh [release] [hostile]
 # Respects CARGO_TARGET_DIR. Idempotent: rebuilding gives the same file.
 set -euo pipefail
 
@@ -20,10 +22,14 @@ cd "$(dirname "$0")/.."
 
 PROFILE=debug
 ARGS=()
-if [[ "${1:-}" == "release" ]]; then
-    PROFILE=release
-    ARGS+=(--release)
-fi
+HOSTILE=no
+for arg in "$@"; do
+    case "$arg" in
+        release) PROFILE=release; ARGS+=(--release) ;;
+        hostile) HOSTILE=yes ;;
+        *) echo "build-guest-init: unknown argument $arg (release, hostile)" >&2; exit 2 ;;
+    esac
+done
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 # Checks that $1 is a static executable and copies it to $2.
@@ -56,6 +62,9 @@ install_static "$TARGET_DIR/$PROFILE/hearth-init" "$TARGET_DIR/$PROFILE/hearth-i
 
 # The hostile guest init of tests/hostile_guest.rs (examples/hostile_guest.rs), static for
 # the same reason; the tests find it beside their own binaries' directory.
+if [[ "$HOSTILE" == no ]]; then
+    exit 0
+fi
 cargo rustc --example hostile_guest "${ARGS[@]}" -- -C target-feature=+crt-static -C strip=symbols
 install_static "$TARGET_DIR/$PROFILE/examples/hostile_guest" \
     "$TARGET_DIR/$PROFILE/examples/hostile_guest-static"

@@ -10,8 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
-cargo build --release --bins
-bash deploy/build-guest-init.sh release
+# The dev profile: the build the tests use too, so the test command after this one
+# compiles no dependency again (a release build, for a real install, is what
+# deploy/install-service.sh makes). hearth's own steps run unoptimised here: the timings
+# below are a debug build's; benches/ measure release builds.
+cargo build --bins
+bash deploy/build-guest-init.sh
 work=$(mktemp -d "${TMPDIR:-/tmp}/hearth-demo.XXXXXX")
 sock="$work/hearthd.sock"
 cat > "$work/hearthd.toml" <<TOML
@@ -24,13 +28,13 @@ fail() {
   echo "run-demo: $*" >&2
   exit 1
 }
-./target/release/hearthd --config "$work/hearthd.toml" &
+./target/debug/hearthd --config "$work/hearthd.toml" &
 daemon=$!
 id=""
 cleanup() {
   if [ -n "$id" ] && [ -S "$sock" ]; then
-    ./target/release/hearth --socket "$sock" machine destroy "$id" >/dev/null 2>&1 || true
-    ./target/release/hearth --socket "$sock" machine wait "$id" destroyed --timeout 60 \
+    ./target/debug/hearth --socket "$sock" machine destroy "$id" >/dev/null 2>&1 || true
+    ./target/debug/hearth --socket "$sock" machine wait "$id" destroyed --timeout 60 \
       >/dev/null 2>&1 || true
   fi
   kill "$daemon" 2>/dev/null || true
@@ -44,7 +48,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [ -S "$sock" ] || fail "hearthd did not open $sock within 10 s"
-cli() { ./target/release/hearth --socket "$sock" "$@"; }
+cli() { ./target/debug/hearth --socket "$sock" "$@"; }
 id=$(cli --json machine create --name demo --image demo --port 80 |
   sed -n 's/.*"id":"\([0-9a-f]*\)".*/\1/p')
 [ -n "$id" ] || fail "the demo machine was not created (the error is above)"

@@ -19,8 +19,9 @@ phase fmt cargo fmt --all -- --check
 phase fmt-fuzz cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 phase clippy cargo clippy --all-targets -- -D warnings
 phase clippy-failpoints cargo clippy --all-targets --features failpoints -- -D warnings
-# The guest init must be static; the tests' daemons find it beside hearthd.
-phase guest-init bash deploy/build-guest-init.sh
+# The guest init must be static; the tests' daemons find it beside hearthd (and the
+# hostile-guest tests their init beside their binaries).
+phase guest-init bash deploy/build-guest-init.sh hostile
 host_state() {
   # What the suite must leave as it found it: namespaces, links, nftables tables, hearth's
   # cgroups, VMM processes.

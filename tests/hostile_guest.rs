@@ -36,7 +36,7 @@ const READY_TIMEOUT_SECS: u64 = 15;
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The hostile init, beside the test binaries (`deploy/build-guest-init.sh` builds it);
+/// The hostile init, beside the test binaries (`deploy/build-guest-init.sh hostile` builds it);
 /// `HEARTH_HOSTILE_INIT` names another.
 fn hostile_init() -> PathBuf {
     std::env::var_os("HEARTH_HOSTILE_INIT")
@@ -69,7 +69,7 @@ fn hostile_daemon_prepared(case: &str, guest: &str, rest: &str) -> Option<Daemon
         support::skipped(
             &format!("hostile_guest ({case})"),
             &format!(
-                "no hostile guest init at {} (run deploy/build-guest-init.sh, which builds \
+                "no hostile guest init at {} (run deploy/build-guest-init.sh hostile, which builds \
                  examples/hostile_guest.rs static)",
                 init.display()
             ),
