@@ -97,10 +97,15 @@ impl CappedFile {
 
 /// For a file another process appends to: when it is past `cap`, copies it to
 /// `<path>.1` and truncates it (the writer's appends then go to the start). Returns
-/// whether it rotated. A missing file is fine. Nothing is followed: a name the VMM
-/// replaced is removed (see [`crate::vmmdir`]) and reported.
+/// whether it rotated. A missing file is fine, and so is a missing directory (the
+/// machine's, removed by a destroy while its keeper still ran). Nothing is followed: a
+/// name the VMM replaced is removed (see [`crate::vmmdir`]) and reported.
 pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
-    let (dir, name) = VmmDir::parent_of(path)?;
+    let (dir, name) = match VmmDir::parent_of(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
     let size = match dir.file_len(&name) {
         Ok(Some(size)) => size,
         Ok(None) => return Ok(false),
@@ -298,6 +303,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vmm.log");
         assert!(!rotate_if_over(&path, 10).expect("missing is fine"));
+        let gone = dir.path().join("destroyed").join("vmm.log");
+        assert!(!rotate_if_over(&gone, 10).expect("a missing directory is fine"));
         let mut writer = fs::OpenOptions::new()
             .create(true)
             .append(true)
